@@ -1,0 +1,155 @@
+"""Rank start-up: MPI control plane, torch.distributed data plane, per-instance TP/PP groups.
+
+Control messages (small pickled objects) travel over MPI; tensors over torch.distributed
+(gloo on CPU, NCCL on GPU). Every rank creates every instance's groups in the same order,
+because torch's new_group is collective over the whole world.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from launcher.plan import InstancePlan, Plan
+
+# Control-plane message tags (MPI).
+TAG_REQUEST = 1      # controller -> prefill/colocated leader: a new request
+TAG_KV_READY = 2     # prefill leader -> controller -> decode leader: KV of a request is held
+TAG_PULL = 3         # decode leader -> prefill leader: send me this request's KV
+TAG_PULLED = 4       # decode leader -> prefill leader: all KV arrived, free the blocks
+TAG_RESULT = 5       # leader -> controller: first token / finished request
+TAG_STEP = 6         # leader -> instance ranks: the step plan
+TAG_TOKENS = 7       # last PP stage -> leader: sampled tokens
+TAG_RECV_DONE = 8    # decode rank -> its leader: KV receives that completed
+TAG_SHUTDOWN = 9     # controller -> leaders: no more work
+TAG_FATAL = 10       # any rank -> controller: a fatal error with its diagnosis
+TAG_HEARTBEAT = 11   # leader -> controller: still alive
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    plan: Plan
+    world: Any                      # mpi4py COMM_WORLD
+    instance: Optional[InstancePlan]
+    instance_comm: Any              # MPI sub-communicator of this instance (None on the controller)
+    tp_rank: int
+    pp_stage: int
+    tp_group: Any
+    pp_group: Any
+    device: torch.device
+
+    @property
+    def is_controller(self) -> bool:
+        return self.instance is None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.instance is not None and self.rank == self.instance.leader
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.instance is not None and self.pp_stage == self.instance.pp - 1
+
+    def stage_rank(self, pp_stage: int) -> int:
+        """Global rank of the same TP rank at another PP stage of this instance."""
+        return self.instance.rank_of(self.tp_rank, pp_stage)
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _rendezvous(world, cluster) -> str:
+    """Rank 0 chooses address and port; every rank learns them over MPI (never from DeepSpeed's
+    interface discovery, which may pick an external address)."""
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT") and world.Get_size() == 1:
+        return f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    endpoint = None
+    if world.Get_rank() == 0:
+        addr = cluster.master_addr
+        if addr == "auto":
+            addr = socket.gethostbyname(socket.gethostname())
+        endpoint = f"tcp://{addr}:{cluster.master_port or _free_port(addr)}"
+    return world.bcast(endpoint, root=0)
+
+
+def start(plan: Plan, cluster) -> RankContext:
+    """Initialises MPI + torch.distributed and builds this rank's groups."""
+    from mpi4py import MPI
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    if size != plan.world_size:
+        raise RuntimeError(f"the job has {size} ranks but the plan needs {plan.world_size} "
+                           "(1 controller + instance ranks); launch with -n {plan.world_size}")
+    cuda = cluster.device == "cuda"
+    if cuda:
+        local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_rank % max(torch.cuda.device_count(), 1))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+        # megatron allocates layer buffers on torch.cuda.current_device(); point it at the CPU.
+        torch.cuda.current_device = lambda: "cpu"
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, init_method=_rendezvous(world, cluster), rank=rank,
+                            world_size=size, timeout=timedelta(seconds=600))
+    mine = plan.instance_of(rank)
+    tp_group = pp_group = None
+    for inst in plan.instances:  # same order on every rank: new_group is collective
+        grid = HyperCommGrid([inst.tp, 1, inst.pp, 1], ["tp", "cp", "pp", "dp"],
+                             rank_offset=inst.first_rank, backend=backend)
+        tp, pp = grid.create_pg(["tp"]), grid.create_pg(["pp"])
+        if inst is mine:
+            tp_group, pp_group = tp, pp
+    instance_comm = world.Split(mine.id if mine else MPI.UNDEFINED, rank)
+    tp_rank, pp_stage = mine.coords(rank) if mine else (0, 0)
+    return RankContext(rank, size, plan, world, mine,
+                       instance_comm if mine else None, tp_rank, pp_stage, tp_group, pp_group, device)
+
+
+def process_groups(ctx: RankContext):
+    """megatron-core's ProcessGroupCollection for this rank's instance."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection(tp=ctx.tp_group, pp=ctx.pp_group)
+
+
+def poll(comm, source: int, tag: int, idle_s: float = 0.0005) -> Any:
+    """Blocking receive that sleeps between probes: MPI's own blocking calls spin a core, and
+    here several ranks share two cores."""
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    while not comm.Iprobe(source=source, tag=tag, status=status):
+        time.sleep(idle_s)
+    return comm.recv(source=status.Get_source(), tag=status.Get_tag())
+
+
+def drain(comm, tag: int, source: int | None = None) -> list[tuple[int, Any]]:
+    """Every message already waiting with `tag`, as (source, message) pairs."""
+    from mpi4py import MPI
+
+    out = []
+    status = MPI.Status()
+    src = MPI.ANY_SOURCE if source is None else source
+    while comm.Iprobe(source=src, tag=tag, status=status):
+        s = status.Get_source()
+        out.append((s, comm.recv(source=s, tag=tag)))
+    return out

@@ -1,0 +1,219 @@
+"""The controller (global rank 0): requests in, dispatch, results out.
+
+It releases requests at their arrival times (all at t=0 for offline jobs), sends each to the
+least-loaded prefill (or colocated) instance, forwards "KV ready" notices to the least-loaded
+decode instance (which then pulls), and writes each finished request as soon as it arrives.
+Only small pickled messages pass through it; tensors never do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+from engine import comm as c
+from engine.comm import RankContext
+from engine.scheduler import Request
+from engine.step import SamplingParams
+from engine.tokenizer import TextCodec
+from launcher.batch_io import RequestSpec
+
+
+@dataclass
+class Pending:
+    spec: RequestSpec
+    request: Request | None
+    offset_s: float
+    prompt_text: str = ""
+    first_token_time: float | None = None
+    prefill_instance: int | None = None
+
+
+def arrival_offsets(n: int, arrival: str, rate: float, cv: float, seed: int) -> list[float]:
+    """Arrival times (s from start): all at 0, Poisson, or gamma with coefficient of variation cv."""
+    if arrival == "all":
+        return [0.0] * n
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        if arrival == "poisson":
+            t += rng.expovariate(rate)
+        else:
+            shape = 1.0 / (cv * cv)
+            t += rng.gammavariate(shape, 1.0 / (rate * shape))
+        out.append(t)
+    return out
+
+
+def metrics_of(event: dict, arrival: float) -> dict:
+    times, token_times = event["times"], event["token_times"]
+    first = times.get("first_token", token_times[0] if token_times else arrival)
+    n = len(token_times)
+    out = {
+        "ttft_ms": (first - arrival) * 1e3,
+        "tpot_ms": ((token_times[-1] - token_times[0]) / (n - 1) * 1e3) if n > 1 else 0.0,
+        "queue_ms": (times.get("prefill_start", arrival) - arrival) * 1e3,
+        "prefill_ms": (times.get("prefill_end", first) - times.get("prefill_start", first)) * 1e3,
+        "e2e_ms": ((token_times[-1] if token_times else first) - arrival) * 1e3,
+        "arrival": arrival,
+        "token_times": [round((t - arrival) * 1e3, 3) for t in token_times],
+    }
+    if "transfer_end" in times:
+        out["transfer_ms"] = (times["transfer_end"] - times.get("transfer_start", times["transfer_end"])) * 1e3
+    return out
+
+
+class Controller:
+    def __init__(self, ctx: RankContext, job: dict, codec: TextCodec, specs: list[RequestSpec], writer,
+                 progress=None):
+        self.ctx, self.job, self.codec, self.writer, self.progress = ctx, job, codec, writer, progress
+        cfg = job["config"]
+        self.max_len = cfg["model"]["max_model_len"]
+        self.defaults = cfg["sampling"]
+        self.chat = cfg["model"]["chat_template"] == "auto"
+        self.entry = [i for i in ctx.plan.instances if i.role in ("prefill", "colocated")]
+        self.decoders = [i for i in ctx.plan.instances if i.role == "decode"]
+        self.load = {i.id: 0 for i in ctx.plan.instances}
+        w = cfg["workload"]
+        offsets = arrival_offsets(len(specs), w["arrival"], w["rate"], w["cv"], w["seed"])
+        self.pending = [self._prepare(s, off) for s, off in zip(specs, offsets)]
+        self.by_id: dict[int, Pending] = {}
+
+    def _prepare(self, spec: RequestSpec, offset: float) -> Pending:
+        if spec.error:
+            return Pending(spec, None, offset)
+        try:
+            if spec.kind == "chat":
+                if not self.chat:
+                    raise ValueError("chat requests need model.chat_template: auto")
+                text = self.codec.render_chat(spec.messages)
+            else:
+                text = spec.prompt
+        except Exception as e:  # a template error fails this request only
+            spec.error = f"line {spec.index + 1}: cannot render the chat template ({e})"
+            return Pending(spec, None, offset)
+        ids = self.codec.encode(text)
+        if len(ids) >= self.max_len:
+            spec.error = (f"line {spec.index + 1}: prompt has {len(ids)} tokens; the limit is "
+                          f"model.max_model_len - 1 = {self.max_len - 1}")
+            return Pending(spec, None, offset)
+        merged = {**self.defaults, **spec.sampling}
+        merged["max_tokens"] = min(merged["max_tokens"], self.max_len - len(ids))
+        merged["stop"] = tuple(merged.get("stop") or ())
+        params = SamplingParams(**{k: merged[k] for k in SamplingParams.__dataclass_fields__ if k in merged})
+        return Pending(spec, Request(spec.index, ids, params, 0.0), offset, text)
+
+    def _least_loaded(self, instances) -> int:
+        return min(instances, key=lambda i: (self.load[i.id], i.id)).id
+
+    def run(self) -> dict:
+        world = self.ctx.world
+        for p in self.pending:
+            if p.request is None:
+                self.writer.write(p, None, self)
+        queue = sorted((p for p in self.pending if p.request is not None), key=lambda p: p.offset_s)
+        outstanding = len(queue)
+        start = time.time()
+        next_i = 0
+        while outstanding:
+            now = time.time()
+            while next_i < len(queue) and queue[next_i].offset_s <= now - start:
+                p = queue[next_i]
+                next_i += 1
+                p.request.arrival = start + p.offset_s
+                target = self._least_loaded(self.entry)
+                self.load[target] += 1
+                self.by_id[p.request.req_id] = p
+                world.send(p.request, dest=self.ctx.plan.instances[target].leader, tag=c.TAG_REQUEST)
+            for src, notice in c.drain(world, c.TAG_KV_READY):
+                p = self.by_id[notice.request.req_id]
+                p.first_token_time = notice.times["first_token"]
+                p.prefill_instance = notice.prefill_instance
+                self.load[notice.prefill_instance] -= 1
+                target = self._least_loaded(self.decoders)
+                self.load[target] += 1
+                world.send(notice, dest=self.ctx.plan.instances[target].leader, tag=c.TAG_KV_READY)
+            for src, event in c.drain(world, c.TAG_RESULT):
+                p = self.by_id.pop(event["req_id"])
+                self.load[event["instance"]] -= 1
+                self.writer.write(p, event, self)
+                outstanding -= 1
+            if not (next_i < len(queue) and queue[next_i].offset_s <= time.time() - start):
+                time.sleep(0.001)
+        for inst in self.ctx.plan.instances:
+            world.send(None, dest=inst.leader, tag=c.TAG_SHUTDOWN)
+        return {"wall_s": time.time() - start}
+
+
+class ResultWriter:
+    """Appends one JSON line per request as it finishes (flushed), and keeps the metrics."""
+
+    def __init__(self, path: str, codec: TextCodec, model_name: str, logits_dir: str | None = None,
+                 on_result=None):
+        self.codec, self.model_name, self.logits_dir, self.on_result = codec, model_name, logits_dir, on_result
+        self.file = open(path, "a", encoding="utf-8")
+        self.records: list[dict] = []
+
+    def close(self) -> None:
+        self.file.close()
+
+    def _text(self, p: Pending, event: dict) -> tuple[str, str]:
+        text = self.codec.decode(event["output"])
+        reason = event["finish_reason"]
+        for stop in p.request.sampling.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        return text, reason
+
+    def write(self, p: Pending, event: dict | None, controller: Controller) -> None:
+        spec = p.spec
+        record: dict = {"custom_id": spec.custom_id}
+        if event is None:
+            record["error"] = {"code": "invalid_request", "message": spec.error}
+            body = None
+        else:
+            text, reason = self._text(p, event)
+            metrics = metrics_of(event, p.request.arrival)
+            metrics["prefill_instance"] = p.prefill_instance if p.prefill_instance is not None else event["instance"]
+            metrics["decode_instance"] = event["instance"]
+            usage = {"prompt_tokens": len(p.request.prompt_ids), "completion_tokens": len(event["output"]),
+                     "total_tokens": len(p.request.prompt_ids) + len(event["output"])}
+            record.update(text=text, token_ids=event["output"], finish_reason=reason, usage=usage,
+                          metrics=metrics)
+            body = (text, reason, usage)
+            if self.logits_dir and event.get("logits"):
+                import torch
+                from safetensors.torch import save_file
+
+                save_file({"logits": torch.tensor(event["logits"])},
+                          os.path.join(self.logits_dir, f"{spec.index}.safetensors"))
+        if spec.openai:
+            record = self._openai(record, spec, body)
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.on_result:
+            self.on_result(record)
+
+    def _openai(self, record: dict, spec: RequestSpec, body) -> dict:
+        """The OpenAI Batch API output line for this request."""
+        out = {"id": f"batch_req_{spec.index}", "custom_id": spec.custom_id, "response": None,
+               "error": record.get("error")}
+        if body is not None:
+            text, reason, usage = body
+            choice = {"index": 0, "finish_reason": reason}
+            if spec.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+                obj = "chat.completion"
+            else:
+                choice["text"] = text
+                obj = "text_completion"
+            out["response"] = {"status_code": 200, "request_id": f"req_{spec.index}",
+                               "body": {"id": f"cmpl-{spec.index}", "object": obj, "created": int(time.time()),
+                                        "model": self.model_name, "choices": [choice], "usage": usage}}
+            out["metrics"] = record["metrics"]
+            out["token_ids"] = record["token_ids"]
+        return out

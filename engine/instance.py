@@ -1,0 +1,102 @@
+"""The loops of an instance's ranks.
+
+The leader (TP 0, PP stage 0) takes control messages, schedules, sends every rank of its
+instance the step plan, executes its own share, and reports to the controller. The other ranks
+wait for step plans and, while waiting, report KV receives that completed (the decode side's
+join needs every rank's data).
+"""
+from __future__ import annotations
+
+import time
+
+from engine import comm as c
+from engine.comm import RankContext
+from engine.runner import ModelRunner
+from engine.scheduler import ReadyNotice, Request, Scheduler, Sequence
+from engine.step import StepPlan
+
+IDLE_S = 0.0005
+
+
+def _event(seq: Sequence, instance_id: int, with_logits: bool) -> dict:
+    event = {"req_id": seq.req_id, "output": list(seq.output), "times": dict(seq.times),
+             "token_times": list(seq.token_times), "finish_reason": seq.finish_reason,
+             "instance": instance_id}
+    if with_logits:
+        event["logits"] = [row if isinstance(row, list) else row.tolist() for row in seq.logits]
+    return event
+
+
+class Leader:
+    def __init__(self, ctx: RankContext, runner: ModelRunner, scheduler: Scheduler, want_logits: bool):
+        self.ctx, self.runner, self.sched = ctx, runner, scheduler
+        self.want_logits = want_logits
+        self.inst = ctx.instance
+        self.stopping = False
+
+    def _handle_messages(self) -> None:
+        world = self.ctx.world
+        for _, req in c.drain(world, c.TAG_REQUEST):
+            self.sched.add_request(req if isinstance(req, Request) else Request(**req))
+        for _, notice in c.drain(world, c.TAG_KV_READY):
+            self.sched.add_ready(notice)
+        for _, (req_id, decode_instance) in c.drain(world, c.TAG_PULL):
+            self.sched.pull_requested(req_id, decode_instance)
+        for _, req_id in c.drain(world, c.TAG_PULLED):
+            self.sched.pulled(req_id)
+        for _, arrived in c.drain(self.ctx.instance_comm, c.TAG_RECV_DONE):
+            for req_id in arrived:
+                self.sched.rank_arrived(req_id)
+        for req_id in self.runner.kv.newly_arrived():
+            self.sched.rank_arrived(req_id)
+        if c.drain(world, c.TAG_SHUTDOWN, source=0):
+            self.stopping = True
+
+    def _broadcast(self, step: StepPlan) -> None:
+        for local in range(1, self.inst.size):
+            self.ctx.instance_comm.send(step, dest=local, tag=c.TAG_STEP)
+
+    def run(self) -> None:
+        world = self.ctx.world
+        while True:
+            self._handle_messages()
+            if self.stopping and not self.sched.busy():
+                self._broadcast(StepPlan(shutdown=True))
+                return
+            step, pulls, joined = self.sched.schedule()
+            if not (step.has_forward or step.kv_sends or step.kv_recvs or step.kv_joins or step.kv_releases):
+                time.sleep(IDLE_S)
+                continue
+            step.want_logits = self.want_logits
+            for req_id, prefill_instance in pulls:
+                world.send((req_id, self.inst.id), dest=self.ctx.plan.instances[prefill_instance].leader,
+                           tag=c.TAG_PULL)
+            self._broadcast(step)
+            tokens, logits = self.runner.execute(step)
+            for seq in joined:
+                world.send(seq.req_id, dest=self.ctx.plan.instances[seq.source_instance].leader,
+                           tag=c.TAG_PULLED)
+            if not step.has_forward:
+                continue
+            ready, finished = self.sched.on_step(tokens, logits)
+            for seq in ready:
+                notice = ReadyNotice(seq.request, self.inst.id, seq.output[0], dict(seq.times),
+                                     [row.tolist() for row in seq.logits])
+                world.send(notice, dest=0, tag=c.TAG_KV_READY)
+            for seq in finished:
+                world.send(_event(seq, self.inst.id, self.want_logits), dest=0, tag=c.TAG_RESULT)
+
+
+def follow(ctx: RankContext, runner: ModelRunner) -> None:
+    """Non-leader ranks: execute step plans until told to stop."""
+    comm = ctx.instance_comm
+    while True:
+        while not comm.Iprobe(source=0, tag=c.TAG_STEP):
+            arrived = runner.kv.newly_arrived()
+            if arrived:
+                comm.send(arrived, dest=0, tag=c.TAG_RECV_DONE)
+            time.sleep(IDLE_S)
+        step = comm.recv(source=0, tag=c.TAG_STEP)
+        if step.shutdown:
+            return
+        runner.execute(step)

@@ -1,0 +1,114 @@
+"""Rank entry point: `python -m engine.main --job RUN_DIR/job.yaml`, one process per rank.
+
+Every rank reads the same job file (config + plan), learns its role from its global rank, and
+runs the controller, an instance leader, or an instance follower. Any exception on any rank
+prints a one-line diagnosis naming the rank, host and what it was doing, then aborts the whole
+MPI job so that no rank is left waiting.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import traceback
+import warnings
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# megatron-core warns at import about optional packages (TE, apex, absl) the CPU path never uses.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+
+import yaml  # noqa: E402
+
+from launcher.config import config_from_dict  # noqa: E402
+from launcher.model_files import read_shape  # noqa: E402
+from launcher.plan import plan_from_dict  # noqa: E402
+
+DOING = {"what": "starting up"}
+
+
+def _run_controller(ctx, job, cfg) -> None:
+    from engine.controller import Controller, ResultWriter
+    from engine.progress import Reporter
+    from engine.tokenizer import TextCodec
+    from launcher.batch_io import read_requests
+
+    codec = TextCodec(job["model_dir"])
+    specs = read_requests(job["input"])
+    reporter = Reporter(len(specs), quiet=job.get("quiet", False), slo=cfg.slo)
+    writer = ResultWriter(job["output"], codec, os.path.basename(job["model_dir"]),
+                          job.get("dump_logits"), on_result=reporter.advance)
+    DOING["what"] = "dispatching requests and collecting results"
+    with reporter:
+        stats = Controller(ctx, job, codec, specs, writer).run()
+    writer.close()
+    reporter.summary(writer.records, stats, job.get("report"))
+
+
+def _run_instance(ctx, job, cfg) -> None:
+    from engine.instance import Leader, follow
+    from engine.runner import ModelRunner
+    from engine.scheduler import Scheduler
+
+    shape = read_shape(job["model_dir"])
+    s = cfg.scheduler
+    blocks = s.prefill_kv_blocks if ctx.instance.role == "prefill" else s.decode_kv_blocks
+    DOING["what"] = "loading weights"
+    runner = ModelRunner(ctx, shape, job["model_dir"], cfg.model.dtype, blocks, s.block_size,
+                         cfg.model.max_model_len)
+    DOING["what"] = f"serving as {ctx.instance.role} instance {ctx.instance.id}"
+    if not ctx.is_leader:
+        follow(ctx, runner)
+        return
+    codec = None
+
+    def hits_stop(seq) -> bool:
+        nonlocal codec
+        if codec is None:
+            from engine.tokenizer import TextCodec
+            codec = TextCodec(job["model_dir"])
+        text = codec.decode(seq.output)
+        return any(stop in text for stop in seq.request.sampling.stop)
+
+    sched = Scheduler(ctx.instance.role, blocks, s.block_size, s.prefill_token_budget, s.max_decode_batch,
+                      cfg.model.max_model_len, shape.eos_token_ids, hits_stop, ctx.instance.size)
+    Leader(ctx, runner, sched, bool(job.get("dump_logits"))).run()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="pdlaunch rank entry point")
+    parser.add_argument("--job", required=True, help="job file written by the launcher")
+    args, _ = parser.parse_known_args(argv)  # the deepspeed launcher appends --local_rank
+    with open(args.job, encoding="utf-8") as f:
+        job = yaml.safe_load(f)
+    cfg = config_from_dict(job["config"])
+    plan = plan_from_dict(job["plan"])
+    ctx = None
+    try:
+        from engine.comm import start
+
+        DOING["what"] = "initialising MPI and torch.distributed"
+        ctx = start(plan, cfg.cluster)
+        if ctx.is_controller:
+            _run_controller(ctx, job, cfg)
+        else:
+            _run_instance(ctx, job, cfg)
+        ctx.world.Barrier()
+        return 0
+    except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
+        rank = ctx.rank if ctx else os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "?"))
+        role = "controller" if ctx and ctx.is_controller else \
+            (f"{ctx.instance.role} instance {ctx.instance.id} (tp {ctx.tp_rank}, pp {ctx.pp_stage})" if ctx else "?")
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
+        print(f"pdlaunch: rank {rank} on {socket.gethostname()} ({role}) failed while {DOING['what']}: "
+              f"{detail}", file=sys.stderr, flush=True)
+        if os.environ.get("PDLAUNCH_TRACEBACK"):
+            traceback.print_exc()
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(3)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""A Llama-family decoder stage on megatron-core tensor-parallel layers, attention over a paged KV cache.
+
+One `LlamaStage` holds the layers [l0, l1) of a PP stage for one TP rank: the embedding on the
+first stage, the final norm and LM head on the last. Projections are megatron-core's
+`ColumnParallelLinear` / `RowParallelLinear` / `VocabParallelEmbedding` with this instance's TP
+group; norms, RoPE and attention are ours. Fused weights are laid out per TP rank as
+[q | k | v] and [gate | up], each part split evenly across TP ranks (partition_dim 0).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.batch import BatchMeta
+from launcher.model_files import ModelShape
+
+
+def parallel_config(tp: int, dtype: torch.dtype):
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               perform_initialization=False, params_dtype=dtype)
+
+
+def _no_init(_weight):
+    """Weights come from the checkpoint; skip megatron's random initialisation."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(shape: ModelShape, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [0, max_len) in Hugging Face's rotate-half convention."""
+    d = shape.head_dim
+    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: ModelShape, tp: int, tp_group, config):
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        super().__init__()
+        self.heads = shape.num_heads // tp
+        self.kv_heads = shape.num_kv_heads // tp
+        self.head_dim = shape.head_dim
+        self.scale = shape.head_dim ** -0.5
+        qkv_out = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
+        self.qkv = ColumnParallelLinear(shape.hidden_size, qkv_out, config=config, init_method=_no_init,
+                                        bias=False, gather_output=False, tp_group=tp_group)
+        self.o_proj = RowParallelLinear(shape.num_heads * shape.head_dim, shape.hidden_size, config=config,
+                                        init_method=_no_init, bias=False, input_is_parallel=True,
+                                        skip_bias_add=False, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor, batch: BatchMeta, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        T = x.shape[0]
+        qkv, _ = self.qkv(x.unsqueeze(1))
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = qkv.view(T, -1).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(T, self.heads, self.head_dim), batch.cos, batch.sin)
+        k = apply_rope(k.view(T, self.kv_heads, self.head_dim), batch.cos, batch.sin)
+        v = v.view(T, self.kv_heads, self.head_dim)
+        k_cache.index_copy_(0, batch.slot_mapping, k)
+        v_cache.index_copy_(0, batch.slot_mapping, v)
+        out = torch.empty_like(q)
+        if batch.decode_rows is not None:
+            self._decode(q, out, batch, k_cache, v_cache)
+        for rows, start in batch.extend_segments:
+            self._extend(q, k, v, out, rows, start, batch, k_cache, v_cache)
+        o, _ = self.o_proj(out.view(T, 1, -1))
+        return o.view(T, -1)
+
+    def _decode(self, q, out, batch: BatchMeta, k_cache, v_cache):
+        """All one-token sequences at once: gather their contexts (padded) and mask the padding."""
+        idx = batch.decode_rows
+        B, L = batch.decode_slots.shape
+        keys = k_cache.index_select(0, batch.decode_slots.view(-1)).view(B, L, self.kv_heads, self.head_dim)
+        vals = v_cache.index_select(0, batch.decode_slots.view(-1)).view(B, L, self.kv_heads, self.head_dim)
+        qb = q.index_select(0, idx).unsqueeze(2)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(qb, keys.transpose(1, 2), vals.transpose(1, 2),
+                                           attn_mask=batch.decode_mask, scale=self.scale,
+                                           enable_gqa=self.heads != self.kv_heads)
+        out.index_copy_(0, idx, o.squeeze(2))
+
+    def _extend(self, q, k, v, out, rows: slice, start: int, batch, k_cache, v_cache):
+        """One sequence with several new tokens: fresh K/V for a whole prompt, else the cache."""
+        qs = q[rows].transpose(0, 1)  # [H, n, D]
+        if start == 0:
+            keys, vals, mask, causal = k[rows], v[rows], None, True
+        else:
+            slots = batch.extend_context_slots[rows.start]
+            keys, vals = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
+            n, ctx = rows.stop - rows.start, slots.numel()
+            mask = torch.arange(ctx)[None, :] <= torch.arange(start, start + n)[:, None]
+            causal = False
+        o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask,
+                                           is_causal=causal, scale=self.scale,
+                                           enable_gqa=self.heads != self.kv_heads)
+        out[rows] = o.transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: ModelShape, tp_group, config):
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(shape.hidden_size, 2 * shape.intermediate_size, config=config,
+                                            init_method=_no_init, bias=False, gather_output=False,
+                                            stride=2, tp_group=tp_group)
+        self.down = RowParallelLinear(shape.intermediate_size, shape.hidden_size, config=config,
+                                      init_method=_no_init, bias=False, input_is_parallel=True,
+                                      skip_bias_add=False, tp_group=tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu, _ = self.gate_up(x.unsqueeze(1))
+        gate, up = gu.chunk(2, dim=-1)
+        y, _ = self.down(F.silu(gate) * up)
+        return y.view(x.shape[0], -1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: ModelShape, tp: int, tp_group, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.self_attn = Attention(shape, tp, tp_group, config)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.mlp = MLP(shape, tp_group, config)
+
+    def forward(self, x, batch, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), batch, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaStage(nn.Module):
+    """The layers [first_layer, last_layer) of one PP stage, for one TP rank."""
+
+    def __init__(self, shape: ModelShape, first_layer: int, last_layer: int, is_first: bool, is_last: bool,
+                 tp: int, tp_group, dtype: torch.dtype):
+        from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+
+        super().__init__()
+        config = parallel_config(tp, dtype)
+        self.first_layer, self.last_layer = first_layer, last_layer
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, init_method=_no_init,
+                                                   config=config, tp_group=tp_group) if is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(shape, tp, tp_group, config)
+                                    for _ in range(first_layer, last_layer))
+        if is_last:
+            self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+            self.lm_head = ColumnParallelLinear(shape.hidden_size, shape.vocab_size, config=config,
+                                                init_method=_no_init, bias=False, gather_output=True,
+                                                tp_group=tp_group)
+        else:
+            self.norm = self.lm_head = None
+
+    def forward(self, x: torch.Tensor, batch: BatchMeta, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """x: token ids [T] on the first stage, else hidden [T, hidden]. Returns hidden states, or on
+        the last stage the logits of each sequence's last token [B, vocab]."""
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, k_cache[i], v_cache[i])
+        if self.lm_head is None:
+            return x
+        last = self.norm(x.index_select(0, batch.logits_rows))
+        logits, _ = self.lm_head(last.unsqueeze(1))
+        return logits.view(last.shape[0], -1)

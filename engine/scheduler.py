@@ -1,0 +1,226 @@
+"""The leader's scheduler: which sequences run this step, and where their KV blocks live.
+
+One class serves the three roles; a role is the set of phases an instance runs:
+- prefill:   FCFS batches under the token budget L_m; after prefill the KV is *held* until a
+             decode instance pulls it; no blocks free = no new prefill (backpressure).
+- decode:    pulls a ready request's KV only when it has blocks (prompt + max_tokens) and batch
+             room for it; a pulled request joins the continuous batch once every rank has its KV.
+- colocated: both phases on the same ranks, prefill-prioritised (vLLM's default): a step is a
+             prefill batch whenever one is admissible, else a decode step.
+Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
+Pure Python: no torch, no MPI.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from engine.kv_cache import BlockAllocator, blocks_for
+from engine.step import KVJoin, KVRecv, KVSend, SamplingParams, SeqChunk, StepPlan
+
+
+@dataclass
+class Request:
+    req_id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    arrival: float  # wall-clock seconds
+
+
+@dataclass
+class ReadyNotice:
+    """A prefill instance holds this request's KV; sent on to a decode instance by the controller."""
+
+    request: Request
+    prefill_instance: int
+    first_token: int
+    times: dict
+    logits: list = field(default_factory=list)  # debug: the first token's logits
+
+
+@dataclass
+class Sequence:
+    request: Request
+    output: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    times: dict = field(default_factory=dict)
+    token_times: list[float] = field(default_factory=list)
+    logits: list = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    source_instance: int = -1
+
+    @property
+    def req_id(self) -> int:
+        return self.request.req_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output)
+
+
+class Scheduler:
+    def __init__(self, role: str, num_blocks: int, block_size: int, token_budget: int, max_batch: int,
+                 max_model_len: int, eos_ids: tuple[int, ...], hits_stop: Callable[[Sequence], bool],
+                 instance_size: int):
+        self.role, self.block_size = role, block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.token_budget, self.max_batch, self.max_model_len = token_budget, max_batch, max_model_len
+        self.eos_ids, self.hits_stop, self.instance_size = set(eos_ids), hits_stop, instance_size
+        self.waiting: deque[Sequence] = deque()      # to prefill
+        self.running: list[Sequence] = []            # decoding
+        self.held: dict[int, Sequence] = {}          # prefill: KV kept until pulled
+        self.ready: deque[ReadyNotice] = deque()     # decode: KV waiting at a prefill instance
+        self.pulling: dict[int, Sequence] = {}       # decode: receives posted
+        self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
+        self.pending_sends: list[KVSend] = []
+        self.pending_releases: list[int] = []
+        self.peak_blocks = 0
+
+    # ---- inputs from the control plane -------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(Sequence(request))
+
+    def add_ready(self, notice: ReadyNotice) -> None:
+        self.ready.append(notice)
+
+    def pull_requested(self, req_id: int, decode_instance: int) -> None:
+        seq = self.held[req_id]
+        seq.times.setdefault("transfer_start", time.time())
+        self.pending_sends.append(KVSend(req_id, seq.blocks, seq.num_tokens - 1, decode_instance))
+
+    def pulled(self, req_id: int) -> None:
+        """The decode side has all of the request's KV: free the held blocks."""
+        self.allocator.free(self.held.pop(req_id).blocks)
+        self.pending_releases.append(req_id)
+
+    def rank_arrived(self, req_id: int) -> None:
+        self.arrived[req_id] = self.arrived.get(req_id, 0) + 1
+
+    @property
+    def load(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.pulling) + len(self.ready)
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running or self.pulling or self.ready or self.pending_sends
+                    or self.pending_releases)
+
+    # ---- scheduling ------------------------------------------------------------------------
+    def _reserve(self, seq: Sequence) -> int:
+        """Blocks a sequence needs for its whole life on a decoding instance."""
+        total = min(len(seq.request.prompt_ids) + seq.request.sampling.max_tokens, self.max_model_len)
+        return blocks_for(total, self.block_size)
+
+    def _prefill_batch(self) -> list[Sequence]:
+        batch, tokens = [], 0
+        while self.waiting:
+            seq = self.waiting[0]
+            n = len(seq.request.prompt_ids)
+            if batch and tokens + n > self.token_budget:
+                break
+            if self.role == "colocated":
+                if len(self.running) + len(batch) >= self.max_batch:
+                    break
+                need = self._reserve(seq)
+            else:
+                need = blocks_for(n, self.block_size)
+            if not self.allocator.can_allocate(need):
+                break  # backpressure: the hold area / cache is full
+            seq.blocks = self.allocator.allocate(need)
+            self.waiting.popleft()
+            batch.append(seq)
+            tokens += n
+        return batch
+
+    def _start_pulls(self, step: StepPlan) -> list[tuple[int, int]]:
+        pulls = []
+        while self.ready and len(self.running) + len(self.pulling) < self.max_batch:
+            notice = self.ready[0]
+            seq = Sequence(notice.request, output=[notice.first_token], times=dict(notice.times),
+                           logits=list(notice.logits), source_instance=notice.prefill_instance)
+            need = self._reserve(seq)
+            if not self.allocator.can_allocate(need):
+                break
+            self.ready.popleft()
+            seq.blocks = self.allocator.allocate(need)
+            seq.token_times = [notice.times["first_token"]]
+            seq.times["pull_start"] = time.time()
+            self.pulling[seq.req_id] = seq
+            step.kv_recvs.append(KVRecv(seq.req_id, len(seq.request.prompt_ids), notice.prefill_instance))
+            pulls.append((seq.req_id, notice.prefill_instance))
+        return pulls
+
+    def _joins(self, step: StepPlan) -> list[Sequence]:
+        joined = []
+        for req_id, count in list(self.arrived.items()):
+            if count == self.instance_size:
+                seq = self.pulling.pop(req_id)
+                del self.arrived[req_id]
+                seq.times["transfer_end"] = time.time()
+                step.kv_joins.append(KVJoin(req_id, seq.blocks))
+                self.running.append(seq)
+                joined.append(seq)
+        return joined
+
+    def schedule(self) -> tuple[StepPlan, list[tuple[int, int]], list[Sequence]]:
+        """The next step, the pulls it starts (req_id, prefill instance) and the joined sequences."""
+        step = StepPlan(kv_sends=self.pending_sends, kv_releases=self.pending_releases)
+        self.pending_sends, self.pending_releases = [], []
+        pulls, joined = [], []
+        if self.role == "decode":
+            joined = self._joins(step)
+            pulls = self._start_pulls(step)
+        batch = self._prefill_batch() if self.role in ("prefill", "colocated") else []
+        now = time.time()
+        if batch:
+            for seq in batch:
+                seq.times["prefill_start"] = now
+                step.seqs.append(SeqChunk(seq.req_id, list(seq.request.prompt_ids), 0, seq.blocks,
+                                          seq.request.sampling, 0))
+            self._in_step = batch
+        elif self.running:
+            for seq in self.running:
+                step.seqs.append(SeqChunk(seq.req_id, [seq.output[-1]], seq.num_tokens - 1, seq.blocks,
+                                          seq.request.sampling, len(seq.output)))
+            self._in_step = list(self.running)
+        else:
+            self._in_step = []
+        self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
+        return step, pulls, joined
+
+    # ---- results of a step -------------------------------------------------------------------
+    def _finished(self, seq: Sequence) -> bool:
+        last = seq.output[-1]
+        if last in self.eos_ids and not seq.request.sampling.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= seq.request.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        elif seq.request.sampling.stop and self.hits_stop(seq):
+            seq.finish_reason = "stop"
+        return seq.finish_reason is not None
+
+    def on_step(self, tokens: list[int], logits) -> tuple[list[Sequence], list[Sequence]]:
+        """Appends sampled tokens. Returns (sequences whose KV is now held for a pull, finished)."""
+        now = time.time()
+        ready, finished = [], []
+        for i, (seq, token) in enumerate(zip(self._in_step, tokens)):
+            seq.output.append(token)
+            seq.token_times.append(now)
+            if logits is not None:
+                seq.logits.append(logits[i])
+            first = len(seq.output) == 1
+            if first:
+                seq.times["prefill_end"] = seq.times["first_token"] = now
+            if self._finished(seq):
+                finished.append(seq)
+                self.allocator.free(seq.blocks)
+                if seq in self.running:
+                    self.running.remove(seq)
+            elif first and self.role == "prefill":
+                self.held[seq.req_id] = seq
+                ready.append(seq)
+            elif first:
+                self.running.append(seq)
+        self._in_step = []
+        return ready, finished

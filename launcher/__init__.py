@@ -1,0 +1,1 @@
+"""pdlaunch launcher: config -> plan -> launch command. Imports no torch."""

@@ -1,0 +1,126 @@
+"""Batch input lines -> request specs; a bad line becomes an error for that line, not for the batch.
+
+Accepted lines: the OpenAI Batch API form ({"custom_id", "method": "POST", "url":
+"/v1/chat/completions" | "/v1/completions", "body": {...}}) or a plain {"prompt": ...} /
+{"messages": [...]} object with optional sampling fields. No torch here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from launcher.errors import UserError
+
+SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos"}
+IGNORED_FIELDS = {"model", "stream", "user", "logprobs", "frequency_penalty", "presence_penalty"}
+URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+@dataclass
+class RequestSpec:
+    index: int                    # line number - 1
+    custom_id: str
+    kind: str = "completion"      # "completion" (prompt) or "chat" (messages)
+    prompt: Optional[str] = None
+    messages: Optional[list] = None
+    sampling: dict = field(default_factory=dict)
+    openai: bool = False          # answer in the OpenAI batch output form
+    error: Optional[str] = None   # set: this line is answered with an error record
+
+
+def _check_sampling(body: dict) -> dict:
+    out = {}
+    for key, value in body.items():
+        if key in ("prompt", "messages") or key in IGNORED_FIELDS:
+            continue
+        if key not in SAMPLING_FIELDS:
+            raise ValueError(f"unknown field '{key}'; supported: {', '.join(sorted(SAMPLING_FIELDS))}")
+        out[key] = value
+    numeric = {"max_tokens": int, "top_k": int, "seed": int, "n": int, "temperature": (int, float),
+               "top_p": (int, float)}
+    for key, tp in numeric.items():
+        if key in out and (not isinstance(out[key], tp) or isinstance(out[key], bool)):
+            raise ValueError(f"'{key}' must be a number, got {out[key]!r}")
+    if out.get("n", 1) != 1:
+        raise ValueError(f"n={out['n']} is not supported; send n=1 and repeat the request instead")
+    out.pop("n", None)
+    if "max_tokens" in out and out["max_tokens"] < 1:
+        raise ValueError("'max_tokens' must be >= 1")
+    if "temperature" in out and out["temperature"] < 0:
+        raise ValueError("'temperature' must be >= 0")
+    if "top_p" in out and not 0 < out["top_p"] <= 1:
+        raise ValueError("'top_p' must be in (0, 1]")
+    if "top_k" in out and out["top_k"] < 0:
+        raise ValueError("'top_k' must be >= 0")
+    stop = out.get("stop")
+    if stop is not None:
+        out["stop"] = [stop] if isinstance(stop, str) else stop
+        if not isinstance(out["stop"], list) or not all(isinstance(s, str) and s for s in out["stop"]):
+            raise ValueError("'stop' must be a non-empty string or a list of them")
+    return out
+
+
+def parse_line(index: int, line: str) -> RequestSpec:
+    spec = RequestSpec(index, f"request-{index}")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        spec.error = f"line {index + 1} is not valid JSON: {e.msg}"
+        return spec
+    if not isinstance(obj, dict):
+        spec.error = f"line {index + 1} must be a JSON object"
+        return spec
+    try:
+        if "body" in obj or "url" in obj:
+            spec.openai = True
+            spec.custom_id = str(obj.get("custom_id", spec.custom_id))
+            if obj.get("method", "POST") != "POST":
+                raise ValueError(f"method {obj.get('method')!r} is not supported; use POST")
+            if obj.get("url") not in URLS:
+                raise ValueError(f"url {obj.get('url')!r} is not supported; use one of {', '.join(URLS)}")
+            body = obj.get("body")
+            if not isinstance(body, dict):
+                raise ValueError("'body' must be an object")
+            spec.kind = URLS[obj["url"]]
+        else:
+            spec.custom_id = str(obj.pop("custom_id", obj.pop("id", spec.custom_id)))
+            body = obj
+            spec.kind = "chat" if "messages" in body else "completion"
+        if spec.kind == "chat":
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                    for m in msgs):
+                raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+            spec.messages = msgs
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError("missing 'prompt' (a non-empty string) or 'messages'")
+            spec.prompt = prompt
+        spec.sampling = _check_sampling(body)
+    except ValueError as e:
+        spec.error = f"line {index + 1}: {e}"
+    return spec
+
+
+def read_requests(path: str) -> list[RequestSpec]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"input file '{path}' not found; pass a JSONL file of prompts "
+                        "(see examples/prompts.jsonl)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"input file '{path}' is not UTF-8 text; pass a JSONL file") from None
+    except IsADirectoryError:
+        raise UserError(f"input '{path}' is a directory; pass a JSONL file") from None
+    specs = [parse_line(i, line) for i, line in enumerate(lines) if line.strip()]
+    if not specs:
+        raise UserError(f"input file '{path}' has no requests; add one JSON object per line")
+    ids = [s.custom_id for s in specs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"input file '{path}': custom_id '{dup}' appears more than once; ids must be unique")
+    return specs

@@ -1,0 +1,239 @@
+"""Job configuration: one YAML file, read with yaml.safe_load into validated dataclasses.
+
+Every mistake becomes a UserError naming the key (e.g. `placement.prefill.tp`) and the fix.
+Relative paths in the file are resolved against the directory of the config file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from launcher.errors import UserError
+
+EMBEDDED_MODEL = "embedded"
+
+
+@dataclass
+class ModelConfig:
+    path: str = EMBEDDED_MODEL  # HF Llama directory, a .gguf file, or "embedded" (SmolLM2-135M-Instruct)
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    chat_template: str = "auto"  # "auto": use the model's template for chat requests; "none": never
+
+    choices = {"dtype": ("float32", "bfloat16", "float16"), "chat_template": ("auto", "none")}
+
+
+@dataclass
+class ClusterConfig:
+    hostfile: str = "../hostfiles/localhost"
+    device: str = "cpu"  # cpu: gloo data plane; cuda: NCCL (not testable on CPU-only machines)
+    master_addr: str = "127.0.0.1"  # rendezvous address; the only listener the job opens
+    master_port: int = 0  # 0: pick a free port on rank 0 and share it over MPI
+    gpus_per_node: int = 0  # 0: one rank per hostfile slot
+    intra_node_bandwidth_gbps: float = 12.0
+    inter_node_bandwidth_gbps: float = 3.125
+
+    choices = {"device": ("cpu", "cuda")}
+
+
+@dataclass
+class PhaseConfig:
+    instances: int = 1
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class PlacementConfig:
+    mode: str = "disaggregated"
+    prefill: PhaseConfig = field(default_factory=PhaseConfig)
+    decode: PhaseConfig = field(default_factory=PhaseConfig)
+    colocated: PhaseConfig = field(default_factory=PhaseConfig)
+    plan: Optional[str] = None  # a plan file from `pdlaunch plan`; overrides the phase layouts
+
+    choices = {"mode": ("disaggregated", "colocated")}
+
+
+@dataclass
+class SchedulerConfig:
+    prefill_token_budget: int = 512  # L_m: most prompt tokens in one prefill batch
+    max_decode_batch: int = 32
+    block_size: int = 16
+    prefill_kv_blocks: int = 512  # per prefill instance: the KV hold area
+    decode_kv_blocks: int = 1024  # per decode (or colocated) instance
+    watchdog_s: float = 30.0  # a rank silent this long ends the job
+
+
+@dataclass
+class SLOConfig:
+    ttft_ms: float = 2000.0
+    tpot_ms: float = 200.0
+    attainment: float = 0.9
+
+
+@dataclass
+class SamplingConfig:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: list = field(default_factory=list)
+
+
+@dataclass
+class WorkloadConfig:
+    input: str = "../examples/prompts.jsonl"
+    output: str = "results.jsonl"
+    arrival: str = "all"  # all: offline, every request at t=0; poisson / gamma: at `rate` req/s
+    rate: float = 1.0
+    cv: float = 1.0  # gamma arrivals: coefficient of variation (burstiness)
+    seed: int = 0
+
+    choices = {"arrival": ("all", "poisson", "gamma")}
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    run_dir: str = "runs/latest"
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def resolve(self, path: str) -> str:
+        """A path from the config, made absolute against the config file's directory."""
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
+
+
+POSITIVE_INTS = {
+    "model.max_model_len", "cluster.master_port", "placement.prefill.instances",
+    "placement.prefill.tp", "placement.prefill.pp", "placement.decode.instances",
+    "placement.decode.tp", "placement.decode.pp", "placement.colocated.instances",
+    "placement.colocated.tp", "placement.colocated.pp", "scheduler.prefill_token_budget",
+    "scheduler.max_decode_batch", "scheduler.block_size", "scheduler.prefill_kv_blocks",
+    "scheduler.decode_kv_blocks", "sampling.max_tokens",
+}
+ZERO_ALLOWED = {"cluster.master_port", "placement.prefill.instances", "placement.decode.instances"}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks one scalar against its annotated type; ints are accepted where numbers are."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, list):
+        return value
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"config: '{key}' must be {_type_name(tp)}, got {value!r}; fix its value")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Builds dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    where = prefix or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config: '{where}' must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    public = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in public:
+            close = difflib.get_close_matches(str(key), public, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(public)}"
+            raise UserError(f"config: unknown key '{full}'; {hint}")
+        kwargs[key] = _convert(value, hints[key], full)
+        choices = getattr(cls, "choices", {}).get(key)
+        if choices and kwargs[key] not in choices:
+            raise UserError(f"config: '{full}' must be one of {', '.join(choices)}, got {value!r}")
+        if full in POSITIVE_INTS:
+            low = 0 if full in ZERO_ALLOWED else 1
+            if kwargs[key] < low:
+                raise UserError(f"config: '{full}' must be >= {low}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: JobConfig) -> None:
+    if not 0.0 < cfg.slo.attainment <= 1.0:
+        raise UserError(f"config: 'slo.attainment' must be in (0, 1], got {cfg.slo.attainment}")
+    for key in ("ttft_ms", "tpot_ms"):
+        if getattr(cfg.slo, key) <= 0:
+            raise UserError(f"config: 'slo.{key}' must be > 0 milliseconds")
+    if cfg.sampling.temperature < 0:
+        raise UserError("config: 'sampling.temperature' must be >= 0 (0 = greedy)")
+    if not 0.0 < cfg.sampling.top_p <= 1.0:
+        raise UserError(f"config: 'sampling.top_p' must be in (0, 1], got {cfg.sampling.top_p}")
+    if cfg.sampling.top_k < 0:
+        raise UserError("config: 'sampling.top_k' must be >= 0 (0 = off)")
+    if cfg.workload.rate <= 0:
+        raise UserError("config: 'workload.rate' must be > 0 requests per second")
+    if cfg.workload.cv <= 0:
+        raise UserError("config: 'workload.cv' must be > 0")
+    if cfg.scheduler.watchdog_s <= 0:
+        raise UserError("config: 'scheduler.watchdog_s' must be > 0 seconds")
+    p = cfg.placement
+    if p.mode == "disaggregated" and (p.prefill.instances < 1 or p.decode.instances < 1) and not p.plan:
+        raise UserError("config: disaggregated placement needs 'placement.prefill.instances' and "
+                        "'placement.decode.instances' >= 1 (or set placement.mode: colocated)")
+    if not all(isinstance(s, str) for s in cfg.sampling.stop):
+        raise UserError("config: 'sampling.stop' must be a list of strings")
+
+
+def load_config(path: str) -> JobConfig:
+    """Reads and validates a job config; raises UserError on any mistake."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"config: file '{path}' not found; pass an existing YAML file "
+                        "(see configs/ for examples)") from None
+    except IsADirectoryError:
+        raise UserError(f"config: '{path}' is a directory; pass a YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid syntax"
+        raise UserError(f"config: '{path}' is not valid YAML{where}: {problem}") from None
+    cfg = _build(JobConfig, data, "")
+    cfg.base_dir = os.path.dirname(os.path.abspath(path))
+    _check_ranges(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: JobConfig) -> dict:
+    """The config as plain data (absolute paths), for the plan file the ranks read."""
+    data = dataclasses.asdict(cfg)
+    return data
+
+
+def config_from_dict(data: dict) -> JobConfig:
+    """Inverse of config_to_dict (the engine's side); keeps base_dir."""
+    base = data.pop("base_dir", ".")
+    cfg = _build(JobConfig, data, "")
+    cfg.base_dir = base
+    return cfg

