@@ -30,6 +30,7 @@ TAG_RECV_DONE = 8    # decode rank -> its leader: KV receives that completed
 TAG_SHUTDOWN = 9     # controller -> leaders: no more work
 TAG_FATAL = 10       # any rank -> controller: a fatal error with its diagnosis
 TAG_HEARTBEAT = 11   # leader -> controller: still alive
+TAG_STATS = 12       # leader -> controller at shutdown: KV and batch peaks
 
 
 @dataclass
@@ -129,6 +130,26 @@ def process_groups(ctx: RankContext):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection(tp=ctx.tp_group, pp=ctx.pp_group)
+
+
+class Outbox:
+    """Non-blocking control-plane sends. Two ranks that both block in a large MPI send to each
+    other deadlock (rendezvous protocol); isend + periodic progress never does."""
+
+    def __init__(self, comm):
+        self.comm, self.pending = comm, []
+
+    def send(self, obj: Any, dest: int, tag: int) -> None:
+        self.pending.append(self.comm.isend(obj, dest=dest, tag=tag))
+        self.progress()
+
+    def progress(self) -> None:
+        self.pending = [r for r in self.pending if not r.Test()]
+
+    def flush(self) -> None:
+        for r in self.pending:
+            r.wait()
+        self.pending = []
 
 
 def poll(comm, source: int, tag: int, idle_s: float = 0.0005) -> Any:

@@ -67,10 +67,11 @@ def metrics_of(event: dict, arrival: float) -> dict:
 
 class Controller:
     def __init__(self, ctx: RankContext, job: dict, codec: TextCodec, specs: list[RequestSpec], writer,
-                 progress=None):
-        self.ctx, self.job, self.codec, self.writer, self.progress = ctx, job, codec, writer, progress
+                 vocab_size: int):
+        self.ctx, self.job, self.codec, self.writer = ctx, job, codec, writer
         cfg = job["config"]
         self.max_len = cfg["model"]["max_model_len"]
+        self.vocab_size = vocab_size
         self.defaults = cfg["sampling"]
         self.chat = cfg["model"]["chat_template"] == "auto"
         self.entry = [i for i in ctx.plan.instances if i.role in ("prefill", "colocated")]
@@ -94,7 +95,13 @@ class Controller:
         except Exception as e:  # a template error fails this request only
             spec.error = f"line {spec.index + 1}: cannot render the chat template ({e})"
             return Pending(spec, None, offset)
-        ids = self.codec.encode(text)
+        if isinstance(text, list):
+            ids, text = list(text), ""
+            if max(ids) >= self.vocab_size:
+                spec.error = f"line {spec.index + 1}: token id {max(ids)} is outside the vocabulary ({self.vocab_size})"
+                return Pending(spec, None, offset)
+        else:
+            ids = self.codec.encode(text)
         if len(ids) >= self.max_len:
             spec.error = (f"line {spec.index + 1}: prompt has {len(ids)} tokens; the limit is "
                           f"model.max_model_len - 1 = {self.max_len - 1}")
@@ -110,6 +117,7 @@ class Controller:
 
     def run(self) -> dict:
         world = self.ctx.world
+        outbox = c.Outbox(world)
         for p in self.pending:
             if p.request is None:
                 self.writer.write(p, None, self)
@@ -126,7 +134,7 @@ class Controller:
                 target = self._least_loaded(self.entry)
                 self.load[target] += 1
                 self.by_id[p.request.req_id] = p
-                world.send(p.request, dest=self.ctx.plan.instances[target].leader, tag=c.TAG_REQUEST)
+                outbox.send(p.request, self.ctx.plan.instances[target].leader, c.TAG_REQUEST)
             for src, notice in c.drain(world, c.TAG_KV_READY):
                 p = self.by_id[notice.request.req_id]
                 p.first_token_time = notice.times["first_token"]
@@ -134,17 +142,21 @@ class Controller:
                 self.load[notice.prefill_instance] -= 1
                 target = self._least_loaded(self.decoders)
                 self.load[target] += 1
-                world.send(notice, dest=self.ctx.plan.instances[target].leader, tag=c.TAG_KV_READY)
+                outbox.send(notice, self.ctx.plan.instances[target].leader, c.TAG_KV_READY)
             for src, event in c.drain(world, c.TAG_RESULT):
                 p = self.by_id.pop(event["req_id"])
                 self.load[event["instance"]] -= 1
                 self.writer.write(p, event, self)
                 outstanding -= 1
+            outbox.progress()
             if not (next_i < len(queue) and queue[next_i].offset_s <= time.time() - start):
                 time.sleep(0.001)
+        wall = time.time() - start
         for inst in self.ctx.plan.instances:
-            world.send(None, dest=inst.leader, tag=c.TAG_SHUTDOWN)
-        return {"wall_s": time.time() - start}
+            outbox.send(None, inst.leader, c.TAG_SHUTDOWN)
+        outbox.flush()
+        instances = [c.poll(world, inst.leader, c.TAG_STATS) for inst in self.ctx.plan.instances]
+        return {"wall_s": wall, "instances": instances}
 
 
 class ResultWriter:

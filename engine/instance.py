@@ -33,9 +33,11 @@ class Leader:
         self.want_logits = want_logits
         self.inst = ctx.instance
         self.stopping = False
+        self.outbox = c.Outbox(ctx.world)
 
     def _handle_messages(self) -> None:
         world = self.ctx.world
+        self.outbox.progress()
         for _, req in c.drain(world, c.TAG_REQUEST):
             self.sched.add_request(req if isinstance(req, Request) else Request(**req))
         for _, notice in c.drain(world, c.TAG_KV_READY):
@@ -57,11 +59,13 @@ class Leader:
             self.ctx.instance_comm.send(step, dest=local, tag=c.TAG_STEP)
 
     def run(self) -> None:
-        world = self.ctx.world
+        send = self.outbox.send
         while True:
             self._handle_messages()
             if self.stopping and not self.sched.busy():
                 self._broadcast(StepPlan(shutdown=True))
+                send(self.sched.stats() | {"instance": self.inst.id, "role": self.inst.role}, 0, c.TAG_STATS)
+                self.outbox.flush()
                 return
             step, pulls, joined = self.sched.schedule()
             if not (step.has_forward or step.kv_sends or step.kv_recvs or step.kv_joins or step.kv_releases):
@@ -69,22 +73,20 @@ class Leader:
                 continue
             step.want_logits = self.want_logits
             for req_id, prefill_instance in pulls:
-                world.send((req_id, self.inst.id), dest=self.ctx.plan.instances[prefill_instance].leader,
-                           tag=c.TAG_PULL)
+                send((req_id, self.inst.id), self.ctx.plan.instances[prefill_instance].leader, c.TAG_PULL)
             self._broadcast(step)
             tokens, logits = self.runner.execute(step)
             for seq in joined:
-                world.send(seq.req_id, dest=self.ctx.plan.instances[seq.source_instance].leader,
-                           tag=c.TAG_PULLED)
+                send(seq.req_id, self.ctx.plan.instances[seq.source_instance].leader, c.TAG_PULLED)
             if not step.has_forward:
                 continue
             ready, finished = self.sched.on_step(tokens, logits)
             for seq in ready:
                 notice = ReadyNotice(seq.request, self.inst.id, seq.output[0], dict(seq.times),
                                      [row.tolist() for row in seq.logits])
-                world.send(notice, dest=0, tag=c.TAG_KV_READY)
+                send(notice, 0, c.TAG_KV_READY)
             for seq in finished:
-                world.send(_event(seq, self.inst.id, self.want_logits), dest=0, tag=c.TAG_RESULT)
+                send(_event(seq, self.inst.id, self.want_logits), 0, c.TAG_RESULT)
 
 
 def follow(ctx: RankContext, runner: ModelRunner) -> None:

@@ -40,7 +40,7 @@ def _run_controller(ctx, job, cfg) -> None:
                           job.get("dump_logits"), on_result=reporter.advance)
     DOING["what"] = "dispatching requests and collecting results"
     with reporter:
-        stats = Controller(ctx, job, codec, specs, writer).run()
+        stats = Controller(ctx, job, codec, specs, writer, read_shape(job["model_dir"]).vocab_size).run()
     writer.close()
     reporter.summary(writer.records, stats, job.get("report"))
 

@@ -19,7 +19,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def summarize(records: list[dict], wall_s: float, slo) -> dict:
+def summarize(records: list[dict], wall_s: float, slo, instances: list | None = None) -> dict:
     ok = [r for r in records if r.get("metrics")]
     ttft = [r["metrics"]["ttft_ms"] for r in ok]
     tpot = [r["metrics"]["tpot_ms"] for r in ok if _usage(r)["completion_tokens"] > 1]
@@ -35,6 +35,7 @@ def summarize(records: list[dict], wall_s: float, slo) -> dict:
         "tpot_ms": {f"p{q}": percentile(tpot, q / 100) for q in (50, 90, 99)},
         "ttft_ms_mean": statistics.fmean(ttft) if ttft else 0.0,
         "tpot_ms_mean": statistics.fmean(tpot) if tpot else 0.0,
+        "instances": instances,
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms,
                 "attainment": len(met) / len(ok) if ok else 0.0, "target": slo.attainment},
     }
@@ -78,7 +79,7 @@ class Reporter:
             self.progress.update(self.task, advance=1, rate=f"{self.tokens / elapsed:.1f} tok/s")
 
     def summary(self, records: list[dict], stats: dict, report_path: str | None) -> dict:
-        s = summarize(records, stats["wall_s"], self.slo)
+        s = summarize(records, stats["wall_s"], self.slo, stats.get("instances"))
         if report_path:
             with open(report_path, "w") as f:
                 json.dump(s, f, indent=2)

@@ -77,6 +77,8 @@ class Scheduler:
         self.pending_sends: list[KVSend] = []
         self.pending_releases: list[int] = []
         self.peak_blocks = 0
+        self.peak_batch = 0
+        self.steps = 0
 
     # ---- inputs from the control plane -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -187,7 +189,13 @@ class Scheduler:
         else:
             self._in_step = []
         self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
+        self.peak_batch = max(self.peak_batch, len(step.seqs))
+        self.steps += bool(step.seqs)
         return step, pulls, joined
+
+    def stats(self) -> dict:
+        return {"kv_blocks": self.allocator.num_blocks, "peak_kv_blocks": self.peak_blocks,
+                "peak_batch": self.peak_batch, "forward_steps": self.steps}
 
     # ---- results of a step -------------------------------------------------------------------
     def _finished(self, seq: Sequence) -> bool:

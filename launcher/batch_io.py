@@ -22,7 +22,7 @@ class RequestSpec:
     index: int                    # line number - 1
     custom_id: str
     kind: str = "completion"      # "completion" (prompt) or "chat" (messages)
-    prompt: Optional[str] = None
+    prompt: Optional[str | list[int]] = None  # text, or token ids as OpenAI's completions API allows
     messages: Optional[list] = None
     sampling: dict = field(default_factory=dict)
     openai: bool = False          # answer in the OpenAI batch output form
@@ -96,8 +96,10 @@ def parse_line(index: int, line: str) -> RequestSpec:
             spec.messages = msgs
         else:
             prompt = body.get("prompt")
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError("missing 'prompt' (a non-empty string) or 'messages'")
+            is_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                      for t in prompt)
+            if not prompt or not (isinstance(prompt, str) or is_ids):
+                raise ValueError("missing 'prompt' (a non-empty string or list of token ids) or 'messages'")
             spec.prompt = prompt
         spec.sampling = _check_sampling(body)
     except ValueError as e:

@@ -96,6 +96,11 @@ def cmd_generate(args) -> int:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward_term)
     try:
         rc = proc.wait()
     except KeyboardInterrupt:

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny random Llama (HF format, built here) and a runner for real mpirun jobs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
+            initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def write_word_tokenizer(path: str, vocab_size: int) -> None:
+    """A word-level tokenizer whose token i is the word 't<i>': enough to decode tiny-model output."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.save(os.path.join(path, "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    write_word_tokenizer(path, TINY["vocab_size"])
+    return path
+
+
+def ragged_prompts(n: int, seed: int = 0, low: int = 3, high: int = 40) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, TINY["vocab_size"]) for _ in range(rng.randrange(low, high))] for _ in range(n)]
+
+
+def write_job(tmp_path, model_dir: str, placement: dict, prompts: list[list[int]], max_tokens: int = 8,
+              scheduler: dict | None = None, workload: dict | None = None, extra: dict | None = None) -> str:
+    """A config + hostfile + input file under tmp_path; returns the config path."""
+    (tmp_path / "hosts").write_text("localhost slots=8\n")
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({"custom_id": f"r{i}", "prompt": p, "max_tokens": max_tokens,
+                                "ignore_eos": True}) + "\n")
+    cfg = {
+        "model": {"path": model_dir, "max_model_len": 256},
+        "cluster": {"hostfile": "hosts"},
+        "placement": placement,
+        "scheduler": {"block_size": 4, "prefill_token_budget": 64, "max_decode_batch": 8,
+                      "prefill_kv_blocks": 256, "decode_kv_blocks": 256, **(scheduler or {})},
+        "workload": {"input": "in.jsonl", "output": "out.jsonl", **(workload or {})},
+        "run_dir": "run",
+        **(extra or {}),
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_pdlaunch(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Runs the CLI; on timeout it is stopped the way a user would (SIGTERM -> mpirun is ended too)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "launcher.cli", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"pdlaunch {' '.join(args)} timed out after {timeout}s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def read_results(path) -> dict[str, dict]:
+    with open(path) as f:
+        return {r["custom_id"]: r for r in map(json.loads, f)}
