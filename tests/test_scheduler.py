@@ -1,0 +1,98 @@
+"""The leader's scheduler, without processes: budgets, backpressure, pull-on-room, finishing."""
+from __future__ import annotations
+
+from engine.scheduler import ReadyNotice, Request, Scheduler
+from engine.step import SamplingParams
+
+
+def sched(role, blocks=64, budget=32, max_batch=8, size=1):
+    return Scheduler(role, blocks, 4, budget, max_batch, 128, (2,), lambda s: False, size)
+
+
+def req(i, n, max_tokens=4):
+    return Request(i, list(range(3, 3 + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 0.0)
+
+
+def test_prefill_batches_fcfs_under_token_budget():
+    s = sched("prefill", budget=32)
+    for i, n in enumerate([10, 15, 10, 40]):
+        s.add_request(req(i, n))
+    step, _, _ = s.schedule()
+    assert [c.req_id for c in step.seqs] == [0, 1]           # 25 tokens; +10 would pass 32
+    s.on_step([7, 7], None)
+    step, _, _ = s.schedule()
+    assert [c.req_id for c in step.seqs] == [2]              # 10 + 40 > 32: FCFS, no skipping ahead
+    s.on_step([7], None)
+    step, _, _ = s.schedule()
+    assert [c.req_id for c in step.seqs] == [3]              # alone it may exceed the budget
+
+
+def test_prefill_backpressure_when_hold_area_full():
+    s = sched("prefill", blocks=6, budget=100)
+    for i in range(3):
+        s.add_request(req(i, 8))                             # 2 blocks each
+    step, _, _ = s.schedule()
+    assert len(step.seqs) == 3
+    ready, _ = s.on_step([7, 7, 7], None)
+    assert len(ready) == 3 and s.allocator.num_free == 0
+    s.add_request(req(3, 8))
+    step, _, _ = s.schedule()
+    assert not step.seqs                                     # held KV blocks everything new
+    s.pull_requested(0, decode_instance=1)
+    s.pulled(0)
+    step, _, _ = s.schedule()
+    assert [c.req_id for c in step.seqs] == [3] and step.kv_releases == [0]
+
+
+def test_decode_pulls_only_when_it_has_room():
+    s = sched("decode", blocks=6, max_batch=8, size=2)      # 8 prompt + 4 new = 3 blocks: room for 2
+    for i in range(10):
+        s.add_ready(ReadyNotice(req(i, 8), 0, 7, {"first_token": 0.0}))
+    done, max_used = [], 0
+    for _ in range(200):
+        step, pulls, joined = s.schedule()
+        max_used = max(max_used, s.allocator.num_used)
+        assert len(s.running) + len(s.pulling) <= 2
+        for r, _ in pulls:
+            s.rank_arrived(r)
+            s.rank_arrived(r)                                # both ranks of the instance
+        if step.seqs:
+            _, finished = s.on_step([9] * len(step.seqs), None)
+            done += [f.req_id for f in finished]
+        if len(done) == 10:
+            break
+    assert sorted(done) == list(range(10)) and max_used <= 6
+
+
+def test_join_waits_for_every_rank():
+    s = sched("decode", size=2)
+    s.add_ready(ReadyNotice(req(0, 8), 0, 7, {"first_token": 0.0}))
+    step, pulls, _ = s.schedule()
+    assert pulls == [(0, 0)] and step.kv_recvs[0].num_tokens == 8
+    s.rank_arrived(0)
+    step, _, joined = s.schedule()
+    assert not joined and not step.seqs
+    s.rank_arrived(0)
+    step, _, joined = s.schedule()
+    assert [j.req_id for j in step.kv_joins] == [0] and step.seqs[0].start_pos == 8
+
+
+def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
+    s = Scheduler("colocated", 64, 4, 64, 8, 128, (2,), lambda q: False, 1)
+    s.add_request(Request(0, [5, 6, 7], SamplingParams(max_tokens=3), 0.0))
+    step, _, _ = s.schedule()
+    assert step.seqs[0].token_ids == [5, 6, 7]
+    s.on_step([9], None)
+    s.add_request(Request(1, [5, 6], SamplingParams(max_tokens=5), 0.0))
+    step, _, _ = s.schedule()
+    assert [c.req_id for c in step.seqs] == [1]              # the new prompt goes first
+    _, finished = s.on_step([2], None)                       # request 1 hits EOS at once
+    assert [(f.req_id, f.finish_reason) for f in finished] == [(1, "stop")]
+    step, _, _ = s.schedule()
+    assert [(c.req_id, c.start_pos) for c in step.seqs] == [(0, 3)]
+    _, finished = s.on_step([9], None)
+    assert not finished
+    s.schedule()
+    _, finished = s.on_step([9], None)                       # third token: max_tokens reached
+    assert [(f.req_id, f.finish_reason, f.output) for f in finished] == [(0, "length", [9, 9, 9])]
+    assert s.allocator.num_free == 64 and not s.busy()
