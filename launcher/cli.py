@@ -113,6 +113,25 @@ def cmd_generate(args) -> int:
     return rc
 
 
+def cmd_plan(args) -> int:
+    from launcher.planner.planning import print_report, run_planner
+
+    cfg = load_config(args.config)
+    hosts = cluster_hosts(cfg)
+    shape = None
+    if not cfg.planner.model:
+        shape = read_shape(resolve_model_dir(cfg.model.path if cfg.model.path == "embedded"
+                                             else cfg.resolve(cfg.model.path)))
+    plan, result, predicted = run_planner(cfg, hosts, shape)
+    if shape is not None:
+        check_layouts(plan, shape, hosts, key="plan")
+    write_plan(plan, args.output)
+    if not args.quiet:
+        print_report(result, predicted)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="job config YAML (see configs/)")
     p.add_argument("--input", help="JSONL of requests (default: workload.input)")
@@ -134,6 +153,11 @@ def main(argv=None) -> int:
     gen = sub.add_parser("generate", help="offline batch generation on the configured placement")
     _add_job_args(gen)
     gen.set_defaults(func=cmd_generate)
+    pl = sub.add_parser("plan", help="search the placement (DistServe Algorithm 1/2) and write a plan file")
+    pl.add_argument("config")
+    pl.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default: plan.yaml)")
+    pl.add_argument("--quiet", action="store_true")
+    pl.set_defaults(func=cmd_plan)
     try:
         args = parser.parse_args(argv)
         return args.func(args)

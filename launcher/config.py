@@ -100,6 +100,30 @@ class WorkloadConfig:
 
 
 @dataclass
+class PlannerConfig:
+    profile: str = ""               # DistServe-format latency profile (from `pdlaunch profile` or shared/anchors)
+    profile_model: Optional[str] = None   # the entry of the profile file to use
+    colocated_profile: Optional[str] = None  # profile of the colocated baseline (default: profile)
+    model: Optional[str] = None     # a known model to plan for (facebook/opt-13b, -66b, -175b) instead of model.path
+    affinity: str = "high"          # high: Algorithm 1; low: Algorithm 2
+    gpus_per_node: int = 0          # 0: the hostfile's slots
+    memory_gb: float = 80.0         # device memory, for the KV capacity of each layout
+    num_requests: int = 300
+    precision: float = 0.25         # goodput bisection stops when the bracket is narrower (req/s/device)
+    rule: str = "joint"             # joint: both SLOs per request; separate: P90 TTFT and P90 TPOT each
+    target_rate: float = 0.0        # req/s to serve; 0 = the best split of the cluster's devices
+    lengths: str = "fixed"          # fixed | uniform | lognormal | trace
+    input_len: float = 128.0        # mean (fixed/lognormal) prompt length
+    output_len: float = 32.0
+    length_cv: float = 0.5
+    trace: Optional[str] = None     # JSONL with input_len/output_len (e.g. a run's results file)
+    include_transfer: bool = True   # DistServe's search ignores KV transfer time; we model it unless told
+
+    choices = {"affinity": ("high", "low"), "rule": ("joint", "separate"),
+               "lengths": ("fixed", "uniform", "lognormal", "trace")}
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -108,6 +132,7 @@ class JobConfig:
     slo: SLOConfig = field(default_factory=SLOConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     run_dir: str = "runs/latest"
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -122,7 +147,7 @@ POSITIVE_INTS = {
     "placement.decode.tp", "placement.decode.pp", "placement.colocated.instances",
     "placement.colocated.tp", "placement.colocated.pp", "scheduler.prefill_token_budget",
     "scheduler.max_decode_batch", "scheduler.block_size", "scheduler.prefill_kv_blocks",
-    "scheduler.decode_kv_blocks", "sampling.max_tokens",
+    "scheduler.decode_kv_blocks", "sampling.max_tokens", "planner.num_requests",
 }
 ZERO_ALLOWED = {"cluster.master_port", "placement.prefill.instances", "placement.decode.instances"}
 

@@ -1,0 +1,1 @@
+"""Placement planner: latency model, simulator, DistServe search. Pure Python, no torch."""

@@ -1,0 +1,167 @@
+"""Latency model per (model, hardware, TP degree), in milliseconds.
+
+prefill(lens)            = a + b * sum(len) + c * sum(len^2)
+decode(batch, contexts)  = a + b * sum(context) + c * batch   (small- and large-batch sets)
+PP divides the compute and adds a per-stage cost; KV transfer = bytes / link bandwidth.
+
+Profiles use DistServe's published format (shared/anchors), which `pdlaunch profile` also writes:
+{model: {tp: {"prefill": [a,b,c], "decoding_smallbs": [...], "decoding_largebs": [...],
+"decoding_large_small_bs_threshold": N, ...}}}. A roofline estimate covers hardware nobody
+could profile. Pure Python.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from launcher.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the planner needs of a model: its size and its KV bytes per token."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    params: float           # parameter count
+    dtype_bytes: int = 2
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def weight_bytes(self) -> float:
+        return self.params * self.dtype_bytes
+
+
+# OPT shapes (MHA: KV heads = heads) for the paper's settings.
+KNOWN_MODELS = {
+    "facebook/opt-13b": ModelSpec("facebook/opt-13b", 40, 5120, 40, 128, 12.85e9),
+    "facebook/opt-66b": ModelSpec("facebook/opt-66b", 64, 9216, 72, 128, 65.7e9),
+    "facebook/opt-175b": ModelSpec("facebook/opt-175b", 96, 12288, 96, 128, 175e9),
+}
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    prefill: tuple[float, float, float]
+    decode_small: tuple[float, float, float]
+    decode_large: tuple[float, float, float]
+    threshold: int = 95
+    pp_stage_ms: float = 1.0        # added per PP stage (DistServe's simulator: 1 ms)
+    token_budget: int | None = None  # L_m found by profiling, if any
+
+
+@dataclass
+class LatencyModel:
+    model: str
+    by_tp: dict[int, Coefficients]
+    source: str = ""
+    pipelined_pp: bool = True  # PP stages overlap micro-batches (DistServe) vs. run one batch at a time
+    meta: dict = field(default_factory=dict)
+
+    def tp_degrees(self) -> list[int]:
+        return sorted(self.by_tp)
+
+    def _coef(self, tp: int) -> Coefficients:
+        if tp not in self.by_tp:
+            raise UserError(f"planner: the latency profile of {self.model} has no TP={tp}; "
+                            f"it covers TP {self.tp_degrees()}")
+        return self.by_tp[tp]
+
+    def prefill_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
+        """Latency of one prefill batch through all PP stages: PP does not shorten it, it adds a
+        per-stage hand-off (PP raises throughput; TP lowers latency)."""
+        coef = self._coef(tp)
+        a, b, c = coef.prefill
+        return a + b * sum(lens) + c * sum(n * n for n in lens) + coef.pp_stage_ms * (pp - 1)
+
+    def prefill_interval_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
+        """How soon the instance can start its next batch: one stage's share when stages overlap."""
+        latency = self.prefill_ms(lens, tp, pp)
+        return latency / pp if self.pipelined_pp else latency
+
+    def decode_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
+        """Time for every sequence of the batch to advance one token. With overlapping stages the
+        batch runs as pp micro-batches, so a round costs one micro-batch through all stages."""
+        coef = self._coef(tp)
+        if self.pipelined_pp and pp > 1:
+            batch, context_sum = -(-batch // pp), context_sum / pp
+        a, b, c = coef.decode_small if batch < coef.threshold else coef.decode_large
+        return a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1)
+
+    def token_budget(self, tp: int) -> int | None:
+        return self._coef(tp).token_budget
+
+
+def transfer_ms(num_bytes: float, bandwidth_gbps: float) -> float:
+    """KV transfer time over a link of `bandwidth_gbps` gigabytes per second."""
+    return num_bytes / (bandwidth_gbps * 1e9) * 1e3
+
+
+def _coefficients(raw: dict, where: str) -> Coefficients:
+    try:
+        return Coefficients(tuple(raw["prefill"]), tuple(raw["decoding_smallbs"]), tuple(raw["decoding_largebs"]),
+                            int(raw.get("decoding_large_small_bs_threshold", 95)), float(raw.get("pp_stage_ms", 1.0)),
+                            raw.get("token_budget"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"planner: profile {where} lacks or mangles {e}; expected prefill, decoding_smallbs, "
+                        "decoding_largebs as [a, b, c]") from None
+
+
+def load_profile(path: str, model: str | None = None) -> LatencyModel:
+    """Reads a DistServe-format profile; `model` picks an entry when it holds several."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"planner: profile '{path}' not found; run `pdlaunch profile CONFIG` or point "
+                        "planner.profile at shared/anchors/*.json") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"planner: profile '{path}' is not valid JSON ({e.msg})") from None
+    models = [k for k in data if not k.startswith("_")]
+    if model is None:
+        if len(models) != 1:
+            raise UserError(f"planner: profile '{path}' holds {', '.join(models)}; set planner.profile_model")
+        model = models[0]
+    if model not in data:
+        raise UserError(f"planner: profile '{path}' has no model '{model}'; it has {', '.join(models)}")
+    by_tp = {int(tp): _coefficients(raw, f"{path}:{model}:tp{tp}") for tp, raw in data[model].items()
+             if tp.isdigit()}
+    meta = data.get("_meta", {})
+    return LatencyModel(model, by_tp, path, pipelined_pp=bool(meta.get("pipelined_pp", True)), meta=meta)
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    peak_tflops: float = 312.0         # A100 bf16 dense
+    memory_bandwidth_gbps: float = 2039.0
+    memory_gb: float = 80.0
+    mfu: float = 0.6                   # share of peak a prefill reaches
+    mbu: float = 0.7                   # share of bandwidth a decode step reaches
+    tp_overhead_ms: float = 0.3        # per extra TP rank, per step (all-reduces)
+
+
+def roofline_model(spec: ModelSpec, gpu: GPUSpec, tp_degrees=(1, 2, 4, 8)) -> LatencyModel:
+    """Coefficients from first principles for hardware that cannot be profiled here.
+
+    prefill: 2 * params FLOPs per token (b) plus attention's 4 * layers * hidden FLOPs per token^2 (c);
+    decode: reading the weights once per step (a), the KV of every context token (b), and a small
+    per-sequence cost (c)."""
+    by_tp = {}
+    for tp in tp_degrees:
+        flops = gpu.peak_tflops * 1e12 * gpu.mfu * tp
+        bw = gpu.memory_bandwidth_gbps * 1e9 * gpu.mbu * tp
+        overhead = gpu.tp_overhead_ms * (tp - 1)
+        prefill = (2.0 + overhead, 2 * spec.params / flops * 1e3, 4 * spec.num_layers * spec.hidden_size / flops * 1e3)
+        decode = (spec.weight_bytes() / bw * 1e3 + overhead, spec.kv_bytes_per_token() / bw * 1e3, 0.01)
+        by_tp[tp] = Coefficients(prefill, decode, decode)
+    return LatencyModel(spec.name, by_tp, "roofline")
+
+
+def kv_capacity_tokens(spec: ModelSpec, memory_gb: float, tp: int, pp: int, utilization: float = 0.9) -> int:
+    """KV tokens an instance of tp x pp devices can hold beside its weights."""
+    free = memory_gb * 1e9 * utilization * tp * pp - spec.weight_bytes()
+    return max(int(free // spec.kv_bytes_per_token()), 0)

@@ -1,0 +1,141 @@
+"""`pdlaunch plan`: config -> latency model + workload -> placement search -> plan file with hosts."""
+from __future__ import annotations
+
+import json
+import time
+
+from launcher.config import JobConfig
+from launcher.errors import UserError
+from launcher.hostfile import Host
+from launcher.plan import InstancePlan, Plan
+from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
+from launcher.planner.search import PlacementResult, Settings, algorithm1, algorithm2, colocated_best
+from launcher.planner.simulator import InstanceSpec, LengthDist
+
+
+def read_trace(path: str) -> list[tuple[int, int]]:
+    """(input, output) lengths from a trace: {input_len, output_len} lines, or a pdlaunch results file."""
+    pairs = []
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                usage = obj.get("usage") or ((obj.get("response") or {}).get("body") or {}).get("usage")
+                if "input_len" in obj:
+                    pairs.append((int(obj["input_len"]), int(obj["output_len"])))
+                elif usage:
+                    pairs.append((int(usage["prompt_tokens"]), int(usage["completion_tokens"])))
+    except FileNotFoundError:
+        raise UserError(f"planner: trace '{path}' not found") from None
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+        raise UserError(f"planner: trace '{path}' line {n} needs input_len and output_len (or a results "
+                        "record with usage)") from None
+    if not pairs:
+        raise UserError(f"planner: trace '{path}' has no requests")
+    return pairs
+
+
+def model_spec(cfg: JobConfig, shape=None) -> ModelSpec:
+    if cfg.planner.model:
+        if cfg.planner.model not in KNOWN_MODELS:
+            raise UserError(f"config: 'planner.model' {cfg.planner.model!r} is unknown; known: "
+                            f"{', '.join(KNOWN_MODELS)} (or leave it out to plan model.path)")
+        return KNOWN_MODELS[cfg.planner.model]
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    return ModelSpec("model", shape.num_layers, shape.hidden_size, shape.num_kv_heads, shape.head_dim,
+                     shape.param_count(), dtype_bytes)
+
+
+def settings_from(cfg: JobConfig) -> Settings:
+    p = cfg.planner
+    lengths = LengthDist(p.lengths, p.input_len, p.output_len, p.length_cv, max_len=cfg.model.max_model_len)
+    if p.lengths == "uniform":
+        lengths.low, lengths.high = (1, 1), (int(2 * p.input_len), int(2 * p.output_len))
+    if p.lengths == "trace":
+        if not p.trace:
+            raise UserError("config: 'planner.lengths: trace' needs 'planner.trace' (a JSONL file)")
+        lengths.pairs = read_trace(cfg.resolve(p.trace))
+    return Settings(cfg.slo.ttft_ms, cfg.slo.tpot_ms, cfg.slo.attainment, p.rule, p.num_requests, lengths,
+                    "gamma" if cfg.workload.arrival == "gamma" else "poisson", cfg.workload.cv, cfg.workload.seed,
+                    p.precision, 0.0, cfg.scheduler.prefill_token_budget, cfg.scheduler.max_decode_batch,
+                    p.memory_gb, cfg.cluster.intra_node_bandwidth_gbps, cfg.cluster.inter_node_bandwidth_gbps,
+                    p.include_transfer)
+
+
+def latency_models(cfg: JobConfig) -> tuple[LatencyModel, LatencyModel]:
+    p = cfg.planner
+    if not p.profile:
+        raise UserError("config: 'planner.profile' is empty; run `pdlaunch profile CONFIG` or point it at "
+                        "shared/anchors/distserve-profile-a100-80g.json")
+    model = p.profile_model or p.model
+    disagg = load_profile(cfg.resolve(p.profile), model)
+    colo = load_profile(cfg.resolve(p.colocated_profile), model) if p.colocated_profile else disagg
+    return disagg, colo
+
+
+def to_plan(specs: list[tuple[str, InstanceSpec]], hosts: list[Host], gpus_per_node: int) -> Plan:
+    """Instances with contiguous ranks; each rank on the host its instance's stage lives on."""
+    instances, rank = [], 1
+    for role, s in specs:
+        hostnames = []
+        for local in range(s.tp * s.pp):
+            stage = local // s.tp
+            node = s.node + stage * s.span // s.pp
+            if node >= len(hosts):
+                raise UserError(f"planner: the placement needs node {node + 1} but the hostfile has {len(hosts)}")
+            hostnames.append(hosts[node].name)
+        instances.append(InstancePlan(len(instances), role, s.tp, s.pp, rank, hostnames))
+        rank += s.tp * s.pp
+    return Plan(instances, hosts[0].name)
+
+
+def run_planner(cfg: JobConfig, hosts: list[Host], shape=None) -> tuple[Plan, PlacementResult, dict]:
+    started = time.time()
+    gpus = cfg.planner.gpus_per_node or max(h.slots for h in hosts)
+    nodes = len(hosts)
+    spec = model_spec(cfg, shape)
+    settings = settings_from(cfg)
+    disagg, colo = latency_models(cfg)
+    search = algorithm2 if cfg.planner.affinity == "low" else algorithm1
+    try:
+        result = search(disagg, spec, settings, nodes, gpus, cfg.planner.target_rate)
+        baseline = colocated_best(colo, spec, settings, gpus, nodes * gpus)
+    except ValueError as e:
+        raise UserError(f"planner: {e}") from None
+    result.colocated = baseline
+    plan = to_plan([("prefill", s) for s in result.prefill] + [("decode", s) for s in result.decode], hosts, gpus)
+    predicted = {
+        "algorithm": "2 (low node-affinity)" if result.affinity == "low" else "1 (high node-affinity)",
+        "layout": result.layout, "per_device_goodput": round(result.per_device_goodput, 4),
+        "devices": result.devices, "goodput_req_s": round(result.per_device_goodput * result.devices, 4),
+        "colocated": {"tp": baseline.tp, "pp": baseline.pp, "per_device_goodput": round(baseline.per_device, 4)}
+        if baseline else None,
+        "slo": {"ttft_ms": settings.ttft_ms, "tpot_ms": settings.tpot_ms, "attainment": settings.target,
+                "rule": settings.rule},
+        "planning_s": round(time.time() - started, 2),
+    }
+    plan.predicted = predicted
+    return plan, result, predicted
+
+
+def print_report(result: PlacementResult, predicted: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"candidates (Algorithm {predicted['algorithm']}), best first")
+    for col in ("role", "TP", "PP", "devices", "goodput req/s", "per device"):
+        table.add_column(col, justify="right" if col not in ("role",) else "left")
+    for c in sorted(result.candidates, key=lambda c: (c.role, -c.per_device)):
+        table.add_row(c.label or c.role, str(c.tp), str(c.pp), str(c.devices), f"{c.goodput:.2f}", f"{c.per_device:.3f}")
+    console.print(table)
+    col = predicted["colocated"]
+    ratio = predicted["per_device_goodput"] / col["per_device_goodput"] if col and col["per_device_goodput"] else float("inf")
+    console.print(f"[bold]chosen:[/] {predicted['layout']} on {predicted['devices']} devices: "
+                  f"{predicted['per_device_goodput']:.3f} req/s per device (simulated end to end)")
+    if col:
+        console.print(f"[bold]colocated baseline:[/] TP{col['tp']} x PP{col['pp']}: {col['per_device_goodput']:.3f} "
+                      f"req/s per device; disaggregated / colocated = {ratio:.2f}x")
+    console.print(f"planned in {predicted['planning_s']:.2f} s")
