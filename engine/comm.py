@@ -152,13 +152,17 @@ class Outbox:
         self.pending = []
 
 
-def poll(comm, source: int, tag: int, idle_s: float = 0.0005) -> Any:
+def poll(comm, source: int, tag: int, idle_s: float = 0.0005, timeout_s: float | None = None,
+         waiting_for: str = "a message") -> Any:
     """Blocking receive that sleeps between probes: MPI's own blocking calls spin a core, and
-    here several ranks share two cores."""
+    here several ranks share two cores. Raises TimeoutError after timeout_s."""
     from mpi4py import MPI
 
     status = MPI.Status()
+    deadline = None if timeout_s is None else time.time() + timeout_s
     while not comm.Iprobe(source=source, tag=tag, status=status):
+        if deadline is not None and time.time() > deadline:
+            raise TimeoutError(f"no answer from rank {source} for {timeout_s:.0f} s while waiting for {waiting_for}")
         time.sleep(idle_s)
     return comm.recv(source=status.Get_source(), tag=status.Get_tag())
 

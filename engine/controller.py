@@ -21,6 +21,9 @@ from engine.tokenizer import TextCodec
 from launcher.batch_io import RequestSpec
 
 
+STARTUP_S = 600.0  # how long instances may take to load their weights
+
+
 @dataclass
 class Pending:
     spec: RequestSpec
@@ -123,9 +126,17 @@ class Controller:
                 self.writer.write(p, None, self)
         queue = sorted((p for p in self.pending if p.request is not None), key=lambda p: p.offset_s)
         outstanding = len(queue)
+        limit = self.job["config"]["scheduler"]["watchdog_s"]
+        for inst in self.ctx.plan.instances:  # every instance has loaded its weights: start the clock
+            c.poll(world, inst.leader, c.TAG_HEARTBEAT, timeout_s=max(limit, STARTUP_S),
+                   waiting_for=f"{inst.role} instance {inst.id} to load the model")
         start = time.time()
         next_i = 0
+        watchdog = Watchdog(self.ctx.plan, limit)
         while outstanding:
+            for src, (inst_id, steps) in c.drain(world, c.TAG_HEARTBEAT):
+                watchdog.beat(inst_id, steps)
+            watchdog.check()
             now = time.time()
             while next_i < len(queue) and queue[next_i].offset_s <= now - start:
                 p = queue[next_i]
@@ -155,8 +166,31 @@ class Controller:
         for inst in self.ctx.plan.instances:
             outbox.send(None, inst.leader, c.TAG_SHUTDOWN)
         outbox.flush()
-        instances = [c.poll(world, inst.leader, c.TAG_STATS) for inst in self.ctx.plan.instances]
+        instances = [c.poll(world, inst.leader, c.TAG_STATS, timeout_s=limit, waiting_for="its final stats")
+                     for inst in self.ctx.plan.instances]
         return {"wall_s": wall, "instances": instances}
+
+
+class Watchdog:
+    """Ends the job when an instance stops sending heartbeats (a stuck rank stalls its leader)."""
+
+    def __init__(self, plan, limit_s: float):
+        self.plan, self.limit_s = plan, limit_s
+        now = time.time()
+        self.seen = {i.id: (now, 0) for i in plan.instances}
+
+    def beat(self, inst_id: int, steps: int) -> None:
+        self.seen[inst_id] = (time.time(), steps)
+
+    def check(self) -> None:
+        now = time.time()
+        for inst_id, (when, steps) in self.seen.items():
+            if now - when > self.limit_s:
+                inst = self.plan.instances[inst_id]
+                raise TimeoutError(
+                    f"{inst.role} instance {inst_id} (ranks {inst.ranks[0]}-{inst.ranks[-1]} on "
+                    f"{', '.join(sorted(set(inst.hosts)))}) sent no heartbeat for {now - when:.0f} s "
+                    f"after step {steps}: a rank of it is stuck or dead")
 
 
 class ResultWriter:

@@ -7,6 +7,7 @@ join needs every rank's data).
 """
 from __future__ import annotations
 
+import os
 import time
 
 from engine import comm as c
@@ -16,6 +17,7 @@ from engine.scheduler import ReadyNotice, Request, Scheduler, Sequence
 from engine.step import StepPlan
 
 IDLE_S = 0.0005
+HEARTBEAT_S = 1.0
 
 
 def _event(seq: Sequence, instance_id: int, with_logits: bool) -> dict:
@@ -34,9 +36,19 @@ class Leader:
         self.inst = ctx.instance
         self.stopping = False
         self.outbox = c.Outbox(ctx.world)
+        self.last_beat = 0.0
+        self.steps = 0
+
+    def _heartbeat(self) -> None:
+        """Tells the controller's watchdog this instance is alive and how far it got."""
+        now = time.time()
+        if now - self.last_beat >= HEARTBEAT_S:
+            self.last_beat = now
+            self.outbox.send((self.inst.id, self.steps), 0, c.TAG_HEARTBEAT)
 
     def _handle_messages(self) -> None:
         world = self.ctx.world
+        self._heartbeat()
         self.outbox.progress()
         for _, req in c.drain(world, c.TAG_REQUEST):
             self.sched.add_request(req if isinstance(req, Request) else Request(**req))
@@ -75,6 +87,8 @@ class Leader:
             for req_id, prefill_instance in pulls:
                 send((req_id, self.inst.id), self.ctx.plan.instances[prefill_instance].leader, c.TAG_PULL)
             self._broadcast(step)
+            self.steps += 1
+            fault_point(self.ctx, self.steps)
             tokens, logits = self.runner.execute(step)
             for seq in joined:
                 send(seq.req_id, self.ctx.plan.instances[seq.source_instance].leader, c.TAG_PULLED)
@@ -92,6 +106,7 @@ class Leader:
 def follow(ctx: RankContext, runner: ModelRunner) -> None:
     """Non-leader ranks: execute step plans until told to stop."""
     comm = ctx.instance_comm
+    steps = 0
     while True:
         while not comm.Iprobe(source=0, tag=c.TAG_STEP):
             arrived = runner.kv.newly_arrived()
@@ -101,4 +116,20 @@ def follow(ctx: RankContext, runner: ModelRunner) -> None:
         step = comm.recv(source=0, tag=c.TAG_STEP)
         if step.shutdown:
             return
+        steps += 1
+        fault_point(ctx, steps)
         runner.execute(step)
+
+
+def fault_point(ctx: RankContext, step: int) -> None:
+    """Failure injection for the reliability tests: PDLAUNCH_FAULT=RANK:STEP:raise|hang makes that
+    rank raise, or stop answering, when it starts that step."""
+    spec = os.environ.get("PDLAUNCH_FAULT")
+    if not spec:
+        return
+    rank, at, kind = spec.split(":")
+    if int(rank) == ctx.rank and int(at) == step:
+        if kind == "hang":
+            while True:
+                time.sleep(1)
+        raise RuntimeError(f"injected fault at step {step}")

@@ -34,7 +34,8 @@ def _run_controller(ctx, job, cfg) -> None:
     from launcher.batch_io import read_requests
 
     codec = TextCodec(job["model_dir"])
-    specs = read_requests(job["input"])
+    skip = set(job.get("skip_ids") or ())
+    specs = [s for s in read_requests(job["input"]) if s.custom_id not in skip]
     reporter = Reporter(len(specs), quiet=job.get("quiet", False), slo=cfg.slo)
     writer = ResultWriter(job["output"], codec, os.path.basename(job["model_dir"]),
                           job.get("dump_logits"), on_result=reporter.advance)

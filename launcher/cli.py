@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +55,30 @@ def _writable_output(path: str) -> None:
         raise UserError(f"output: '{path}' is not writable; pass a writable --output path")
 
 
+def finished_ids(output: str) -> set[str]:
+    """custom_ids already answered in an output file; a torn last line (a crash mid-write) is cut
+    off by rewriting the file through a temp file and a rename."""
+    if not os.path.exists(output):
+        return set()
+    import json
+
+    with open(output, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept, ids = [], set()
+    for line in lines:
+        try:
+            ids.add(json.loads(line)["custom_id"])
+            kept.append(line if line.endswith("\n") else line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    if len(kept) != len(lines):
+        tmp = output + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, output)
+    return ids
+
+
 def prepare_job(args) -> tuple[dict, list[str], str]:
     """Validates everything and writes RUN_DIR/job.yaml; returns (job, command, job path)."""
     cfg = load_config(args.config)
@@ -71,11 +96,12 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
     _writable_output(output)
     run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
     os.makedirs(run_dir, exist_ok=True)
-    if os.path.exists(output):
+    done = finished_ids(output) if args.resume else set()
+    if not args.resume and os.path.exists(output):
         os.remove(output)
     job = {"config": dataclasses.asdict(cfg), "plan": plan.to_dict(), "model_dir": model_dir,
            "input": input_path, "output": output, "quiet": args.quiet,
-           "report": os.path.join(run_dir, "report.json")}
+           "report": os.path.join(run_dir, "report.json"), "skip_ids": sorted(done)}
     if args.dump_logits:
         os.makedirs(args.dump_logits, exist_ok=True)
         job["dump_logits"] = os.path.abspath(args.dump_logits)
@@ -95,13 +121,20 @@ def cmd_generate(args) -> int:
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True, bufsize=1)
 
     def forward_term(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, forward_term)
+    plan = Plan.from_job(job)
     try:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            dead = re.search(r"process rank (\d+) with PID \d+ on node (\S+)", line)
+            if dead:
+                print(f"pdlaunch: rank {dead.group(1)} on {dead.group(2)} died: it was "
+                      f"{plan.describe_rank(int(dead.group(1)))}", file=sys.stderr)
         rc = proc.wait()
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -139,6 +172,7 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="where the job, plan and report files go (default: run_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the launch command and stop")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p.add_argument("--resume", action="store_true", help="keep the output file and run only the requests it lacks")
     p.add_argument("--dump-logits", metavar="DIR", help="save every generated token's logits (debugging)")
 
 

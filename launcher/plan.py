@@ -78,6 +78,19 @@ class Plan:
         """Host of every global rank, controller first."""
         return [self.controller_host] + [h for inst in self.instances for h in inst.hosts]
 
+    def describe_rank(self, rank: int) -> str:
+        if rank == CONTROLLER_RANK:
+            return "the controller"
+        inst = self.instance_of(rank)
+        if inst is None:
+            return "outside the plan"
+        tp, pp = inst.coords(rank)
+        return f"{inst.role} instance {inst.id} (TP rank {tp}, PP stage {pp})"
+
+    @staticmethod
+    def from_job(job: dict) -> "Plan":
+        return plan_from_dict(job["plan"])
+
     def to_dict(self) -> dict:
         return {"world_size": self.world_size,
                 "controller": {"rank": CONTROLLER_RANK, "host": self.controller_host},

@@ -1,0 +1,103 @@
+"""A dead, raising or stuck rank ends the whole job quickly with a diagnosis; --resume finishes the rest."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, ragged_prompts, read_results, write_job
+
+LAYOUT = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
+          "decode": {"instances": 1, "tp": 1, "pp": 2}}
+PROMPTS = ragged_prompts(24, seed=5)
+MAX_TOKENS = 24
+
+
+def start(config: str, *extra: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "generate", config, "--quiet", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_pid(job_dir: str, rank: int) -> int:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read()
+            env = open(f"/proc/{pid}/environ").read().split("\0")
+        except OSError:
+            continue
+        if "engine.main" in cmd and job_dir in cmd and f"OMPI_COMM_WORLD_RANK={rank}" in env:
+            return int(pid)
+    raise AssertionError(f"rank {rank} not found")
+
+
+def wait_lines(path, n: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not reach {n} lines")
+
+
+def finish(proc: subprocess.Popen, since: float, limit: float = 30) -> tuple[int, str, float]:
+    try:
+        _, err = proc.communicate(timeout=limit + 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the job did not end after a rank failed") from None
+    return proc.returncode, err, time.time() - since
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
+    return [model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                           do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+
+
+@pytest.mark.parametrize("rank,role", [(1, "prefill instance 0"), (3, "decode instance 1 (TP rank 0, PP stage 1)")])
+def test_kill_9_ends_job_and_resume_completes(rank, role, tmp_path, tiny_model_dir, expected):
+    config = write_job(tmp_path, tiny_model_dir, LAYOUT, PROMPTS, MAX_TOKENS,
+                       workload={"arrival": "poisson", "rate": 6.0}, scheduler={"watchdog_s": 10})
+    proc = start(config)
+    wait_lines(tmp_path / "out.jsonl", 3)
+    killed = time.time()
+    os.kill(rank_pid(str(tmp_path), rank), signal.SIGKILL)
+    rc, err, took = finish(proc, killed)
+    assert rc != 0 and took < 30, (rc, took)
+    assert f"rank {rank} on" in err and role in err, err[-2000:]
+    partial = read_results(tmp_path / "out.jsonl")
+    assert 3 <= len(partial) < len(PROMPTS)
+    resumed = start(config, "--resume")
+    rc, err, _ = finish(resumed, time.time(), limit=120)
+    assert rc == 0, err[-2000:]
+    lines = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    ids = [r["custom_id"] for r in lines]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(len(PROMPTS))), "every request exactly once"
+    for i, tokens in enumerate(expected):
+        assert next(r for r in lines if r["custom_id"] == f"r{i}")["token_ids"] == tokens
+
+
+@pytest.mark.parametrize("kind", ["raise", "hang"])
+def test_failing_or_stuck_rank_ends_job_with_diagnosis(kind, tmp_path, tiny_model_dir):
+    config = write_job(tmp_path, tiny_model_dir, LAYOUT, PROMPTS, MAX_TOKENS,
+                       workload={"arrival": "poisson", "rate": 6.0}, scheduler={"watchdog_s": 8})
+    proc = start(config, env_extra={"PDLAUNCH_FAULT": "3:6:" + kind})
+    since = time.time()
+    rc, err, took = finish(proc, since, limit=60)
+    assert rc != 0, err[-2000:]
+    if kind == "raise":
+        assert "rank 3 on" in err and "decode instance 1 (tp 0, pp 1)" in err and "injected fault" in err, err[-2000:]
+    else:
+        assert "decode instance 1 (ranks 2-3" in err and "sent no heartbeat" in err, err[-2000:]
