@@ -1,7 +1,9 @@
 """Executes step plans on one rank: KV transfer ops, then the forward pass through this PP stage.
 
 Stage 0 embeds the tokens; each stage passes its hidden states to the next with point-to-point
-send/recv; the last stage's TP rank 0 samples and returns the tokens to the leader.
+send/recv; the last stage's TP rank 0 samples and returns the tokens to the leader. With PP > 1
+a step's sequences run as up to PP micro-batches, so the stages work at the same time
+(forward-only pipeline: a step costs PP + chunks - 1 stage-times instead of PP x chunks).
 """
 from __future__ import annotations
 
@@ -57,7 +59,33 @@ class ModelRunner:
         if not step.has_forward:
             return ([], None) if self.ctx.is_leader else None
         ctx = self.ctx
-        batch = build_batch(step.seqs, self.cache.block_size, self.cos, self.sin)
+        chunks = micro_batches(step.seqs, ctx.instance.pp)
+        sent, results = [], []
+        for chunk in chunks:  # stage s works on chunk k while stage s+1 works on chunk k-1
+            out = self._forward(chunk)
+            if out is None:
+                continue
+            logits = out.float()
+            tokens = sample(logits, [s.sampling for s in chunk], [s.output_index for s in chunk])
+            result = (tokens, logits if step.want_logits else None)
+            if ctx.is_leader:
+                results.append(result)
+            else:  # non-blocking: this stage must go on receiving the next chunk
+                sent.append(ctx.instance_comm.isend(result, dest=0, tag=TAG_TOKENS))
+        for request in sent:
+            request.wait()
+        if not ctx.is_leader:
+            return None
+        if not results:
+            results = [self._tokens_from_last_stage() for _ in chunks]
+        tokens = [t for r in results for t in r[0]]
+        logits = torch.cat([r[1] for r in results]) if step.want_logits else None
+        return tokens, logits
+
+    def _forward(self, seqs):
+        """One micro-batch through this stage; the last stage's TP rank 0 gets its logits."""
+        ctx = self.ctx
+        batch = build_batch(seqs, self.cache.block_size, self.cos, self.sin)
         if ctx.is_first_stage:
             x = batch.token_ids.to(ctx.device)
         else:
@@ -66,16 +94,26 @@ class ModelRunner:
         out = self.stage(x, batch, self.cache.k, self.cache.v)
         if not ctx.is_last_stage:
             dist.send(out.contiguous(), ctx.stage_rank(ctx.pp_stage + 1))
-            return self._tokens_from_last_stage() if ctx.is_leader else None
-        if ctx.tp_rank != 0:
             return None
-        logits = out.float()
-        tokens = sample(logits, [s.sampling for s in step.seqs], [s.output_index for s in step.seqs])
-        result = (tokens, logits if step.want_logits else None)
-        if ctx.is_leader:
-            return result
-        ctx.instance_comm.send(result, dest=0, tag=TAG_TOKENS)
-        return None
+        return out if ctx.tp_rank == 0 else None
 
     def _tokens_from_last_stage(self):
         return poll(self.ctx.instance_comm, source=self.ctx.instance.size - self.ctx.instance.tp, tag=TAG_TOKENS)
+
+
+def micro_batches(seqs: list, pp: int) -> list[list]:
+    """Splits a step's sequences into up to `pp` contiguous micro-batches of similar token counts,
+    so that all PP stages work at once. Every rank computes the same split."""
+    n = min(pp, len(seqs))
+    total = sum(len(s.token_ids) for s in seqs)
+    chunks, current, acc = [], [], 0
+    for i, seq in enumerate(seqs):
+        current.append(seq)
+        acc += len(seq.token_ids)
+        still_needed = n - len(chunks) - 1
+        if still_needed > 0 and (acc >= total * (len(chunks) + 1) / n or len(seqs) - i - 1 == still_needed):
+            chunks.append(current)
+            current = []
+    if current:
+        chunks.append(current)
+    return chunks

@@ -96,3 +96,16 @@ def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
     _, finished = s.on_step([9], None)                       # third token: max_tokens reached
     assert [(f.req_id, f.finish_reason, f.output) for f in finished] == [(0, "length", [9, 9, 9])]
     assert s.allocator.num_free == 64 and not s.busy()
+
+
+def test_micro_batches_split_evenly_and_keep_order():
+    from engine.runner import micro_batches
+    from engine.step import SeqChunk
+
+    seqs = [SeqChunk(i, [1] * n, 0, [], SamplingParams(), 0) for i, n in enumerate([10, 10, 10, 10, 1, 1])]
+    chunks = micro_batches(seqs, 2)
+    assert [[s.req_id for s in c] for c in chunks] == [[0, 1, 2], [3, 4, 5]]
+    assert [[s.req_id for s in c] for c in micro_batches(seqs[:2], 4)] == [[0], [1]]
+    for pp in (1, 2, 3, 4):
+        chunks = micro_batches(seqs, pp)
+        assert len(chunks) == pp and all(chunks) and [s for c in chunks for s in c] == seqs
