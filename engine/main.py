@@ -46,6 +46,39 @@ def _run_controller(ctx, job, cfg) -> None:
     reporter.summary(writer.records, stats, job.get("report"))
 
 
+def _run_profile_controller(ctx, job) -> None:
+    """Profile mode: collect each instance's timings and write them for the launcher to fit."""
+    import json
+
+    from engine import comm as c
+
+    DOING["what"] = "waiting for profile timings"
+    out = {}
+    for inst in ctx.plan.instances:
+        while True:  # heartbeats mark progress; the timings end the wait
+            tag, msg = _next_of(ctx.world, inst.leader, (c.TAG_HEARTBEAT, c.TAG_RESULT), job)
+            if tag == c.TAG_RESULT:
+                out[str(inst.tp)] = msg
+                break
+    with open(job["profile_samples"], "w") as f:
+        json.dump(out, f)
+
+
+def _next_of(comm, source: int, tags: tuple, job) -> tuple:
+    import time
+
+    from mpi4py import MPI
+
+    limit = max(job["config"]["scheduler"]["watchdog_s"], 600.0)
+    deadline, status = time.time() + limit, MPI.Status()
+    while time.time() < deadline:
+        for tag in tags:
+            if comm.Iprobe(source=source, tag=tag, status=status):
+                return tag, comm.recv(source=source, tag=tag)
+        time.sleep(0.01)
+    raise TimeoutError(f"rank {source} sent nothing for {limit:.0f} s")
+
+
 def _run_instance(ctx, job, cfg) -> None:
     from engine.instance import Leader, follow
     from engine.runner import ModelRunner
@@ -60,6 +93,14 @@ def _run_instance(ctx, job, cfg) -> None:
     DOING["what"] = f"serving as {ctx.instance.role} instance {ctx.instance.id}"
     if not ctx.is_leader:
         follow(ctx, runner)
+        return
+    if job.get("mode") == "profile":
+        from engine import comm as c
+        from engine.profiler import run_profile
+
+        DOING["what"] = "profiling"
+        ctx.world.send((ctx.instance.id, 0), dest=0, tag=c.TAG_HEARTBEAT)
+        ctx.world.send(run_profile(ctx, runner, blocks, s.block_size), dest=0, tag=c.TAG_RESULT)
         return
     codec = None
 
@@ -90,7 +131,9 @@ def main(argv=None) -> int:
 
         DOING["what"] = "initialising MPI and torch.distributed"
         ctx = start(plan, cfg.cluster)
-        if ctx.is_controller:
+        if ctx.is_controller and job.get("mode") == "profile":
+            _run_profile_controller(ctx, job)
+        elif ctx.is_controller:
             _run_controller(ctx, job, cfg)
         else:
             _run_instance(ctx, job, cfg)

@@ -99,12 +99,17 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
     done = finished_ids(output) if args.resume else set()
     if not args.resume and os.path.exists(output):
         os.remove(output)
-    job = {"config": dataclasses.asdict(cfg), "plan": plan.to_dict(), "model_dir": model_dir,
-           "input": input_path, "output": output, "quiet": args.quiet,
-           "report": os.path.join(run_dir, "report.json"), "skip_ids": sorted(done)}
+    extra = {"input": input_path, "output": output, "quiet": args.quiet,
+             "report": os.path.join(run_dir, "report.json"), "skip_ids": sorted(done)}
     if args.dump_logits:
         os.makedirs(args.dump_logits, exist_ok=True)
-        job["dump_logits"] = os.path.abspath(args.dump_logits)
+        extra["dump_logits"] = os.path.abspath(args.dump_logits)
+    return write_job(cfg, plan, model_dir, run_dir, **extra)
+
+
+def write_job(cfg: JobConfig, plan: Plan, model_dir: str, run_dir: str, **extra) -> tuple[dict, list[str], str]:
+    """The job file every rank reads (config + plan + paths) and the command that starts the ranks."""
+    job = {"config": dataclasses.asdict(cfg), "plan": plan.to_dict(), "model_dir": model_dir, **extra}
     job_path = os.path.join(run_dir, "job.yaml")
     with open(job_path, "w") as f:
         yaml.safe_dump(job, f, sort_keys=False)
@@ -117,6 +122,16 @@ def cmd_generate(args) -> int:
     if args.dry_run:
         print(commands.render(cmd))
         return 0
+    rc = launch(cmd, job)
+    if rc == 130:
+        print(f"pdlaunch: interrupted; finished results are in {job['output']}", file=sys.stderr)
+    elif rc != 0:
+        print(f"pdlaunch: the job failed (exit {rc}); finished results are in {job['output']}", file=sys.stderr)
+    return rc
+
+
+def launch(cmd: list[str], job: dict) -> int:
+    """Runs the ranks; relays their stderr, naming the role of any rank that dies."""
     env = dict(os.environ)
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -139,11 +154,64 @@ def cmd_generate(args) -> int:
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
-        print(f"pdlaunch: interrupted; finished results are in {job['output']}", file=sys.stderr)
         return 130
-    if rc != 0:
-        print(f"pdlaunch: the job failed (exit {rc}); finished results are in {job['output']}", file=sys.stderr)
     return rc
+
+
+def cmd_profile(args) -> int:
+    import json
+    import platform
+    import time
+
+    from launcher.plan import InstancePlan, assign_hosts
+    from launcher.planner.profile_fit import fit_decode, fit_prefill, relative_errors, token_budget
+
+    cfg = load_config(args.config)
+    hosts = cluster_hosts(cfg)
+    model_dir = resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+    shape = read_shape(model_dir)
+    slots = sum(h.slots for h in hosts)
+    tps = [int(t) for t in args.tp.split(",")] if args.tp else \
+        [t for t in (1, 2, 4, 8) if t <= slots and shape.num_kv_heads % t == 0][:2]
+    run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
+    os.makedirs(run_dir, exist_ok=True)
+    entry = {}
+    for tp in tps:
+        plan = Plan([InstancePlan(0, "colocated", tp, 1, 1)], hosts[0].name)
+        assign_hosts(plan.instances, hosts)
+        check_layouts(plan, shape, hosts, key="plan")
+        samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}.json")
+        job, cmd, _ = write_job(cfg, plan, model_dir, run_dir, mode="profile", profile_samples=samples_path)
+        if not args.quiet:
+            print(f"profiling TP={tp} ...", file=sys.stderr)
+        rc = launch(cmd, job)
+        if rc != 0:
+            print(f"pdlaunch: profiling TP={tp} failed (exit {rc})", file=sys.stderr)
+            return rc
+        with open(samples_path) as f:
+            samples = json.load(f)[str(tp)]
+        prefill, decode = fit_prefill(samples["prefill"]), fit_decode(samples["decode"])
+        entry[str(tp)] = {"prefill": prefill, "decoding_smallbs": decode, "decoding_largebs": decode,
+                          "decoding_large_small_bs_threshold": 10 ** 9, "pp_stage_ms": 0.5,
+                          "token_budget": token_budget(samples["prefill"]),
+                          "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
+                                                "decode": max(relative_errors(samples["decode"], decode, "decode"))},
+                          "samples": samples}
+    name = os.path.basename(model_dir.rstrip("/"))
+    profile = {name: entry, "_meta": {"pipelined_pp": False, "date": time.strftime("%Y-%m-%d"),
+                                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cfg.cluster.device}",
+                                      "dtype": cfg.model.dtype, "source": "pdlaunch profile"}}
+    with open(args.output, "w") as f:
+        json.dump(profile, f, indent=1)
+    if not args.quiet:
+        for tp, e in entry.items():
+            print(f"TP={tp}: prefill ms = {e['prefill'][0]:.2f} + {e['prefill'][1]:.4f}*sum(len) + "
+                  f"{e['prefill'][2]:.2e}*sum(len^2) (max rel. error {e['fit_max_rel_error']['prefill']:.1%}); "
+                  f"decode ms = {e['decoding_smallbs'][0]:.2f} + {e['decoding_smallbs'][1]:.5f}*sum(ctx) + "
+                  f"{e['decoding_smallbs'][2]:.3f}*batch (max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
+                  f"L_m = {e['token_budget']}")
+        print(f"wrote {args.output}")
+    return 0
 
 
 def cmd_plan(args) -> int:
@@ -192,6 +260,13 @@ def main(argv=None) -> int:
     pl.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default: plan.yaml)")
     pl.add_argument("--quiet", action="store_true")
     pl.set_defaults(func=cmd_plan)
+    pr = sub.add_parser("profile", help="time the real engine on this hardware and fit the latency model")
+    pr.add_argument("config")
+    pr.add_argument("-o", "--output", default="profile.json")
+    pr.add_argument("--tp", help="TP degrees to profile, e.g. 1,2 (default: up to two that fit)")
+    pr.add_argument("--run-dir")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=cmd_profile)
     try:
         args = parser.parse_args(argv)
         return args.func(args)

@@ -1,0 +1,45 @@
+"""Fits `pdlaunch profile` samples into DistServe-format latency coefficients and finds L_m."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _fit(rows: list[list[float]], ys: list[float]) -> list[float]:
+    """Least squares on relative error: each row weighted by 1/y; coefficients kept >= 0."""
+    a = np.array(rows, dtype=float) / np.array(ys, dtype=float)[:, None]
+    coef, *_ = np.linalg.lstsq(a, np.ones(len(ys)), rcond=None)
+    if (coef < 0).any():  # refit without the negative terms (they are noise at this scale)
+        keep = coef >= 0
+        sub, *_ = np.linalg.lstsq(a[:, keep], np.ones(len(ys)), rcond=None)
+        coef = np.zeros_like(coef)
+        coef[keep] = sub
+    return [float(x) for x in coef]
+
+
+def fit_prefill(samples: list[dict]) -> list[float]:
+    rows = [[1.0, sum(s["lens"]), sum(n * n for n in s["lens"])] for s in samples]
+    return _fit(rows, [s["ms"] for s in samples])
+
+
+def fit_decode(samples: list[dict]) -> list[float]:
+    rows = [[1.0, s["context_sum"], s["batch"]] for s in samples]
+    return _fit(rows, [s["ms"] for s in samples])
+
+
+def token_budget(samples: list[dict], share: float = 0.9) -> int:
+    """L_m: the smallest batch token count whose prefill throughput reaches `share` of the best seen;
+    bigger batches only add latency."""
+    points = sorted((sum(s["lens"]), sum(s["lens"]) / s["ms"]) for s in samples)
+    best = max(t for _, t in points)
+    return next(n for n, t in points if t >= share * best)
+
+
+def relative_errors(samples: list[dict], coef: list[float], kind: str) -> list[float]:
+    out = []
+    for s in samples:
+        if kind == "prefill":
+            pred = coef[0] + coef[1] * sum(s["lens"]) + coef[2] * sum(n * n for n in s["lens"])
+        else:
+            pred = coef[0] + coef[1] * s["context_sum"] + coef[2] * s["batch"]
+        out.append(abs(pred - s["ms"]) / s["ms"])
+    return out
