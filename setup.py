@@ -20,6 +20,7 @@ setup(
         "tokenizers",
         "jinja2",
         "numpy",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest", "transformers"]},
     entry_points={"console_scripts": ["pdlaunch=launcher.cli:main"]},

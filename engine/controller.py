@@ -82,7 +82,7 @@ class Controller:
         self.load = {i.id: 0 for i in ctx.plan.instances}
         w = cfg["workload"]
         offsets = arrival_offsets(len(specs), w["arrival"], w["rate"], w["cv"], w["seed"])
-        self.pending = [self._prepare(s, off) for s, off in zip(specs, offsets)]
+        self.pending = [self._prepare(s, off if s.arrival_s is None else s.arrival_s) for s, off in zip(specs, offsets)]
         self.by_id: dict[int, Pending] = {}
 
     def _prepare(self, spec: RequestSpec, offset: float) -> Pending:

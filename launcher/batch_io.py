@@ -26,6 +26,7 @@ class RequestSpec:
     messages: Optional[list] = None
     sampling: dict = field(default_factory=dict)
     openai: bool = False          # answer in the OpenAI batch output form
+    arrival_s: Optional[float] = None  # replayed arrival time (s from start), overrides workload.arrival
     error: Optional[str] = None   # set: this line is answered with an error record
 
 
@@ -85,6 +86,10 @@ def parse_line(index: int, line: str) -> RequestSpec:
             spec.kind = URLS[obj["url"]]
         else:
             spec.custom_id = str(obj.pop("custom_id", obj.pop("id", spec.custom_id)))
+            arrival = obj.pop("arrival_s", None)
+            if arrival is not None and (not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or arrival < 0):
+                raise ValueError(f"'arrival_s' must be a number >= 0, got {arrival!r}")
+            spec.arrival_s = arrival
             body = obj
             spec.kind = "chat" if "messages" in body else "completion"
         if spec.kind == "chat":

@@ -233,6 +233,69 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import copy
+    import time
+
+    from launcher.bench import run_bench
+    from launcher.plan import InstancePlan, assign_hosts
+
+    cfg = load_config(args.config)
+    hosts = cluster_hosts(cfg)
+    model_dir = resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+    shape = read_shape(model_dir)
+    try:
+        rates = [float(r) for r in args.rates.split(",")]
+    except ValueError:
+        raise UserError(f"bench: --rates must be numbers separated by commas, got {args.rates!r}") from None
+    if not rates or min(rates) <= 0:
+        raise UserError("bench: --rates must be positive request rates")
+    systems = {"disaggregated" if cfg.placement.mode == "disaggregated" else "colocated": build_plan(cfg, hosts, model_dir)}
+    if args.compare_colocated:
+        devices = sum(i.size for i in next(iter(systems.values())).instances)
+        colo = Plan([InstancePlan(n, "colocated", 1, 1, 1 + n) for n in range(devices)], hosts[0].name)
+        assign_hosts(colo.instances, hosts)
+        systems["colocated"] = colo
+    out_dir = os.path.abspath(args.output)
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+
+    def run_one(system, plan, inp, out):
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.workload.input, run_cfg.workload.output = inp, out
+        if os.path.exists(out):
+            os.remove(out)
+        run_dir = os.path.join(out_dir, f"run-{system}")
+        os.makedirs(run_dir, exist_ok=True)
+        job, cmd, _ = write_job(run_cfg, plan, model_dir, run_dir, input=inp, output=out, quiet=True,
+                                report=os.path.join(run_dir, "report.json"))
+        started = time.time()
+        rc = launch(cmd, job)
+        if rc != 0:
+            raise UserError(f"bench: the {system} run failed (exit {rc}); see its messages above")
+        with open(job["report"]) as f:
+            import json
+
+            return json.load(f)["wall_s"] or (time.time() - started)
+
+    result = run_bench(cfg, systems, rates, args.requests, shape.vocab_size, shape.kv_bytes_per_token(dtype_bytes),
+                       run_one, out_dir, args.quiet)
+    if not args.quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"pdlaunch bench ({result['requests_per_rate']} requests per rate)")
+        for col in ("system", "rate", "attainment measured", "simulated", "error (pts)", "TTFT p90", "TPOT p90", "tok/s"):
+            table.add_column(col, justify="right")
+        for r in result["rows"]:
+            m, p = r["measured"], r["predicted"]
+            table.add_row(r["system"], f"{r['rate']:g}", f"{m['attainment']:.1%}", f"{p['attainment']:.1%}",
+                          f"{r['error_points']:.1f}", f"{m['ttft_ms_p90']:.0f} ms", f"{m['tpot_ms_p90']:.0f} ms",
+                          f"{m.get('output_tokens_per_s', 0):.1f}")
+        Console().print(table)
+        print(f"goodput per device: {result['goodput_per_device']}; wrote {out_dir}/bench.json and attainment.png")
+    return 0
+
+
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="job config YAML (see configs/)")
     p.add_argument("--input", help="JSONL of requests (default: workload.input)")
@@ -267,6 +330,14 @@ def main(argv=None) -> int:
     pr.add_argument("--run-dir")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_profile)
+    be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
+    be.add_argument("config")
+    be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")
+    be.add_argument("--requests", type=int, default=60, help="requests per rate (default 60)")
+    be.add_argument("--compare-colocated", action="store_true", help="also run a colocated placement on the same ranks")
+    be.add_argument("-o", "--output", default="runs/bench", help="directory for JSON, PNG and results")
+    be.add_argument("--quiet", action="store_true")
+    be.set_defaults(func=cmd_bench)
     try:
         args = parser.parse_args(argv)
         return args.func(args)
