@@ -76,7 +76,9 @@ class Leader:
             self._handle_messages()
             if self.stopping and not self.sched.busy():
                 self._broadcast(StepPlan(shutdown=True))
-                send(self.sched.stats() | {"instance": self.inst.id, "role": self.inst.role}, 0, c.TAG_STATS)
+                send(self.sched.stats() | {"instance": self.inst.id, "role": self.inst.role,
+                                           "kv_cache_mb": self.runner.cache.bytes() / 2 ** 20,
+                                           "weights_mb": self.runner.weight_bytes() / 2 ** 20}, 0, c.TAG_STATS)
                 self.outbox.flush()
                 return
             step, pulls, joined = self.sched.schedule()

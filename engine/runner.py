@@ -45,6 +45,9 @@ class ModelRunner:
         self.cos, self.sin = rope_tables(shape, max_model_len)
         self.cos, self.sin = self.cos.to(self.dtype), self.sin.to(self.dtype)
 
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.stage.parameters())
+
     @torch.inference_mode()
     def execute(self, step: StepPlan):
         """Runs one step. On the leader returns (tokens, logits or None); elsewhere None."""

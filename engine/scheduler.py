@@ -194,8 +194,11 @@ class Scheduler:
         return step, pulls, joined
 
     def stats(self) -> dict:
+        import resource
+
         return {"kv_blocks": self.allocator.num_blocks, "peak_kv_blocks": self.peak_blocks,
-                "peak_batch": self.peak_batch, "forward_steps": self.steps}
+                "peak_batch": self.peak_batch, "forward_steps": self.steps,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     # ---- results of a step -------------------------------------------------------------------
     def _finished(self, seq: Sequence) -> bool:

@@ -104,25 +104,34 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
     if args.dump_logits:
         os.makedirs(args.dump_logits, exist_ok=True)
         extra["dump_logits"] = os.path.abspath(args.dump_logits)
-    return write_job(cfg, plan, model_dir, run_dir, **extra)
+    return write_job(cfg, plan, model_dir, run_dir, launcher=args.launcher, **extra)
 
 
-def write_job(cfg: JobConfig, plan: Plan, model_dir: str, run_dir: str, **extra) -> tuple[dict, list[str], str]:
-    """The job file every rank reads (config + plan + paths) and the command that starts the ranks."""
+def write_job(cfg: JobConfig, plan: Plan, model_dir: str, run_dir: str, launcher: str = "mpirun",
+              **extra) -> tuple[dict, list[str], dict]:
+    """The job file every rank reads (config + plan + paths), and the command (and environment)
+    that starts the ranks with the chosen launcher."""
     job = {"config": dataclasses.asdict(cfg), "plan": plan.to_dict(), "model_dir": model_dir, **extra}
     job_path = os.path.join(run_dir, "job.yaml")
     with open(job_path, "w") as f:
         yaml.safe_dump(job, f, sort_keys=False)
     write_plan(plan, os.path.join(run_dir, "plan.yaml"))
-    return job, commands.mpirun_command(plan.rank_hosts(), job_path, run_dir), job_path
+    hosts, env = plan.rank_hosts(), {}
+    if launcher == "deepspeed":
+        cmd = commands.deepspeed_command(hosts, job_path, run_dir)
+    elif launcher == "srun":
+        cmd, env = commands.srun_command(hosts, job_path, run_dir)
+    else:
+        cmd = commands.mpirun_command(hosts, job_path, run_dir)
+    return job, cmd, env
 
 
 def cmd_generate(args) -> int:
-    job, cmd, _ = prepare_job(args)
+    job, cmd, env = prepare_job(args)
     if args.dry_run:
-        print(commands.render(cmd))
+        print(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + commands.render(cmd))
         return 0
-    rc = launch(cmd, job)
+    rc = launch(cmd, job, env)
     if rc == 130:
         print(f"pdlaunch: interrupted; finished results are in {job['output']}", file=sys.stderr)
     elif rc != 0:
@@ -130,9 +139,9 @@ def cmd_generate(args) -> int:
     return rc
 
 
-def launch(cmd: list[str], job: dict) -> int:
+def launch(cmd: list[str], job: dict, extra_env: dict | None = None) -> int:
     """Runs the ranks; relays their stderr, naming the role of any rank that dies."""
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")
@@ -158,6 +167,22 @@ def launch(cmd: list[str], job: dict) -> int:
     return rc
 
 
+def cmd_sbatch(args) -> int:
+    cfg = load_config(args.config)
+    model_dir = resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+    hosts = cluster_hosts(cfg)
+    plan = build_plan(cfg, hosts, model_dir)
+    nodes = args.nodes or len(set(plan.rank_hosts()))
+    run_dir = os.path.abspath(cfg.resolve(cfg.run_dir))
+    script = commands.sbatch_script(os.path.abspath(args.config), nodes, plan.world_size, args.time, args.partition,
+                                    run_dir, PACKAGE_ROOT, args.launcher)
+    with open(args.output, "w") as f:
+        f.write(script)
+    if not args.quiet:
+        print(f"wrote {args.output}: {nodes} node(s), {plan.world_size} tasks; submit with `sbatch {args.output}`")
+    return 0
+
+
 def cmd_profile(args) -> int:
     import json
     import platform
@@ -181,10 +206,10 @@ def cmd_profile(args) -> int:
         assign_hosts(plan.instances, hosts)
         check_layouts(plan, shape, hosts, key="plan")
         samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}.json")
-        job, cmd, _ = write_job(cfg, plan, model_dir, run_dir, mode="profile", profile_samples=samples_path)
+        job, cmd, env = write_job(cfg, plan, model_dir, run_dir, mode="profile", profile_samples=samples_path)
         if not args.quiet:
             print(f"profiling TP={tp} ...", file=sys.stderr)
-        rc = launch(cmd, job)
+        rc = launch(cmd, job, env)
         if rc != 0:
             print(f"pdlaunch: profiling TP={tp} failed (exit {rc})", file=sys.stderr)
             return rc
@@ -266,10 +291,10 @@ def cmd_bench(args) -> int:
             os.remove(out)
         run_dir = os.path.join(out_dir, f"run-{system}")
         os.makedirs(run_dir, exist_ok=True)
-        job, cmd, _ = write_job(run_cfg, plan, model_dir, run_dir, input=inp, output=out, quiet=True,
-                                report=os.path.join(run_dir, "report.json"))
+        job, cmd, env = write_job(run_cfg, plan, model_dir, run_dir, input=inp, output=out, quiet=True,
+                                  report=os.path.join(run_dir, "report.json"))
         started = time.time()
-        rc = launch(cmd, job)
+        rc = launch(cmd, job, env)
         if rc != 0:
             raise UserError(f"bench: the {system} run failed (exit {rc}); see its messages above")
         with open(job["report"]) as f:
@@ -302,6 +327,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="results JSONL (default: workload.output)")
     p.add_argument("--run-dir", help="where the job, plan and report files go (default: run_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the launch command and stop")
+    p.add_argument("--launcher", choices=("mpirun", "deepspeed", "srun"), default="mpirun",
+                   help="how to start the ranks (srun: inside a Slurm allocation)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
     p.add_argument("--resume", action="store_true", help="keep the output file and run only the requests it lacks")
     p.add_argument("--dump-logits", metavar="DIR", help="save every generated token's logits (debugging)")
@@ -330,6 +357,15 @@ def main(argv=None) -> int:
     pr.add_argument("--run-dir")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_profile)
+    sb = sub.add_parser("sbatch", help="render an sbatch script that runs the job inside its allocation")
+    sb.add_argument("config")
+    sb.add_argument("-o", "--output", default="job.sbatch")
+    sb.add_argument("--nodes", type=int, default=0, help="default: the hosts the plan uses")
+    sb.add_argument("--time", default="01:00:00")
+    sb.add_argument("--partition")
+    sb.add_argument("--launcher", choices=("mpirun", "srun"), default="mpirun")
+    sb.add_argument("--quiet", action="store_true")
+    sb.set_defaults(func=cmd_sbatch)
     be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
     be.add_argument("config")
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")

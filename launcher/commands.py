@@ -39,5 +39,56 @@ def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str) -> list[s
     return cmd
 
 
+def _python_module() -> list[str]:
+    return [sys.executable, "-m", "engine.main"]
+
+
+def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, master_port: int = 29500) -> list[str]:
+    """The deepspeed launcher, told to start the ranks through Open MPI (`--launcher openmpi
+    --force_multi`), because pdlaunch's control plane is MPI; its MPI discovery is bypassed (the
+    engine agrees on the rendezvous over MPI), so it never picks an external interface."""
+    hostfile = os.path.join(run_dir, "ds_hostfile")
+    counts: dict[str, int] = {}
+    for host in rank_hosts:
+        counts[host] = counts.get(host, 0) + 1
+    with open(hostfile, "w") as f:
+        f.writelines(f"{h} slots={n}\n" for h, n in counts.items())
+    mpi_args = ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        mpi_args.insert(0, "--allow-run-as-root")
+    if set(rank_hosts) <= LOCAL_NAMES:
+        mpi_args += ["--oversubscribe", "--mca", "btl_tcp_if_include", "lo"]
+    beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [beside if os.path.exists(beside) else "deepspeed", "--hostfile", hostfile, "--no_ssh_check",
+            "--master_addr", rank_hosts[0] if rank_hosts[0] not in LOCAL_NAMES else "127.0.0.1",
+            "--master_port", str(master_port), "--launcher", "openmpi", "--force_multi",
+            "--launcher_args", " ".join(mpi_args), "--module", "engine.main", "--job", job_path]
+
+
+def srun_command(rank_hosts: list[str], job_path: str, run_dir: str) -> tuple[list[str], dict]:
+    """srun inside a Slurm allocation, each task on its plan host (SLURM_HOSTFILE + arbitrary
+    distribution), MPI wired by PMIx. Returns the command and the environment it needs."""
+    hostfile = os.path.join(run_dir, "slurm_hostfile")
+    with open(hostfile, "w") as f:
+        f.writelines(h + "\n" for h in rank_hosts)
+    env = {"SLURM_HOSTFILE": hostfile, "PMIX_MCA_psec": "native", "OMP_NUM_THREADS": "1"}
+    return ["srun", "--mpi=pmix", "-n", str(len(rank_hosts)), "--distribution=arbitrary", "--cpu-bind=none",
+            *_python_module(), "--job", job_path], env
+
+
+def sbatch_script(config_path: str, nodes: int, tasks: int, time_limit: str, partition: str | None,
+                  run_dir: str, workdir: str, launcher: str) -> str:
+    """An sbatch script that runs `pdlaunch generate` inside its allocation: the hosts come from
+    SLURM_JOB_NODELIST there, and the ranks are placed as the plan says."""
+    lines = ["#!/bin/bash", "#SBATCH --job-name=pdlaunch", f"#SBATCH --nodes={nodes}", f"#SBATCH --ntasks={tasks}",
+             f"#SBATCH --time={time_limit}", f"#SBATCH --output={run_dir}/slurm-%j.out"]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    lines += ["set -euo pipefail", f"cd {shlex.quote(workdir)}", "export OMP_NUM_THREADS=1",
+              f"{shlex.quote(os.path.join(os.path.dirname(sys.executable), 'pdlaunch'))} generate "
+              f"{shlex.quote(config_path)} --launcher {launcher} --quiet", ""]
+    return "\n".join(lines)
+
+
 def render(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)

@@ -56,6 +56,9 @@ CONFIG_CASES = [
     ("no decode instances", "placement.decode.instances", 0, "'placement.decode.instances'"),
     ("negative rate", "workload.rate", -2, "'workload.rate'"),
     ("missing plan file", "placement.plan", "nope.yaml", "plan file '"),
+    ("output not writable", "workload.output", "/proc/pdlaunch/out.jsonl", "output: cannot create directory"),
+    ("unknown planner key", "planner.afinity", "low", "did you mean 'affinity'"),
+    ("bad affinity", "planner.affinity", "medium", "'planner.affinity' must be one of"),
 ]
 
 
@@ -74,6 +77,13 @@ def test_config_mistake(case, key, value, expected, tmp_path, tiny_model_dir, ca
     assert rc == 2, err
     assert len(err.splitlines()) == 1, err
     assert expected in err, err
+
+
+def test_bench_rates_must_be_numbers(tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(base_config(tmp_path, tiny_model_dir)))
+    rc, err = run_cli(["bench", str(path), "--rates", "1,fast"], capsys)
+    assert rc == 2 and "--rates must be numbers" in err, err
 
 
 FILE_CASES = [
@@ -95,6 +105,8 @@ def test_missing_config_and_bad_flag(capsys):
     assert rc == 2 and "config: file '/no/such.yaml' not found" in err
     rc, err = run_cli(["generate", "x.yaml", "--frobnicate"], capsys)
     assert rc == 2 and "unrecognized arguments: --frobnicate" in err
+    rc, err = run_cli(["frobnicate"], capsys)
+    assert rc == 2 and "invalid choice: 'frobnicate'" in err
 
 
 HOSTFILE_CASES = [

@@ -1,0 +1,83 @@
+"""Offline batch generation as users run it: OpenAI batch files, bad lines, overload, a planned job."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ragged_prompts, run_pdlaunch, write_job
+
+DISAGG = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
+          "decode": {"instances": 1, "tp": 1, "pp": 1}}
+BAD = {7: "{not json", 13: json.dumps({"custom_id": "no-prompt", "url": "/v1/completions", "body": {"max_tokens": 3}}),
+       21: json.dumps({"custom_id": "too-long", "url": "/v1/completions", "body": {"prompt": [7] * 300}}),
+       30: json.dumps({"custom_id": "bad-field", "url": "/v1/completions", "body": {"prompt": [7, 8], "beams": 2}}),
+       44: json.dumps({"custom_id": "n2", "url": "/v1/completions", "body": {"prompt": [7, 8], "n": 2}})}
+
+
+def test_openai_batch_with_bad_lines(tmp_path, tiny_model_dir):
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [])
+    prompts = ragged_prompts(50, seed=9)
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i, p in enumerate(prompts):
+            f.write((BAD.get(i) or json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                                                "body": {"prompt": p, "max_tokens": 6}})) + "\n")
+    proc = run_pdlaunch("generate", config, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert len(lines) == 50
+    by_id = {r["custom_id"]: r for r in lines}
+    assert len(by_id) == 50
+    errors = {r["custom_id"] for r in lines if r["error"]}
+    assert errors == {"request-7", "no-prompt", "too-long", "bad-field", "n2"}
+    assert "300 tokens" in by_id["too-long"]["error"]["message"]
+    for i in set(range(50)) - set(BAD):
+        r = by_id[f"c{i}"]
+        assert r["error"] is None and r["response"]["status_code"] == 200
+        body = r["response"]["body"]
+        assert body["object"] == "text_completion" and body["usage"]["prompt_tokens"] == len(prompts[i])
+        assert body["choices"][0]["finish_reason"] in ("length", "stop") and isinstance(body["choices"][0]["text"], str)
+        assert r["metrics"]["ttft_ms"] > 0
+
+
+def test_overload_with_capped_kv_completes_with_bounded_memory(tmp_path, tiny_model_dir):
+    """40 long requests at once need 20x the decode cache and the prefill hold area: back-pressure
+    and pull-on-room carry them through, within the configured blocks, with flat memory."""
+    prompts = [p * 4 for p in ragged_prompts(40, seed=11, low=25, high=26)]  # 100 tokens each
+    capacity = 60  # blocks of 4 tokens: two requests of 100 + 20
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, prompts, 20,
+                       scheduler={"decode_kv_blocks": capacity, "prefill_kv_blocks": capacity,
+                                  "prefill_token_budget": 256})
+    proc = run_pdlaunch("generate", config, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert len(lines) == 40 and all(len(r["token_ids"]) == 20 for r in lines)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    for inst in report["instances"]:
+        assert inst["kv_blocks"] == capacity and inst["peak_kv_blocks"] <= capacity
+        # Python + torch + megatron imports take ~500 MB; the rest is the cache and the weights.
+        assert inst["peak_rss_mb"] < 900 + inst["kv_cache_mb"] + inst["weights_mb"], inst
+
+
+@pytest.mark.slow
+def test_profile_plan_generate(tmp_path, tiny_model_dir):
+    """`pdlaunch profile` on this machine, then `pdlaunch plan` with that profile, then the engine
+    runs the plan file as it is."""
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, ragged_prompts(6, seed=2), 4,
+                       extra={"planner": {"profile": "profile.json", "lengths": "uniform", "input_len": 20,
+                                          "output_len": 4, "num_requests": 50, "memory_gb": 1}})
+    proc = run_pdlaunch("profile", config, "-o", str(tmp_path / "profile.json"), "--quiet", "--tp", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    entry = next(v for k, v in profile.items() if k != "_meta")["1"]
+    assert entry["prefill"][1] > 0 and entry["token_budget"] > 0
+    proc = run_pdlaunch("plan", config, "-o", str(tmp_path / "plan.yaml"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import yaml
+
+    cfg = yaml.safe_load(open(config))
+    cfg["placement"] = {"plan": "plan.yaml"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_pdlaunch("generate", config, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum(1 for _ in open(tmp_path / "out.jsonl")) == 6

@@ -1,0 +1,66 @@
+"""Batch input lines: each mistake is an error for that line only; whole-file mistakes stop the job."""
+from __future__ import annotations
+
+import pytest
+
+from launcher.batch_io import parse_line, read_requests
+from launcher.errors import UserError
+
+OK_CHAT = '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}'
+
+LINE_CASES = [
+    ("not json", "{oops", "is not valid JSON"),
+    ("not an object", "[1, 2]", "must be a JSON object"),
+    ("missing prompt", '{"max_tokens": 4}', "missing 'prompt'"),
+    ("empty prompt", '{"prompt": ""}', "missing 'prompt'"),
+    ("negative token id", '{"prompt": [1, -2]}', "missing 'prompt'"),
+    ("n > 1", '{"prompt": "x", "n": 2}', "n=2 is not supported"),
+    ("unknown sampling field", '{"prompt": "x", "beam_width": 4}', "unknown field 'beam_width'"),
+    ("negative temperature", '{"prompt": "x", "temperature": -1}', "'temperature' must be >= 0"),
+    ("top_p above 1", '{"prompt": "x", "top_p": 2}', "'top_p' must be in (0, 1]"),
+    ("zero max_tokens", '{"prompt": "x", "max_tokens": 0}', "'max_tokens' must be >= 1"),
+    ("string max_tokens", '{"prompt": "x", "max_tokens": "5"}', "'max_tokens' must be a number"),
+    ("stop not strings", '{"prompt": "x", "stop": [1]}', "'stop' must be"),
+    ("bad url", '{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}', "url '/v1/embeddings' is not supported"),
+    ("bad method", '{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}', "method 'GET'"),
+    ("body not object", '{"custom_id": "a", "url": "/v1/completions", "body": "x"}', "'body' must be an object"),
+    ("malformed messages", '{"messages": [{"role": "user"}]}', "'messages' must be a non-empty list"),
+    ("negative arrival", '{"prompt": "x", "arrival_s": -1}', "'arrival_s' must be a number >= 0"),
+]
+
+
+@pytest.mark.parametrize("case,line,expected", LINE_CASES, ids=[c[0] for c in LINE_CASES])
+def test_bad_line_is_an_error_record(case, line, expected):
+    spec = parse_line(6, line)
+    assert spec.error and expected in spec.error and spec.error.startswith("line 7"), spec.error
+
+
+def test_good_lines():
+    chat = parse_line(0, OK_CHAT)
+    assert chat.error is None and chat.openai and chat.kind == "chat" and chat.sampling == {"max_tokens": 5}
+    plain = parse_line(1, '{"prompt": [5, 6], "seed": 3, "stop": "END", "model": "ignored"}')
+    assert plain.error is None and plain.prompt == [5, 6] and plain.sampling == {"seed": 3, "stop": ["END"]}
+
+
+FILE_CASES = [
+    ("empty file", "\n\n", "has no requests"),
+    ("duplicate custom_id", '{"custom_id": "a", "prompt": "x"}\n{"custom_id": "a", "prompt": "y"}\n',
+     "custom_id 'a' appears more than once"),
+]
+
+
+@pytest.mark.parametrize("case,text,expected", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_bad_input_file(case, text, expected, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(text)
+    with pytest.raises(UserError, match=expected):
+        read_requests(str(path))
+
+
+def test_unreadable_input_files(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        read_requests(str(tmp_path))
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="is not UTF-8"):
+        read_requests(str(binary))

@@ -1,0 +1,90 @@
+"""Dry-run command lines of every launcher for a 2-node x 8-GPU plan, rank placement included."""
+from __future__ import annotations
+
+import os
+import sys
+
+import yaml
+
+from launcher.cli import main
+
+BIN = os.path.dirname(sys.executable)
+HOSTS = "node-a slots=8\nnode-b slots=8\n"
+
+
+def setup_job(tmp_path, model_dir, placement: dict) -> str:
+    (tmp_path / "hosts").write_text(HOSTS)
+    (tmp_path / "in.jsonl").write_text('{"prompt": [5, 6]}\n')
+    cfg = {"model": {"path": model_dir, "max_model_len": 128}, "cluster": {"hostfile": "hosts", "device": "cuda"},
+           "placement": placement, "workload": {"input": "in.jsonl", "output": "out.jsonl"}, "run_dir": "run"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def dry_run(capsys, config: str, launcher: str) -> str:
+    assert main(["generate", config, "--dry-run", "--launcher", launcher]) == 0
+    return capsys.readouterr().out.strip()
+
+
+HIGH = {"mode": "disaggregated", "prefill": {"instances": 2, "tp": 4, "pp": 1},
+        "decode": {"instances": 1, "tp": 4, "pp": 2}}
+
+
+def test_mpirun_high_affinity_rankfile(tmp_path, tiny_model_dir, capsys):
+    config = setup_job(tmp_path, tiny_model_dir, HIGH)
+    run = tmp_path / "run"
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    expected = [f"{BIN}/mpirun", "-n", "17", "--bind-to", "none", *root,
+                "--map-by", f"rankfile:file={run}/rankfile:oversubscribe", "-x", "OMP_NUM_THREADS=1", "-x",
+                "PYTHONPATH", sys.executable, "-m", "engine.main", "--job", f"{run}/job.yaml"]
+    assert dry_run(capsys, config, "mpirun") == " ".join(expected)
+    ranks = (run / "rankfile").read_text().splitlines()
+    # controller + prefill 0 + prefill 1 fill node-a; the decode instance (8 ranks) is node-b
+    assert ranks[0] == "rank 0=node-a slot=0"
+    assert ranks[1:9] == [f"rank {r}=node-a slot={r}" for r in range(1, 9)]
+    assert ranks[9:] == [f"rank {r}=node-b slot={r - 9}" for r in range(9, 17)]
+
+
+def test_mpirun_low_affinity_stages_share_nodes(tmp_path, tiny_model_dir, capsys):
+    """Algorithm 2's placement: stage i of the prefill and of the decode instance on node i."""
+    plan = {"instances": [
+        {"role": "prefill", "tp": 4, "pp": 2, "hosts": ["node-a"] * 4 + ["node-b"] * 4},
+        {"role": "decode", "tp": 2, "pp": 2, "hosts": ["node-a"] * 2 + ["node-b"] * 2}]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    config = setup_job(tmp_path, tiny_model_dir, {"plan": "plan.yaml"})
+    dry_run(capsys, config, "mpirun")
+    ranks = (tmp_path / "run" / "rankfile").read_text().splitlines()
+    assert ranks == ["rank 0=node-a slot=0",
+                     "rank 1=node-a slot=1", "rank 2=node-a slot=2", "rank 3=node-a slot=3", "rank 4=node-a slot=4",
+                     "rank 5=node-b slot=0", "rank 6=node-b slot=1", "rank 7=node-b slot=2", "rank 8=node-b slot=3",
+                     "rank 9=node-a slot=5", "rank 10=node-a slot=6",
+                     "rank 11=node-b slot=4", "rank 12=node-b slot=5"]
+
+
+def test_deepspeed_command(tmp_path, tiny_model_dir, capsys):
+    config = setup_job(tmp_path, tiny_model_dir, HIGH)
+    run = tmp_path / "run"
+    root = "--allow-run-as-root " if os.geteuid() == 0 else ""
+    out = dry_run(capsys, config, "deepspeed")
+    assert out == (f"{BIN}/deepspeed --hostfile {run}/ds_hostfile --no_ssh_check --master_addr node-a "
+                   f"--master_port 29500 --launcher openmpi --force_multi --launcher_args "
+                   f"'{root}--bind-to none -x OMP_NUM_THREADS=1 -x PYTHONPATH' --module engine.main "
+                   f"--job {run}/job.yaml")
+    assert (run / "ds_hostfile").read_text() == "node-a slots=9\nnode-b slots=8\n"
+
+
+def test_srun_command_and_sbatch_script(tmp_path, tiny_model_dir, capsys):
+    config = setup_job(tmp_path, tiny_model_dir, HIGH)
+    run = tmp_path / "run"
+    out = dry_run(capsys, config, "srun")
+    assert out == (f"SLURM_HOSTFILE={run}/slurm_hostfile PMIX_MCA_psec=native OMP_NUM_THREADS=1 srun --mpi=pmix "
+                   f"-n 17 --distribution=arbitrary --cpu-bind=none {sys.executable} -m engine.main "
+                   f"--job {run}/job.yaml")
+    assert (run / "slurm_hostfile").read_text().split() == ["node-a"] * 9 + ["node-b"] * 8
+    script = tmp_path / "job.sbatch"
+    assert main(["sbatch", config, "-o", str(script), "--partition", "gpu", "--time", "02:00:00", "--quiet"]) == 0
+    text = script.read_text()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks=17", "#SBATCH --time=02:00:00", "#SBATCH --partition=gpu",
+                 f"#SBATCH --output={run}/slurm-%j.out", f"{BIN}/pdlaunch generate {config} --launcher mpirun --quiet"):
+        assert line in text.splitlines(), text
