@@ -142,6 +142,7 @@ def cmd_generate(args) -> int:
 def launch(cmd: list[str], job: dict, extra_env: dict | None = None) -> int:
     """Runs the ranks; relays their stderr, naming the role of any rank that dies."""
     env = dict(os.environ, **(extra_env or {}))
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # the venv's mpirun, ompi_info
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("DS_ACCELERATOR", "cpu")

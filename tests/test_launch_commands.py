@@ -88,3 +88,21 @@ def test_srun_command_and_sbatch_script(tmp_path, tiny_model_dir, capsys):
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks=17", "#SBATCH --time=02:00:00", "#SBATCH --partition=gpu",
                  f"#SBATCH --output={run}/slurm-%j.out", f"{BIN}/pdlaunch generate {config} --launcher mpirun --quiet"):
         assert line in text.splitlines(), text
+
+
+def test_mpirun_and_deepspeed_launchers_give_identical_outputs(tmp_path, tiny_model_dir):
+    """The same tiny disaggregated job through `mpirun` and through the real `deepspeed` command."""
+    import json
+
+    from conftest import ragged_prompts, run_pdlaunch, write_job
+
+    layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
+              "decode": {"instances": 1, "tp": 1, "pp": 1}}
+    config = write_job(tmp_path, tiny_model_dir, layout, ragged_prompts(6, seed=4), 6)
+    outputs = {}
+    for launcher in ("mpirun", "deepspeed"):
+        proc = run_pdlaunch("generate", config, "--quiet", "--launcher", launcher,
+                            "--output", str(tmp_path / f"{launcher}.jsonl"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[launcher] = {r["custom_id"]: r["token_ids"] for r in map(json.loads, open(tmp_path / f"{launcher}.jsonl"))}
+    assert len(outputs["mpirun"]) == 6 and outputs["mpirun"] == outputs["deepspeed"]
