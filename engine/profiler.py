@@ -16,24 +16,25 @@ from engine.step import SamplingParams, SeqChunk, StepPlan
 PREFILL_LENS = [16, 64, 128, 256, 512]
 PREFILL_BATCHES = [1, 2, 4]
 DECODE_BATCHES = [1, 2, 4, 8, 16, 32]
-DECODE_CONTEXTS = [32, 256, 768]
+DECODE_CONTEXTS = [32, 128, 256, 768]
 MAX_PREFILL_TOKENS = 2048
 
 
-def _prefill_plan(batch: int, length: int, block_size: int) -> StepPlan:
+def _prefill_plan(batch: int, length: int, block_size: int, vocab: int) -> StepPlan:
     per = blocks_for(length + 1, block_size)
-    return StepPlan(seqs=[SeqChunk(i, [100 + (i * 7 + j) % 500 for j in range(length)], 0,
+    return StepPlan(seqs=[SeqChunk(i, [3 + (i * 7 + j) % (vocab - 3) for j in range(length)], 0,
                                    list(range(i * per, (i + 1) * per)), SamplingParams(), 0) for i in range(batch)])
 
 
 def _decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
     per = blocks_for(context + 1, block_size)
-    return StepPlan(seqs=[SeqChunk(i, [123], context, list(range(i * per, (i + 1) * per)), SamplingParams(), 1)
+    return StepPlan(seqs=[SeqChunk(i, [3], context, list(range(i * per, (i + 1) * per)), SamplingParams(), 1)
                           for i in range(batch)])
 
 
-def run_profile(ctx, runner, num_blocks: int, block_size: int, repeats: int = 3) -> dict:
-    """Leader side: every shape that fits the cache, `repeats` times each; median ms per shape."""
+def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, repeats: int = 3) -> dict:
+    """Leader side: every shape that fits the cache and the context, `repeats` times each; median ms."""
+    vocab = runner.shape.vocab_size
     def timed(plan: StepPlan) -> float:
         times = []
         for _ in range(repeats):
@@ -44,17 +45,19 @@ def run_profile(ctx, runner, num_blocks: int, block_size: int, repeats: int = 3)
             times.append((time.perf_counter() - started) * 1e3)
         return statistics.median(times)
 
-    timed(_prefill_plan(1, 16, block_size))  # warm-up
+    timed(_prefill_plan(1, 16, block_size, vocab))  # warm-up
     samples = {"prefill": [], "decode": []}
     for length in PREFILL_LENS:
         for batch in PREFILL_BATCHES:
-            if batch * length > MAX_PREFILL_TOKENS or batch * blocks_for(length + 1, block_size) > num_blocks:
+            if (batch * length > MAX_PREFILL_TOKENS or length >= max_len
+                    or batch * blocks_for(length + 1, block_size) > num_blocks):
                 continue
-            samples["prefill"].append({"lens": [length] * batch, "ms": timed(_prefill_plan(batch, length, block_size))})
+            samples["prefill"].append({"lens": [length] * batch,
+                                       "ms": timed(_prefill_plan(batch, length, block_size, vocab))})
         ctx.world.send((ctx.instance.id, len(samples["prefill"])), dest=0, tag=c.TAG_HEARTBEAT)
     for context in DECODE_CONTEXTS:
         for batch in DECODE_BATCHES:
-            if batch * blocks_for(context + 1, block_size) > num_blocks:
+            if context + 1 >= max_len or batch * blocks_for(context + 1, block_size) > num_blocks:
                 continue
             samples["decode"].append({"batch": batch, "context_sum": batch * (context + 1),
                                       "ms": timed(_decode_plan(batch, context, block_size))})
