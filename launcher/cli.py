@@ -31,6 +31,11 @@ def cluster_hosts(cfg: JobConfig) -> list[Host]:
     return hosts_from_slurm(os.environ) or read_hostfile(cfg.resolve(cfg.cluster.hostfile))
 
 
+def model_dir_of(cfg: JobConfig) -> str:
+    """The HF directory the ranks load (a GGUF file or the embedded default converted once)."""
+    return resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+
+
 def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
     shape = read_shape(model_dir)
     if cfg.placement.plan:
@@ -87,8 +92,7 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
     if args.output:
         cfg.workload.output = os.path.abspath(args.output)
     hosts = cluster_hosts(cfg)
-    model_path = cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path)
-    model_dir = resolve_model_dir(model_path)
+    model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)
     input_path = cfg.resolve(cfg.workload.input)
     read_requests(input_path)  # whole-file problems stop here; bad lines become error records
@@ -170,7 +174,7 @@ def launch(cmd: list[str], job: dict, extra_env: dict | None = None) -> int:
 
 def cmd_sbatch(args) -> int:
     cfg = load_config(args.config)
-    model_dir = resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+    model_dir = model_dir_of(cfg)
     hosts = cluster_hosts(cfg)
     plan = build_plan(cfg, hosts, model_dir)
     nodes = args.nodes or len(set(plan.rank_hosts()))
@@ -194,7 +198,7 @@ def cmd_profile(args) -> int:
 
     cfg = load_config(args.config)
     hosts = cluster_hosts(cfg)
-    model_dir = resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+    model_dir = model_dir_of(cfg)
     shape = read_shape(model_dir)
     slots = sum(h.slots for h in hosts)
     tps = [int(t) for t in args.tp.split(",")] if args.tp else \
@@ -247,8 +251,7 @@ def cmd_plan(args) -> int:
     hosts = cluster_hosts(cfg)
     shape = None
     if not cfg.planner.model:
-        shape = read_shape(resolve_model_dir(cfg.model.path if cfg.model.path == "embedded"
-                                             else cfg.resolve(cfg.model.path)))
+        shape = read_shape(model_dir_of(cfg))
     plan, result, predicted = run_planner(cfg, hosts, shape)
     if shape is not None:
         check_layouts(plan, shape, hosts, key="plan")
@@ -268,7 +271,7 @@ def cmd_bench(args) -> int:
 
     cfg = load_config(args.config)
     hosts = cluster_hosts(cfg)
-    model_dir = resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+    model_dir = model_dir_of(cfg)
     shape = read_shape(model_dir)
     try:
         rates = [float(r) for r in args.rates.split(",")]
