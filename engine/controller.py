@@ -1,8 +1,9 @@
 """The controller (global rank 0): requests in, dispatch, results out.
 
 It releases requests at their arrival times (all at t=0 for offline jobs), sends each to the
-least-loaded prefill (or colocated) instance, forwards "KV ready" notices to the least-loaded
-decode instance (which then pulls), and writes each finished request as soon as it arrives.
+least-loaded prefill (or colocated) instance and names the least-loaded decode instance for it,
+forwards "KV ready" notices to that decode instance (which then pulls when it has room), and
+writes each finished request as soon as it arrives.
 Only small pickled messages pass through it; tensors never do.
 """
 from __future__ import annotations
@@ -144,6 +145,9 @@ class Controller:
                 p.request.arrival = start + p.offset_s
                 target = self._least_loaded(self.entry)
                 self.load[target] += 1
+                if self.decoders:  # chosen now, so the prefill side can post its sends right away
+                    p.request.decode_instance = self._least_loaded(self.decoders)
+                    self.load[p.request.decode_instance] += 1
                 self.by_id[p.request.req_id] = p
                 outbox.send(p.request, self.ctx.plan.instances[target].leader, c.TAG_REQUEST)
             for src, notice in c.drain(world, c.TAG_KV_READY):
@@ -151,12 +155,14 @@ class Controller:
                 p.first_token_time = notice.times["first_token"]
                 p.prefill_instance = notice.prefill_instance
                 self.load[notice.prefill_instance] -= 1
-                target = self._least_loaded(self.decoders)
-                self.load[target] += 1
-                outbox.send(notice, self.ctx.plan.instances[target].leader, c.TAG_KV_READY)
+                outbox.send(notice, self.ctx.plan.instances[notice.request.decode_instance].leader,
+                            c.TAG_KV_READY)
             for src, event in c.drain(world, c.TAG_RESULT):
                 p = self.by_id.pop(event["req_id"])
                 self.load[event["instance"]] -= 1
+                decode = p.request.decode_instance
+                if decode >= 0 and event["instance"] != decode:  # finished at prefill: never reached decode
+                    self.load[decode] -= 1
                 self.writer.write(p, event, self)
                 outstanding -= 1
             outbox.progress()

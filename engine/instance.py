@@ -54,8 +54,6 @@ class Leader:
             self.sched.add_request(req if isinstance(req, Request) else Request(**req))
         for _, notice in c.drain(world, c.TAG_KV_READY):
             self.sched.add_ready(notice)
-        for _, (req_id, decode_instance) in c.drain(world, c.TAG_PULL):
-            self.sched.pull_requested(req_id, decode_instance)
         for _, req_id in c.drain(world, c.TAG_PULLED):
             self.sched.pulled(req_id)
         for _, arrived in c.drain(self.ctx.instance_comm, c.TAG_RECV_DONE):
@@ -81,13 +79,11 @@ class Leader:
                                            "weights_mb": self.runner.weight_bytes() / 2 ** 20}, 0, c.TAG_STATS)
                 self.outbox.flush()
                 return
-            step, pulls, joined = self.sched.schedule()
+            step, joined = self.sched.schedule()
             if not (step.has_forward or step.kv_sends or step.kv_recvs or step.kv_joins or step.kv_releases):
                 time.sleep(IDLE_S)
                 continue
             step.want_logits = self.want_logits
-            for req_id, prefill_instance in pulls:
-                send((req_id, self.inst.id), self.ctx.plan.instances[prefill_instance].leader, c.TAG_PULL)
             self._broadcast(step)
             self.steps += 1
             fault_point(self.ctx, self.steps)

@@ -58,7 +58,7 @@ def _run_profile_controller(ctx, job) -> None:
         while True:  # heartbeats mark progress; the timings end the wait
             tag, msg = _next_of(ctx.world, inst.leader, (c.TAG_HEARTBEAT, c.TAG_RESULT), job)
             if tag == c.TAG_RESULT:
-                out[str(inst.tp)] = msg
+                out[str(inst.id)] = {"tp": inst.tp, "samples": msg}
                 break
     with open(job["profile_samples"], "w") as f:
         json.dump(out, f)

@@ -1,10 +1,13 @@
 """The leader's scheduler: which sequences run this step, and where their KV blocks live.
 
 One class serves the three roles; a role is the set of phases an instance runs:
-- prefill:   FCFS batches under the token budget L_m; after prefill the KV is *held* until a
-             decode instance pulls it; no blocks free = no new prefill (backpressure).
-- decode:    pulls a ready request's KV only when it has blocks (prompt + max_tokens) and batch
-             room for it; a pulled request joins the continuous batch once every rank has its KV.
+- prefill:   FCFS batches under the token budget L_m; after prefill the KV is *held*, and its
+             sends to the request's decode instance are posted at once (they complete only when
+             that instance posts its receives); no blocks free = no new prefill (backpressure).
+- decode:    pulls a ready request's KV (posts its receives) only when it has blocks (prompt +
+             max_tokens) and batch room for it; a pulled request joins the continuous batch once
+             every rank has its KV. Posting the sends early keeps the prefill side's step
+             boundaries off the transfer's critical path.
 - colocated: both phases on the same ranks, prefill-prioritised (vLLM's default): a step is a
              prefill batch whenever one is admissible, else a decode step.
 Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
@@ -27,6 +30,7 @@ class Request:
     prompt_ids: list[int]
     sampling: SamplingParams
     arrival: float  # wall-clock seconds
+    decode_instance: int = -1  # chosen by the controller at dispatch (disaggregated mode)
 
 
 @dataclass
@@ -87,11 +91,6 @@ class Scheduler:
     def add_ready(self, notice: ReadyNotice) -> None:
         self.ready.append(notice)
 
-    def pull_requested(self, req_id: int, decode_instance: int) -> None:
-        seq = self.held[req_id]
-        seq.times.setdefault("transfer_start", time.time())
-        self.pending_sends.append(KVSend(req_id, seq.blocks, seq.num_tokens - 1, decode_instance))
-
     def pulled(self, req_id: int) -> None:
         """The decode side has all of the request's KV: free the held blocks."""
         self.allocator.free(self.held.pop(req_id).blocks)
@@ -135,8 +134,7 @@ class Scheduler:
             tokens += n
         return batch
 
-    def _start_pulls(self, step: StepPlan) -> list[tuple[int, int]]:
-        pulls = []
+    def _start_pulls(self, step: StepPlan) -> None:
         while self.ready and len(self.running) + len(self.pulling) < self.max_batch:
             notice = self.ready[0]
             seq = Sequence(notice.request, output=[notice.first_token], times=dict(notice.times),
@@ -150,8 +148,6 @@ class Scheduler:
             seq.times["pull_start"] = time.time()
             self.pulling[seq.req_id] = seq
             step.kv_recvs.append(KVRecv(seq.req_id, len(seq.request.prompt_ids), notice.prefill_instance))
-            pulls.append((seq.req_id, notice.prefill_instance))
-        return pulls
 
     def _joins(self, step: StepPlan) -> list[Sequence]:
         joined = []
@@ -165,14 +161,14 @@ class Scheduler:
                 joined.append(seq)
         return joined
 
-    def schedule(self) -> tuple[StepPlan, list[tuple[int, int]], list[Sequence]]:
-        """The next step, the pulls it starts (req_id, prefill instance) and the joined sequences."""
+    def schedule(self) -> tuple[StepPlan, list[Sequence]]:
+        """The next step and the sequences that joined the decode batch in it."""
         step = StepPlan(kv_sends=self.pending_sends, kv_releases=self.pending_releases)
         self.pending_sends, self.pending_releases = [], []
-        pulls, joined = [], []
+        joined = []
         if self.role == "decode":
             joined = self._joins(step)
-            pulls = self._start_pulls(step)
+            self._start_pulls(step)
         batch = self._prefill_batch() if self.role in ("prefill", "colocated") else []
         now = time.time()
         if batch:
@@ -191,7 +187,7 @@ class Scheduler:
         self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
         self.peak_batch = max(self.peak_batch, len(step.seqs))
         self.steps += bool(step.seqs)
-        return step, pulls, joined
+        return step, joined
 
     def stats(self) -> dict:
         import resource
@@ -230,6 +226,9 @@ class Scheduler:
                     self.running.remove(seq)
             elif first and self.role == "prefill":
                 self.held[seq.req_id] = seq
+                seq.times["transfer_start"] = now
+                self.pending_sends.append(KVSend(seq.req_id, seq.blocks, len(seq.request.prompt_ids),
+                                                 seq.request.decode_instance))
                 ready.append(seq)
             elif first:
                 self.running.append(seq)

@@ -79,13 +79,30 @@ def summary(reqs: list[SimRequest], cfg: JobConfig, wall_s: float | None = None)
     return out
 
 
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+def slo_scale_curve(reqs: list[SimRequest], cfg: JobConfig) -> dict:
+    """Attainment when both SLOs are multiplied by each scale (the paper's 'SLO scale' axis)."""
+    return {str(k): attainment(reqs, cfg.slo.ttft_ms * k, cfg.slo.tpot_ms * k) for k in SCALES}
+
+
 def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    top = max(r["rate"] for r in rows)
+    for system in sorted({r["system"] for r in rows}):
+        row = next(r for r in rows if r["system"] == system and r["rate"] == top)
+        ax2.plot(SCALES, [row["slo_scale"][str(k)] * 100 for k in SCALES], "o-", label=f"{system} measured")
+    ax2.axhline(slo["attainment"] * 100, color="grey", lw=0.8)
+    ax2.set_xlabel(f"SLO scale (x TTFT {slo['ttft_ms']:.0f} ms, TPOT {slo['tpot_ms']:.0f} ms) at {top:g} req/s")
+    ax2.set_ylabel("SLO attainment (%)")
+    ax2.set_ylim(0, 105)
+    ax2.legend(fontsize=8)
     for system in sorted({r["system"] for r in rows}):
         pts = sorted((r["rate"] / r["devices"], r["measured"]["attainment"] * 100, r["predicted"]["attainment"] * 100)
                      for r in rows if r["system"] == system)
@@ -121,7 +138,8 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: i
             if len(got) != n:
                 raise UserError(f"bench: {system} at {rate} req/s finished {len(got)} of {n} requests")
             row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
-                   "measured": summary(got, cfg, wall), "predicted": summary(predict(cfg, plan, kv_bytes, reqs), cfg)}
+                   "measured": summary(got, cfg, wall), "predicted": summary(predict(cfg, plan, kv_bytes, reqs), cfg),
+                   "slo_scale": slo_scale_curve(got, cfg)}
             row["error_points"] = abs(row["measured"]["attainment"] - row["predicted"]["attainment"]) * 100
             rows.append(row)
             if not quiet:

@@ -194,7 +194,7 @@ def cmd_profile(args) -> int:
     import time
 
     from launcher.plan import InstancePlan, assign_hosts
-    from launcher.planner.profile_fit import fit_decode, fit_prefill, relative_errors, token_budget
+    from launcher.planner.profile_fit import fit_decode_split, fit_prefill, relative_errors, token_budget
 
     cfg = load_config(args.config)
     hosts = cluster_hosts(cfg)
@@ -207,25 +207,33 @@ def cmd_profile(args) -> int:
     os.makedirs(run_dir, exist_ok=True)
     entry = {}
     for tp in tps:
-        plan = Plan([InstancePlan(0, "colocated", tp, 1, 1)], hosts[0].name)
+        # every slot busy at once, as in a real deployment: the timings include the contention
+        # of ranks sharing memory bandwidth (and, on small machines, cores)
+        count = 1 if args.alone else max(1, slots // tp)
+        plan = Plan([InstancePlan(n, "colocated", tp, 1, 1 + n * tp) for n in range(count)], hosts[0].name)
         assign_hosts(plan.instances, hosts)
         check_layouts(plan, shape, hosts, key="plan")
         samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}.json")
         job, cmd, env = write_job(cfg, plan, model_dir, run_dir, mode="profile", profile_samples=samples_path)
         if not args.quiet:
-            print(f"profiling TP={tp} ...", file=sys.stderr)
+            print(f"profiling TP={tp} on {count} concurrent instance(s) ...", file=sys.stderr)
         rc = launch(cmd, job, env)
         if rc != 0:
             print(f"pdlaunch: profiling TP={tp} failed (exit {rc})", file=sys.stderr)
             return rc
         with open(samples_path) as f:
-            samples = json.load(f)[str(tp)]
-        prefill, decode = fit_prefill(samples["prefill"]), fit_decode(samples["decode"])
-        entry[str(tp)] = {"prefill": prefill, "decoding_smallbs": decode, "decoding_largebs": decode,
-                          "decoding_large_small_bs_threshold": 10 ** 9, "pp_stage_ms": 0.5,
-                          "token_budget": token_budget(samples["prefill"]),
+            per_instance = json.load(f)
+        samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
+                   for kind in ("prefill", "decode")}
+        prefill = fit_prefill(samples["prefill"])
+        small, large, threshold = fit_decode_split(samples["decode"])
+        decode_errors = relative_errors([x for x in samples["decode"] if x["batch"] < threshold], small, "decode") + \
+            relative_errors([x for x in samples["decode"] if x["batch"] >= threshold], large, "decode")
+        entry[str(tp)] = {"prefill": prefill, "decoding_smallbs": small, "decoding_largebs": large,
+                          "decoding_large_small_bs_threshold": threshold, "pp_stage_ms": 0.5,
+                          "token_budget": token_budget(samples["prefill"]), "concurrent_instances": count,
                           "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
-                                                "decode": max(relative_errors(samples["decode"], decode, "decode"))},
+                                                "decode": max(decode_errors)},
                           "samples": samples}
     name = os.path.basename(model_dir.rstrip("/"))
     profile = {name: entry, "_meta": {"pipelined_pp": False, "date": time.strftime("%Y-%m-%d"),
@@ -237,8 +245,9 @@ def cmd_profile(args) -> int:
         for tp, e in entry.items():
             print(f"TP={tp}: prefill ms = {e['prefill'][0]:.2f} + {e['prefill'][1]:.4f}*sum(len) + "
                   f"{e['prefill'][2]:.2e}*sum(len^2) (max rel. error {e['fit_max_rel_error']['prefill']:.1%}); "
-                  f"decode ms = {e['decoding_smallbs'][0]:.2f} + {e['decoding_smallbs'][1]:.5f}*sum(ctx) + "
-                  f"{e['decoding_smallbs'][2]:.3f}*batch (max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
+                  f"decode ms (batch >= {e['decoding_large_small_bs_threshold']}) = {e['decoding_largebs'][0]:.2f} + "
+                  f"{e['decoding_largebs'][1]:.5f}*sum(ctx) + {e['decoding_largebs'][2]:.3f}*batch "
+                  f"(max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
                   f"L_m = {e['token_budget']}")
         print(f"wrote {args.output}")
     return 0
@@ -358,6 +367,7 @@ def main(argv=None) -> int:
     pr.add_argument("config")
     pr.add_argument("-o", "--output", default="profile.json")
     pr.add_argument("--tp", help="TP degrees to profile, e.g. 1,2 (default: up to two that fit)")
+    pr.add_argument("--alone", action="store_true", help="one instance at a time instead of every slot busy")
     pr.add_argument("--run-dir")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_profile)

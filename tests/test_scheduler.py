@@ -17,13 +17,13 @@ def test_prefill_batches_fcfs_under_token_budget():
     s = sched("prefill", budget=32)
     for i, n in enumerate([10, 15, 10, 40]):
         s.add_request(req(i, n))
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert [c.req_id for c in step.seqs] == [0, 1]           # 25 tokens; +10 would pass 32
     s.on_step([7, 7], None)
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert [c.req_id for c in step.seqs] == [2]              # 10 + 40 > 32: FCFS, no skipping ahead
     s.on_step([7], None)
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert [c.req_id for c in step.seqs] == [3]              # alone it may exceed the budget
 
 
@@ -31,16 +31,16 @@ def test_prefill_backpressure_when_hold_area_full():
     s = sched("prefill", blocks=6, budget=100)
     for i in range(3):
         s.add_request(req(i, 8))                             # 2 blocks each
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert len(step.seqs) == 3
     ready, _ = s.on_step([7, 7, 7], None)
     assert len(ready) == 3 and s.allocator.num_free == 0
     s.add_request(req(3, 8))
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert not step.seqs                                     # held KV blocks everything new
-    s.pull_requested(0, decode_instance=1)
+    assert [(k.req_id, k.num_tokens) for k in step.kv_sends] == [(0, 8), (1, 8), (2, 8)]  # posted at once
     s.pulled(0)
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert [c.req_id for c in step.seqs] == [3] and step.kv_releases == [0]
 
 
@@ -50,10 +50,10 @@ def test_decode_pulls_only_when_it_has_room():
         s.add_ready(ReadyNotice(req(i, 8), 0, 7, {"first_token": 0.0}))
     done, max_used = [], 0
     for _ in range(200):
-        step, pulls, joined = s.schedule()
+        step, joined = s.schedule()
         max_used = max(max_used, s.allocator.num_used)
         assert len(s.running) + len(s.pulling) <= 2
-        for r, _ in pulls:
+        for r in (k.req_id for k in step.kv_recvs):
             s.rank_arrived(r)
             s.rank_arrived(r)                                # both ranks of the instance
         if step.seqs:
@@ -67,28 +67,28 @@ def test_decode_pulls_only_when_it_has_room():
 def test_join_waits_for_every_rank():
     s = sched("decode", size=2)
     s.add_ready(ReadyNotice(req(0, 8), 0, 7, {"first_token": 0.0}))
-    step, pulls, _ = s.schedule()
-    assert pulls == [(0, 0)] and step.kv_recvs[0].num_tokens == 8
+    step, _ = s.schedule()
+    assert [(k.req_id, k.num_tokens, k.peer_instance) for k in step.kv_recvs] == [(0, 8, 0)]
     s.rank_arrived(0)
-    step, _, joined = s.schedule()
+    step, joined = s.schedule()
     assert not joined and not step.seqs
     s.rank_arrived(0)
-    step, _, joined = s.schedule()
+    step, joined = s.schedule()
     assert [j.req_id for j in step.kv_joins] == [0] and step.seqs[0].start_pos == 8
 
 
 def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
     s = Scheduler("colocated", 64, 4, 64, 8, 128, (2,), lambda q: False, 1)
     s.add_request(Request(0, [5, 6, 7], SamplingParams(max_tokens=3), 0.0))
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert step.seqs[0].token_ids == [5, 6, 7]
     s.on_step([9], None)
     s.add_request(Request(1, [5, 6], SamplingParams(max_tokens=5), 0.0))
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert [c.req_id for c in step.seqs] == [1]              # the new prompt goes first
     _, finished = s.on_step([2], None)                       # request 1 hits EOS at once
     assert [(f.req_id, f.finish_reason) for f in finished] == [(1, "stop")]
-    step, _, _ = s.schedule()
+    step, _ = s.schedule()
     assert [(c.req_id, c.start_pos) for c in step.seqs] == [(0, 3)]
     _, finished = s.on_step([9], None)
     assert not finished

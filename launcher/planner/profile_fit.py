@@ -26,6 +26,23 @@ def fit_decode(samples: list[dict]) -> list[float]:
     return _fit(rows, [s["ms"] for s in samples])
 
 
+def fit_decode_split(samples: list[dict]) -> tuple[list[float], list[float], int]:
+    """Small- and large-batch coefficient sets (DistServe's format) and the batch size where the
+    large set starts, chosen for the smallest worst-case relative error. CPUs show such a step
+    between batch 1 (matrix-vector kernels) and batch 2+ (matrix-matrix kernels)."""
+    best = None
+    for threshold in (2, 4, 8, 10 ** 9):
+        small = [s for s in samples if s["batch"] < threshold]
+        large = [s for s in samples if s["batch"] >= threshold] or small
+        if not small:
+            continue
+        cs, cl = fit_decode(small), fit_decode(large)
+        err = max(relative_errors(small, cs, "decode") + relative_errors(large, cl, "decode"))
+        if best is None or err < best[0]:
+            best = (err, cs, cl, threshold)
+    return best[1], best[2], best[3]
+
+
 def token_budget(samples: list[dict], share: float = 0.9) -> int:
     """L_m: the smallest batch token count whose prefill throughput reaches `share` of the best seen;
     bigger batches only add latency."""

@@ -3,11 +3,12 @@
 
 Policies mirror engine/scheduler.py and engine/controller.py:
 - controller: requests go to the prefill (or colocated) instance with the fewest outstanding
-  requests; KV-ready requests to the decode instance with the fewest;
+  requests, and are assigned the decode instance with the fewest;
 - prefill: FCFS batches under the token budget L_m (the first request always fits); its KV stays
   held until pulled; a full hold area stops new batches (backpressure);
-- decode: pulls when it has room for prompt + output tokens and batch room; a pulled request
-  joins the batch at the first step boundary after its transfer; continuous batching;
+- decode: named per request at dispatch; pulls when it has room for prompt + output tokens and
+  batch room (the prefill side has posted its sends already); a pulled request joins the batch at
+  the first step boundary after its transfer; continuous batching;
 - colocated: prefill-prioritised; a step is a prefill batch whenever one is admissible.
 """
 from __future__ import annotations
@@ -111,6 +112,9 @@ class _Prefill:
             self.outstanding -= 1
             if r.output_len <= 1:
                 r.finish = r.first_token
+                decode = self.sim.decode_of.pop(id(r), None)
+                if decode is not None:
+                    decode.assigned -= 1
                 self.release(r)
             else:
                 self.sim.to_decode(r, self)
@@ -249,12 +253,12 @@ class Simulation:
         self.prefills = [_Prefill(self, s) for s in prefill]
         self.decodes = [_Decode(self, s) for s in decode]
         self.colocated = [_Colocated(self, s) for s in colocated]
+        self.decode_of: dict[int, _Decode] = {}
         if not self.colocated and not (self.prefills and self.decodes):
             raise ValueError("simulate prefill + decode instances, or colocated instances")
 
     def to_decode(self, r: SimRequest, source: _Prefill) -> None:
-        target = min(self.decodes, key=lambda d: d.assigned)
-        target.assigned += 1
+        target = self.decode_of.pop(id(r))
         target.ready.append((r, source))
         target.try_pull()
         target.start_step()
@@ -263,6 +267,10 @@ class Simulation:
         entry = self.colocated or self.prefills
         target = min(entry, key=lambda i: i.outstanding)
         target.outstanding += 1
+        if self.decodes:
+            decode = min(self.decodes, key=lambda d: d.assigned)
+            decode.assigned += 1
+            self.decode_of[id(r)] = decode
         target.queue.append(r)
         target.try_start()
 

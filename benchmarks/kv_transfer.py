@@ -1,0 +1,115 @@
+"""KV transfer: the engine's path (gather blocks -> one buffer per peer -> isend/irecv -> scatter into
+blocks) against a raw gloo send/recv of one buffer of the same size, measured in the same run.
+
+Run under MPI with 1 + ranks of the two layouts, e.g. (3 ranks: P TP1 -> D TP1, and P TP1 -> D TP2):
+    mpirun -n 3 --oversubscribe python benchmarks/kv_transfer.py [--out benchmarks/results/kv_transfer.json]
+Rank 0 is the prefill rank; ranks 1-2 form the decode instances. SmolLM2-135M's KV shape, fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from engine.kv_cache import KVCache, blocks_for  # noqa: E402
+from engine.kv_transfer import KVTransfer  # noqa: E402
+from engine.reshard import owned_rect  # noqa: E402
+from launcher.model_files import ModelShape  # noqa: E402
+from launcher.plan import InstancePlan, Plan  # noqa: E402
+
+SHAPE = ModelShape(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
+                   vocab_size=49152, rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                   max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,))
+BLOCK = 16
+
+
+class Ctx:
+    """The parts of a RankContext KVTransfer uses."""
+
+    def __init__(self, rank: int, plan: Plan, instance: InstancePlan):
+        self.rank, self.plan, self.instance = rank, plan, instance
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="128,512,2048")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/kv_transfer.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    assert size == 3, "run with 3 ranks"
+    port = world.bcast(29700 + os.getpid() % 200 if rank == 0 else None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    # Layout pairs: P TP1 (rank 0) -> D TP1 (rank 1); P TP1 (rank 0) -> D TP... heads split over ranks 1, 2
+    # is not possible with 3 KV heads, so the second pair is D PP2 (layers split over ranks 1, 2).
+    pairs = {"P tp1 -> D tp1": [InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 1, 1)],
+             "P tp1 -> D pp2": [InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 2, 1)]}
+    rows = []
+    for name, instances in pairs.items():
+        plan = Plan(instances)
+        mine = instances[0] if rank == 0 else plan.instance_of(rank)
+        for length in [int(x) for x in args.lengths.split(",")]:
+            blocks = blocks_for(length, BLOCK)
+            table = list(range(blocks))
+            engine_s, raw_s = [], []
+            if mine is not None:
+                rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
+                layers = rect.layers[1] - rect.layers[0]
+                cache = KVCache(layers, blocks, BLOCK, SHAPE.num_kv_heads, SHAPE.head_dim, torch.float32,
+                                torch.device("cpu"))
+                cache.k.normal_()
+                cache.v.normal_()
+                kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, rect.layers[0], rect.heads[0])
+            total_bytes = 2 * SHAPE.num_layers * SHAPE.num_kv_heads * SHAPE.head_dim * 4 * length
+            for rep in range(args.repeats):
+                req = 1000 * rep + length
+                world.Barrier()
+                t = time.perf_counter()
+                if rank == 0:
+                    kv.post_sends(req, table, length, 1)
+                    kv.release(req)
+                elif mine is not None:
+                    kv.post_recvs(req, length, 0)
+                    kv.join(req, table)
+                world.Barrier()
+                engine_s.append(time.perf_counter() - t)
+                # raw: one buffer of the same total size from rank 0 to rank 1
+                buf = torch.empty(total_bytes // 4)
+                world.Barrier()
+                t = time.perf_counter()
+                if rank == 0:
+                    dist.send(buf, 1)
+                elif rank == 1:
+                    dist.recv(buf, 0)
+                world.Barrier()
+                raw_s.append(time.perf_counter() - t)
+            if rank == 0:
+                e, r = statistics.median(engine_s), statistics.median(raw_s)
+                rows.append({"pair": name, "tokens": length, "mbytes": total_bytes / 1e6,
+                             "engine_gb_s": total_bytes / e / 1e9, "raw_gb_s": total_bytes / r / 1e9,
+                             "ratio": r / e, "engine_ms": e * 1e3})
+                print(f"{name:16s} {length:5d} tokens {total_bytes / 1e6:7.1f} MB: engine {total_bytes / e / 1e9:5.2f} "
+                      f"GB/s, raw {total_bytes / r / 1e9:5.2f} GB/s, ratio {r / e:.2f}", flush=True)
+    if rank == 0:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "machine": f"{os.uname().machine}, {os.cpu_count()} cores",
+                       "repeats": args.repeats, "rows": rows}, f, indent=2)
+        print(f"wrote {args.out}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
