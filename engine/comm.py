@@ -95,9 +95,13 @@ def start(plan: Plan, cluster) -> RankContext:
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
+    if size == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("this process was spawned without an MPI world (WORLD_SIZE="
+                           f"{os.environ['WORLD_SIZE']}, e.g. by torchrun or deepspeed's own spawner); pdlaunch's "
+                           "control plane needs MPI: use `pdlaunch generate --launcher deepspeed` (Open MPI) or mpirun")
     if size != plan.world_size:
         raise RuntimeError(f"the job has {size} ranks but the plan needs {plan.world_size} "
-                           "(1 controller + instance ranks); launch with -n {plan.world_size}")
+                           f"(1 controller + instance ranks); launch with -n {plan.world_size}")
     cuda = cluster.device == "cuda"
     if cuda:
         local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("LOCAL_RANK", 0)))
