@@ -1,7 +1,7 @@
 """Moves a request's KV cache between a prefill and a decode instance with point-to-point ops.
 
-One contiguous buffer per (request, peer pair): [k|v, layers, tokens, heads, head_dim] of the
-rectangle the pair shares (engine.reshard). Sends and receives are asynchronous (isend/irecv on
+One contiguous buffer per (request, peer pair): [k|v, layers, blocks, block_size, heads, head_dim]
+of the rectangle the pair shares (engine.reshard), gathered and scattered a whole block at a time. Sends and receives are asynchronous (isend/irecv on
 the world group: gloo on CPU, NCCL on GPU) and tagged with the request id. The decode side keeps
 stepping while receives are in flight and copies the buffers into its blocks when all arrived.
 """
@@ -12,9 +12,8 @@ import threading
 import torch
 import torch.distributed as dist
 
-from engine.batch import context_slots
 from engine.comm import RankContext
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, blocks_for
 from engine.reshard import Transfer, transfer_plan
 from launcher.model_files import ModelShape
 
@@ -37,16 +36,34 @@ class KVTransfer:
         return (slice(l0 - self.layer_offset, l1 - self.layer_offset),
                 slice(h0 - self.head_offset, h1 - self.head_offset))
 
+    def _blocks(self, cache: torch.Tensor, layers: slice) -> torch.Tensor:
+        """[layers, blocks, block_size, heads, head_dim] view of a cache tensor."""
+        part = cache[layers]
+        return part.view(part.shape[0], -1, self.cache.block_size, *part.shape[2:])
+
+    def _buffer(self, t: Transfer, num_blocks: int) -> torch.Tensor:
+        (l0, l1), (h0, h1) = t.rect.layers, t.rect.heads
+        return torch.empty((2, l1 - l0, num_blocks, self.cache.block_size, h1 - h0, self.shape.head_dim),
+                           dtype=self.cache.k.dtype, device=self.cache.k.device)
+
+    def _block_ids(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """Whole blocks move (the tail past num_tokens is rewritten by decode before it is read)."""
+        return torch.tensor(block_table[:blocks_for(num_tokens, self.cache.block_size)], dtype=torch.long)
+
     def post_sends(self, req_id: int, block_table: list[int], num_tokens: int, dst_instance: int) -> None:
-        slots = context_slots(block_table, num_tokens, self.cache.block_size)
+        ids = self._block_ids(block_table, num_tokens)
         works = []
         for t in self._plan(self.ctx.instance.id, dst_instance):
             if t.src_rank != self.ctx.rank:
                 continue
             layers, heads = self._local(t)
-            k = self.cache.k[layers].index_select(1, slots)[:, :, heads]
-            v = self.cache.v[layers].index_select(1, slots)[:, :, heads]
-            buf = torch.stack((k, v)).contiguous()
+            buf = self._buffer(t, ids.numel())
+            for i, cache in enumerate((self.cache.k, self.cache.v)):
+                src = self._blocks(cache, layers)
+                if buf.shape[4] == src.shape[3]:  # all of this rank's heads: gather straight into the buffer
+                    torch.index_select(src, 1, ids, out=buf[i])
+                else:
+                    buf[i].copy_(src.index_select(1, ids)[:, :, :, heads])
             works.append((dist.isend(buf, t.dst_rank, tag=req_id), buf))
         self.sending[req_id] = works
 
@@ -55,9 +72,7 @@ class KVTransfer:
         for t in self._plan(src_instance, self.ctx.instance.id):
             if t.dst_rank != self.ctx.rank:
                 continue
-            (l0, l1), (h0, h1) = t.rect.layers, t.rect.heads
-            buf = torch.empty((2, l1 - l0, num_tokens, h1 - h0, self.shape.head_dim),
-                              dtype=self.cache.k.dtype, device=self.cache.k.device)
+            buf = self._buffer(t, blocks_for(num_tokens, self.cache.block_size))
             posted.append((t, dist.irecv(buf, t.src_rank, tag=req_id), buf))
         self.receiving[req_id] = posted
         self.waiters[req_id] = self._watch([w for _, w, _ in posted])
@@ -87,10 +102,13 @@ class KVTransfer:
         self.waiters.pop(req_id).wait()
         for t, work, buf in self.receiving.pop(req_id):
             layers, heads = self._local(t)
-            slots = context_slots(block_table, buf.shape[2], self.cache.block_size)
-            for cache, part in ((self.cache.k, buf[0]), (self.cache.v, buf[1])):
-                view = cache[layers]
-                view[:, slots, heads] = part
+            ids = torch.tensor(block_table[:buf.shape[2]], dtype=torch.long)
+            for i, cache in enumerate((self.cache.k, self.cache.v)):
+                dst = self._blocks(cache, layers)
+                if buf.shape[4] == dst.shape[3]:
+                    dst.index_copy_(1, ids, buf[i])
+                else:
+                    dst[:, ids, :, heads] = buf[i]
         self.reported.discard(req_id)
 
     def release(self, req_id: int) -> None:
