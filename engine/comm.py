@@ -27,7 +27,6 @@ TAG_STEP = 6         # leader -> instance ranks: the step plan
 TAG_TOKENS = 7       # last PP stage -> leader: sampled tokens
 TAG_RECV_DONE = 8    # decode rank -> its leader: KV receives that completed
 TAG_SHUTDOWN = 9     # controller -> leaders: no more work
-TAG_FATAL = 10       # any rank -> controller: a fatal error with its diagnosis
 TAG_HEARTBEAT = 11   # leader -> controller: still alive
 TAG_STATS = 12       # leader -> controller at shutdown: KV and batch peaks
 

@@ -12,7 +12,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine import comm as c
 from engine.comm import RankContext
@@ -31,7 +31,6 @@ class Pending:
     request: Request | None
     offset_s: float
     prompt_text: str = ""
-    first_token_time: float | None = None
     prefill_instance: int | None = None
 
 
@@ -152,7 +151,6 @@ class Controller:
                 outbox.send(p.request, self.ctx.plan.instances[target].leader, c.TAG_REQUEST)
             for src, notice in c.drain(world, c.TAG_KV_READY):
                 p = self.by_id[notice.request.req_id]
-                p.first_token_time = notice.times["first_token"]
                 p.prefill_instance = notice.prefill_instance
                 self.load[notice.prefill_instance] -= 1
                 outbox.send(notice, self.ctx.plan.instances[notice.request.decode_instance].leader,

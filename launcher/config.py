@@ -250,14 +250,8 @@ def load_config(path: str) -> JobConfig:
     return cfg
 
 
-def config_to_dict(cfg: JobConfig) -> dict:
-    """The config as plain data (absolute paths), for the plan file the ranks read."""
-    data = dataclasses.asdict(cfg)
-    return data
-
-
 def config_from_dict(data: dict) -> JobConfig:
-    """Inverse of config_to_dict (the engine's side); keeps base_dir."""
+    """A config from the job file's `dataclasses.asdict` copy (the engine's side); keeps base_dir."""
     base = data.pop("base_dir", ".")
     cfg = _build(JobConfig, data, "")
     cfg.base_dir = base

@@ -5,7 +5,6 @@ import statistics
 import time
 
 import pytest
-import yaml
 
 from launcher.cli import main
 from launcher.plan import read_plan

@@ -125,7 +125,6 @@ def phase_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings,
     """Algorithm 1's inner loop: every (TP, PP) of each phase, simulated alone."""
     out = []
     big = InstanceSpec(1, 1, UNLIMITED)
-    only_prefill_lengths = settings.lengths
     for tp, pp in _layouts(latency, spec, gpus_per_node, total_gpus):
         inst = _instance(spec, settings, tp, pp)
         if inst is None:
@@ -137,8 +136,7 @@ def phase_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings,
                 r.output_len = 1
             return Simulation(latency, policy, [inst], [big]).run(reqs)
 
-        g = goodput(run_prefill, Settings(**{**settings.__dict__, "lengths": only_prefill_lengths}),
-                    tp * pp, settings.ttft_ms, None)
+        g = goodput(run_prefill, settings, tp * pp, settings.ttft_ms, None)
         out.append(Candidate("prefill", tp, pp, g * tp * pp, tp * pp))
         free = _PrefillOnly(latency)
         g = goodput(lambda reqs: Simulation(free, policy, [InstanceSpec(1, 1, UNLIMITED)], [inst]).run(reqs),
