@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from launcher.network import rendezvous_address
 from launcher.plan import InstancePlan, Plan
 
 # Control-plane message tags (MPI).
@@ -44,6 +45,7 @@ class RankContext:
     tp_group: Any
     pp_group: Any
     device: torch.device
+    nodes: list                     # node name of every global rank, as the ranks see it
 
     @property
     def is_controller(self) -> bool:
@@ -66,22 +68,26 @@ class RankContext:
         return self.instance.rank_of(self.tp_rank, pp_stage)
 
 
+def node_name() -> str:
+    """The node this rank runs on: Slurm's name for it inside an allocation (several Slurm nodes
+    may share one machine), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def _free_port(addr: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
 
 
-def _rendezvous(world, cluster) -> str:
+def _rendezvous(world, cluster, plan: Plan) -> str:
     """Rank 0 chooses address and port; every rank learns them over MPI (never from DeepSpeed's
     interface discovery, which may pick an external address)."""
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT") and world.Get_size() == 1:
         return f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     endpoint = None
     if world.Get_rank() == 0:
-        addr = cluster.master_addr
-        if addr == "auto":
-            addr = socket.gethostbyname(socket.gethostname())
+        addr = rendezvous_address(cluster.master_addr, cluster.interface, plan.rank_hosts())
         endpoint = f"tcp://{addr}:{cluster.master_port or _free_port(addr)}"
     return world.bcast(endpoint, root=0)
 
@@ -111,7 +117,10 @@ def start(plan: Plan, cluster) -> RankContext:
         # megatron allocates layer buffers on torch.cuda.current_device(); point it at the CPU.
         torch.cuda.current_device = lambda: "cpu"
     backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, init_method=_rendezvous(world, cluster), rank=rank,
+    if cluster.interface:  # gloo and NCCL bind their data sockets here, not on what the host name resolves to
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", cluster.interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", cluster.interface)
+    dist.init_process_group(backend, init_method=_rendezvous(world, cluster, plan), rank=rank,
                             world_size=size, timeout=timedelta(seconds=600))
     mine = plan.instance_of(rank)
     tp_group = pp_group = None
@@ -123,8 +132,8 @@ def start(plan: Plan, cluster) -> RankContext:
             tp_group, pp_group = tp, pp
     instance_comm = world.Split(mine.id if mine else MPI.UNDEFINED, rank)
     tp_rank, pp_stage = mine.coords(rank) if mine else (0, 0)
-    return RankContext(rank, size, plan, world, mine,
-                       instance_comm if mine else None, tp_rank, pp_stage, tp_group, pp_group, device)
+    return RankContext(rank, size, plan, world, mine, instance_comm if mine else None, tp_rank, pp_stage,
+                       tp_group, pp_group, device, world.allgather(node_name()))
 
 
 def process_groups(ctx: RankContext):

@@ -75,6 +75,7 @@ class Leader:
             if self.stopping and not self.sched.busy():
                 self._broadcast(StepPlan(shutdown=True))
                 send(self.sched.stats() | {"instance": self.inst.id, "role": self.inst.role,
+                                           "nodes": [self.ctx.nodes[r] for r in self.inst.ranks],
                                            "kv_cache_mb": self.runner.cache.bytes() / 2 ** 20,
                                            "weights_mb": self.runner.weight_bytes() / 2 ** 20}, 0, c.TAG_STATS)
                 self.outbox.flush()

@@ -21,7 +21,7 @@ from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
 from launcher.model_files import read_shape, resolve_model_dir
-from launcher.plan import Plan, check_layouts, plan_from_config, read_plan, write_plan
+from launcher.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +29,10 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cluster_hosts(cfg: JobConfig) -> list[Host]:
     """Hosts of the Slurm allocation when inside one, else the config's hostfile."""
     return hosts_from_slurm(os.environ) or read_hostfile(cfg.resolve(cfg.cluster.hostfile))
+
+
+def in_slurm_allocation() -> bool:
+    return hosts_from_slurm(os.environ) is not None
 
 
 def model_dir_of(cfg: JobConfig) -> str:
@@ -40,6 +44,8 @@ def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
     shape = read_shape(model_dir)
     if cfg.placement.plan:
         plan = read_plan(cfg.resolve(cfg.placement.plan))
+        if in_slurm_allocation():
+            plan = map_onto_allocation(plan, hosts)
         check_layouts(plan, shape, hosts, key="plan")
     else:
         plan = plan_from_config(cfg, hosts)
@@ -91,6 +97,8 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
         cfg.workload.input = os.path.abspath(args.input)
     if args.output:
         cfg.workload.output = os.path.abspath(args.output)
+    if args.plan:
+        cfg.placement.plan = os.path.abspath(args.plan)
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)
@@ -121,12 +129,13 @@ def write_job(cfg: JobConfig, plan: Plan, model_dir: str, run_dir: str, launcher
         yaml.safe_dump(job, f, sort_keys=False)
     write_plan(plan, os.path.join(run_dir, "plan.yaml"))
     hosts, env = plan.rank_hosts(), {}
+    interface = cfg.cluster.interface
     if launcher == "deepspeed":
-        cmd = commands.deepspeed_command(hosts, job_path, run_dir)
+        cmd = commands.deepspeed_command(hosts, job_path, run_dir, interface)
     elif launcher == "srun":
-        cmd, env = commands.srun_command(hosts, job_path, run_dir)
+        cmd, env = commands.srun_command(hosts, job_path, run_dir, interface)
     else:
-        cmd = commands.mpirun_command(hosts, job_path, run_dir)
+        cmd = commands.mpirun_command(hosts, job_path, run_dir, interface)
     return job, cmd, env
 
 
@@ -177,14 +186,18 @@ def cmd_sbatch(args) -> int:
     model_dir = model_dir_of(cfg)
     hosts = cluster_hosts(cfg)
     plan = build_plan(cfg, hosts, model_dir)
-    nodes = args.nodes or len(set(plan.rank_hosts()))
+    nodes = max(args.nodes, len(set(plan.rank_hosts())))
     run_dir = os.path.abspath(cfg.resolve(cfg.run_dir))
-    script = commands.sbatch_script(os.path.abspath(args.config), nodes, plan.world_size, args.time, args.partition,
-                                    run_dir, PACKAGE_ROOT, args.launcher)
+    plan_path = os.path.abspath(args.output) + ".plan.yaml"
+    write_plan(plan, plan_path)
+    script = commands.sbatch_script(os.path.abspath(args.config), plan_path, nodes, plan.ranks_per_host(),
+                                    cfg.cluster.device == "cuda", args.time, args.partition, run_dir, PACKAGE_ROOT,
+                                    args.launcher)
     with open(args.output, "w") as f:
         f.write(script)
     if not args.quiet:
-        print(f"wrote {args.output}: {nodes} node(s), {plan.world_size} tasks; submit with `sbatch {args.output}`")
+        print(f"wrote {args.output} and its plan {plan_path}: {nodes} node(s), {plan.world_size} ranks; "
+              f"submit with `sbatch {args.output}`")
     return 0
 
 
@@ -339,6 +352,7 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="JSONL of requests (default: workload.input)")
     p.add_argument("--output", help="results JSONL (default: workload.output)")
     p.add_argument("--run-dir", help="where the job, plan and report files go (default: run_dir)")
+    p.add_argument("--plan", help="plan file to run (from `pdlaunch plan`), instead of placement.plan")
     p.add_argument("--dry-run", action="store_true", help="print the launch command and stop")
     p.add_argument("--launcher", choices=("mpirun", "deepspeed", "srun"), default="mpirun",
                    help="how to start the ranks (srun: inside a Slurm allocation)")

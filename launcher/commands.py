@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import sys
 
-LOCAL_NAMES = {"localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0]}
+from launcher.network import LOCAL_NAMES, single_host
 
 
 def _mpirun() -> str:
@@ -24,13 +23,22 @@ def write_rankfile(rank_hosts: list[str], path: str) -> None:
             f.write(f"rank {rank}={host} slot={slot}\n")
 
 
-def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str) -> list[str]:
+def _tcp_interface_args(rank_hosts: list[str], interface: str) -> list[str]:
+    """Open MPI's TCP transports on the configured interface, or loopback for a one-host job.
+    (Across nodes Open MPI refuses loopback, even for several Slurm nodes on one machine.)"""
+    if interface:
+        return ["--mca", "btl_tcp_if_include", interface, "--mca", "oob_tcp_if_include", interface]
+    return ["--mca", "btl_tcp_if_include", "lo"] if single_host(rank_hosts) else []
+
+
+def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "") -> list[str]:
     """mpirun (pip's Open MPI) with one process per rank, each on the host the plan gives it."""
     cmd = [_mpirun(), "-n", str(len(rank_hosts)), "--bind-to", "none"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    if set(rank_hosts) <= LOCAL_NAMES:
-        cmd += ["--oversubscribe", "--mca", "btl_tcp_if_include", "lo"]
+    cmd += _tcp_interface_args(rank_hosts, interface)
+    if single_host(rank_hosts):
+        cmd.append("--oversubscribe")
     else:
         rankfile = os.path.join(run_dir, "rankfile")
         write_rankfile(rank_hosts, rankfile)
@@ -43,7 +51,8 @@ def _python_module() -> list[str]:
     return [sys.executable, "-m", "engine.main"]
 
 
-def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, master_port: int = 29500) -> list[str]:
+def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "",
+                      master_port: int = 29500) -> list[str]:
     """The deepspeed launcher, told to start the ranks through Open MPI (`--launcher openmpi
     --force_multi`), because pdlaunch's control plane is MPI; its MPI discovery is bypassed (the
     engine agrees on the rendezvous over MPI), so it never picks an external interface."""
@@ -56,8 +65,9 @@ def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, master
     mpi_args = ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         mpi_args.insert(0, "--allow-run-as-root")
-    if set(rank_hosts) <= LOCAL_NAMES:
-        mpi_args += ["--oversubscribe", "--mca", "btl_tcp_if_include", "lo"]
+    mpi_args += _tcp_interface_args(rank_hosts, interface)
+    if single_host(rank_hosts):
+        mpi_args.append("--oversubscribe")
     beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return [beside if os.path.exists(beside) else "deepspeed", "--hostfile", hostfile, "--no_ssh_check",
             "--master_addr", rank_hosts[0] if rank_hosts[0] not in LOCAL_NAMES else "127.0.0.1",
@@ -65,28 +75,35 @@ def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, master
             "--launcher_args", " ".join(mpi_args), "--module", "engine.main", "--job", job_path]
 
 
-def srun_command(rank_hosts: list[str], job_path: str, run_dir: str) -> tuple[list[str], dict]:
+def srun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "") -> tuple[list[str], dict]:
     """srun inside a Slurm allocation, each task on its plan host (SLURM_HOSTFILE + arbitrary
-    distribution), MPI wired by PMIx. Returns the command and the environment it needs."""
+    distribution), MPI wired by PMIx. `--overcommit` lets the controller rank share its node's
+    CPUs with that node's instance ranks. Returns the command and the environment it needs."""
     hostfile = os.path.join(run_dir, "slurm_hostfile")
     with open(hostfile, "w") as f:
         f.writelines(h + "\n" for h in rank_hosts)
     env = {"SLURM_HOSTFILE": hostfile, "PMIX_MCA_psec": "native", "OMP_NUM_THREADS": "1"}
-    return ["srun", "--mpi=pmix", "-n", str(len(rank_hosts)), "--distribution=arbitrary", "--cpu-bind=none",
-            *_python_module(), "--job", job_path], env
+    if interface:
+        env["OMPI_MCA_btl_tcp_if_include"] = interface
+    return ["srun", "--mpi=pmix", "-n", str(len(rank_hosts)), "--distribution=arbitrary", "--overcommit",
+            "--cpu-bind=none", *_python_module(), "--job", job_path], env
 
 
-def sbatch_script(config_path: str, nodes: int, tasks: int, time_limit: str, partition: str | None,
-                  run_dir: str, workdir: str, launcher: str) -> str:
-    """An sbatch script that runs `pdlaunch generate` inside its allocation: the hosts come from
-    SLURM_JOB_NODELIST there, and the ranks are placed as the plan says."""
-    lines = ["#!/bin/bash", "#SBATCH --job-name=pdlaunch", f"#SBATCH --nodes={nodes}", f"#SBATCH --ntasks={tasks}",
-             f"#SBATCH --time={time_limit}", f"#SBATCH --output={run_dir}/slurm-%j.out"]
+def sbatch_script(config_path: str, plan_path: str, nodes: int, ranks_per_node: int, gpus: bool, time_limit: str,
+                  partition: str | None, run_dir: str, workdir: str, launcher: str) -> str:
+    """An sbatch script that runs `pdlaunch generate` on a fixed plan inside its allocation: the
+    plan's hosts become the allocation's nodes there (launcher.plan.map_onto_allocation), so ranks
+    share nodes exactly as planned. One task per device; the controller rank rides along."""
+    lines = ["#!/bin/bash", "#SBATCH --job-name=pdlaunch", f"#SBATCH --nodes={nodes}",
+             f"#SBATCH --ntasks-per-node={ranks_per_node}", f"#SBATCH --time={time_limit}",
+             f"#SBATCH --output={run_dir}/slurm-%j.out"]
+    if gpus:
+        lines.append(f"#SBATCH --gpus-per-node={ranks_per_node}")
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     lines += ["set -euo pipefail", f"cd {shlex.quote(workdir)}", "export OMP_NUM_THREADS=1",
               f"{shlex.quote(os.path.join(os.path.dirname(sys.executable), 'pdlaunch'))} generate "
-              f"{shlex.quote(config_path)} --launcher {launcher} --quiet", ""]
+              f"{shlex.quote(config_path)} --plan {shlex.quote(plan_path)} --launcher {launcher} --quiet", ""]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from launcher.errors import UserError
+from launcher.network import check_interface
 
 EMBEDDED_MODEL = "embedded"
 
@@ -33,7 +34,8 @@ class ModelConfig:
 class ClusterConfig:
     hostfile: str = "../hostfiles/localhost"
     device: str = "cpu"  # cpu: gloo data plane; cuda: NCCL (not testable on CPU-only machines)
-    master_addr: str = "127.0.0.1"  # rendezvous address; the only listener the job opens
+    master_addr: str = "auto"  # rendezvous address (the only listener the job opens); auto: see launcher/network.py
+    interface: str = ""  # network interface for every socket of the job (e.g. ib0, eth0); empty: loopback on one host
     master_port: int = 0  # 0: pick a free port on rank 0 and share it over MPI
     gpus_per_node: int = 0  # 0: one rank per hostfile slot
     intra_node_bandwidth_gbps: float = 12.0
@@ -225,6 +227,8 @@ def _check_ranges(cfg: JobConfig) -> None:
     if p.mode == "disaggregated" and (p.prefill.instances < 1 or p.decode.instances < 1) and not p.plan:
         raise UserError("config: disaggregated placement needs 'placement.prefill.instances' and "
                         "'placement.decode.instances' >= 1 (or set placement.mode: colocated)")
+    if cfg.cluster.interface:
+        check_interface(cfg.cluster.interface)
     if not all(isinstance(s, str) for s in cfg.sampling.stop):
         raise UserError("config: 'sampling.stop' must be a list of strings")
 

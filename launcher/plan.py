@@ -78,6 +78,14 @@ class Plan:
         """Host of every global rank, controller first."""
         return [self.controller_host] + [h for inst in self.instances for h in inst.hosts]
 
+    def ranks_per_host(self) -> int:
+        """The most instance ranks (devices) the plan puts on one host; the controller rank is extra."""
+        counts: dict[str, int] = {}
+        for inst in self.instances:
+            for h in inst.hosts:
+                counts[h] = counts.get(h, 0) + 1
+        return max(counts.values())
+
     def describe_rank(self, rank: int) -> str:
         if rank == CONTROLLER_RANK:
             return "the controller"
@@ -155,6 +163,24 @@ def read_plan(path: str) -> Plan:
 def write_plan(plan: Plan, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(plan.to_dict(), f, sort_keys=False)
+
+
+def map_onto_allocation(plan: Plan, hosts: list[Host]) -> Plan:
+    """A plan written against a hostfile (e.g. by `pdlaunch sbatch`) run inside a Slurm allocation,
+    whose node names are known only there: the plan's hosts, in order of first use, become the
+    allocation's nodes in order, so the placement (what shares a node) is kept exactly."""
+    names = [h.name for h in hosts]
+    used = list(dict.fromkeys(plan.rank_hosts()))
+    if set(used) <= set(names):
+        return plan
+    if len(used) > len(names):
+        raise UserError(f"plan uses {len(used)} hosts but the Slurm allocation has {len(names)} nodes "
+                        f"({', '.join(names)}); allocate --nodes={len(used)}")
+    rename = dict(zip(used, names))
+    for inst in plan.instances:
+        inst.hosts = [rename[h] for h in inst.hosts]
+    plan.controller_host = rename[plan.controller_host]
+    return plan
 
 
 def assign_hosts(instances: list[InstancePlan], hosts: list[Host]) -> None:

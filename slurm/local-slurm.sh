@@ -3,10 +3,13 @@
 # slurmd with a config in a temp dir; `stop` ends them. Needs root and Debian's packages.
 #   slurm/local-slurm.sh start   -> prints `export SLURM_CONF=...` (source it or eval it)
 #   slurm/local-slurm.sh stop
+# PDLAUNCH_SLURM_NODES=N (N > 1) starts N fake nodes n1..nN on this host instead (one slurmd each,
+# own port, spool and log), so that multi-node allocations (`sbatch -N 3`) can be tested here.
 set -euo pipefail
-DIR=${PDLAUNCH_SLURM_DIR:-/tmp/pdlaunch-slurm}
 HOST=$(hostname -s)
 CPUS=${PDLAUNCH_SLURM_CPUS:-8}
+NODES=${PDLAUNCH_SLURM_NODES:-1}
+DIR=${PDLAUNCH_SLURM_DIR:-/tmp/pdlaunch-slurm-$NODES}
 
 install() {
   command -v slurmctld >/dev/null && command -v munged >/dev/null && return
@@ -15,8 +18,19 @@ install() {
     slurmctld slurmd slurm-client munge libpmix-dev >/dev/null
 }
 
+node_lines() {
+  if [ "$NODES" -le 1 ]; then
+    echo "NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN"
+    echo "PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
+  else
+    echo "NodeName=n[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001-$((17000 + NODES)) CPUs=$CPUS State=UNKNOWN"
+    echo "PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
+  fi
+}
+
 write_conf() {
-  mkdir -p "$DIR"/{state,spool,log}
+  mkdir -p "$DIR"/{state,log} "$DIR/spool/$HOST" "$DIR/tmp/$HOST"
+  for i in $(seq 1 "$NODES"); do mkdir -p "$DIR/spool/n$i" "$DIR/tmp/n$i"; done
   cat > "$DIR/slurm.conf" <<CONF
 ClusterName=pdlaunch
 SlurmctldHost=$HOST(127.0.0.1)
@@ -31,15 +45,16 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 MpiDefault=none
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
+# Slurm's PMIx plugin makes per-step directories under TmpFS: fake nodes on one machine need their own.
+TmpFS=$DIR/tmp/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmctldPort=16817
 SlurmdPort=16818
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+$(node_lines)
 CONF
 }
 
@@ -54,10 +69,16 @@ start() {
   mkdir -p /run/munge && chown munge:munge /run/munge
   pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
   export SLURM_CONF=$DIR/slurm.conf
-  pgrep -x slurmctld >/dev/null || slurmctld -f "$SLURM_CONF"
-  pgrep -x slurmd >/dev/null || slurmd -f "$SLURM_CONF"
+  stop  # a Slurm started earlier may have another node layout
+  slurmctld -f "$SLURM_CONF"
+  if [ "$NODES" -le 1 ]; then
+    slurmd -f "$SLURM_CONF"
+  else
+    for i in $(seq 1 "$NODES"); do slurmd -f "$SLURM_CONF" -N "n$i"; done
+  fi
   for _ in $(seq 1 50); do
-    sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)' && { echo "export SLURM_CONF=$SLURM_CONF"; return; }
+    [ "$(sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" -ge "$NODES" ] \
+      && { echo "export SLURM_CONF=$SLURM_CONF"; return; }
     sleep 0.2
   done
   echo "local Slurm did not come up; see $DIR/log" >&2
@@ -67,6 +88,7 @@ start() {
 stop() {
   pkill -x slurmd || true
   pkill -x slurmctld || true
+  for _ in $(seq 1 50); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || return 0; sleep 0.1; done
 }
 
 case "${1:-}" in

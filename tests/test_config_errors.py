@@ -45,6 +45,7 @@ CONFIG_CASES = [
     ("stop not strings", "sampling.stop", [1, 2], "'sampling.stop'"),
     ("bad arrival", "workload.arrival", "burst", "'workload.arrival'"),
     ("bad device", "cluster.device", "tpu", "'cluster.device'"),
+    ("unknown interface", "cluster.interface", "nosuch0", "'cluster.interface' = 'nosuch0' is not a network interface"),
     ("mapping expected", "placement.prefill", 3, "'placement.prefill' must be a mapping"),
     ("tp not dividing kv heads", "placement.prefill.tp", 3, "'placement.prefill.tp' = 3 does not divide"),
     ("pp not dividing layers", "placement.decode.pp", 3, "'placement.decode.pp' = 3 does not divide"),

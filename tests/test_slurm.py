@@ -1,5 +1,6 @@
-"""A real Slurm on this machine (slurm/local-slurm.sh): `pdlaunch sbatch` renders a script, sbatch
-runs it, and the job's outputs equal a direct mpirun run of the same job."""
+"""A real Slurm on this machine (slurm/local-slurm.sh) with three fake nodes n1..n3: `pdlaunch
+sbatch` renders a script and its plan, sbatch runs it, and the job's outputs equal a direct mpirun
+run of the same job — on one node, and spread over three nodes as the plan places it."""
 from __future__ import annotations
 
 import json
@@ -9,50 +10,91 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
-from conftest import ROOT, ragged_prompts, run_pdlaunch, write_job
+from conftest import ROOT, ragged_prompts, read_results, run_pdlaunch, write_job
 
-LAYOUT = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
-          "decode": {"instances": 1, "tp": 1, "pp": 1}}
+NODES = 3
 
 
 @pytest.fixture(scope="module")
 def slurm_conf():
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("the local Slurm needs root and apt-get (Debian packages slurmctld, slurmd, munge)")
-    proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", "local-slurm.sh"), "start"], capture_output=True,
-                          text=True, timeout=600)
+    script = os.path.join(ROOT, "slurm", "local-slurm.sh")
+    env = dict(os.environ, PDLAUNCH_SLURM_NODES=str(NODES))
+    proc = subprocess.run(["bash", script, "start"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    yield conf
-    subprocess.run(["bash", os.path.join(ROOT, "slurm", "local-slurm.sh"), "stop"], timeout=60)
+    yield proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    subprocess.run(["bash", script, "stop"], timeout=60, env=env)
 
 
-@pytest.mark.slow
-def test_sbatch_runs_the_job(slurm_conf, tmp_path, tiny_model_dir):
-    prompts = ragged_prompts(6, seed=8)
-    config = write_job(tmp_path, tiny_model_dir, LAYOUT, prompts, 6)
-    direct = run_pdlaunch("generate", config, "--quiet", "--output", str(tmp_path / "direct.jsonl"))
+def submit_and_wait(script, slurm_conf: str) -> str:
+    env = dict(os.environ, SLURM_CONF=slurm_conf, PYTHONPATH=ROOT)
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, timeout=60,
+                         cwd=ROOT)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + 300
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=env).stdout.strip():
+        if time.time() > deadline:
+            subprocess.run(["scancel", job_id], env=env)
+            raise AssertionError("the Slurm job did not finish in 300 s")
+        time.sleep(1)
+    return job_id
+
+
+def run_both_ways(tmp_path, config: str, slurm_conf: str, direct_config: str | None = None) -> tuple[dict, dict]:
+    """The job directly with mpirun (on `direct_config` if given) and through sbatch; returns both
+    outputs as custom_id -> token ids."""
+    direct = run_pdlaunch("generate", direct_config or config, "--quiet", "--output", str(tmp_path / "direct.jsonl"))
     assert direct.returncode == 0, direct.stderr[-2000:]
     script = tmp_path / "job.sbatch"
     proc = run_pdlaunch("sbatch", config, "-o", str(script), "--time", "00:10:00", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    env = dict(os.environ, SLURM_CONF=slurm_conf, PYTHONPATH=ROOT)
-    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, timeout=60)
-    assert sub.returncode == 0, sub.stderr
-    job_id = sub.stdout.strip().split(";")[0]
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=env).stdout
-        if not queued.strip():
-            break
-        time.sleep(1)
-    else:
-        subprocess.run(["scancel", job_id], env=env)
-        raise AssertionError("the Slurm job did not finish in 300 s")
-    log = next((tmp_path / "run").glob(f"slurm-{job_id}.out"), None)
+    submit_and_wait(script, slurm_conf)
     out = tmp_path / "out.jsonl"
-    assert out.exists(), log.read_text()[-3000:] if log else "no Slurm log"
-    via_slurm = {r["custom_id"]: r["token_ids"] for r in map(json.loads, open(out))}
-    expected = {r["custom_id"]: r["token_ids"] for r in map(json.loads, open(tmp_path / "direct.jsonl"))}
-    assert len(via_slurm) == len(prompts) and via_slurm == expected
+    assert out.exists(), "".join(p.read_text()[-3000:] for p in (tmp_path / "run").glob("slurm-*.out")) or "no log"
+    via_slurm = {k: r["token_ids"] for k, r in read_results(out).items()}
+    return via_slurm, {k: r["token_ids"] for k, r in read_results(tmp_path / "direct.jsonl").items()}
+
+
+@pytest.mark.slow
+def test_sbatch_runs_the_job(slurm_conf, tmp_path, tiny_model_dir):
+    layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
+              "decode": {"instances": 1, "tp": 1, "pp": 1}}
+    config = write_job(tmp_path, tiny_model_dir, layout, ragged_prompts(6, seed=8), 6)
+    via_slurm, direct = run_both_ways(tmp_path, config, slurm_conf)
+    assert len(via_slurm) == 6 and via_slurm == direct
+
+
+@pytest.mark.slow
+def test_sbatch_across_three_nodes(slurm_conf, tmp_path, tiny_model_dir):
+    """Prefill TP2 on the first node, two decode instances PP2 on the second and third: KV crosses
+    nodes and layouts (TP2 -> PP2). The ranks report the Slurm node they ran on."""
+    layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 2, "pp": 1},
+              "decode": {"instances": 2, "tp": 1, "pp": 2}}
+    config = write_job(tmp_path, tiny_model_dir, layout, ragged_prompts(8, seed=9), 6)
+    cfg = yaml.safe_load(open(config))
+    cfg["cluster"]["hostfile"] = "local-hosts"
+    (tmp_path / "local-hosts").write_text("localhost slots=8\n")
+    (tmp_path / "direct.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "hosts").write_text("".join(f"node-{c} slots=2\n" for c in "abc"))  # placeholders for the plan
+    via_slurm, direct = run_both_ways(tmp_path, config, slurm_conf, str(tmp_path / "direct.yaml"))
+    assert "#SBATCH --nodes=3" in (tmp_path / "job.sbatch").read_text()
+    assert len(via_slurm) == 8 and via_slurm == direct
+    report = json.load(open(tmp_path / "run" / "report.json"))
+    assert [i["nodes"] for i in report["instances"]] == [["n1", "n1"], ["n2", "n2"], ["n3", "n3"]]
+
+
+@pytest.mark.slow
+def test_example_script_of_the_embedded_default(slurm_conf):
+    """slurm/embedded-default.sbatch as a user submits it from the repository root."""
+    results = os.path.join(ROOT, "runs", "results.jsonl")
+    if os.path.exists(results):
+        os.remove(results)
+    job_id = submit_and_wait(os.path.join(ROOT, "slurm", "embedded-default.sbatch"), slurm_conf)
+    log = os.path.join(ROOT, "runs", f"slurm-{job_id}.out")
+    assert os.path.exists(results), open(log).read()[-3000:] if os.path.exists(log) else "no Slurm log"
+    with open(os.path.join(ROOT, "examples", "prompts.jsonl")) as f:
+        assert len(read_results(results)) == sum(1 for line in f if line.strip())

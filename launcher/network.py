@@ -1,0 +1,47 @@
+"""Which addresses and interface a job's sockets use: the torch.distributed rendezvous, gloo/NCCL
+and Open MPI's TCP transports. No torch; Linux interface lookup."""
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+
+from launcher.errors import UserError
+
+LOCAL_NAMES = {"localhost", "127.0.0.1", socket.gethostname(), socket.gethostname().split(".")[0]}
+_SIOCGIFADDR = 0x8915
+
+
+def single_host(hosts: list[str]) -> bool:
+    """All ranks on this machine under its own names: loopback is enough."""
+    return set(hosts) <= LOCAL_NAMES
+
+
+def check_interface(name: str) -> None:
+    have = [n for _, n in socket.if_nameindex()]
+    if name not in have:
+        raise UserError(f"config: 'cluster.interface' = {name!r} is not a network interface of this machine "
+                        f"(it has: {', '.join(have)}); pick one of those or leave it empty")
+
+
+def interface_address(name: str) -> str:
+    """IPv4 address of a network interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+        except OSError:
+            raise UserError(f"config: 'cluster.interface' = {name!r} has no IPv4 address on "
+                            f"{socket.gethostname()}; pick an interface that has one") from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def rendezvous_address(master_addr: str, interface: str, hosts: list[str]) -> str:
+    """`master_addr: auto` means: the configured interface's address, loopback for a single-host
+    job, else the address this host's name resolves to."""
+    if master_addr != "auto":
+        return master_addr
+    if interface:
+        return interface_address(interface)
+    if single_host(hosts):
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
