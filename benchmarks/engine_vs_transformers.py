@@ -29,6 +29,7 @@ from engine.model import LlamaStage, rope_tables  # noqa: E402
 from engine.step import SamplingParams, SeqChunk  # noqa: E402
 from engine.weights import load_stage  # noqa: E402
 from launcher.model_files import read_shape, resolve_model_dir  # noqa: E402
+from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 BLOCK = 16
 
@@ -134,7 +135,12 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    png = os.path.splitext(args.out)[0] + ".png"
+    grouped_bars([f"{r['phase']} b{r['batch']}\n{r['ratio']:.2f}x" for r in rows],
+                 {"pdlaunch engine": [r["ours_tokens_per_s"] for r in rows],
+                  "transformers": [r["transformers_tokens_per_s"] for r in rows]},
+                 "tokens/s", f"SmolLM2-135M fp32, 1 thread, context {args.context} ({result['date']})", png)
+    print(f"wrote {args.out} and {png}")
 
 
 if __name__ == "__main__":

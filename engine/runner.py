@@ -54,9 +54,9 @@ class ModelRunner:
         for send in step.kv_sends:
             self.kv.post_sends(send.req_id, send.block_table, send.num_tokens, send.peer_instance)
         for recv in step.kv_recvs:
-            self.kv.post_recvs(recv.req_id, recv.num_tokens, recv.peer_instance)
-        for join in step.kv_joins:
-            self.kv.join(join.req_id, join.block_table)
+            self.kv.post_recvs(recv.req_id, recv.block_table, recv.num_tokens, recv.peer_instance)
+        for req_id in step.kv_joins:
+            self.kv.join(req_id)
         for req_id in step.kv_releases:
             self.kv.release(req_id)
         if not step.has_forward:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from engine.kv_cache import BlockAllocator, blocks_for
-from engine.step import KVJoin, KVRecv, KVSend, SamplingParams, SeqChunk, StepPlan
+from engine.step import KVPost, SamplingParams, SeqChunk, StepPlan
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Scheduler:
         self.ready: deque[ReadyNotice] = deque()     # decode: KV waiting at a prefill instance
         self.pulling: dict[int, Sequence] = {}       # decode: receives posted
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
-        self.pending_sends: list[KVSend] = []
+        self.pending_sends: list[KVPost] = []
         self.pending_releases: list[int] = []
         self.peak_blocks = 0
         self.peak_batch = 0
@@ -147,7 +147,7 @@ class Scheduler:
             seq.token_times = [notice.times["first_token"]]
             seq.times["pull_start"] = time.time()
             self.pulling[seq.req_id] = seq
-            step.kv_recvs.append(KVRecv(seq.req_id, len(seq.request.prompt_ids), notice.prefill_instance))
+            step.kv_recvs.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids), notice.prefill_instance))
 
     def _joins(self, step: StepPlan) -> list[Sequence]:
         joined = []
@@ -156,7 +156,7 @@ class Scheduler:
                 seq = self.pulling.pop(req_id)
                 del self.arrived[req_id]
                 seq.times["transfer_end"] = time.time()
-                step.kv_joins.append(KVJoin(req_id, seq.blocks))
+                step.kv_joins.append(req_id)
                 self.running.append(seq)
                 joined.append(seq)
         return joined
@@ -227,7 +227,7 @@ class Scheduler:
             elif first and self.role == "prefill":
                 self.held[seq.req_id] = seq
                 seq.times["transfer_start"] = now
-                self.pending_sends.append(KVSend(seq.req_id, seq.blocks, len(seq.request.prompt_ids),
+                self.pending_sends.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids),
                                                  seq.request.decode_instance))
                 ready.append(seq)
             elif first:

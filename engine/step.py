@@ -32,38 +32,22 @@ class SeqChunk:
 
 
 @dataclass
-class KVSend:
-    """Prefill side: post the sends of a request's KV to a decode instance."""
+class KVPost:
+    """Post a request's KV transfer with a peer instance: its sends (prefill side) or its receives
+    into the blocks it was given (decode side)."""
 
     req_id: int
     block_table: list[int]
     num_tokens: int
     peer_instance: int
-
-
-@dataclass
-class KVRecv:
-    """Decode side: post the receives of a request's KV from a prefill instance."""
-
-    req_id: int
-    num_tokens: int
-    peer_instance: int
-
-
-@dataclass
-class KVJoin:
-    """Decode side: the request's KV arrived on every rank; copy it into its blocks."""
-
-    req_id: int
-    block_table: list[int]
 
 
 @dataclass
 class StepPlan:
     seqs: list[SeqChunk] = field(default_factory=list)
-    kv_sends: list[KVSend] = field(default_factory=list)
-    kv_recvs: list[KVRecv] = field(default_factory=list)
-    kv_joins: list[KVJoin] = field(default_factory=list)
+    kv_sends: list[KVPost] = field(default_factory=list)
+    kv_recvs: list[KVPost] = field(default_factory=list)
+    kv_joins: list[int] = field(default_factory=list)  # decode side: KV landed on every rank; join the batch
     kv_releases: list[int] = field(default_factory=list)  # prefill side: sends done, drop buffers
     want_logits: bool = False
     shutdown: bool = False

@@ -74,7 +74,7 @@ def test_join_waits_for_every_rank():
     assert not joined and not step.seqs
     s.rank_arrived(0)
     step, joined = s.schedule()
-    assert [j.req_id for j in step.kv_joins] == [0] and step.seqs[0].start_pos == 8
+    assert step.kv_joins == [0] and step.seqs[0].start_pos == 8
 
 
 def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
