@@ -94,7 +94,7 @@ def test_example_script_of_the_embedded_default(slurm_conf):
     if os.path.exists(results):
         os.remove(results)
     job_id = submit_and_wait(os.path.join(ROOT, "slurm", "embedded-default.sbatch"), slurm_conf)
-    log = os.path.join(ROOT, "runs", f"slurm-{job_id}.out")
+    log = os.path.join(ROOT, f"slurm-{job_id}.out")
     assert os.path.exists(results), open(log).read()[-3000:] if os.path.exists(log) else "no Slurm log"
     with open(os.path.join(ROOT, "examples", "prompts.jsonl")) as f:
         assert len(read_results(results)) == sum(1 for line in f if line.strip())
