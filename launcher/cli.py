@@ -21,7 +21,8 @@ from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
 from launcher.model_files import read_shape, resolve_model_dir
-from launcher.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
+from launcher.plan import (Plan, check_layouts, map_onto_allocation, packed_plan, plan_from_config, read_plan,
+                           write_plan)
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,7 +207,6 @@ def cmd_profile(args) -> int:
     import platform
     import time
 
-    from launcher.plan import InstancePlan, assign_hosts
     from launcher.planner.profile_fit import fit_decode_split, fit_prefill, relative_errors, token_budget
 
     cfg = load_config(args.config)
@@ -223,8 +223,7 @@ def cmd_profile(args) -> int:
         # every slot busy at once, as in a real deployment: the timings include the contention
         # of ranks sharing memory bandwidth (and, on small machines, cores)
         count = 1 if args.alone else max(1, slots // tp)
-        plan = Plan([InstancePlan(n, "colocated", tp, 1, 1 + n * tp) for n in range(count)], hosts[0].name)
-        assign_hosts(plan.instances, hosts)
+        plan = packed_plan([("colocated", count, tp, 1)], hosts)
         check_layouts(plan, shape, hosts, key="plan")
         samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}.json")
         job, cmd, env = write_job(cfg, plan, model_dir, run_dir, mode="profile", profile_samples=samples_path)
@@ -289,7 +288,6 @@ def cmd_bench(args) -> int:
     import time
 
     from launcher.bench import run_bench
-    from launcher.plan import InstancePlan, assign_hosts
 
     cfg = load_config(args.config)
     hosts = cluster_hosts(cfg)
@@ -304,9 +302,7 @@ def cmd_bench(args) -> int:
     systems = {"disaggregated" if cfg.placement.mode == "disaggregated" else "colocated": build_plan(cfg, hosts, model_dir)}
     if args.compare_colocated:
         devices = sum(i.size for i in next(iter(systems.values())).instances)
-        colo = Plan([InstancePlan(n, "colocated", 1, 1, 1 + n) for n in range(devices)], hosts[0].name)
-        assign_hosts(colo.instances, hosts)
-        systems["colocated"] = colo
+        systems["colocated"] = packed_plan([("colocated", devices, 1, 1)], hosts)
     out_dir = os.path.abspath(args.output)
     dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
 

@@ -7,6 +7,7 @@ A plan is plain data, written to and read from YAML; the engine runs it as it is
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import yaml
@@ -78,13 +79,13 @@ class Plan:
         """Host of every global rank, controller first."""
         return [self.controller_host] + [h for inst in self.instances for h in inst.hosts]
 
+    def instance_ranks_by_host(self) -> Counter:
+        """How many instance ranks (devices) the plan puts on each host; the controller rank is extra."""
+        return Counter(h for inst in self.instances for h in inst.hosts)
+
     def ranks_per_host(self) -> int:
-        """The most instance ranks (devices) the plan puts on one host; the controller rank is extra."""
-        counts: dict[str, int] = {}
-        for inst in self.instances:
-            for h in inst.hosts:
-                counts[h] = counts.get(h, 0) + 1
-        return max(counts.values())
+        """The most instance ranks the plan puts on one host."""
+        return max(self.instance_ranks_by_host().values())
 
     def describe_rank(self, rank: int) -> str:
         if rank == CONTROLLER_RANK:
@@ -218,17 +219,28 @@ def check_layouts(plan: Plan, shape: ModelShape, hosts: list[Host] | None = None
                             f"{shape.num_layers} layers; pick a divisor of {shape.num_layers}")
     if hosts is not None:
         slots = {h.name: h.slots for h in hosts}
-        used: dict[str, int] = {}
         for inst in plan.instances:
             for h in inst.hosts:
                 if h not in slots:
                     raise UserError(f"plan: host '{h}' of instance {inst.id} is not in the hostfile; "
                                     f"hosts there: {', '.join(slots)}")
-                used[h] = used.get(h, 0) + 1
-        for h, n in used.items():
+        for h, n in plan.instance_ranks_by_host().items():
             if n > slots[h]:
                 raise UserError(f"plan puts {n} ranks on '{h}' but the hostfile gives it {slots[h]} "
                                 "slots; raise its slots or re-plan")
+
+
+def packed_plan(groups: list[tuple[str, int, int, int]], hosts: list[Host]) -> Plan:
+    """Instances of (role, count, tp, pp) groups, ranks in order after the controller, packed onto
+    the hosts in order (high node-affinity placement)."""
+    instances: list[InstancePlan] = []
+    rank = CONTROLLER_RANK + 1
+    for role, count, tp, pp in groups:
+        for _ in range(count):
+            instances.append(InstancePlan(len(instances), role, tp, pp, rank))
+            rank += tp * pp
+    assign_hosts(instances, hosts)
+    return Plan(instances, hosts[0].name)
 
 
 def plan_from_config(cfg: JobConfig, hosts: list[Host]) -> Plan:
@@ -236,11 +248,4 @@ def plan_from_config(cfg: JobConfig, hosts: list[Host]) -> Plan:
     p = cfg.placement
     phases = [("colocated", p.colocated)] if p.mode == "colocated" else \
         [("prefill", p.prefill), ("decode", p.decode)]
-    instances: list[InstancePlan] = []
-    rank = CONTROLLER_RANK + 1
-    for role, phase in phases:
-        for _ in range(phase.instances):
-            instances.append(InstancePlan(len(instances), role, phase.tp, phase.pp, rank))
-            rank += phase.tp * phase.pp
-    assign_hosts(instances, hosts)
-    return Plan(instances, hosts[0].name)
+    return packed_plan([(role, ph.instances, ph.tp, ph.pp) for role, ph in phases], hosts)
