@@ -11,6 +11,7 @@ with the request id; the decode side keeps stepping while they are in flight.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -35,9 +36,7 @@ class StagingPool:
         self.lent: dict[int, torch.Tensor] = {}  # id(view handed out) -> its flat buffer
 
     def take(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         fits = [i for i, b in enumerate(self.free)
                 if numel <= b.numel() <= 2 * numel and b.dtype == dtype and b.device == device]
         if fits:
@@ -59,7 +58,7 @@ class KVTransfer:
         self.ctx, self.cache, self.shape = ctx, cache, shape
         self.layer_offset, self.head_offset = layer_offset, head_offset
         self.sending: dict[int, tuple] = {}    # req_id -> ([work], [buffer])
-        self.receiving: dict[int, list] = {}   # req_id -> [(transfer, work, buffer)]
+        self.receiving: dict[int, list] = {}   # req_id -> [(transfer, buffer, layer chunk, work)]
         self.waiters: dict[int, threading.Event] = {}
         self.reported: set[int] = set()
         self.pool = StagingPool()
