@@ -2,8 +2,9 @@
 
 A ragged batch is flat: the new tokens of every sequence concatenated ([T]). Each token gets a
 position and a cache slot (block_table[pos // block_size] * block_size + pos % block_size).
-Sequences with one new token (decode) are attended together over padded gathered contexts;
-sequences with several (prefill) one by one.
+Sequences with one new token (decode) are attended together over their gathered blocks (padded
+to the longest, the padding masked); sequences with several (prefill) one by one. Gathering whole
+blocks rather than single slots moves the same bytes in block_size times fewer rows.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kv_cache import blocks_for
 from engine.step import SeqChunk
 
 
@@ -22,9 +24,11 @@ class BatchMeta:
     cos: torch.Tensor
     sin: torch.Tensor
     logits_rows: torch.Tensor                  # row of each sequence's last token
+    block_size: int
     decode_rows: torch.Tensor | None = None    # rows of one-token sequences
-    decode_slots: torch.Tensor | None = None   # [B, L] context slots, padded with slot 0
-    decode_mask: torch.Tensor | None = None    # [B, 1, 1, L] True where a slot is real
+    decode_blocks: torch.Tensor | None = None  # [B, n] context blocks, padded with block 0
+    decode_mask: torch.Tensor | None = None    # [B, 1, 1, n * block_size] additive: 0 on the context, -inf after
+    all_decode: bool = False                   # every row is a one-token sequence, in row order
     extend_segments: list = field(default_factory=list)       # (rows slice, start position)
     extend_context_slots: dict = field(default_factory=dict)  # row start -> context slots
 
@@ -53,7 +57,7 @@ def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin:
         slots.append(ctx[c.start_pos:])
         if n == 1 and c.start_pos > 0:
             decode_rows.append(row)
-            decode_ctx.append(ctx)
+            decode_ctx.append((c.block_table[:blocks_for(end, block_size)], end))
         else:
             segments.append((slice(row, row + n), c.start_pos))
             if c.start_pos > 0:
@@ -63,15 +67,16 @@ def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin:
     pos = torch.cat(positions)
     meta = BatchMeta(torch.tensor(ids, dtype=torch.long), pos, torch.cat(slots),
                      cos.index_select(0, pos), sin.index_select(0, pos),
-                     torch.tensor(last_rows, dtype=torch.long), extend_segments=segments,
+                     torch.tensor(last_rows, dtype=torch.long), block_size, extend_segments=segments,
                      extend_context_slots=extend_ctx)
     if decode_rows:
-        L = max(int(x.numel()) for x in decode_ctx)
-        padded = torch.zeros(len(decode_ctx), L, dtype=torch.long)
-        mask = torch.zeros(len(decode_ctx), 1, 1, L, dtype=torch.bool)
-        for i, ctx in enumerate(decode_ctx):
-            padded[i, :ctx.numel()] = ctx
-            mask[i, 0, 0, :ctx.numel()] = True
+        n = max(len(table) for table, _ in decode_ctx)
+        blocks = torch.zeros(len(decode_ctx), n, dtype=torch.long)
+        mask = torch.full((len(decode_ctx), 1, 1, n * block_size), float("-inf"), dtype=cos.dtype)
+        for i, (table, length) in enumerate(decode_ctx):
+            blocks[i, :len(table)] = torch.tensor(table, dtype=torch.long)
+            mask[i, 0, 0, :length] = 0.0
         meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
-        meta.decode_slots, meta.decode_mask = padded, mask
+        meta.decode_blocks, meta.decode_mask = blocks, mask
+        meta.all_decode = not segments
     return meta

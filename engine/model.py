@@ -5,10 +5,16 @@ first stage, the final norm and LM head on the last. Projections are megatron-co
 `ColumnParallelLinear` / `RowParallelLinear` / `VocabParallelEmbedding` with this instance's TP
 group; norms, RoPE and attention are ours. Fused weights are laid out per TP rank as
 [q | k | v] and [gate | up], each part split evenly across TP ranks (partition_dim 0).
+
+The decoder layers call the projections through `column_parallel` / `row_parallel`: the same math
+as megatron's forward in inference (a matmul on this rank's shard, then an all-reduce over the TP
+group for row-parallel), without the autograd functions megatron wraps around every matmul for
+training, which cost a few percent of a decode step at these sizes.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,6 +45,21 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def column_parallel(layer, x: torch.Tensor, parts: list[int]) -> list[torch.Tensor]:
+    """A ColumnParallelLinear without output gather (every TP rank holds the whole input already),
+    one matmul per part of the fused weight's rows: on CPU, MKL runs the parts about 5 % faster
+    than the whole [M, N] product at decode batch sizes (the row slices are views, no copies)."""
+    return [F.linear(x, w) for w in layer.weight.split(parts)]
+
+
+def row_parallel(layer, x: torch.Tensor, tp_group) -> torch.Tensor:
+    """A RowParallelLinear on a TP-split input: partial products summed over the TP group."""
+    y = F.linear(x, layer.weight)
+    if dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(y, group=tp_group)
+    return y
+
+
 def rope_tables(shape: ModelShape, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for positions [0, max_len) in Hugging Face's rotate-half convention."""
     d = shape.head_dim
@@ -49,7 +70,7 @@ def rope_tables(shape: ModelShape, max_len: int) -> tuple[torch.Tensor, torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]. q and k heads go through together."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
@@ -64,6 +85,7 @@ class Attention(nn.Module):
         self.kv_heads = shape.num_kv_heads // tp
         self.head_dim = shape.head_dim
         self.scale = shape.head_dim ** -0.5
+        self.tp_group = tp_group
         qkv_out = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
         self.qkv = ColumnParallelLinear(shape.hidden_size, qkv_out, config=config, init_method=_no_init,
                                         bias=False, gather_output=False, tp_group=tp_group)
@@ -73,33 +95,36 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: BatchMeta, k_cache: torch.Tensor, v_cache: torch.Tensor):
         T = x.shape[0]
-        qkv, _ = self.qkv(x.unsqueeze(1))
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = qkv.view(T, -1).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.heads, self.head_dim), batch.cos, batch.sin)
-        k = apply_rope(k.view(T, self.kv_heads, self.head_dim), batch.cos, batch.sin)
+        qk, v = column_parallel(self.qkv, x, [(self.heads + self.kv_heads) * self.head_dim,
+                                              self.kv_heads * self.head_dim])
+        qk = apply_rope(qk.view(T, self.heads + self.kv_heads, self.head_dim), batch.cos, batch.sin)
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = v.view(T, self.kv_heads, self.head_dim)
         k_cache.index_copy_(0, batch.slot_mapping, k)
         v_cache.index_copy_(0, batch.slot_mapping, v)
-        out = torch.empty_like(q)
-        if batch.decode_rows is not None:
-            self._decode(q, out, batch, k_cache, v_cache)
-        for rows, start in batch.extend_segments:
-            self._extend(q, k, v, out, rows, start, batch, k_cache, v_cache)
-        o, _ = self.o_proj(out.view(T, 1, -1))
-        return o.view(T, -1)
+        if batch.all_decode:
+            out = self._decode(q, batch, k_cache, v_cache)
+        else:
+            out = torch.empty_like(q)
+            if batch.decode_rows is not None:
+                out.index_copy_(0, batch.decode_rows, self._decode(q.index_select(0, batch.decode_rows), batch,
+                                                                   k_cache, v_cache))
+            for rows, start in batch.extend_segments:
+                self._extend(q, k, v, out, rows, start, batch, k_cache, v_cache)
+        return row_parallel(self.o_proj, out.view(T, -1), self.tp_group)
 
-    def _decode(self, q, out, batch: BatchMeta, k_cache, v_cache):
-        """All one-token sequences at once: gather their contexts (padded) and mask the padding."""
-        idx = batch.decode_rows
-        B, L = batch.decode_slots.shape
-        keys = k_cache.index_select(0, batch.decode_slots.view(-1)).view(B, L, self.kv_heads, self.head_dim)
-        vals = v_cache.index_select(0, batch.decode_slots.view(-1)).view(B, L, self.kv_heads, self.head_dim)
-        qb = q.index_select(0, idx).unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(qb, keys.transpose(1, 2), vals.transpose(1, 2),
+    def _decode(self, q, batch: BatchMeta, k_cache, v_cache) -> torch.Tensor:
+        """All one-token sequences at once (q: their rows): gather their blocks (padded) and mask
+        what lies past each context. Returns [B, heads, head_dim]."""
+        B, n = batch.decode_blocks.shape
+        blocks, bs = batch.decode_blocks.view(-1), batch.block_size
+        keys = k_cache.view(-1, bs, self.kv_heads, self.head_dim).index_select(0, blocks)
+        vals = v_cache.view(-1, bs, self.kv_heads, self.head_dim).index_select(0, blocks)
+        keys, vals = keys.view(B, n * bs, self.kv_heads, self.head_dim), vals.view(B, n * bs, self.kv_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
                                            attn_mask=batch.decode_mask, scale=self.scale,
                                            enable_gqa=self.heads != self.kv_heads)
-        out.index_copy_(0, idx, o.squeeze(2))
+        return o.squeeze(2)
 
     def _extend(self, q, k, v, out, rows: slice, start: int, batch, k_cache, v_cache):
         """One sequence with several new tokens: fresh K/V for a whole prompt, else the cache."""
@@ -123,6 +148,7 @@ class MLP(nn.Module):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
+        self.tp_group = tp_group
         self.gate_up = ColumnParallelLinear(shape.hidden_size, 2 * shape.intermediate_size, config=config,
                                             init_method=_no_init, bias=False, gather_output=False,
                                             stride=2, tp_group=tp_group)
@@ -131,10 +157,9 @@ class MLP(nn.Module):
                                       skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu, _ = self.gate_up(x.unsqueeze(1))
-        gate, up = gu.chunk(2, dim=-1)
-        y, _ = self.down(F.silu(gate) * up)
-        return y.view(x.shape[0], -1)
+        half = self.gate_up.weight.shape[0] // 2
+        gate, up = column_parallel(self.gate_up, x, [half, half])
+        return row_parallel(self.down, F.silu(gate) * up, self.tp_group)
 
 
 class DecoderLayer(nn.Module):
