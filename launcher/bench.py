@@ -1,10 +1,13 @@
 """`pdlaunch bench`: replay one workload against the real engine at several rates, next to the
 simulator's prediction for the same requests (same lengths, same arrival times), and report SLO
-attainment, TTFT/TPOT percentiles, throughput and goodput as JSON and a PNG.
+attainment, TTFT/TPOT percentiles, throughput and goodput as JSON and a PNG. Goodput per device
+comes from the tested rates' bracket, narrowed by bisection on the engine when probes are given,
+next to the simulator's own goodput found by bisection.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import statistics
@@ -15,6 +18,7 @@ from launcher.config import JobConfig
 from launcher.errors import UserError
 from launcher.plan import Plan
 from launcher.planner.planning import latency_models, settings_from
+from launcher.planner.search import bisect_rate
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation, SimRequest, attainment, make_requests
 
 
@@ -87,19 +91,20 @@ def slo_scale_curve(reqs: list[SimRequest], cfg: JobConfig) -> dict:
     return {str(k): attainment(reqs, cfg.slo.ttft_ms * k, cfg.slo.tpot_ms * k) for k in SCALES}
 
 
-def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:
+def plot(rows: list[dict], slo: dict, scale_rate: float, path: str, title: str) -> None:
+    """Left: attainment vs per-device rate, measured and simulated; right: attainment vs SLO scale
+    at `scale_rate` (a rate every system ran)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    top = max(r["rate"] for r in rows)
     for system in sorted({r["system"] for r in rows}):
-        row = next(r for r in rows if r["system"] == system and r["rate"] == top)
+        row = next(r for r in rows if r["system"] == system and r["rate"] == scale_rate)
         ax2.plot(SCALES, [row["slo_scale"][str(k)] * 100 for k in SCALES], "o-", label=f"{system} measured")
     ax2.axhline(slo["attainment"] * 100, color="grey", lw=0.8)
-    ax2.set_xlabel(f"SLO scale (x TTFT {slo['ttft_ms']:.0f} ms, TPOT {slo['tpot_ms']:.0f} ms) at {top:g} req/s")
+    ax2.set_xlabel(f"SLO scale (x TTFT {slo['ttft_ms']:.0f} ms, TPOT {slo['tpot_ms']:.0f} ms) at {scale_rate:g} req/s")
     ax2.set_ylabel("SLO attainment (%)")
     ax2.set_ylim(0, 105)
     ax2.legend(fontsize=8)
@@ -119,41 +124,83 @@ def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def measured_goodput(rows: list[dict], system: str, target: float, precision: float, probes: int, probe) -> dict:
+    """Goodput of one system on the engine: bracket from the tested rates (highest passing, lowest
+    failing above it), narrowed by up to `probes` more engine runs at bracket midpoints (probe(rate)
+    runs one and returns its row). Rates here are totals; precision is per device."""
+    mine = [r for r in rows if r["system"] == system]
+    devices = mine[0]["devices"]
+    passed = [r["rate"] for r in mine if r["measured"]["attainment"] >= target]
+    lo = max(passed, default=0.0)
+    failed = [r["rate"] for r in mine if r["rate"] > lo]
+    hi = min(failed, default=2 * lo)  # nothing failed: the first probe doubles the highest rate
+    if probes:
+        lo, hi = bisect_rate(lambda rate: probe(rate)["measured"]["attainment"] >= target, lo, hi,
+                             precision * devices, hi_fails=bool(failed), max_probes=probes)
+    elif not failed:
+        hi = math.inf
+    runs = sum(r["system"] == system for r in rows)
+    return {"measured": lo / devices, "bracket": [lo / devices, hi / devices if hi < math.inf else None],
+            "engine_runs": runs}
+
+
+def simulated_goodput(cfg: JobConfig, plan: Plan, n: int, vocab: int, kv_bytes: int) -> float | None:
+    """The simulator's goodput per device for the same workload generator, by bisection; None when
+    no rate up to 1e6 req/s/device misses the SLOs."""
+    devices = sum(i.size for i in plan.instances)
+
+    def ok(rate: float) -> bool:
+        reqs = predict(cfg, plan, kv_bytes, workload(cfg, rate * devices, n, vocab)[0])
+        return attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms) >= cfg.slo.attainment
+
+    lo, hi = bisect_rate(ok, 0.0, cfg.planner.precision * 4, cfg.planner.precision, ceiling=1e6)
+    return lo if hi < math.inf else None
+
+
 def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: int, vocab: int, kv_bytes: int,
-              run_one, out_dir: str, quiet: bool = False) -> dict:
-    """run_one(system, plan, input_path, output_path) -> wall seconds; runs the engine."""
+              run_one, out_dir: str, quiet: bool = False, probes: int = 0) -> dict:
+    """run_one(system, plan, input_path, output_path) -> wall seconds; runs the engine. With probes,
+    each system's goodput is bisected further with up to that many extra engine runs."""
     os.makedirs(out_dir, exist_ok=True)
     rows = []
-    for rate in rates:
+
+    def measure(system: str, rate: float) -> dict:
+        plan = systems[system]
         reqs, lines = workload(cfg, rate, n, vocab)
         inp = os.path.join(out_dir, f"workload-{rate:g}.jsonl")
         with open(inp, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
-        for system, plan in systems.items():
-            out = os.path.join(out_dir, f"results-{system}-{rate:g}.jsonl")
-            if not quiet:
-                print(f"[bench] {system} at {rate:g} req/s ({n} requests) ...", file=sys.stderr, flush=True)
-            wall = run_one(system, plan, inp, out)
-            got = measured(out)
-            if len(got) != n:
-                raise UserError(f"bench: {system} at {rate} req/s finished {len(got)} of {n} requests")
-            row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
-                   "measured": summary(got, cfg, wall), "predicted": summary(predict(cfg, plan, kv_bytes, reqs), cfg),
-                   "slo_scale": slo_scale_curve(got, cfg)}
-            row["error_points"] = abs(row["measured"]["attainment"] - row["predicted"]["attainment"]) * 100
-            rows.append(row)
-            if not quiet:
-                print(f"[bench]   attainment measured {row['measured']['attainment']:.1%}, simulated "
-                      f"{row['predicted']['attainment']:.1%}", file=sys.stderr, flush=True)
+        out = os.path.join(out_dir, f"results-{system}-{rate:g}.jsonl")
+        if not quiet:
+            print(f"[bench] {system} at {rate:g} req/s ({n} requests) ...", file=sys.stderr, flush=True)
+        wall = run_one(system, plan, inp, out)
+        got = measured(out)
+        if len(got) != n:
+            raise UserError(f"bench: {system} at {rate} req/s finished {len(got)} of {n} requests")
+        row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
+               "measured": summary(got, cfg, wall), "predicted": summary(predict(cfg, plan, kv_bytes, reqs), cfg),
+               "slo_scale": slo_scale_curve(got, cfg)}
+        row["error_points"] = abs(row["measured"]["attainment"] - row["predicted"]["attainment"]) * 100
+        rows.append(row)
+        if not quiet:
+            print(f"[bench]   attainment measured {row['measured']['attainment']:.1%}, simulated "
+                  f"{row['predicted']['attainment']:.1%}", file=sys.stderr, flush=True)
+        return row
+
+    for rate in rates:
+        for system in systems:
+            measure(system, rate)
+    goodput = {}
+    for system, plan in systems.items():
+        goodput[system] = measured_goodput(rows, system, cfg.slo.attainment, cfg.planner.precision, probes,
+                                           lambda rate: measure(system, rate))
+        goodput[system]["simulated"] = simulated_goodput(cfg, plan, n, vocab, kv_bytes)
+    rows.sort(key=lambda r: (r["rate"], r["system"]))
     result = {"date": time.strftime("%Y-%m-%d"), "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms,
                                                            "attainment": cfg.slo.attainment},
-              "requests_per_rate": n, "rows": rows}
-    for system in systems:
-        ok = [r["rate"] for r in rows if r["system"] == system and r["measured"]["attainment"] >= cfg.slo.attainment]
-        devices = sum(i.size for i in systems[system].instances)
-        result.setdefault("goodput_per_device", {})[system] = (max(ok) / devices) if ok else 0.0
+              "requests_per_rate": n, "rows": rows, "goodput_per_device": goodput}
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot(rows, result["slo"], os.path.join(out_dir, "attainment.png"),
+    plot(rows, result["slo"], max(rates), os.path.join(out_dir, "attainment.png"),
          f"SLO attainment vs rate (TTFT <= {cfg.slo.ttft_ms:.0f} ms, TPOT <= {cfg.slo.tpot_ms:.0f} ms)")
     return result

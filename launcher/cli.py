@@ -299,6 +299,8 @@ def cmd_bench(args) -> int:
         raise UserError(f"bench: --rates must be numbers separated by commas, got {args.rates!r}") from None
     if not rates or min(rates) <= 0:
         raise UserError("bench: --rates must be positive request rates")
+    if args.bisect < 0:
+        raise UserError(f"bench: --bisect must be 0 or a positive number of engine runs, got {args.bisect}")
     systems = {"disaggregated" if cfg.placement.mode == "disaggregated" else "colocated": build_plan(cfg, hosts, model_dir)}
     if args.compare_colocated:
         devices = sum(i.size for i in next(iter(systems.values())).instances)
@@ -325,7 +327,7 @@ def cmd_bench(args) -> int:
             return json.load(f)["wall_s"] or (time.time() - started)
 
     result = run_bench(cfg, systems, rates, args.requests, shape.vocab_size, shape.kv_bytes_per_token(dtype_bytes),
-                       run_one, out_dir, args.quiet)
+                       run_one, out_dir, args.quiet, args.bisect)
     if not args.quiet:
         from rich.console import Console
         from rich.table import Table
@@ -339,7 +341,13 @@ def cmd_bench(args) -> int:
                           f"{r['error_points']:.1f}", f"{m['ttft_ms_p90']:.0f} ms", f"{m['tpot_ms_p90']:.0f} ms",
                           f"{m.get('output_tokens_per_s', 0):.1f}")
         Console().print(table)
-        print(f"goodput per device: {result['goodput_per_device']}; wrote {out_dir}/bench.json and attainment.png")
+        for system, g in result["goodput_per_device"].items():
+            lo, hi = g["bracket"]
+            upper = "no rate failed" if hi is None else f"{hi:.3f} failed"
+            simulated = "unbounded" if g["simulated"] is None else f"{g['simulated']:.3f}"
+            print(f"{system}: goodput {g['measured']:.3f} req/s/device on the engine ({lo:.3f} met the SLOs, "
+                  f"{upper}; {g['engine_runs']} runs), simulated {simulated}")
+        print(f"wrote {out_dir}/bench.json and attainment.png")
     return 0
 
 
@@ -395,6 +403,9 @@ def main(argv=None) -> int:
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")
     be.add_argument("--requests", type=int, default=60, help="requests per rate (default 60)")
     be.add_argument("--compare-colocated", action="store_true", help="also run a colocated placement on the same ranks")
+    be.add_argument("--bisect", type=int, default=0, metavar="N",
+                    help="narrow each system's goodput with up to N more engine runs at bracket midpoints, "
+                         "down to planner.precision req/s/device (default 0: tested rates only)")
     be.add_argument("-o", "--output", default="runs/bench", help="directory for JSON, PNG and results")
     be.add_argument("--quiet", action="store_true")
     be.set_defaults(func=cmd_bench)

@@ -60,12 +60,13 @@ def test_overload_with_capped_kv_completes_with_bounded_memory(tmp_path, tiny_mo
 
 
 @pytest.mark.slow
-def test_profile_plan_generate(tmp_path, tiny_model_dir):
+def test_profile_plan_generate_bench(tmp_path, tiny_model_dir):
     """`pdlaunch profile` on this machine, then `pdlaunch plan` with that profile, then the engine
-    runs the plan file as it is."""
+    runs the plan file as it is, then `pdlaunch bench` measures that plan's goodput by bisection."""
     config = write_job(tmp_path, tiny_model_dir, DISAGG, ragged_prompts(6, seed=2), 4,
                        extra={"planner": {"profile": "profile.json", "lengths": "uniform", "input_len": 20,
-                                          "output_len": 4, "num_requests": 50, "memory_gb": 1}})
+                                          "output_len": 4, "num_requests": 50, "memory_gb": 1},
+                              "slo": {"ttft_ms": 25, "tpot_ms": 100, "attainment": 0.8}})
     proc = run_pdlaunch("profile", config, "-o", str(tmp_path / "profile.json"), "--quiet", "--tp", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     profile = json.loads((tmp_path / "profile.json").read_text())
@@ -81,3 +82,26 @@ def test_profile_plan_generate(tmp_path, tiny_model_dir):
     proc = run_pdlaunch("generate", config, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sum(1 for _ in open(tmp_path / "out.jsonl")) == 6
+
+    # `pdlaunch bench` with the measured profile on 1 prefill + 1 decode rank (the plan above has 8
+    # instances, too many ranks for a quick run on 2 cores): 2 tested rates, then bisection.
+    cfg["placement"] = DISAGG
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    rates, probes, n = [2.0, 10000.0], 2, 16  # 16 prompts at once queue for ~6 prefills: TTFT > 25 ms
+    proc = run_pdlaunch("bench", config, "--rates", ",".join(map(str, rates)), "--requests", str(n),
+                        "--bisect", str(probes), "-o", str(tmp_path / "bench"), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "bench" / "attainment.png").stat().st_size > 10_000
+    result = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    (system, goodput), = result["goodput_per_device"].items()
+    rows = [r for r in result["rows"] if r["system"] == system]
+    assert goodput["engine_runs"] == len(rows) and len(rates) <= len(rows) <= len(rates) + probes
+    devices = rows[0]["devices"]
+    passing = [r["rate"] for r in rows if r["measured"]["attainment"] >= cfg["slo"]["attainment"]]
+    lo, hi = goodput["bracket"]
+    assert goodput["measured"] == lo == max(passing, default=0.0) / devices
+    above = [r["rate"] / devices for r in rows if r["rate"] / devices > lo]
+    assert hi == min(above, default=None), "the bracket's top is the lowest failing rate"
+    assert goodput["simulated"] is None or goodput["simulated"] > 0
+    for r in rows:
+        assert 0 <= r["predicted"]["attainment"] <= 1 and r["measured"]["ttft_ms_p50"] > 0

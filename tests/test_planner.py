@@ -1,6 +1,7 @@
 """Planner: the simulator against answers known in closed form or by hand, and the search end to end."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -103,3 +104,31 @@ def test_anchor_profile_and_paper_plan_speed(tmp_path):
                     pf = p.hosts[p.rank_of(0, stage * p.pp // min(p.pp, d.pp)) - p.first_rank]
                     dc = d.hosts[d.rank_of(0, stage * d.pp // min(p.pp, d.pp)) - d.first_rank]
                     assert pf == dc
+
+
+@pytest.mark.parametrize("threshold", [0.07, 1.0, 3.3, 250.0])
+def test_bisect_rate_brackets_the_threshold(threshold):
+    """A monotone pass/fail: the bracket holds the threshold and is no wider than the precision,
+    whether the search starts below it (doubling) or with a known failing rate above it."""
+    from launcher.planner.search import bisect_rate
+
+    probed = []
+
+    def ok(rate):
+        probed.append(rate)
+        return rate <= threshold
+
+    lo, hi = bisect_rate(ok, 0.0, 0.5, 0.01)
+    assert lo <= threshold < hi and hi - lo <= 0.01 and all(r > 0 for r in probed)
+    lo, hi = bisect_rate(ok, 0.0, threshold * 3, 0.01, hi_fails=True)
+    assert lo <= threshold < hi and hi - lo <= 0.01 and threshold * 3 not in probed
+
+
+def test_bisect_rate_stops_at_its_probe_budget_and_ceiling():
+    from launcher.planner.search import bisect_rate
+
+    calls = []
+    lo, hi = bisect_rate(lambda r: calls.append(r) or r <= 3.3, 2.0, 4.0, 1e-9, hi_fails=True, max_probes=3)
+    assert calls == [3.0, 3.5, 3.25] and (lo, hi) == (3.25, 3.5)
+    lo, hi = bisect_rate(lambda r: True, 0.0, 1.0, 0.1, ceiling=100)
+    assert lo == 64.0 and hi == math.inf  # 128 would exceed the ceiling: not probed

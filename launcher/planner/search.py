@@ -80,6 +80,23 @@ class _PrefillOnly(LatencyModel):
         return 0.0
 
 
+def bisect_rate(ok, lo: float, hi: float, precision: float, hi_fails: bool = False,
+                max_probes: int = 64, ceiling: float = math.inf) -> tuple[float, float]:
+    """Bracket the highest rate where ok(rate) holds, given that it holds at lo (or lo is 0): while
+    no rate has failed, probe hi and double it (up to `ceiling`); then halve [lo, hi] until it is
+    narrower than `precision` or `max_probes` probes are spent. Returns (lo, hi), hi = inf if
+    nothing failed."""
+    for _ in range(max_probes):
+        if (hi_fails and hi - lo <= precision) or (not hi_fails and hi > ceiling):
+            break
+        probe = (lo + hi) / 2 if hi_fails else hi
+        if ok(probe):
+            lo, hi = probe, (hi if hi_fails else 2 * probe)
+        else:
+            hi, hi_fails = probe, True
+    return lo, hi if hi_fails else math.inf
+
+
 def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: float | None) -> float:
     """Per-device goodput of `run(requests) -> requests` by bisection on the per-device rate."""
     def ok(rate: float) -> bool:
@@ -87,16 +104,9 @@ def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: flo
                              settings.cv, settings.seed)
         return attainment(run(reqs), ttft, tpot, settings.rule) >= settings.target
 
-    lo, hi = 0.0, settings.max_rate or settings.precision * 4
-    if not settings.max_rate:
-        while ok(hi):
-            lo, hi = hi, hi * 2
-            if hi > 1e6:
-                return hi
-    while hi - lo > settings.precision:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+    if settings.max_rate:
+        return bisect_rate(ok, 0.0, settings.max_rate, settings.precision, hi_fails=True)[0]
+    return bisect_rate(ok, 0.0, settings.precision * 4, settings.precision, ceiling=1e6)[0]
 
 
 def _policy(settings: Settings, spec: ModelSpec, bandwidth) -> Policy:
