@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 
-def grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str, title: str, path: str) -> None:
+def grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str, title: str, path: str,
+                 hline: float | None = None) -> None:
+    """One group of bars per label, one bar per series; `hline` draws a target line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -13,6 +15,8 @@ def grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str,
     for i, (name, values) in enumerate(series.items()):
         xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(labels))]
         ax.bar(xs, values, width, label=name)
+    if hline is not None:
+        ax.axhline(hline, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
