@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 
 from engine import comm as c
 from engine.comm import RankContext
@@ -18,6 +19,7 @@ from engine.step import StepPlan
 
 IDLE_S = 0.0005
 HEARTBEAT_S = 1.0
+STEP_SAMPLES = 4000  # most recent pure prefill / pure decode step timings kept for the final stats
 
 
 def _event(seq: Sequence, instance_id: int, with_logits: bool) -> dict:
@@ -38,6 +40,16 @@ class Leader:
         self.outbox = c.Outbox(ctx.world)
         self.last_beat = 0.0
         self.steps = 0
+        self.step_samples = {"prefill": deque(maxlen=STEP_SAMPLES), "decode": deque(maxlen=STEP_SAMPLES)}
+
+    def _record(self, step: StepPlan, ms: float) -> None:
+        """Wall time of a pure prefill or pure decode step, in `pdlaunch profile`'s sample format:
+        the timings a latency model can be fitted to under the run's own load (`pdlaunch bench`)."""
+        if all(c.start_pos == 0 for c in step.seqs):
+            self.step_samples["prefill"].append({"lens": [len(c.token_ids) for c in step.seqs], "ms": ms})
+        elif all(len(c.token_ids) == 1 and c.start_pos > 0 for c in step.seqs):
+            self.step_samples["decode"].append({"batch": len(step.seqs),
+                                                "context_sum": sum(c.start_pos + 1 for c in step.seqs), "ms": ms})
 
     def _heartbeat(self) -> None:
         """Tells the controller's watchdog this instance is alive and how far it got."""
@@ -77,7 +89,9 @@ class Leader:
                 send(self.sched.stats() | {"instance": self.inst.id, "role": self.inst.role,
                                            "nodes": [self.ctx.nodes[r] for r in self.inst.ranks],
                                            "kv_cache_mb": self.runner.cache.bytes() / 2 ** 20,
-                                           "weights_mb": self.runner.weight_bytes() / 2 ** 20}, 0, c.TAG_STATS)
+                                           "weights_mb": self.runner.weight_bytes() / 2 ** 20,
+                                           "step_samples": {k: list(v) for k, v in self.step_samples.items()}},
+                     0, c.TAG_STATS)
                 self.outbox.flush()
                 return
             step, joined = self.sched.schedule()
@@ -88,7 +102,10 @@ class Leader:
             self._broadcast(step)
             self.steps += 1
             fault_point(self.ctx, self.steps)
+            started = time.perf_counter()
             tokens, logits = self.runner.execute(step)
+            if step.has_forward:
+                self._record(step, (time.perf_counter() - started) * 1e3)
             for seq in joined:
                 send(seq.req_id, self.ctx.plan.instances[seq.source_instance].leader, c.TAG_PULLED)
             if not step.has_forward:

@@ -13,13 +13,18 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 from launcher.config import JobConfig
 from launcher.errors import UserError
 from launcher.plan import Plan
+from launcher.planner.latency import Coefficients, LatencyModel
 from launcher.planner.planning import latency_models, settings_from
+from launcher.planner.profile_fit import fit_decode_split, fit_prefill
 from launcher.planner.search import bisect_rate
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation, SimRequest, attainment, make_requests
+
+MIN_SHAPES = 4  # distinct step shapes a phase needs before its coefficients are refitted
 
 
 def workload(cfg: JobConfig, rate: float, n: int, vocab: int) -> tuple[list[SimRequest], list[dict]]:
@@ -34,8 +39,11 @@ def workload(cfg: JobConfig, rate: float, n: int, vocab: int) -> tuple[list[SimR
     return reqs, lines
 
 
-def predict(cfg: JobConfig, plan: Plan, spec_kv_bytes: int, reqs: list[SimRequest]) -> list[SimRequest]:
-    disagg, colo = latency_models(cfg)
+def predict(cfg: JobConfig, plan: Plan, spec_kv_bytes: int, reqs: list[SimRequest],
+            latency: LatencyModel | None = None) -> list[SimRequest]:
+    """The simulator on `plan` (its instances, KV capacities and the engine's policies); latency is
+    the profile's model unless given."""
+    disagg, colo = (latency, latency) if latency else latency_models(cfg)
     s = cfg.scheduler
 
     def inst(i, blocks):
@@ -50,6 +58,36 @@ def predict(cfg: JobConfig, plan: Plan, spec_kv_bytes: int, reqs: list[SimReques
         sim = Simulation(disagg, policy, [inst(i, s.prefill_kv_blocks) for i in plan.by_role("prefill")],
                          [inst(i, s.decode_kv_blocks) for i in plan.by_role("decode")])
     return sim.run(fresh)
+
+
+def calibrated(base: LatencyModel, plan: Plan, reports: list[dict]) -> LatencyModel:
+    """`base` refitted to the pure prefill and decode step timings that the engine's instances
+    recorded in `reports` (the runs' own contention included), per TP degree of PP-1 instances;
+    a phase with fewer than MIN_SHAPES distinct shapes keeps base's coefficients."""
+    by_tp: dict[int, dict[str, list]] = {}
+    for report in reports:
+        for stats in report["instances"]:
+            inst = plan.instances[stats["instance"]]
+            if inst.pp == 1:
+                for kind, samples in stats["step_samples"].items():
+                    by_tp.setdefault(inst.tp, {"prefill": [], "decode": []})[kind].extend(samples)
+    coefficients = dict(base.by_tp)
+    for tp, samples in by_tp.items():
+        coef = coefficients.get(tp)
+        shapes = {"prefill": {sum(x["lens"]) for x in samples["prefill"]},
+                  "decode": {(x["batch"], x["context_sum"]) for x in samples["decode"]}}
+        enough = {kind: len(v) >= MIN_SHAPES for kind, v in shapes.items()}
+        if coef is None and not all(enough.values()):
+            continue
+        changes = {}
+        if enough["prefill"]:
+            changes["prefill"] = tuple(fit_prefill(samples["prefill"]))
+        if enough["decode"]:
+            small, large, threshold = fit_decode_split(samples["decode"])
+            changes.update(decode_small=tuple(small), decode_large=tuple(large), threshold=threshold)
+        coefficients[tp] = replace(coef, **changes) if coef else Coefficients(
+            changes["prefill"], changes["decode_small"], changes["decode_large"], changes["threshold"], 0.5)
+    return LatencyModel(base.model, coefficients, "engine step timings", base.pipelined_pp, base.meta)
 
 
 def measured(results_path: str) -> list[SimRequest]:
@@ -144,13 +182,19 @@ def measured_goodput(rows: list[dict], system: str, target: float, precision: fl
             "engine_runs": runs}
 
 
-def simulated_goodput(cfg: JobConfig, plan: Plan, n: int, vocab: int, kv_bytes: int) -> float | None:
+def base_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
+    disagg, colo = latency_models(cfg)
+    return colo if plan.by_role("colocated") else disagg
+
+
+def simulated_goodput(cfg: JobConfig, plan: Plan, n: int, vocab: int, kv_bytes: int,
+                      latency: LatencyModel | None = None) -> float | None:
     """The simulator's goodput per device for the same workload generator, by bisection; None when
     no rate up to 1e6 req/s/device misses the SLOs."""
     devices = sum(i.size for i in plan.instances)
 
     def ok(rate: float) -> bool:
-        reqs = predict(cfg, plan, kv_bytes, workload(cfg, rate * devices, n, vocab)[0])
+        reqs = predict(cfg, plan, kv_bytes, workload(cfg, rate * devices, n, vocab)[0], latency)
         return attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms) >= cfg.slo.attainment
 
     lo, hi = bisect_rate(ok, 0.0, cfg.planner.precision * 4, cfg.planner.precision, ceiling=1e6)
@@ -159,10 +203,12 @@ def simulated_goodput(cfg: JobConfig, plan: Plan, n: int, vocab: int, kv_bytes: 
 
 def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: int, vocab: int, kv_bytes: int,
               run_one, out_dir: str, quiet: bool = False, probes: int = 0) -> dict:
-    """run_one(system, plan, input_path, output_path) -> wall seconds; runs the engine. With probes,
-    each system's goodput is bisected further with up to that many extra engine runs."""
+    """run_one(system, plan, input_path, output_path) -> the run's report (wall_s, instances' stats);
+    runs the engine. With probes, each system's goodput is bisected further with up to that many
+    extra engine runs. Each row is predicted twice: from the profile, and from a latency model
+    refitted to the step timings of the same system's runs at the other rates (leave-one-out)."""
     os.makedirs(out_dir, exist_ok=True)
-    rows = []
+    rows, reports = [], {}
 
     def measure(system: str, rate: float) -> dict:
         plan = systems[system]
@@ -173,13 +219,13 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: i
         out = os.path.join(out_dir, f"results-{system}-{rate:g}.jsonl")
         if not quiet:
             print(f"[bench] {system} at {rate:g} req/s ({n} requests) ...", file=sys.stderr, flush=True)
-        wall = run_one(system, plan, inp, out)
+        reports[system, rate] = run_one(system, plan, inp, out)
         got = measured(out)
         if len(got) != n:
             raise UserError(f"bench: {system} at {rate} req/s finished {len(got)} of {n} requests")
         row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
-               "measured": summary(got, cfg, wall), "predicted": summary(predict(cfg, plan, kv_bytes, reqs), cfg),
-               "slo_scale": slo_scale_curve(got, cfg)}
+               "measured": summary(got, cfg, reports[system, rate]["wall_s"]),
+               "predicted": summary(predict(cfg, plan, kv_bytes, reqs), cfg), "slo_scale": slo_scale_curve(got, cfg)}
         row["error_points"] = abs(row["measured"]["attainment"] - row["predicted"]["attainment"]) * 100
         rows.append(row)
         if not quiet:
@@ -194,7 +240,16 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: i
     for system, plan in systems.items():
         goodput[system] = measured_goodput(rows, system, cfg.slo.attainment, cfg.planner.precision, probes,
                                            lambda rate: measure(system, rate))
+        base = base_latency(cfg, plan)
+        mine = [key for key in reports if key[0] == system]
+        for row in (r for r in rows if r["system"] == system and len(mine) > 1):
+            refit = calibrated(base, plan, [reports[key] for key in mine if key[1] != row["rate"]])
+            reqs = predict(cfg, plan, kv_bytes, workload(cfg, row["rate"], n, vocab)[0], refit)
+            row["calibrated"] = summary(reqs, cfg)
+            row["calibrated_error_points"] = abs(row["measured"]["attainment"] - row["calibrated"]["attainment"]) * 100
         goodput[system]["simulated"] = simulated_goodput(cfg, plan, n, vocab, kv_bytes)
+        goodput[system]["simulated_calibrated"] = simulated_goodput(
+            cfg, plan, n, vocab, kv_bytes, calibrated(base, plan, [reports[key] for key in mine]))
     rows.sort(key=lambda r: (r["rate"], r["system"]))
     result = {"date": time.strftime("%Y-%m-%d"), "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms,
                                                            "attainment": cfg.slo.attainment},

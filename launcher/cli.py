@@ -207,7 +207,7 @@ def cmd_profile(args) -> int:
     import platform
     import time
 
-    from launcher.planner.profile_fit import fit_decode_split, fit_prefill, relative_errors, token_budget
+    from launcher.planner.profile_fit import fit_entry
 
     cfg = load_config(args.config)
     hosts = cluster_hosts(cfg)
@@ -237,16 +237,7 @@ def cmd_profile(args) -> int:
             per_instance = json.load(f)
         samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
                    for kind in ("prefill", "decode")}
-        prefill = fit_prefill(samples["prefill"])
-        small, large, threshold = fit_decode_split(samples["decode"])
-        decode_errors = relative_errors([x for x in samples["decode"] if x["batch"] < threshold], small, "decode") + \
-            relative_errors([x for x in samples["decode"] if x["batch"] >= threshold], large, "decode")
-        entry[str(tp)] = {"prefill": prefill, "decoding_smallbs": small, "decoding_largebs": large,
-                          "decoding_large_small_bs_threshold": threshold, "pp_stage_ms": 0.5,
-                          "token_budget": token_budget(samples["prefill"]), "concurrent_instances": count,
-                          "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
-                                                "decode": max(decode_errors)},
-                          "samples": samples}
+        entry[str(tp)] = fit_entry(samples) | {"concurrent_instances": count, "samples": samples}
     name = os.path.basename(model_dir.rstrip("/"))
     profile = {name: entry, "_meta": {"pipelined_pp": False, "date": time.strftime("%Y-%m-%d"),
                                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cfg.cluster.device}",
@@ -285,7 +276,7 @@ def cmd_plan(args) -> int:
 
 def cmd_bench(args) -> int:
     import copy
-    import time
+    import json
 
     from launcher.bench import run_bench
 
@@ -317,14 +308,11 @@ def cmd_bench(args) -> int:
         os.makedirs(run_dir, exist_ok=True)
         job, cmd, env = write_job(run_cfg, plan, model_dir, run_dir, input=inp, output=out, quiet=True,
                                   report=os.path.join(run_dir, "report.json"))
-        started = time.time()
         rc = launch(cmd, job, env)
         if rc != 0:
             raise UserError(f"bench: the {system} run failed (exit {rc}); see its messages above")
         with open(job["report"]) as f:
-            import json
-
-            return json.load(f)["wall_s"] or (time.time() - started)
+            return json.load(f)
 
     result = run_bench(cfg, systems, rates, args.requests, shape.vocab_size, shape.kv_bytes_per_token(dtype_bytes),
                        run_one, out_dir, args.quiet, args.bisect)
@@ -333,20 +321,23 @@ def cmd_bench(args) -> int:
         from rich.table import Table
 
         table = Table(title=f"pdlaunch bench ({result['requests_per_rate']} requests per rate)")
-        for col in ("system", "rate", "attainment measured", "simulated", "error (pts)", "TTFT p90", "TPOT p90", "tok/s"):
+        for col in ("system", "rate", "attainment measured", "simulated (profile)", "error (pts)",
+                    "simulated (refit)", "error (pts)", "TTFT p90", "TPOT p90", "tok/s"):
             table.add_column(col, justify="right")
         for r in result["rows"]:
-            m, p = r["measured"], r["predicted"]
+            m, p, cal = r["measured"], r["predicted"], r.get("calibrated")
             table.add_row(r["system"], f"{r['rate']:g}", f"{m['attainment']:.1%}", f"{p['attainment']:.1%}",
-                          f"{r['error_points']:.1f}", f"{m['ttft_ms_p90']:.0f} ms", f"{m['tpot_ms_p90']:.0f} ms",
-                          f"{m.get('output_tokens_per_s', 0):.1f}")
+                          f"{r['error_points']:.1f}", f"{cal['attainment']:.1%}" if cal else "-",
+                          f"{r['calibrated_error_points']:.1f}" if cal else "-", f"{m['ttft_ms_p90']:.0f} ms",
+                          f"{m['tpot_ms_p90']:.0f} ms", f"{m.get('output_tokens_per_s', 0):.1f}")
         Console().print(table)
         for system, g in result["goodput_per_device"].items():
             lo, hi = g["bracket"]
             upper = "no rate failed" if hi is None else f"{hi:.3f} failed"
-            simulated = "unbounded" if g["simulated"] is None else f"{g['simulated']:.3f}"
+            simulated = ", ".join("unbounded" if v is None else f"{v:.3f}"
+                                  for v in (g["simulated"], g["simulated_calibrated"]))
             print(f"{system}: goodput {g['measured']:.3f} req/s/device on the engine ({lo:.3f} met the SLOs, "
-                  f"{upper}; {g['engine_runs']} runs), simulated {simulated}")
+                  f"{upper}; {g['engine_runs']} runs); simulated (profile, refit) {simulated}")
         print(f"wrote {out_dir}/bench.json and attainment.png")
     return 0
 

@@ -103,5 +103,10 @@ def test_profile_plan_generate_bench(tmp_path, tiny_model_dir):
     above = [r["rate"] / devices for r in rows if r["rate"] / devices > lo]
     assert hi == min(above, default=None), "the bracket's top is the lowest failing rate"
     assert goodput["simulated"] is None or goodput["simulated"] > 0
-    for r in rows:
+    for r in rows:  # every row also predicted from the step timings of the other rates' runs
         assert 0 <= r["predicted"]["attainment"] <= 1 and r["measured"]["ttft_ms_p50"] > 0
+        assert 0 <= r["calibrated"]["attainment"] <= 1 and r["calibrated"]["ttft_ms_p50"] > 0
+    report = json.loads((tmp_path / "bench" / "run-disaggregated" / "report.json").read_text())
+    steps = {i["role"]: i["step_samples"] for i in report["instances"]}
+    assert steps["prefill"]["prefill"] and not steps["prefill"]["decode"] and steps["decode"]["decode"]
+    assert all(x["ms"] > 0 and x["batch"] >= 1 for x in steps["decode"]["decode"])

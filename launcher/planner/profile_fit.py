@@ -43,6 +43,20 @@ def fit_decode_split(samples: list[dict]) -> tuple[list[float], list[float], int
     return best[1], best[2], best[3]
 
 
+def fit_entry(samples: dict) -> dict:
+    """A DistServe-format profile entry for one TP degree, fitted to {"prefill": [...], "decode":
+    [...]} step samples (from `pdlaunch profile`'s chosen shapes or a real run's steps)."""
+    prefill = fit_prefill(samples["prefill"])
+    small, large, threshold = fit_decode_split(samples["decode"])
+    decode_errors = relative_errors([x for x in samples["decode"] if x["batch"] < threshold], small, "decode") + \
+        relative_errors([x for x in samples["decode"] if x["batch"] >= threshold], large, "decode")
+    return {"prefill": prefill, "decoding_smallbs": small, "decoding_largebs": large,
+            "decoding_large_small_bs_threshold": threshold, "pp_stage_ms": 0.5,
+            "token_budget": token_budget(samples["prefill"]),
+            "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
+                                  "decode": max(decode_errors)}}
+
+
 def token_budget(samples: list[dict], share: float = 0.9) -> int:
     """L_m: the smallest batch token count whose prefill throughput reaches `share` of the best seen;
     bigger batches only add latency."""
