@@ -43,8 +43,9 @@ class Leader:
         self.step_samples = {"prefill": deque(maxlen=STEP_SAMPLES), "decode": deque(maxlen=STEP_SAMPLES)}
 
     def _record(self, step: StepPlan, ms: float) -> None:
-        """Wall time of a pure prefill or pure decode step, in `pdlaunch profile`'s sample format:
-        the timings a latency model can be fitted to under the run's own load (`pdlaunch bench`)."""
+        """What a pure prefill or pure decode step cost this instance under the run's own load (its
+        loop iteration: messages, scheduling, the step, posting results), in `pdlaunch profile`'s
+        sample format, for `pdlaunch bench` to fit a latency model to."""
         if all(c.start_pos == 0 for c in step.seqs):
             self.step_samples["prefill"].append({"lens": [len(c.token_ids) for c in step.seqs], "ms": ms})
         elif all(len(c.token_ids) == 1 and c.start_pos > 0 for c in step.seqs):
@@ -83,6 +84,7 @@ class Leader:
     def run(self) -> None:
         send = self.outbox.send
         while True:
+            started = time.perf_counter()
             self._handle_messages()
             if self.stopping and not self.sched.busy():
                 self._broadcast(StepPlan(shutdown=True))
@@ -102,10 +104,7 @@ class Leader:
             self._broadcast(step)
             self.steps += 1
             fault_point(self.ctx, self.steps)
-            started = time.perf_counter()
             tokens, logits = self.runner.execute(step)
-            if step.has_forward:
-                self._record(step, (time.perf_counter() - started) * 1e3)
             for seq in joined:
                 send(seq.req_id, self.ctx.plan.instances[seq.source_instance].leader, c.TAG_PULLED)
             if not step.has_forward:
@@ -117,6 +116,7 @@ class Leader:
                 send(notice, 0, c.TAG_KV_READY)
             for seq in finished:
                 send(_event(seq, self.inst.id, self.want_logits), 0, c.TAG_RESULT)
+            self._record(step, (time.perf_counter() - started) * 1e3)
 
 
 def follow(ctx: RankContext, runner: ModelRunner) -> None:

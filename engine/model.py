@@ -118,9 +118,8 @@ class Attention(nn.Module):
         what lies past each context. Returns [B, heads, head_dim]."""
         B, n = batch.decode_blocks.shape
         blocks, bs = batch.decode_blocks.view(-1), batch.block_size
-        keys = k_cache.view(-1, bs, self.kv_heads, self.head_dim).index_select(0, blocks)
-        vals = v_cache.view(-1, bs, self.kv_heads, self.head_dim).index_select(0, blocks)
-        keys, vals = keys.view(B, n * bs, self.kv_heads, self.head_dim), vals.view(B, n * bs, self.kv_heads, self.head_dim)
+        keys, vals = (cache.view(-1, bs, self.kv_heads, self.head_dim).index_select(0, blocks)
+                      .view(B, n * bs, self.kv_heads, self.head_dim) for cache in (k_cache, v_cache))
         o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
                                            attn_mask=batch.decode_mask, scale=self.scale,
                                            enable_gqa=self.heads != self.kv_heads)
