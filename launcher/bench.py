@@ -147,10 +147,14 @@ def plot(rows: list[dict], slo: dict, scale_rate: float, path: str, title: str) 
     ax2.set_ylim(0, 105)
     ax2.legend(fontsize=8)
     for system in sorted({r["system"] for r in rows}):
-        pts = sorted((r["rate"] / r["devices"], r["measured"]["attainment"] * 100, r["predicted"]["attainment"] * 100)
-                     for r in rows if r["system"] == system)
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{system} measured")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=line.get_color(), label=f"{system} simulated")
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
+        rate = [r["rate"] / r["devices"] for r in mine]
+        line, = ax.plot(rate, [r["measured"]["attainment"] * 100 for r in mine], "o-", label=f"{system} measured")
+        ax.plot(rate, [r["predicted"]["attainment"] * 100 for r in mine], "x--", color=line.get_color(),
+                label=f"{system} simulated (profile)")
+        if all("calibrated" in r for r in mine):
+            ax.plot(rate, [r["calibrated"]["attainment"] * 100 for r in mine], "+:", color=line.get_color(),
+                    label=f"{system} simulated (refit)")
     ax.axhline(slo["attainment"] * 100, color="grey", lw=0.8)
     ax.set_xlabel("rate per device (req/s)")
     ax.set_ylabel("SLO attainment (%)")
