@@ -26,6 +26,10 @@ def fit_decode(samples: list[dict]) -> list[float]:
     return _fit(rows, [s["ms"] for s in samples])
 
 
+def _decode_shapes(samples: list[dict]) -> int:
+    return len({(s["batch"], s["context_sum"]) for s in samples})
+
+
 def fit_decode_split(samples: list[dict]) -> tuple[list[float], list[float], int]:
     """Small- and large-batch coefficient sets (DistServe's format) and the batch size where the
     large set starts, chosen for the smallest worst-case relative error. CPUs show such a step
@@ -34,8 +38,8 @@ def fit_decode_split(samples: list[dict]) -> tuple[list[float], list[float], int
     for threshold in (2, 4, 8, 10 ** 9):
         small = [s for s in samples if s["batch"] < threshold]
         large = [s for s in samples if s["batch"] >= threshold] or small
-        if not small:
-            continue
+        if min(_decode_shapes(small), _decode_shapes(large)) < 3 and threshold < 10 ** 9:
+            continue  # three coefficients from fewer shapes fit anything: not evidence of a step
         cs, cl = fit_decode(small), fit_decode(large)
         err = max(relative_errors(small, cs, "decode") + relative_errors(large, cl, "decode"))
         if best is None or err < best[0]:
