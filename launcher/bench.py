@@ -39,11 +39,17 @@ def workload(cfg: JobConfig, rate: float, n: int, vocab: int) -> tuple[list[SimR
     return reqs, lines
 
 
+def base_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
+    """The profile's latency model for the plan's kind of instances."""
+    disagg, colo = latency_models(cfg)
+    return colo if plan.by_role("colocated") else disagg
+
+
 def predict(cfg: JobConfig, plan: Plan, spec_kv_bytes: int, reqs: list[SimRequest],
             latency: LatencyModel | None = None) -> list[SimRequest]:
     """The simulator on `plan` (its instances, KV capacities and the engine's policies); latency is
     the profile's model unless given."""
-    disagg, colo = (latency, latency) if latency else latency_models(cfg)
+    latency = latency or base_latency(cfg, plan)
     s = cfg.scheduler
 
     def inst(i, blocks):
@@ -53,9 +59,9 @@ def predict(cfg: JobConfig, plan: Plan, spec_kv_bytes: int, reqs: list[SimReques
                     lambda p, d: cfg.cluster.intra_node_bandwidth_gbps)
     fresh = [SimRequest(r.arrival, r.input_len, r.output_len) for r in reqs]
     if plan.by_role("colocated"):
-        sim = Simulation(colo, policy, colocated=[inst(i, s.decode_kv_blocks) for i in plan.by_role("colocated")])
+        sim = Simulation(latency, policy, colocated=[inst(i, s.decode_kv_blocks) for i in plan.by_role("colocated")])
     else:
-        sim = Simulation(disagg, policy, [inst(i, s.prefill_kv_blocks) for i in plan.by_role("prefill")],
+        sim = Simulation(latency, policy, [inst(i, s.prefill_kv_blocks) for i in plan.by_role("prefill")],
                          [inst(i, s.decode_kv_blocks) for i in plan.by_role("decode")])
     return sim.run(fresh)
 
@@ -184,11 +190,6 @@ def measured_goodput(rows: list[dict], system: str, target: float, precision: fl
     runs = sum(r["system"] == system for r in rows)
     return {"measured": lo / devices, "bracket": [lo / devices, hi / devices if hi < math.inf else None],
             "engine_runs": runs}
-
-
-def base_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
-    disagg, colo = latency_models(cfg)
-    return colo if plan.by_role("colocated") else disagg
 
 
 def simulated_goodput(cfg: JobConfig, plan: Plan, n: int, vocab: int, kv_bytes: int,
