@@ -21,7 +21,8 @@ from launcher.plan import InstancePlan, Plan
 
 # Control-plane message tags (MPI).
 TAG_REQUEST = 1      # controller -> prefill/colocated leader: a new request
-TAG_KV_READY = 2     # prefill leader -> controller -> decode leader: KV of a request is held
+TAG_KV_READY = 2     # prefill leader -> decode leader and controller: KV held, first token sampled
+TAG_KV_INCOMING = 3  # prefill leader -> decode leader: a request's prefill started (post its receives)
 TAG_PULLED = 4       # decode leader -> prefill leader: all KV arrived, free the blocks
 TAG_RESULT = 5       # leader -> controller: first token / finished request
 TAG_STEP = 6         # leader -> instance ranks: the step plan

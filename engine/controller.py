@@ -1,9 +1,9 @@
 """The controller (global rank 0): requests in, dispatch, results out.
 
 It releases requests at their arrival times (all at t=0 for offline jobs), sends each to the
-least-loaded prefill (or colocated) instance and names the least-loaded decode instance for it,
-forwards "KV ready" notices to that decode instance (which then pulls when it has room), and
-writes each finished request as soon as it arrives.
+least-loaded prefill (or colocated) instance and names the least-loaded decode instance for it
+(the prefill instance then deals with that decode instance directly), counts "KV ready" notices
+to track each prefill instance's load, and writes each finished request as soon as it arrives.
 Only small pickled messages pass through it; tensors never do.
 """
 from __future__ import annotations
@@ -153,8 +153,6 @@ class Controller:
                 p = self.by_id[notice.request.req_id]
                 p.prefill_instance = notice.prefill_instance
                 self.load[notice.prefill_instance] -= 1
-                outbox.send(notice, self.ctx.plan.instances[notice.request.decode_instance].leader,
-                            c.TAG_KV_READY)
             for src, event in c.drain(world, c.TAG_RESULT):
                 p = self.by_id.pop(event["req_id"])
                 self.load[event["instance"]] -= 1

@@ -14,7 +14,7 @@ from collections import deque
 from engine import comm as c
 from engine.comm import RankContext
 from engine.runner import ModelRunner
-from engine.scheduler import ReadyNotice, Request, Scheduler, Sequence
+from engine.scheduler import KVIncoming, ReadyNotice, Request, Scheduler, Sequence
 from engine.step import StepPlan
 
 IDLE_S = 0.0005
@@ -65,6 +65,8 @@ class Leader:
         self.outbox.progress()
         for _, req in c.drain(world, c.TAG_REQUEST):
             self.sched.add_request(req if isinstance(req, Request) else Request(**req))
+        for _, incoming in c.drain(world, c.TAG_KV_INCOMING):
+            self.sched.add_incoming(incoming)
         for _, notice in c.drain(world, c.TAG_KV_READY):
             self.sched.add_ready(notice)
         for _, req_id in c.drain(world, c.TAG_PULLED):
@@ -76,6 +78,9 @@ class Leader:
             self.sched.rank_arrived(req_id)
         if c.drain(world, c.TAG_SHUTDOWN, source=0):
             self.stopping = True
+
+    def _leader_of(self, instance_id: int) -> int:
+        return self.ctx.plan.instances[instance_id].leader
 
     def _broadcast(self, step: StepPlan) -> None:
         for local in range(1, self.inst.size):
@@ -97,6 +102,9 @@ class Leader:
                 self.outbox.flush()
                 return
             step, joined = self.sched.schedule()
+            for seq in self.sched.take_announcements():
+                send(KVIncoming(seq.request, self.inst.id), self._leader_of(seq.request.decode_instance),
+                     c.TAG_KV_INCOMING)
             if not (step.has_forward or step.kv_sends or step.kv_recvs or step.kv_joins or step.kv_releases):
                 time.sleep(IDLE_S)
                 continue
@@ -106,13 +114,16 @@ class Leader:
             fault_point(self.ctx, self.steps)
             tokens, logits = self.runner.execute(step)
             for seq in joined:
-                send(seq.req_id, self.ctx.plan.instances[seq.source_instance].leader, c.TAG_PULLED)
+                send(seq.req_id, self._leader_of(seq.source_instance), c.TAG_PULLED)
+                if seq.finish_reason:  # its first token ended it
+                    send(_event(seq, self.inst.id, self.want_logits), 0, c.TAG_RESULT)
             if not step.has_forward:
                 continue
             ready, finished = self.sched.on_step(tokens, logits)
             for seq in ready:
                 notice = ReadyNotice(seq.request, self.inst.id, seq.output[0], dict(seq.times),
                                      [row.tolist() for row in seq.logits])
+                send(notice, self._leader_of(seq.request.decode_instance), c.TAG_KV_READY)
                 send(notice, 0, c.TAG_KV_READY)
             for seq in finished:
                 send(_event(seq, self.inst.id, self.want_logits), 0, c.TAG_RESULT)

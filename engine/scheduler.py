@@ -1,13 +1,15 @@
 """The leader's scheduler: which sequences run this step, and where their KV blocks live.
 
 One class serves the three roles; a role is the set of phases an instance runs:
-- prefill:   FCFS batches under the token budget L_m; after prefill the KV is *held*, and its
-             sends to the request's decode instance are posted at once (they complete only when
-             that instance posts its receives); no blocks free = no new prefill (backpressure).
-- decode:    pulls a ready request's KV (posts its receives) only when it has blocks (prompt +
+- prefill:   FCFS batches under the token budget L_m; a request that may decode is announced to
+             its decode instance when its prefill starts; after prefill the KV is *held*, and its
+             sends are posted at once (they complete only when the decode instance has posted its
+             receives); no blocks free = no new prefill (backpressure).
+- decode:    pulls an announced request's KV (posts its receives) only when it has blocks (prompt +
              max_tokens) and batch room for it; a pulled request joins the continuous batch once
-             every rank has its KV. Posting the sends early keeps the prefill side's step
-             boundaries off the transfer's critical path.
+             every rank has its KV and its first token is known. Announcing at prefill start lets
+             the receives be posted while the prefill runs, so the transfer starts at the first
+             token instead of at the decode side's next step boundary after it.
 - colocated: both phases on the same ranks, prefill-prioritised (vLLM's default): a step is a
              prefill batch whenever one is admissible, else a decode step.
 Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
@@ -34,8 +36,17 @@ class Request:
 
 
 @dataclass
+class KVIncoming:
+    """A prefill instance started this request's prefill; its KV will be sent to the receiver."""
+
+    request: Request
+    prefill_instance: int
+
+
+@dataclass
 class ReadyNotice:
-    """A prefill instance holds this request's KV; sent on to a decode instance by the controller."""
+    """A prefill instance holds this request's KV and sampled its first token; sent to the decode
+    instance (which joins the request with it) and to the controller (which tracks load)."""
 
     request: Request
     prefill_instance: int
@@ -54,6 +65,7 @@ class Sequence:
     logits: list = field(default_factory=list)
     finish_reason: Optional[str] = None
     source_instance: int = -1
+    announced: bool = False  # prefill side: its decode instance expects its KV
 
     @property
     def req_id(self) -> int:
@@ -75,8 +87,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()      # to prefill
         self.running: list[Sequence] = []            # decoding
         self.held: dict[int, Sequence] = {}          # prefill: KV kept until pulled
-        self.ready: deque[ReadyNotice] = deque()     # decode: KV waiting at a prefill instance
+        self.incoming: deque[KVIncoming] = deque()   # decode: announced, receives not posted yet
+        self.firsts: dict[int, ReadyNotice] = {}     # decode: first tokens of requests not pulled yet
         self.pulling: dict[int, Sequence] = {}       # decode: receives posted
+        self.announcements: list[Sequence] = []      # prefill: to announce to their decode instances
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
         self.pending_sends: list[KVPost] = []
         self.pending_releases: list[int] = []
@@ -88,8 +102,27 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.waiting.append(Sequence(request))
 
+    def add_incoming(self, incoming: KVIncoming) -> None:
+        self.incoming.append(incoming)
+
     def add_ready(self, notice: ReadyNotice) -> None:
-        self.ready.append(notice)
+        """The first token of an announced request (which may not be pulled yet)."""
+        seq = self.pulling.get(notice.request.req_id)
+        if seq is None:
+            self.firsts[notice.request.req_id] = notice
+        else:
+            self._apply_first(seq, notice)
+
+    @staticmethod
+    def _apply_first(seq: Sequence, notice: ReadyNotice) -> None:
+        seq.output = [notice.first_token]
+        seq.times = {**notice.times, **seq.times}
+        seq.token_times = [notice.times["first_token"]]
+        seq.logits = list(notice.logits)
+
+    def take_announcements(self) -> list[Sequence]:
+        out, self.announcements = self.announcements, []
+        return out
 
     def pulled(self, req_id: int) -> None:
         """The decode side has all of the request's KV: free the held blocks."""
@@ -101,17 +134,22 @@ class Scheduler:
 
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.pulling) + len(self.ready)
+        return len(self.waiting) + len(self.running) + len(self.pulling) + len(self.incoming)
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.running or self.pulling or self.ready or self.pending_sends
-                    or self.pending_releases)
+        return bool(self.waiting or self.running or self.pulling or self.incoming or self.firsts
+                    or self.pending_sends or self.pending_releases)
 
     # ---- scheduling ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence) -> int:
         """Blocks a sequence needs for its whole life on a decoding instance."""
         total = min(len(seq.request.prompt_ids) + seq.request.sampling.max_tokens, self.max_model_len)
         return blocks_for(total, self.block_size)
+
+    def _decodes_later(self, seq: Sequence) -> bool:
+        """A prefill-role request that may need a decode step (known before its first token)."""
+        n = len(seq.request.prompt_ids)
+        return self.role == "prefill" and seq.request.sampling.max_tokens > 1 and n + 1 < self.max_model_len
 
     def _prefill_batch(self) -> list[Sequence]:
         batch, tokens = [], 0
@@ -132,37 +170,46 @@ class Scheduler:
             self.waiting.popleft()
             batch.append(seq)
             tokens += n
+            if self._decodes_later(seq):
+                seq.announced = True
+                self.announcements.append(seq)
         return batch
 
     def _start_pulls(self, step: StepPlan) -> None:
-        while self.ready and len(self.running) + len(self.pulling) < self.max_batch:
-            notice = self.ready[0]
-            seq = Sequence(notice.request, output=[notice.first_token], times=dict(notice.times),
-                           logits=list(notice.logits), source_instance=notice.prefill_instance)
+        while self.incoming and len(self.running) + len(self.pulling) < self.max_batch:
+            incoming = self.incoming[0]
+            seq = Sequence(incoming.request, source_instance=incoming.prefill_instance)
             need = self._reserve(seq)
             if not self.allocator.can_allocate(need):
                 break
-            self.ready.popleft()
+            self.incoming.popleft()
             seq.blocks = self.allocator.allocate(need)
-            seq.token_times = [notice.times["first_token"]]
             seq.times["pull_start"] = time.time()
             self.pulling[seq.req_id] = seq
-            step.kv_recvs.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids), notice.prefill_instance))
+            if seq.req_id in self.firsts:
+                self._apply_first(seq, self.firsts.pop(seq.req_id))
+            step.kv_recvs.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids), seq.source_instance))
 
     def _joins(self, step: StepPlan) -> list[Sequence]:
+        """Requests whose KV is on every rank and whose first token is known join the batch; one
+        whose first token already ends it (EOS, a stop string) finishes here, without a step."""
         joined = []
         for req_id, count in list(self.arrived.items()):
-            if count == self.instance_size:
-                seq = self.pulling.pop(req_id)
-                del self.arrived[req_id]
-                seq.times["transfer_end"] = time.time()
-                step.kv_joins.append(req_id)
+            seq = self.pulling[req_id]
+            if count < self.instance_size or not seq.output:
+                continue
+            del self.pulling[req_id], self.arrived[req_id]
+            seq.times["transfer_end"] = time.time()
+            step.kv_joins.append(req_id)
+            joined.append(seq)
+            if self._finished(seq):
+                self.allocator.free(seq.blocks)
+            else:
                 self.running.append(seq)
-                joined.append(seq)
         return joined
 
     def schedule(self) -> tuple[StepPlan, list[Sequence]]:
-        """The next step and the sequences that joined the decode batch in it."""
+        """The next step and the sequences whose KV joined in it (finished ones have a finish_reason)."""
         step = StepPlan(kv_sends=self.pending_sends, kv_releases=self.pending_releases)
         self.pending_sends, self.pending_releases = [], []
         joined = []
@@ -219,17 +266,17 @@ class Scheduler:
             first = len(seq.output) == 1
             if first:
                 seq.times["prefill_end"] = seq.times["first_token"] = now
-            if self._finished(seq):
-                finished.append(seq)
-                self.allocator.free(seq.blocks)
-                if seq in self.running:
-                    self.running.remove(seq)
-            elif first and self.role == "prefill":
+            if first and seq.announced:  # its decode instance expects the KV, even if EOS came first
                 self.held[seq.req_id] = seq
                 seq.times["transfer_start"] = now
                 self.pending_sends.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids),
                                                  seq.request.decode_instance))
                 ready.append(seq)
+            elif self._finished(seq):
+                finished.append(seq)
+                self.allocator.free(seq.blocks)
+                if seq in self.running:
+                    self.running.remove(seq)
             elif first:
                 self.running.append(seq)
         self._in_step = []

@@ -172,24 +172,33 @@ def plot(rows: list[dict], slo: dict, scale_rate: float, path: str, title: str) 
     plt.close(fig)
 
 
+class OutOfTime(Exception):
+    """The next engine run would not end within the bench's time budget."""
+
+
+def _bracket(rows: list[dict], system: str, target: float) -> tuple[float, float | None]:
+    """(highest rate that met the target, lowest rate above it that missed it or None), in totals."""
+    mine = [r for r in rows if r["system"] == system]
+    lo = max((r["rate"] for r in mine if r["measured"]["attainment"] >= target), default=0.0)
+    return lo, min((r["rate"] for r in mine if r["rate"] > lo), default=None)
+
+
 def measured_goodput(rows: list[dict], system: str, target: float, precision: float, probes: int, probe) -> dict:
     """Goodput of one system on the engine: bracket from the tested rates (highest passing, lowest
     failing above it), narrowed by up to `probes` more engine runs at bracket midpoints (probe(rate)
-    runs one and returns its row). Rates here are totals; precision is per device."""
-    mine = [r for r in rows if r["system"] == system]
-    devices = mine[0]["devices"]
-    passed = [r["rate"] for r in mine if r["measured"]["attainment"] >= target]
-    lo = max(passed, default=0.0)
-    failed = [r["rate"] for r in mine if r["rate"] > lo]
-    hi = min(failed, default=2 * lo)  # nothing failed: the first probe doubles the highest rate
+    runs one and returns its row, or raises OutOfTime). Rates here are totals; precision is per device."""
+    devices = next(r["devices"] for r in rows if r["system"] == system)
+    lo, hi = _bracket(rows, system, target)
+    out_of_time = False
     if probes:
-        lo, hi = bisect_rate(lambda rate: probe(rate)["measured"]["attainment"] >= target, lo, hi,
-                             precision * devices, hi_fails=bool(failed), max_probes=probes)
-    elif not failed:
-        hi = math.inf
-    runs = sum(r["system"] == system for r in rows)
-    return {"measured": lo / devices, "bracket": [lo / devices, hi / devices if hi < math.inf else None],
-            "engine_runs": runs}
+        try:  # nothing failed yet: the first probe doubles the highest rate
+            bisect_rate(lambda rate: probe(rate)["measured"]["attainment"] >= target, lo,
+                        2 * lo if hi is None else hi, precision * devices, hi_fails=hi is not None, max_probes=probes)
+        except OutOfTime:
+            out_of_time = True
+        lo, hi = _bracket(rows, system, target)
+    return {"measured": lo / devices, "bracket": [lo / devices, None if hi is None else hi / devices],
+            "engine_runs": sum(r["system"] == system for r in rows), "stopped_by_time_budget": out_of_time}
 
 
 def simulated_goodput(cfg: JobConfig, plan: Plan, n: int, vocab: int, kv_bytes: int,
@@ -207,17 +216,21 @@ def simulated_goodput(cfg: JobConfig, plan: Plan, n: int, vocab: int, kv_bytes: 
 
 
 def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: int, vocab: int, kv_bytes: int,
-              run_one, out_dir: str, quiet: bool = False, probes: int = 0) -> dict:
+              run_one, out_dir: str, quiet: bool = False, probes: int = 0, budget_s: float = math.inf) -> dict:
     """run_one(system, plan, input_path, output_path) -> the run's report (wall_s, instances' stats);
     runs the engine. With probes, each system's goodput is bisected further with up to that many
-    extra engine runs. Each row is predicted twice: from the profile, and from a latency model
-    refitted to the step timings of the same system's runs at the other rates (leave-one-out)."""
+    extra engine runs, as long as the next one is expected to end within budget_s of the start
+    (its arrivals' span plus the slowest start-up and drain seen so far). Each row is predicted
+    twice: from the profile, and from a latency model refitted to the step timings of the same
+    system's runs at the other rates (leave-one-out)."""
     os.makedirs(out_dir, exist_ok=True)
     rows, reports = [], {}
+    started, overheads_s = time.monotonic(), [0.0]  # a run's time beyond its arrivals' span
 
     def measure(system: str, rate: float) -> dict:
         plan = systems[system]
         reqs, lines = workload(cfg, rate, n, vocab)
+        run_started = time.monotonic()
         inp = os.path.join(out_dir, f"workload-{rate:g}.jsonl")
         with open(inp, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
@@ -225,6 +238,7 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: i
         if not quiet:
             print(f"[bench] {system} at {rate:g} req/s ({n} requests) ...", file=sys.stderr, flush=True)
         reports[system, rate] = run_one(system, plan, inp, out)
+        overheads_s.append(time.monotonic() - run_started - reqs[-1].arrival / 1e3)
         got = measured(out)
         if len(got) != n:
             raise UserError(f"bench: {system} at {rate} req/s finished {len(got)} of {n} requests")
@@ -238,13 +252,22 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: i
                   f"{row['predicted']['attainment']:.1%}", file=sys.stderr, flush=True)
         return row
 
+    def probe(system: str, rate: float) -> dict:
+        span_s = workload(cfg, rate, n, vocab)[0][-1].arrival / 1e3
+        if time.monotonic() - started + span_s + max(overheads_s) > budget_s:
+            if not quiet:
+                print(f"[bench] {system} at {rate:g} req/s would end past the time budget: bisection stops",
+                      file=sys.stderr, flush=True)
+            raise OutOfTime
+        return measure(system, rate)
+
     for rate in rates:
         for system in systems:
             measure(system, rate)
     goodput = {}
     for system, plan in systems.items():
         goodput[system] = measured_goodput(rows, system, cfg.slo.attainment, cfg.planner.precision, probes,
-                                           lambda rate: measure(system, rate))
+                                           lambda rate: probe(system, rate))
         base = base_latency(cfg, plan)
         mine = [key for key in reports if key[0] == system]
         for row in (r for r in rows if r["system"] == system and len(mine) > 1):
@@ -258,7 +281,8 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: i
     rows.sort(key=lambda r: (r["rate"], r["system"]))
     result = {"date": time.strftime("%Y-%m-%d"), "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms,
                                                            "attainment": cfg.slo.attainment},
-              "requests_per_rate": n, "rows": rows, "goodput_per_device": goodput}
+              "requests_per_rate": n, "rows": rows, "goodput_per_device": goodput,
+              "duration_s": time.monotonic() - started}
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot(rows, result["slo"], max(rates), os.path.join(out_dir, "attainment.png"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -292,6 +293,8 @@ def cmd_bench(args) -> int:
         raise UserError("bench: --rates must be positive request rates")
     if args.bisect < 0:
         raise UserError(f"bench: --bisect must be 0 or a positive number of engine runs, got {args.bisect}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UserError(f"bench: --time-budget must be a positive number of minutes, got {args.time_budget:g}")
     systems = {"disaggregated" if cfg.placement.mode == "disaggregated" else "colocated": build_plan(cfg, hosts, model_dir)}
     if args.compare_colocated:
         devices = sum(i.size for i in next(iter(systems.values())).instances)
@@ -315,7 +318,8 @@ def cmd_bench(args) -> int:
             return json.load(f)
 
     result = run_bench(cfg, systems, rates, args.requests, shape.vocab_size, shape.kv_bytes_per_token(dtype_bytes),
-                       run_one, out_dir, args.quiet, args.bisect)
+                       run_one, out_dir, args.quiet, args.bisect,
+                       math.inf if args.time_budget is None else args.time_budget * 60)
     if not args.quiet:
         from rich.console import Console
         from rich.table import Table
@@ -334,6 +338,8 @@ def cmd_bench(args) -> int:
         for system, g in result["goodput_per_device"].items():
             lo, hi = g["bracket"]
             upper = "no rate failed" if hi is None else f"{hi:.3f} failed"
+            if g["stopped_by_time_budget"]:
+                upper += "; bisection stopped by the time budget"
             simulated = ", ".join("unbounded" if v is None else f"{v:.3f}"
                                   for v in (g["simulated"], g["simulated_calibrated"]))
             print(f"{system}: goodput {g['measured']:.3f} req/s/device on the engine ({lo:.3f} met the SLOs, "
@@ -397,6 +403,9 @@ def main(argv=None) -> int:
     be.add_argument("--bisect", type=int, default=0, metavar="N",
                     help="narrow each system's goodput with up to N more engine runs at bracket midpoints, "
                          "down to planner.precision req/s/device (default 0: tested rates only)")
+    be.add_argument("--time-budget", type=float, metavar="MIN",
+                    help="start a bisection run only if it is expected to end within MIN minutes of the "
+                         "bench's start (the tested rates always run)")
     be.add_argument("-o", "--output", default="runs/bench", help="directory for JSON, PNG and results")
     be.add_argument("--quiet", action="store_true")
     be.set_defaults(func=cmd_bench)

@@ -1,7 +1,7 @@
 """The leader's scheduler, without processes: budgets, backpressure, pull-on-room, finishing."""
 from __future__ import annotations
 
-from engine.scheduler import ReadyNotice, Request, Scheduler
+from engine.scheduler import KVIncoming, ReadyNotice, Request, Scheduler
 from engine.step import SamplingParams
 
 
@@ -11,6 +11,12 @@ def sched(role, blocks=64, budget=32, max_batch=8, size=1):
 
 def req(i, n, max_tokens=4):
     return Request(i, list(range(3, 3 + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 0.0)
+
+
+def announce(s, r, first_token=7):
+    """What a prefill instance (id 0) tells a decode instance: its prefill started, then its first token."""
+    s.add_incoming(KVIncoming(r, 0))
+    s.add_ready(ReadyNotice(r, 0, first_token, {"first_token": 0.0}))
 
 
 def test_prefill_batches_fcfs_under_token_budget():
@@ -47,7 +53,7 @@ def test_prefill_backpressure_when_hold_area_full():
 def test_decode_pulls_only_when_it_has_room():
     s = sched("decode", blocks=6, max_batch=8, size=2)      # 8 prompt + 4 new = 3 blocks: room for 2
     for i in range(10):
-        s.add_ready(ReadyNotice(req(i, 8), 0, 7, {"first_token": 0.0}))
+        announce(s, req(i, 8))
     done, max_used = [], 0
     for _ in range(200):
         step, joined = s.schedule()
@@ -66,7 +72,7 @@ def test_decode_pulls_only_when_it_has_room():
 
 def test_join_waits_for_every_rank():
     s = sched("decode", size=2)
-    s.add_ready(ReadyNotice(req(0, 8), 0, 7, {"first_token": 0.0}))
+    announce(s, req(0, 8))
     step, _ = s.schedule()
     assert [(k.req_id, k.num_tokens, k.peer_instance) for k in step.kv_recvs] == [(0, 8, 0)]
     s.rank_arrived(0)
@@ -75,6 +81,40 @@ def test_join_waits_for_every_rank():
     s.rank_arrived(0)
     step, joined = s.schedule()
     assert step.kv_joins == [0] and step.seqs[0].start_pos == 8
+
+
+def test_prefill_announces_requests_that_may_decode_and_transfers_them_even_after_eos():
+    s = Scheduler("prefill", 64, 4, 256, 8, 128, (2,), lambda q: False, 1)
+    s.add_request(Request(0, [5, 6, 7], SamplingParams(max_tokens=4), 0.0))
+    s.add_request(Request(1, [5, 6], SamplingParams(max_tokens=1), 0.0))     # done at its first token
+    s.add_request(Request(2, [5] * 127, SamplingParams(max_tokens=4), 0.0))  # reaches max_model_len
+    s.add_request(Request(3, [5, 6], SamplingParams(max_tokens=4), 0.0))
+    step, _ = s.schedule()
+    assert [q.req_id for q in s.take_announcements()] == [0, 3] and not s.take_announcements()
+    ready, finished = s.on_step([9, 9, 9, 2], None)                        # request 3 samples EOS
+    assert [q.req_id for q in ready] == [0, 3]                              # its receiver is waiting
+    assert sorted((f.req_id, f.finish_reason) for f in finished) == [(1, "length"), (2, "length")]
+    step, _ = s.schedule()
+    assert [k.req_id for k in step.kv_sends] == [0, 3]
+
+
+def test_decode_pulls_before_the_first_token_and_joins_after_it():
+    s = Scheduler("decode", 64, 4, 64, 8, 128, (2,), lambda q: False, 1)
+    r0, r1 = (Request(i, [5, 6, 7], SamplingParams(max_tokens=4), 0.0) for i in range(2))
+    s.add_ready(ReadyNotice(r1, 0, 2, {"first_token": 1.0}))                 # overtook its announcement
+    s.add_incoming(KVIncoming(r0, 0))
+    s.add_incoming(KVIncoming(r1, 0))
+    step, joined = s.schedule()
+    assert [k.req_id for k in step.kv_recvs] == [0, 1] and not joined      # receives posted during prefill
+    s.rank_arrived(0)
+    s.rank_arrived(1)
+    step, joined = s.schedule()
+    assert [q.req_id for q in joined] == [1] and joined[0].finish_reason == "stop"  # EOS first: no step
+    assert step.kv_joins == [1] and not step.seqs                           # request 0: no first token yet
+    s.add_ready(ReadyNotice(r0, 0, 9, {"first_token": 1.0}))
+    step, joined = s.schedule()
+    assert [q.req_id for q in joined] == [0] and [(c.req_id, c.token_ids, c.start_pos) for c in step.seqs] == [(0, [9], 3)]
+    assert joined[0].token_times == [1.0] and "pull_start" in joined[0].times
 
 
 def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():

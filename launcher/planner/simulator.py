@@ -6,9 +6,10 @@ Policies mirror engine/scheduler.py and engine/controller.py:
   requests, and are assigned the decode instance with the fewest;
 - prefill: FCFS batches under the token budget L_m (the first request always fits); its KV stays
   held until pulled; a full hold area stops new batches (backpressure);
-- decode: named per request at dispatch; pulls when it has room for prompt + output tokens and
-  batch room (the prefill side has posted its sends already); a pulled request joins the batch at
-  the first step boundary after its transfer; continuous batching;
+- decode: named per request at dispatch and told when its prefill starts; at a step boundary (at
+  once when idle) it pulls (posts the receives) when it has room for prompt + output tokens and
+  batch room; the transfer runs from the later of the first token and the pull; a pulled request
+  joins the batch at the first step boundary after its transfer; continuous batching;
 - colocated: prefill-prioritised; a step is a prefill batch whenever one is admissible.
 """
 from __future__ import annotations
@@ -97,6 +98,9 @@ class _Prefill:
         if not batch:
             return  # backpressure: wakes again when a pull frees the hold area
         lens = [r.input_len for r in batch]
+        for r in batch:
+            if r.output_len > 1:
+                self.sim.announce(r, self)
         self.held += tokens
         self.free_at = loop.now + lat.prefill_interval_ms(lens, self.spec.tp, self.spec.pp)
         loop.at(loop.now + lat.prefill_ms(lens, self.spec.tp, self.spec.pp), lambda: self._done(batch))
@@ -112,12 +116,10 @@ class _Prefill:
             self.outstanding -= 1
             if r.output_len <= 1:
                 r.finish = r.first_token
-                decode = self.sim.decode_of.pop(id(r), None)
-                if decode is not None:
-                    decode.assigned -= 1
+                self.sim.decode_of.pop(id(r)).assigned -= 1
                 self.release(r)
             else:
-                self.sim.to_decode(r, self)
+                self.sim.decode_of.pop(id(r)).first_token(r)
         self.try_start()
 
     def release(self, r: SimRequest) -> None:
@@ -128,7 +130,8 @@ class _Prefill:
 class _Decode:
     def __init__(self, sim: "Simulation", spec: InstanceSpec):
         self.sim, self.spec = sim, spec
-        self.ready: deque[tuple[SimRequest, _Prefill]] = deque()
+        self.ready: deque[tuple[SimRequest, _Prefill]] = deque()  # announced, not pulled
+        self.posted: dict[int, _Prefill] = {}  # pulled before their first token: id -> source
         self.running: list[list] = []      # [request, tokens generated]
         self.joinable: list[SimRequest] = []
         self.pulling = self.used = self.assigned = 0
@@ -144,10 +147,27 @@ class _Decode:
             self.ready.popleft()
             self.used += need
             self.pulling += 1
-            ms = 0.0
-            if p.kv_bytes_per_token:
-                ms = r.input_len * p.kv_bytes_per_token / (p.bandwidth_gbps(source.spec, self.spec) * 1e9) * 1e3
-            self.sim.loop.at(self.sim.loop.now + ms, lambda r=r, s=source: self._arrived(r, s))
+            if math.isnan(r.first_token):
+                self.posted[id(r)] = source
+            else:
+                self._transfer(r, source)
+
+    def announce(self, r: SimRequest, source: _Prefill) -> None:
+        self.ready.append((r, source))
+        if not self.stepping:
+            self.try_pull()
+
+    def first_token(self, r: SimRequest) -> None:
+        """The prefill side posts its sends; the transfer starts if the receives are posted."""
+        source = self.posted.pop(id(r), None)
+        if source is not None:
+            self._transfer(r, source)
+
+    def _transfer(self, r: SimRequest, source: _Prefill) -> None:
+        p, ms = self.sim.policy, 0.0
+        if p.kv_bytes_per_token:
+            ms = r.input_len * p.kv_bytes_per_token / (p.bandwidth_gbps(source.spec, self.spec) * 1e9) * 1e3
+        self.sim.loop.at(self.sim.loop.now + ms, lambda: self._arrived(r, source))
 
     def _arrived(self, r: SimRequest, source: _Prefill) -> None:
         self.pulling -= 1
@@ -257,11 +277,8 @@ class Simulation:
         if not self.colocated and not (self.prefills and self.decodes):
             raise ValueError("simulate prefill + decode instances, or colocated instances")
 
-    def to_decode(self, r: SimRequest, source: _Prefill) -> None:
-        target = self.decode_of.pop(id(r))
-        target.ready.append((r, source))
-        target.try_pull()
-        target.start_step()
+    def announce(self, r: SimRequest, source: _Prefill) -> None:
+        self.decode_of[id(r)].announce(r, source)
 
     def _arrive(self, r: SimRequest) -> None:
         entry = self.colocated or self.prefills
