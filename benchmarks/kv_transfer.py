@@ -1,5 +1,6 @@
-"""KV transfer: the engine's path (gather blocks -> one buffer per peer -> isend/irecv -> scatter into
-blocks) against a raw gloo send/recv of one buffer of the same size, measured in the same run.
+"""KV transfer: the engine's path (one message per (layer, K|V): a view of the cache when the request's
+blocks are consecutive, else gathered into / scattered from a staging buffer) against a raw gloo
+send/recv of one buffer of the same size, measured in the same run.
 
 Run under MPI with 1 + ranks of the two layouts, e.g. (3 ranks: P TP1 -> D TP1, and P TP1 -> D TP2):
     mpirun -n 3 --oversubscribe python benchmarks/kv_transfer.py [--out benchmarks/results/kv_transfer.json]
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import os
 import statistics
 import sys
@@ -63,15 +65,20 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     # Layout pairs: P TP1 (rank 0) -> D TP1 (rank 1); P TP1 (rank 0) -> D TP... heads split over ranks 1, 2
     # is not possible with 3 KV heads, so the second pair is D PP2 (layers split over ranks 1, 2).
-    pairs = {"P tp1 -> D tp1": [InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 1, 1)],
-             "P tp1 -> D pp2": [InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 2, 1)]}
+    # Block tables: consecutive (what the allocator gives when a free run fits: no copies), or
+    # scattered (a fragmented cache: both sides gather/scatter through staging buffers).
+    same = [InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 1, 1)]
+    pairs = {"P tp1 -> D tp1": (same, False), "P tp1 -> D tp1 scattered": (same, True),
+             "P tp1 -> D pp2": ([InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 2, 1)], False)}
     rows = []
-    for name, instances in pairs.items():
+    for name, (instances, scattered) in pairs.items():
         plan = Plan(instances)
         mine = instances[0] if rank == 0 else plan.instance_of(rank)
         for length in [int(x) for x in args.lengths.split(",")]:
             blocks = blocks_for(length, BLOCK)
             table = list(range(blocks))
+            if scattered:
+                random.Random(length).shuffle(table)
             engine_s, raw_s = [], []
             if mine is not None:
                 rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)

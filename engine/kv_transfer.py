@@ -1,13 +1,14 @@
 """Moves a request's KV cache between a prefill and a decode instance with point-to-point ops.
 
-One contiguous buffer per (request, peer pair): [layers, k|v, blocks, block_size, heads, head_dim]
-of the rectangle the pair shares (engine.reshard), gathered and scattered a whole block at a time.
-The buffer travels as a few messages of consecutive layers (about CHUNK_BYTES each, in order, one
-tag), so copying and sending overlap: the sender gathers chunk i+1 while chunk i is on the wire,
-and the receiver's helper thread scatters chunk i into the request's blocks (allocated when the
-pull was posted) while chunk i+1 arrives. Sends and receives are asynchronous (isend/irecv on the
-world group: gloo on CPU, NCCL on GPU, where the helper thread's copies are untested) and tagged
-with the request id; the decode side keeps stepping while they are in flight.
+Per (request, peer pair) the data is the rectangle the pair shares (engine.reshard) of the
+request's whole blocks, sent as one message per (layer, K|V), in layer order, one tag (the request
+id). Each side alone decides where its messages live: when the request's blocks are consecutive
+and the pair covers all of this rank's KV heads, a message is a view of the cache itself (no copy);
+otherwise it is a slice of a pooled staging buffer that the sender gathers layer by layer while
+earlier layers are on the wire, and that the receiver's helper thread scatters layer by layer as
+they land. Sends and receives are asynchronous (isend/irecv on the world group: gloo on CPU, NCCL
+on GPU, where the helper thread's copies are untested); the decode side keeps stepping while they
+are in flight.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from engine.kv_cache import KVCache, blocks_for
 from engine.reshard import Transfer, transfer_plan
 from launcher.model_files import ModelShape
 
-CHUNK_BYTES = 4 << 20
 POOL_BYTES = 256 << 20
 
 
@@ -58,7 +58,7 @@ class KVTransfer:
         self.ctx, self.cache, self.shape = ctx, cache, shape
         self.layer_offset, self.head_offset = layer_offset, head_offset
         self.sending: dict[int, tuple] = {}    # req_id -> ([work], [buffer])
-        self.receiving: dict[int, list] = {}   # req_id -> [(transfer, buffer, layer chunk, work)]
+        self.receiving: dict[int, list] = {}   # req_id -> [(transfer, staging buffer, message, work)]
         self.waiters: dict[int, threading.Event] = {}
         self.reported: set[int] = set()
         self.pool = StagingPool()
@@ -72,82 +72,88 @@ class KVTransfer:
         return (slice(l0 - self.layer_offset, l1 - self.layer_offset),
                 slice(h0 - self.head_offset, h1 - self.head_offset))
 
-    def _blocks(self, cache: torch.Tensor, layers: slice) -> torch.Tensor:
-        """[layers, blocks, block_size, heads, head_dim] view of a cache tensor."""
-        part = cache[layers]
-        return part.view(part.shape[0], -1, self.cache.block_size, *part.shape[2:])
-
     def _buffer(self, t: Transfer, num_blocks: int) -> torch.Tensor:
         (l0, l1), (h0, h1) = t.rect.layers, t.rect.heads
         return self.pool.take((l1 - l0, 2, num_blocks, self.cache.block_size, h1 - h0, self.shape.head_dim),
                               self.cache.k.dtype, self.cache.k.device)
 
-    @staticmethod
-    def _chunks(buf: torch.Tensor) -> list[tuple[int, int]]:
-        """Ranges of consecutive layers of about CHUNK_BYTES each (at least one layer)."""
-        per_layer = buf[0].numel() * buf.element_size()
-        step = max(1, CHUNK_BYTES // max(per_layer, 1))
-        return [(i, min(i + step, buf.shape[0])) for i in range(0, buf.shape[0], step)]
-
-    def _block_ids(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+    def _block_ids(self, block_table: list[int], num_tokens: int) -> list[int]:
         """Whole blocks move (the tail past num_tokens is rewritten by decode before it is read)."""
-        return torch.tensor(block_table[:blocks_for(num_tokens, self.cache.block_size)], dtype=torch.long)
+        return block_table[:blocks_for(num_tokens, self.cache.block_size)]
 
-    def _copy(self, t: Transfer, buf: torch.Tensor, ids: torch.Tensor, chunk: tuple[int, int], to_cache: bool) -> None:
-        """Copies layers chunk of the buffer from (sender) or into (receiver) this rank's blocks `ids`."""
+    def _in_place(self, t: Transfer, ids: list[int]) -> bool:
+        """Messages can be views of the cache: consecutive blocks and all of this rank's heads."""
+        (h0, h1) = t.rect.heads
+        return h1 - h0 == self.cache.k.shape[2] and ids == list(range(ids[0], ids[0] + len(ids)))
+
+    def _messages(self, t: Transfer, ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The pair's messages in order ((layer, K), (layer, V), ...), and the staging buffer they
+        are slices of (None when they are views of the cache)."""
+        layers, _ = self._local(t)
+        if self._in_place(t, ids):
+            slots = slice(ids[0] * self.cache.block_size, (ids[-1] + 1) * self.cache.block_size)
+            return [cache[layer, slots] for layer in range(layers.start, layers.stop)
+                    for cache in (self.cache.k, self.cache.v)], None
+        buf = self._buffer(t, len(ids))
+        return [buf[i, j] for i in range(buf.shape[0]) for j in (0, 1)], buf
+
+    def _copy(self, t: Transfer, buf: torch.Tensor, ids: torch.Tensor, layer: int, to_cache: bool) -> None:
+        """Copies one layer (index within the pair's rectangle) of the staging buffer from (sender)
+        or into (receiver) this rank's blocks `ids`."""
         layers, heads = self._local(t)
-        a, b = chunk
-        layers = slice(layers.start + a, layers.start + b)
-        part = buf[a:b]
         for i, cache in enumerate((self.cache.k, self.cache.v)):
-            blocks = self._blocks(cache, layers)
-            whole = part.shape[4] == blocks.shape[3]  # all of this rank's heads: no head slicing
+            part = buf[layer, i]  # [blocks, block_size, pair's heads, head_dim]
+            blocks = cache[layers.start + layer].view(-1, self.cache.block_size, *cache.shape[2:])
+            whole = part.shape[2] == blocks.shape[2]
             if to_cache:
                 if whole:
-                    blocks.index_copy_(1, ids, part[:, i])
+                    blocks.index_copy_(0, ids, part)
                 else:
-                    blocks[:, ids, :, heads] = part[:, i]
+                    blocks[ids, :, heads] = part
             elif whole:
-                torch.index_select(blocks, 1, ids, out=part[:, i])
+                torch.index_select(blocks, 0, ids, out=part)
             else:
-                part[:, i].copy_(blocks.index_select(1, ids)[:, :, :, heads])
+                part.copy_(blocks.index_select(0, ids)[:, :, heads])
 
     def post_sends(self, req_id: int, block_table: list[int], num_tokens: int, dst_instance: int) -> None:
         ids = self._block_ids(block_table, num_tokens)
+        index = torch.tensor(ids, dtype=torch.long)
         works, buffers = [], []
         for t in self._plan(self.ctx.instance.id, dst_instance):
             if t.src_rank != self.ctx.rank:
                 continue
-            buf = self._buffer(t, ids.numel())
-            for a, b in self._chunks(buf):
-                self._copy(t, buf, ids, (a, b), to_cache=False)
-                works.append(dist.isend(buf[a:b], t.dst_rank, tag=req_id))
-            buffers.append(buf)
+            messages, buf = self._messages(t, ids)
+            for i, message in enumerate(messages):
+                if buf is not None and i % 2 == 0:  # gather layer i // 2 while earlier ones are sent
+                    self._copy(t, buf, index, i // 2, to_cache=False)
+                works.append(dist.isend(message, t.dst_rank, tag=req_id))
+            if buf is not None:
+                buffers.append(buf)
         self.sending[req_id] = (works, buffers)
 
     def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int) -> None:
-        """Posts every chunk's receive; a helper thread scatters chunks into `block_table` as they land."""
+        """Posts every message's receive; a helper thread scatters staged layers as they land."""
         ids = self._block_ids(block_table, num_tokens)
-        chunks = []
+        posted = []  # (transfer, staging buffer or None, message index, work)
         for t in self._plan(src_instance, self.ctx.instance.id):
             if t.dst_rank != self.ctx.rank:
                 continue
-            buf = self._buffer(t, ids.numel())
-            for chunk in self._chunks(buf):
-                a, b = chunk
-                chunks.append((t, buf, chunk, dist.irecv(buf[a:b], t.src_rank, tag=req_id)))
-        self.receiving[req_id] = chunks
-        self.waiters[req_id] = self._land(chunks, ids)
+            messages, buf = self._messages(t, ids)
+            posted += [(t, buf, i, dist.irecv(m, t.src_rank, tag=req_id)) for i, m in enumerate(messages)]
+        self.receiving[req_id] = posted
+        self.waiters[req_id] = self._land(posted, torch.tensor(ids, dtype=torch.long))
 
-    def _land(self, chunks: list, ids: torch.Tensor) -> threading.Event:
+    def _land(self, posted: list, ids: torch.Tensor) -> threading.Event:
         """gloo's recv works report completion only through wait(): wait on a helper thread (which
-        releases the GIL) and scatter each chunk as it completes, so the rank keeps stepping."""
+        releases the GIL) and scatter each staged layer once its K and V landed, so the rank keeps
+        stepping."""
         done = threading.Event()
 
         def land_all():
-            for t, buf, chunk, work in chunks:
+            for t, buf, i, work in posted:
                 work.wait()
-                self._copy(t, buf, ids, chunk, to_cache=True)
+                if buf is not None and i % 2 == 1:
+                    self._copy(t, buf, ids, i // 2, to_cache=True)
             done.set()
 
         threading.Thread(target=land_all, daemon=True).start()
@@ -162,8 +168,8 @@ class KVTransfer:
     def join(self, req_id: int) -> None:
         """The request's KV is in this rank's blocks once its helper thread is done."""
         self.waiters.pop(req_id).wait()
-        chunks = self.receiving.pop(req_id)
-        for buf in {id(buf): buf for _, buf, _, _ in chunks}.values():
+        posted = self.receiving.pop(req_id)
+        for buf in {id(buf): buf for _, buf, _, _ in posted if buf is not None}.values():
             self.pool.give(buf)
         self.reported.discard(req_id)
 

@@ -15,7 +15,7 @@ from engine.step import SamplingParams, SeqChunk, StepPlan
 
 PREFILL_LENS = [16, 64, 128, 256, 512]
 PREFILL_BATCHES = [1, 2, 4]
-DECODE_BATCHES = [1, 2, 4, 8, 16, 32]
+DECODE_BATCHES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]  # small batches are far from linear on CPUs
 DECODE_CONTEXTS = [32, 128, 256, 768]
 MAX_PREFILL_TOKENS = 2048
 
@@ -32,10 +32,13 @@ def _decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
                           for i in range(batch)])
 
 
-def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, repeats: int = 3) -> dict:
-    """Leader side: every shape that fits the cache and the context, `repeats` times each; median ms."""
+def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, repeats: int = 3,
+                decode_repeats: int = 5) -> dict:
+    """Leader side: every shape that fits the cache and the context, `repeats` times each (decode
+    steps, short and noisier, `decode_repeats` times); median ms."""
     vocab = runner.shape.vocab_size
-    def timed(plan: StepPlan) -> float:
+
+    def timed(plan: StepPlan, repeats: int = repeats) -> float:
         times = []
         for _ in range(repeats):
             for local in range(1, ctx.instance.size):
@@ -60,7 +63,7 @@ def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, rep
             if context + 1 >= max_len or batch * blocks_for(context + 1, block_size) > num_blocks:
                 continue
             samples["decode"].append({"batch": batch, "context_sum": batch * (context + 1),
-                                      "ms": timed(_decode_plan(batch, context, block_size))})
+                                      "ms": timed(_decode_plan(batch, context, block_size), decode_repeats)})
         ctx.world.send((ctx.instance.id, len(samples["decode"])), dest=0, tag=c.TAG_HEARTBEAT)
     for local in range(1, ctx.instance.size):
         ctx.instance_comm.send(StepPlan(shutdown=True), dest=local, tag=c.TAG_STEP)

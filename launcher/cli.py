@@ -208,7 +208,7 @@ def cmd_profile(args) -> int:
     import platform
     import time
 
-    from launcher.planner.profile_fit import fit_entry
+    from launcher.planner.profile_fit import fit_entry, shared_slowdown
 
     cfg = load_config(args.config)
     hosts = cluster_hosts(cfg)
@@ -219,26 +219,35 @@ def cmd_profile(args) -> int:
         [t for t in (1, 2, 4, 8) if t <= slots and shape.num_kv_heads % t == 0][:2]
     run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
     os.makedirs(run_dir, exist_ok=True)
-    entry = {}
-    for tp in tps:
-        # every slot busy at once, as in a real deployment: the timings include the contention
-        # of ranks sharing memory bandwidth (and, on small machines, cores)
-        count = 1 if args.alone else max(1, slots // tp)
+    def profiled(tp: int, count: int) -> dict:
+        """Step samples of `count` instances of TP `tp` profiling at once."""
         plan = packed_plan([("colocated", count, tp, 1)], hosts)
         check_layouts(plan, shape, hosts, key="plan")
-        samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}.json")
+        samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}-x{count}.json")
         job, cmd, env = write_job(cfg, plan, model_dir, run_dir, mode="profile", profile_samples=samples_path)
         if not args.quiet:
             print(f"profiling TP={tp} on {count} concurrent instance(s) ...", file=sys.stderr)
         rc = launch(cmd, job, env)
         if rc != 0:
-            print(f"pdlaunch: profiling TP={tp} failed (exit {rc})", file=sys.stderr)
-            return rc
+            error = UserError(f"profiling TP={tp} failed (exit {rc}); see its messages above")
+            error.exit_code = rc
+            raise error
         with open(samples_path) as f:
             per_instance = json.load(f)
-        samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
-                   for kind in ("prefill", "decode")}
+        return {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
+                for kind in ("prefill", "decode")}
+
+    entry = {}
+    for tp in tps:
+        # every slot busy at once, as in a real deployment: the timings include the contention
+        # of ranks sharing memory bandwidth (and, on small machines, cores); then one instance
+        # alone, so the simulator knows how much faster a step runs while its neighbours idle
+        count = 1 if args.alone else max(1, slots // tp)
+        samples = profiled(tp, count)
         entry[str(tp)] = fit_entry(samples) | {"concurrent_instances": count, "samples": samples}
+        if count > 1:
+            alone = profiled(tp, 1)
+            entry[str(tp)] |= {"shared_slowdown": shared_slowdown(samples, alone), "samples_alone": alone}
     name = os.path.basename(model_dir.rstrip("/"))
     profile = {name: entry, "_meta": {"pipelined_pp": False, "date": time.strftime("%Y-%m-%d"),
                                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cfg.cluster.device}",
@@ -252,7 +261,9 @@ def cmd_profile(args) -> int:
                   f"decode ms (batch >= {e['decoding_large_small_bs_threshold']}) = {e['decoding_largebs'][0]:.2f} + "
                   f"{e['decoding_largebs'][1]:.5f}*sum(ctx) + {e['decoding_largebs'][2]:.3f}*batch "
                   f"(max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
-                  f"L_m = {e['token_budget']}")
+                  f"L_m = {e['token_budget']}" + ("; all slots busy / alone: prefill {prefill:.2f}x, "
+                                                   "decode {decode:.2f}x".format(**e["shared_slowdown"])
+                                                   if "shared_slowdown" in e else ""))
         print(f"wrote {args.output}")
     return 0
 

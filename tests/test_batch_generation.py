@@ -72,6 +72,8 @@ def test_profile_plan_generate_bench(tmp_path, tiny_model_dir):
     profile = json.loads((tmp_path / "profile.json").read_text())
     entry = next(v for k, v in profile.items() if k != "_meta")["1"]
     assert entry["prefill"][1] > 0 and entry["token_budget"] > 0
+    assert entry["concurrent_instances"] > 1 and set(entry["shared_slowdown"]) == {"prefill", "decode"}
+    assert len(entry["samples_alone"]["decode"]) == len(entry["samples"]["decode"]) // entry["concurrent_instances"]
     proc = run_pdlaunch("plan", config, "-o", str(tmp_path / "plan.yaml"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     import yaml

@@ -54,6 +54,24 @@ def test_hand_computed_trace():
     assert attainment([a, b], ttft_ms=30, tpot_ms=30, rule="separate") == 0.5
 
 
+@pytest.mark.parametrize("same_node", [True, False])
+def test_steps_run_at_their_alone_cost_while_the_nodes_other_instances_idle(same_node):
+    """Profiled costs are with every slot busy; shared_slowdown 2 halves a step that starts while no
+    other instance on its node steps. Same trace as above, worked out by hand."""
+    coef = Coefficients((10.0, 1.0, 0.0), (5.0, 0.0, 1.0), (5.0, 0.0, 1.0), 95, 0.0, shared_slowdown=(2.0, 2.0))
+    lat = LatencyModel("toy", {1: coef})
+    policy = Policy(token_budget=100, kv_bytes_per_token=10 ** 6, bandwidth_gbps=lambda p, d: 1.0)
+    a = SimRequest(arrival=0.0, input_len=10, output_len=3)
+    b = SimRequest(arrival=5.0, input_len=20, output_len=3)
+    Simulation(lat, policy, [InstanceSpec(1, 1, 1000, node=0)], [InstanceSpec(1, 1, 1000, node=0 if same_node else 1)]).run([a, b])
+    # a: prefill 0 -> 10 (alone: 20 / 2); transfer 10 ms; b: prefill 10 -> 25 (alone: 30 / 2).
+    assert (a.first_token, b.first_token) == (10.0, 25.0)
+    # a joins at 20; its first step overlaps b's prefill on a shared node: 6 ms, else 3; then 3.
+    assert a.finish == (29.0 if same_node else 26.0)
+    # b joins at 45 (transfer 20 ms), alone: 3 ms steps.
+    assert b.finish == 51.0
+
+
 def test_pipelined_pp_raises_prefill_throughput_not_latency():
     lat = linear_model(prefill=(40.0, 0.0, 0.0), stage_ms=1.0)
     reqs = [SimRequest(0.0, 100, 1) for _ in range(4)]

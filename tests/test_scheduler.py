@@ -149,3 +149,43 @@ def test_micro_batches_split_evenly_and_keep_order():
     for pp in (1, 2, 3, 4):
         chunks = micro_batches(seqs, pp)
         assert len(chunks) == pp and all(chunks) and [s for c in chunks for s in c] == seqs
+
+
+def test_block_allocator_keeps_requests_consecutive_and_never_hands_out_a_block_twice():
+    import random
+
+    from engine.kv_cache import BlockAllocator
+
+    rng = random.Random(0)
+    a = BlockAllocator(100)
+    assert a.allocate(10) == list(range(10)) and a.allocate(5) == list(range(10, 15))
+    a.free(list(range(0, 10)))
+    assert a.allocate(4) == [0, 1, 2, 3]                     # the smallest run that fits: 0-9, not 15-99
+    a.free([0, 1, 2, 3] + list(range(10, 15)))
+    assert a.num_free == 100 and a.allocate(100) == list(range(100))  # freed runs merged back into one
+    a.free(list(range(100)))
+    held: list[list[int]] = []
+    for _ in range(2000):
+        if held and (rng.random() < 0.45 or not a.can_allocate(8)):
+            a.free(held.pop(rng.randrange(len(held))))
+        else:
+            n = rng.randint(1, 8)
+            runs = _free_runs(a, held)
+            got = a.allocate(n)
+            assert len(got) == n and not set(got) & {b for h in held for b in h}
+            if max(runs, default=0) >= n:                    # a run fits: the blocks are consecutive
+                assert got == list(range(got[0], got[0] + n))
+            held.append(got)
+        assert a.num_free == 100 - sum(map(len, held))
+
+
+def _free_runs(a, held) -> list[int]:
+    used = {b for h in held for b in h}
+    runs, length = [], 0
+    for b in range(a.num_blocks + 1):
+        if b < a.num_blocks and b not in used:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    return runs

@@ -3,6 +3,9 @@
 prefill(lens)            = a + b * sum(len) + c * sum(len^2)
 decode(batch, contexts)  = a + b * sum(context) + c * batch   (small- and large-batch sets)
 PP divides the compute and adds a per-stage cost; KV transfer = bytes / link bandwidth.
+Where instances share a node's cores and memory (CPUs), `pdlaunch profile` times steps with every
+slot busy and also alone; their ratio (shared_slowdown, per phase) tells the simulator how much
+faster a step runs while no other instance on its node is stepping.
 
 Profiles use DistServe's published format (shared/anchors), which `pdlaunch profile` also writes:
 {model: {tp: {"prefill": [a,b,c], "decoding_smallbs": [...], "decoding_largebs": [...],
@@ -52,6 +55,7 @@ class Coefficients:
     threshold: int = 95
     pp_stage_ms: float = 1.0        # added per PP stage (DistServe's simulator: 1 ms)
     token_budget: int | None = None  # L_m found by profiling, if any
+    shared_slowdown: tuple[float, float] = (1.0, 1.0)  # (prefill, decode): all slots busy / alone
 
 
 @dataclass
@@ -95,6 +99,14 @@ class LatencyModel:
     def token_budget(self, tp: int) -> int | None:
         return self._coef(tp).token_budget
 
+    def alone_factor(self, tp: int, phase: str) -> float:
+        """What a step of `phase` costs alone on its node, as a share of the profiled (busy) cost."""
+        prefill, decode = self._coef(tp).shared_slowdown
+        return 1.0 / (prefill if phase == "prefill" else decode)
+
+    def shares_nodes(self) -> bool:
+        return any(c.shared_slowdown != (1.0, 1.0) for c in self.by_tp.values())
+
 
 def transfer_ms(num_bytes: float, bandwidth_gbps: float) -> float:
     """KV transfer time over a link of `bandwidth_gbps` gigabytes per second."""
@@ -103,9 +115,11 @@ def transfer_ms(num_bytes: float, bandwidth_gbps: float) -> float:
 
 def _coefficients(raw: dict, where: str) -> Coefficients:
     try:
+        slowdown = raw.get("shared_slowdown", {})
         return Coefficients(tuple(raw["prefill"]), tuple(raw["decoding_smallbs"]), tuple(raw["decoding_largebs"]),
                             int(raw.get("decoding_large_small_bs_threshold", 95)), float(raw.get("pp_stage_ms", 1.0)),
-                            raw.get("token_budget"))
+                            raw.get("token_budget"),
+                            (float(slowdown.get("prefill", 1.0)), float(slowdown.get("decode", 1.0))))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"planner: profile {where} lacks or mangles {e}; expected prefill, decoding_smallbs, "
                         "decoding_largebs as [a, b, c]") from None

@@ -35,7 +35,7 @@ def fit_decode_split(samples: list[dict]) -> tuple[list[float], list[float], int
     large set starts, chosen for the smallest worst-case relative error. CPUs show such a step
     between batch 1 (matrix-vector kernels) and batch 2+ (matrix-matrix kernels)."""
     best = None
-    for threshold in (2, 4, 8, 10 ** 9):
+    for threshold in sorted({s["batch"] for s in samples})[1:] + [10 ** 9]:
         small = [s for s in samples if s["batch"] < threshold]
         large = [s for s in samples if s["batch"] >= threshold] or small
         if min(_decode_shapes(small), _decode_shapes(large)) < 3 and threshold < 10 ** 9:
@@ -59,6 +59,20 @@ def fit_entry(samples: dict) -> dict:
             "token_budget": token_budget(samples["prefill"]),
             "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
                                   "decode": max(decode_errors)}}
+
+
+def shared_slowdown(busy: dict, alone: dict) -> dict:
+    """Per phase, the median ratio of a shape's step time with every slot of the node busy to its
+    time alone (the same shapes, profiled both ways)."""
+    def key(phase: str, x: dict):
+        return tuple(x["lens"]) if phase == "prefill" else (x["batch"], x["context_sum"])
+
+    out = {}
+    for phase in ("prefill", "decode"):
+        alone_ms = {key(phase, x): x["ms"] for x in alone[phase]}
+        ratios = [x["ms"] / alone_ms[key(phase, x)] for x in busy[phase] if key(phase, x) in alone_ms]
+        out[phase] = float(np.median(ratios)) if ratios else 1.0
+    return out
 
 
 def token_budget(samples: list[dict], share: float = 0.9) -> int:

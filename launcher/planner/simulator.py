@@ -11,6 +11,8 @@ Policies mirror engine/scheduler.py and engine/controller.py:
   batch room; the transfer runs from the later of the first token and the pull; a pulled request
   joins the batch at the first step boundary after its transfer; continuous batching;
 - colocated: prefill-prioritised; a step is a prefill batch whenever one is admissible.
+Where the profile says instances sharing a node slow each other (CPUs: cores and memory), a step
+that starts while no other instance on its nodes is stepping costs the profile's alone share.
 """
 from __future__ import annotations
 
@@ -77,6 +79,11 @@ class _Prefill:
         self.sim, self.spec = sim, spec
         self.queue: deque[SimRequest] = deque()
         self.free_at, self.held, self.outstanding, self.waking = 0.0, 0, 0, False
+        self.busy_until = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.sim.loop.now < self.busy_until
 
     def try_start(self) -> None:
         loop, lat = self.sim.loop, self.sim.latency
@@ -102,8 +109,10 @@ class _Prefill:
             if r.output_len > 1:
                 self.sim.announce(r, self)
         self.held += tokens
-        self.free_at = loop.now + lat.prefill_interval_ms(lens, self.spec.tp, self.spec.pp)
-        loop.at(loop.now + lat.prefill_ms(lens, self.spec.tp, self.spec.pp), lambda: self._done(batch))
+        scale = self.sim.contention(self, "prefill")
+        self.free_at = loop.now + lat.prefill_interval_ms(lens, self.spec.tp, self.spec.pp) * scale
+        self.busy_until = loop.now + lat.prefill_ms(lens, self.spec.tp, self.spec.pp) * scale
+        loop.at(self.busy_until, lambda: self._done(batch))
         self.try_start()
 
     def _wake(self) -> None:
@@ -136,6 +145,10 @@ class _Decode:
         self.joinable: list[SimRequest] = []
         self.pulling = self.used = self.assigned = 0
         self.stepping = False
+
+    @property
+    def busy(self) -> bool:
+        return self.stepping
 
     def try_pull(self) -> None:
         p = self.sim.policy
@@ -182,9 +195,10 @@ class _Decode:
         self.joinable = []
         if not self.running:
             return
-        self.stepping = True
         ctx = sum(r.input_len + n for r, n in self.running)
         ms = self.sim.latency.decode_ms(len(self.running), ctx, self.spec.tp, self.spec.pp)
+        ms *= self.sim.contention(self, "decode")
+        self.stepping = True
         self.sim.loop.at(self.sim.loop.now + ms, self._step_done)
 
     def _step_done(self) -> None:
@@ -212,6 +226,10 @@ class _Colocated:
         self.used = self.outstanding = 0
         self.stepping = False
 
+    @property
+    def busy(self) -> bool:
+        return self.stepping
+
     def try_start(self) -> None:
         if self.stepping:
             return
@@ -229,12 +247,13 @@ class _Colocated:
             self.used += need
         if batch:
             ms = lat.prefill_ms([r.input_len for r in batch], self.spec.tp, self.spec.pp)
+            loop.at(loop.now + ms * self.sim.contention(self, "prefill"), lambda: self._prefilled(batch))
             self.stepping = True
-            loop.at(loop.now + ms, lambda: self._prefilled(batch))
         elif self.running:
             ctx = sum(r.input_len + n for r, n in self.running)
+            ms = lat.decode_ms(len(self.running), ctx, self.spec.tp, self.spec.pp)
+            loop.at(loop.now + ms * self.sim.contention(self, "decode"), self._decoded)
             self.stepping = True
-            loop.at(loop.now + lat.decode_ms(len(self.running), ctx, self.spec.tp, self.spec.pp), self._decoded)
 
     def _prefilled(self, batch: list[SimRequest]) -> None:
         for r in batch:
@@ -276,6 +295,21 @@ class Simulation:
         self.decode_of: dict[int, _Decode] = {}
         if not self.colocated and not (self.prefills and self.decodes):
             raise ValueError("simulate prefill + decode instances, or colocated instances")
+        self.instances = [*self.prefills, *self.decodes, *self.colocated]
+        self.shared = latency.shares_nodes() and len(self.instances) > 1
+
+    def contention(self, inst, phase: str) -> float:
+        """The share of its profiled cost a step of `inst` starting now takes: all of it while
+        another instance on its nodes is stepping (profiles time every slot busy), else the
+        profile's alone share."""
+        if not self.shared:
+            return 1.0
+        a = inst.spec
+        for other in self.instances:
+            b = other.spec
+            if other is not inst and other.busy and a.node < b.node + b.span and b.node < a.node + a.span:
+                return 1.0
+        return self.latency.alone_factor(a.tp, phase)
 
     def announce(self, r: SimRequest, source: _Prefill) -> None:
         self.decode_of[id(r)].announce(r, source)

@@ -1,0 +1,109 @@
+"""Run by test_reshard under `mpirun -n 3`: moves one request's KV between two instance layouts
+through engine.kv_transfer (real gloo isend/irecv) with consecutive and scattered block tables on
+either side, and checks every received value against what the sender holds. Prints one line per
+case on rank 0; exits non-zero on a mismatch."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from engine.kv_cache import KVCache, blocks_for  # noqa: E402
+from engine.kv_transfer import KVTransfer  # noqa: E402
+from engine.reshard import owned_rect  # noqa: E402
+from launcher.model_files import ModelShape  # noqa: E402
+from launcher.plan import InstancePlan, Plan  # noqa: E402
+
+SHAPE = ModelShape(num_layers=4, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8,
+                   vocab_size=64, rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                   max_position_embeddings=256, bos_token_id=1, eos_token_ids=(2,))
+BLOCK, NUM_BLOCKS, TOKENS = 4, 16, 13
+CONSECUTIVE, SCATTERED = [5, 6, 7, 8], [9, 2, 14, 0]
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+
+
+class Ctx:
+    def __init__(self, rank: int, plan: Plan, instance: InstancePlan):
+        self.rank, self.plan, self.instance = rank, plan, instance
+
+
+def expected(layer: int, kv: int, pos: torch.Tensor, head: int) -> torch.Tensor:
+    """The value of (global layer, K|V, token position, global KV head, dim)."""
+    return (((layer * 2 + kv) * 1000 + pos[:, None]) * 100 + head * 10 + torch.arange(SHAPE.head_dim)).double()
+
+
+def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: list[int], req_id: int) -> bool:
+    p = InstancePlan(0, "prefill", *LAYOUTS[src], first_rank=0)
+    d = InstancePlan(1, "decode", *LAYOUTS[dst], first_rank=p.size)
+    plan = Plan([p, d])
+    mine = plan.instance_of(rank)
+    if mine is None:
+        return True
+    rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
+    (l0, l1), (h0, h1) = rect.layers, rect.heads
+    cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
+    kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
+    table = src_table if mine is p else dst_table
+    slots = torch.tensor([b * BLOCK + i for b in table for i in range(BLOCK)])
+    positions = torch.arange(len(slots))
+    if mine is p:
+        for layer in range(l0, l1):
+            for kv_index, tensor in enumerate((cache.k, cache.v)):
+                for head in range(h0, h1):
+                    tensor[layer - l0, slots, head - h0] = expected(layer, kv_index, positions, head)
+        kv.post_sends(req_id, table, TOKENS, d.id)
+        kv.release(req_id)
+        return True
+    cache.k.fill_(-1)
+    cache.v.fill_(-1)
+    kv.post_recvs(req_id, table, TOKENS, p.id)
+    kv.join(req_id)
+    moved = slots[:blocks_for(TOKENS, BLOCK) * BLOCK]
+    ok = True
+    for layer in range(l0, l1):
+        for kv_index, tensor in enumerate((cache.k, cache.v)):
+            for head in range(h0, h1):
+                got = tensor[layer - l0, :, head - h0]
+                ok &= torch.equal(got[moved], expected(layer, kv_index, positions[:len(moved)], head))
+                untouched = torch.ones(len(got), dtype=torch.bool)
+                untouched[moved] = False
+                ok &= bool((got[untouched] == -1).all())
+    return ok
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    port = None
+    if rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = world.bcast(port)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world.Get_size())
+    cases = [("tp1", "tp1", CONSECUTIVE, CONSECUTIVE), ("tp1", "tp1", SCATTERED, CONSECUTIVE),
+             ("tp1", "tp1", CONSECUTIVE, SCATTERED), ("tp1", "tp1", SCATTERED, SCATTERED),
+             ("tp1", "tp2", CONSECUTIVE, CONSECUTIVE), ("tp1", "tp2", CONSECUTIVE, SCATTERED),
+             ("tp2", "tp1", CONSECUTIVE, CONSECUTIVE), ("tp2", "tp1", SCATTERED, CONSECUTIVE),
+             ("tp1", "pp2", CONSECUTIVE, CONSECUTIVE), ("tp1", "pp2", SCATTERED, CONSECUTIVE)]
+    failed = 0
+    for i, (src, dst, src_table, dst_table) in enumerate(cases):
+        ok = all(world.allgather(run_case(rank, src, dst, src_table, dst_table, 100 + i)))
+        failed += not ok
+        if rank == 0:
+            print(f"P {src} {'consecutive' if src_table == CONSECUTIVE else 'scattered'} -> "
+                  f"D {dst} {'consecutive' if dst_table == CONSECUTIVE else 'scattered'}: {'ok' if ok else 'WRONG'}",
+                  flush=True)
+    dist.destroy_process_group()
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
