@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from engine.batch import build_batch  # noqa: E402
+from engine.kv_cache import KVCache  # noqa: E402
 from engine.model import LlamaStage, rope_tables  # noqa: E402
 from engine.step import SamplingParams, SeqChunk  # noqa: E402
 from engine.weights import load_stage  # noqa: E402
@@ -42,9 +43,8 @@ class Ours:
         load_stage(self.stage, model_dir, self.shape, 0, 1)
         self.stage.eval()
         self.cos, self.sin = rope_tables(self.shape, 2048)
-        slots = max_tokens
-        self.k = torch.zeros(self.shape.num_layers, slots, self.shape.num_kv_heads, self.shape.head_dim)
-        self.v = torch.zeros_like(self.k)
+        self.cache = KVCache(self.shape.num_layers, -(-max_tokens // BLOCK), BLOCK, self.shape.num_kv_heads,
+                             self.shape.head_dim, torch.float32, torch.device("cpu"))
 
     def _tables(self, batch: int, ctx: int) -> list[list[int]]:
         per = -(-ctx // BLOCK)
@@ -56,7 +56,7 @@ class Ours:
         chunks = [SeqChunk(i, p, 0, tables[i], SamplingParams(), 0) for i, p in enumerate(prompts)]
         t = time.perf_counter()
         b = build_batch(chunks, BLOCK, self.cos, self.sin)
-        self.stage(b.token_ids, b, self.k, self.v).argmax(-1)
+        self.stage(b.token_ids, b, self.cache.k, self.cache.v).argmax(-1)
         return time.perf_counter() - t
 
     @torch.inference_mode()
@@ -69,7 +69,7 @@ class Ours:
         for s in range(steps):
             chunks = [SeqChunk(i, [last[i]], len(p) + s, tables[i], SamplingParams(), 0) for i, p in enumerate(prompts)]
             b = build_batch(chunks, BLOCK, self.cos, self.sin)
-            last = self.stage(b.token_ids, b, self.k, self.v).argmax(-1).tolist()
+            last = self.stage(b.token_ids, b, self.cache.k, self.cache.v).argmax(-1).tolist()
         return (time.perf_counter() - t) / steps
 
 

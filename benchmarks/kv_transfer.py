@@ -90,27 +90,27 @@ def main() -> None:
                 kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, rect.layers[0], rect.heads[0])
             total_bytes = 2 * SHAPE.num_layers * SHAPE.num_kv_heads * SHAPE.head_dim * 4 * length
             raw_buf = torch.zeros(total_bytes // 4)  # allocated and touched once: raw gets its best case
-            for rep in range(args.repeats):
-                req = 1000 * rep + length
-                barrier(world)
-                t = time.perf_counter()
+            def engine(req: int) -> None:
                 if rank == 0:
                     kv.post_sends(req, table, length, 1)
                     kv.release(req)
                 elif mine is not None:
                     kv.post_recvs(req, table, length, 0)
                     kv.join(req)
-                barrier(world)
-                engine_s.append(time.perf_counter() - t)
-                # raw: one buffer of the same total size from rank 0 to rank 1
-                barrier(world)
-                t = time.perf_counter()
+
+            def raw(_req: int) -> None:  # one buffer of the same total size from rank 0 to rank 1
                 if rank == 0:
                     dist.send(raw_buf, 1)
                 elif rank == 1:
                     dist.recv(raw_buf, 0)
-                barrier(world)
-                raw_s.append(time.perf_counter() - t)
+
+            for rep in range(args.repeats):  # alternate which goes first, so order effects cancel
+                for fn, times in ((engine, engine_s), (raw, raw_s))[::1 if rep % 2 == 0 else -1]:
+                    barrier(world)
+                    t = time.perf_counter()
+                    fn(1000 * rep + length)
+                    barrier(world)
+                    times.append(time.perf_counter() - t)
             if rank == 0:
                 e, r = statistics.median(engine_s), statistics.median(raw_s)
                 rows.append({"pair": name, "tokens": length, "mbytes": total_bytes / 1e6,

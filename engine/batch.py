@@ -1,7 +1,7 @@
 """Turns a step's sequence chunks into the flat tensors one forward pass needs.
 
 A ragged batch is flat: the new tokens of every sequence concatenated ([T]). Each token gets a
-position and a cache slot (block_table[pos // block_size] * block_size + pos % block_size).
+position and a cache slot: (block_table[pos // block_size], pos % block_size).
 Sequences with one new token (decode) are attended together over their gathered blocks (padded
 to the longest, the padding masked); sequences with several (prefill) one by one. Gathering whole
 blocks rather than single slots moves the same bytes in block_size times fewer rows.
@@ -20,7 +20,8 @@ from engine.step import SeqChunk
 class BatchMeta:
     token_ids: torch.Tensor
     positions: torch.Tensor
-    slot_mapping: torch.Tensor
+    slot_blocks: torch.Tensor                  # cache slot of each new token: its block ...
+    slot_offsets: torch.Tensor                 # ... and its offset in the block
     cos: torch.Tensor
     sin: torch.Tensor
     logits_rows: torch.Tensor                  # row of each sequence's last token
@@ -30,42 +31,44 @@ class BatchMeta:
     decode_mask: torch.Tensor | None = None    # [B, 1, 1, n * block_size] additive: 0 on the context, -inf after
     all_decode: bool = False                   # every row is a one-token sequence, in row order
     extend_segments: list = field(default_factory=list)       # (rows slice, start position)
-    extend_context_slots: dict = field(default_factory=dict)  # row start -> context slots
+    extend_context_slots: dict = field(default_factory=dict)  # row start -> context (blocks, offsets)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.numel())
 
 
-def context_slots(block_table: list[int], length: int, block_size: int) -> torch.Tensor:
-    """Cache slots of positions [0, length) of a sequence."""
+def context_slots(block_table: list[int], length: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slots of positions [0, length) of a sequence, as (blocks, offsets in the block)."""
     pos = torch.arange(length)
     table = torch.tensor(block_table, dtype=torch.long)
-    return table[pos // block_size] * block_size + pos % block_size
+    return table[pos // block_size], pos % block_size
 
 
 def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin: torch.Tensor) -> BatchMeta:
-    ids, positions, slots, last_rows = [], [], [], []
+    ids, positions, last_rows = [], [], []
+    slot_blocks, slot_offsets = [], []
     decode_rows, decode_ctx, segments, extend_ctx = [], [], [], {}
     row = 0
     for c in chunks:
         n = len(c.token_ids)
         end = c.start_pos + n
-        ctx = context_slots(c.block_table, end, block_size)
+        new = torch.arange(c.start_pos, end)
         ids.extend(c.token_ids)
-        positions.append(torch.arange(c.start_pos, end))
-        slots.append(ctx[c.start_pos:])
+        positions.append(new)
+        slot_blocks.append(torch.tensor(c.block_table, dtype=torch.long)[new // block_size])
+        slot_offsets.append(new % block_size)
         if n == 1 and c.start_pos > 0:
             decode_rows.append(row)
             decode_ctx.append((c.block_table[:blocks_for(end, block_size)], end))
         else:
             segments.append((slice(row, row + n), c.start_pos))
             if c.start_pos > 0:
-                extend_ctx[row] = ctx
+                extend_ctx[row] = context_slots(c.block_table, end, block_size)
         row += n
         last_rows.append(row - 1)
     pos = torch.cat(positions)
-    meta = BatchMeta(torch.tensor(ids, dtype=torch.long), pos, torch.cat(slots),
+    meta = BatchMeta(torch.tensor(ids, dtype=torch.long), pos, torch.cat(slot_blocks), torch.cat(slot_offsets),
                      cos.index_select(0, pos), sin.index_select(0, pos),
                      torch.tensor(last_rows, dtype=torch.long), block_size, extend_segments=segments,
                      extend_context_slots=extend_ctx)

@@ -2,7 +2,10 @@
 
 The leader owns the BlockAllocator and hands block tables to its ranks in the step plan; every
 rank of an instance holds the same block ids for its own (layers of its stage) x (its KV heads).
-Cache tensors are flat over slots: [layers, num_blocks * block_size, kv_heads, head_dim].
+Cache tensors are block-major: [num_blocks, layers, block_size, kv_heads, head_dim], so a run of
+consecutive blocks holds a request's K (or V) of every layer in one piece of memory, which moves
+between instances as one message (engine.kv_transfer). A layer's view, cache[:, layer], is
+[num_blocks, block_size, kv_heads, head_dim] with whole blocks contiguous.
 """
 from __future__ import annotations
 
@@ -86,7 +89,7 @@ class BlockAllocator:
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        shape = (num_blocks, num_layers, block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size

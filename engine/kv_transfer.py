@@ -1,14 +1,15 @@
 """Moves a request's KV cache between a prefill and a decode instance with point-to-point ops.
 
 Per (request, peer pair) the data is the rectangle the pair shares (engine.reshard) of the
-request's whole blocks, sent as one message per (layer, K|V), in layer order, one tag (the request
-id). Each side alone decides where its messages live: when the request's blocks are consecutive
-and the pair covers all of this rank's KV heads, a message is a view of the cache itself (no copy);
-otherwise it is a slice of a pooled staging buffer that the sender gathers layer by layer while
-earlier layers are on the wire, and that the receiver's helper thread scatters layer by layer as
-they land. Sends and receives are asynchronous (isend/irecv on the world group: gloo on CPU, NCCL
-on GPU, where the helper thread's copies are untested); the decode side keeps stepping while they
-are in flight.
+request's whole blocks: K then V, each [blocks, layers, block_size, heads, head_dim], sent as
+messages of about CHUNK_BYTES of consecutive blocks, in order, one tag (the request id). Each side
+alone decides where its messages live: when the request's blocks are consecutive and the pair
+covers all of this rank's layers and heads, a message is a piece of the block-major cache itself
+(no copy: a whole transfer can be two messages); otherwise it is a slice of a pooled staging
+buffer that the sender gathers chunk by chunk while earlier chunks are on the wire, and that the
+receiver's helper thread scatters as they land. Sends and receives are asynchronous (isend/irecv
+on the world group: gloo on CPU, NCCL on GPU, where the helper thread's copies are untested); the
+decode side keeps stepping while they are in flight.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from engine.kv_cache import KVCache, blocks_for
 from engine.reshard import Transfer, transfer_plan
 from launcher.model_files import ModelShape
 
+CHUNK_BYTES = 8 << 20
 POOL_BYTES = 256 << 20
 
 
@@ -58,7 +60,7 @@ class KVTransfer:
         self.ctx, self.cache, self.shape = ctx, cache, shape
         self.layer_offset, self.head_offset = layer_offset, head_offset
         self.sending: dict[int, tuple] = {}    # req_id -> ([work], [buffer])
-        self.receiving: dict[int, list] = {}   # req_id -> [(transfer, staging buffer, message, work)]
+        self.receiving: dict[int, list] = {}   # req_id -> its staging buffers
         self.waiters: dict[int, threading.Event] = {}
         self.reported: set[int] = set()
         self.pool = StagingPool()
@@ -74,46 +76,43 @@ class KVTransfer:
 
     def _buffer(self, t: Transfer, num_blocks: int) -> torch.Tensor:
         (l0, l1), (h0, h1) = t.rect.layers, t.rect.heads
-        return self.pool.take((l1 - l0, 2, num_blocks, self.cache.block_size, h1 - h0, self.shape.head_dim),
+        return self.pool.take((2, num_blocks, l1 - l0, self.cache.block_size, h1 - h0, self.shape.head_dim),
                               self.cache.k.dtype, self.cache.k.device)
 
     def _block_ids(self, block_table: list[int], num_tokens: int) -> list[int]:
         """Whole blocks move (the tail past num_tokens is rewritten by decode before it is read)."""
         return block_table[:blocks_for(num_tokens, self.cache.block_size)]
 
-    def _in_place(self, t: Transfer, ids: list[int]) -> bool:
-        """Messages can be views of the cache: consecutive blocks and all of this rank's heads."""
-        (h0, h1) = t.rect.heads
-        return h1 - h0 == self.cache.k.shape[2] and ids == list(range(ids[0], ids[0] + len(ids)))
+    def _chunks(self, t: Transfer, num_blocks: int) -> list[tuple[int, int]]:
+        """Ranges of consecutive blocks of about CHUNK_BYTES of K (or V) each; both sides agree."""
+        (l0, l1), (h0, h1) = t.rect.layers, t.rect.heads
+        per_block = (l1 - l0) * self.cache.block_size * (h1 - h0) * self.shape.head_dim * self.cache.k.element_size()
+        step = max(1, CHUNK_BYTES // per_block)
+        return [(a, min(a + step, num_blocks)) for a in range(0, num_blocks, step)]
 
-    def _messages(self, t: Transfer, ids: list[int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The pair's messages in order ((layer, K), (layer, V), ...), and the staging buffer they
-        are slices of (None when they are views of the cache)."""
-        layers, _ = self._local(t)
-        if self._in_place(t, ids):
-            slots = slice(ids[0] * self.cache.block_size, (ids[-1] + 1) * self.cache.block_size)
-            return [cache[layer, slots] for layer in range(layers.start, layers.stop)
-                    for cache in (self.cache.k, self.cache.v)], None
-        buf = self._buffer(t, len(ids))
-        return [buf[i, j] for i in range(buf.shape[0]) for j in (0, 1)], buf
-
-    def _copy(self, t: Transfer, buf: torch.Tensor, ids: torch.Tensor, layer: int, to_cache: bool) -> None:
-        """Copies one layer (index within the pair's rectangle) of the staging buffer from (sender)
-        or into (receiver) this rank's blocks `ids`."""
+    def _messages(self, t: Transfer, ids: list[int]) -> tuple[list[tuple], torch.Tensor | None]:
+        """The pair's messages in order, as (K or V index, block range, tensor), and the staging
+        buffer they are slices of (None when they are pieces of the cache)."""
         layers, heads = self._local(t)
-        for i, cache in enumerate((self.cache.k, self.cache.v)):
-            part = buf[layer, i]  # [blocks, block_size, pair's heads, head_dim]
-            blocks = cache[layers.start + layer].view(-1, self.cache.block_size, *cache.shape[2:])
-            whole = part.shape[2] == blocks.shape[2]
-            if to_cache:
-                if whole:
-                    blocks.index_copy_(0, ids, part)
-                else:
-                    blocks[ids, :, heads] = part
-            elif whole:
-                torch.index_select(blocks, 0, ids, out=part)
-            else:
-                part.copy_(blocks.index_select(0, ids)[:, :, heads])
+        _, num_layers, _, num_heads, _ = self.cache.k.shape
+        chunks = self._chunks(t, len(ids))
+        in_place = (layers.stop - layers.start == num_layers and heads.stop - heads.start == num_heads
+                    and ids == list(range(ids[0], ids[0] + len(ids))))
+        if in_place:
+            first = ids[0]
+            return [(i, (a, b), cache[first + a:first + b]) for a, b in chunks
+                    for i, cache in enumerate((self.cache.k, self.cache.v))], None
+        buf = self._buffer(t, len(ids))
+        return [(i, (a, b), buf[i, a:b]) for a, b in chunks for i in (0, 1)], buf
+
+    def _copy(self, t: Transfer, message: torch.Tensor, kv: int, blocks: torch.Tensor, to_cache: bool) -> None:
+        """Copies a staged message from (sender) or into (receiver) this rank's `blocks` of K or V."""
+        layers, heads = self._local(t)
+        view = (self.cache.k, self.cache.v)[kv][:, layers, :, heads]
+        if to_cache:
+            view.index_copy_(0, blocks, message)
+        else:
+            torch.index_select(view, 0, blocks, out=message)
 
     def post_sends(self, req_id: int, block_table: list[int], num_tokens: int, dst_instance: int) -> None:
         ids = self._block_ids(block_table, num_tokens)
@@ -123,37 +122,40 @@ class KVTransfer:
             if t.src_rank != self.ctx.rank:
                 continue
             messages, buf = self._messages(t, ids)
-            for i, message in enumerate(messages):
-                if buf is not None and i % 2 == 0:  # gather layer i // 2 while earlier ones are sent
-                    self._copy(t, buf, index, i // 2, to_cache=False)
+            for kv, (a, b), message in messages:
+                if buf is not None:  # gather this chunk while the earlier ones are on the wire
+                    self._copy(t, message, kv, index[a:b], to_cache=False)
                 works.append(dist.isend(message, t.dst_rank, tag=req_id))
             if buf is not None:
                 buffers.append(buf)
         self.sending[req_id] = (works, buffers)
 
     def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int) -> None:
-        """Posts every message's receive; a helper thread scatters staged layers as they land."""
+        """Posts every message's receive; a helper thread scatters staged chunks as they land."""
         ids = self._block_ids(block_table, num_tokens)
-        posted = []  # (transfer, staging buffer or None, message index, work)
+        index = torch.tensor(ids, dtype=torch.long)
+        posted, buffers = [], []  # (transfer, staged?, K or V, blocks, message, work)
         for t in self._plan(src_instance, self.ctx.instance.id):
             if t.dst_rank != self.ctx.rank:
                 continue
             messages, buf = self._messages(t, ids)
-            posted += [(t, buf, i, dist.irecv(m, t.src_rank, tag=req_id)) for i, m in enumerate(messages)]
-        self.receiving[req_id] = posted
-        self.waiters[req_id] = self._land(posted, torch.tensor(ids, dtype=torch.long))
+            posted += [(t, buf is not None, kv, index[a:b], m, dist.irecv(m, t.src_rank, tag=req_id))
+                       for kv, (a, b), m in messages]
+            if buf is not None:
+                buffers.append(buf)
+        self.receiving[req_id] = buffers
+        self.waiters[req_id] = self._land(posted)
 
-    def _land(self, posted: list, ids: torch.Tensor) -> threading.Event:
+    def _land(self, posted: list) -> threading.Event:
         """gloo's recv works report completion only through wait(): wait on a helper thread (which
-        releases the GIL) and scatter each staged layer once its K and V landed, so the rank keeps
-        stepping."""
+        releases the GIL) and scatter each staged chunk as it lands, so the rank keeps stepping."""
         done = threading.Event()
 
         def land_all():
-            for t, buf, i, work in posted:
+            for t, staged, kv, blocks, message, work in posted:
                 work.wait()
-                if buf is not None and i % 2 == 1:
-                    self._copy(t, buf, ids, i // 2, to_cache=True)
+                if staged:
+                    self._copy(t, message, kv, blocks, to_cache=True)
             done.set()
 
         threading.Thread(target=land_all, daemon=True).start()
@@ -168,8 +170,7 @@ class KVTransfer:
     def join(self, req_id: int) -> None:
         """The request's KV is in this rank's blocks once its helper thread is done."""
         self.waiters.pop(req_id).wait()
-        posted = self.receiving.pop(req_id)
-        for buf in {id(buf): buf for _, buf, _, _ in posted if buf is not None}.values():
+        for buf in self.receiving.pop(req_id):
             self.pool.give(buf)
         self.reported.discard(req_id)
 

@@ -94,14 +94,16 @@ class Attention(nn.Module):
                                         skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor, batch: BatchMeta, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """k_cache, v_cache: this layer's [num_blocks, block_size, kv_heads, head_dim] cache views."""
         T = x.shape[0]
         qk, v = column_parallel(self.qkv, x, [(self.heads + self.kv_heads) * self.head_dim,
                                               self.kv_heads * self.head_dim])
         qk = apply_rope(qk.view(T, self.heads + self.kv_heads, self.head_dim), batch.cos, batch.sin)
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = v.view(T, self.kv_heads, self.head_dim)
-        k_cache.index_copy_(0, batch.slot_mapping, k)
-        v_cache.index_copy_(0, batch.slot_mapping, v)
+        slot = (batch.slot_blocks, batch.slot_offsets)
+        k_cache.index_put_(slot, k)
+        v_cache.index_put_(slot, v)
         if batch.all_decode:
             out = self._decode(q, batch, k_cache, v_cache)
         else:
@@ -118,8 +120,8 @@ class Attention(nn.Module):
         what lies past each context. Returns [B, heads, head_dim]."""
         B, n = batch.decode_blocks.shape
         blocks, bs = batch.decode_blocks.view(-1), batch.block_size
-        keys, vals = (cache.view(-1, bs, self.kv_heads, self.head_dim).index_select(0, blocks)
-                      .view(B, n * bs, self.kv_heads, self.head_dim) for cache in (k_cache, v_cache))
+        keys, vals = (cache.index_select(0, blocks).view(B, n * bs, self.kv_heads, self.head_dim)
+                      for cache in (k_cache, v_cache))
         o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
                                            attn_mask=batch.decode_mask, scale=self.scale,
                                            enable_gqa=self.heads != self.kv_heads)
@@ -131,9 +133,9 @@ class Attention(nn.Module):
         if start == 0:
             keys, vals, mask, causal = k[rows], v[rows], None, True
         else:
-            slots = batch.extend_context_slots[rows.start]
-            keys, vals = k_cache.index_select(0, slots), v_cache.index_select(0, slots)
-            n, ctx = rows.stop - rows.start, slots.numel()
+            blocks, offsets = batch.extend_context_slots[rows.start]
+            keys, vals = k_cache[blocks, offsets], v_cache[blocks, offsets]
+            n, ctx = rows.stop - rows.start, blocks.numel()
             mask = torch.arange(ctx)[None, :] <= torch.arange(start, start + n)[:, None]
             causal = False
         o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask,
@@ -202,7 +204,7 @@ class LlamaStage(nn.Module):
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, k_cache[i], v_cache[i])
+            x = layer(x, batch, k_cache[:, i], v_cache[:, i])
         if self.lm_head is None:
             return x
         last = self.norm(x.index_select(0, batch.logits_rows))

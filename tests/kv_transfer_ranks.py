@@ -50,13 +50,14 @@ def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: lis
     cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
     kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
     table = src_table if mine is p else dst_table
-    slots = torch.tensor([b * BLOCK + i for b in table for i in range(BLOCK)])
-    positions = torch.arange(len(slots))
+    blocks = torch.tensor([b for b in table for _ in range(BLOCK)])  # (block, offset) of each position
+    offsets = torch.arange(BLOCK).repeat(len(table))
+    positions = torch.arange(len(blocks))
     if mine is p:
         for layer in range(l0, l1):
             for kv_index, tensor in enumerate((cache.k, cache.v)):
                 for head in range(h0, h1):
-                    tensor[layer - l0, slots, head - h0] = expected(layer, kv_index, positions, head)
+                    tensor[blocks, layer - l0, offsets, head - h0] = expected(layer, kv_index, positions, head)
         kv.post_sends(req_id, table, TOKENS, d.id)
         kv.release(req_id)
         return True
@@ -64,15 +65,16 @@ def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: lis
     cache.v.fill_(-1)
     kv.post_recvs(req_id, table, TOKENS, p.id)
     kv.join(req_id)
-    moved = slots[:blocks_for(TOKENS, BLOCK) * BLOCK]
+    moved = blocks_for(TOKENS, BLOCK) * BLOCK
     ok = True
     for layer in range(l0, l1):
         for kv_index, tensor in enumerate((cache.k, cache.v)):
             for head in range(h0, h1):
-                got = tensor[layer - l0, :, head - h0]
-                ok &= torch.equal(got[moved], expected(layer, kv_index, positions[:len(moved)], head))
-                untouched = torch.ones(len(got), dtype=torch.bool)
-                untouched[moved] = False
+                got = tensor[:, layer - l0, :, head - h0]  # [blocks, offsets, dim]
+                ok &= torch.equal(got[blocks[:moved], offsets[:moved]],
+                                  expected(layer, kv_index, positions[:moved], head))
+                untouched = torch.ones(got.shape[:2], dtype=torch.bool)
+                untouched[blocks[:moved], offsets[:moved]] = False
                 ok &= bool((got[untouched] == -1).all())
     return ok
 
