@@ -54,7 +54,7 @@ def barrier(world) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="128,512,2048")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="benchmarks/results/kv_transfer.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -104,13 +104,14 @@ def main() -> None:
                 elif rank == 1:
                     dist.recv(raw_buf, 0)
 
-            for rep in range(args.repeats):  # alternate which goes first, so order effects cancel
+            for rep in range(args.repeats + 1):  # rep 0 warms both up; then alternate which goes first
                 for fn, times in ((engine, engine_s), (raw, raw_s))[::1 if rep % 2 == 0 else -1]:
                     barrier(world)
                     t = time.perf_counter()
                     fn(1000 * rep + length)
                     barrier(world)
-                    times.append(time.perf_counter() - t)
+                    if rep:
+                        times.append(time.perf_counter() - t)
             if rank == 0:
                 e, r = statistics.median(engine_s), statistics.median(raw_s)
                 rows.append({"pair": name, "tokens": length, "mbytes": total_bytes / 1e6,

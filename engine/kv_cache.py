@@ -2,10 +2,10 @@
 
 The leader owns the BlockAllocator and hands block tables to its ranks in the step plan; every
 rank of an instance holds the same block ids for its own (layers of its stage) x (its KV heads).
-Cache tensors are block-major: [num_blocks, layers, block_size, kv_heads, head_dim], so a run of
-consecutive blocks holds a request's K (or V) of every layer in one piece of memory, which moves
-between instances as one message (engine.kv_transfer). A layer's view, cache[:, layer], is
-[num_blocks, block_size, kv_heads, head_dim] with whole blocks contiguous.
+The cache is one block-major tensor, kv: [num_blocks, K|V, layers, block_size, kv_heads, head_dim],
+so a run of consecutive blocks holds a request's K and V of every layer in one piece of memory,
+which moves between instances as one message (engine.kv_transfer). k and v are views of it; a
+layer's view, k[:, layer], is [num_blocks, block_size, kv_heads, head_dim], whole blocks contiguous.
 """
 from __future__ import annotations
 
@@ -89,10 +89,9 @@ class BlockAllocator:
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (num_blocks, num_layers, block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros((num_blocks, 2, num_layers, block_size, kv_heads, head_dim), dtype=dtype, device=device)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]
         self.block_size = block_size
 
     def bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return self.kv.numel() * self.kv.element_size()

@@ -1,11 +1,11 @@
 """Moves a request's KV cache between a prefill and a decode instance with point-to-point ops.
 
 Per (request, peer pair) the data is the rectangle the pair shares (engine.reshard) of the
-request's whole blocks: K then V, each [blocks, layers, block_size, heads, head_dim], sent as
-messages of about CHUNK_BYTES of consecutive blocks, in order, one tag (the request id). Each side
-alone decides where its messages live: when the request's blocks are consecutive and the pair
-covers all of this rank's layers and heads, a message is a piece of the block-major cache itself
-(no copy: a whole transfer can be two messages); otherwise it is a slice of a pooled staging
+request's whole blocks, [blocks, K|V, layers, block_size, heads, head_dim], sent as messages of
+about CHUNK_BYTES of consecutive blocks, in order, one tag (the request id). Each side alone
+decides where its messages live: when the request's blocks are consecutive and the pair covers all
+of this rank's layers and heads, a message is a piece of the block-major cache itself (no copy:
+most requests move as one message); otherwise it is a slice of a pooled staging
 buffer that the sender gathers chunk by chunk while earlier chunks are on the wire, and that the
 receiver's helper thread scatters as they land. Sends and receives are asynchronous (isend/irecv
 on the world group: gloo on CPU, NCCL on GPU, where the helper thread's copies are untested); the
@@ -76,39 +76,37 @@ class KVTransfer:
 
     def _buffer(self, t: Transfer, num_blocks: int) -> torch.Tensor:
         (l0, l1), (h0, h1) = t.rect.layers, t.rect.heads
-        return self.pool.take((2, num_blocks, l1 - l0, self.cache.block_size, h1 - h0, self.shape.head_dim),
-                              self.cache.k.dtype, self.cache.k.device)
+        return self.pool.take((num_blocks, 2, l1 - l0, self.cache.block_size, h1 - h0, self.shape.head_dim),
+                              self.cache.kv.dtype, self.cache.kv.device)
 
     def _block_ids(self, block_table: list[int], num_tokens: int) -> list[int]:
         """Whole blocks move (the tail past num_tokens is rewritten by decode before it is read)."""
         return block_table[:blocks_for(num_tokens, self.cache.block_size)]
 
     def _chunks(self, t: Transfer, num_blocks: int) -> list[tuple[int, int]]:
-        """Ranges of consecutive blocks of about CHUNK_BYTES of K (or V) each; both sides agree."""
+        """Ranges of consecutive blocks of about CHUNK_BYTES each; both sides agree."""
         (l0, l1), (h0, h1) = t.rect.layers, t.rect.heads
-        per_block = (l1 - l0) * self.cache.block_size * (h1 - h0) * self.shape.head_dim * self.cache.k.element_size()
+        per_block = 2 * (l1 - l0) * self.cache.block_size * (h1 - h0) * self.shape.head_dim * self.cache.kv.element_size()
         step = max(1, CHUNK_BYTES // per_block)
         return [(a, min(a + step, num_blocks)) for a in range(0, num_blocks, step)]
 
     def _messages(self, t: Transfer, ids: list[int]) -> tuple[list[tuple], torch.Tensor | None]:
-        """The pair's messages in order, as (K or V index, block range, tensor), and the staging
-        buffer they are slices of (None when they are pieces of the cache)."""
+        """The pair's messages in order, as (block range, tensor), and the staging buffer they are
+        slices of (None when they are pieces of the cache)."""
         layers, heads = self._local(t)
-        _, num_layers, _, num_heads, _ = self.cache.k.shape
+        _, _, num_layers, _, num_heads, _ = self.cache.kv.shape
         chunks = self._chunks(t, len(ids))
         in_place = (layers.stop - layers.start == num_layers and heads.stop - heads.start == num_heads
                     and ids == list(range(ids[0], ids[0] + len(ids))))
         if in_place:
-            first = ids[0]
-            return [(i, (a, b), cache[first + a:first + b]) for a, b in chunks
-                    for i, cache in enumerate((self.cache.k, self.cache.v))], None
+            return [((a, b), self.cache.kv[ids[0] + a:ids[0] + b]) for a, b in chunks], None
         buf = self._buffer(t, len(ids))
-        return [(i, (a, b), buf[i, a:b]) for a, b in chunks for i in (0, 1)], buf
+        return [((a, b), buf[a:b]) for a, b in chunks], buf
 
-    def _copy(self, t: Transfer, message: torch.Tensor, kv: int, blocks: torch.Tensor, to_cache: bool) -> None:
-        """Copies a staged message from (sender) or into (receiver) this rank's `blocks` of K or V."""
+    def _copy(self, t: Transfer, message: torch.Tensor, blocks: torch.Tensor, to_cache: bool) -> None:
+        """Copies a staged message from (sender) or into (receiver) this rank's `blocks`."""
         layers, heads = self._local(t)
-        view = (self.cache.k, self.cache.v)[kv][:, layers, :, heads]
+        view = self.cache.kv[:, :, layers, :, heads]
         if to_cache:
             view.index_copy_(0, blocks, message)
         else:
@@ -122,9 +120,9 @@ class KVTransfer:
             if t.src_rank != self.ctx.rank:
                 continue
             messages, buf = self._messages(t, ids)
-            for kv, (a, b), message in messages:
+            for (a, b), message in messages:
                 if buf is not None:  # gather this chunk while the earlier ones are on the wire
-                    self._copy(t, message, kv, index[a:b], to_cache=False)
+                    self._copy(t, message, index[a:b], to_cache=False)
                 works.append(dist.isend(message, t.dst_rank, tag=req_id))
             if buf is not None:
                 buffers.append(buf)
@@ -134,13 +132,13 @@ class KVTransfer:
         """Posts every message's receive; a helper thread scatters staged chunks as they land."""
         ids = self._block_ids(block_table, num_tokens)
         index = torch.tensor(ids, dtype=torch.long)
-        posted, buffers = [], []  # (transfer, staged?, K or V, blocks, message, work)
+        posted, buffers = [], []  # (transfer, staged?, blocks, message, work)
         for t in self._plan(src_instance, self.ctx.instance.id):
             if t.dst_rank != self.ctx.rank:
                 continue
             messages, buf = self._messages(t, ids)
-            posted += [(t, buf is not None, kv, index[a:b], m, dist.irecv(m, t.src_rank, tag=req_id))
-                       for kv, (a, b), m in messages]
+            posted += [(t, buf is not None, index[a:b], m, dist.irecv(m, t.src_rank, tag=req_id))
+                       for (a, b), m in messages]
             if buf is not None:
                 buffers.append(buf)
         self.receiving[req_id] = buffers
@@ -152,10 +150,10 @@ class KVTransfer:
         done = threading.Event()
 
         def land_all():
-            for t, staged, kv, blocks, message, work in posted:
+            for t, staged, blocks, message, work in posted:
                 work.wait()
                 if staged:
-                    self._copy(t, message, kv, blocks, to_cache=True)
+                    self._copy(t, message, blocks, to_cache=True)
             done.set()
 
         threading.Thread(target=land_all, daemon=True).start()
