@@ -38,11 +38,9 @@ class BatchMeta:
         return int(self.token_ids.numel())
 
 
-def context_slots(block_table: list[int], length: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache slots of positions [0, length) of a sequence, as (blocks, offsets in the block)."""
-    pos = torch.arange(length)
-    table = torch.tensor(block_table, dtype=torch.long)
-    return table[pos // block_size], pos % block_size
+def slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slots of a sequence's `positions`, as (blocks, offsets in the block)."""
+    return table[positions // block_size], positions % block_size
 
 
 def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin: torch.Tensor) -> BatchMeta:
@@ -54,17 +52,19 @@ def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin:
         n = len(c.token_ids)
         end = c.start_pos + n
         new = torch.arange(c.start_pos, end)
+        table = torch.tensor(c.block_table, dtype=torch.long)
         ids.extend(c.token_ids)
         positions.append(new)
-        slot_blocks.append(torch.tensor(c.block_table, dtype=torch.long)[new // block_size])
-        slot_offsets.append(new % block_size)
+        blocks, offsets = slots(table, new, block_size)
+        slot_blocks.append(blocks)
+        slot_offsets.append(offsets)
         if n == 1 and c.start_pos > 0:
             decode_rows.append(row)
             decode_ctx.append((c.block_table[:blocks_for(end, block_size)], end))
         else:
             segments.append((slice(row, row + n), c.start_pos))
             if c.start_pos > 0:
-                extend_ctx[row] = context_slots(c.block_table, end, block_size)
+                extend_ctx[row] = slots(table, torch.arange(end), block_size)
         row += n
         last_rows.append(row - 1)
     pos = torch.cat(positions)

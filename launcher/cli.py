@@ -229,9 +229,7 @@ def cmd_profile(args) -> int:
             print(f"profiling TP={tp} on {count} concurrent instance(s) ...", file=sys.stderr)
         rc = launch(cmd, job, env)
         if rc != 0:
-            error = UserError(f"profiling TP={tp} failed (exit {rc}); see its messages above")
-            error.exit_code = rc
-            raise error
+            raise UserError(f"profiling TP={tp} failed (exit {rc}); see its messages above", exit_code=rc)
         with open(samples_path) as f:
             per_instance = json.load(f)
         return {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]

@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from launcher.planner.latency import LatencyModel
+from launcher.planner.latency import LatencyModel, transfer_ms
 
 
 @dataclass
@@ -179,7 +179,7 @@ class _Decode:
     def _transfer(self, r: SimRequest, source: _Prefill) -> None:
         p, ms = self.sim.policy, 0.0
         if p.kv_bytes_per_token:
-            ms = r.input_len * p.kv_bytes_per_token / (p.bandwidth_gbps(source.spec, self.spec) * 1e9) * 1e3
+            ms = transfer_ms(r.input_len * p.kv_bytes_per_token, p.bandwidth_gbps(source.spec, self.spec))
         self.sim.loop.at(self.sim.loop.now + ms, lambda: self._arrived(r, source))
 
     def _arrived(self, r: SimRequest, source: _Prefill) -> None:
