@@ -284,6 +284,46 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    import json
+
+    from launcher.planner.planning import latency_models, model_spec
+    from launcher.planner.replay import print_replay, replay_report, simulate_plan, trace_requests
+
+    cfg = load_config(args.config)
+    try:
+        scales = [float(x) for x in args.slo_scales.split(",")]
+    except ValueError:
+        raise UserError(f"simulate: --slo-scales must be numbers separated by commas, got {args.slo_scales!r}") from None
+    if not scales or min(scales) <= 0:
+        raise UserError("simulate: --slo-scales must be positive")
+    reqs = trace_requests(os.path.abspath(args.trace))
+    if args.plan:
+        cfg.placement.plan = os.path.abspath(args.plan)
+    hosts = cluster_hosts(cfg)
+    shape = None if cfg.planner.model else read_shape(model_dir_of(cfg))
+    plan = read_plan(cfg.resolve(cfg.placement.plan)) if cfg.placement.plan else plan_from_config(cfg, hosts)
+    if shape is not None:
+        check_layouts(plan, shape, hosts, key="plan")
+    disagg, colo = latency_models(cfg)
+    latency = colo if plan.by_role("colocated") else disagg
+    simulated = simulate_plan(cfg, plan, model_spec(cfg, shape), latency, reqs, cfg.planner.include_transfer)
+    report = replay_report(simulated, cfg.slo.ttft_ms, cfg.slo.tpot_ms, scales)
+    report["placement"] = [f"{i.role} tp{i.tp} pp{i.pp}" for i in plan.instances]
+    report["trace"] = os.path.abspath(args.trace)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+    if not args.quiet:
+        devices = sum(i.size for i in plan.instances)
+        span_s = max(r.arrival for r in reqs) / 1e3
+        print_replay(report, f"{len(reqs)} requests over {span_s:.1f} s on {len(plan.instances)} instances "
+                             f"({devices} devices): SLO attainment")
+        if args.output:
+            print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import copy
     import json
@@ -404,6 +444,16 @@ def main(argv=None) -> int:
     sb.add_argument("--launcher", choices=("mpirun", "srun"), default="mpirun")
     sb.add_argument("--quiet", action="store_true")
     sb.set_defaults(func=cmd_sbatch)
+    si = sub.add_parser("simulate", help="replay a trace (arrival times and lengths) on a placement with the "
+                                          "planner's simulator: per-request timings and SLO attainment")
+    si.add_argument("config")
+    si.add_argument("--trace", required=True,
+                    help="JSON list of {start_time, prompt_len, output_len} (DistServe's form) or a pdlaunch results file")
+    si.add_argument("--plan", help="plan file to simulate (default: the config's placement)")
+    si.add_argument("--slo-scales", default="0.4,0.6,0.8,1.0,1.2", help="multiples of both SLOs to report")
+    si.add_argument("-o", "--output", help="JSON report: per-request timings, attainment per SLO scale")
+    si.add_argument("--quiet", action="store_true")
+    si.set_defaults(func=cmd_simulate)
     be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
     be.add_argument("config")
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")

@@ -110,7 +110,9 @@ class PlannerConfig:
     affinity: str = "high"          # high: Algorithm 1; low: Algorithm 2
     gpus_per_node: int = 0          # 0: the hostfile's slots
     memory_gb: float = 80.0         # device memory, for the KV capacity of each layout
-    num_requests: int = 300
+    num_requests: int = 300         # the fewest requests a goodput probe simulates
+    span_s: float = 0.0             # arrival span of a probe; 0: ten request lifetimes at the SLOs (>= 30 s)
+    max_requests: int = 6000        # cap on a probe's requests (rate x span)
     precision: float = 0.25         # goodput bisection stops when the bracket is narrower (req/s/device)
     rule: str = "joint"             # joint: both SLOs per request; separate: P90 TTFT and P90 TPOT each
     target_rate: float = 0.0        # req/s to serve; 0 = the best split of the cluster's devices
@@ -118,7 +120,7 @@ class PlannerConfig:
     input_len: float = 128.0        # mean (fixed/lognormal) prompt length
     output_len: float = 32.0
     length_cv: float = 0.5
-    trace: Optional[str] = None     # JSONL with input_len/output_len (e.g. a run's results file)
+    trace: Optional[str] = None     # lengths from a trace: DistServe's {prompt_len, output_len} list or a results file
     include_transfer: bool = True   # DistServe's search ignores KV transfer time; we model it unless told
 
     choices = {"affinity": ("high", "low"), "rule": ("joint", "separate"),
@@ -150,6 +152,7 @@ POSITIVE_INTS = {
     "placement.colocated.tp", "placement.colocated.pp", "scheduler.prefill_token_budget",
     "scheduler.max_decode_batch", "scheduler.block_size", "scheduler.prefill_kv_blocks",
     "scheduler.decode_kv_blocks", "sampling.max_tokens", "planner.num_requests",
+    "planner.max_requests",
 }
 ZERO_ALLOWED = {"cluster.master_port", "placement.prefill.instances", "placement.decode.instances"}
 
@@ -221,6 +224,8 @@ def _check_ranges(cfg: JobConfig) -> None:
         raise UserError("config: 'workload.rate' must be > 0 requests per second")
     if cfg.workload.cv <= 0:
         raise UserError("config: 'workload.cv' must be > 0")
+    if cfg.planner.span_s < 0 or not cfg.planner.precision > 0:
+        raise UserError("config: 'planner.span_s' must be >= 0 seconds (0 = automatic) and 'planner.precision' > 0")
     if cfg.scheduler.watchdog_s <= 0:
         raise UserError("config: 'scheduler.watchdog_s' must be > 0 seconds")
     p = cfg.placement

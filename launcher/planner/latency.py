@@ -2,7 +2,9 @@
 
 prefill(lens)            = a + b * sum(len) + c * sum(len^2)
 decode(batch, contexts)  = a + b * sum(context) + c * batch   (small- and large-batch sets)
-PP divides the compute and adds a per-stage cost; KV transfer = bytes / link bandwidth.
+plus, per step, the framework's fixed cost on the first stage: o0 + o1 * context tokens (per phase;
+the engine's Python loop, or DistServe's 2 ms + 1e-4 ms per token). PP divides the compute and adds
+a per-stage hand-off; KV transfer = bytes / link bandwidth.
 Where instances share a node's cores and memory (CPUs), `pdlaunch profile` times steps with every
 slot busy and also alone; their ratio (shared_slowdown, per phase) tells the simulator how much
 faster a step runs while no other instance on its node is stepping.
@@ -56,6 +58,8 @@ class Coefficients:
     pp_stage_ms: float = 1.0        # added per PP stage (DistServe's simulator: 1 ms)
     token_budget: int | None = None  # L_m found by profiling, if any
     shared_slowdown: tuple[float, float] = (1.0, 1.0)  # (prefill, decode): all slots busy / alone
+    prefill_overhead: tuple[float, float] = (0.0, 0.0)  # per step: ms + ms per context token
+    decode_overhead: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -75,26 +79,40 @@ class LatencyModel:
                             f"it covers TP {self.tp_degrees()}")
         return self.by_tp[tp]
 
+    def step_overhead_ms(self, phase: str, context_tokens: float, tp: int) -> float:
+        """The framework's fixed cost of one step (scheduling, messages, launch), paid serially on
+        the first stage whatever the batch's compute."""
+        coef = self._coef(tp)
+        o0, o1 = coef.prefill_overhead if phase == "prefill" else coef.decode_overhead
+        return o0 + o1 * context_tokens
+
+    def _prefill_compute_ms(self, lens: list[int], coef: Coefficients, pp: int) -> float:
+        a, b, c = coef.prefill
+        return a + b * sum(lens) + c * sum(n * n for n in lens) + coef.pp_stage_ms * (pp - 1)
+
     def prefill_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
         """Latency of one prefill batch through all PP stages: PP does not shorten it, it adds a
         per-stage hand-off (PP raises throughput; TP lowers latency)."""
         coef = self._coef(tp)
-        a, b, c = coef.prefill
-        return a + b * sum(lens) + c * sum(n * n for n in lens) + coef.pp_stage_ms * (pp - 1)
+        return self._prefill_compute_ms(lens, coef, pp) + self.step_overhead_ms("prefill", sum(lens), tp)
 
     def prefill_interval_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
-        """How soon the instance can start its next batch: one stage's share when stages overlap."""
-        latency = self.prefill_ms(lens, tp, pp)
-        return latency / pp if self.pipelined_pp else latency
+        """How soon the instance can start its next batch: one stage's share of the compute when
+        stages overlap, plus the step's fixed cost, which the first stage pays alone."""
+        if not self.pipelined_pp:
+            return self.prefill_ms(lens, tp, pp)
+        coef = self._coef(tp)
+        return self._prefill_compute_ms(lens, coef, pp) / pp + self.step_overhead_ms("prefill", sum(lens), tp)
 
     def decode_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
         """Time for every sequence of the batch to advance one token. With overlapping stages the
         batch runs as pp micro-batches, so a round costs one micro-batch through all stages."""
         coef = self._coef(tp)
+        overhead = self.step_overhead_ms("decode", context_sum, tp)
         if self.pipelined_pp and pp > 1:
             batch, context_sum = -(-batch // pp), context_sum / pp
         a, b, c = coef.decode_small if batch < coef.threshold else coef.decode_large
-        return a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1)
+        return a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1) + overhead
 
     def token_budget(self, tp: int) -> int | None:
         return self._coef(tp).token_budget
@@ -113,16 +131,26 @@ def transfer_ms(num_bytes: float, bandwidth_gbps: float) -> float:
     return num_bytes / (bandwidth_gbps * 1e9) * 1e3
 
 
-def _coefficients(raw: dict, where: str) -> Coefficients:
+def _coefficients(raw: dict, meta: dict, where: str) -> Coefficients:
+    """One TP entry; pp_stage_ms and step_overhead default to the file's _meta (where the anchor
+    profiles carry DistServe's simulator constants), else 1 ms and none."""
     try:
         slowdown = raw.get("shared_slowdown", {})
+        overhead = raw.get("step_overhead", meta.get("step_overhead", {}))
         return Coefficients(tuple(raw["prefill"]), tuple(raw["decoding_smallbs"]), tuple(raw["decoding_largebs"]),
-                            int(raw.get("decoding_large_small_bs_threshold", 95)), float(raw.get("pp_stage_ms", 1.0)),
+                            int(raw.get("decoding_large_small_bs_threshold", 95)),
+                            float(raw.get("pp_stage_ms", meta.get("pp_stage_ms", 1.0))),
                             raw.get("token_budget"),
-                            (float(slowdown.get("prefill", 1.0)), float(slowdown.get("decode", 1.0))))
+                            (float(slowdown.get("prefill", 1.0)), float(slowdown.get("decode", 1.0))),
+                            _pair(overhead.get("prefill", (0.0, 0.0))), _pair(overhead.get("decode", (0.0, 0.0))))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"planner: profile {where} lacks or mangles {e}; expected prefill, decoding_smallbs, "
                         "decoding_largebs as [a, b, c]") from None
+
+
+def _pair(values) -> tuple[float, float]:
+    const, per_token = values
+    return float(const), float(per_token)
 
 
 def load_profile(path: str, model: str | None = None) -> LatencyModel:
@@ -142,9 +170,9 @@ def load_profile(path: str, model: str | None = None) -> LatencyModel:
         model = models[0]
     if model not in data:
         raise UserError(f"planner: profile '{path}' has no model '{model}'; it has {', '.join(models)}")
-    by_tp = {int(tp): _coefficients(raw, f"{path}:{model}:tp{tp}") for tp, raw in data[model].items()
-             if tp.isdigit()}
     meta = data.get("_meta", {})
+    by_tp = {int(tp): _coefficients(raw, meta, f"{path}:{model}:tp{tp}") for tp, raw in data[model].items()
+             if tp.isdigit()}
     return LatencyModel(model, by_tp, path, pipelined_pp=bool(meta.get("pipelined_pp", True)), meta=meta)
 
 

@@ -1,7 +1,6 @@
 """`pdlaunch plan`: config -> latency model + workload -> placement search -> plan file with hosts."""
 from __future__ import annotations
 
-import json
 import time
 
 from launcher.config import JobConfig
@@ -9,32 +8,10 @@ from launcher.errors import UserError
 from launcher.hostfile import Host
 from launcher.plan import InstancePlan, Plan
 from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
-from launcher.planner.search import PlacementResult, Settings, algorithm1, algorithm2, colocated_best
+from launcher.planner.search import (TIE_RULE, PlacementResult, Settings, algorithm1, algorithm2, colocated_best,
+                                     probe_span_s)
+from launcher.planner.replay import trace_lengths
 from launcher.planner.simulator import InstanceSpec, LengthDist
-
-
-def read_trace(path: str) -> list[tuple[int, int]]:
-    """(input, output) lengths from a trace: {input_len, output_len} lines, or a pdlaunch results file."""
-    pairs = []
-    try:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-                usage = obj.get("usage") or ((obj.get("response") or {}).get("body") or {}).get("usage")
-                if "input_len" in obj:
-                    pairs.append((int(obj["input_len"]), int(obj["output_len"])))
-                elif usage:
-                    pairs.append((int(usage["prompt_tokens"]), int(usage["completion_tokens"])))
-    except FileNotFoundError:
-        raise UserError(f"planner: trace '{path}' not found") from None
-    except (json.JSONDecodeError, KeyError, ValueError, TypeError):
-        raise UserError(f"planner: trace '{path}' line {n} needs input_len and output_len (or a results "
-                        "record with usage)") from None
-    if not pairs:
-        raise UserError(f"planner: trace '{path}' has no requests")
-    return pairs
 
 
 def model_spec(cfg: JobConfig, shape=None) -> ModelSpec:
@@ -56,12 +33,14 @@ def settings_from(cfg: JobConfig) -> Settings:
     if p.lengths == "trace":
         if not p.trace:
             raise UserError("config: 'planner.lengths: trace' needs 'planner.trace' (a JSONL file)")
-        lengths.pairs = read_trace(cfg.resolve(p.trace))
-    return Settings(cfg.slo.ttft_ms, cfg.slo.tpot_ms, cfg.slo.attainment, p.rule, p.num_requests, lengths,
-                    "gamma" if cfg.workload.arrival == "gamma" else "poisson", cfg.workload.cv, cfg.workload.seed,
-                    p.precision, 0.0, cfg.scheduler.prefill_token_budget, cfg.scheduler.max_decode_batch,
-                    p.memory_gb, cfg.cluster.intra_node_bandwidth_gbps, cfg.cluster.inter_node_bandwidth_gbps,
-                    p.include_transfer)
+        lengths.pairs = trace_lengths(cfg.resolve(p.trace))
+    return Settings(cfg.slo.ttft_ms, cfg.slo.tpot_ms, cfg.slo.attainment, rule=p.rule, num_requests=p.num_requests,
+                    lengths=lengths, arrival="gamma" if cfg.workload.arrival == "gamma" else "poisson",
+                    cv=cfg.workload.cv, seed=cfg.workload.seed, precision=p.precision, span_s=p.span_s,
+                    max_requests=p.max_requests, token_budget=cfg.scheduler.prefill_token_budget,
+                    max_decode_batch=cfg.scheduler.max_decode_batch, memory_gb=p.memory_gb,
+                    intra_node_gbps=cfg.cluster.intra_node_bandwidth_gbps,
+                    inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer)
 
 
 def latency_models(cfg: JobConfig) -> tuple[LatencyModel, LatencyModel]:
@@ -109,11 +88,13 @@ def run_planner(cfg: JobConfig, hosts: list[Host], shape=None) -> tuple[Plan, Pl
     predicted = {
         "algorithm": "2 (low node-affinity)" if result.affinity == "low" else "1 (high node-affinity)",
         "layout": result.layout, "per_device_goodput": round(result.per_device_goodput, 4),
+        "capacity_per_device": round(result.capacity_per_device, 4),
         "devices": result.devices, "goodput_req_s": round(result.per_device_goodput * result.devices, 4),
         "colocated": {"tp": baseline.tp, "pp": baseline.pp, "per_device_goodput": round(baseline.per_device, 4)}
         if baseline else None,
         "slo": {"ttft_ms": settings.ttft_ms, "tpot_ms": settings.tpot_ms, "attainment": settings.target,
                 "rule": settings.rule},
+        "probe_span_s": round(probe_span_s(settings), 1), "tie_rule": TIE_RULE,
         "planning_s": round(time.time() - started, 2),
     }
     plan.predicted = predicted
@@ -125,12 +106,15 @@ def print_report(result: PlacementResult, predicted: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"candidates (Algorithm {predicted['algorithm']}), best first")
-    for col in ("role", "TP", "PP", "devices", "goodput req/s", "per device"):
+    table = Table(title=f"candidates (Algorithm {predicted['algorithm']}), best first; {TIE_RULE}")
+    for col in ("role", "TP", "PP", "devices", "goodput req/s", "per device", "capacity req/s", "mean TPOT ms"):
         table.add_column(col, justify="right" if col not in ("role",) else "left")
-    for c in sorted(result.candidates, key=lambda c: (c.role, -c.per_device)):
-        table.add_row(c.label or c.role, str(c.tp), str(c.pp), str(c.devices), f"{c.goodput:.2f}", f"{c.per_device:.3f}")
+    for c in sorted(result.candidates, key=lambda c: (c.role, -c.per_device, c.devices, c.mean_tpot_ms)):
+        table.add_row(c.label or c.role, str(c.tp), str(c.pp), str(c.devices), f"{c.goodput:.2f}", f"{c.per_device:.3f}",
+                      f"{c.capacity:.2f}", f"{c.mean_tpot_ms:.1f}" if c.goodput else "-")
     console.print(table)
+    console.print(f"goodput = the highest rate sustained over {predicted['probe_span_s']:g} s of arrivals, "
+                  "below each layout's analytic capacity")
     col = predicted["colocated"]
     ratio = predicted["per_device_goodput"] / col["per_device_goodput"] if col and col["per_device_goodput"] else float("inf")
     console.print(f"[bold]chosen:[/] {predicted['layout']} on {predicted['devices']} devices: "

@@ -1,7 +1,10 @@
 """Goodput search and DistServe's placement algorithms.
 
-goodput = the highest per-device request rate at which >= target of requests meet the SLOs,
-found by bisection on the rate until the bracket is narrower than `precision` (req/s/device).
+goodput = the highest per-device request rate the placement *sustains*: >= target of requests
+meet the SLOs over an arrival span long against a request's lifetime (so a burst that fits in
+memory at once cannot pass), and its queues do not grow. Bisection on a grid of `precision`
+(req/s/device), bounded above by the placement's analytic capacity: a rate at or above what the
+phases can process at all fails without simulation, so no search returns its own ceiling.
 - Algorithm 1 (high node-affinity): each phase alone — prefill against TTFT, decode against TPOT —
   over every (TP, PP) the cluster allows; keep each phase's best per-device goodput; replicate.
 - Algorithm 2 (low node-affinity): prefill stage i and decode stage i share a node, so KV moves
@@ -26,19 +29,31 @@ class Settings:
     tpot_ms: float
     target: float = 0.9
     rule: str = "joint"
-    num_requests: int = 300
+    num_requests: int = 300        # the fewest requests a probe simulates
     lengths: LengthDist = field(default_factory=LengthDist)
     arrival: str = "poisson"
     cv: float = 1.0
     seed: int = 0
     precision: float = 0.25
-    max_rate: float = 0.0          # per device; 0 = find by doubling
+    span_s: float = 0.0            # arrival span of every probe; 0: SPAN_LIFETIMES request lifetimes at the SLOs
+    max_requests: int = 6000       # a probe's request count is rate x span, capped here
     token_budget: int = 512
     max_decode_batch: int = 256
     memory_gb: float = 80.0
     intra_node_gbps: float = 300.0
     inter_node_gbps: float = 3.125
     model_transfer: bool = True    # DistServe's search ignores KV transfer; we include it unless told
+
+
+@dataclass
+class Goodput:
+    """A bisection's outcome, per device: the sustained rate, the analytic capacity that bounded
+    the search, and the mean latencies at that rate (0 when no rate passes)."""
+
+    rate: float
+    capacity: float
+    mean_ttft_ms: float = 0.0
+    mean_tpot_ms: float = 0.0
 
 
 @dataclass
@@ -49,6 +64,8 @@ class Candidate:
     goodput: float                 # req/s for the whole unit
     devices: int
     label: str = ""
+    capacity: float = math.inf     # analytic bound of the unit, req/s
+    mean_tpot_ms: float = 0.0      # at its goodput: the second tie-breaker
 
     @property
     def per_device(self) -> float:
@@ -65,6 +82,7 @@ class PlacementResult:
     candidates: list[Candidate]
     colocated: Candidate | None = None
     layout: str = ""
+    capacity_per_device: float = math.inf
 
 
 class _PrefillOnly(LatencyModel):
@@ -97,16 +115,93 @@ def bisect_rate(ok, lo: float, hi: float, precision: float, hi_fails: bool = Fal
     return lo, hi if hi_fails else math.inf
 
 
-def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: float | None) -> float:
-    """Per-device goodput of `run(requests) -> requests` by bisection on the per-device rate."""
-    def ok(rate: float) -> bool:
-        reqs = make_requests(settings.num_requests, rate * devices, settings.lengths, settings.arrival,
-                             settings.cv, settings.seed)
-        return attainment(run(reqs), ttft, tpot, settings.rule) >= settings.target
+SPAN_LIFETIMES = 10   # a probe's arrivals last this many SLO-bound request lifetimes
+MIN_SPAN_S = 30.0
+GROWTH_FACTOR = 1.5   # the last arrivals' time in system over the middle ones': queues are growing
 
-    if settings.max_rate:
-        return bisect_rate(ok, 0.0, settings.max_rate, settings.precision, hi_fails=True)[0]
-    return bisect_rate(ok, 0.0, settings.precision * 4, settings.precision, ceiling=1e6)[0]
+
+def probe_span_s(settings: Settings) -> float:
+    """How long a probe's arrivals last: long against the time a request may spend in the system
+    (its TTFT SLO plus its mean output at the TPOT SLO), so the drain after the last arrival is a
+    small part of the run and only a sustainable rate passes."""
+    if settings.span_s:
+        return settings.span_s
+    lifetime_ms = settings.ttft_ms + settings.lengths.mean()[1] * settings.tpot_ms
+    return max(MIN_SPAN_S, SPAN_LIFETIMES * lifetime_ms / 1e3)
+
+
+def probe_requests(settings: Settings, rate: float) -> int:
+    """Requests of a probe at `rate` req/s (total): the span's worth, within [num_requests, max_requests]."""
+    return int(min(settings.max_requests, max(settings.num_requests, math.ceil(rate * probe_span_s(settings)))))
+
+
+def queues_grow(reqs: list[SimRequest]) -> bool:
+    """True when the last tenth of the arrivals spend markedly longer per output token in the
+    system than the middle fifth: the placement falls behind the arrivals (ignored under 100
+    requests, where a tenth is noise)."""
+    if len(reqs) < 100:
+        return False
+    order = sorted(reqs, key=lambda r: r.arrival)
+    n = len(order)
+
+    def per_token(chunk: list[SimRequest]) -> float:
+        spent = [(r.finish - r.arrival) / max(1, r.output_len) for r in chunk]
+        return math.inf if any(math.isnan(x) for x in spent) else sum(spent) / len(spent)
+
+    middle, last = per_token(order[2 * n // 5:3 * n // 5]), per_token(order[9 * n // 10:])
+    return last > GROWTH_FACTOR * middle
+
+
+def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: float | None,
+            capacity: float) -> Goodput:
+    """Per-device goodput of `run(requests) -> requests` by bisection on the per-device rate over a
+    grid of settings.precision: the grid's top is the first power-of-two multiple of the precision
+    at or above `capacity` (req/s for the whole unit, analytic), and any rate at or above the
+    capacity fails unsimulated. Same grid for every candidate, so equal goodputs tie exactly."""
+    cap = capacity / devices
+    if not cap > 0:
+        return Goodput(0.0, 0.0)
+    seen: dict[float, list[SimRequest]] = {}
+
+    def ok(rate: float) -> bool:
+        if rate >= cap:
+            return False
+        total = rate * devices
+        reqs = make_requests(probe_requests(settings, total), total, settings.lengths, settings.arrival,
+                             settings.cv, settings.seed)
+        seen[rate] = run(reqs)
+        return attainment(seen[rate], ttft, tpot, settings.rule) >= settings.target and not queues_grow(seen[rate])
+
+    top = settings.precision * 2 ** max(0, math.ceil(math.log2(cap / settings.precision)))
+    lo = bisect_rate(ok, 0.0, top, settings.precision, hi_fails=True)[0]
+    if lo <= 0:
+        return Goodput(0.0, cap)
+    done = [r for r in seen[lo] if not math.isnan(r.finish)]
+    decoded = [r.tpot for r in done if r.output_len > 1]
+    return Goodput(lo, cap, sum(r.ttft for r in done) / len(done), sum(decoded) / len(decoded) if decoded else 0.0)
+
+
+def prefill_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
+    """Requests/s a prefill instance can process at best: batches filled to L_m (the a-term and
+    the step's fixed cost shared by L_m / mean prompt requests), each prompt at the mean length
+    (E[len^2] >= mean^2, so this is an upper bound), one batch per stage interval."""
+    mean_in = settings.lengths.mean()[0]
+    per_batch = max(1.0, settings.token_budget / mean_in)
+    fixed = latency.prefill_interval_ms([], inst.tp, inst.pp)
+    per_request = latency.prefill_interval_ms([mean_in], inst.tp, inst.pp) - fixed
+    return 1e3 / (fixed / per_batch + per_request)
+
+
+def decode_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
+    """Requests/s a decode instance can finish at best: a batch held as full as its KV and
+    max_decode_batch allow, every request at its shortest context, output_len - 1 steps each."""
+    mean_in, mean_out = settings.lengths.mean()
+    if mean_out <= 1:
+        return math.inf
+    batch_max = int(min(settings.max_decode_batch, inst.kv_tokens // (mean_in + mean_out)))
+    best = max((b / latency.decode_ms(b, int(b * (mean_in + 1)), inst.tp, inst.pp)
+                for b in range(1, batch_max + 1)), default=0.0)
+    return best * 1e3 / (mean_out - 1)
 
 
 def _policy(settings: Settings, spec: ModelSpec, bandwidth) -> Policy:
@@ -146,20 +241,35 @@ def phase_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings,
                 r.output_len = 1
             return Simulation(latency, policy, [inst], [big]).run(reqs)
 
-        g = goodput(run_prefill, settings, tp * pp, settings.ttft_ms, None)
-        out.append(Candidate("prefill", tp, pp, g * tp * pp, tp * pp))
+        cap = prefill_capacity(latency, settings, inst)
+        out.append(_candidate("prefill", inst, goodput(run_prefill, settings, tp * pp, settings.ttft_ms, None, cap), cap))
         free = _PrefillOnly(latency)
+        cap = decode_capacity(latency, settings, inst)
         g = goodput(lambda reqs: Simulation(free, policy, [InstanceSpec(1, 1, UNLIMITED)], [inst]).run(reqs),
-                    settings, tp * pp, None, settings.tpot_ms)
-        out.append(Candidate("decode", tp, pp, g * tp * pp, tp * pp))
+                    settings, tp * pp, None, settings.tpot_ms, cap)
+        out.append(_candidate("decode", inst, g, cap))
     return out
+
+
+def _candidate(role: str, inst: InstanceSpec, g: Goodput, capacity: float) -> Candidate:
+    devices = inst.tp * inst.pp
+    return Candidate(role, inst.tp, inst.pp, g.rate * devices, devices, capacity=capacity, mean_tpot_ms=g.mean_tpot_ms)
+
+
+def rank_key(per_device: float, devices: int, mean_tpot_ms: float) -> tuple:
+    """The order candidates are chosen in: highest goodput per device; ties (goodputs sit on one
+    grid of planner.precision) go to fewer devices, then to the lower mean TPOT."""
+    return per_device, -devices, -mean_tpot_ms
+
+
+TIE_RULE = "ties: fewer devices, then lower mean TPOT"
 
 
 def _best(cands: list[Candidate], role: str) -> Candidate:
     pool = [c for c in cands if c.role == role and c.goodput > 0]
     if not pool:
         raise ValueError(f"no {role} layout meets the SLOs at any rate; loosen the SLOs or add devices")
-    return max(pool, key=lambda c: (c.per_device, -c.devices))
+    return max(pool, key=lambda c: rank_key(c.per_device, c.devices, c.mean_tpot_ms))
 
 
 def replicate(p: Candidate, d: Candidate, total_gpus: int, target_rate: float) -> tuple[int, int, float]:
@@ -181,7 +291,7 @@ def replicate(p: Candidate, d: Candidate, total_gpus: int, target_rate: float) -
 
 def choose_phases(cands: list[Candidate], total_gpus: int, target_rate: float) -> tuple[Candidate, Candidate, int, int]:
     """With a target rate: each phase's best per-device layout (Algorithm 1). With a device budget:
-    the pair of layouts whose best split of the budget sustains the highest rate."""
+    the pair of layouts whose best split of the budget sustains the highest rate (ties as rank_key)."""
     if target_rate > 0:
         p, d = _best(cands, "prefill"), _best(cands, "decode")
         n_p, n_d, _ = replicate(p, d, total_gpus, target_rate)
@@ -189,14 +299,22 @@ def choose_phases(cands: list[Candidate], total_gpus: int, target_rate: float) -
     _best(cands, "prefill"), _best(cands, "decode")  # a clear error when a phase has no layout
     options = [(replicate(p, d, total_gpus, 0), p, d) for p in cands if p.role == "prefill" and p.goodput > 0
                for d in cands if d.role == "decode" and d.goodput > 0]
-    (n_p, n_d, rate), p, d = max(options, key=lambda o: (o[0][2], -(o[0][0] * o[1].devices + o[0][1] * o[2].devices)))
+    (n_p, n_d, rate), p, d = max(options, key=lambda o: rank_key(
+        o[0][2], o[0][0] * o[1].devices + o[0][1] * o[2].devices, o[2].mean_tpot_ms))
     if rate <= 0:
         raise ValueError(f"no prefill + decode pair fits in {total_gpus} devices; add devices")
     return p, d, n_p, n_d
 
 
-def simulate_placement(latency: LatencyModel, spec: ModelSpec, settings: Settings, prefill: list[InstanceSpec],
+def placement_capacity(latency: LatencyModel, settings: Settings, prefill: list[InstanceSpec],
                        decode: list[InstanceSpec]) -> float:
+    """req/s a placement can process at best: the slower phase's summed instance capacities."""
+    return min(sum(prefill_capacity(latency, settings, i) for i in prefill),
+               sum(decode_capacity(latency, settings, i) for i in decode))
+
+
+def simulate_placement(latency: LatencyModel, spec: ModelSpec, settings: Settings, prefill: list[InstanceSpec],
+                       decode: list[InstanceSpec]) -> Goodput:
     """Per-device goodput of a whole placement, end to end, joint SLO, transfer times included."""
     devices = sum(i.tp * i.pp for i in prefill + decode)
 
@@ -205,7 +323,12 @@ def simulate_placement(latency: LatencyModel, spec: ModelSpec, settings: Setting
 
     policy = _policy(settings, spec, bandwidth)
     return goodput(lambda reqs: Simulation(latency, policy, prefill, decode).run(reqs), settings, devices,
-                   settings.ttft_ms, settings.tpot_ms)
+                   settings.ttft_ms, settings.tpot_ms, placement_capacity(latency, settings, prefill, decode))
+
+
+def colocated_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
+    """A colocated instance time-shares both phases: per request, its prefill share plus its decode share."""
+    return 1.0 / (1.0 / prefill_capacity(latency, settings, inst) + 1.0 / decode_capacity(latency, settings, inst))
 
 
 def colocated_best(latency: LatencyModel, spec: ModelSpec, settings: Settings, gpus_per_node: int,
@@ -216,10 +339,12 @@ def colocated_best(latency: LatencyModel, spec: ModelSpec, settings: Settings, g
         inst = _instance(spec, settings, tp, pp)
         if inst is None:
             continue
+        cap = colocated_capacity(latency, settings, inst)
         g = goodput(lambda reqs: Simulation(latency, policy, colocated=[inst]).run(reqs), settings, tp * pp,
-                    settings.ttft_ms, settings.tpot_ms)
-        cand = Candidate("colocated", tp, pp, g * tp * pp, tp * pp)
-        if best is None or cand.per_device > best.per_device:
+                    settings.ttft_ms, settings.tpot_ms, cap)
+        cand = _candidate("colocated", inst, g, cap)
+        if best is None or rank_key(cand.per_device, cand.devices, cand.mean_tpot_ms) > \
+                rank_key(best.per_device, best.devices, best.mean_tpot_ms):
             best = cand
     return best
 
@@ -233,8 +358,9 @@ def algorithm1(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes
     decode = [InstanceSpec(d.tp, d.pp, kv_capacity_tokens(spec, settings.memory_gb, d.tp, d.pp)) for _ in range(n_d)]
     _assign_nodes(prefill + decode, nodes, gpus_per_node)
     g = simulate_placement(latency, spec, settings, prefill, decode)
-    return PlacementResult("high", prefill, decode, g, sum(i.tp * i.pp for i in prefill + decode), cands,
-                           layout=f"{n_p} x P(tp{p.tp},pp{p.pp}) + {n_d} x D(tp{d.tp},pp{d.pp})")
+    return PlacementResult("high", prefill, decode, g.rate, sum(i.tp * i.pp for i in prefill + decode), cands,
+                           layout=f"{n_p} x P(tp{p.tp},pp{p.pp}) + {n_d} x D(tp{d.tp},pp{d.pp})",
+                           capacity_per_device=g.capacity)
 
 
 def _assign_nodes(instances: list[InstanceSpec], nodes: int, gpus_per_node: int) -> None:
@@ -272,11 +398,14 @@ def algorithm2(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes
                         devices = p_tp * p_pp + d_tp * d_pp
                         g = simulate_placement(latency, spec, settings, [p], [d])
                         shapes[len(cands)] = (inter, p_tp, p_pp, d_tp, d_pp)
-                        cands.append(Candidate("pair", p_tp, p_pp, g * devices, devices,
-                                               f"{inter} node(s): P tp{p_tp} pp{p_pp} + D tp{d_tp} pp{d_pp}"))
+                        cands.append(Candidate("pair", p_tp, p_pp, g.rate * devices, devices,
+                                               f"{inter} node(s): P tp{p_tp} pp{p_pp} + D tp{d_tp} pp{d_pp}",
+                                               g.capacity * devices, g.mean_tpot_ms))
     if not cands:
         raise ValueError("no low-affinity layout fits the model in the cluster's memory")
-    best = max(range(len(cands)), key=lambda i: cands[i].per_device)
+    best = max(range(len(cands)), key=lambda i: rank_key(cands[i].per_device, cands[i].devices, cands[i].mean_tpot_ms))
+    if cands[best].goodput <= 0:
+        raise ValueError("no low-affinity layout meets the SLOs at any rate; loosen the SLOs or add devices")
     g = cands[best].per_device
     inter, p_tp, p_pp, d_tp, d_pp = shapes[best]
     seg = p_tp * (p_pp // inter) + d_tp * (d_pp // inter)
@@ -289,4 +418,5 @@ def algorithm2(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes
         prefill.append(InstanceSpec(p_tp, p_pp, kv_capacity_tokens(spec, settings.memory_gb, p_tp, p_pp), node, inter))
         decode.append(InstanceSpec(d_tp, d_pp, kv_capacity_tokens(spec, settings.memory_gb, d_tp, d_pp), node, inter))
     return PlacementResult("low", prefill, decode, g, units * unit_devices, cands,
-                           layout=f"{units} x [P(tp{p_tp},pp{p_pp}) + D(tp{d_tp},pp{d_pp})], {inter} node(s) per unit")
+                           layout=f"{units} x [P(tp{p_tp},pp{p_pp}) + D(tp{d_tp},pp{d_pp})], {inter} node(s) per unit",
+                           capacity_per_device=cands[best].capacity / unit_devices)

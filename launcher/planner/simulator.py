@@ -33,6 +33,10 @@ class SimRequest:
     output_len: int
     first_token: float = math.nan
     finish: float = math.nan
+    prefill_start: float = math.nan
+    joined: float = math.nan          # entered the decode batch (disaggregated)
+    prefill_instance: int = -1
+    decode_instance: int = -1
 
     @property
     def ttft(self) -> float:
@@ -40,7 +44,17 @@ class SimRequest:
 
     @property
     def tpot(self) -> float:
+        """(last token - first token) / (tokens - 1): the engine's definition."""
         return (self.finish - self.first_token) / (self.output_len - 1) if self.output_len > 1 else 0.0
+
+    @property
+    def queue_ms(self) -> float:
+        return self.prefill_start - self.arrival
+
+    @property
+    def transfer_ms(self) -> float:
+        """First token -> decode join: the KV pull as the engine reports it."""
+        return self.joined - self.first_token
 
 
 @dataclass
@@ -74,9 +88,40 @@ class _Loop:
             fn()
 
 
+class _Running:
+    """A continuous decode batch: each request leaves after output_len - 1 steps. Steps and context
+    are counted, not walked, so a step costs O(requests finishing) however large the batch."""
+
+    def __init__(self):
+        self.steps = 0
+        self.ends: list[tuple[int, int, SimRequest]] = []  # (step it finishes at, seq, request)
+        self.context = 0    # tokens of every running request: prompt + generated so far
+        self.seq = 0
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def join(self, r: SimRequest) -> None:
+        """r has its first token; it runs from the next step on."""
+        self.seq += 1
+        heapq.heappush(self.ends, (self.steps + r.output_len - 1, self.seq, r))
+        self.context += r.input_len + 1
+
+    def step_done(self) -> list[SimRequest]:
+        """Every request gained a token; returns those that are now complete."""
+        self.steps += 1
+        self.context += len(self.ends)
+        done = []
+        while self.ends and self.ends[0][0] <= self.steps:
+            r = heapq.heappop(self.ends)[2]
+            self.context -= r.input_len + r.output_len
+            done.append(r)
+        return done
+
+
 class _Prefill:
-    def __init__(self, sim: "Simulation", spec: InstanceSpec):
-        self.sim, self.spec = sim, spec
+    def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
+        self.sim, self.spec, self.index = sim, spec, index
         self.queue: deque[SimRequest] = deque()
         self.free_at, self.held, self.outstanding, self.waking = 0.0, 0, 0, False
         self.busy_until = 0.0
@@ -106,6 +151,7 @@ class _Prefill:
             return  # backpressure: wakes again when a pull frees the hold area
         lens = [r.input_len for r in batch]
         for r in batch:
+            r.prefill_start, r.prefill_instance = loop.now, self.index
             if r.output_len > 1:
                 self.sim.announce(r, self)
         self.held += tokens
@@ -137,11 +183,11 @@ class _Prefill:
 
 
 class _Decode:
-    def __init__(self, sim: "Simulation", spec: InstanceSpec):
-        self.sim, self.spec = sim, spec
+    def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
+        self.sim, self.spec, self.index = sim, spec, index
         self.ready: deque[tuple[SimRequest, _Prefill]] = deque()  # announced, not pulled
         self.posted: dict[int, _Prefill] = {}  # pulled before their first token: id -> source
-        self.running: list[list] = []      # [request, tokens generated]
+        self.running = _Running()
         self.joinable: list[SimRequest] = []
         self.pulling = self.used = self.assigned = 0
         self.stepping = False
@@ -166,6 +212,7 @@ class _Decode:
                 self._transfer(r, source)
 
     def announce(self, r: SimRequest, source: _Prefill) -> None:
+        r.decode_instance = self.index
         self.ready.append((r, source))
         if not self.stepping:
             self.try_pull()
@@ -191,38 +238,34 @@ class _Decode:
     def start_step(self) -> None:
         if self.stepping:
             return
-        self.running += [[r, 1] for r in self.joinable]
+        now = self.sim.loop.now
+        for r in self.joinable:
+            r.joined = now
+            self.running.join(r)
         self.joinable = []
         if not self.running:
             return
-        ctx = sum(r.input_len + n for r, n in self.running)
-        ms = self.sim.latency.decode_ms(len(self.running), ctx, self.spec.tp, self.spec.pp)
+        ms = self.sim.latency.decode_ms(len(self.running), self.running.context, self.spec.tp, self.spec.pp)
         ms *= self.sim.contention(self, "decode")
         self.stepping = True
-        self.sim.loop.at(self.sim.loop.now + ms, self._step_done)
+        self.sim.loop.at(now + ms, self._step_done)
 
     def _step_done(self) -> None:
-        now, still = self.sim.loop.now, []
-        for item in self.running:
-            item[1] += 1
-            r = item[0]
-            if item[1] >= r.output_len:
-                r.finish = now
-                self.used -= r.input_len + r.output_len
-                self.assigned -= 1
-            else:
-                still.append(item)
-        self.running = still
+        now = self.sim.loop.now
+        for r in self.running.step_done():
+            r.finish = now
+            self.used -= r.input_len + r.output_len
+            self.assigned -= 1
         self.stepping = False
         self.try_pull()
         self.start_step()
 
 
 class _Colocated:
-    def __init__(self, sim: "Simulation", spec: InstanceSpec):
-        self.sim, self.spec = sim, spec
+    def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
+        self.sim, self.spec, self.index = sim, spec, index
         self.queue: deque[SimRequest] = deque()
-        self.running: list[list] = []
+        self.running = _Running()
         self.used = self.outstanding = 0
         self.stepping = False
 
@@ -246,22 +289,24 @@ class _Colocated:
             tokens += r.input_len
             self.used += need
         if batch:
+            for r in batch:
+                r.prefill_start = r.joined = loop.now
+                r.prefill_instance = r.decode_instance = self.index
             ms = lat.prefill_ms([r.input_len for r in batch], self.spec.tp, self.spec.pp)
             loop.at(loop.now + ms * self.sim.contention(self, "prefill"), lambda: self._prefilled(batch))
             self.stepping = True
         elif self.running:
-            ctx = sum(r.input_len + n for r, n in self.running)
-            ms = lat.decode_ms(len(self.running), ctx, self.spec.tp, self.spec.pp)
+            ms = lat.decode_ms(len(self.running), self.running.context, self.spec.tp, self.spec.pp)
             loop.at(loop.now + ms * self.sim.contention(self, "decode"), self._decoded)
             self.stepping = True
 
     def _prefilled(self, batch: list[SimRequest]) -> None:
         for r in batch:
-            r.first_token = self.sim.loop.now
+            r.first_token = r.joined = self.sim.loop.now
             if r.output_len <= 1:
                 self._finish(r)
             else:
-                self.running.append([r, 1])
+                self.running.join(r)
         self.stepping = False
         self.try_start()
 
@@ -271,14 +316,8 @@ class _Colocated:
         self.outstanding -= 1
 
     def _decoded(self) -> None:
-        still = []
-        for item in self.running:
-            item[1] += 1
-            if item[1] >= item[0].output_len:
-                self._finish(item[0])
-            else:
-                still.append(item)
-        self.running = still
+        for r in self.running.step_done():
+            self._finish(r)
         self.stepping = False
         self.try_start()
 
@@ -289,9 +328,9 @@ class Simulation:
     def __init__(self, latency: LatencyModel, policy: Policy, prefill: list[InstanceSpec] = (),
                  decode: list[InstanceSpec] = (), colocated: list[InstanceSpec] = ()):
         self.latency, self.policy, self.loop = latency, policy, _Loop()
-        self.prefills = [_Prefill(self, s) for s in prefill]
-        self.decodes = [_Decode(self, s) for s in decode]
-        self.colocated = [_Colocated(self, s) for s in colocated]
+        self.prefills = [_Prefill(self, s, i) for i, s in enumerate(prefill)]
+        self.decodes = [_Decode(self, s, len(prefill) + i) for i, s in enumerate(decode)]
+        self.colocated = [_Colocated(self, s, i) for i, s in enumerate(colocated)]
         self.decode_of: dict[int, _Decode] = {}
         if not self.colocated and not (self.prefills and self.decodes):
             raise ValueError("simulate prefill + decode instances, or colocated instances")
@@ -346,6 +385,26 @@ class LengthDist:
     high: tuple[int, int] = (256, 64)
     pairs: list = field(default_factory=list)
     max_len: int = 4096
+    _mean: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def mean(self) -> tuple[float, float]:
+        """Mean (input, output) lengths of what draw() gives; the lognormal's, clipped and floored
+        as draw() does, from a fixed sample (computed once per distribution)."""
+        key = (self.kind, self.input, self.output, self.cv, self.low, self.high, self.max_len, len(self.pairs))
+        if self._mean is None or self._mean[0] != key:
+            self._mean = (key, self._compute_mean())
+        return self._mean[1]
+
+    def _compute_mean(self) -> tuple[float, float]:
+        if self.kind == "trace":
+            return (sum(p[0] for p in self.pairs) / len(self.pairs), sum(p[1] for p in self.pairs) / len(self.pairs))
+        if self.kind == "uniform":
+            return (self.low[0] + self.high[0]) / 2, (self.low[1] + self.high[1]) / 2
+        if self.kind == "lognormal":
+            rng = random.Random(0)
+            sample = [self.draw(rng) for _ in range(20000)]
+            return sum(i for i, _ in sample) / len(sample), sum(o for _, o in sample) / len(sample)
+        return float(int(self.input)), float(int(self.output))
 
     def draw(self, rng: random.Random) -> tuple[int, int]:
         if self.kind == "trace":
