@@ -100,7 +100,8 @@ def _run_instance(ctx, job, cfg) -> None:
 
         DOING["what"] = "profiling"
         ctx.world.send((ctx.instance.id, 0), dest=0, tag=c.TAG_HEARTBEAT)
-        ctx.world.send(run_profile(ctx, runner, blocks, s.block_size, cfg.model.max_model_len), dest=0, tag=c.TAG_RESULT)
+        ctx.world.send(run_profile(ctx, runner, blocks, s.block_size, cfg.model.max_model_len, s.prefill_token_budget,
+                                   s.max_decode_batch), dest=0, tag=c.TAG_RESULT)
         return
     codec = None
 

@@ -11,6 +11,7 @@ import time
 
 from engine import comm as c
 from engine.kv_cache import blocks_for
+from engine.scheduler import Request, Scheduler
 from engine.step import SamplingParams, SeqChunk, StepPlan
 
 PREFILL_LENS = [16, 64, 128, 256, 512]
@@ -18,6 +19,8 @@ PREFILL_BATCHES = [1, 2, 4]
 DECODE_BATCHES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]  # small batches are far from linear on CPUs
 DECODE_CONTEXTS = [32, 128, 256, 768]
 MAX_PREFILL_TOKENS = 2048
+LOOP_PROMPTS = [16, 48, 96, 160, 256] * 3  # the loop-overhead phase's requests, max_tokens LOOP_TOKENS each
+LOOP_TOKENS = 12
 
 
 def _prefill_plan(batch: int, length: int, block_size: int, vocab: int) -> StepPlan:
@@ -32,17 +35,51 @@ def _decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
                           for i in range(batch)])
 
 
-def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, repeats: int = 3,
-                decode_repeats: int = 5) -> dict:
+def _broadcast(ctx, plan: StepPlan) -> None:
+    for local in range(1, ctx.instance.size):
+        ctx.instance_comm.send(plan, dest=local, tag=c.TAG_STEP)
+
+
+def loop_overhead(ctx, runner, num_blocks: int, block_size: int, max_len: int, token_budget: int,
+                  max_batch: int) -> dict:
+    """What a step costs the leader beyond its forward (scheduling, the step plan to the other
+    ranks, taking the tokens back): the engine's own Scheduler drives synthetic requests through
+    the real runner, and each step's loop time minus its runner.execute time is one sample, with
+    the step's context tokens (prompt tokens for prefill, cached + new for decode)."""
+    vocab = runner.shape.vocab_size
+    sched = Scheduler("colocated", num_blocks, block_size, token_budget, max_batch, max_len, (), lambda seq: False,
+                      ctx.instance.size)
+    for i, n in enumerate(p for p in LOOP_PROMPTS if p + LOOP_TOKENS < max_len):
+        prompt = [3 + (i * 11 + j) % (vocab - 3) for j in range(n)]
+        sched.add_request(Request(i, prompt, SamplingParams(max_tokens=LOOP_TOKENS, ignore_eos=True), time.time()))
+    samples = {"prefill": [], "decode": []}
+    while sched.busy():
+        started = time.perf_counter()
+        step, _ = sched.schedule()
+        if not step.seqs:
+            break  # nothing fits the cache: no more samples to take
+        _broadcast(ctx, step)
+        forward_started = time.perf_counter()
+        tokens, logits = runner.execute(step)
+        forward_ms = (time.perf_counter() - forward_started) * 1e3
+        sched.on_step(tokens, logits)
+        phase = "prefill" if all(x.start_pos == 0 for x in step.seqs) else "decode"
+        samples[phase].append({"context_tokens": sum(x.start_pos + len(x.token_ids) for x in step.seqs),
+                               "ms": (time.perf_counter() - started) * 1e3 - forward_ms})
+    return samples
+
+
+def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, token_budget: int, max_batch: int,
+                repeats: int = 3, decode_repeats: int = 5) -> dict:
     """Leader side: every shape that fits the cache and the context, `repeats` times each (decode
-    steps, short and noisier, `decode_repeats` times); median ms."""
+    steps, short and noisier, `decode_repeats` times); median ms. Then the step loop's own cost
+    beyond the forward (loop_overhead)."""
     vocab = runner.shape.vocab_size
 
     def timed(plan: StepPlan, repeats: int = repeats) -> float:
         times = []
         for _ in range(repeats):
-            for local in range(1, ctx.instance.size):
-                ctx.instance_comm.send(plan, dest=local, tag=c.TAG_STEP)
+            _broadcast(ctx, plan)
             started = time.perf_counter()
             runner.execute(plan)
             times.append((time.perf_counter() - started) * 1e3)
@@ -65,6 +102,6 @@ def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, rep
             samples["decode"].append({"batch": batch, "context_sum": batch * (context + 1),
                                       "ms": timed(_decode_plan(batch, context, block_size), decode_repeats)})
         ctx.world.send((ctx.instance.id, len(samples["decode"])), dest=0, tag=c.TAG_HEARTBEAT)
-    for local in range(1, ctx.instance.size):
-        ctx.instance_comm.send(StepPlan(shutdown=True), dest=local, tag=c.TAG_STEP)
+    samples["overhead"] = loop_overhead(ctx, runner, num_blocks, block_size, max_len, token_budget, max_batch)
+    _broadcast(ctx, StepPlan(shutdown=True))
     return samples

@@ -1,8 +1,16 @@
-"""`pdlaunch bench`: replay one workload against the real engine at several rates, next to the
-simulator's prediction for the same requests (same lengths, same arrival times), and report SLO
-attainment, TTFT/TPOT percentiles, throughput and goodput as JSON and a PNG. Goodput per device
-comes from the tested rates' bracket, narrowed by bisection on the engine when probes are given,
-next to the simulator's own goodput found by bisection.
+"""`pdlaunch bench`: how well the simulator predicts the real engine, and each system's goodput.
+
+One engine job per system runs every rate: its input is one trace made of a calibration probe
+(a fixed burst of requests at the start) followed by one segment per rate (n requests at that
+rate, Poisson or gamma as configured), each segment starting once the previous one should have
+drained. The job starts once (start-up is ~15 s on this machine), and the probe measures the
+machine's speed *now* (machines drift by 20 % within an hour): the burst fills prefill batches
+up to L_m and decode batches from 12 down to 1, and the profile's prefill and decode costs are
+scaled until the simulator, replaying the burst, gives the mean TTFT and TPOT the engine measured.
+The simulator then replays the exact same trace (arrival times, lengths) on the same placement,
+once with the profile as it is and once calibrated, and each segment's SLO attainment is compared
+with the engine's. Goodput per device comes from the segments' bracket (highest rate that met the
+SLOs, lowest above it that did not), optionally narrowed by bisection (one more job per probe).
 """
 from __future__ import annotations
 
@@ -18,116 +26,119 @@ from dataclasses import replace
 from launcher.config import JobConfig
 from launcher.errors import UserError
 from launcher.plan import Plan
-from launcher.planner.latency import Coefficients, LatencyModel
+from launcher.planner.latency import LatencyModel
 from launcher.planner.planning import latency_models, settings_from
-from launcher.planner.profile_fit import fit_decode_split, fit_prefill
+from launcher.planner.replay import percentile, simulate_plan
 from launcher.planner.search import bisect_rate
-from launcher.planner.simulator import InstanceSpec, Policy, Simulation, SimRequest, attainment, make_requests
+from launcher.planner.simulator import SimRequest, attainment, make_requests
 
-MIN_SHAPES = 4  # distinct step shapes a phase needs before its coefficients are refitted
+PROBE = [(32, 8), (96, 16), (192, 24)] * 4  # (prompt, output): the calibration burst, all at once
+PROBE_START_S = 1.0
+CALIBRATION_ROUNDS = 4
+DRAIN_MARGIN = 1.5      # a segment starts this many predicted drains after the previous one's last arrival
+DRAIN_SLACK_S = 3.0
+MAX_DRAIN_S = 60.0
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 
-def workload(cfg: JobConfig, rate: float, n: int, vocab: int) -> tuple[list[SimRequest], list[dict]]:
-    """n requests at `rate` req/s with the planner's length distribution, as simulator requests and
-    as engine input lines (random token prompts, exact output lengths, replayed arrival times)."""
+def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
+    """n requests at `rate` req/s with the planner's length distribution, seeded by the rate: a
+    rate given twice replays the identical trace, which measures the engine's own run-to-run noise."""
     settings = settings_from(cfg)
-    reqs = make_requests(n, rate, settings.lengths, settings.arrival, settings.cv, cfg.workload.seed)
-    rng = random.Random(cfg.workload.seed + 1)
-    lines = [{"custom_id": f"b{i}", "prompt": [rng.randrange(10, vocab) for _ in range(r.input_len)],
-              "max_tokens": r.output_len, "ignore_eos": True, "arrival_s": r.arrival / 1e3}
-             for i, r in enumerate(reqs)]
-    return reqs, lines
+    return make_requests(n, rate, settings.lengths, settings.arrival, settings.cv,
+                         cfg.workload.seed + round(rate * 1000))
 
 
-def base_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
+def profile_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
     """The profile's latency model for the plan's kind of instances."""
     disagg, colo = latency_models(cfg)
     return colo if plan.by_role("colocated") else disagg
 
 
-def predict(cfg: JobConfig, plan: Plan, spec_kv_bytes: int, reqs: list[SimRequest],
-            latency: LatencyModel | None = None) -> list[SimRequest]:
-    """The simulator on `plan` (its instances, KV capacities and the engine's policies); latency is
-    the profile's model unless given."""
-    latency = latency or base_latency(cfg, plan)
-    s = cfg.scheduler
-
-    def inst(i, blocks):
-        return InstanceSpec(i.tp, i.pp, blocks * s.block_size)
-
-    policy = Policy(s.prefill_token_budget, s.max_decode_batch, spec_kv_bytes,
-                    lambda p, d: cfg.cluster.intra_node_bandwidth_gbps)
-    fresh = [SimRequest(r.arrival, r.input_len, r.output_len) for r in reqs]
-    if plan.by_role("colocated"):
-        sim = Simulation(latency, policy, colocated=[inst(i, s.decode_kv_blocks) for i in plan.by_role("colocated")])
-    else:
-        sim = Simulation(latency, policy, [inst(i, s.prefill_kv_blocks) for i in plan.by_role("prefill")],
-                         [inst(i, s.decode_kv_blocks) for i in plan.by_role("decode")])
-    return sim.run(fresh)
+def build_trace(cfg: JobConfig, plan: Plan, spec, rates: list[float], n: int) -> tuple[list[SimRequest], list[int]]:
+    """The job's whole trace and each request's segment (0 = calibration burst, k = rates[k-1]).
+    Each segment starts when the profile says the previous one has drained (with margin), so
+    segments barely interact, and where they do the simulator, replaying the same trace, sees it too."""
+    latency = profile_latency(cfg, plan)
+    trace, segment, t = [], [], 0.0
+    for k, rate in enumerate([0.0] + rates):
+        reqs = segment_requests(cfg, rate, n) if k else [SimRequest(PROBE_START_S * 1e3, i, o) for i, o in PROBE]
+        alone = simulate_plan(cfg, plan, spec, latency, reqs)
+        last_arrival = max(r.arrival for r in reqs)
+        drain_ms = max((r.finish for r in alone if not math.isnan(r.finish)), default=last_arrival) - last_arrival
+        for r in reqs:
+            trace.append(SimRequest(t + r.arrival, r.input_len, r.output_len))
+            segment.append(k)
+        t += last_arrival + min(MAX_DRAIN_S * 1e3, DRAIN_MARGIN * drain_ms + DRAIN_SLACK_S * 1e3)
+    return trace, segment
 
 
-def calibrated(base: LatencyModel, plan: Plan, reports: list[dict]) -> LatencyModel:
-    """`base` refitted to the pure prefill and decode step timings that the engine's instances
-    recorded in `reports` (the runs' own contention included), per TP degree of PP-1 instances;
-    a phase with fewer than MIN_SHAPES distinct shapes keeps base's coefficients."""
-    by_tp: dict[int, dict[str, list]] = {}
-    for report in reports:
-        for stats in report["instances"]:
-            inst = plan.instances[stats["instance"]]
-            if inst.pp == 1:
-                for kind, samples in stats["step_samples"].items():
-                    by_tp.setdefault(inst.tp, {"prefill": [], "decode": []})[kind].extend(samples)
-    coefficients = dict(base.by_tp)
-    for tp, samples in by_tp.items():
-        coef = coefficients.get(tp)
-        shapes = {"prefill": {sum(x["lens"]) for x in samples["prefill"]},
-                  "decode": {(x["batch"], x["context_sum"]) for x in samples["decode"]}}
-        enough = {kind: len(v) >= MIN_SHAPES for kind, v in shapes.items()}
-        if coef is None and not all(enough.values()):
-            continue
-        changes = {}
-        if enough["prefill"]:
-            changes["prefill"] = tuple(fit_prefill(samples["prefill"]))
-        if enough["decode"]:
-            small, large, threshold = fit_decode_split(samples["decode"])
-            changes.update(decode_small=tuple(small), decode_large=tuple(large), threshold=threshold)
-        coefficients[tp] = replace(coef, **changes) if coef else Coefficients(
-            changes["prefill"], changes["decode_small"], changes["decode_large"], changes["threshold"], 0.5)
-    return LatencyModel(base.model, coefficients, "engine step timings", base.pipelined_pp, base.meta)
+def engine_lines(trace: list[SimRequest], segment: list[int], vocab: int, seed: int) -> list[dict]:
+    """The trace as engine input: random token prompts, exact output lengths, replayed arrivals."""
+    rng = random.Random(seed + 1)
+    return [{"custom_id": f"s{k}-{i}", "prompt": [rng.randrange(10, vocab) for _ in range(r.input_len)],
+             "max_tokens": r.output_len, "ignore_eos": True, "arrival_s": r.arrival / 1e3}
+            for i, (r, k) in enumerate(zip(trace, segment))]
 
 
-def measured(results_path: str) -> list[SimRequest]:
-    out = []
+def measured(results_path: str, trace: list[SimRequest]) -> list[SimRequest]:
+    """The engine's timings, in trace order (arrival, first token and last token relative to the
+    request's own arrival; TPOT = (last - first) / (tokens - 1) as everywhere)."""
+    by_index = {}
     with open(results_path) as f:
         for line in f:
             r = json.loads(line)
             m = r.get("metrics")
             if not m:
                 continue
-            req = SimRequest(0.0, r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"])
-            req.first_token = m["ttft_ms"]
-            req.finish = m["ttft_ms"] + m["tpot_ms"] * (req.output_len - 1)
-            out.append(req)
-    return out
+            index = int(r["custom_id"].split("-")[1])
+            src = trace[index]
+            req = SimRequest(src.arrival, r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"])
+            req.first_token = src.arrival + m["ttft_ms"]
+            req.finish = req.first_token + m["tpot_ms"] * (req.output_len - 1)
+            by_index[index] = req
+    if len(by_index) != len(trace):
+        raise UserError(f"bench: the engine finished {len(by_index)} of {len(trace)} requests; see its messages above")
+    return [by_index[i] for i in range(len(trace))]
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+def scaled(latency: LatencyModel, prefill: float, decode: float) -> LatencyModel:
+    """`latency` with every prefill cost (compute and per-step) times `prefill`, every decode cost
+    times `decode`: the machine running uniformly faster or slower than when it was profiled."""
+    def times(values, k):
+        return tuple(v * k for v in values)
+
+    by_tp = {tp: replace(c, prefill=times(c.prefill, prefill), prefill_overhead=times(c.prefill_overhead, prefill),
+                         decode_small=times(c.decode_small, decode), decode_large=times(c.decode_large, decode),
+                         decode_overhead=times(c.decode_overhead, decode))
+             for tp, c in latency.by_tp.items()}
+    return LatencyModel(latency.model, by_tp, f"{latency.source} x ({prefill:.3f}, {decode:.3f})", latency.pipelined_pp,
+                        latency.meta)
 
 
-def summary(reqs: list[SimRequest], cfg: JobConfig, wall_s: float | None = None) -> dict:
-    ttft = [r.ttft for r in reqs]
-    tpot = [r.tpot for r in reqs if r.output_len > 1]
-    out = {"attainment": attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms),
-           "ttft_ms_p50": statistics.median(ttft), "ttft_ms_p90": pct(ttft, 0.9),
-           "tpot_ms_p50": statistics.median(tpot) if tpot else 0.0, "tpot_ms_p90": pct(tpot, 0.9)}
-    if wall_s:
-        out["output_tokens_per_s"] = sum(r.output_len for r in reqs) / wall_s
-    return out
+def calibration(cfg: JobConfig, plan: Plan, spec, got: list[SimRequest], segment: list[int]) -> dict:
+    """Speed factors (prefill, decode) from the probe: the profile's costs scaled until the
+    simulator gives the probe's measured mean TTFT and mean TPOT (a few fixed-point rounds: queueing
+    makes each mean depend on both factors a little)."""
+    probe = [r for r, k in zip(got, segment) if k == 0]
+    profile = profile_latency(cfg, plan)
+    factors = {"prefill": 1.0, "decode": 1.0}
+    for _ in range(CALIBRATION_ROUNDS):
+        sim = simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]), probe)
+        factors["prefill"] *= statistics.fmean(r.ttft for r in probe) / statistics.fmean(r.ttft for r in sim)
+        factors["decode"] *= statistics.fmean(r.tpot for r in probe) / statistics.fmean(r.tpot for r in sim)
+    return factors
 
 
-SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+def summary(reqs: list[SimRequest], cfg: JobConfig) -> dict:
+    done = [r for r in reqs if not math.isnan(r.finish)]
+    ttft = [r.ttft for r in done]
+    tpot = [r.tpot for r in done if r.output_len > 1]
+    span_s = (max(r.finish for r in done) - min(r.arrival for r in reqs)) / 1e3 if done else 0.0
+    return {"attainment": attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms),
+            "ttft_ms_p50": percentile(ttft, 0.5), "ttft_ms_p90": percentile(ttft, 0.9),
+            "tpot_ms_p50": percentile(tpot, 0.5), "tpot_ms_p90": percentile(tpot, 0.9),
+            "output_tokens_per_s": sum(r.output_len for r in done) / span_s if span_s else 0.0}
 
 
 def slo_scale_curve(reqs: list[SimRequest], cfg: JobConfig) -> dict:
@@ -135,45 +146,8 @@ def slo_scale_curve(reqs: list[SimRequest], cfg: JobConfig) -> dict:
     return {str(k): attainment(reqs, cfg.slo.ttft_ms * k, cfg.slo.tpot_ms * k) for k in SCALES}
 
 
-def plot(rows: list[dict], slo: dict, scale_rate: float, path: str, title: str) -> None:
-    """Left: attainment vs per-device rate, measured and simulated; right: attainment vs SLO scale
-    at `scale_rate` (a rate every system ran)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for system in sorted({r["system"] for r in rows}):
-        row = next(r for r in rows if r["system"] == system and r["rate"] == scale_rate)
-        ax2.plot(SCALES, [row["slo_scale"][str(k)] * 100 for k in SCALES], "o-", label=f"{system} measured")
-    ax2.axhline(slo["attainment"] * 100, color="grey", lw=0.8)
-    ax2.set_xlabel(f"SLO scale (x TTFT {slo['ttft_ms']:.0f} ms, TPOT {slo['tpot_ms']:.0f} ms) at {scale_rate:g} req/s")
-    ax2.set_ylabel("SLO attainment (%)")
-    ax2.set_ylim(0, 105)
-    ax2.legend(fontsize=8)
-    for system in sorted({r["system"] for r in rows}):
-        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
-        rate = [r["rate"] / r["devices"] for r in mine]
-        line, = ax.plot(rate, [r["measured"]["attainment"] * 100 for r in mine], "o-", label=f"{system} measured")
-        ax.plot(rate, [r["predicted"]["attainment"] * 100 for r in mine], "x--", color=line.get_color(),
-                label=f"{system} simulated (profile)")
-        if all("calibrated" in r for r in mine):
-            ax.plot(rate, [r["calibrated"]["attainment"] * 100 for r in mine], "+:", color=line.get_color(),
-                    label=f"{system} simulated (refit)")
-    ax.axhline(slo["attainment"] * 100, color="grey", lw=0.8)
-    ax.set_xlabel("rate per device (req/s)")
-    ax.set_ylabel("SLO attainment (%)")
-    ax.set_title(title, fontsize=9)
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 class OutOfTime(Exception):
-    """The next engine run would not end within the bench's time budget."""
+    """The next engine job would not end within the bench's time budget."""
 
 
 def _bracket(rows: list[dict], system: str, target: float) -> tuple[float, float | None]:
@@ -201,90 +175,149 @@ def measured_goodput(rows: list[dict], system: str, target: float, precision: fl
             "engine_runs": sum(r["system"] == system for r in rows), "stopped_by_time_budget": out_of_time}
 
 
-def simulated_goodput(cfg: JobConfig, plan: Plan, n: int, vocab: int, kv_bytes: int,
-                      latency: LatencyModel | None = None) -> float | None:
-    """The simulator's goodput per device for the same workload generator, by bisection; None when
-    no rate up to 1e6 req/s/device misses the SLOs."""
+def simulated_goodput(cfg: JobConfig, plan: Plan, spec, n: int, latency: LatencyModel) -> float:
+    """The simulator's goodput per device for segments like the engine's (n requests at a rate,
+    fresh system), by bisection up to the placement's analytic capacity."""
+    from launcher.planner.replay import placement_instances
+    from launcher.planner.search import colocated_capacity, placement_capacity
+
+    settings = settings_from(cfg)
     devices = sum(i.size for i in plan.instances)
+    inst = placement_instances(cfg, plan, spec)
+    capacity = sum(colocated_capacity(latency, settings, i) for i in inst["colocated"]) if inst["colocated"] else \
+        placement_capacity(latency, settings, inst["prefill"], inst["decode"])
 
     def ok(rate: float) -> bool:
-        reqs = predict(cfg, plan, kv_bytes, workload(cfg, rate * devices, n, vocab)[0], latency)
+        reqs = simulate_plan(cfg, plan, spec, latency, segment_requests(cfg, rate * devices, n))
         return attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms) >= cfg.slo.attainment
 
-    lo, hi = bisect_rate(ok, 0.0, cfg.planner.precision * 4, cfg.planner.precision, ceiling=1e6)
-    return lo if hi < math.inf else None
+    return bisect_rate(ok, 0.0, capacity / devices, cfg.planner.precision, hi_fails=True)[0]
 
 
-def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: list[float], n: int, vocab: int, kv_bytes: int,
+def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:
+    """Left: attainment vs per-device rate, measured and simulated (profile, calibrated); right:
+    attainment vs SLO scale at each system's lowest rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for system in sorted({r["system"] for r in rows}):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
+        rate = [r["rate"] / r["devices"] for r in mine]
+        line, = ax.plot(rate, [r["measured"]["attainment"] * 100 for r in mine], "o-", label=f"{system} measured")
+        ax.plot(rate, [r["predicted"]["attainment"] * 100 for r in mine], "x:", color=line.get_color(),
+                label=f"{system} simulated (profile)")
+        ax.plot(rate, [r["calibrated"]["attainment"] * 100 for r in mine], "+--", color=line.get_color(),
+                label=f"{system} simulated (calibrated)")
+        ax2.plot(SCALES, [mine[0]["slo_scale"][str(k)] * 100 for k in SCALES], "o-",
+                 label=f"{system} measured at {mine[0]['rate']:g} req/s")
+    for a in (ax, ax2):
+        a.axhline(slo["attainment"] * 100, color="grey", lw=0.8)
+        a.set_ylabel("SLO attainment (%)")
+        a.set_ylim(0, 105)
+        a.legend(fontsize=7)
+    ax.set_xlabel("rate per device (req/s)")
+    ax.set_title(title, fontsize=9)
+    ax2.set_xlabel(f"SLO scale (x TTFT {slo['ttft_ms']:.0f} ms, TPOT {slo['tpot_ms']:.0f} ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fidelity(rows: list[dict]) -> dict:
+    """Mean and worst |simulated - measured| attainment, and where a rate ran twice (the same
+    trace), how far the engine's two runs of it differ: the floor no simulator can beat."""
+    out = {}
+    for key, field in (("calibrated", "error_points"), ("profile", "error_points_profile")):
+        errors = [r[field] for r in rows]
+        out[key] = {"mean_points": statistics.fmean(errors), "worst_points": max(errors), "rows": len(errors)}
+    repeats = {}
+    for r in rows:
+        repeats.setdefault((r["system"], r["rate"]), []).append(r["measured"]["attainment"] * 100)
+    out["engine_repeat_points"] = [max(v) - min(v) for v in repeats.values() if len(v) > 1]
+    return out
+
+
+def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[float]], n: int, vocab: int, spec,
               run_one, out_dir: str, quiet: bool = False, probes: int = 0, budget_s: float = math.inf) -> dict:
-    """run_one(system, plan, input_path, output_path) -> the run's report (wall_s, instances' stats);
-    runs the engine. With probes, each system's goodput is bisected further with up to that many
-    extra engine runs, as long as the next one is expected to end within budget_s of the start
-    (its arrivals' span plus the slowest start-up and drain seen so far). Each row is predicted
-    twice: from the profile, and from a latency model refitted to the step timings of the same
-    system's runs at the other rates (leave-one-out)."""
+    """run_one(system, plan, input_path, output_path) -> the job's report; runs one engine job.
+    Each system runs all its rates in one job (after the calibration probe); with probes, its
+    goodput is bisected further with one more job per probe, as long as the next one is expected
+    to end within budget_s of the start."""
     os.makedirs(out_dir, exist_ok=True)
-    rows, reports = [], {}
-    started, overheads_s = time.monotonic(), [0.0]  # a run's time beyond its arrivals' span
+    rows, jobs = [], []
+    started, overheads_s = time.monotonic(), [0.0]  # a job's time beyond its trace's span
 
-    def measure(system: str, rate: float) -> dict:
+    def say(text: str) -> None:
+        if not quiet:
+            print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+    def job(system: str, job_rates: list[float]) -> list[dict]:
         plan = systems[system]
-        reqs, lines = workload(cfg, rate, n, vocab)
-        run_started = time.monotonic()
-        inp = os.path.join(out_dir, f"workload-{rate:g}.jsonl")
+        trace, segment = build_trace(cfg, plan, spec, job_rates, n)
+        name = f"{system}-{len(jobs)}"
+        inp, out = os.path.join(out_dir, f"workload-{name}.jsonl"), os.path.join(out_dir, f"results-{name}.jsonl")
         with open(inp, "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
-        out = os.path.join(out_dir, f"results-{system}-{rate:g}.jsonl")
-        if not quiet:
-            print(f"[bench] {system} at {rate:g} req/s ({n} requests) ...", file=sys.stderr, flush=True)
-        reports[system, rate] = run_one(system, plan, inp, out)
-        overheads_s.append(time.monotonic() - run_started - reqs[-1].arrival / 1e3)
-        got = measured(out)
-        if len(got) != n:
-            raise UserError(f"bench: {system} at {rate} req/s finished {len(got)} of {n} requests")
-        row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
-               "measured": summary(got, cfg, reports[system, rate]["wall_s"]),
-               "predicted": summary(predict(cfg, plan, kv_bytes, reqs), cfg), "slo_scale": slo_scale_curve(got, cfg)}
-        row["error_points"] = abs(row["measured"]["attainment"] - row["predicted"]["attainment"]) * 100
-        rows.append(row)
-        if not quiet:
-            print(f"[bench]   attainment measured {row['measured']['attainment']:.1%}, simulated "
-                  f"{row['predicted']['attainment']:.1%}", file=sys.stderr, flush=True)
-        return row
+            f.writelines(json.dumps(line) + "\n" for line in engine_lines(trace, segment, vocab, cfg.workload.seed))
+        span_s = trace[-1].arrival / 1e3
+        say(f"{system}: rates {', '.join(f'{r:g}' for r in job_rates)} req/s, {n} requests each, in one job "
+            f"({span_s:.0f} s of arrivals after a {len(PROBE)}-request calibration burst) ...")
+        job_started = time.monotonic()
+        report = run_one(system, plan, inp, out)
+        overheads_s.append(time.monotonic() - job_started - span_s)
+        got = measured(out, trace)
+        profile = profile_latency(cfg, plan)
+        predicted = simulate_plan(cfg, plan, spec, profile, trace)
+        factors = calibration(cfg, plan, spec, got, segment)
+        calibrated = simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]), trace)
+        jobs.append({"system": system, "rates": job_rates, "calibration": factors, "wall_s": report.get("wall_s"),
+                     "span_s": span_s})
+        say(f"  calibration: this machine runs prefill at {factors['prefill']:.2f}x and decode at "
+            f"{factors['decode']:.2f}x the profile's step times")
+        new = []
+        for k, rate in enumerate(job_rates, 1):
+            pick = [i for i, s in enumerate(segment) if s == k]
+            m, p, c = ([reqs[i] for i in pick] for reqs in (got, predicted, calibrated))
+            row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
+                   "requests": len(pick), "measured": summary(m, cfg), "predicted": summary(p, cfg),
+                   "calibrated": summary(c, cfg), "slo_scale": slo_scale_curve(m, cfg), "calibration": factors}
+            row["error_points"] = abs(row["measured"]["attainment"] - row["calibrated"]["attainment"]) * 100
+            row["error_points_profile"] = abs(row["measured"]["attainment"] - row["predicted"]["attainment"]) * 100
+            say(f"  {rate:g} req/s: attainment measured {row['measured']['attainment']:.1%}, simulated "
+                f"{row['calibrated']['attainment']:.1%} (calibrated), {row['predicted']['attainment']:.1%} (profile)")
+            new.append(row)
+        rows.extend(new)
+        return new
 
     def probe(system: str, rate: float) -> dict:
-        span_s = workload(cfg, rate, n, vocab)[0][-1].arrival / 1e3
-        if time.monotonic() - started + span_s + max(overheads_s) > budget_s:
-            if not quiet:
-                print(f"[bench] {system} at {rate:g} req/s would end past the time budget: bisection stops",
-                      file=sys.stderr, flush=True)
+        trace, _ = build_trace(cfg, systems[system], spec, [rate], n)
+        if time.monotonic() - started + trace[-1].arrival / 1e3 + max(overheads_s) > budget_s:
+            say(f"{system} at {rate:g} req/s would end past the time budget: bisection stops")
             raise OutOfTime
-        return measure(system, rate)
+        return job(system, [rate])[0]
 
-    for rate in rates:
-        for system in systems:
-            measure(system, rate)
+    for system in systems:
+        job(system, rates[system])
     goodput = {}
     for system, plan in systems.items():
         goodput[system] = measured_goodput(rows, system, cfg.slo.attainment, cfg.planner.precision, probes,
                                            lambda rate: probe(system, rate))
-        base = base_latency(cfg, plan)
-        mine = [key for key in reports if key[0] == system]
-        for row in (r for r in rows if r["system"] == system and len(mine) > 1):
-            refit = calibrated(base, plan, [reports[key] for key in mine if key[1] != row["rate"]])
-            reqs = predict(cfg, plan, kv_bytes, workload(cfg, row["rate"], n, vocab)[0], refit)
-            row["calibrated"] = summary(reqs, cfg)
-            row["calibrated_error_points"] = abs(row["measured"]["attainment"] - row["calibrated"]["attainment"]) * 100
-        goodput[system]["simulated"] = simulated_goodput(cfg, plan, n, vocab, kv_bytes)
+        factors = next(j["calibration"] for j in jobs if j["system"] == system)
+        profile = profile_latency(cfg, plan)
+        goodput[system]["simulated_profile"] = simulated_goodput(cfg, plan, spec, n, profile)
         goodput[system]["simulated_calibrated"] = simulated_goodput(
-            cfg, plan, n, vocab, kv_bytes, calibrated(base, plan, [reports[key] for key in mine]))
-    rows.sort(key=lambda r: (r["rate"], r["system"]))
-    result = {"date": time.strftime("%Y-%m-%d"), "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms,
-                                                           "attainment": cfg.slo.attainment},
-              "requests_per_rate": n, "rows": rows, "goodput_per_device": goodput,
-              "duration_s": time.monotonic() - started}
+            cfg, plan, spec, n, scaled(profile, factors["prefill"], factors["decode"]))
+    rows.sort(key=lambda r: (r["system"], r["rate"]))
+    fidelity = {system: _fidelity([r for r in rows if r["system"] == system]) for system in systems}
+    fidelity["all"] = _fidelity(rows)
+    result = {"date": time.strftime("%Y-%m-%d"),
+              "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms, "attainment": cfg.slo.attainment},
+              "requests_per_rate": n, "jobs": jobs, "rows": rows, "fidelity": fidelity,
+              "goodput_per_device": goodput, "duration_s": time.monotonic() - started}
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
-    plot(rows, result["slo"], max(rates), os.path.join(out_dir, "attainment.png"),
+    plot(rows, result["slo"], os.path.join(out_dir, "attainment.png"),
          f"SLO attainment vs rate (TTFT <= {cfg.slo.ttft_ms:.0f} ms, TPOT <= {cfg.slo.tpot_ms:.0f} ms)")
     return result

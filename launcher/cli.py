@@ -232,8 +232,11 @@ def cmd_profile(args) -> int:
             raise UserError(f"profiling TP={tp} failed (exit {rc}); see its messages above", exit_code=rc)
         with open(samples_path) as f:
             per_instance = json.load(f)
-        return {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
-                for kind in ("prefill", "decode")}
+        samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
+                   for kind in ("prefill", "decode")}
+        samples["overhead"] = {kind: [x for inst in per_instance.values() for x in inst["samples"]["overhead"][kind]]
+                               for kind in ("prefill", "decode")}
+        return samples
 
     entry = {}
     for tp in tps:
@@ -261,7 +264,9 @@ def cmd_profile(args) -> int:
                   f"(max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
                   f"L_m = {e['token_budget']}" + ("; all slots busy / alone: prefill {prefill:.2f}x, "
                                                    "decode {decode:.2f}x".format(**e["shared_slowdown"])
-                                                   if "shared_slowdown" in e else ""))
+                                                   if "shared_slowdown" in e else "") +
+                  "; step overhead ms: prefill {:.2f} + {:.2e}*tokens, decode {:.2f} + {:.2e}*context".format(
+                      *e["step_overhead"]["prefill"], *e["step_overhead"]["decode"]))
         print(f"wrote {args.output}")
     return 0
 
@@ -324,32 +329,42 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _rates(text: str, option: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise UserError(f"bench: {option} must be numbers separated by commas, got {text!r}") from None
+    if not rates or min(rates) <= 0 or not all(math.isfinite(r) for r in rates):
+        raise UserError(f"bench: {option} must be positive request rates")
+    return rates
+
+
 def cmd_bench(args) -> int:
     import copy
     import json
 
     from launcher.bench import run_bench
+    from launcher.planner.planning import model_spec
 
     cfg = load_config(args.config)
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     shape = read_shape(model_dir)
-    try:
-        rates = [float(r) for r in args.rates.split(",")]
-    except ValueError:
-        raise UserError(f"bench: --rates must be numbers separated by commas, got {args.rates!r}") from None
-    if not rates or min(rates) <= 0:
-        raise UserError("bench: --rates must be positive request rates")
+    rates = _rates(args.rates, "--rates")
+    if args.requests < 1:
+        raise UserError(f"bench: --requests must be >= 1, got {args.requests}")
     if args.bisect < 0:
         raise UserError(f"bench: --bisect must be 0 or a positive number of engine runs, got {args.bisect}")
     if args.time_budget is not None and args.time_budget <= 0:
         raise UserError(f"bench: --time-budget must be a positive number of minutes, got {args.time_budget:g}")
-    systems = {"disaggregated" if cfg.placement.mode == "disaggregated" else "colocated": build_plan(cfg, hosts, model_dir)}
+    main_system = "disaggregated" if cfg.placement.mode == "disaggregated" else "colocated"
+    systems = {main_system: build_plan(cfg, hosts, model_dir)}
+    per_system = {main_system: rates}
     if args.compare_colocated:
         devices = sum(i.size for i in next(iter(systems.values())).instances)
         systems["colocated"] = packed_plan([("colocated", devices, 1, 1)], hosts)
+        per_system["colocated"] = _rates(args.colocated_rates, "--colocated-rates") if args.colocated_rates else rates
     out_dir = os.path.abspath(args.output)
-    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
 
     def run_one(system, plan, inp, out):
         run_cfg = copy.deepcopy(cfg)
@@ -362,39 +377,49 @@ def cmd_bench(args) -> int:
                                   report=os.path.join(run_dir, "report.json"))
         rc = launch(cmd, job, env)
         if rc != 0:
-            raise UserError(f"bench: the {system} run failed (exit {rc}); see its messages above")
+            raise UserError(f"bench: the {system} job failed (exit {rc}); see its messages above")
         with open(job["report"]) as f:
             return json.load(f)
 
-    result = run_bench(cfg, systems, rates, args.requests, shape.vocab_size, shape.kv_bytes_per_token(dtype_bytes),
-                       run_one, out_dir, args.quiet, args.bisect,
-                       math.inf if args.time_budget is None else args.time_budget * 60)
+    result = run_bench(cfg, systems, per_system, args.requests, shape.vocab_size, model_spec(cfg, shape), run_one,
+                       out_dir, args.quiet, args.bisect, math.inf if args.time_budget is None else args.time_budget * 60)
     if not args.quiet:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"pdlaunch bench ({result['requests_per_rate']} requests per rate)")
-        for col in ("system", "rate", "attainment measured", "simulated (profile)", "error (pts)",
-                    "simulated (refit)", "error (pts)", "TTFT p90", "TPOT p90", "tok/s"):
-            table.add_column(col, justify="right")
-        for r in result["rows"]:
-            m, p, cal = r["measured"], r["predicted"], r.get("calibrated")
-            table.add_row(r["system"], f"{r['rate']:g}", f"{m['attainment']:.1%}", f"{p['attainment']:.1%}",
-                          f"{r['error_points']:.1f}", f"{cal['attainment']:.1%}" if cal else "-",
-                          f"{r['calibrated_error_points']:.1f}" if cal else "-", f"{m['ttft_ms_p90']:.0f} ms",
-                          f"{m['tpot_ms_p90']:.0f} ms", f"{m.get('output_tokens_per_s', 0):.1f}")
-        Console().print(table)
-        for system, g in result["goodput_per_device"].items():
-            lo, hi = g["bracket"]
-            upper = "no rate failed" if hi is None else f"{hi:.3f} failed"
-            if g["stopped_by_time_budget"]:
-                upper += "; bisection stopped by the time budget"
-            simulated = ", ".join("unbounded" if v is None else f"{v:.3f}"
-                                  for v in (g["simulated"], g["simulated_calibrated"]))
-            print(f"{system}: goodput {g['measured']:.3f} req/s/device on the engine ({lo:.3f} met the SLOs, "
-                  f"{upper}; {g['engine_runs']} runs); simulated (profile, refit) {simulated}")
+        print_bench(result)
         print(f"wrote {out_dir}/bench.json and attainment.png")
     return 0
+
+
+def print_bench(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"pdlaunch bench: SLO attainment, engine vs simulator ({result['requests_per_rate']} "
+                        "requests per rate, one job per system)")
+    for col in ("system", "rate", "measured", "simulated (calibrated)", "error (pts)", "simulated (profile)",
+                "error (pts)", "TTFT p90", "TPOT p90", "tok/s"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        m, p, cal = r["measured"], r["predicted"], r["calibrated"]
+        table.add_row(r["system"], f"{r['rate']:g}", f"{m['attainment']:.1%}", f"{cal['attainment']:.1%}",
+                      f"{r['error_points']:.1f}", f"{p['attainment']:.1%}", f"{r['error_points_profile']:.1f}",
+                      f"{m['ttft_ms_p90']:.0f} ms", f"{m['tpot_ms_p90']:.0f} ms", f"{m['output_tokens_per_s']:.1f}")
+    console.print(table)
+    for system, f in result["fidelity"].items():
+        cal, prof = f["calibrated"], f["profile"]
+        repeat = f["engine_repeat_points"]
+        console.print(f"{system}: error over {cal['rows']} rates: calibrated mean {cal['mean_points']:.1f} / worst "
+                      f"{cal['worst_points']:.1f} points; profile mean {prof['mean_points']:.1f} / worst "
+                      f"{prof['worst_points']:.1f}" + (f"; the engine's repeat of a rate differed by "
+                                                       f"{', '.join(f'{x:.0f}' for x in repeat)} points" if repeat else ""))
+    for system, g in result["goodput_per_device"].items():
+        lo, hi = g["bracket"]
+        upper = "no rate failed" if hi is None else f"{hi:.3f} failed"
+        if g["stopped_by_time_budget"]:
+            upper += "; bisection stopped by the time budget"
+        console.print(f"{system}: goodput {g['measured']:.3f} req/s/device on the engine ({lo:.3f} met the SLOs, "
+                      f"{upper}; {g['engine_runs']} rates); simulated {g['simulated_calibrated']:.3f} (calibrated), "
+                      f"{g['simulated_profile']:.3f} (profile)")
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -457,8 +482,9 @@ def main(argv=None) -> int:
     be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
     be.add_argument("config")
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")
-    be.add_argument("--requests", type=int, default=60, help="requests per rate (default 60)")
+    be.add_argument("--requests", type=int, default=100, help="requests per rate (default 100)")
     be.add_argument("--compare-colocated", action="store_true", help="also run a colocated placement on the same ranks")
+    be.add_argument("--colocated-rates", help="total request rates for the colocated placement (default: --rates)")
     be.add_argument("--bisect", type=int, default=0, metavar="N",
                     help="narrow each system's goodput with up to N more engine runs at bracket midpoints, "
                          "down to planner.precision req/s/device (default 0: tested rates only)")

@@ -151,26 +151,3 @@ def test_bisect_rate_stops_at_its_probe_budget_and_ceiling():
     assert calls == [3.0, 3.5, 3.25] and (lo, hi) == (3.25, 3.5)
     lo, hi = bisect_rate(lambda r: True, 0.0, 1.0, 0.1, ceiling=100)
     assert lo == 64.0 and hi == math.inf  # 128 would exceed the ceiling: not probed
-
-
-def test_bench_refit_recovers_step_costs_and_keeps_what_it_cannot_fit():
-    """The bench's refit: step timings drawn from known coefficients give those coefficients back
-    for the TP-1 instances that recorded them; a phase with too few shapes keeps the profile's."""
-    from launcher.bench import calibrated
-    from launcher.plan import InstancePlan, Plan
-
-    base = linear_model(prefill=(1.0, 1.0, 0.0), decode=(1.0, 1.0, 1.0))
-    true_prefill, true_decode = (40.0, 0.5, 0.001), (20.0, 0.01, 2.0)
-    prefill = [{"lens": [n] * b, "ms": true_prefill[0] + true_prefill[1] * n * b + true_prefill[2] * n * n * b}
-               for n in (16, 64, 200, 400) for b in (1, 2)]
-    decode = [{"batch": b, "context_sum": b * c, "ms": true_decode[0] + true_decode[1] * b * c + true_decode[2] * b}
-              for b in (1, 4, 16) for c in (50, 300)]
-    plan = Plan([InstancePlan(0, "prefill", 1, 1, 1, ["h"]), InstancePlan(1, "decode", 1, 1, 2, ["h"])])
-    report = {"instances": [{"instance": 0, "step_samples": {"prefill": prefill, "decode": []}},
-                            {"instance": 1, "step_samples": {"prefill": [], "decode": decode}}]}
-    refit = calibrated(base, plan, [report])
-    assert refit.prefill_ms([300], 1) == pytest.approx(40 + 150 + 90, rel=1e-6)
-    assert refit.decode_ms(8, 1000, 1) == pytest.approx(20 + 10 + 16, rel=1e-6)
-    assert refit.by_tp[2] == base.by_tp[2]  # no TP-2 instance ran
-    few = {"instances": [{"instance": 0, "step_samples": {"prefill": prefill[:2], "decode": []}}]}
-    assert calibrated(base, plan, [few]).by_tp[1] == base.by_tp[1]

@@ -49,16 +49,35 @@ def fit_decode_split(samples: list[dict]) -> tuple[list[float], list[float], int
 
 def fit_entry(samples: dict) -> dict:
     """A DistServe-format profile entry for one TP degree, fitted to {"prefill": [...], "decode":
-    [...]} step samples (from `pdlaunch profile`'s chosen shapes or a real run's steps)."""
+    [...]} forward timings of `pdlaunch profile`'s chosen shapes, plus the step loop's own cost
+    (step_overhead) where samples["overhead"] has it."""
     prefill = fit_prefill(samples["prefill"])
     small, large, threshold = fit_decode_split(samples["decode"])
     decode_errors = relative_errors([x for x in samples["decode"] if x["batch"] < threshold], small, "decode") + \
         relative_errors([x for x in samples["decode"] if x["batch"] >= threshold], large, "decode")
-    return {"prefill": prefill, "decoding_smallbs": small, "decoding_largebs": large,
-            "decoding_large_small_bs_threshold": threshold, "pp_stage_ms": 0.5,
+    entry = {"prefill": prefill, "decoding_smallbs": small, "decoding_largebs": large,
+             "decoding_large_small_bs_threshold": threshold, "pp_stage_ms": 0.5,
             "token_budget": token_budget(samples["prefill"]),
             "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
                                   "decode": max(decode_errors)}}
+    if "overhead" in samples:
+        entry["step_overhead"] = {phase: fit_overhead(samples["overhead"][phase]) for phase in ("prefill", "decode")}
+    return entry
+
+
+def fit_overhead(samples: list[dict]) -> list[float]:
+    """[ms per step, ms per context token] of the step loop's cost beyond the forward (least
+    squares, both >= 0); [0, 0] without samples."""
+    if not samples:
+        return [0.0, 0.0]
+    a = np.array([[1.0, x["context_tokens"]] for x in samples])
+    y = np.array([x["ms"] for x in samples])
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    if coef[1] < 0:
+        coef = np.array([float(np.mean(y)), 0.0])
+    if coef[0] < 0:
+        coef = np.array([0.0, float(np.dot(a[:, 1], y) / np.dot(a[:, 1], a[:, 1]))])
+    return [float(x) for x in coef]
 
 
 def shared_slowdown(busy: dict, alone: dict) -> dict:

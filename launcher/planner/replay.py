@@ -129,7 +129,7 @@ def simulate_plan(cfg: JobConfig, plan: Plan, spec: ModelSpec, latency: LatencyM
     return sim.run(fresh)
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     """Linearly interpolated percentile (numpy's default)."""
     if not values:
         return 0.0
@@ -159,8 +159,8 @@ def replay_report(reqs: list[SimRequest], ttft_ms: float, tpot_ms: float, scales
     return {
         "slo": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
         "num_requests": len(reqs), "unfinished": len(reqs) - len(done),
-        "ttft_ms": {"mean": statistics.fmean(ttft) if ttft else 0.0, "p90": _pct(ttft, 0.9)},
-        "tpot_ms": {"mean": statistics.fmean(tpot) if tpot else 0.0, "p90": _pct(tpot, 0.9)},
+        "ttft_ms": {"mean": statistics.fmean(ttft) if ttft else 0.0, "p90": percentile(ttft, 0.9)},
+        "tpot_ms": {"mean": statistics.fmean(tpot) if tpot else 0.0, "p90": percentile(tpot, 0.9)},
         "attainment": attainment,
         "requests": [{"arrival_ms": round(r.arrival, 3), "prompt_len": r.input_len, "output_len": r.output_len,
                       "ttft_ms": _ms(r.ttft), "tpot_ms": _ms(r.tpot) if r.output_len > 1 else 0.0,
