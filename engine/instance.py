@@ -46,11 +46,12 @@ class Leader:
         """What a pure prefill or pure decode step cost this instance under the run's own load (its
         loop iteration: messages, scheduling, the step, posting results), in `pdlaunch profile`'s
         sample format, for `pdlaunch bench` to fit a latency model to."""
+        now = round(time.time(), 3)  # when the step ended: lets a bench pick a window's steps
         if all(c.start_pos == 0 for c in step.seqs):
-            self.step_samples["prefill"].append({"lens": [len(c.token_ids) for c in step.seqs], "ms": ms})
+            self.step_samples["prefill"].append({"lens": [len(c.token_ids) for c in step.seqs], "ms": ms, "t": now})
         elif all(len(c.token_ids) == 1 and c.start_pos > 0 for c in step.seqs):
-            self.step_samples["decode"].append({"batch": len(step.seqs),
-                                                "context_sum": sum(c.start_pos + 1 for c in step.seqs), "ms": ms})
+            self.step_samples["decode"].append({"batch": len(step.seqs), "context_sum": sum(c.start_pos + 1 for c in step.seqs),
+                                                "ms": ms, "t": now})
 
     def _heartbeat(self) -> None:
         """Tells the controller's watchdog this instance is alive and how far it got."""

@@ -49,6 +49,12 @@ def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
                          cfg.workload.seed + round(rate * 1000))
 
 
+def probe_requests(cfg: JobConfig) -> list[SimRequest]:
+    """The calibration burst, its prompts and answers shortened to fit a small max_model_len."""
+    limit = cfg.model.max_model_len
+    return [SimRequest(PROBE_START_S * 1e3, min(i, limit // 2), min(o, limit // 4)) for i, o in PROBE]
+
+
 def profile_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
     """The profile's latency model for the plan's kind of instances."""
     disagg, colo = latency_models(cfg)
@@ -62,7 +68,7 @@ def build_trace(cfg: JobConfig, plan: Plan, spec, rates: list[float], n: int) ->
     latency = profile_latency(cfg, plan)
     trace, segment, t = [], [], 0.0
     for k, rate in enumerate([0.0] + rates):
-        reqs = segment_requests(cfg, rate, n) if k else [SimRequest(PROBE_START_S * 1e3, i, o) for i, o in PROBE]
+        reqs = segment_requests(cfg, rate, n) if k else probe_requests(cfg)
         alone = simulate_plan(cfg, plan, spec, latency, reqs)
         last_arrival = max(r.arrival for r in reqs)
         drain_ms = max((r.finish for r in alone if not math.isnan(r.finish)), default=last_arrival) - last_arrival

@@ -74,6 +74,9 @@ def test_profile_plan_generate_bench(tmp_path, tiny_model_dir):
     assert entry["prefill"][1] > 0 and entry["token_budget"] > 0
     assert entry["concurrent_instances"] > 1 and set(entry["shared_slowdown"]) == {"prefill", "decode"}
     assert len(entry["samples_alone"]["decode"]) == len(entry["samples"]["decode"]) // entry["concurrent_instances"]
+    overhead = entry["samples"]["overhead"]  # the step loop beyond the forward, with the engine's scheduler
+    assert overhead["prefill"] and overhead["decode"] and all(x["ms"] > 0 for x in overhead["decode"])
+    assert all(v >= 0 for phase in ("prefill", "decode") for v in entry["step_overhead"][phase])
     proc = run_pdlaunch("plan", config, "-o", str(tmp_path / "plan.yaml"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     import yaml
@@ -86,7 +89,7 @@ def test_profile_plan_generate_bench(tmp_path, tiny_model_dir):
     assert sum(1 for _ in open(tmp_path / "out.jsonl")) == 6
 
     # `pdlaunch bench` with the measured profile on 1 prefill + 1 decode rank (the plan above has 8
-    # instances, too many ranks for a quick run on 2 cores): 2 tested rates, then bisection.
+    # instances, too many ranks for a quick run on 2 cores): 2 rates in one job, then bisection jobs.
     cfg["placement"] = DISAGG
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     rates, probes, n = [2.0, 10000.0], 2, 16  # 16 prompts at once queue for ~6 prefills: TTFT > 25 ms
@@ -98,16 +101,21 @@ def test_profile_plan_generate_bench(tmp_path, tiny_model_dir):
     (system, goodput), = result["goodput_per_device"].items()
     rows = [r for r in result["rows"] if r["system"] == system]
     assert goodput["engine_runs"] == len(rows) and len(rates) <= len(rows) <= len(rates) + probes
+    assert [j["rates"] for j in result["jobs"]][0] == rates  # the tested rates ran in one job
+    assert len(result["jobs"]) == 1 + len(rows) - len(rates)  # each bisection probe is one more job
     devices = rows[0]["devices"]
     passing = [r["rate"] for r in rows if r["measured"]["attainment"] >= cfg["slo"]["attainment"]]
     lo, hi = goodput["bracket"]
     assert goodput["measured"] == lo == max(passing, default=0.0) / devices
     above = [r["rate"] / devices for r in rows if r["rate"] / devices > lo]
     assert hi == min(above, default=None), "the bracket's top is the lowest failing rate"
-    assert goodput["simulated"] is None or goodput["simulated"] > 0
-    for r in rows:  # every row also predicted from the step timings of the other rates' runs
+    assert goodput["simulated_profile"] >= 0 and goodput["simulated_calibrated"] >= 0
+    for r in rows:  # every row predicted from the profile and from the profile scaled by the burst
+        assert r["requests"] == n and r["calibration"]["prefill"] > 0 and r["calibration"]["decode"] > 0
         assert 0 <= r["predicted"]["attainment"] <= 1 and r["measured"]["ttft_ms_p50"] > 0
         assert 0 <= r["calibrated"]["attainment"] <= 1 and r["calibrated"]["ttft_ms_p50"] > 0
+        assert r["error_points"] == pytest.approx(abs(r["measured"]["attainment"] - r["calibrated"]["attainment"]) * 100)
+    assert result["fidelity"][system]["calibrated"]["rows"] == len(rows)
     report = json.loads((tmp_path / "bench" / "run-disaggregated" / "report.json").read_text())
     steps = {i["role"]: i["step_samples"] for i in report["instances"]}
     assert steps["prefill"]["prefill"] and not steps["prefill"]["decode"] and steps["decode"]["decode"]

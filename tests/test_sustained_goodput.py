@@ -32,8 +32,8 @@ def paper_decode(settings: Settings, tp: int = 1, pp: int = 1):
     inst = InstanceSpec(tp, pp, kv_capacity_tokens(OPT13B, 80, tp, pp))
     policy = Policy(settings.token_budget, settings.max_decode_batch)
 
-    def run(reqs):
-        return Simulation(_PrefillOnly(lat), policy, [UNLIMITED], [inst]).run(reqs)
+    def run(reqs, *stop):
+        return Simulation(_PrefillOnly(lat), policy, [UNLIMITED], [inst]).run(reqs, *stop)
     return lat, inst, run
 
 
@@ -85,6 +85,18 @@ def test_a_burst_passes_where_the_same_rate_sustained_fails(tp, pp):
         long = run(make_requests(probe_requests(settings, rate), rate, settings.lengths, seed=0))
         assert len(long) > 300 and queues_grow(long)
         assert attainment(long, None, settings.tpot_ms) < settings.target
+
+
+def test_a_run_given_slos_stops_once_the_target_is_out_of_reach():
+    lat = toy(prefill=(50.0, 0.0, 0.0))
+    reqs = make_requests(1000, 25.0, LengthDist("fixed", 10, 1), seed=3)  # overloaded: TTFT grows
+    full = Simulation(lat, Policy(token_budget=1), [InstanceSpec(1, 1, 10 ** 9)], [UNLIMITED]).run(
+        [SimRequest(r.arrival, r.input_len, r.output_len) for r in reqs])
+    cut = Simulation(lat, Policy(token_budget=1), [InstanceSpec(1, 1, 10 ** 9)], [UNLIMITED]).run(reqs, (500.0, None), 0.9)
+    missed = sum(r.ttft > 500 for r in full)
+    assert missed > 100 and attainment(full, 500, None) < 0.9
+    assert sum(r.ttft > 500 for r in cut if not math.isnan(r.finish)) == 101  # stopped at the 101st miss
+    assert attainment(cut, 500, None) == attainment(full[:0] + cut, 500, None) < 0.9
 
 
 def test_queues_grow_on_a_falling_behind_system_only():
@@ -186,3 +198,24 @@ def test_paper_plans_have_no_goodput_at_a_search_ceiling(tmp_path, name):
     predicted = read_plan(str(out)).predicted
     assert 0 < predicted["per_device_goodput"] < predicted["capacity_per_device"] < math.inf
     assert 0 < predicted["colocated"]["per_device_goodput"]
+
+
+def test_fit_overhead_recovers_a_per_step_and_per_token_cost():
+    from launcher.planner.profile_fit import fit_overhead
+
+    samples = [{"context_tokens": n, "ms": 1.5 + 0.002 * n} for n in (16, 100, 400, 1200)]
+    assert fit_overhead(samples) == pytest.approx([1.5, 0.002])
+    flat = [{"context_tokens": n, "ms": 0.8 + 0.1 * (-1) ** n} for n in range(10, 20)]  # no per-token trend
+    const, per_token = fit_overhead(flat)
+    assert per_token >= 0 and const >= 0
+    assert fit_overhead([]) == [0.0, 0.0]
+
+
+def test_a_profiles_own_step_overhead_overrides_the_files_default(tmp_path):
+    entry = {"prefill": [1, 0, 0], "decoding_smallbs": [1, 0, 0], "decoding_largebs": [1, 0, 0]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"_meta": {"step_overhead": {"prefill": [2, 0], "decode": [3, 0]}, "pp_stage_ms": 0.25},
+                                "m": {"1": entry, "2": entry | {"step_overhead": {"prefill": [5, 0], "decode": [7, 0]}}}}))
+    lat = load_profile(str(path))
+    assert lat.step_overhead_ms("decode", 100, 1) == 3 and lat.step_overhead_ms("decode", 100, 2) == 7
+    assert lat.by_tp[1].pp_stage_ms == 0.25

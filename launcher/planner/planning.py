@@ -114,7 +114,9 @@ def print_report(result: PlacementResult, predicted: dict) -> None:
                       f"{c.capacity:.2f}", f"{c.mean_tpot_ms:.1f}" if c.goodput else "-")
     console.print(table)
     console.print(f"goodput = the highest rate sustained over {predicted['probe_span_s']:g} s of arrivals, "
-                  "below each layout's analytic capacity")
+                  "below each layout's analytic capacity" + (
+                      f"; {result.bounded_out} more layouts not simulated: their capacity is below the best goodput"
+                      if result.bounded_out else ""))
     col = predicted["colocated"]
     ratio = predicted["per_device_goodput"] / col["per_device_goodput"] if col and col["per_device_goodput"] else float("inf")
     console.print(f"[bold]chosen:[/] {predicted['layout']} on {predicted['devices']} devices: "

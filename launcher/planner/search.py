@@ -83,6 +83,7 @@ class PlacementResult:
     colocated: Candidate | None = None
     layout: str = ""
     capacity_per_device: float = math.inf
+    bounded_out: int = 0            # layouts not simulated: their capacity is below the best goodput found
 
 
 class _PrefillOnly(LatencyModel):
@@ -154,7 +155,8 @@ def queues_grow(reqs: list[SimRequest]) -> bool:
 
 def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: float | None,
             capacity: float) -> Goodput:
-    """Per-device goodput of `run(requests) -> requests` by bisection on the per-device rate over a
+    """Per-device goodput of `run(requests, slo, target) -> requests` (which may stop once the
+    verdict is known) by bisection on the per-device rate over a
     grid of settings.precision: the grid's top is the first power-of-two multiple of the precision
     at or above `capacity` (req/s for the whole unit, analytic), and any rate at or above the
     capacity fails unsimulated. Same grid for every candidate, so equal goodputs tie exactly."""
@@ -169,7 +171,8 @@ def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: flo
         total = rate * devices
         reqs = make_requests(probe_requests(settings, total), total, settings.lengths, settings.arrival,
                              settings.cv, settings.seed)
-        seen[rate] = run(reqs)
+        early_stop = (ttft, tpot) if settings.rule == "joint" else None
+        seen[rate] = run(reqs, early_stop, settings.target)
         return attainment(seen[rate], ttft, tpot, settings.rule) >= settings.target and not queues_grow(seen[rate])
 
     top = settings.precision * 2 ** max(0, math.ceil(math.log2(cap / settings.precision)))
@@ -236,16 +239,16 @@ def phase_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings,
             continue
         policy = _policy(settings, spec, lambda p, d: float("inf"))
 
-        def run_prefill(reqs: list[SimRequest]):
+        def run_prefill(reqs: list[SimRequest], slo, target):
             for r in reqs:
                 r.output_len = 1
-            return Simulation(latency, policy, [inst], [big]).run(reqs)
+            return Simulation(latency, policy, [inst], [big]).run(reqs, slo, target)
 
         cap = prefill_capacity(latency, settings, inst)
         out.append(_candidate("prefill", inst, goodput(run_prefill, settings, tp * pp, settings.ttft_ms, None, cap), cap))
         free = _PrefillOnly(latency)
         cap = decode_capacity(latency, settings, inst)
-        g = goodput(lambda reqs: Simulation(free, policy, [InstanceSpec(1, 1, UNLIMITED)], [inst]).run(reqs),
+        g = goodput(lambda reqs, *stop: Simulation(free, policy, [InstanceSpec(1, 1, UNLIMITED)], [inst]).run(reqs, *stop),
                     settings, tp * pp, None, settings.tpot_ms, cap)
         out.append(_candidate("decode", inst, g, cap))
     return out
@@ -322,7 +325,7 @@ def simulate_placement(latency: LatencyModel, spec: ModelSpec, settings: Setting
         return settings.intra_node_gbps if p.node == d.node else settings.inter_node_gbps
 
     policy = _policy(settings, spec, bandwidth)
-    return goodput(lambda reqs: Simulation(latency, policy, prefill, decode).run(reqs), settings, devices,
+    return goodput(lambda reqs, *stop: Simulation(latency, policy, prefill, decode).run(reqs, *stop), settings, devices,
                    settings.ttft_ms, settings.tpot_ms, placement_capacity(latency, settings, prefill, decode))
 
 
@@ -340,7 +343,7 @@ def colocated_best(latency: LatencyModel, spec: ModelSpec, settings: Settings, g
         if inst is None:
             continue
         cap = colocated_capacity(latency, settings, inst)
-        g = goodput(lambda reqs: Simulation(latency, policy, colocated=[inst]).run(reqs), settings, tp * pp,
+        g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=[inst]).run(reqs, *stop), settings, tp * pp,
                     settings.ttft_ms, settings.tpot_ms, cap)
         cand = _candidate("colocated", inst, g, cap)
         if best is None or rank_key(cand.per_device, cand.devices, cand.mean_tpot_ms) > \
@@ -377,9 +380,10 @@ def _assign_nodes(instances: list[InstanceSpec], nodes: int, gpus_per_node: int)
 
 def algorithm2(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes: int, gpus_per_node: int,
                target_rate: float = 0.0) -> PlacementResult:
-    """Low node-affinity: segments of one prefill + one decode instance share each node."""
-    cands: list[Candidate] = []
-    shapes: dict[int, tuple] = {}
+    """Low node-affinity: segments of one prefill + one decode instance share each node. Pairs are
+    simulated in order of their analytic capacity per device; a pair whose capacity is at or below
+    the best goodput found so far cannot beat it (goodput < capacity) and is not simulated."""
+    pairs = []
     tps = [t for t in latency.tp_degrees() if t <= gpus_per_node]
     for inter in range(1, nodes + 1):
         if spec.num_layers % inter:
@@ -396,11 +400,21 @@ def algorithm2(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes
                         if p is None or d is None:
                             continue
                         devices = p_tp * p_pp + d_tp * d_pp
-                        g = simulate_placement(latency, spec, settings, [p], [d])
-                        shapes[len(cands)] = (inter, p_tp, p_pp, d_tp, d_pp)
-                        cands.append(Candidate("pair", p_tp, p_pp, g.rate * devices, devices,
-                                               f"{inter} node(s): P tp{p_tp} pp{p_pp} + D tp{d_tp} pp{d_pp}",
-                                               g.capacity * devices, g.mean_tpot_ms))
+                        cap = placement_capacity(latency, settings, [p], [d]) / devices
+                        pairs.append((cap, devices, (inter, p_tp, p_pp, d_tp, d_pp), p, d))
+    cands: list[Candidate] = []
+    shapes: dict[int, tuple] = {}
+    best_rate = 0.0
+    for cap, devices, shape, p, d in sorted(pairs, key=lambda x: -x[0]):
+        if cap <= best_rate:
+            break
+        g = simulate_placement(latency, spec, settings, [p], [d])
+        best_rate = max(best_rate, g.rate)
+        inter, p_tp, p_pp, d_tp, d_pp = shape
+        shapes[len(cands)] = shape
+        cands.append(Candidate("pair", p_tp, p_pp, g.rate * devices, devices,
+                               f"{inter} node(s): P tp{p_tp} pp{p_pp} + D tp{d_tp} pp{d_pp}",
+                               g.capacity * devices, g.mean_tpot_ms))
     if not cands:
         raise ValueError("no low-affinity layout fits the model in the cluster's memory")
     best = max(range(len(cands)), key=lambda i: rank_key(cands[i].per_device, cands[i].devices, cands[i].mean_tpot_ms))
@@ -419,4 +433,5 @@ def algorithm2(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes
         decode.append(InstanceSpec(d_tp, d_pp, kv_capacity_tokens(spec, settings.memory_gb, d_tp, d_pp), node, inter))
     return PlacementResult("low", prefill, decode, g, units * unit_devices, cands,
                            layout=f"{units} x [P(tp{p_tp},pp{p_pp}) + D(tp{d_tp},pp{d_pp})], {inter} node(s) per unit",
-                           capacity_per_device=cands[best].capacity / unit_devices)
+                           capacity_per_device=cands[best].capacity / unit_devices,
+                           bounded_out=len(pairs) - len(cands))

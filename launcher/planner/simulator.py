@@ -161,6 +161,14 @@ class _Prefill:
         loop.at(self.busy_until, lambda: self._done(batch))
         self.try_start()
 
+    def enqueue(self, r: SimRequest) -> None:
+        """Batches start after every request of this instant has arrived, as the engine's leader
+        drains all its messages before it schedules."""
+        self.queue.append(r)
+        if not self.waking:
+            self.waking = True
+            self.sim.loop.at(max(self.sim.loop.now, self.free_at), self._wake)
+
     def _wake(self) -> None:
         self.waking = False
         self.try_start()
@@ -171,6 +179,7 @@ class _Prefill:
             self.outstanding -= 1
             if r.output_len <= 1:
                 r.finish = r.first_token
+                self.sim.judge(r)
                 self.sim.decode_of.pop(id(r)).assigned -= 1
                 self.release(r)
             else:
@@ -254,6 +263,7 @@ class _Decode:
         now = self.sim.loop.now
         for r in self.running.step_done():
             r.finish = now
+            self.sim.judge(r)
             self.used -= r.input_len + r.output_len
             self.assigned -= 1
         self.stepping = False
@@ -267,11 +277,22 @@ class _Colocated:
         self.queue: deque[SimRequest] = deque()
         self.running = _Running()
         self.used = self.outstanding = 0
-        self.stepping = False
+        self.stepping = self.waking = False
 
     @property
     def busy(self) -> bool:
         return self.stepping
+
+    def enqueue(self, r: SimRequest) -> None:
+        """As _Prefill.enqueue: the step starts once this instant's arrivals are all queued."""
+        self.queue.append(r)
+        if not self.stepping and not self.waking:
+            self.waking = True
+            self.sim.loop.at(self.sim.loop.now, self._wake)
+
+    def _wake(self) -> None:
+        self.waking = False
+        self.try_start()
 
     def try_start(self) -> None:
         if self.stepping:
@@ -312,6 +333,7 @@ class _Colocated:
 
     def _finish(self, r: SimRequest) -> None:
         r.finish = self.sim.loop.now
+        self.sim.judge(r)
         self.used -= r.input_len + r.output_len
         self.outstanding -= 1
 
@@ -336,6 +358,7 @@ class Simulation:
             raise ValueError("simulate prefill + decode instances, or colocated instances")
         self.instances = [*self.prefills, *self.decodes, *self.colocated]
         self.shared = latency.shares_nodes() and len(self.instances) > 1
+        self.slo, self.misses_allowed = None, None
 
     def contention(self, inst, phase: str) -> float:
         """The share of its profiled cost a step of `inst` starting now takes: all of it while
@@ -361,10 +384,25 @@ class Simulation:
             decode = min(self.decodes, key=lambda d: d.assigned)
             decode.assigned += 1
             self.decode_of[id(r)] = decode
-        target.queue.append(r)
-        target.try_start()
+        target.enqueue(r)
 
-    def run(self, requests: list[SimRequest]) -> list[SimRequest]:
+    def judge(self, r: SimRequest) -> None:
+        """Counts a finished request against the SLOs given to run(); once more have missed them
+        than the target allows, the verdict is known and the run stops (the rest stay unfinished)."""
+        if self.misses_allowed is None:
+            return
+        ttft_ms, tpot_ms = self.slo
+        if (ttft_ms is not None and r.ttft > ttft_ms) or (tpot_ms is not None and r.tpot > tpot_ms):
+            self.misses_allowed -= 1
+            if self.misses_allowed < 0:
+                self.loop.heap.clear()
+
+    def run(self, requests: list[SimRequest], slo: tuple[float | None, float | None] | None = None,
+            target: float = 1.0) -> list[SimRequest]:
+        """Simulates every request; with `slo` (ttft_ms, tpot_ms), stops as soon as more than
+        (1 - target) of them have missed it (a search only needs pass or fail)."""
+        self.slo = slo
+        self.misses_allowed = None if slo is None else math.floor((1 - target) * len(requests) + 1e-9)
         for r in requests:
             self.loop.at(r.arrival, lambda r=r: self._arrive(r))
         self.loop.run()
