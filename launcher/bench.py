@@ -1,16 +1,17 @@
 """`pdlaunch bench`: how well the simulator predicts the real engine, and each system's goodput.
 
 One engine job per system runs every rate: its input is one trace made of a calibration probe
-(a fixed burst of requests at the start) followed by one segment per rate (n requests at that
-rate, Poisson or gamma as configured), each segment starting once the previous one should have
-drained. The job starts once (start-up is ~15 s on this machine), and the probe measures the
-machine's speed *now* (machines drift by 20 % within an hour): the burst fills prefill batches
-up to L_m and decode batches from 12 down to 1, and the profile's prefill and decode costs are
-scaled until the simulator, replaying the burst, gives the mean TTFT and TPOT the engine measured.
+followed by one segment per rate (n requests at that rate, Poisson or gamma as configured), each
+segment starting once the previous one should have drained. The job starts once (start-up is ~15 s
+on this machine), and the probe measures how fast the machine runs *now* (a shared machine drifts by
+20-35 % within the hour): single requests, one at a time, whose prefill and batch-1 decode steps
+have exactly the shapes `pdlaunch profile` timed alone, so the ratio of the engine's step times to
+the profile's own samples is the drift and nothing else (not the fit's shape error, not contention).
 The simulator then replays the exact same trace (arrival times, lengths) on the same placement,
-once with the profile as it is and once calibrated, and each segment's SLO attainment is compared
-with the engine's. Goodput per device comes from the segments' bracket (highest rate that met the
-SLOs, lowest above it that did not), optionally narrowed by bisection (one more job per probe).
+once with the profile as it is and once with its costs scaled by the drift, and each segment's SLO
+attainment is compared with the engine's. Goodput per device comes from the segments' bracket
+(highest rate that met the SLOs, lowest above it that did not), optionally narrowed by bisection
+(one more job per probe).
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ from launcher.planner.replay import percentile, simulate_plan
 from launcher.planner.search import bisect_rate
 from launcher.planner.simulator import SimRequest, attainment, make_requests
 
-PROBE = [(32, 8), (96, 16), (192, 24)] * 4  # (prompt, output): the calibration burst, all at once
-PROBE_START_S = 1.0
-CALIBRATION_ROUNDS = 4
+PROBE_PROMPTS = (64, 128, 256) * 2  # prompt lengths `pdlaunch profile` times (PREFILL_LENS), each alone
+PROBE_TOKENS = 6                    # answers: batch-1 decode steps near the profile's contexts
+PROBE_GAP_S = 0.5                   # idle time before and between probe requests
 DRAIN_MARGIN = 1.5      # a segment starts this many predicted drains after the previous one's last arrival
 DRAIN_SLACK_S = 3.0
 MAX_DRAIN_S = 60.0
@@ -50,9 +51,10 @@ def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
 
 
 def probe_requests(cfg: JobConfig) -> list[SimRequest]:
-    """The calibration burst, its prompts and answers shortened to fit a small max_model_len."""
+    """The calibration probe's requests (arrival times set by build_trace), shortened to fit a
+    small max_model_len."""
     limit = cfg.model.max_model_len
-    return [SimRequest(PROBE_START_S * 1e3, min(i, limit // 2), min(o, limit // 4)) for i, o in PROBE]
+    return [SimRequest(0.0, min(n, limit // 2), min(PROBE_TOKENS, limit // 4)) for n in PROBE_PROMPTS]
 
 
 def profile_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
@@ -62,13 +64,17 @@ def profile_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
 
 
 def build_trace(cfg: JobConfig, plan: Plan, spec, rates: list[float], n: int) -> tuple[list[SimRequest], list[int]]:
-    """The job's whole trace and each request's segment (0 = calibration burst, k = rates[k-1]).
+    """The job's whole trace and each request's segment (0 = calibration probe, k = rates[k-1]).
     Each segment starts when the profile says the previous one has drained (with margin), so
     segments barely interact, and where they do the simulator, replaying the same trace, sees it too."""
     latency = profile_latency(cfg, plan)
-    trace, segment, t = [], [], 0.0
-    for k, rate in enumerate([0.0] + rates):
-        reqs = segment_requests(cfg, rate, n) if k else probe_requests(cfg)
+    trace, segment, t = [], [], PROBE_GAP_S * 1e3
+    for r in probe_requests(cfg):  # one at a time: each arrives once the previous should be done
+        trace.append(SimRequest(t, r.input_len, r.output_len))
+        segment.append(0)
+        t += simulate_plan(cfg, plan, spec, latency, [r])[0].finish + PROBE_GAP_S * 1e3
+    for k, rate in enumerate(rates, 1):
+        reqs = segment_requests(cfg, rate, n)
         alone = simulate_plan(cfg, plan, spec, latency, reqs)
         last_arrival = max(r.arrival for r in reqs)
         drain_ms = max((r.finish for r in alone if not math.isnan(r.finish)), default=last_arrival) - last_arrival
@@ -122,18 +128,56 @@ def scaled(latency: LatencyModel, prefill: float, decode: float) -> LatencyModel
                         latency.meta)
 
 
-def calibration(cfg: JobConfig, plan: Plan, spec, got: list[SimRequest], segment: list[int]) -> dict:
-    """Speed factors (prefill, decode) from the probe: the profile's costs scaled until the
-    simulator gives the probe's measured mean TTFT and mean TPOT (a few fixed-point rounds: queueing
-    makes each mean depend on both factors a little)."""
-    probe = [r for r, k in zip(got, segment) if k == 0]
-    profile = profile_latency(cfg, plan)
-    factors = {"prefill": 1.0, "decode": 1.0}
-    for _ in range(CALIBRATION_ROUNDS):
-        sim = simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]), probe)
-        factors["prefill"] *= statistics.fmean(r.ttft for r in probe) / statistics.fmean(r.ttft for r in sim)
-        factors["decode"] *= statistics.fmean(r.tpot for r in probe) / statistics.fmean(r.tpot for r in sim)
-    return factors
+def profile_alone_samples(cfg: JobConfig, plan: Plan, tp: int) -> dict | None:
+    """The profile's own step timings for TP `tp` with its instance alone on the node (or, for a
+    profile taken with one instance, its only timings); None when the profile has none."""
+    from launcher.planner.latency import read_profile_entry
+
+    p = cfg.planner
+    path = p.colocated_profile if plan.by_role("colocated") and p.colocated_profile else p.profile
+    entry = read_profile_entry(cfg.resolve(path), p.profile_model or p.model, tp)
+    return entry.get("samples_alone") or entry.get("samples")
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear y(x) through sorted points, held flat beyond the ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def calibration(cfg: JobConfig, plan: Plan, report: dict, window: tuple[float, float]) -> dict:
+    """Drift factors (prefill, decode): the median ratio of the engine's step times during the
+    probe (wall-clock `window`) to the profile's alone timings of the same shapes — prefill of the
+    same single prompt, batch-1 decode interpolated on context. 1.0 for a phase without both."""
+    ratios = {"prefill": [], "decode": []}
+    for stats in report["instances"]:
+        reference = profile_alone_samples(cfg, plan, plan.instances[stats["instance"]].tp)
+        if not reference:
+            continue
+        prefill = {tuple(x["lens"]): x["ms"] for x in reference["prefill"]}
+        decode = sorted((x["context_sum"], x["ms"]) for x in reference["decode"] if x["batch"] == 1)
+        for x in stats["step_samples"]["prefill"]:
+            if window[0] <= x["t"] <= window[1] and tuple(x["lens"]) in prefill:
+                ratios["prefill"].append(x["ms"] / prefill[tuple(x["lens"])])
+        for x in stats["step_samples"]["decode"]:
+            if window[0] <= x["t"] <= window[1] and x["batch"] == 1 and decode:
+                ratios["decode"].append(x["ms"] / _interpolate(decode, x["context_sum"]))
+    return {phase: statistics.median(r) if r else 1.0 for phase, r in ratios.items()} | \
+        {"steps": {phase: len(r) for phase, r in ratios.items()}}
+
+
+def probe_window(results_path: str, trace: list[SimRequest], segment: list[int]) -> tuple[float, float]:
+    """Wall-clock span of the probe: from the job's clock start to the first rate's first arrival."""
+    with open(results_path) as f:
+        first = json.loads(f.readline())
+    index = int(first["custom_id"].split("-")[1])
+    start = first["metrics"]["arrival"] - trace[index].arrival / 1e3
+    end = next((r.arrival for r, k in zip(trace, segment) if k > 0), trace[-1].arrival + 60e3)
+    return start, start + end / 1e3
 
 
 def summary(reqs: list[SimRequest], cfg: JobConfig) -> dict:
@@ -202,7 +246,7 @@ def simulated_goodput(cfg: JobConfig, plan: Plan, spec, n: int, latency: Latency
 
 def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:
     """Left: attainment vs per-device rate, measured and simulated (profile, calibrated); right:
-    attainment vs SLO scale at each system's lowest rate."""
+    attainment vs SLO scale at each system's highest rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,8 +261,8 @@ def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:
                 label=f"{system} simulated (profile)")
         ax.plot(rate, [r["calibrated"]["attainment"] * 100 for r in mine], "+--", color=line.get_color(),
                 label=f"{system} simulated (calibrated)")
-        ax2.plot(SCALES, [mine[0]["slo_scale"][str(k)] * 100 for k in SCALES], "o-",
-                 label=f"{system} measured at {mine[0]['rate']:g} req/s")
+        ax2.plot(SCALES, [mine[-1]["slo_scale"][str(k)] * 100 for k in SCALES], "o-",
+                 label=f"{system} measured at {mine[-1]['rate']:g} req/s")
     for a in (ax, ax2):
         a.axhline(slo["attainment"] * 100, color="grey", lw=0.8)
         a.set_ylabel("SLO attainment (%)")
@@ -269,19 +313,20 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
             f.writelines(json.dumps(line) + "\n" for line in engine_lines(trace, segment, vocab, cfg.workload.seed))
         span_s = trace[-1].arrival / 1e3
         say(f"{system}: rates {', '.join(f'{r:g}' for r in job_rates)} req/s, {n} requests each, in one job "
-            f"({span_s:.0f} s of arrivals after a {len(PROBE)}-request calibration burst) ...")
+            f"({span_s:.0f} s of arrivals after a {len(PROBE_PROMPTS)}-request calibration probe) ...")
         job_started = time.monotonic()
         report = run_one(system, plan, inp, out)
         overheads_s.append(time.monotonic() - job_started - span_s)
         got = measured(out, trace)
         profile = profile_latency(cfg, plan)
         predicted = simulate_plan(cfg, plan, spec, profile, trace)
-        factors = calibration(cfg, plan, spec, got, segment)
+        factors = calibration(cfg, plan, report, probe_window(out, trace, segment))
         calibrated = simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]), trace)
         jobs.append({"system": system, "rates": job_rates, "calibration": factors, "wall_s": report.get("wall_s"),
                      "span_s": span_s})
-        say(f"  calibration: this machine runs prefill at {factors['prefill']:.2f}x and decode at "
-            f"{factors['decode']:.2f}x the profile's step times")
+        say(f"  calibration: prefill steps run at {factors['prefill']:.2f}x and batch-1 decode steps at "
+            f"{factors['decode']:.2f}x the profile's alone timings of the same shapes "
+            f"({factors['steps']['prefill']} and {factors['steps']['decode']} probe steps)")
         new = []
         for k, rate in enumerate(job_rates, 1):
             pick = [i for i, s in enumerate(segment) if s == k]

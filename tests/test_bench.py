@@ -56,12 +56,13 @@ def paper_setup():
 
 
 def test_one_trace_holds_the_probe_then_each_rate_in_order():
-    from launcher.bench import PROBE, build_trace, segment_requests
+    from launcher.bench import PROBE_PROMPTS, build_trace, segment_requests
 
     cfg, plan, spec = paper_setup()
     rates, n = [2.0, 4.0, 8.0], 50
     trace, segment = build_trace(cfg, plan, spec, rates, n)
-    assert segment == [0] * len(PROBE) + [k for k in (1, 2, 3) for _ in range(n)]
+    assert segment == [0] * len(PROBE_PROMPTS) + [k for k in (1, 2, 3) for _ in range(n)]
+    assert [r.input_len for r in trace[:len(PROBE_PROMPTS)]] == list(PROBE_PROMPTS)
     assert all(a.arrival <= b.arrival for a, b in zip(trace, trace[1:]))
     for k, rate in enumerate(rates, 1):
         mine = [r for r, s in zip(trace, segment) if s == k]
@@ -71,21 +72,39 @@ def test_one_trace_holds_the_probe_then_each_rate_in_order():
             [(pytest.approx(a.arrival), a.input_len, a.output_len) for a in alone]
         earlier = [r.arrival for r, s in zip(trace, segment) if s == k - 1]
         assert shift > max(earlier) - mine[0].arrival + alone[0].arrival  # starts after the previous one ended arriving
-
-
-@pytest.mark.parametrize("prefill,decode", [(1.0, 1.0), (1.3, 0.8), (0.7, 1.25)])
-def test_calibration_recovers_the_speed_the_probe_ran_at(prefill, decode):
-    """The engine stands in as the simulator at a known speed: the probe's timings give it back."""
-    from launcher.bench import build_trace, calibration, profile_latency, scaled
+    probe = trace[:len(PROBE_PROMPTS)]  # one at a time: each arrives after the previous has finished
+    from launcher.bench import profile_latency
     from launcher.planner.replay import simulate_plan
+    finished = simulate_plan(cfg, plan, spec, profile_latency(cfg, plan), probe)
+    assert all(b.arrival > a.finish for a, b in zip(finished, finished[1:]))
 
-    cfg, plan, spec = paper_setup()
-    trace, segment = build_trace(cfg, plan, spec, [2.0], 20)
-    machine = scaled(profile_latency(cfg, plan), prefill, decode)
-    got = simulate_plan(cfg, plan, spec, machine, trace)
-    factors = calibration(cfg, plan, spec, got, segment)
-    assert factors["prefill"] == pytest.approx(prefill, rel=0.02)
-    assert factors["decode"] == pytest.approx(decode, rel=0.02)
+
+def test_calibration_is_the_drift_against_the_profiles_own_samples(tmp_path):
+    """Probe steps 1.2x slower (prefill) and 0.9x (decode) than the profile's alone timings of the
+    same shapes give those factors; steps outside the probe window and other shapes do not count."""
+    import json
+
+    from launcher.bench import calibration
+    from launcher.config import load_config
+    from launcher.plan import InstancePlan, Plan
+
+    alone = {"prefill": [{"lens": [64], "ms": 200.0}, {"lens": [128], "ms": 400.0}],
+             "decode": [{"batch": 1, "context_sum": 33, "ms": 50.0}, {"batch": 1, "context_sum": 129, "ms": 60.0},
+                        {"batch": 4, "context_sum": 516, "ms": 90.0}]}
+    coef = {"prefill": [1, 1, 0], "decoding_smallbs": [1, 0, 1], "decoding_largebs": [1, 0, 1]}
+    (tmp_path / "p.json").write_text(json.dumps({"m": {"1": coef | {"samples": alone, "samples_alone": alone}}}))
+    (tmp_path / "c.yaml").write_text("planner: {profile: p.json}\n")
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    plan = Plan([InstancePlan(0, "prefill", 1, 1, 1, ["h"]), InstancePlan(1, "decode", 1, 1, 2, ["h"])])
+    steps = {"prefill": [{"lens": [64], "ms": 240.0, "t": 10.0}, {"lens": [128], "ms": 480.0, "t": 11.0},
+                         {"lens": [64, 64], "ms": 999.0, "t": 11.5}, {"lens": [64], "ms": 999.0, "t": 99.0}],
+             "decode": [{"batch": 1, "context_sum": 81, "ms": 49.5, "t": 12.0},   # profile: 55 ms at 81
+                        {"batch": 2, "context_sum": 160, "ms": 999.0, "t": 12.5}]}
+    report = {"instances": [{"instance": 0, "step_samples": {"prefill": steps["prefill"], "decode": []}},
+                            {"instance": 1, "step_samples": {"prefill": [], "decode": steps["decode"]}}]}
+    factors = calibration(cfg, plan, report, (5.0, 20.0))
+    assert factors["prefill"] == pytest.approx(1.2) and factors["decode"] == pytest.approx(0.9)
+    assert factors["steps"] == {"prefill": 2, "decode": 1}
 
 
 def test_scaled_multiplies_each_phase_and_its_step_cost():

@@ -153,14 +153,14 @@ def _pair(values) -> tuple[float, float]:
     return float(const), float(per_token)
 
 
-def load_profile(path: str, model: str | None = None) -> LatencyModel:
-    """Reads a DistServe-format profile; `model` picks an entry when it holds several."""
+def _read(path: str, model: str | None) -> tuple[dict, str]:
+    """The profile file's data and the model entry to use."""
     try:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
         raise UserError(f"planner: profile '{path}' not found; run `pdlaunch profile CONFIG` or point "
-                        "planner.profile at shared/anchors/*.json") from None
+                        "planner.profile at configs/profiles/distserve-profile-a100-80g.json") from None
     except json.JSONDecodeError as e:
         raise UserError(f"planner: profile '{path}' is not valid JSON ({e.msg})") from None
     models = [k for k in data if not k.startswith("_")]
@@ -170,6 +170,18 @@ def load_profile(path: str, model: str | None = None) -> LatencyModel:
         model = models[0]
     if model not in data:
         raise UserError(f"planner: profile '{path}' has no model '{model}'; it has {', '.join(models)}")
+    return data, model
+
+
+def read_profile_entry(path: str, model: str | None, tp: int) -> dict:
+    """The raw profile entry of one TP degree (with `pdlaunch profile`'s samples), {} if absent."""
+    data, model = _read(path, model)
+    return data[model].get(str(tp), {})
+
+
+def load_profile(path: str, model: str | None = None) -> LatencyModel:
+    """Reads a DistServe-format profile; `model` picks an entry when it holds several."""
+    data, model = _read(path, model)
     meta = data.get("_meta", {})
     by_tp = {int(tp): _coefficients(raw, meta, f"{path}:{model}:tp{tp}") for tp, raw in data[model].items()
              if tp.isdigit()}

@@ -47,7 +47,7 @@ def latency_models(cfg: JobConfig) -> tuple[LatencyModel, LatencyModel]:
     p = cfg.planner
     if not p.profile:
         raise UserError("config: 'planner.profile' is empty; run `pdlaunch profile CONFIG` or point it at "
-                        "shared/anchors/distserve-profile-a100-80g.json")
+                        "configs/profiles/distserve-profile-a100-80g.json")
     model = p.profile_model or p.model
     disagg = load_profile(cfg.resolve(p.profile), model)
     colo = load_profile(cfg.resolve(p.colocated_profile), model) if p.colocated_profile else disagg
