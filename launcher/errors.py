@@ -11,3 +11,15 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def read_text(path: str, missing: str, not_text: str) -> str:
+    """A user-named text file's contents; a missing file, a directory or non-UTF-8 bytes become
+    UserErrors with the caller's one-line messages."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(missing) from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise UserError(not_text) from None

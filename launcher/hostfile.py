@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from launcher.errors import UserError
+from launcher.errors import UserError, read_text
 
 _LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.\-\[\]:]+)\s+slots\s*=\s*(?P<slots>\S+)$")
 
@@ -45,14 +45,8 @@ def parse_hostfile(text: str, source: str = "hostfile") -> list[Host]:
 
 
 def read_hostfile(path: str) -> list[Host]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"hostfile '{path}' not found; set cluster.hostfile to a file with "
-                        "'HOST slots=N' lines (see hostfiles/)") from None
-    except (IsADirectoryError, UnicodeDecodeError):
-        raise UserError(f"hostfile '{path}' is not a text file of 'HOST slots=N' lines") from None
+    text = read_text(path, f"hostfile '{path}' not found; set cluster.hostfile to a file with 'HOST slots=N' "
+                           "lines (see hostfiles/)", f"hostfile '{path}' is not a text file of 'HOST slots=N' lines")
     return parse_hostfile(text, f"hostfile {os.path.basename(path)}")
 
 

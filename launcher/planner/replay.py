@@ -14,7 +14,7 @@ import math
 import statistics
 
 from launcher.config import JobConfig
-from launcher.errors import UserError
+from launcher.errors import UserError, read_text
 from launcher.plan import Plan
 from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation, SimRequest
@@ -45,14 +45,8 @@ def _trace_record(obj, where: str) -> tuple[float | None, int, int]:
 def read_trace(path: str) -> list[tuple[float | None, int, int]]:
     """Records of a trace file: a JSON list, or one JSON object per line. Error records of a
     results file (no usage) are skipped; anything else unreadable is an error naming the line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"trace: '{path}' not found; pass a JSON list of {{start_time, prompt_len, output_len}} "
-                        "or a pdlaunch results file") from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
-        raise UserError(f"trace: '{path}' is not a readable text file ({e.__class__.__name__})") from None
+    text = read_text(path, f"trace: '{path}' not found; pass a JSON list of {{start_time, prompt_len, output_len}} "
+                           "or a pdlaunch results file", f"trace: '{path}' is not a UTF-8 text file")
     records = []
     if text.lstrip().startswith("["):
         try:
