@@ -111,9 +111,28 @@ class Controller:
             return Pending(spec, None, offset)
         merged = {**self.defaults, **spec.sampling}
         merged["max_tokens"] = min(merged["max_tokens"], self.max_len - len(ids))
+        spec.error = self._never_fits(spec.index, len(ids), merged["max_tokens"])
+        if spec.error:
+            return Pending(spec, None, offset)
         merged["stop"] = tuple(merged.get("stop") or ())
         params = SamplingParams(**{k: merged[k] for k in SamplingParams.__dataclass_fields__ if k in merged})
         return Pending(spec, Request(spec.index, ids, params, 0.0), offset, text)
+
+    def _never_fits(self, index: int, prompt: int, max_tokens: int) -> str | None:
+        """Why a request can never be scheduled (its KV exceeds an instance's whole cache), or
+        None: such a request would wait forever and hold up the ones behind it."""
+        s = self.job["config"]["scheduler"]
+        size = s["block_size"]
+        whole = -(-min(prompt + max_tokens, self.max_len) // size)  # blocks a decoding instance reserves
+        checks = [("scheduler.decode_kv_blocks", whole, s["decode_kv_blocks"])]
+        if self.decoders:  # disaggregated: the prefill hold area takes the prompt
+            checks = [("scheduler.prefill_kv_blocks", -(-prompt // size), s["prefill_kv_blocks"])] + \
+                (checks if max_tokens > 1 else [])
+        for key, need, have in checks:
+            if need > have:
+                return (f"line {index + 1}: needs {need} KV blocks of {size} tokens (prompt {prompt} + max_tokens "
+                        f"{max_tokens}) but {key} is {have}; raise it or send a shorter request")
+        return None
 
     def _least_loaded(self, instances) -> int:
         return min(instances, key=lambda i: (self.load[i.id], i.id)).id

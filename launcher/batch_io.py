@@ -7,6 +7,7 @@ Accepted lines: the OpenAI Batch API form ({"custom_id", "method": "POST", "url"
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,6 +16,8 @@ from launcher.errors import UserError
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos"}
 IGNORED_FIELDS = {"model", "stream", "user", "logprobs", "frequency_penalty", "presence_penalty"}
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+MIN_TEMPERATURE = 1e-5   # below it, logits / temperature overflow: use 0 for greedy
+MAX_ARRIVAL_S = 86400.0  # a replayed arrival more than a day out is a mistake, not a plan
 
 
 @dataclass
@@ -38,11 +41,13 @@ def _check_sampling(body: dict) -> dict:
         if key not in SAMPLING_FIELDS:
             raise ValueError(f"unknown field '{key}'; supported: {', '.join(sorted(SAMPLING_FIELDS))}")
         out[key] = value
-    numeric = {"max_tokens": int, "top_k": int, "seed": int, "n": int, "temperature": (int, float),
-               "top_p": (int, float)}
-    for key, tp in numeric.items():
-        if key in out and (not isinstance(out[key], tp) or isinstance(out[key], bool)):
-            raise ValueError(f"'{key}' must be a number, got {out[key]!r}")
+    for key in ("max_tokens", "top_k", "seed", "n"):
+        if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
+            raise ValueError(f"'{key}' must be an integer, got {out[key]!r}")
+    for key in ("temperature", "top_p"):
+        value = out.get(key, 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"'{key}' must be a finite number, got {value!r}")
     if out.get("n", 1) != 1:
         raise ValueError(f"n={out['n']} is not supported; send n=1 and repeat the request instead")
     out.pop("n", None)
@@ -50,6 +55,11 @@ def _check_sampling(body: dict) -> dict:
         raise ValueError("'max_tokens' must be >= 1")
     if "temperature" in out and out["temperature"] < 0:
         raise ValueError("'temperature' must be >= 0")
+    if 0 < out.get("temperature", 0) < MIN_TEMPERATURE:
+        raise ValueError(f"'temperature' {out['temperature']!r} is too small to sample with; use 0 for greedy "
+                         f"or at least {MIN_TEMPERATURE:g}")
+    if "ignore_eos" in out and not isinstance(out["ignore_eos"], bool):
+        raise ValueError(f"'ignore_eos' must be true or false, got {out['ignore_eos']!r}")
     if "top_p" in out and not 0 < out["top_p"] <= 1:
         raise ValueError("'top_p' must be in (0, 1]")
     if "top_k" in out and out["top_k"] < 0:
@@ -87,8 +97,9 @@ def parse_line(index: int, line: str) -> RequestSpec:
         else:
             spec.custom_id = str(obj.pop("custom_id", obj.pop("id", spec.custom_id)))
             arrival = obj.pop("arrival_s", None)
-            if arrival is not None and (not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or arrival < 0):
-                raise ValueError(f"'arrival_s' must be a number >= 0, got {arrival!r}")
+            if arrival is not None and (not isinstance(arrival, (int, float)) or isinstance(arrival, bool)
+                                        or not 0 <= arrival <= MAX_ARRIVAL_S):
+                raise ValueError(f"'arrival_s' must be a number of seconds in [0, {MAX_ARRIVAL_S:g}], got {arrival!r}")
             spec.arrival_s = arrival
             body = obj
             spec.kind = "chat" if "messages" in body else "completion"
@@ -112,10 +123,18 @@ def parse_line(index: int, line: str) -> RequestSpec:
     return spec
 
 
-def read_requests(path: str) -> list[RequestSpec]:
+def read_input_text(path: str) -> str:
+    """The input's text, read once: a file, a FIFO, /dev/stdin, or '-' for standard input."""
+    if path == "-":
+        import sys
+
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError:
+            raise UserError("input from standard input is not UTF-8 text; pass a JSONL file") from None
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            return f.read()
     except FileNotFoundError:
         raise UserError(f"input file '{path}' not found; pass a JSONL file of prompts "
                         "(see examples/prompts.jsonl)") from None
@@ -123,7 +142,15 @@ def read_requests(path: str) -> list[RequestSpec]:
         raise UserError(f"input file '{path}' is not UTF-8 text; pass a JSONL file") from None
     except IsADirectoryError:
         raise UserError(f"input '{path}' is a directory; pass a JSONL file") from None
-    specs = [parse_line(i, line) for i, line in enumerate(lines) if line.strip()]
+
+
+def read_requests(path: str) -> list[RequestSpec]:
+    return parse_requests(read_input_text(path), path)
+
+
+def parse_requests(text: str, path: str) -> list[RequestSpec]:
+    """Request specs of an input's text; whole-input problems are UserErrors, bad lines error records."""
+    specs = [parse_line(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not specs:
         raise UserError(f"input file '{path}' has no requests; add one JSON object per line")
     ids = [s.custom_id for s in specs]

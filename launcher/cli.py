@@ -17,7 +17,7 @@ import sys
 import yaml
 
 from launcher import commands
-from launcher.batch_io import read_requests
+from launcher.batch_io import parse_requests, read_input_text
 from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
@@ -92,11 +92,47 @@ def finished_ids(output: str) -> set[str]:
     return ids
 
 
+_HELD_LOCKS = []  # output files this launcher writes; flock'ed until it exits
+
+
+def hold_output(output: str) -> None:
+    """Takes an exclusive lock on the output file for this launcher's lifetime: a second run with
+    the same --output is refused instead of deleting the file under the first one."""
+    import fcntl
+
+    f = open(output, "a", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"output: another pdlaunch run is writing '{output}'; wait for it or pass another --output") from None
+    _HELD_LOCKS.append(f)
+
+
+def snapshot_input(source: str, run_dir: str) -> tuple[str, list[str]]:
+    """Reads the input once (a file, a FIFO, /dev/stdin or '-'), checks it, and keeps the copy the
+    ranks read in the run directory: nothing reads the source again. Returns the copy's path and
+    the requests' custom_ids."""
+    text = read_input_text(source)
+    specs = parse_requests(text, source)  # whole-input problems stop here; bad lines become error records
+    path = os.path.join(run_dir, "input.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path, [s.custom_id for s in specs]
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def prepare_job(args) -> tuple[dict, list[str], str]:
     """Validates everything and writes RUN_DIR/job.yaml; returns (job, command, job path)."""
     cfg = load_config(args.config)
     if args.input:
-        cfg.workload.input = os.path.abspath(args.input)
+        cfg.workload.input = args.input if args.input == "-" else os.path.abspath(args.input)
     if args.output:
         cfg.workload.output = os.path.abspath(args.output)
     if args.plan:
@@ -104,17 +140,31 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)
-    input_path = cfg.resolve(cfg.workload.input)
-    read_requests(input_path)  # whole-file problems stop here; bad lines become error records
+    source = cfg.workload.input if cfg.workload.input == "-" else cfg.resolve(cfg.workload.input)
     output = cfg.resolve(cfg.workload.output)
+    if source != "-" and _same_file(source, output):
+        raise UserError(f"output: '{output}' is the input file; pass another --output (results never overwrite "
+                        "the input)")
+    if os.path.isdir(output):
+        raise UserError(f"output: '{output}' is a directory; pass a file path as --output")
     _writable_output(output)
     run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
-    os.makedirs(run_dir, exist_ok=True)
-    done = finished_ids(output) if args.resume else set()
-    if not args.resume and os.path.exists(output):
-        os.remove(output)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run_dir: cannot create '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"run_dir: '{run_dir}' is not writable; pass a writable --run-dir")
+    input_path, ids = snapshot_input(source, run_dir)
+    done = finished_ids(output) if args.resume else set()  # may replace the file: lock after it
+    if not args.dry_run:
+        hold_output(output)
+    if not args.resume and not args.dry_run:
+        with open(output, "w", encoding="utf-8"):
+            pass  # emptied in place: the locked file stays the one the ranks append to
     extra = {"input": input_path, "output": output, "quiet": args.quiet,
-             "report": os.path.join(run_dir, "report.json"), "skip_ids": sorted(done)}
+             "report": os.path.join(run_dir, "report.json"), "skip_ids": sorted(done),
+             "pending_requests": sum(i not in done for i in ids)}
     if args.dump_logits:
         os.makedirs(args.dump_logits, exist_ok=True)
         extra["dump_logits"] = os.path.abspath(args.dump_logits)
@@ -145,6 +195,10 @@ def cmd_generate(args) -> int:
     job, cmd, env = prepare_job(args)
     if args.dry_run:
         print(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + commands.render(cmd))
+        return 0
+    if job["pending_requests"] == 0:
+        print(f"pdlaunch: nothing to do: every request of the input already has a result in {job['output']}",
+              file=sys.stderr)
         return 0
     rc = launch(cmd, job, env)
     if rc == 130:

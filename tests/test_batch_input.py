@@ -19,13 +19,13 @@ LINE_CASES = [
     ("negative temperature", '{"prompt": "x", "temperature": -1}', "'temperature' must be >= 0"),
     ("top_p above 1", '{"prompt": "x", "top_p": 2}', "'top_p' must be in (0, 1]"),
     ("zero max_tokens", '{"prompt": "x", "max_tokens": 0}', "'max_tokens' must be >= 1"),
-    ("string max_tokens", '{"prompt": "x", "max_tokens": "5"}', "'max_tokens' must be a number"),
+    ("string max_tokens", '{"prompt": "x", "max_tokens": "5"}', "'max_tokens' must be an integer"),
     ("stop not strings", '{"prompt": "x", "stop": [1]}', "'stop' must be"),
     ("bad url", '{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}', "url '/v1/embeddings' is not supported"),
     ("bad method", '{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}', "method 'GET'"),
     ("body not object", '{"custom_id": "a", "url": "/v1/completions", "body": "x"}', "'body' must be an object"),
     ("malformed messages", '{"messages": [{"role": "user"}]}', "'messages' must be a non-empty list"),
-    ("negative arrival", '{"prompt": "x", "arrival_s": -1}', "'arrival_s' must be a number >= 0"),
+    ("negative arrival", '{"prompt": "x", "arrival_s": -1}', "'arrival_s' must be a number of seconds in [0, 86400]"),
 ]
 
 

@@ -1,0 +1,124 @@
+"""Input read once (files, '-', FIFOs), the output never deleted under a run, the input never
+overwritten, and requests that could never run answered with error records instead of hanging."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, read_results, write_job
+from launcher.batch_io import parse_line
+from launcher.cli import main
+
+DISAGG = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
+          "decode": {"instances": 1, "tp": 1, "pp": 1}}
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"temperature": 1e-30}, "too small to sample with"),
+    ({"temperature": float("nan")}, "finite number"),
+    ({"top_p": float("inf")}, "finite number"),
+    ({"seed": "7"}, "'seed' must be an integer"),
+    ({"max_tokens": 2.5}, "'max_tokens' must be an integer"),
+    ({"ignore_eos": "false"}, "'ignore_eos' must be true or false"),
+    ({"arrival_s": 1e9}, "'arrival_s' must be a number of seconds in [0, 86400]"),
+    ({"arrival_s": float("nan")}, "'arrival_s' must be a number of seconds"),
+])
+def test_bad_request_fields_become_error_records(fields, message):
+    spec = parse_line(4, json.dumps({"prompt": "hi", **fields}))
+    assert spec.error and spec.error.startswith("line 5:") and message in spec.error
+
+
+def test_good_request_fields_pass():
+    spec = parse_line(0, json.dumps({"prompt": "hi", "temperature": 1e-5, "seed": 3, "ignore_eos": True,
+                                     "arrival_s": 86400}))
+    assert spec.error is None
+
+
+def test_output_equal_to_input_is_refused_and_the_input_kept(tmp_path, tiny_model_dir, capsys):
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6, 7]])
+    before = (tmp_path / "in.jsonl").read_text()
+    for extra in ([], ["--resume"]):
+        rc = main(["generate", config, "--output", str(tmp_path / "in.jsonl"), "--dry-run", *extra])
+        assert rc == 2 and "is the input file" in capsys.readouterr().err
+    assert (tmp_path / "in.jsonl").read_text() == before
+
+
+def test_dry_run_keeps_an_existing_output(tmp_path, tiny_model_dir, capsys):
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6, 7]])
+    (tmp_path / "out.jsonl").write_text('{"custom_id": "old"}\n')
+    assert main(["generate", config, "--dry-run"]) == 0
+    assert "mpirun" in capsys.readouterr().out
+    assert (tmp_path / "out.jsonl").read_text() == '{"custom_id": "old"}\n'
+
+
+def test_a_second_writer_of_the_same_output_is_refused(tmp_path, tiny_model_dir, capsys):
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6, 7]])
+    (tmp_path / "out.jsonl").write_text('{"custom_id": "r0"}\n')
+    with open(tmp_path / "out.jsonl", "a") as held:  # a first run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["generate", config]) == 2
+    assert "another pdlaunch run is writing" in capsys.readouterr().err
+    assert (tmp_path / "out.jsonl").read_text() == '{"custom_id": "r0"}\n'
+
+
+@pytest.mark.parametrize("output,message", [("dir", "is a directory"), ("/proc/pdlaunch/out.jsonl", "cannot create")])
+def test_unusable_outputs_are_one_line_errors(tmp_path, tiny_model_dir, capsys, output, message):
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6, 7]])
+    (tmp_path / "dir").mkdir()
+    path = str(tmp_path / output) if output == "dir" else output
+    assert main(["generate", config, "--output", path]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_with_nothing_left_exits_at_once(tmp_path, tiny_model_dir, capsys):
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6, 7], [8, 9]])
+    (tmp_path / "out.jsonl").write_text('{"custom_id": "r0"}\n{"custom_id": "r1"}\n')
+    assert main(["generate", config, "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+@pytest.mark.parametrize("via", ["-", "/dev/stdin", "fifo"])
+def test_input_from_a_stream_is_read_once_and_bad_requests_do_not_hang(tmp_path, tiny_model_dir, via):
+    """Standard input, /dev/stdin and a FIFO: the launcher reads the stream once into the run
+    directory. Requests that could never run (a prompt larger than the prefill hold area, an
+    answer larger than the decode cache), a far-future arrival and an unusable temperature are
+    error records; the rest of the batch completes."""
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5]],
+                       scheduler={"prefill_kv_blocks": 8, "decode_kv_blocks": 16})  # 32 and 64 tokens
+    lines = [{"custom_id": "ok", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True},
+             {"custom_id": "long-prompt", "prompt": [9] * 40, "max_tokens": 2},
+             {"custom_id": "long-answer", "prompt": [9] * 20, "max_tokens": 60},
+             {"custom_id": "far", "prompt": [5], "arrival_s": 1e9},
+             {"custom_id": "cold", "prompt": [5], "temperature": 1e-40},
+             {"custom_id": "ok2", "prompt": [8, 9], "max_tokens": 3, "ignore_eos": True}]
+    text = "".join(json.dumps(x) + "\n" for x in lines)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    source = via
+    if via == "fifo":
+        source = str(tmp_path / "fifo")
+        os.mkfifo(source)
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "generate", config, "--input", source, "--quiet"],
+                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    if via == "fifo":
+        with open(source, "w") as f:
+            f.write(text)
+        out, err = proc.communicate(timeout=240)
+    else:
+        out, err = proc.communicate(text, timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    results = read_results(tmp_path / "out.jsonl")
+    assert set(results) == {x["custom_id"] for x in lines}
+    assert len(results["ok"]["token_ids"]) == 4 and len(results["ok2"]["token_ids"]) == 3
+    errors = {k: r["error"]["message"] for k, r in results.items() if "error" in r}
+    assert set(errors) == {"long-prompt", "long-answer", "far", "cold"}
+    assert "scheduler.prefill_kv_blocks is 8" in errors["long-prompt"]
+    assert "scheduler.decode_kv_blocks is 16" in errors["long-answer"]
+    assert (tmp_path / "run" / "input.jsonl").read_text() == text
