@@ -56,7 +56,7 @@ def hosts_from_slurm(env: dict) -> list[Host] | None:
     tasks = env.get("SLURM_TASKS_PER_NODE")
     if not nodelist or not tasks:
         return None
-    names = expand_nodelist(nodelist)
+    names = slurm_hostnames(nodelist)
     counts: list[int] = []
     for part in tasks.split(","):
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
@@ -68,17 +68,60 @@ def hosts_from_slurm(env: dict) -> list[Host] | None:
     return [Host(n, c) for n, c in zip(names, counts)]
 
 
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Slurm's own expansion (`scontrol show hostnames`) where scontrol exists, else expand_nodelist."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=10)
+            if out.returncode == 0 and out.stdout.split():
+                return out.stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return expand_nodelist(nodelist)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Comma-separated items, commas inside brackets kept."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0 or depth > 1:
+            raise UserError(f"Slurm nodelist {text!r} has unbalanced or nested brackets")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise UserError(f"Slurm nodelist {text!r} has an unclosed '['")
+    return items + [text[start:]]
+
+
+def _range_values(group: str, nodelist: str) -> list[str]:
+    """'1-3,07' -> ['1', '2', '3', '07']: each range keeps its low bound's zero padding."""
+    out = []
+    for item in group.split(","):
+        lo, _, hi = item.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise UserError(f"Slurm nodelist {nodelist!r}: '[{group}]' is not a list of numbers and ranges")
+        out += [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expands Slurm's compressed node lists, e.g. 'n[1-3,5],gpu7' -> n1 n2 n3 n5 gpu7."""
+    """Expands Slurm's compressed node lists: comma lists, several bracket groups per name (the
+    first varies slowest), text after brackets, zero padding, e.g. 'n[1-2]-ib,gpu[01-02]x[1,3]'
+    -> n1-ib n2-ib gpu01x1 gpu01x3 gpu02x1 gpu02x3."""
     names: list[str] = []
-    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
-        prefix, ranges = m.group(1), m.group(2)
-        if not ranges:
-            names.append(prefix)
-            continue
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            width = len(lo)
-            for i in range(int(lo), int(hi or lo) + 1):
-                names.append(f"{prefix}{i:0{width}d}")
+    for item in _split_top_level(nodelist.strip()):
+        if not item:
+            raise UserError(f"Slurm nodelist {nodelist!r} has an empty name")
+        expanded = [""]
+        for literal, group in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            expanded = [e + literal for e in expanded]
+            if group:
+                expanded = [e + v for e in expanded for v in _range_values(group, nodelist)]
+        names += expanded
     return names

@@ -208,3 +208,29 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pdlaunch: error: config: 'scheduler.block_size' must be an integer, got 'big'; fix its value"
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("nodelist,names", [
+    ("n1", ["n1"]),
+    ("n[1-3,5],gpu7", ["n1", "n2", "n3", "n5", "gpu7"]),
+    ("n[1-2]-ib", ["n1-ib", "n2-ib"]),
+    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+    ("n[08-11]", ["n08", "n09", "n10", "n11"]),
+    ("a,b[1,3],c", ["a", "b1", "b3", "c"]),
+    ("gpu[001-002,010]", ["gpu001", "gpu002", "gpu010"]),
+    ("node-a.cluster,node-b.cluster", ["node-a.cluster", "node-b.cluster"]),
+])
+def test_slurm_nodelists_expand_like_scontrol(nodelist, names):
+    assert expand_nodelist(nodelist) == names
+
+
+@pytest.mark.parametrize("nodelist,message", [
+    ("n[3-1]", "is not a list of numbers and ranges"),
+    ("n[1-2", "unclosed"),
+    ("n[a-b]", "is not a list of numbers and ranges"),
+    ("n[[1]]", "nested"),
+    ("a,,b", "empty name"),
+])
+def test_bad_slurm_nodelists_are_one_line_errors(nodelist, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[")):
+        expand_nodelist(nodelist)
