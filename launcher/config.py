@@ -103,7 +103,7 @@ class WorkloadConfig:
 
 @dataclass
 class PlannerConfig:
-    profile: str = ""               # DistServe-format latency profile (from `pdlaunch profile` or shared/anchors)
+    profile: str = ""               # DistServe-format latency profile (from `pdlaunch profile` or configs/profiles/distserve-*.json)
     profile_model: Optional[str] = None   # the entry of the profile file to use
     colocated_profile: Optional[str] = None  # profile of the colocated baseline (default: profile)
     model: Optional[str] = None     # a known model to plan for (facebook/opt-13b, -66b, -175b) instead of model.path

@@ -9,7 +9,7 @@ Where instances share a node's cores and memory (CPUs), `pdlaunch profile` times
 slot busy and also alone; their ratio (shared_slowdown, per phase) tells the simulator how much
 faster a step runs while no other instance on its node is stepping.
 
-Profiles use DistServe's published format (shared/anchors), which `pdlaunch profile` also writes:
+Profiles use DistServe's published format (configs/profiles/distserve-*.json), which `pdlaunch profile` also writes:
 {model: {tp: {"prefill": [a,b,c], "decoding_smallbs": [...], "decoding_largebs": [...],
 "decoding_large_small_bs_threshold": N, ...}}}. A roofline estimate covers hardware nobody
 could profile. Pure Python.
