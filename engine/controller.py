@@ -152,7 +152,9 @@ class Controller:
         start = time.time()
         next_i = 0
         watchdog = Watchdog(self.ctx.plan, limit)
+        idle = c.IdleWait(self.job["config"]["scheduler"]["idle_sleep_ms"] / 1e3)
         while outstanding:
+            before = outstanding, next_i
             for src, (inst_id, steps) in c.drain(world, c.TAG_HEARTBEAT):
                 watchdog.beat(inst_id, steps)
             watchdog.check()
@@ -181,8 +183,11 @@ class Controller:
                 self.writer.write(p, event, self)
                 outstanding -= 1
             outbox.progress()
-            if not (next_i < len(queue) and queue[next_i].offset_s <= time.time() - start):
-                time.sleep(0.001)
+            if (outstanding, next_i) != before:
+                idle.worked()
+            next_due = queue[next_i].offset_s - (time.time() - start) if next_i < len(queue) else float("inf")
+            if next_due > 0:
+                idle.sleep(at_most=next_due)
         wall = time.time() - start
         for inst in self.ctx.plan.instances:
             outbox.send(None, inst.leader, c.TAG_SHUTDOWN)

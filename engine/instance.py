@@ -17,7 +17,6 @@ from engine.runner import ModelRunner
 from engine.scheduler import KVIncoming, ReadyNotice, Request, Scheduler, Sequence
 from engine.step import StepPlan
 
-IDLE_S = 0.0005
 HEARTBEAT_S = 1.0
 STEP_SAMPLES = 4000  # most recent pure prefill / pure decode step timings kept for the final stats
 
@@ -32,8 +31,10 @@ def _event(seq: Sequence, instance_id: int, with_logits: bool) -> dict:
 
 
 class Leader:
-    def __init__(self, ctx: RankContext, runner: ModelRunner, scheduler: Scheduler, want_logits: bool):
+    def __init__(self, ctx: RankContext, runner: ModelRunner, scheduler: Scheduler, want_logits: bool,
+                 idle_s: float):
         self.ctx, self.runner, self.sched = ctx, runner, scheduler
+        self.idle = c.IdleWait(idle_s)
         self.want_logits = want_logits
         self.inst = ctx.instance
         self.stopping = False
@@ -107,8 +108,11 @@ class Leader:
                 send(KVIncoming(seq.request, self.inst.id), self._leader_of(seq.request.decode_instance),
                      c.TAG_KV_INCOMING)
             if not (step.has_forward or step.kv_sends or step.kv_recvs or step.kv_joins or step.kv_releases):
-                time.sleep(IDLE_S)
+                if self.sched.busy():  # waiting on a transfer or a first token: work is coming
+                    self.idle.worked()
+                self.idle.sleep()
                 continue
+            self.idle.worked()
             step.want_logits = self.want_logits
             self._broadcast(step)
             self.steps += 1
@@ -131,16 +135,19 @@ class Leader:
             self._record(step, (time.perf_counter() - started) * 1e3)
 
 
-def follow(ctx: RankContext, runner: ModelRunner) -> None:
+def follow(ctx: RankContext, runner: ModelRunner, idle_s: float) -> None:
     """Non-leader ranks: execute step plans until told to stop."""
     comm = ctx.instance_comm
     steps = 0
+    idle = c.IdleWait(idle_s)
     while True:
         while not comm.Iprobe(source=0, tag=c.TAG_STEP):
             arrived = runner.kv.newly_arrived()
             if arrived:
                 comm.send(arrived, dest=0, tag=c.TAG_RECV_DONE)
-            time.sleep(IDLE_S)
+                idle.worked()
+            idle.sleep()
+        idle.worked()
         step = comm.recv(source=0, tag=c.TAG_STEP)
         if step.shutdown:
             return

@@ -92,7 +92,7 @@ def _run_instance(ctx, job, cfg) -> None:
                          cfg.model.max_model_len)
     DOING["what"] = f"serving as {ctx.instance.role} instance {ctx.instance.id}"
     if not ctx.is_leader:
-        follow(ctx, runner)
+        follow(ctx, runner, s.idle_sleep_ms / 1e3)
         return
     if job.get("mode") == "profile":
         from engine import comm as c
@@ -115,7 +115,7 @@ def _run_instance(ctx, job, cfg) -> None:
 
     sched = Scheduler(ctx.instance.role, blocks, s.block_size, s.prefill_token_budget, s.max_decode_batch,
                       cfg.model.max_model_len, shape.eos_token_ids, hits_stop, ctx.instance.size)
-    Leader(ctx, runner, sched, bool(job.get("dump_logits"))).run()
+    Leader(ctx, runner, sched, bool(job.get("dump_logits")), s.idle_sleep_ms / 1e3).run()
 
 
 def main(argv=None) -> int:

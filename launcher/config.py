@@ -70,6 +70,7 @@ class SchedulerConfig:
     prefill_kv_blocks: int = 512  # per prefill instance: the KV hold area
     decode_kv_blocks: int = 1024  # per decode (or colocated) instance
     watchdog_s: float = 30.0  # a rank silent this long ends the job
+    idle_sleep_ms: float = 10.0  # an idle rank's sleep between polls (0.5 ms while work came within 0.2 s)
 
 
 @dataclass
@@ -226,6 +227,8 @@ def _check_ranges(cfg: JobConfig) -> None:
         raise UserError("config: 'workload.cv' must be > 0")
     if cfg.planner.span_s < 0 or not cfg.planner.precision > 0:
         raise UserError("config: 'planner.span_s' must be >= 0 seconds (0 = automatic) and 'planner.precision' > 0")
+    if not 0 < cfg.scheduler.idle_sleep_ms <= 1000:
+        raise UserError("config: 'scheduler.idle_sleep_ms' must be in (0, 1000] milliseconds")
     if cfg.scheduler.watchdog_s <= 0:
         raise UserError("config: 'scheduler.watchdog_s' must be > 0 seconds")
     p = cfg.placement
