@@ -14,7 +14,10 @@ from typing import Optional
 from launcher.errors import UserError
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos"}
-IGNORED_FIELDS = {"model", "stream", "user", "logprobs", "frequency_penalty", "presence_penalty"}
+IGNORED_FIELDS = {"model", "stream", "user"}
+UNSUPPORTED_WHEN_SET = {"logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "tools", "tool_choice",
+                        "response_format"}  # refused, not silently dropped, unless absent, null, false or 0
+ROLES = {"system", "user", "assistant", "developer", "tool"}
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 MIN_TEMPERATURE = 1e-5   # below it, logits / temperature overflow: use 0 for greedy
 MAX_ARRIVAL_S = 86400.0  # a replayed arrival more than a day out is a mistake, not a plan
@@ -37,6 +40,10 @@ def _check_sampling(body: dict) -> dict:
     out = {}
     for key, value in body.items():
         if key in ("prompt", "messages") or key in IGNORED_FIELDS:
+            continue
+        if key in UNSUPPORTED_WHEN_SET:
+            if value not in (None, False, 0):
+                raise ValueError(f"'{key}' is not supported by this engine; remove it")
             continue
         if key not in SAMPLING_FIELDS:
             raise ValueError(f"unknown field '{key}'; supported: {', '.join(sorted(SAMPLING_FIELDS))}")
@@ -72,6 +79,42 @@ def _check_sampling(body: dict) -> dict:
     return out
 
 
+def _content_text(content) -> str:
+    """A message's text: a string, or OpenAI content parts of type 'text' joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        kinds = {p.get("type") for p in content}
+        if kinds != {"text"} or not all(isinstance(p.get("text"), str) for p in content):
+            raise ValueError(f"message content parts of type {sorted(map(str, kinds - {'text'}))} are not supported; "
+                             "send text parts ({type: text, text: ...}) or a string")
+        return "".join(p["text"] for p in content)
+    raise ValueError("a message's 'content' must be a string or a list of {type: text, text} parts")
+
+
+def _messages(msgs) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise ValueError("'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for m in msgs:
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message role {m.get('role')!r} is unknown; use one of {', '.join(sorted(ROLES))}")
+        out.append({"role": m["role"], "content": _content_text(m.get("content"))})
+    return out
+
+
+def _prompt(prompt):
+    """A completion prompt: non-empty text, or a non-empty list of token ids (integers >= 0)."""
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        bad = next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or t < 0), None)
+        if bad is not None:
+            raise ValueError(f"'prompt' token ids must be integers >= 0, got {bad!r}")
+        return prompt
+    raise ValueError("missing 'prompt' (a non-empty string or list of token ids) or 'messages'")
+
+
 def parse_line(index: int, line: str) -> RequestSpec:
     spec = RequestSpec(index, f"request-{index}")
     try:
@@ -104,19 +147,9 @@ def parse_line(index: int, line: str) -> RequestSpec:
             body = obj
             spec.kind = "chat" if "messages" in body else "completion"
         if spec.kind == "chat":
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
-                    for m in msgs):
-                raise ValueError("'messages' must be a non-empty list of {role, content} objects")
-            spec.messages = msgs
+            spec.messages = _messages(body.get("messages"))
         else:
-            prompt = body.get("prompt")
-            is_ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                      for t in prompt)
-            if not prompt or not (isinstance(prompt, str) or is_ids):
-                raise ValueError("missing 'prompt' (a non-empty string or list of token ids) or 'messages'")
-            spec.prompt = prompt
+            spec.prompt = _prompt(body.get("prompt"))
         spec.sampling = _check_sampling(body)
     except ValueError as e:
         spec.error = f"line {index + 1}: {e}"

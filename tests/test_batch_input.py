@@ -13,7 +13,7 @@ LINE_CASES = [
     ("not an object", "[1, 2]", "must be a JSON object"),
     ("missing prompt", '{"max_tokens": 4}', "missing 'prompt'"),
     ("empty prompt", '{"prompt": ""}', "missing 'prompt'"),
-    ("negative token id", '{"prompt": [1, -2]}', "missing 'prompt'"),
+    ("negative token id", '{"prompt": [1, -2]}', "'prompt' token ids must be integers >= 0, got -2"),
     ("n > 1", '{"prompt": "x", "n": 2}', "n=2 is not supported"),
     ("unknown sampling field", '{"prompt": "x", "beam_width": 4}', "unknown field 'beam_width'"),
     ("negative temperature", '{"prompt": "x", "temperature": -1}', "'temperature' must be >= 0"),
@@ -24,7 +24,7 @@ LINE_CASES = [
     ("bad url", '{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}', "url '/v1/embeddings' is not supported"),
     ("bad method", '{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}', "method 'GET'"),
     ("body not object", '{"custom_id": "a", "url": "/v1/completions", "body": "x"}', "'body' must be an object"),
-    ("malformed messages", '{"messages": [{"role": "user"}]}', "'messages' must be a non-empty list"),
+    ("malformed messages", '{"messages": [{"role": "user"}]}', "a message's 'content' must be a string or a list"),
     ("negative arrival", '{"prompt": "x", "arrival_s": -1}', "'arrival_s' must be a number of seconds in [0, 86400]"),
 ]
 

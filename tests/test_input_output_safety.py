@@ -122,3 +122,24 @@ def test_input_from_a_stream_is_read_once_and_bad_requests_do_not_hang(tmp_path,
     assert "scheduler.prefill_kv_blocks is 8" in errors["long-prompt"]
     assert "scheduler.decode_kv_blocks is 16" in errors["long-answer"]
     assert (tmp_path / "run" / "input.jsonl").read_text() == text
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"prompt": [5, -1]}, "token ids must be integers >= 0, got -1"),
+    ({"prompt": "hi", "logprobs": True}, "'logprobs' is not supported"),
+    ({"prompt": "hi", "tools": [{"type": "function"}]}, "'tools' is not supported"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role 'wizard' is unknown"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "are not supported"),
+    ({"messages": [{"role": "user", "content": 7}]}, "must be a string or a list"),
+])
+def test_requests_are_refused_with_the_reason_not_dropped(body, message):
+    spec = parse_line(0, json.dumps(body))
+    assert spec.error and message in spec.error
+
+
+def test_openai_text_content_parts_are_accepted():
+    spec = parse_line(0, json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": [{"type": "text", "text": "Hello, "},
+                                                                               {"type": "text", "text": "world"}]}],
+                                     "logprobs": False}))
+    assert spec.error is None and spec.messages[1] == {"role": "user", "content": "Hello, world"}
