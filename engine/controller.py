@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from engine import comm as c
 from engine.comm import RankContext
-from engine.scheduler import Request
+from engine.kv_cache import blocks_for
+from engine.scheduler import Request, reserved_blocks
 from engine.step import SamplingParams
 from engine.tokenizer import TextCodec
 from launcher.batch_io import RequestSpec
@@ -123,10 +124,10 @@ class Controller:
         None: such a request would wait forever and hold up the ones behind it."""
         s = self.job["config"]["scheduler"]
         size = s["block_size"]
-        whole = -(-min(prompt + max_tokens, self.max_len) // size)  # blocks a decoding instance reserves
-        checks = [("scheduler.decode_kv_blocks", whole, s["decode_kv_blocks"])]
+        checks = [("scheduler.decode_kv_blocks", reserved_blocks(prompt, max_tokens, self.max_len, size),
+                   s["decode_kv_blocks"])]
         if self.decoders:  # disaggregated: the prefill hold area takes the prompt
-            checks = [("scheduler.prefill_kv_blocks", -(-prompt // size), s["prefill_kv_blocks"])] + \
+            checks = [("scheduler.prefill_kv_blocks", blocks_for(prompt, size), s["prefill_kv_blocks"])] + \
                 (checks if max_tokens > 1 else [])
         for key, need, have in checks:
             if need > have:

@@ -76,6 +76,11 @@ class Sequence:
         return len(self.request.prompt_ids) + len(self.output)
 
 
+def reserved_blocks(prompt_len: int, max_tokens: int, max_model_len: int, block_size: int) -> int:
+    """Blocks a sequence needs for its whole life on a decoding instance."""
+    return blocks_for(min(prompt_len + max_tokens, max_model_len), block_size)
+
+
 class Scheduler:
     def __init__(self, role: str, num_blocks: int, block_size: int, token_budget: int, max_batch: int,
                  max_model_len: int, eos_ids: tuple[int, ...], hits_stop: Callable[[Sequence], bool],
@@ -142,9 +147,8 @@ class Scheduler:
 
     # ---- scheduling ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence) -> int:
-        """Blocks a sequence needs for its whole life on a decoding instance."""
-        total = min(len(seq.request.prompt_ids) + seq.request.sampling.max_tokens, self.max_model_len)
-        return blocks_for(total, self.block_size)
+        return reserved_blocks(len(seq.request.prompt_ids), seq.request.sampling.max_tokens, self.max_model_len,
+                               self.block_size)
 
     def _decodes_later(self, seq: Sequence) -> bool:
         """A prefill-role request that may need a decode step (known before its first token)."""

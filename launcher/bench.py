@@ -50,7 +50,7 @@ def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
                          cfg.workload.seed + round(rate * 1000))
 
 
-def probe_requests(cfg: JobConfig) -> list[SimRequest]:
+def calibration_requests(cfg: JobConfig) -> list[SimRequest]:
     """The calibration probe's requests (arrival times set by build_trace), shortened to fit a
     small max_model_len."""
     limit = cfg.model.max_model_len
@@ -69,7 +69,7 @@ def build_trace(cfg: JobConfig, plan: Plan, spec, rates: list[float], n: int) ->
     segments barely interact, and where they do the simulator, replaying the same trace, sees it too."""
     latency = profile_latency(cfg, plan)
     trace, segment, t = [], [], PROBE_GAP_S * 1e3
-    for r in probe_requests(cfg):  # one at a time: each arrives once the previous should be done
+    for r in calibration_requests(cfg):  # one at a time: each arrives once the previous should be done
         trace.append(SimRequest(t, r.input_len, r.output_len))
         segment.append(0)
         t += simulate_plan(cfg, plan, spec, latency, [r])[0].finish + PROBE_GAP_S * 1e3
@@ -154,8 +154,9 @@ def calibration(cfg: JobConfig, plan: Plan, report: dict, window: tuple[float, f
     probe (wall-clock `window`) to the profile's alone timings of the same shapes — prefill of the
     same single prompt, batch-1 decode interpolated on context. 1.0 for a phase without both."""
     ratios = {"prefill": [], "decode": []}
+    references = {tp: profile_alone_samples(cfg, plan, tp) for tp in {i.tp for i in plan.instances}}
     for stats in report["instances"]:
-        reference = profile_alone_samples(cfg, plan, plan.instances[stats["instance"]].tp)
+        reference = references[plan.instances[stats["instance"]].tp]
         if not reference:
             continue
         prefill = {tuple(x["lens"]): x["ms"] for x in reference["prefill"]}

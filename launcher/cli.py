@@ -159,9 +159,9 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
     done = finished_ids(output) if args.resume else set()  # may replace the file: lock after it
     if not args.dry_run:
         hold_output(output)
-    if not args.resume and not args.dry_run:
-        with open(output, "w", encoding="utf-8"):
-            pass  # emptied in place: the locked file stays the one the ranks append to
+        if not args.resume:
+            with open(output, "w", encoding="utf-8"):
+                pass  # emptied in place: the locked file stays the one the ranks append to
     extra = {"input": input_path, "output": output, "quiet": args.quiet,
              "report": os.path.join(run_dir, "report.json"), "skip_ids": sorted(done),
              "pending_requests": sum(i not in done for i in ids)}
