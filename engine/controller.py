@@ -244,32 +244,41 @@ class ResultWriter:
     def write(self, p: Pending, event: dict | None, controller: Controller) -> None:
         spec = p.spec
         record: dict = {"custom_id": spec.custom_id}
+        body = None
         if event is None:
             record["error"] = {"code": "invalid_request", "message": spec.error}
-            body = None
         else:
-            text, reason = self._text(p, event)
-            metrics = metrics_of(event, p.request.arrival)
-            metrics["prefill_instance"] = p.prefill_instance if p.prefill_instance is not None else event["instance"]
-            metrics["decode_instance"] = event["instance"]
-            usage = {"prompt_tokens": len(p.request.prompt_ids), "completion_tokens": len(event["output"]),
-                     "total_tokens": len(p.request.prompt_ids) + len(event["output"])}
-            record.update(text=text, token_ids=event["output"], finish_reason=reason, usage=usage,
-                          metrics=metrics)
-            body = (text, reason, usage)
-            if self.logits_dir and event.get("logits"):
-                import torch
-                from safetensors.torch import save_file
-
-                save_file({"logits": torch.tensor(event["logits"])},
-                          os.path.join(self.logits_dir, f"{spec.index}.safetensors"))
+            try:
+                body = self._answer(p, event, record)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own error record
+                record = {"custom_id": spec.custom_id,
+                          "error": {"code": "engine_error", "message": f"line {spec.index + 1}: {type(e).__name__}: "
+                                                                       f"{e} (rerun with --resume to retry)"}}
         if spec.openai:
             record = self._openai(record, spec, body)
+        record["request_hash"] = spec.digest
         self.records.append(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.on_result:
             self.on_result(record)
+
+    def _answer(self, p: Pending, event: dict, record: dict) -> tuple:
+        """Fills a finished request's record; returns (text, finish reason, usage)."""
+        text, reason = self._text(p, event)
+        metrics = metrics_of(event, p.request.arrival)
+        metrics["prefill_instance"] = p.prefill_instance if p.prefill_instance is not None else event["instance"]
+        metrics["decode_instance"] = event["instance"]
+        usage = {"prompt_tokens": len(p.request.prompt_ids), "completion_tokens": len(event["output"]),
+                 "total_tokens": len(p.request.prompt_ids) + len(event["output"])}
+        record.update(text=text, token_ids=event["output"], finish_reason=reason, usage=usage, metrics=metrics)
+        if self.logits_dir and event.get("logits"):
+            import torch
+            from safetensors.torch import save_file
+
+            save_file({"logits": torch.tensor(event["logits"])},
+                      os.path.join(self.logits_dir, f"{p.spec.index}.safetensors"))
+        return text, reason, usage
 
     def _openai(self, record: dict, spec: RequestSpec, body) -> dict:
         """The OpenAI Batch API output line for this request."""

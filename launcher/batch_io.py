@@ -6,6 +6,7 @@ Accepted lines: the OpenAI Batch API form ({"custom_id", "method": "POST", "url"
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -34,6 +35,22 @@ class RequestSpec:
     openai: bool = False          # answer in the OpenAI batch output form
     arrival_s: Optional[float] = None  # replayed arrival time (s from start), overrides workload.arrival
     error: Optional[str] = None   # set: this line is answered with an error record
+    digest: str = ""              # hash of the request's content (custom_id aside): what --resume matches
+
+
+def request_digest(obj) -> str:
+    """A request's content hash: the JSON object without its id, keys sorted, so re-serialising the
+    same request gives the same hash and any change to it a different one."""
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k not in ("custom_id", "id")}
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if not isinstance(obj, str) \
+        else obj
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _bad_utf8_column(line: str) -> int | None:
+    """1-based column of the first byte that was not UTF-8 (read with surrogateescape), or None."""
+    return next((i + 1 for i, ch in enumerate(line) if "\udc80" <= ch <= "\udcff"), None)
 
 
 def _check_sampling(body: dict) -> dict:
@@ -116,14 +133,21 @@ def _prompt(prompt):
 
 
 def parse_line(index: int, line: str) -> RequestSpec:
-    spec = RequestSpec(index, f"request-{index}")
+    """One input line's request; a line without custom_id is named by its content hash (not its
+    line number), so inserting lines into the input never moves an answer to another prompt."""
+    spec = RequestSpec(index, "")
+    bad_byte = _bad_utf8_column(line)
     try:
-        obj = json.loads(line)
+        obj = json.loads(line) if bad_byte is None else None
     except json.JSONDecodeError as e:
-        spec.error = f"line {index + 1} is not valid JSON: {e.msg}"
-        return spec
-    if not isinstance(obj, dict):
+        obj, spec.error = None, f"line {index + 1} is not valid JSON: {e.msg}"
+    if bad_byte is not None:
+        spec.error = f"line {index + 1} is not UTF-8 text (column {bad_byte}); save the file as UTF-8"
+    elif obj is not None and not isinstance(obj, dict):
         spec.error = f"line {index + 1} must be a JSON object"
+    spec.digest = request_digest(line.strip() if obj is None else obj)
+    spec.custom_id = f"request-{spec.digest[:12]}"
+    if spec.error:
         return spec
     try:
         if "body" in obj or "url" in obj:
@@ -156,23 +180,22 @@ def parse_line(index: int, line: str) -> RequestSpec:
     return spec
 
 
+INPUT_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # a non-UTF-8 byte fails its line only
+
+
 def read_input_text(path: str) -> str:
-    """The input's text, read once: a file, a FIFO, /dev/stdin, or '-' for standard input."""
+    """The input's text, read once: a file, a FIFO, /dev/stdin, or '-' for standard input. Bytes
+    that are not UTF-8 are kept (as surrogates) for parse_line to refuse their line alone."""
     if path == "-":
         import sys
 
-        try:
-            return sys.stdin.read()
-        except UnicodeDecodeError:
-            raise UserError("input from standard input is not UTF-8 text; pass a JSONL file") from None
+        return sys.stdin.buffer.read().decode(**INPUT_ENCODING)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, **INPUT_ENCODING) as f:
             return f.read()
     except FileNotFoundError:
         raise UserError(f"input file '{path}' not found; pass a JSONL file of prompts "
                         "(see examples/prompts.jsonl)") from None
-    except UnicodeDecodeError:
-        raise UserError(f"input file '{path}' is not UTF-8 text; pass a JSONL file") from None
     except IsADirectoryError:
         raise UserError(f"input '{path}' is a directory; pass a JSONL file") from None
 
@@ -186,6 +209,12 @@ def parse_requests(text: str, path: str) -> list[RequestSpec]:
     specs = [parse_line(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not specs:
         raise UserError(f"input file '{path}' has no requests; add one JSON object per line")
+    seen: dict[str, int] = {}
+    for s in specs:  # the k-th copy of an id-less request is '<id>-k'
+        if s.custom_id == f"request-{s.digest[:12]}":
+            seen[s.custom_id] = seen.get(s.custom_id, 0) + 1
+            if seen[s.custom_id] > 1:
+                s.custom_id += f"-{seen[s.custom_id]}"
     ids = [s.custom_id for s in specs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

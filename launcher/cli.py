@@ -17,13 +17,14 @@ import sys
 import yaml
 
 from launcher import commands
-from launcher.batch_io import parse_requests, read_input_text
+from launcher.batch_io import INPUT_ENCODING, RequestSpec, parse_requests, read_input_text
 from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
 from launcher.model_files import read_shape, resolve_model_dir
 from launcher.plan import (Plan, check_layouts, map_onto_allocation, packed_plan, plan_from_config, read_plan,
                            write_plan)
+from launcher.resume import reconcile
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,30 +69,6 @@ def _writable_output(path: str) -> None:
         raise UserError(f"output: '{path}' is not writable; pass a writable --output path")
 
 
-def finished_ids(output: str) -> set[str]:
-    """custom_ids already answered in an output file; a torn last line (a crash mid-write) is cut
-    off by rewriting the file through a temp file and a rename."""
-    if not os.path.exists(output):
-        return set()
-    import json
-
-    with open(output, encoding="utf-8") as f:
-        lines = f.read().splitlines(keepends=True)
-    kept, ids = [], set()
-    for line in lines:
-        try:
-            ids.add(json.loads(line)["custom_id"])
-            kept.append(line if line.endswith("\n") else line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    if len(kept) != len(lines):
-        tmp = output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, output)
-    return ids
-
-
 _HELD_LOCKS = []  # output files this launcher writes; flock'ed until it exits
 
 
@@ -109,16 +86,16 @@ def hold_output(output: str) -> None:
     _HELD_LOCKS.append(f)
 
 
-def snapshot_input(source: str, run_dir: str) -> tuple[str, list[str]]:
+def snapshot_input(source: str, run_dir: str) -> tuple[str, list[RequestSpec]]:
     """Reads the input once (a file, a FIFO, /dev/stdin or '-'), checks it, and keeps the copy the
     ranks read in the run directory: nothing reads the source again. Returns the copy's path and
-    the requests' custom_ids."""
+    the requests."""
     text = read_input_text(source)
     specs = parse_requests(text, source)  # whole-input problems stop here; bad lines become error records
     path = os.path.join(run_dir, "input.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", **INPUT_ENCODING) as f:
         f.write(text)
-    return path, [s.custom_id for s in specs]
+    return path, specs
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -155,16 +132,20 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
         raise UserError(f"run_dir: cannot create '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
     if not os.access(run_dir, os.W_OK):
         raise UserError(f"run_dir: '{run_dir}' is not writable; pass a writable --run-dir")
-    input_path, ids = snapshot_input(source, run_dir)
-    done = finished_ids(output) if args.resume else set()  # may replace the file: lock after it
+    input_path, specs = snapshot_input(source, run_dir)
     if not args.dry_run:
         hold_output(output)
-        if not args.resume:
-            with open(output, "w", encoding="utf-8"):
-                pass  # emptied in place: the locked file stays the one the ranks append to
+    done = set()
+    if args.resume:
+        state = reconcile(output, specs, apply=not args.dry_run)
+        done = state.reused
+        print(state.message(output, sum(s.custom_id not in done for s in specs)), file=sys.stderr)
+    elif not args.dry_run:
+        with open(output, "w", encoding="utf-8"):
+            pass  # emptied in place: the locked file stays the one the ranks append to
     extra = {"input": input_path, "output": output, "quiet": args.quiet,
              "report": os.path.join(run_dir, "report.json"), "skip_ids": sorted(done),
-             "pending_requests": sum(i not in done for i in ids)}
+             "pending_requests": sum(s.custom_id not in done for s in specs)}
     if args.dump_logits:
         os.makedirs(args.dump_logits, exist_ok=True)
         extra["dump_logits"] = os.path.abspath(args.dump_logits)
