@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
-import re
-import signal
-import subprocess
 import sys
+import tempfile
 
 import yaml
 
@@ -25,8 +24,7 @@ from launcher.model_files import read_shape, resolve_model_dir
 from launcher.plan import (Plan, check_layouts, map_onto_allocation, packed_plan, plan_from_config, read_plan,
                            write_plan)
 from launcher.resume import reconcile
-
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launcher.supervise import PACKAGE_ROOT, STOP_SIGNALS, launch
 
 
 def cluster_hosts(cfg: JobConfig) -> list[Host]:
@@ -60,13 +58,21 @@ def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
 
 
 def _writable_output(path: str) -> None:
+    """Opens the output for appending (as the controller will) and removes it again if it is new:
+    permission bits alone miss /sys, read-only mounts and root's exemptions."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UserError(f"output: cannot create directory '{folder}' ({e.strerror}); pass another --output") from None
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"output: '{path}' is not writable; pass a writable --output path")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UserError(f"output: cannot write '{path}' ({e.strerror}); pass a writable --output path") from None
+    if not existed:
+        os.remove(path)
 
 
 _HELD_LOCKS = []  # output files this launcher writes; flock'ed until it exits
@@ -128,10 +134,9 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
     run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
     try:
         os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
     except OSError as e:
-        raise UserError(f"run_dir: cannot create '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
-    if not os.access(run_dir, os.W_OK):
-        raise UserError(f"run_dir: '{run_dir}' is not writable; pass a writable --run-dir")
+        raise UserError(f"run_dir: cannot write in '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
     input_path, specs = snapshot_input(source, run_dir)
     if not args.dry_run:
         hold_output(output)
@@ -181,41 +186,25 @@ def cmd_generate(args) -> int:
         print(f"pdlaunch: nothing to do: every request of the input already has a result in {job['output']}",
               file=sys.stderr)
         return 0
-    rc = launch(cmd, job, env)
-    if rc == 130:
-        print(f"pdlaunch: interrupted; finished results are in {job['output']}", file=sys.stderr)
-    elif rc != 0:
-        print(f"pdlaunch: the job failed (exit {rc}); finished results are in {job['output']}", file=sys.stderr)
+    report = job["report"]
+    if os.path.exists(report):
+        os.remove(report)  # never leave the previous run's report beside this run's results
+    ranks_log = os.path.join(os.path.dirname(report), "ranks.log")
+    rc = launch(cmd, job, env, log_path=ranks_log)
+    if rc != 0:
+        status = "interrupted" if rc - 128 in STOP_SIGNALS else "failed"
+        written = _count_lines(job["output"])
+        with open(report, "w") as f:
+            json.dump({"status": status, "exit_code": rc, "results_written": written, "output": job["output"],
+                       "ranks_log": ranks_log}, f, indent=1)
+        print(f"pdlaunch: {status} (exit {rc}); {written} finished result(s) are in {job['output']}; "
+              f"`--resume` runs the rest (all messages: {ranks_log})", file=sys.stderr)
     return rc
 
 
-def launch(cmd: list[str], job: dict, extra_env: dict | None = None) -> int:
-    """Runs the ranks; relays their stderr, naming the role of any rank that dies."""
-    env = dict(os.environ, **(extra_env or {}))
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # the venv's mpirun, ompi_info
-    env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True, bufsize=1)
-
-    def forward_term(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, forward_term)
-    plan = Plan.from_job(job)
-    try:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            dead = re.search(r"process rank (\d+) with PID \d+ on node (\S+)", line)
-            if dead:
-                print(f"pdlaunch: rank {dead.group(1)} on {dead.group(2)} died: it was "
-                      f"{plan.describe_rank(int(dead.group(1)))}", file=sys.stderr)
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
-        return 130
-    return rc
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def cmd_sbatch(args) -> int:
@@ -239,7 +228,6 @@ def cmd_sbatch(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    import json
     import platform
     import time
 
@@ -325,7 +313,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    import json
 
     from launcher.planner.planning import latency_models, model_spec
     from launcher.planner.replay import print_replay, replay_report, simulate_plan, trace_requests
@@ -376,7 +363,6 @@ def _rates(text: str, option: str) -> list[float]:
 
 def cmd_bench(args) -> int:
     import copy
-    import json
 
     from launcher.bench import run_bench
     from launcher.planner.planning import model_spec

@@ -43,7 +43,8 @@ def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface
         rankfile = os.path.join(run_dir, "rankfile")
         write_rankfile(rank_hosts, rankfile)
         cmd += ["--map-by", f"rankfile:file={rankfile}:oversubscribe"]
-    cmd += ["-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", sys.executable, "-m", "engine.main", "--job", job_path]
+    cmd += ["-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", sys.executable, "-m",
+            "engine.main", "--job", job_path]
     return cmd
 
 
@@ -62,7 +63,7 @@ def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, interf
         counts[host] = counts.get(host, 0) + 1
     with open(hostfile, "w") as f:
         f.writelines(f"{h} slots={n}\n" for h, n in counts.items())
-    mpi_args = ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH"]
+    mpi_args = ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         mpi_args.insert(0, "--allow-run-as-root")
     mpi_args += _tcp_interface_args(rank_hosts, interface)
@@ -82,7 +83,7 @@ def srun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: 
     hostfile = os.path.join(run_dir, "slurm_hostfile")
     with open(hostfile, "w") as f:
         f.writelines(h + "\n" for h in rank_hosts)
-    env = {"SLURM_HOSTFILE": hostfile, "PMIX_MCA_psec": "native", "OMP_NUM_THREADS": "1"}
+    env = {"SLURM_HOSTFILE": hostfile, "PMIX_MCA_psec": "native", "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
     if interface:
         env["OMPI_MCA_btl_tcp_if_include"] = interface
     return ["srun", "--mpi=pmix", "-n", str(len(rank_hosts)), "--distribution=arbitrary", "--overcommit",

@@ -37,7 +37,7 @@ def test_mpirun_high_affinity_rankfile(tmp_path, tiny_model_dir, capsys):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     expected = [f"{BIN}/mpirun", "-n", "17", "--bind-to", "none", *root,
                 "--map-by", f"rankfile:file={run}/rankfile:oversubscribe", "-x", "OMP_NUM_THREADS=1", "-x",
-                "PYTHONPATH", sys.executable, "-m", "engine.main", "--job", f"{run}/job.yaml"]
+                "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", sys.executable, "-m", "engine.main", "--job", f"{run}/job.yaml"]
     assert dry_run(capsys, config, "mpirun") == " ".join(expected)
     ranks = (run / "rankfile").read_text().splitlines()
     # controller + prefill 0 + prefill 1 fill node-a; the decode instance (8 ranks) is node-b

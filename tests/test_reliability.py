@@ -99,5 +99,57 @@ def test_failing_or_stuck_rank_ends_job_with_diagnosis(kind, tmp_path, tiny_mode
     assert rc != 0, err[-2000:]
     if kind == "raise":
         assert "rank 3 on" in err and "decode instance 1 (tp 0, pp 1)" in err and "injected fault" in err, err[-2000:]
+        assert "died" not in err and "MPI_ABORT" not in err, err[-2000:]  # a deliberate abort, said once
+        assert "MPI_ABORT" in (tmp_path / "run" / "ranks.log").read_text()
     else:
         assert "decode instance 1 (ranks 2-3" in err and "sent no heartbeat" in err, err[-2000:]
+
+
+def job_processes(job_dir: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if job_dir in open(f"/proc/{pid}/cmdline").read():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+def test_the_job_dies_with_the_launcher(sig, tmp_path, tiny_model_dir):
+    """Closing the terminal (SIGHUP) or SIGKILL of pdlaunch ends every rank; SIGHUP also leaves a
+    report saying the run was interrupted and how many results it wrote."""
+    config = write_job(tmp_path, tiny_model_dir, LAYOUT, PROMPTS, MAX_TOKENS,
+                       workload={"arrival": "poisson", "rate": 3.0})
+    proc = start(config)
+    wait_lines(tmp_path / "out.jsonl", 2)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while job_processes(str(tmp_path / "run")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not job_processes(str(tmp_path / "run")), "ranks outlived the launcher"
+    if sig == signal.SIGHUP:
+        assert proc.returncode == 129
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        assert report["status"] == "interrupted" and report["results_written"] >= 2
+
+
+def test_a_failed_run_replaces_the_previous_report_and_a_foreign_engine_package_is_not_imported(tmp_path,
+                                                                                                 tiny_model_dir):
+    """Ranks import pdlaunch's own engine even when started from a directory with an `engine/`
+    package; a failed run's report.json says it failed instead of showing the last good run."""
+    config = write_job(tmp_path, tiny_model_dir, LAYOUT, PROMPTS[:4], 4)
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "__init__.py").write_text("raise SystemExit('imported the wrong engine')\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    ok = subprocess.run([sys.executable, "-m", "launcher.cli", "generate", config, "--quiet"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=240)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["requests"] == 4
+    failed = start(config, env_extra={"PDLAUNCH_FAULT": "1:1:raise"})
+    rc, err, _ = finish(failed, time.time(), limit=60)
+    assert rc == 3
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["status"] == "failed" and report["exit_code"] == 3
