@@ -31,6 +31,10 @@ TAG_RECV_DONE = 8    # decode rank -> its leader: KV receives that completed
 TAG_SHUTDOWN = 9     # controller -> leaders: no more work
 TAG_HEARTBEAT = 11   # leader -> controller: still alive
 TAG_STATS = 12       # leader -> controller at shutdown: KV and batch peaks
+TAG_ALIVE = 13       # controller -> leaders: still alive (a stopped controller must not leave them waiting)
+
+STARTUP_S = 600.0    # how long instances may take to load their weights
+HEARTBEAT_S = 1.0    # leaders and the controller tell each other they are alive this often
 
 
 @dataclass

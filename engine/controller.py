@@ -23,9 +23,6 @@ from engine.tokenizer import TextCodec
 from launcher.batch_io import RequestSpec
 
 
-STARTUP_S = 600.0  # how long instances may take to load their weights
-
-
 @dataclass
 class Pending:
     spec: RequestSpec
@@ -33,6 +30,7 @@ class Pending:
     offset_s: float
     prompt_text: str = ""
     prefill_instance: int | None = None
+    at: str = ""  # where it waits once dispatched, for a stall diagnosis
 
 
 def arrival_offsets(n: int, arrival: str, rate: float, cv: float, seed: int) -> list[float]:
@@ -148,17 +146,23 @@ class Controller:
         outstanding = len(queue)
         limit = self.job["config"]["scheduler"]["watchdog_s"]
         for inst in self.ctx.plan.instances:  # every instance has loaded its weights: start the clock
-            c.poll(world, inst.leader, c.TAG_HEARTBEAT, timeout_s=max(limit, STARTUP_S),
+            c.poll(world, inst.leader, c.TAG_HEARTBEAT, timeout_s=max(limit, c.STARTUP_S),
                    waiting_for=f"{inst.role} instance {inst.id} to load the model")
         start = time.time()
         next_i = 0
         watchdog = Watchdog(self.ctx.plan, limit)
         idle = c.IdleWait(self.job["config"]["scheduler"]["idle_sleep_ms"] / 1e3)
+        last_alive = 0.0
         while outstanding:
-            before = outstanding, next_i
+            before = outstanding, next_i, len(self.by_id)
+            now = time.time()
+            if now - last_alive >= c.HEARTBEAT_S:
+                last_alive = now
+                for inst in self.ctx.plan.instances:
+                    outbox.send(None, inst.leader, c.TAG_ALIVE)
             for src, (inst_id, steps) in c.drain(world, c.TAG_HEARTBEAT):
                 watchdog.beat(inst_id, steps)
-            watchdog.check()
+            watchdog.check(self._in_flight())
             now = time.time()
             while next_i < len(queue) and queue[next_i].offset_s <= now - start:
                 p = queue[next_i]
@@ -170,10 +174,13 @@ class Controller:
                     p.request.decode_instance = self._least_loaded(self.decoders)
                     self.load[p.request.decode_instance] += 1
                 self.by_id[p.request.req_id] = p
+                p.at = f"{self.ctx.plan.instances[target].role} instance {target}"
                 outbox.send(p.request, self.ctx.plan.instances[target].leader, c.TAG_REQUEST)
-            for src, notice in c.drain(world, c.TAG_KV_READY):
+            kv_ready = c.drain(world, c.TAG_KV_READY)
+            for src, notice in kv_ready:
                 p = self.by_id[notice.request.req_id]
                 p.prefill_instance = notice.prefill_instance
+                p.at = f"decode instance {p.request.decode_instance}"
                 self.load[notice.prefill_instance] -= 1
             for src, event in c.drain(world, c.TAG_RESULT):
                 p = self.by_id.pop(event["req_id"])
@@ -184,8 +191,9 @@ class Controller:
                 self.writer.write(p, event, self)
                 outstanding -= 1
             outbox.progress()
-            if (outstanding, next_i) != before:
+            if (outstanding, next_i, len(self.by_id)) != before or kv_ready:
                 idle.worked()
+                watchdog.progressed()
             next_due = queue[next_i].offset_s - (time.time() - start) if next_i < len(queue) else float("inf")
             if next_due > 0:
                 idle.sleep(at_most=next_due)
@@ -198,18 +206,34 @@ class Controller:
         return {"wall_s": wall, "instances": instances}
 
 
+    def _in_flight(self) -> dict[str, int]:
+        """Dispatched, unfinished requests by where they wait: for the stall diagnosis."""
+        where: dict[str, int] = {}
+        for p in self.by_id.values():
+            where[p.at] = where.get(p.at, 0) + 1
+        return where
+
+
 class Watchdog:
-    """Ends the job when an instance stops sending heartbeats (a stuck rank stalls its leader)."""
+    """Ends the job when an instance stops sending heartbeats (a stuck rank stalls its leader), or
+    when requests are in flight but none moved (no step anywhere, no dispatch, no result) for the
+    limit: every instance alive yet stuck, e.g. waiting for KV room that never frees."""
 
     def __init__(self, plan, limit_s: float):
         self.plan, self.limit_s = plan, limit_s
         now = time.time()
         self.seen = {i.id: (now, 0) for i in plan.instances}
+        self.last_progress = now
 
     def beat(self, inst_id: int, steps: int) -> None:
+        if steps != self.seen[inst_id][1]:
+            self.progressed()
         self.seen[inst_id] = (time.time(), steps)
 
-    def check(self) -> None:
+    def progressed(self) -> None:
+        self.last_progress = time.time()
+
+    def check(self, in_flight: dict[str, int]) -> None:
         now = time.time()
         for inst_id, (when, steps) in self.seen.items():
             if now - when > self.limit_s:
@@ -218,6 +242,13 @@ class Watchdog:
                     f"{inst.role} instance {inst_id} (ranks {inst.ranks[0]}-{inst.ranks[-1]} on "
                     f"{', '.join(sorted(set(inst.hosts)))}) sent no heartbeat for {now - when:.0f} s "
                     f"after step {steps}: a rank of it is stuck or dead")
+        if not in_flight:
+            self.last_progress = now  # nothing dispatched is waiting: idle, not stalled
+        elif now - self.last_progress > self.limit_s:
+            held = ", ".join(f"{n} at {where}" for where, n in sorted(in_flight.items()))
+            raise TimeoutError(f"no request moved for {now - self.last_progress:.0f} s although every instance is "
+                               f"alive ({held}): the engine is stalled; raise scheduler.watchdog_s if steps can "
+                               "really take that long")
 
 
 class ResultWriter:

@@ -17,7 +17,6 @@ from engine.runner import ModelRunner
 from engine.scheduler import KVIncoming, ReadyNotice, Request, Scheduler, Sequence
 from engine.step import StepPlan
 
-HEARTBEAT_S = 1.0
 STEP_SAMPLES = 4000  # most recent pure prefill / pure decode step timings kept for the final stats
 
 
@@ -30,10 +29,28 @@ def _event(seq: Sequence, instance_id: int, with_logits: bool) -> dict:
     return event
 
 
+class ControllerWatch:
+    """A leader's watch on the controller: the controller's watchdog covers every instance, this
+    covers the controller (stopped or dead, nothing else would end the job while instances idle).
+    The first beat comes once every instance has loaded, so until then the start-up limit holds."""
+
+    def __init__(self, ctx: RankContext, limit_s: float):
+        self.ctx, self.limit_s = ctx, limit_s
+        self.deadline = time.time() + max(limit_s, c.STARTUP_S)
+
+    def check(self) -> None:
+        now = time.time()
+        if c.drain(self.ctx.world, c.TAG_ALIVE, source=0):
+            self.deadline = now + self.limit_s
+        elif now > self.deadline:
+            raise TimeoutError(f"the controller (rank 0 on {self.ctx.nodes[0]}) sent nothing for "
+                               f"{self.limit_s:.0f} s: it is stuck or dead")
+
+
 class Leader:
     def __init__(self, ctx: RankContext, runner: ModelRunner, scheduler: Scheduler, want_logits: bool,
-                 idle_s: float):
-        self.ctx, self.runner, self.sched = ctx, runner, scheduler
+                 idle_s: float, watch: ControllerWatch):
+        self.ctx, self.runner, self.sched, self.watch = ctx, runner, scheduler, watch
         self.idle = c.IdleWait(idle_s)
         self.want_logits = want_logits
         self.inst = ctx.instance
@@ -57,13 +74,14 @@ class Leader:
     def _heartbeat(self) -> None:
         """Tells the controller's watchdog this instance is alive and how far it got."""
         now = time.time()
-        if now - self.last_beat >= HEARTBEAT_S:
+        if now - self.last_beat >= c.HEARTBEAT_S:
             self.last_beat = now
             self.outbox.send((self.inst.id, self.steps), 0, c.TAG_HEARTBEAT)
 
     def _handle_messages(self) -> None:
         world = self.ctx.world
         self._heartbeat()
+        self.watch.check()
         self.outbox.progress()
         for _, req in c.drain(world, c.TAG_REQUEST):
             self.sched.add_request(req if isinstance(req, Request) else Request(**req))
@@ -116,7 +134,7 @@ class Leader:
             step.want_logits = self.want_logits
             self._broadcast(step)
             self.steps += 1
-            fault_point(self.ctx, self.steps)
+            fault_point(self.ctx, self.steps, keep_alive=self._heartbeat)
             tokens, logits = self.runner.execute(step)
             for seq in joined:
                 send(seq.req_id, self._leader_of(seq.source_instance), c.TAG_PULLED)
@@ -156,15 +174,17 @@ def follow(ctx: RankContext, runner: ModelRunner, idle_s: float) -> None:
         runner.execute(step)
 
 
-def fault_point(ctx: RankContext, step: int) -> None:
-    """Failure injection for the reliability tests: PDLAUNCH_FAULT=RANK:STEP:raise|hang makes that
-    rank raise, or stop answering, when it starts that step."""
+def fault_point(ctx: RankContext, step: int, keep_alive=None) -> None:
+    """Failure injection for the reliability tests: PDLAUNCH_FAULT=RANK:STEP:raise|hang|stall makes
+    that rank raise, stop answering, or (a leader) keep sending heartbeats but never step again,
+    when it starts that step."""
     spec = os.environ.get("PDLAUNCH_FAULT")
     if not spec:
         return
     rank, at, kind = spec.split(":")
     if int(rank) == ctx.rank and int(at) == step:
-        if kind == "hang":
-            while True:
-                time.sleep(1)
+        while kind in ("hang", "stall"):
+            if kind == "stall" and keep_alive:
+                keep_alive()
+            time.sleep(0.1)
         raise RuntimeError(f"injected fault at step {step}")

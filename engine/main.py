@@ -80,7 +80,7 @@ def _next_of(comm, source: int, tags: tuple, job) -> tuple:
 
 
 def _run_instance(ctx, job, cfg) -> None:
-    from engine.instance import Leader, follow
+    from engine.instance import ControllerWatch, Leader, follow
     from engine.runner import ModelRunner
     from engine.scheduler import Scheduler
 
@@ -115,7 +115,8 @@ def _run_instance(ctx, job, cfg) -> None:
 
     sched = Scheduler(ctx.instance.role, blocks, s.block_size, s.prefill_token_budget, s.max_decode_batch,
                       cfg.model.max_model_len, shape.eos_token_ids, hits_stop, ctx.instance.size)
-    Leader(ctx, runner, sched, bool(job.get("dump_logits")), s.idle_sleep_ms / 1e3).run()
+    Leader(ctx, runner, sched, bool(job.get("dump_logits")), s.idle_sleep_ms / 1e3,
+           ControllerWatch(ctx, s.watchdog_s)).run()
 
 
 def main(argv=None) -> int:

@@ -89,20 +89,24 @@ def test_kill_9_ends_job_and_resume_completes(rank, role, tmp_path, tiny_model_d
         assert next(r for r in lines if r["custom_id"] == f"r{i}")["token_ids"] == tokens
 
 
-@pytest.mark.parametrize("kind", ["raise", "hang"])
-def test_failing_or_stuck_rank_ends_job_with_diagnosis(kind, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("kind,rank", [("raise", 3), ("hang", 3), ("stall", 2)])
+def test_failing_or_stuck_rank_ends_job_with_diagnosis(kind, rank, tmp_path, tiny_model_dir):
+    """A rank that raises, one that stops answering (its leader stops heartbeating) and a leader
+    that keeps heartbeating but never steps again (the controller sees no request move)."""
     config = write_job(tmp_path, tiny_model_dir, LAYOUT, PROMPTS, MAX_TOKENS,
                        workload={"arrival": "poisson", "rate": 6.0}, scheduler={"watchdog_s": 8})
-    proc = start(config, env_extra={"PDLAUNCH_FAULT": "3:6:" + kind})
+    proc = start(config, env_extra={"PDLAUNCH_FAULT": f"{rank}:6:{kind}"})
     since = time.time()
     rc, err, took = finish(proc, since, limit=60)
     assert rc != 0, err[-2000:]
-    if kind == "raise":
+    if kind == "hang":
+        assert "decode instance 1 (ranks 2-3" in err and "sent no heartbeat" in err, err[-2000:]
+    elif kind == "stall":
+        assert "no request moved for" in err and "at decode instance 1" in err and "stalled" in err, err[-2000:]
+    else:
         assert "rank 3 on" in err and "decode instance 1 (tp 0, pp 1)" in err and "injected fault" in err, err[-2000:]
         assert "died" not in err and "MPI_ABORT" not in err, err[-2000:]  # a deliberate abort, said once
         assert "MPI_ABORT" in (tmp_path / "run" / "ranks.log").read_text()
-    else:
-        assert "decode instance 1 (ranks 2-3" in err and "sent no heartbeat" in err, err[-2000:]
 
 
 def job_processes(job_dir: str) -> list[int]:
@@ -153,3 +157,17 @@ def test_a_failed_run_replaces_the_previous_report_and_a_foreign_engine_package_
     assert rc == 3
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "failed" and report["exit_code"] == 3
+
+
+def test_a_stopped_controller_ends_the_job(tmp_path, tiny_model_dir):
+    """SIGSTOP of the controller: the instance leaders stop hearing from it and end the job."""
+    config = write_job(tmp_path, tiny_model_dir, LAYOUT, PROMPTS, MAX_TOKENS,
+                       workload={"arrival": "poisson", "rate": 3.0}, scheduler={"watchdog_s": 8})
+    proc = start(config)
+    wait_lines(tmp_path / "out.jsonl", 2)
+    stopped = time.time()
+    os.kill(rank_pid(str(tmp_path), 0), signal.SIGSTOP)
+    rc, err, took = finish(proc, stopped, limit=30)
+    assert rc != 0 and took < 8 + 10, (rc, took, err[-2000:])
+    assert "the controller (rank 0 on" in err and "sent nothing for 8 s" in err, err[-2000:]
+    assert not job_processes(str(tmp_path / "run"))
