@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +33,8 @@ TAG_SHUTDOWN = 9     # controller -> leaders: no more work
 TAG_HEARTBEAT = 11   # leader -> controller: still alive
 TAG_STATS = 12       # leader -> controller at shutdown: KV and batch peaks
 TAG_ALIVE = 13       # controller -> leaders: still alive (a stopped controller must not leave them waiting)
+TAG_RANK_ALIVE = 14  # every instance rank's beacon thread -> controller: this process runs
+TAG_NEXT_ARRIVAL = 15  # controller -> leaders -> followers: wall time of the next request's arrival
 
 STARTUP_S = 600.0    # how long instances may take to load their weights
 HEARTBEAT_S = 1.0    # leaders and the controller tell each other they are alive this often
@@ -175,17 +178,29 @@ IDLE_GRACE_S = 0.2  # no work for this long: the rank is idle
 class IdleWait:
     """Sleeps between polls that found no work: POLL_S while work came within IDLE_GRACE_S (under
     load a loop reacts in well under a millisecond), then `idle_s` (an idle rank wakes ~100 times
-    a second instead of ~2,000, which cost ~29 % of a core that NCCL proxies or data loading want)."""
+    a second instead of ~2,000, which cost ~29 % of a core that NCCL proxies or data loading want).
+    `expect(t)` announces work at wall time t: the rank wakes then and polls fast for IDLE_GRACE_S,
+    so a request arriving at a sleeping instance does not wait out its sleep."""
 
     def __init__(self, idle_s: float):
         self.idle_s = max(idle_s, POLL_S)
         self.last_work = time.monotonic()
+        self.wake_at: float | None = None
 
     def worked(self) -> None:
         self.last_work = time.monotonic()
 
+    def expect(self, wall_time: float) -> None:
+        self.wake_at = time.monotonic() + (wall_time - time.time())
+
     def sleep(self, at_most: float = float("inf")) -> None:
-        idle = time.monotonic() - self.last_work >= IDLE_GRACE_S
+        now = time.monotonic()
+        if self.wake_at is not None:
+            if now >= self.wake_at:
+                self.wake_at, self.last_work = None, now
+            else:
+                at_most = min(at_most, self.wake_at - now)
+        idle = now - self.last_work >= IDLE_GRACE_S
         time.sleep(max(0.0, min(self.idle_s if idle else POLL_S, at_most)))
 
 
@@ -215,3 +230,23 @@ def drain(comm, tag: int, source: int | None = None) -> list[tuple[int, Any]]:
         s = status.Get_source()
         out.append((s, comm.recv(source=s, tag=tag)))
     return out
+
+
+class Beacon:
+    """A thread that tells the controller once a second that this process runs, even while its
+    main thread waits in a collective or a transfer: a rank whose beacon stops is stopped or dead,
+    and the controller names it. (MPI runs with MPI_THREAD_MULTIPLE; the messages are a few bytes,
+    sent eagerly.)"""
+
+    def __init__(self, comm):
+        self.comm, self.stop_event = comm, threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pdlaunch-beacon", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(HEARTBEAT_S):
+            self.comm.send(None, dest=0, tag=TAG_RANK_ALIVE)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join()

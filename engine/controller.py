@@ -150,9 +150,10 @@ class Controller:
                    waiting_for=f"{inst.role} instance {inst.id} to load the model")
         start = time.time()
         next_i = 0
-        watchdog = Watchdog(self.ctx.plan, limit)
+        watchdog = Watchdog(self.ctx.plan, self.ctx.nodes, limit)
         idle = c.IdleWait(self.job["config"]["scheduler"]["idle_sleep_ms"] / 1e3)
-        last_alive = 0.0
+        last_alive = last_check = 0.0
+        announced = -1
         while outstanding:
             before = outstanding, next_i, len(self.by_id)
             now = time.time()
@@ -162,8 +163,17 @@ class Controller:
                     outbox.send(None, inst.leader, c.TAG_ALIVE)
             for src, (inst_id, steps) in c.drain(world, c.TAG_HEARTBEAT):
                 watchdog.beat(inst_id, steps)
-            watchdog.check(self._in_flight())
+            for src, _ in c.drain(world, c.TAG_RANK_ALIVE):
+                watchdog.rank_seen[src] = now
+            if now - last_check >= c.HEARTBEAT_S / 4:
+                last_check = now
+                watchdog.check(self._in_flight())
             now = time.time()
+            if next_i != announced and next_i < len(queue):
+                # sleeping leaders wake for the next arrival (decode ones too: its KV follows a prefill later)
+                announced = next_i
+                for inst in self.ctx.plan.instances:
+                    outbox.send(start + queue[next_i].offset_s, inst.leader, c.TAG_NEXT_ARRIVAL)
             while next_i < len(queue) and queue[next_i].offset_s <= now - start:
                 p = queue[next_i]
                 next_i += 1
@@ -215,33 +225,59 @@ class Controller:
 
 
 class Watchdog:
-    """Ends the job when an instance stops sending heartbeats (a stuck rank stalls its leader), or
-    when requests are in flight but none moved (no step anywhere, no dispatch, no result) for the
-    limit: every instance alive yet stuck, e.g. waiting for KV room that never frees."""
+    """Ends the job, naming the culprit, when
+    - a rank's beacon thread went silent: its process is stopped or dead;
+    - an instance stopped sending heartbeats: a rank of it is stuck (its leader waits on it);
+    - a decode or colocated instance holds requests but took no step (it depends on nothing else);
+    - requests are in flight but none moved anywhere (no step, dispatch or result).
+    Each after `limit_s`."""
 
-    def __init__(self, plan, limit_s: float):
-        self.plan, self.limit_s = plan, limit_s
+    def __init__(self, plan, nodes: list[str], limit_s: float):
+        self.plan, self.nodes, self.limit_s = plan, nodes, limit_s
         now = time.time()
-        self.seen = {i.id: (now, 0) for i in plan.instances}
+        self.seen = {i.id: (now, 0) for i in plan.instances}        # last heartbeat, steps then
+        self.stepped = {i.id: now for i in plan.instances}          # when its step count last grew
+        self.rank_seen = {r: now for i in plan.instances for r in i.ranks}  # beacon threads
+        self.holding_since: dict[int, float] = {}                    # instance -> when requests came to it
         self.last_progress = now
 
     def beat(self, inst_id: int, steps: int) -> None:
+        now = time.time()
         if steps != self.seen[inst_id][1]:
             self.progressed()
-        self.seen[inst_id] = (time.time(), steps)
+            self.stepped[inst_id] = now
+        self.seen[inst_id] = (now, steps)
 
     def progressed(self) -> None:
         self.last_progress = time.time()
 
+    def _rank(self, rank: int) -> str:
+        return f"rank {rank} on {self.nodes[rank]} ({self.plan.describe_rank(rank)})"
+
+    def _instance(self, inst) -> str:
+        return (f"{inst.role} instance {inst.id} (ranks {inst.ranks[0]}-{inst.ranks[-1]} on "
+                f"{', '.join(sorted({self.nodes[r] for r in inst.ranks}))})")
+
     def check(self, in_flight: dict[str, int]) -> None:
         now = time.time()
+        for rank, when in self.rank_seen.items():
+            if now - when > self.limit_s:
+                raise TimeoutError(f"{self._rank(rank)} sent nothing for {now - when:.0f} s: its process is stopped "
+                                   "or dead (SIGSTOP, a hung node, or swapped out)")
         for inst_id, (when, steps) in self.seen.items():
             if now - when > self.limit_s:
-                inst = self.plan.instances[inst_id]
-                raise TimeoutError(
-                    f"{inst.role} instance {inst_id} (ranks {inst.ranks[0]}-{inst.ranks[-1]} on "
-                    f"{', '.join(sorted(set(inst.hosts)))}) sent no heartbeat for {now - when:.0f} s "
-                    f"after step {steps}: a rank of it is stuck or dead")
+                raise TimeoutError(f"{self._instance(self.plan.instances[inst_id])} sent no heartbeat for "
+                                   f"{now - when:.0f} s after step {steps}: a rank of it is stuck (every process "
+                                   "of it runs)")
+        for inst in self.plan.instances:
+            held = in_flight.get(f"{inst.role} instance {inst.id}", 0)
+            if not held:
+                self.holding_since.pop(inst.id, None)
+                continue
+            since = max(self.stepped[inst.id], self.holding_since.setdefault(inst.id, now))
+            if inst.role != "prefill" and now - since > self.limit_s:  # prefill may wait on decode room
+                raise TimeoutError(f"{self._instance(inst)} holds {held} request(s) but took no step for "
+                                   f"{now - since:.0f} s: it is stalled (a transfer or a rank never completes)")
         if not in_flight:
             self.last_progress = now  # nothing dispatched is waiting: idle, not stalled
         elif now - self.last_progress > self.limit_s:

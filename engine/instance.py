@@ -85,6 +85,10 @@ class Leader:
         self.outbox.progress()
         for _, req in c.drain(world, c.TAG_REQUEST):
             self.sched.add_request(req if isinstance(req, Request) else Request(**req))
+        for _, wall_time in c.drain(world, c.TAG_NEXT_ARRIVAL, source=0):
+            self.idle.expect(wall_time)
+            for local in range(1, self.inst.size):  # the followers wake for the step that follows
+                self.ctx.instance_comm.send(wall_time, dest=local, tag=c.TAG_NEXT_ARRIVAL)
         for _, incoming in c.drain(world, c.TAG_KV_INCOMING):
             self.sched.add_incoming(incoming)
         for _, notice in c.drain(world, c.TAG_KV_READY):
@@ -160,6 +164,8 @@ def follow(ctx: RankContext, runner: ModelRunner, idle_s: float) -> None:
     idle = c.IdleWait(idle_s)
     while True:
         while not comm.Iprobe(source=0, tag=c.TAG_STEP):
+            for _, wall_time in c.drain(comm, c.TAG_NEXT_ARRIVAL, source=0):
+                idle.expect(wall_time)
             arrived = runner.kv.newly_arrived()
             if arrived:
                 comm.send(arrived, dest=0, tag=c.TAG_RECV_DONE)

@@ -138,7 +138,11 @@ def main(argv=None) -> int:
         elif ctx.is_controller:
             _run_controller(ctx, job, cfg)
         else:
+            from engine.comm import Beacon
+
+            beacon = Beacon(ctx.world)
             _run_instance(ctx, job, cfg)
+            beacon.stop()
         ctx.world.Barrier()
         return 0
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job

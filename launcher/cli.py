@@ -21,6 +21,7 @@ from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
 from launcher.model_files import read_shape, resolve_model_dir
+from launcher.network import check_hosts_resolve
 from launcher.plan import (Plan, check_layouts, map_onto_allocation, packed_plan, plan_from_config, read_plan,
                            write_plan)
 from launcher.resume import reconcile
@@ -34,6 +35,13 @@ def cluster_hosts(cfg: JobConfig) -> list[Host]:
 
 def in_slurm_allocation() -> bool:
     return hosts_from_slurm(os.environ) is not None
+
+
+def check_hosts(cfg: JobConfig, plan: Plan) -> None:
+    """Before a real launch outside Slurm (whose nodes are known to it): every planned host resolves."""
+    if not in_slurm_allocation():
+        source = f"plan {cfg.placement.plan}" if cfg.placement.plan else f"hostfile {cfg.cluster.hostfile}"
+        check_hosts_resolve(plan.rank_hosts(), source)
 
 
 def model_dir_of(cfg: JobConfig) -> str:
@@ -139,6 +147,7 @@ def prepare_job(args) -> tuple[dict, list[str], str]:
         raise UserError(f"run_dir: cannot write in '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
     input_path, specs = snapshot_input(source, run_dir)
     if not args.dry_run:
+        check_hosts(cfg, plan)
         hold_output(output)
     done = set()
     if args.resume:
@@ -246,6 +255,7 @@ def cmd_profile(args) -> int:
         """Step samples of `count` instances of TP `tp` profiling at once."""
         plan = packed_plan([("colocated", count, tp, 1)], hosts)
         check_layouts(plan, shape, hosts, key="plan")
+        check_hosts(cfg, plan)
         samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}-x{count}.json")
         job, cmd, env = write_job(cfg, plan, model_dir, run_dir, mode="profile", profile_samples=samples_path)
         if not args.quiet:
@@ -380,6 +390,7 @@ def cmd_bench(args) -> int:
         raise UserError(f"bench: --time-budget must be a positive number of minutes, got {args.time_budget:g}")
     main_system = "disaggregated" if cfg.placement.mode == "disaggregated" else "colocated"
     systems = {main_system: build_plan(cfg, hosts, model_dir)}
+    check_hosts(cfg, systems[main_system])
     per_system = {main_system: rates}
     if args.compare_colocated:
         devices = sum(i.size for i in next(iter(systems.values())).instances)

@@ -13,6 +13,14 @@ def _mpirun() -> str:
     return beside if os.path.exists(beside) else "mpirun"
 
 
+def host_counts(rank_hosts: list[str]) -> dict[str, int]:
+    """Ranks per host, in the order hosts first appear."""
+    counts: dict[str, int] = {}
+    for host in rank_hosts:
+        counts[host] = counts.get(host, 0) + 1
+    return counts
+
+
 def write_rankfile(rank_hosts: list[str], path: str) -> None:
     """Open MPI rankfile: global rank i runs on rank_hosts[i]."""
     per_host: dict[str, int] = {}
@@ -42,7 +50,10 @@ def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface
     else:
         rankfile = os.path.join(run_dir, "rankfile")
         write_rankfile(rank_hosts, rankfile)
-        cmd += ["--map-by", f"rankfile:file={rankfile}:oversubscribe"]
+        # --host allocates the hosts outside a resource manager (inside Slurm they must be, and
+        # are, in the allocation); the rankfile then pins each rank to its host and slot
+        cmd += ["--host", ",".join(f"{h}:{n}" for h, n in host_counts(rank_hosts).items()),
+                "--map-by", f"rankfile:file={rankfile}:oversubscribe"]
     cmd += ["-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", sys.executable, "-m",
             "engine.main", "--job", job_path]
     return cmd
@@ -58,11 +69,8 @@ def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, interf
     --force_multi`), because pdlaunch's control plane is MPI; its MPI discovery is bypassed (the
     engine agrees on the rendezvous over MPI), so it never picks an external interface."""
     hostfile = os.path.join(run_dir, "ds_hostfile")
-    counts: dict[str, int] = {}
-    for host in rank_hosts:
-        counts[host] = counts.get(host, 0) + 1
     with open(hostfile, "w") as f:
-        f.writelines(f"{h} slots={n}\n" for h, n in counts.items())
+        f.writelines(f"{h} slots={n}\n" for h, n in host_counts(rank_hosts).items())
     mpi_args = ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         mpi_args.insert(0, "--allow-run-as-root")

@@ -93,19 +93,61 @@ def read_shape(model_dir: str) -> ModelShape:
         raise UserError(f"model: {path} has a malformed value ({e})") from None
 
 
-def check_weights(model_dir: str) -> None:
+def _safetensors_header(path: str) -> dict:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets), read without torch."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = os.fstat(f.fileno()).st_size
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len <= 0 or header_len + 8 > size:
+            raise UserError(f"model: '{path}' is truncated or not a safetensors file; re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"model: '{path}' has a corrupt safetensors header; re-download it") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def expected_tensors(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """The Llama tensors the engine loads, with the shapes config.json implies."""
+    h, kv, q, i = shape.hidden_size, shape.num_kv_heads * shape.head_dim, shape.num_heads * shape.head_dim, \
+        shape.intermediate_size
+    out = {"model.embed_tokens.weight": (shape.vocab_size, h), "model.norm.weight": (h,)}
+    if not shape.tie_word_embeddings:
+        out["lm_head.weight"] = (shape.vocab_size, h)
+    per_layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
+    for layer in range(shape.num_layers):
+        out |= {f"model.layers.{layer}.{k}": v for k, v in per_layer.items()}
+    return out
+
+
+def check_weights(model_dir: str, shape: ModelShape) -> None:
+    """Every tensor the engine loads exists with the shape config.json implies: a mismatch is one
+    line here, before any rank starts (on a rank it surfaced as a load error in MPI's banner).
+    A tied checkpoint may omit lm_head.weight."""
     files = [f for f in os.listdir(model_dir) if f.endswith(".safetensors")]
     if not files:
         raise UserError(f"model: no *.safetensors in '{model_dir}'; pdlaunch loads only safetensors "
                         "or GGUF (never pickled .bin files); convert the checkpoint to safetensors")
+    found: dict[str, tuple[int, ...]] = {}
     for name in files:
-        path = os.path.join(model_dir, name)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            size = os.fstat(f.fileno()).st_size
-        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if header_len <= 0 or header_len + 8 > size:
-            raise UserError(f"model: '{path}' is truncated or not a safetensors file; re-download it")
+        found |= {k: tuple(v.get("shape", ())) for k, v in _safetensors_header(os.path.join(model_dir, name)).items()}
+    config = os.path.join(model_dir, "config.json")
+    for tensor, want in expected_tensors(shape).items():
+        if tensor not in found:
+            raise UserError(f"model: the weights in '{model_dir}' lack '{tensor}', which {config} implies; the "
+                            "checkpoint does not belong to this config (or is not a Llama checkpoint)")
+        if found[tensor] != want:
+            raise UserError(f"model: '{tensor}' has shape {list(found[tensor])} in the weights but {config} "
+                            f"implies {list(want)}; the checkpoint does not match its config")
+    extra = sorted({int(k.split(".")[2]) for k in found if k.startswith("model.layers.")} - set(range(shape.num_layers)))
+    if extra:
+        raise UserError(f"model: the weights have layer {extra[0]} but {config} says num_hidden_layers = "
+                        f"{shape.num_layers}; the checkpoint does not match its config")
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise UserError(f"model: '{model_dir}' has no tokenizer.json; add the model's fast tokenizer file")
 
@@ -126,8 +168,7 @@ def resolve_model_dir(path: str) -> str:
     if path == "embedded":
         path = embedded_gguf()
     if os.path.isdir(path):
-        read_shape(path)
-        check_weights(path)
+        check_weights(path, read_shape(path))
         return path
     if not os.path.exists(path):
         raise UserError(f"model: '{path}' does not exist; set model.path to a HF Llama directory, "

@@ -17,6 +17,17 @@ def single_host(hosts: list[str]) -> bool:
     return set(hosts) <= LOCAL_NAMES
 
 
+def check_hosts_resolve(hosts: list[str], source: str) -> None:
+    """Every host name resolves here: an unknown one is one line naming it, not Open MPI's
+    'not allocated or oversubscribed its slots'."""
+    for host in sorted(set(hosts) - LOCAL_NAMES):
+        try:
+            socket.getaddrinfo(host, None)
+        except (socket.gaierror, UnicodeError) as e:
+            raise UserError(f"{source}: host '{host}' does not resolve ({getattr(e, 'strerror', e)}); fix its name "
+                            "or add it to DNS or /etc/hosts") from None
+
+
 def check_interface(name: str) -> None:
     have = [n for _, n in socket.if_nameindex()]
     if name not in have:

@@ -166,7 +166,24 @@ MODEL_CASES = [
     ("not llama", lambda d: open(os.path.join(d, "config.json"), "w").write('{"architectures": ["GPT2LMHeadModel"]}'),
      "architecture 'GPT2LMHeadModel'"),
     ("bad json", lambda d: open(os.path.join(d, "config.json"), "w").write("{oops"), "is not valid JSON"),
+    ("weights of another size", lambda d: _edit_config(d, intermediate_size=96),
+     "'model.layers.0.mlp.gate_proj.weight' has shape [128, 64] in the weights but"),
+    ("fewer layers in config", lambda d: _edit_config(d, num_hidden_layers=2),
+     "the weights have layer 2 but"),
+    ("more layers in config", lambda d: _edit_config(d, num_hidden_layers=6), "lack 'model.layers.4."),
+    ("other kv heads", lambda d: _edit_config(d, num_key_value_heads=8),
+     "'model.layers.0.self_attn.k_proj.weight' has shape [32, 64]"),
 ]
+
+
+def _edit_config(model_dir: str, **changes) -> None:
+    import json
+
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    with open(path, "w") as f:
+        json.dump(cfg | changes, f)
 
 
 @pytest.mark.parametrize("case,damage,expected", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
@@ -234,3 +251,18 @@ def test_slurm_nodelists_expand_like_scontrol(nodelist, names):
 def test_bad_slurm_nodelists_are_one_line_errors(nodelist, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[")):
         expand_nodelist(nodelist)
+
+
+def test_an_unknown_host_is_named_before_launch(tmp_path, tiny_model_dir, capsys):
+    """Outside Slurm every planned host must resolve before mpirun starts; a dry run only prints."""
+    cfg = base_config(tmp_path, tiny_model_dir)
+    (tmp_path / "hosts").write_text("localhost slots=2\nno-such-host.invalid slots=2\n")
+    cfg["placement"] = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 2, "pp": 1},
+                        "decode": {"instances": 1, "tp": 2, "pp": 1}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, out = main(["generate", str(path), "--dry-run"]), capsys.readouterr().out
+    assert rc == 0 and "--host localhost:3,no-such-host.invalid:2" in out
+    rc, err = run_cli(["generate", str(path)], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "host 'no-such-host.invalid' does not resolve" in err and "hostfile hosts" in err, err

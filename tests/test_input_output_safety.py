@@ -84,7 +84,7 @@ def test_resume_with_nothing_left_exits_at_once(tmp_path, tiny_model_dir, capsys
     assert not (tmp_path / "run" / "report.json").exists()
 
 
-@pytest.mark.parametrize("via", ["-", "/dev/stdin", "fifo"])
+@pytest.mark.parametrize("via", ["-", "/dev/stdin", "fifo", "process substitution"])
 def test_input_from_a_stream_is_read_once_and_bad_requests_do_not_hang(tmp_path, tiny_model_dir, via):
     """Standard input, /dev/stdin and a FIFO: the launcher reads the stream once into the run
     directory. Requests that could never run (a prompt larger than the prefill hold area, an
@@ -104,9 +104,12 @@ def test_input_from_a_stream_is_read_once_and_bad_requests_do_not_hang(tmp_path,
     if via == "fifo":
         source = str(tmp_path / "fifo")
         os.mkfifo(source)
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "generate", config, "--input", source, "--quiet"],
-                            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [sys.executable, "-m", "launcher.cli", "generate", config, "--input", source, "--quiet"]
+    if via == "process substitution":  # --input <(...): a /dev/fd path only the launcher's process has
+        (tmp_path / "src.jsonl").write_text(text)
+        cmd = ["bash", "-c", " ".join(cmd[:-2]) + f" <(cat {tmp_path / 'src.jsonl'}) --quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     if via == "fifo":
         with open(source, "w") as f:
             f.write(text)

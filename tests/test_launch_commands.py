@@ -35,7 +35,7 @@ def test_mpirun_high_affinity_rankfile(tmp_path, tiny_model_dir, capsys):
     config = setup_job(tmp_path, tiny_model_dir, HIGH)
     run = tmp_path / "run"
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    expected = [f"{BIN}/mpirun", "-n", "17", "--bind-to", "none", *root,
+    expected = [f"{BIN}/mpirun", "-n", "17", "--bind-to", "none", *root, "--host", "node-a:9,node-b:8",
                 "--map-by", f"rankfile:file={run}/rankfile:oversubscribe", "-x", "OMP_NUM_THREADS=1", "-x",
                 "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", sys.executable, "-m", "engine.main", "--job", f"{run}/job.yaml"]
     assert dry_run(capsys, config, "mpirun") == " ".join(expected)
@@ -69,7 +69,7 @@ def test_deepspeed_command(tmp_path, tiny_model_dir, capsys):
     out = dry_run(capsys, config, "deepspeed")
     assert out == (f"{BIN}/deepspeed --hostfile {run}/ds_hostfile --no_ssh_check --master_addr node-a "
                    f"--master_port 29500 --launcher openmpi --force_multi --launcher_args "
-                   f"'{root}--bind-to none -x OMP_NUM_THREADS=1 -x PYTHONPATH' --module engine.main "
+                   f"'{root}--bind-to none -x OMP_NUM_THREADS=1 -x PYTHONPATH -x PYTHONSAFEPATH=1' --module engine.main "
                    f"--job {run}/job.yaml")
     assert (run / "ds_hostfile").read_text() == "node-a slots=9\nnode-b slots=8\n"
 
@@ -78,7 +78,7 @@ def test_srun_command_and_sbatch_script(tmp_path, tiny_model_dir, capsys):
     config = setup_job(tmp_path, tiny_model_dir, HIGH)
     run = tmp_path / "run"
     out = dry_run(capsys, config, "srun")
-    assert out == (f"SLURM_HOSTFILE={run}/slurm_hostfile PMIX_MCA_psec=native OMP_NUM_THREADS=1 srun --mpi=pmix "
+    assert out == (f"SLURM_HOSTFILE={run}/slurm_hostfile PMIX_MCA_psec=native OMP_NUM_THREADS=1 PYTHONSAFEPATH=1 srun --mpi=pmix "
                    f"-n 17 --distribution=arbitrary --overcommit --cpu-bind=none {sys.executable} -m engine.main "
                    f"--job {run}/job.yaml")
     assert (run / "slurm_hostfile").read_text().split() == ["node-a"] * 9 + ["node-b"] * 8
@@ -150,3 +150,46 @@ def test_multi_node_gpu_example_files_agree():
                  f"#SBATCH --gpus-per-node={plan.ranks_per_host()}"):
         assert line in script
     assert any("configs/gpu-2x8-llama8b.yaml --plan slurm/gpu-2x8.plan.yaml" in line for line in script)
+
+
+RSH_STANDIN = """#!/bin/sh
+# stands in for ssh: drops ssh's options, takes the host name and runs the command on this machine
+# in its own UTS namespace named after that host, so Open MPI sees two nodes
+while [ "${1#-}" != "$1" ]; do shift; done
+host=$1; shift
+exec unshare --uts /bin/sh -c "hostname $host && $*"
+"""
+
+
+def test_two_hosts_outside_slurm_start_their_remote_daemons(tmp_path, tiny_model_dir):
+    """A hostfile of two hosts, no Slurm: the generated mpirun line allocates both (--host) and
+    pins ranks by rankfile, and Open MPI starts a daemon on the second host through its remote
+    shell — here a stand-in for ssh that runs the daemon on this machine under the address and
+    host name 127.0.0.2, so the ranks of the two 'hosts' talk over TCP as on two nodes."""
+    import json
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("the ssh stand-in needs root and unshare(1) to give the second 'host' its own name")
+
+    from conftest import ragged_prompts, run_pdlaunch, write_job
+
+    layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 2, "pp": 1},
+              "decode": {"instances": 1, "tp": 2, "pp": 1}}
+    config = write_job(tmp_path, tiny_model_dir, layout, ragged_prompts(4, seed=8), 5)
+    (tmp_path / "hosts").write_text("127.0.0.1 slots=2\n127.0.0.2 slots=2\n")
+    rsh = tmp_path / "rsh"
+    rsh.write_text(RSH_STANDIN)
+    rsh.chmod(0o755)
+    os.environ["PRTE_MCA_plm_ssh_agent"] = str(rsh)  # Open MPI 5's runtime (PRRTE) reads this one
+    try:
+        proc = run_pdlaunch("generate", config, "--quiet")
+    finally:
+        del os.environ["PRTE_MCA_plm_ssh_agent"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["requests"] == 4 and report["errors"] == 0
+    assert [i["nodes"] for i in report["instances"]][1] == ["127.0.0.2", "127.0.0.2"]  # ran under the second daemon
+    assert (tmp_path / "run" / "rankfile").read_text().splitlines()[-1] == "rank 4=127.0.0.2 slot=1"
