@@ -24,7 +24,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
+test-gpu: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -m gpu tests/test_gpu.py
+
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/engine_vs_transformers.py
 
-.PHONY: install run test test-fast bench
+.PHONY: install run test test-fast test-gpu bench

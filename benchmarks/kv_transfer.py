@@ -56,13 +56,20 @@ def main() -> None:
     parser.add_argument("--lengths", default="128,512,2048")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="benchmarks/results/kv_transfer.json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: caches on one GPU per rank, NCCL (needs 3 GPUs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     assert size == 3, "run with 3 ranks"
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
     port = world.bcast(29700 + os.getpid() % 200 if rank == 0 else None)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=size)
     # Layout pairs: P TP1 (rank 0) -> D TP1 (rank 1); P TP1 (rank 0) -> D TP... heads split over ranks 1, 2
     # is not possible with 3 KV heads, so the second pair is D PP2 (layers split over ranks 1, 2).
     # Block tables: consecutive (what the allocator gives when a free run fits: no copies), or
@@ -83,13 +90,12 @@ def main() -> None:
             if mine is not None:
                 rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
                 layers = rect.layers[1] - rect.layers[0]
-                cache = KVCache(layers, blocks, BLOCK, SHAPE.num_kv_heads, SHAPE.head_dim, torch.float32,
-                                torch.device("cpu"))
+                cache = KVCache(layers, blocks, BLOCK, SHAPE.num_kv_heads, SHAPE.head_dim, torch.float32, device)
                 cache.k.normal_()
                 cache.v.normal_()
                 kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, rect.layers[0], rect.heads[0])
             total_bytes = 2 * SHAPE.num_layers * SHAPE.num_kv_heads * SHAPE.head_dim * 4 * length
-            raw_buf = torch.zeros(total_bytes // 4)  # allocated and touched once: raw gets its best case
+            raw_buf = torch.zeros(total_bytes // 4, device=device)  # allocated and touched once: raw's best case
             def engine(req: int) -> None:
                 if rank == 0:
                     kv.post_sends(req, table, length, 1)
@@ -109,6 +115,8 @@ def main() -> None:
                     barrier(world)
                     t = time.perf_counter()
                     fn(1000 * rep + length)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
                     barrier(world)
                     if rep:
                         times.append(time.perf_counter() - t)
@@ -127,7 +135,8 @@ def main() -> None:
         png = os.path.splitext(args.out)[0] + ".png"
         grouped_bars([f"{r['pair']}\n{r['tokens']} tok, {r['ratio']:.2f}" for r in rows],
                      {"engine path": [r["engine_gb_s"] for r in rows], "raw send/recv": [r["raw_gb_s"] for r in rows]},
-                     "GB/s", f"KV transfer, gloo over loopback, medians of {args.repeats}", png)
+                     "GB/s", f"KV transfer, {'NCCL' if args.device == 'cuda' else 'gloo over loopback'}, medians of "
+                     f"{args.repeats}", png)
         print(f"wrote {args.out} and {png}")
     dist.destroy_process_group()
 

@@ -5,6 +5,8 @@ position and a cache slot: (block_table[pos // block_size], pos % block_size).
 Sequences with one new token (decode) are attended together over their gathered blocks (padded
 to the longest, the padding masked); sequences with several (prefill) one by one. Gathering whole
 blocks rather than single slots moves the same bytes in block_size times fewer rows.
+The index lists are built in Python and become tensors on the device of the rope tables (the
+rank's device) in one copy each: nothing built on the CPU meets a CUDA tensor.
 """
 from __future__ import annotations
 
@@ -38,48 +40,42 @@ class BatchMeta:
         return int(self.token_ids.numel())
 
 
-def slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache slots of a sequence's `positions`, as (blocks, offsets in the block)."""
-    return table[positions // block_size], positions % block_size
-
-
 def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin: torch.Tensor) -> BatchMeta:
-    ids, positions, last_rows = [], [], []
-    slot_blocks, slot_offsets = [], []
+    dev = cos.device
+
+    def tensor(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=dev)
+
+    ids, positions, last_rows, tables = [], [], [], []
     decode_rows, decode_ctx, segments, extend_ctx = [], [], [], {}
     row = 0
     for c in chunks:
         n = len(c.token_ids)
         end = c.start_pos + n
-        new = torch.arange(c.start_pos, end)
-        table = torch.tensor(c.block_table, dtype=torch.long)
         ids.extend(c.token_ids)
-        positions.append(new)
-        blocks, offsets = slots(table, new, block_size)
-        slot_blocks.append(blocks)
-        slot_offsets.append(offsets)
+        positions.extend(range(c.start_pos, end))
+        tables.extend(c.block_table[p // block_size] for p in range(c.start_pos, end))
         if n == 1 and c.start_pos > 0:
             decode_rows.append(row)
             decode_ctx.append((c.block_table[:blocks_for(end, block_size)], end))
         else:
             segments.append((slice(row, row + n), c.start_pos))
             if c.start_pos > 0:
-                extend_ctx[row] = slots(table, torch.arange(end), block_size)
+                extend_ctx[row] = (tensor([c.block_table[p // block_size] for p in range(end)]),
+                                   tensor([p % block_size for p in range(end)]))
         row += n
         last_rows.append(row - 1)
-    pos = torch.cat(positions)
-    meta = BatchMeta(torch.tensor(ids, dtype=torch.long), pos, torch.cat(slot_blocks), torch.cat(slot_offsets),
-                     cos.index_select(0, pos), sin.index_select(0, pos),
-                     torch.tensor(last_rows, dtype=torch.long), block_size, extend_segments=segments,
+    pos = tensor(positions)
+    meta = BatchMeta(tensor(ids), pos, tensor(tables), pos % block_size, cos.index_select(0, pos),
+                     sin.index_select(0, pos), tensor(last_rows), block_size, extend_segments=segments,
                      extend_context_slots=extend_ctx)
     if decode_rows:
         n = max(len(table) for table, _ in decode_ctx)
-        blocks = torch.zeros(len(decode_ctx), n, dtype=torch.long)
-        mask = torch.full((len(decode_ctx), 1, 1, n * block_size), float("-inf"), dtype=cos.dtype)
-        for i, (table, length) in enumerate(decode_ctx):
-            blocks[i, :len(table)] = torch.tensor(table, dtype=torch.long)
-            mask[i, 0, 0, :length] = 0.0
-        meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
-        meta.decode_blocks, meta.decode_mask = blocks, mask
+        blocks = tensor([table + [0] * (n - len(table)) for table, _ in decode_ctx])
+        lengths = tensor([length for _, length in decode_ctx])
+        visible = torch.arange(n * block_size, device=dev)[None, :] < lengths[:, None]
+        mask = torch.zeros(visible.shape, dtype=cos.dtype, device=dev).masked_fill_(~visible, float("-inf"))
+        meta.decode_rows = tensor(decode_rows)
+        meta.decode_blocks, meta.decode_mask = blocks, mask.view(len(decode_ctx), 1, 1, n * block_size)
         meta.all_decode = not segments
     return meta

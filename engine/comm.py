@@ -25,6 +25,7 @@ TAG_REQUEST = 1      # controller -> prefill/colocated leader: a new request
 TAG_KV_READY = 2     # prefill leader -> decode leader and controller: KV held, first token sampled
 TAG_KV_INCOMING = 3  # prefill leader -> decode leader: a request's prefill started (post its receives)
 TAG_PULLED = 4       # decode leader -> prefill leader: all KV arrived, free the blocks
+TAG_KV_PULL = 10     # decode leader -> prefill leader: receives posted; post the sends (in this order)
 TAG_RESULT = 5       # leader -> controller: first token / finished request
 TAG_STEP = 6         # leader -> instance ranks: the step plan
 TAG_TOKENS = 7       # last PP stage -> leader: sampled tokens
@@ -54,6 +55,7 @@ class RankContext:
     pp_group: Any
     device: torch.device
     nodes: list                     # node name of every global rank, as the ranks see it
+    kv_group: Any = None            # every rank: KV transfers' own communicator (NCCL: no blocking of TP/PP)
 
     @property
     def is_controller(self) -> bool:
@@ -138,10 +140,11 @@ def start(plan: Plan, cluster) -> RankContext:
         tp, pp = grid.create_pg(["tp"]), grid.create_pg(["pp"])
         if inst is mine:
             tp_group, pp_group = tp, pp
+    kv_group = dist.new_group(list(range(size)), backend=backend)  # collective: after the instance groups
     instance_comm = world.Split(mine.id if mine else MPI.UNDEFINED, rank)
     tp_rank, pp_stage = mine.coords(rank) if mine else (0, 0)
     return RankContext(rank, size, plan, world, mine, instance_comm if mine else None, tp_rank, pp_stage,
-                       tp_group, pp_group, device, world.allgather(node_name()))
+                       tp_group, pp_group, device, world.allgather(node_name()), kv_group)
 
 
 def process_groups(ctx: RankContext):

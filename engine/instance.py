@@ -14,7 +14,7 @@ from collections import deque
 from engine import comm as c
 from engine.comm import RankContext
 from engine.runner import ModelRunner
-from engine.scheduler import KVIncoming, ReadyNotice, Request, Scheduler, Sequence
+from engine.scheduler import KVIncoming, KVPull, ReadyNotice, Request, Scheduler, Sequence
 from engine.step import StepPlan
 
 STEP_SAMPLES = 4000  # most recent pure prefill / pure decode step timings kept for the final stats
@@ -93,6 +93,8 @@ class Leader:
             self.sched.add_incoming(incoming)
         for _, notice in c.drain(world, c.TAG_KV_READY):
             self.sched.add_ready(notice)
+        for _, pull in c.drain(world, c.TAG_KV_PULL):  # in each decode leader's order (MPI keeps it)
+            self.sched.add_pull(pull)
         for _, req_id in c.drain(world, c.TAG_PULLED):
             self.sched.pulled(req_id)
         for _, arrived in c.drain(self.ctx.instance_comm, c.TAG_RECV_DONE):
@@ -137,6 +139,8 @@ class Leader:
             self.idle.worked()
             step.want_logits = self.want_logits
             self._broadcast(step)
+            for recv in step.kv_recvs:  # the prefill side posts its sends in this order
+                send(KVPull(recv.req_id, self.inst.id), self._leader_of(recv.peer_instance), c.TAG_KV_PULL)
             self.steps += 1
             fault_point(self.ctx, self.steps, keep_alive=self._heartbeat)
             tokens, logits = self.runner.execute(step)

@@ -2,7 +2,15 @@
 
 Per (request, peer pair) the data is the rectangle the pair shares (engine.reshard) of the
 request's whole blocks, [blocks, K|V, layers, block_size, heads, head_dim], sent as messages of
-about CHUNK_BYTES of consecutive blocks, in order, one tag (the request id). Each side alone
+about CHUNK_BYTES of consecutive blocks, in order.
+
+Messages match by order alone, as NCCL matches point-to-point ops (it ignores tags): every message
+uses tag 0, and for each (sender rank, receiver rank) pair both sides post a request's messages in
+the decode side's pull order (the prefill side posts its sends only once it has the pull, in the
+order pulls came: engine.scheduler). Each request's messages on a pair start with a small header
+(request id, message count) that the receiver checks, so a broken order fails loudly instead of
+landing one request's KV in another's blocks. They travel on their own process group (a side
+communicator on NCCL), so a posted receive never blocks the TP/PP collectives of the main group. Each side alone
 decides where its messages live: when the request's blocks are consecutive and the pair covers all
 of this rank's layers and heads, a message is a piece of the block-major cache itself (no copy:
 most requests move as one message); otherwise it is a slice of a pooled staging
@@ -26,6 +34,7 @@ from launcher.model_files import ModelShape
 
 CHUNK_BYTES = 8 << 20
 POOL_BYTES = 256 << 20
+KV_TAG = 0  # order is the contract (NCCL ignores tags); the header checks it
 
 
 class StagingPool:
@@ -56,14 +65,19 @@ class StagingPool:
 
 
 class KVTransfer:
-    def __init__(self, ctx: RankContext, cache: KVCache, shape: ModelShape, layer_offset: int, head_offset: int):
-        self.ctx, self.cache, self.shape = ctx, cache, shape
+    def __init__(self, ctx: RankContext, cache: KVCache, shape: ModelShape, layer_offset: int, head_offset: int,
+                 group=None):
+        self.ctx, self.cache, self.shape, self.group = ctx, cache, shape, group
         self.layer_offset, self.head_offset = layer_offset, head_offset
-        self.sending: dict[int, tuple] = {}    # req_id -> ([work], [buffer])
+        self.sending: dict[int, tuple] = {}    # req_id -> ([work], [staging buffer], [header])
         self.receiving: dict[int, list] = {}   # req_id -> its staging buffers
         self.waiters: dict[int, threading.Event] = {}
         self.reported: set[int] = set()
         self.pool = StagingPool()
+        self.broken: list[str] = []  # order violations seen by the helper threads
+
+    def _header(self, req_id: int, count: int) -> torch.Tensor:
+        return torch.tensor([req_id, count], dtype=torch.int64, device=self.cache.kv.device)
 
     def _plan(self, src_id: int, dst_id: int) -> list[Transfer]:
         insts = self.ctx.plan.instances
@@ -114,30 +128,36 @@ class KVTransfer:
 
     def post_sends(self, req_id: int, block_table: list[int], num_tokens: int, dst_instance: int) -> None:
         ids = self._block_ids(block_table, num_tokens)
-        index = torch.tensor(ids, dtype=torch.long)
-        works, buffers = [], []
+        index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
+        works, buffers, headers = [], [], []
         for t in self._plan(self.ctx.instance.id, dst_instance):
             if t.src_rank != self.ctx.rank:
                 continue
             messages, buf = self._messages(t, ids)
+            header = self._header(req_id, len(messages))
+            works.append(dist.isend(header, t.dst_rank, group=self.group, tag=KV_TAG))
+            headers.append(header)  # alive until the send completes
             for (a, b), message in messages:
                 if buf is not None:  # gather this chunk while the earlier ones are on the wire
                     self._copy(t, message, index[a:b], to_cache=False)
-                works.append(dist.isend(message, t.dst_rank, tag=req_id))
+                works.append(dist.isend(message, t.dst_rank, group=self.group, tag=KV_TAG))
             if buf is not None:
                 buffers.append(buf)
-        self.sending[req_id] = (works, buffers)
+        self.sending[req_id] = (works, buffers, headers)
 
     def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int) -> None:
         """Posts every message's receive; a helper thread scatters staged chunks as they land."""
         ids = self._block_ids(block_table, num_tokens)
-        index = torch.tensor(ids, dtype=torch.long)
-        posted, buffers = [], []  # (transfer, staged?, blocks, message, work)
+        index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
+        posted, buffers = [], []  # (transfer, staged?, blocks, message, work); blocks None: a header
         for t in self._plan(src_instance, self.ctx.instance.id):
             if t.dst_rank != self.ctx.rank:
                 continue
             messages, buf = self._messages(t, ids)
-            posted += [(t, buf is not None, index[a:b], m, dist.irecv(m, t.src_rank, tag=req_id))
+            header = torch.zeros(2, dtype=torch.int64, device=self.cache.kv.device)
+            posted.append((t, (req_id, len(messages)), None, header,
+                           dist.irecv(header, t.src_rank, group=self.group, tag=KV_TAG)))
+            posted += [(t, buf is not None, index[a:b], m, dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG))
                        for (a, b), m in messages]
             if buf is not None:
                 buffers.append(buf)
@@ -146,21 +166,31 @@ class KVTransfer:
 
     def _land(self, posted: list) -> threading.Event:
         """gloo's recv works report completion only through wait(): wait on a helper thread (which
-        releases the GIL) and scatter each staged chunk as it lands, so the rank keeps stepping."""
+        releases the GIL) and scatter each staged chunk as it lands, so the rank keeps stepping.
+        A header that names another request means the two sides posted in different orders."""
         done = threading.Event()
 
         def land_all():
             for t, staged, blocks, message, work in posted:
                 work.wait()
-                if staged:
+                if blocks is None and tuple(message.tolist()) != staged:
+                    self.broken.append(f"KV transfer order broken: rank {self.ctx.rank} expected request "
+                                       f"{staged[0]} ({staged[1]} messages) from rank {t.src_rank} but got "
+                                       f"{tuple(message.tolist())}")
+                elif blocks is not None and staged:
                     self._copy(t, message, blocks, to_cache=True)
             done.set()
 
         threading.Thread(target=land_all, daemon=True).start()
         return done
 
+    def _check_order(self) -> None:
+        if self.broken:
+            raise RuntimeError(self.broken[0])
+
     def newly_arrived(self) -> list[int]:
         """Requests whose KV landed in this rank's blocks since the last call."""
+        self._check_order()
         done = [r for r, event in self.waiters.items() if r not in self.reported and event.is_set()]
         self.reported.update(done)
         return done
@@ -168,12 +198,13 @@ class KVTransfer:
     def join(self, req_id: int) -> None:
         """The request's KV is in this rank's blocks once its helper thread is done."""
         self.waiters.pop(req_id).wait()
+        self._check_order()
         for buf in self.receiving.pop(req_id):
             self.pool.give(buf)
         self.reported.discard(req_id)
 
     def release(self, req_id: int) -> None:
-        works, buffers = self.sending.pop(req_id, ([], []))
+        works, buffers, _ = self.sending.pop(req_id, ([], [], []))
         for work in works:
             work.wait()
         for buf in buffers:

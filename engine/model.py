@@ -60,13 +60,15 @@ def row_parallel(layer, x: torch.Tensor, tp_group) -> torch.Tensor:
     return y
 
 
-def rope_tables(shape: ModelShape, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions [0, max_len) in Hugging Face's rotate-half convention."""
+def rope_tables(shape: ModelShape, max_len: int, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [0, max_len) in Hugging Face's rotate-half convention (computed in
+    fp32 on the CPU, as HF does, then placed once on the rank's device in the model's dtype)."""
     d = shape.head_dim
     inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,8 @@ class Attention(nn.Module):
             blocks, offsets = batch.extend_context_slots[rows.start]
             keys, vals = k_cache[blocks, offsets], v_cache[blocks, offsets]
             n, ctx = rows.stop - rows.start, blocks.numel()
-            mask = torch.arange(ctx)[None, :] <= torch.arange(start, start + n)[:, None]
+            dev = q.device
+            mask = torch.arange(ctx, device=dev)[None, :] <= torch.arange(start, start + n, device=dev)[:, None]
             causal = False
         o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask,
                                            is_causal=causal, scale=self.scale,

@@ -41,9 +41,8 @@ class ModelRunner:
         self.load_s = time.time() - started
         kv_heads = shape.num_kv_heads // inst.tp
         self.cache = KVCache(l1 - l0, num_blocks, block_size, kv_heads, shape.head_dim, self.dtype, ctx.device)
-        self.kv = KVTransfer(ctx, self.cache, shape, l0, ctx.tp_rank * kv_heads)
-        self.cos, self.sin = rope_tables(shape, max_model_len)
-        self.cos, self.sin = self.cos.to(self.dtype), self.sin.to(self.dtype)
+        self.kv = KVTransfer(ctx, self.cache, shape, l0, ctx.tp_rank * kv_heads, ctx.kv_group)
+        self.cos, self.sin = rope_tables(shape, max_model_len, ctx.device, self.dtype)
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.stage.parameters())
@@ -90,7 +89,7 @@ class ModelRunner:
         ctx = self.ctx
         batch = build_batch(seqs, self.cache.block_size, self.cos, self.sin)
         if ctx.is_first_stage:
-            x = batch.token_ids.to(ctx.device)
+            x = batch.token_ids
         else:
             x = torch.empty((batch.num_tokens, self.shape.hidden_size), dtype=self.dtype, device=ctx.device)
             dist.recv(x, ctx.stage_rank(ctx.pp_stage - 1))

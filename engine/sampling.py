@@ -10,7 +10,11 @@ import torch
 from engine.step import SamplingParams
 
 
-def _sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
+def _draw(logits: torch.Tensor, params: SamplingParams, index: int) -> torch.Tensor:
+    """One sampled token id (a 0-dim tensor on the logits' device): the distribution is shaped on
+    the device; the one uniform number comes from a CPU generator seeded by (seed, token index)
+    and crosses to the device as a scalar (a CPU generator cannot drive CUDA's multinomial), so a
+    request draws the same token on any device, instance, layout or batch."""
     logits = logits.float() / params.temperature
     if params.top_k > 0:
         k = min(params.top_k, logits.numel())
@@ -24,11 +28,15 @@ def _sample_one(logits: torch.Tensor, params: SamplingParams, index: int) -> int
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     gen = torch.Generator().manual_seed((params.seed * 1_000_003 + index) & 0x7FFFFFFFFFFFFFFF)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    u = torch.rand((), generator=gen, dtype=torch.float64).to(probs.device)
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    return torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True)[0].clamp(max=probs.numel() - 1)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
-    """logits: [B, vocab] (full vocabulary); one token per row."""
-    greedy = logits.argmax(dim=-1).tolist()
-    return [g if p.temperature == 0 else _sample_one(row, p, i)
-            for g, row, p, i in zip(greedy, logits, params, indices)]
+    """logits: [B, vocab] (full vocabulary); one token per row, read back to the host once."""
+    chosen = logits.argmax(dim=-1)
+    for row, (p, i) in enumerate(zip(params, indices)):
+        if p.temperature != 0:
+            chosen[row] = _draw(logits[row], p, i)
+    return chosen.tolist()

@@ -2,11 +2,12 @@
 
 One class serves the three roles; a role is the set of phases an instance runs:
 - prefill:   FCFS batches under the token budget L_m; a request that may decode is announced to
-             its decode instance when its prefill starts; after prefill the KV is *held*, and its
-             sends are posted at once (they complete only when the decode instance has posted its
-             receives); no blocks free = no new prefill (backpressure).
-- decode:    pulls an announced request's KV (posts its receives) only when it has blocks (prompt +
-             max_tokens) and batch room for it; a pulled request joins the continuous batch once
+             its decode instance when its prefill starts; after prefill the KV is *held*; its sends
+             are posted once its decode instance pulled it, in the order that instance's pulls came
+             (per rank pair the sends then follow the receives' order: NCCL matches by order, not
+             tag); no blocks free = no new prefill (backpressure).
+- decode:    pulls an announced request's KV (posts its receives and tells the prefill instance)
+             only when it has blocks (prompt + max_tokens) and batch room for it; a pulled request joins the continuous batch once
              every rank has its KV and its first token is known. Announcing at prefill start lets
              the receives be posted while the prefill runs, so the transfer starts at the first
              token instead of at the decode side's next step boundary after it.
@@ -41,6 +42,15 @@ class KVIncoming:
 
     request: Request
     prefill_instance: int
+
+
+@dataclass
+class KVPull:
+    """A decode instance posted its receives for this request: the prefill side posts the sends,
+    in the order the pulls of that decode instance arrive."""
+
+    req_id: int
+    decode_instance: int
 
 
 @dataclass
@@ -97,7 +107,7 @@ class Scheduler:
         self.pulling: dict[int, Sequence] = {}       # decode: receives posted
         self.announcements: list[Sequence] = []      # prefill: to announce to their decode instances
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
-        self.pending_sends: list[KVPost] = []
+        self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
         self.pending_releases: list[int] = []
         self.peak_blocks = 0
         self.peak_batch = 0
@@ -125,6 +135,9 @@ class Scheduler:
         seq.token_times = [notice.times["first_token"]]
         seq.logits = list(notice.logits)
 
+    def add_pull(self, pull: KVPull) -> None:
+        self.pulls.setdefault(pull.decode_instance, deque()).append(pull.req_id)
+
     def take_announcements(self) -> list[Sequence]:
         out, self.announcements = self.announcements, []
         return out
@@ -143,7 +156,7 @@ class Scheduler:
 
     def busy(self) -> bool:
         return bool(self.waiting or self.running or self.pulling or self.incoming or self.firsts
-                    or self.pending_sends or self.pending_releases)
+                    or any(self.pulls.values()) or self.pending_releases)
 
     # ---- scheduling ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence) -> int:
@@ -212,10 +225,19 @@ class Scheduler:
                 self.running.append(seq)
         return joined
 
+    def _post_sends(self, step: StepPlan) -> None:
+        """Sends of pulled requests whose KV is held, strictly in each decode instance's pull order:
+        a pull that comes before its prefill ends holds back the pulls behind it."""
+        for decode_instance, queue in self.pulls.items():
+            while queue and queue[0] in self.held:
+                seq = self.held[queue.popleft()]
+                step.kv_sends.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids), decode_instance))
+
     def schedule(self) -> tuple[StepPlan, list[Sequence]]:
         """The next step and the sequences whose KV joined in it (finished ones have a finish_reason)."""
-        step = StepPlan(kv_sends=self.pending_sends, kv_releases=self.pending_releases)
-        self.pending_sends, self.pending_releases = [], []
+        step = StepPlan(kv_releases=self.pending_releases)
+        self.pending_releases = []
+        self._post_sends(step)
         joined = []
         if self.role == "decode":
             joined = self._joins(step)
@@ -271,10 +293,8 @@ class Scheduler:
             if first:
                 seq.times["prefill_end"] = seq.times["first_token"] = now
             if first and seq.announced:  # its decode instance expects the KV, even if EOS came first
-                self.held[seq.req_id] = seq
+                self.held[seq.req_id] = seq  # sent once pulled (_post_sends)
                 seq.times["transfer_start"] = now
-                self.pending_sends.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids),
-                                                 seq.request.decode_instance))
                 ready.append(seq)
             elif self._finished(seq):
                 finished.append(seq)

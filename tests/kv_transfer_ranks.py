@@ -1,6 +1,8 @@
 """Run by test_reshard under `mpirun -n 3`: moves one request's KV between two instance layouts
 through engine.kv_transfer (real gloo isend/irecv) with consecutive and scattered block tables on
-either side, and checks every received value against what the sender holds. Prints one line per
+either side, and checks every received value against what the sender holds; then six requests at
+once, all with one tag, pulled in an order that is not the prefill order (and, as a check of the
+check, a sender that ignores the pull order, which the receiver must refuse). Prints one line per
 case on rank 0; exits non-zero on a mismatch."""
 from __future__ import annotations
 
@@ -79,6 +81,61 @@ def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: lis
     return ok
 
 
+PULL_ORDER = [4, 1, 5, 0, 3, 2]  # the decode side's pulls; the sender prefilled 0..5 in order
+
+
+def run_many(rank: int, broken: bool) -> bool:
+    """Six requests in flight at once between a TP1 prefill and a TP2 decode instance, every
+    message with the same tag (order alone pairs them, as on NCCL): the receiver posts in its pull
+    order and the sender follows it, so each request's KV lands in its own blocks. With `broken`
+    the sender posts in prefill order instead, and the receiver must refuse (the header check)."""
+    p = InstancePlan(0, "prefill", 1, 1, first_rank=0)
+    d = InstancePlan(1, "decode", 2, 1, first_rank=1)
+    plan = Plan([p, d])
+    mine = plan.instance_of(rank)
+    rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
+    (l0, l1), (h0, h1) = rect.layers, rect.heads
+    cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
+    kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
+    tokens = 6  # 2 blocks per request
+    src_tables = {r: [2 * r, 2 * r + 1] for r in range(6)}
+    dst_tables = {r: [15 - 2 * i, 2 * i] for i, r in enumerate(PULL_ORDER)}
+    if mine is p:
+        for r, table in src_tables.items():
+            for j, block in enumerate(table):
+                for layer in range(l0, l1):
+                    for kv_index, tensor in enumerate((cache.k, cache.v)):
+                        for head in range(h0, h1):
+                            pos = torch.arange(j * BLOCK, (j + 1) * BLOCK)
+                            tensor[block, layer - l0, :, head - h0] = expected(layer, kv_index, pos, head) + r * 1e7
+        for r in (range(6) if broken else PULL_ORDER):
+            kv.post_sends(r, src_tables[r], tokens, d.id)
+        for r in range(6):
+            kv.release(r)
+        return True
+    cache.k.fill_(-1)
+    cache.v.fill_(-1)
+    for r in PULL_ORDER:
+        kv.post_recvs(r, dst_tables[r], tokens, p.id)
+    try:
+        for r in PULL_ORDER:
+            kv.join(r)
+    except RuntimeError as e:
+        return broken and "KV transfer order broken" in str(e)
+    if broken:
+        return False
+    ok = True
+    for r, table in dst_tables.items():
+        for j, block in enumerate(table):
+            for layer in range(l0, l1):
+                for kv_index, tensor in enumerate((cache.k, cache.v)):
+                    for head in range(h0, h1):
+                        pos = torch.arange(j * BLOCK, (j + 1) * BLOCK)
+                        ok &= torch.equal(tensor[block, layer - l0, :, head - h0],
+                                          expected(layer, kv_index, pos, head) + r * 1e7)
+    return ok
+
+
 def main() -> None:
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
@@ -103,6 +160,12 @@ def main() -> None:
             print(f"P {src} {'consecutive' if src_table == CONSECUTIVE else 'scattered'} -> "
                   f"D {dst} {'consecutive' if dst_table == CONSECUTIVE else 'scattered'}: {'ok' if ok else 'WRONG'}",
                   flush=True)
+    for broken in (False, True):
+        ok = all(world.allgather(run_many(rank, broken)))
+        failed += not ok
+        if rank == 0:
+            print(f"6 requests, one tag, pulled out of prefill order{', sender out of order' if broken else ''}: "
+                  f"{('refused' if broken else 'ok') if ok else 'WRONG'}", flush=True)
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)
 

@@ -1,7 +1,7 @@
 """The leader's scheduler, without processes: budgets, backpressure, pull-on-room, finishing."""
 from __future__ import annotations
 
-from engine.scheduler import KVIncoming, ReadyNotice, Request, Scheduler
+from engine.scheduler import KVIncoming, KVPull, ReadyNotice, Request, Scheduler
 from engine.step import SamplingParams
 
 
@@ -43,8 +43,11 @@ def test_prefill_backpressure_when_hold_area_full():
     assert len(ready) == 3 and s.allocator.num_free == 0
     s.add_request(req(3, 8))
     step, _ = s.schedule()
-    assert not step.seqs                                     # held KV blocks everything new
-    assert [(k.req_id, k.num_tokens) for k in step.kv_sends] == [(0, 8), (1, 8), (2, 8)]  # posted at once
+    assert not step.seqs and not step.kv_sends               # held KV blocks everything new; nothing pulled yet
+    for r in (2, 0, 1):
+        s.add_pull(KVPull(r, 5))
+    step, _ = s.schedule()
+    assert [(k.req_id, k.num_tokens, k.peer_instance) for k in step.kv_sends] == [(2, 8, 5), (0, 8, 5), (1, 8, 5)]
     s.pulled(0)
     step, _ = s.schedule()
     assert [c.req_id for c in step.seqs] == [3] and step.kv_releases == [0]
@@ -94,6 +97,8 @@ def test_prefill_announces_requests_that_may_decode_and_transfers_them_even_afte
     ready, finished = s.on_step([9, 9, 9, 2], None)                        # request 3 samples EOS
     assert [q.req_id for q in ready] == [0, 3]                              # its receiver is waiting
     assert sorted((f.req_id, f.finish_reason) for f in finished) == [(1, "length"), (2, "length")]
+    s.add_pull(KVPull(0, 1))
+    s.add_pull(KVPull(3, 1))
     step, _ = s.schedule()
     assert [k.req_id for k in step.kv_sends] == [0, 3]
 
@@ -189,3 +194,28 @@ def _free_runs(a, held) -> list[int]:
             runs.append(length)
             length = 0
     return runs
+
+
+def test_sends_follow_each_decode_instances_pull_order():
+    """NCCL pairs sends and receives by order: the prefill side posts a request's sends in the
+    order its decode instance pulled (posted receives), never in prefill order, and a pull that
+    comes before its prefill ended holds back that instance's later pulls."""
+    s = sched("prefill", budget=100)
+    for i in range(4):
+        r = req(i, 8)
+        r.decode_instance = 10 + i % 2
+        s.add_request(r)
+    step, _ = s.schedule()
+    assert [c.req_id for c in step.seqs] == [0, 1, 2, 3]
+    s.add_request(req(4, 8))
+    s.add_pull(KVPull(3, 11))
+    s.add_pull(KVPull(4, 11))                                # pulled before its prefill even started
+    s.add_pull(KVPull(1, 11))
+    s.add_pull(KVPull(2, 10))
+    s.on_step([7, 7, 7, 7], None)                            # 0-3 hold their KV
+    step, _ = s.schedule()                                   # 4 prefills now
+    assert [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(3, 11), (2, 10)]  # 1 waits behind 4
+    s.on_step([7], None)
+    s.add_pull(KVPull(0, 10))
+    step, _ = s.schedule()
+    assert [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(4, 11), (1, 11), (0, 10)]
