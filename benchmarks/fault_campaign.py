@@ -4,8 +4,10 @@ and that `--resume` then answers every request exactly once with the tokens of a
 
 The job: a tiny random Llama (tests/conftest.py), 2 prefill instances (TP 2) and 2 decode
 instances (PP 2), 9 ranks; Poisson arrivals. Targets cycle through the controller, a prefill
-leader, a prefill follower, a decode leader and a decode follower; the signal alternates every
-five trials; the moment is random (after a random number of finished requests, 5 to 70 % of them).
+leader, a prefill follower, a decode leader and a decode follower; the signal alternates from
+trial to trial (shifted every five trials, so ten trials cover every target with both signals); the
+moment is random (after a random number of finished requests, 5 to 70 % of them). Exits non-zero
+unless every trial is clean and exact.
 
     python benchmarks/fault_campaign.py [--trials 20] [--requests 100] [--out benchmarks/results/fault-campaign]
 """
@@ -115,7 +117,7 @@ def run_reference(config: str, workdir: str) -> dict[str, list[int]]:
 def trial(index: int, config: str, workdir: str, requests: int, watchdog_s: float, reference: dict,
           rng: random.Random) -> dict:
     name, rank, role = TARGETS[index % len(TARGETS)]
-    sig_name, sig = SIGNALS[(index // len(TARGETS)) % len(SIGNALS)]
+    sig_name, sig = SIGNALS[(index + index // len(TARGETS)) % len(SIGNALS)]
     out, run_dir = os.path.join(workdir, f"out-{index}.jsonl"), os.path.join(workdir, f"run-{index}")
     after = rng.randint(max(1, requests // 20), max(2, requests * 7 // 10))
     proc = start(config, out, run_dir)

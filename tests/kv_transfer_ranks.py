@@ -100,14 +100,20 @@ def run_many(rank: int, broken: bool) -> bool:
     tokens = 6  # 2 blocks per request
     src_tables = {r: [2 * r, 2 * r + 1] for r in range(6)}
     dst_tables = {r: [15 - 2 * i, 2 * i] for i, r in enumerate(PULL_ORDER)}
-    if mine is p:
-        for r, table in src_tables.items():
+
+    def cells(tables):
+        """(this rank's cache row of one block, layer, K|V and head; the values request r puts there)."""
+        for r, table in tables.items():
             for j, block in enumerate(table):
                 for layer in range(l0, l1):
                     for kv_index, tensor in enumerate((cache.k, cache.v)):
                         for head in range(h0, h1):
-                            pos = torch.arange(j * BLOCK, (j + 1) * BLOCK)
-                            tensor[block, layer - l0, :, head - h0] = expected(layer, kv_index, pos, head) + r * 1e7
+                            values = expected(layer, kv_index, torch.arange(j * BLOCK, (j + 1) * BLOCK), head)
+                            yield tensor[block, layer - l0, :, head - h0], values + r * 1e7
+
+    if mine is p:
+        for row, values in cells(src_tables):
+            row.copy_(values)
         for r in (range(6) if broken else PULL_ORDER):
             kv.post_sends(r, src_tables[r], tokens, d.id)
         for r in range(6):
@@ -124,16 +130,7 @@ def run_many(rank: int, broken: bool) -> bool:
         return broken and "KV transfer order broken" in str(e)
     if broken:
         return False
-    ok = True
-    for r, table in dst_tables.items():
-        for j, block in enumerate(table):
-            for layer in range(l0, l1):
-                for kv_index, tensor in enumerate((cache.k, cache.v)):
-                    for head in range(h0, h1):
-                        pos = torch.arange(j * BLOCK, (j + 1) * BLOCK)
-                        ok &= torch.equal(tensor[block, layer - l0, :, head - h0],
-                                          expected(layer, kv_index, pos, head) + r * 1e7)
-    return ok
+    return all(torch.equal(row, values) for row, values in cells(dst_tables))
 
 
 def main() -> None:

@@ -171,3 +171,18 @@ def test_a_stopped_controller_ends_the_job(tmp_path, tiny_model_dir):
     assert rc != 0 and took < 8 + 10, (rc, took, err[-2000:])
     assert "the controller (rank 0 on" in err and "sent nothing for 8 s" in err, err[-2000:]
     assert not job_processes(str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_fault_campaign(tmp_path):
+    """benchmarks/fault_campaign.py, five trials: every target (controller, prefill leader and
+    follower, decode leader and follower) once, kill -9 and SIGSTOP alternating; each must end
+    within watchdog_s + 10 s naming rank, role and host, leave no process, and resume exactly."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "fault_campaign.py"), "--trials", "5",
+                           "--requests", "40", "--watchdog", "8", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    summary = json.loads((tmp_path / "results.json").read_text())
+    failed = [r for r in summary["rows"] if not r["ok"]]
+    assert proc.returncode == 0 and not failed, json.dumps(failed, indent=1)[-3000:]
+    assert {r["signal"] for r in summary["rows"]} == {"kill -9", "SIGSTOP"}
