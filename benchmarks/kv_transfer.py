@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from engine.kv_cache import KVCache, blocks_for  # noqa: E402
+from engine.blocks import blocks_for  # noqa: E402
+from engine.kv_cache import KVCache  # noqa: E402
 from engine.kv_transfer import KVTransfer  # noqa: E402
 from engine.reshard import owned_rect  # noqa: E402
 from launcher.model_files import ModelShape  # noqa: E402

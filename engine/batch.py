@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kv_cache import blocks_for
+from engine.blocks import blocks_for
 from engine.step import SeqChunk
 
 

@@ -147,13 +147,6 @@ def start(plan: Plan, cluster) -> RankContext:
                        tp_group, pp_group, device, world.allgather(node_name()), kv_group)
 
 
-def process_groups(ctx: RankContext):
-    """megatron-core's ProcessGroupCollection for this rank's instance."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    return ProcessGroupCollection(tp=ctx.tp_group, pp=ctx.pp_group)
-
-
 class Outbox:
     """Non-blocking control-plane sends. Two ranks that both block in a large MPI send to each
     other deadlock (rendezvous protocol); isend + periodic progress never does."""

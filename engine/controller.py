@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 from engine import comm as c
 from engine.comm import RankContext
-from engine.kv_cache import blocks_for
+from engine.blocks import blocks_for
 from engine.scheduler import Request, reserved_blocks
 from engine.step import SamplingParams
 from engine.tokenizer import TextCodec
 from launcher.batch_io import RequestSpec
+from launcher.stats import arrival_gap
 
 
 @dataclass
@@ -35,16 +36,10 @@ class Pending:
 
 def arrival_offsets(n: int, arrival: str, rate: float, cv: float, seed: int) -> list[float]:
     """Arrival times (s from start): all at 0, Poisson, or gamma with coefficient of variation cv."""
-    if arrival == "all":
-        return [0.0] * n
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(n):
-        if arrival == "poisson":
-            t += rng.expovariate(rate)
-        else:
-            shape = 1.0 / (cv * cv)
-            t += rng.gammavariate(shape, 1.0 / (rate * shape))
+        t += arrival_gap(rng, arrival, rate, cv)
         out.append(t)
     return out
 

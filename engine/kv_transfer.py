@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from engine.comm import RankContext
-from engine.kv_cache import KVCache, blocks_for
+from engine.blocks import blocks_for
+from engine.kv_cache import KVCache
 from engine.reshard import Transfer, transfer_plan
 from launcher.model_files import ModelShape
 

@@ -15,8 +15,11 @@ import traceback
 import warnings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# megatron-core warns at import about optional packages (TE, apex, absl) the CPU path never uses.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+# Known library warnings that say nothing to a pdlaunch user, silenced by their text (others still
+# show): megatron-core's optional packages the engine never uses (Transformer Engine, Apex, absl),
+# and torch's deprecation of the all_gather_into_tensor that megatron's gather calls.
+for _message in (r".*Transformer Engine", r".*Apex", r".*absl", r".*all_gather_into_tensor.* is deprecated"):
+    warnings.filterwarnings("ignore", message=_message)
 
 import yaml  # noqa: E402
 

@@ -10,7 +10,7 @@ import statistics
 import time
 
 from engine import comm as c
-from engine.kv_cache import blocks_for
+from engine.blocks import blocks_for
 from engine.scheduler import Request, Scheduler
 from engine.step import SamplingParams, SeqChunk, StepPlan
 

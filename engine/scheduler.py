@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from engine.kv_cache import BlockAllocator, blocks_for
+from engine.blocks import BlockAllocator, blocks_for
 from engine.step import KVPost, SamplingParams, SeqChunk, StepPlan
 
 

@@ -29,7 +29,8 @@ from launcher.errors import UserError
 from launcher.plan import Plan
 from launcher.planner.latency import LatencyModel
 from launcher.planner.planning import latency_models, settings_from
-from launcher.planner.replay import percentile, simulate_plan
+from launcher.planner.replay import simulate_plan
+from launcher.stats import percentile
 from launcher.planner.search import bisect_rate
 from launcher.planner.simulator import SimRequest, attainment, make_requests
 

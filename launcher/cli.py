@@ -119,8 +119,8 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def prepare_job(args) -> tuple[dict, list[str], str]:
-    """Validates everything and writes RUN_DIR/job.yaml; returns (job, command, job path)."""
+def prepare_job(args) -> tuple[dict, list[str], dict]:
+    """Validates everything and writes RUN_DIR/job.yaml; returns (job, launch command, its environment)."""
     cfg = load_config(args.config)
     if args.input:
         cfg.workload.input = args.input if args.input == "-" else os.path.abspath(args.input)

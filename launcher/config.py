@@ -37,7 +37,6 @@ class ClusterConfig:
     master_addr: str = "auto"  # rendezvous address (the only listener the job opens); auto: see launcher/network.py
     interface: str = ""  # network interface for every socket of the job (e.g. ib0, eth0); empty: loopback on one host
     master_port: int = 0  # 0: pick a free port on rank 0 and share it over MPI
-    gpus_per_node: int = 0  # 0: one rank per hostfile slot
     intra_node_bandwidth_gbps: float = 12.0
     inter_node_bandwidth_gbps: float = 3.125
 

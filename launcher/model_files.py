@@ -39,9 +39,6 @@ class ModelShape:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
     def param_count(self) -> int:
         attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         mlp = 3 * self.hidden_size * self.intermediate_size

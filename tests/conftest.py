@@ -15,6 +15,13 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that starts no job is a unit test: `make test-fast` runs exactly those."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in ("mpi", "slow", "gpu")):
+            item.add_marker(pytest.mark.unit)
+
+
 def write_word_tokenizer(path: str, vocab_size: int) -> None:
     """A word-level tokenizer whose token i is the word 't<i>': enough to decode tiny-model output."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders

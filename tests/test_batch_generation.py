@@ -7,6 +7,8 @@ import pytest
 
 from conftest import ragged_prompts, run_pdlaunch, write_job
 
+pytestmark = pytest.mark.mpi  # every test here starts real jobs
+
 DISAGG = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
           "decode": {"instances": 1, "tp": 1, "pp": 1}}
 BAD = {7: "{not json", 13: json.dumps({"custom_id": "no-prompt", "url": "/v1/completions", "body": {"max_tokens": 3}}),

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import ragged_prompts, read_results, run_pdlaunch, write_job
 
+pytestmark = pytest.mark.mpi  # every test here starts real jobs
+
 MAX_TOKENS = 8
 
 

@@ -84,6 +84,7 @@ def test_resume_with_nothing_left_exits_at_once(tmp_path, tiny_model_dir, capsys
     assert not (tmp_path / "run" / "report.json").exists()
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("via", ["-", "/dev/stdin", "fifo", "process substitution"])
 def test_input_from_a_stream_is_read_once_and_bad_requests_do_not_hang(tmp_path, tiny_model_dir, via):
     """Standard input, /dev/stdin and a FIFO: the launcher reads the stream once into the run

@@ -112,6 +112,7 @@ def test_plan_maps_onto_slurm_allocation(tmp_path, tiny_model_dir, capsys, monke
     assert "plan uses 2 hosts but the Slurm allocation has 1 nodes (gpu07); allocate --nodes=2" in capsys.readouterr().err
 
 
+@pytest.mark.mpi
 def test_mpirun_and_deepspeed_launchers_give_identical_outputs(tmp_path, tiny_model_dir):
     """The same tiny disaggregated job through `mpirun` and through the real `deepspeed` command."""
     import json
@@ -161,6 +162,7 @@ exec unshare --uts /bin/sh -c "hostname $host && $*"
 """
 
 
+@pytest.mark.mpi
 def test_two_hosts_outside_slurm_start_their_remote_daemons(tmp_path, tiny_model_dir):
     """A hostfile of two hosts, no Slurm: the generated mpirun line allocates both (--host) and
     pins ranks by rankfile, and Open MPI starts a daemon on the second host through its remote

@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT, ragged_prompts, read_results, write_job
 
+pytestmark = pytest.mark.mpi  # every test here starts real jobs
+
 LAYOUT = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
           "decode": {"instances": 1, "tp": 1, "pp": 2}}
 PROMPTS = ragged_prompts(24, seed=5)

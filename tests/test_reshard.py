@@ -47,6 +47,7 @@ def test_tp_beyond_kv_heads_is_a_config_error():
         check_layouts(plan, shape)
 
 
+@pytest.mark.mpi
 def test_kv_transfer_moves_every_value_between_layouts_with_and_without_copies():
     """Real gloo send/recv under mpirun: block tables consecutive (messages are cache views) or
     scattered (staged), on either side, for same-layout, TP-split, TP-merge and PP-split pairs."""

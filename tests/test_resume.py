@@ -2,6 +2,8 @@
 another prompt's answer, and nothing the output held is deleted."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import read_results, run_pdlaunch, write_job
@@ -67,6 +69,7 @@ def test_reconcile_reuses_only_unchanged_requests_and_keeps_the_rest_aside(tmp_p
     assert "reused 3 result(s)" in message and "1 whose request changed" in message and "3 request(s) to run" in message
 
 
+@pytest.mark.mpi
 def test_resume_after_editing_the_input_answers_every_prompt_exactly_once(tmp_path, tiny_model_dir):
     """A real run, then the input edited (a line inserted, a prompt changed, a line removed, id-less
     lines moved): the resumed output matches a fresh run of the new input, request for request."""

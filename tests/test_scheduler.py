@@ -159,7 +159,7 @@ def test_micro_batches_split_evenly_and_keep_order():
 def test_block_allocator_keeps_requests_consecutive_and_never_hands_out_a_block_twice():
     import random
 
-    from engine.kv_cache import BlockAllocator
+    from engine.blocks import BlockAllocator
 
     rng = random.Random(0)
     a = BlockAllocator(100)

@@ -14,6 +14,8 @@ import yaml
 
 from conftest import ROOT, ragged_prompts, read_results, run_pdlaunch, write_job
 
+pytestmark = pytest.mark.mpi  # every test here starts real jobs
+
 NODES = 3
 
 

@@ -18,6 +18,7 @@ from launcher.errors import UserError, read_text
 from launcher.plan import Plan
 from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation, SimRequest
+from launcher.stats import percentile
 
 DEFAULT_SLO_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2)
 
@@ -121,17 +122,6 @@ def simulate_plan(cfg: JobConfig, plan: Plan, spec: ModelSpec, latency: LatencyM
     else:
         sim = Simulation(latency, policy, instances["prefill"], instances["decode"])
     return sim.run(fresh)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linearly interpolated percentile (numpy's default)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def _ms(x: float) -> float | None:

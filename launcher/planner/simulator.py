@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from launcher.planner.latency import LatencyModel, transfer_ms
+from launcher.stats import arrival_gap
 
 
 @dataclass
@@ -465,11 +466,7 @@ def make_requests(n: int, rate: float, lengths: LengthDist, arrival: str = "pois
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(n):
-        if arrival == "poisson":
-            t += rng.expovariate(rate) * 1e3
-        elif arrival == "gamma":
-            shape = 1 / (cv * cv)
-            t += rng.gammavariate(shape, 1 / (rate * shape)) * 1e3
+        t += arrival_gap(rng, arrival, rate, cv) * 1e3
         i, o = lengths.draw(rng)
         out.append(SimRequest(t, i, o))
     return out
