@@ -206,9 +206,12 @@ def read_requests(path: str) -> list[RequestSpec]:
 
 def parse_requests(text: str, path: str) -> list[RequestSpec]:
     """Request specs of an input's text; whole-input problems are UserErrors, bad lines error records."""
-    specs = [parse_line(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-    if not specs:
+    lines = [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not lines:
         raise UserError(f"input file '{path}' has no requests; add one JSON object per line")
+    if all(_bad_utf8_column(line) for _, line in lines):  # not a text file at all, not a few bad lines
+        raise UserError(f"input file '{path}' is not UTF-8 text; pass a JSONL file")
+    specs = [parse_line(i, line) for i, line in lines]
     seen: dict[str, int] = {}
     for s in specs:  # the k-th copy of an id-less request is '<id>-k'
         if s.custom_id == f"request-{s.digest[:12]}":

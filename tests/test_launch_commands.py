@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import yaml
 
 from launcher.cli import main
@@ -170,8 +171,6 @@ def test_two_hosts_outside_slurm_start_their_remote_daemons(tmp_path, tiny_model
     host name 127.0.0.2, so the ranks of the two 'hosts' talk over TCP as on two nodes."""
     import json
     import shutil
-
-    import pytest
 
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("the ssh stand-in needs root and unshare(1) to give the second 'host' its own name")
