@@ -40,6 +40,11 @@ class BatchMeta:
         return int(self.token_ids.numel())
 
 
+def slot_blocks(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The cache block of each position in [start, end) (its offset in the block: pos % block_size)."""
+    return [block_table[p // block_size] for p in range(start, end)]
+
+
 def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin: torch.Tensor) -> BatchMeta:
     dev = cos.device
 
@@ -54,15 +59,15 @@ def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin:
         end = c.start_pos + n
         ids.extend(c.token_ids)
         positions.extend(range(c.start_pos, end))
-        tables.extend(c.block_table[p // block_size] for p in range(c.start_pos, end))
+        tables.extend(slot_blocks(c.block_table, c.start_pos, end, block_size))
         if n == 1 and c.start_pos > 0:
             decode_rows.append(row)
             decode_ctx.append((c.block_table[:blocks_for(end, block_size)], end))
         else:
             segments.append((slice(row, row + n), c.start_pos))
             if c.start_pos > 0:
-                extend_ctx[row] = (tensor([c.block_table[p // block_size] for p in range(end)]),
-                                   tensor([p % block_size for p in range(end)]))
+                extend_ctx[row] = (tensor(slot_blocks(c.block_table, 0, end, block_size)),
+                                   torch.arange(end, device=dev) % block_size)
         row += n
         last_rows.append(row - 1)
     pos = tensor(positions)

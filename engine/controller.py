@@ -12,6 +12,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from engine import comm as c
@@ -31,7 +32,7 @@ class Pending:
     offset_s: float
     prompt_text: str = ""
     prefill_instance: int | None = None
-    at: str = ""  # where it waits once dispatched, for a stall diagnosis
+    at: int | None = None  # the instance it waits at once dispatched, for a stall diagnosis
 
 
 def arrival_offsets(n: int, arrival: str, rate: float, cv: float, seed: int) -> list[float]:
@@ -179,13 +180,13 @@ class Controller:
                     p.request.decode_instance = self._least_loaded(self.decoders)
                     self.load[p.request.decode_instance] += 1
                 self.by_id[p.request.req_id] = p
-                p.at = f"{self.ctx.plan.instances[target].role} instance {target}"
+                p.at = target
                 outbox.send(p.request, self.ctx.plan.instances[target].leader, c.TAG_REQUEST)
             kv_ready = c.drain(world, c.TAG_KV_READY)
             for src, notice in kv_ready:
                 p = self.by_id[notice.request.req_id]
                 p.prefill_instance = notice.prefill_instance
-                p.at = f"decode instance {p.request.decode_instance}"
+                p.at = p.request.decode_instance
                 self.load[notice.prefill_instance] -= 1
             for src, event in c.drain(world, c.TAG_RESULT):
                 p = self.by_id.pop(event["req_id"])
@@ -210,13 +211,9 @@ class Controller:
                      for inst in self.ctx.plan.instances]
         return {"wall_s": wall, "instances": instances}
 
-
-    def _in_flight(self) -> dict[str, int]:
-        """Dispatched, unfinished requests by where they wait: for the stall diagnosis."""
-        where: dict[str, int] = {}
-        for p in self.by_id.values():
-            where[p.at] = where.get(p.at, 0) + 1
-        return where
+    def _in_flight(self) -> dict[int, int]:
+        """Dispatched, unfinished requests per instance they wait at: for the stall diagnosis."""
+        return Counter(p.at for p in self.by_id.values())
 
 
 class Watchdog:
@@ -253,7 +250,7 @@ class Watchdog:
         return (f"{inst.role} instance {inst.id} (ranks {inst.ranks[0]}-{inst.ranks[-1]} on "
                 f"{', '.join(sorted({self.nodes[r] for r in inst.ranks}))})")
 
-    def check(self, in_flight: dict[str, int]) -> None:
+    def check(self, in_flight: dict[int, int]) -> None:
         now = time.time()
         for rank, when in self.rank_seen.items():
             if now - when > self.limit_s:
@@ -265,7 +262,7 @@ class Watchdog:
                                    f"{now - when:.0f} s after step {steps}: a rank of it is stuck (every process "
                                    "of it runs)")
         for inst in self.plan.instances:
-            held = in_flight.get(f"{inst.role} instance {inst.id}", 0)
+            held = in_flight.get(inst.id, 0)
             if not held:
                 self.holding_since.pop(inst.id, None)
                 continue
@@ -276,7 +273,7 @@ class Watchdog:
         if not in_flight:
             self.last_progress = now  # nothing dispatched is waiting: idle, not stalled
         elif now - self.last_progress > self.limit_s:
-            held = ", ".join(f"{n} at {where}" for where, n in sorted(in_flight.items()))
+            held = ", ".join(f"{n} at {self.plan.instances[i].role} instance {i}" for i, n in sorted(in_flight.items()))
             raise TimeoutError(f"no request moved for {now - self.last_progress:.0f} s although every instance is "
                                f"alive ({held}): the engine is stalled; raise scheduler.watchdog_s if steps can "
                                "really take that long")

@@ -1,7 +1,8 @@
 """Paged KV cache: fixed-size blocks, free-block accounting on the leader, tensors on every rank.
 
 The leader owns the BlockAllocator (engine.blocks, pure Python) and hands block tables to its ranks
-in the step plan; every rank of an instance holds the same block ids for its own (layers of its stage) x (its KV heads).
+in the step plan; every rank of an instance holds the same block ids for its own (layers of its
+stage) x (its KV heads).
 The cache is one block-major tensor, kv: [num_blocks, K|V, layers, block_size, kv_heads, head_dim],
 so a run of consecutive blocks holds a request's K and V of every layer in one piece of memory,
 which moves between instances as one message (engine.kv_transfer). k and v are views of it; a

@@ -10,8 +10,9 @@ the decode side's pull order (the prefill side posts its sends only once it has 
 order pulls came: engine.scheduler). Each request's messages on a pair start with a small header
 (request id, message count) that the receiver checks, so a broken order fails loudly instead of
 landing one request's KV in another's blocks. They travel on their own process group (a side
-communicator on NCCL), so a posted receive never blocks the TP/PP collectives of the main group. Each side alone
-decides where its messages live: when the request's blocks are consecutive and the pair covers all
+communicator on NCCL), so a posted receive never blocks the TP/PP collectives of the main group.
+
+Each side alone decides where its messages live: when the request's blocks are consecutive and the pair covers all
 of this rank's layers and heads, a message is a piece of the block-major cache itself (no copy:
 most requests move as one message); otherwise it is a slice of a pooled staging
 buffer that the sender gathers chunk by chunk while earlier chunks are on the wire, and that the
@@ -150,7 +151,8 @@ class KVTransfer:
         """Posts every message's receive; a helper thread scatters staged chunks as they land."""
         ids = self._block_ids(block_table, num_tokens)
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
-        posted, buffers = [], []  # (transfer, staged?, blocks, message, work); blocks None: a header
+        # (transfer, expected header or None, cache blocks to scatter into or None, message, work)
+        posted, buffers = [], []
         for t in self._plan(src_instance, self.ctx.instance.id):
             if t.dst_rank != self.ctx.rank:
                 continue
@@ -158,8 +160,8 @@ class KVTransfer:
             header = torch.zeros(2, dtype=torch.int64, device=self.cache.kv.device)
             posted.append((t, (req_id, len(messages)), None, header,
                            dist.irecv(header, t.src_rank, group=self.group, tag=KV_TAG)))
-            posted += [(t, buf is not None, index[a:b], m, dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG))
-                       for (a, b), m in messages]
+            posted += [(t, None, index[a:b] if buf is not None else None, m,
+                        dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG)) for (a, b), m in messages]
             if buf is not None:
                 buffers.append(buf)
         self.receiving[req_id] = buffers
@@ -172,13 +174,13 @@ class KVTransfer:
         done = threading.Event()
 
         def land_all():
-            for t, staged, blocks, message, work in posted:
+            for t, expected, blocks, message, work in posted:
                 work.wait()
-                if blocks is None and tuple(message.tolist()) != staged:
+                if expected is not None and tuple(message.tolist()) != expected:
                     self.broken.append(f"KV transfer order broken: rank {self.ctx.rank} expected request "
-                                       f"{staged[0]} ({staged[1]} messages) from rank {t.src_rank} but got "
+                                       f"{expected[0]} ({expected[1]} messages) from rank {t.src_rank} but got "
                                        f"{tuple(message.tolist())}")
-                elif blocks is not None and staged:
+                elif blocks is not None:  # a staged chunk: scatter it into the cache
                     self._copy(t, message, blocks, to_cache=True)
             done.set()
 

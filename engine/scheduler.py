@@ -7,10 +7,11 @@ One class serves the three roles; a role is the set of phases an instance runs:
              (per rank pair the sends then follow the receives' order: NCCL matches by order, not
              tag); no blocks free = no new prefill (backpressure).
 - decode:    pulls an announced request's KV (posts its receives and tells the prefill instance)
-             only when it has blocks (prompt + max_tokens) and batch room for it; a pulled request joins the continuous batch once
-             every rank has its KV and its first token is known. Announcing at prefill start lets
-             the receives be posted while the prefill runs, so the transfer starts at the first
-             token instead of at the decode side's next step boundary after it.
+             only when it has blocks (prompt + max_tokens) and batch room for it; a pulled request
+             joins the continuous batch once every rank has its KV and its first token is known.
+             Announcing at prefill start lets the receives be posted while the prefill runs, so the
+             transfer starts at the first token instead of at the decode side's next step boundary
+             after it.
 - colocated: both phases on the same ranks, prefill-prioritised (vLLM's default): a step is a
              prefill batch whenever one is admissible, else a decode step.
 Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
