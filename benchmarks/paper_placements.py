@@ -23,7 +23,8 @@ from collections import Counter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launcher.cli import cluster_hosts, main as pdlaunch  # noqa: E402
+from launcher.cli import main as pdlaunch  # noqa: E402
+from launcher.jobs import cluster_hosts  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.plan import Plan, packed_plan, read_plan, write_plan  # noqa: E402
 from launcher.planner.search import probe_span_s  # noqa: E402

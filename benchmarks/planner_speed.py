@@ -17,7 +17,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launcher.cli import cluster_hosts  # noqa: E402
+from launcher.jobs import cluster_hosts  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.planner.planning import run_planner  # noqa: E402
 from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)

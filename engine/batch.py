@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.blocks import blocks_for
-from engine.step import SeqChunk
+from launcher.protocol import SeqChunk
 
 
 @dataclass
@@ -40,7 +40,7 @@ class BatchMeta:
         return int(self.token_ids.numel())
 
 
-def slot_blocks(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+def slot_blocks(block_table: tuple[int, ...], start: int, end: int, block_size: int) -> list[int]:
     """The cache block of each position in [start, end) (its offset in the block: pos % block_size)."""
     return [block_table[p // block_size] for p in range(start, end)]
 
@@ -76,7 +76,7 @@ def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin:
                      extend_context_slots=extend_ctx)
     if decode_rows:
         n = max(len(table) for table, _ in decode_ctx)
-        blocks = tensor([table + [0] * (n - len(table)) for table, _ in decode_ctx])
+        blocks = tensor([list(table) + [0] * (n - len(table)) for table, _ in decode_ctx])
         lengths = tensor([length for _, length in decode_ctx])
         visible = torch.arange(n * block_size, device=dev)[None, :] < lengths[:, None]
         mask = torch.zeros(visible.shape, dtype=cos.dtype, device=dev).masked_fill_(~visible, float("-inf"))

@@ -1,6 +1,6 @@
 """Rank start-up: MPI control plane, torch.distributed data plane, per-instance TP/PP groups.
 
-Control messages (small pickled objects) travel over MPI; tensors over torch.distributed
+Control messages (launcher/protocol.py's dataclasses, pickled) travel over MPI; tensors over torch.distributed
 (gloo on CPU, NCCL on GPU). Every rank creates every instance's groups in the same order,
 because torch's new_group is collective over the whole world.
 """
@@ -19,23 +19,7 @@ import torch.distributed as dist
 
 from launcher.network import rendezvous_address
 from launcher.plan import InstancePlan, Plan
-
-# Control-plane message tags (MPI).
-TAG_REQUEST = 1      # controller -> prefill/colocated leader: a new request
-TAG_KV_READY = 2     # prefill leader -> decode leader and controller: KV held, first token sampled
-TAG_KV_INCOMING = 3  # prefill leader -> decode leader: a request's prefill started (post its receives)
-TAG_PULLED = 4       # decode leader -> prefill leader: all KV arrived, free the blocks
-TAG_KV_PULL = 10     # decode leader -> prefill leader: receives posted; post the sends (in this order)
-TAG_RESULT = 5       # leader -> controller: first token / finished request
-TAG_STEP = 6         # leader -> instance ranks: the step plan
-TAG_TOKENS = 7       # last PP stage -> leader: sampled tokens
-TAG_RECV_DONE = 8    # decode rank -> its leader: KV receives that completed
-TAG_SHUTDOWN = 9     # controller -> leaders: no more work
-TAG_HEARTBEAT = 11   # leader -> controller: still alive
-TAG_STATS = 12       # leader -> controller at shutdown: KV and batch peaks
-TAG_ALIVE = 13       # controller -> leaders: still alive (a stopped controller must not leave them waiting)
-TAG_RANK_ALIVE = 14  # every instance rank's beacon thread -> controller: this process runs
-TAG_NEXT_ARRIVAL = 15  # controller -> leaders -> followers: wall time of the next request's arrival
+from launcher.protocol import Tag
 
 STARTUP_S = 600.0    # how long instances may take to load their weights
 HEARTBEAT_S = 1.0    # leaders and the controller tell each other they are alive this often
@@ -241,7 +225,7 @@ class Beacon:
 
     def _run(self) -> None:
         while not self.stop_event.wait(HEARTBEAT_S):
-            self.comm.send(None, dest=0, tag=TAG_RANK_ALIVE)
+            self.comm.send(None, dest=0, tag=Tag.RANK_ALIVE)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -1,6 +1,6 @@
-"""Rank entry point: `python -m engine.main --job RUN_DIR/job.yaml`, one process per rank.
+"""Rank entry point: `python -m engine.main --job RUN_DIR/job.json`, one process per rank.
 
-Every rank reads the same job file (config + plan), learns its role from its global rank, and
+Every rank reads the same job file (launcher/job.py: config + plan + paths), learns its role from its global rank, and
 runs the controller, an instance leader, or an instance follower. Any exception on any rank
 prints a one-line diagnosis naming the rank, host and what it was doing, then aborts the whole
 MPI job so that no rank is left waiting.
@@ -21,58 +21,55 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 for _message in (r".*Transformer Engine", r".*Apex", r".*absl", r".*all_gather_into_tensor.* is deprecated"):
     warnings.filterwarnings("ignore", message=_message)
 
-import yaml  # noqa: E402
-
-from launcher.config import config_from_dict  # noqa: E402
+from launcher.job import JobFile  # noqa: E402
+from launcher.protocol import Tag  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
-from launcher.plan import plan_from_dict  # noqa: E402
 
 DOING = {"what": "starting up"}
 
 
-def _run_controller(ctx, job, cfg) -> None:
-    from engine.controller import Controller, ResultWriter
+def _run_controller(ctx, job: JobFile) -> None:
+    from engine.controller import Controller
     from engine.progress import Reporter
+    from engine.results import ResultWriter
     from engine.tokenizer import TextCodec
     from launcher.batch_io import read_requests
 
-    codec = TextCodec(job["model_dir"])
-    skip = set(job.get("skip_ids") or ())
-    specs = [s for s in read_requests(job["input"]) if s.custom_id not in skip]
-    reporter = Reporter(len(specs), quiet=job.get("quiet", False), slo=cfg.slo)
-    writer = ResultWriter(job["output"], codec, os.path.basename(job["model_dir"]),
-                          job.get("dump_logits"), on_result=reporter.advance)
+    codec = TextCodec(job.model_dir)
+    skip = set(job.skip_ids)
+    specs = [s for s in read_requests(job.input) if s.custom_id not in skip]
+    reporter = Reporter(len(specs), quiet=job.quiet, slo=job.config.slo)
+    writer = ResultWriter(job.output, codec, os.path.basename(job.model_dir), job.dump_logits,
+                          on_result=reporter.advance)
     DOING["what"] = "dispatching requests and collecting results"
     with reporter:
-        stats = Controller(ctx, job, codec, specs, writer, read_shape(job["model_dir"]).vocab_size).run()
+        stats = Controller(ctx, job.config, codec, specs, writer, read_shape(job.model_dir).vocab_size).run()
     writer.close()
-    reporter.summary(writer.records, stats, job.get("report"))
+    reporter.summary(writer.records, stats, job.report)
 
 
-def _run_profile_controller(ctx, job) -> None:
+def _run_profile_controller(ctx, job: JobFile) -> None:
     """Profile mode: collect each instance's timings and write them for the launcher to fit."""
     import json
-
-    from engine import comm as c
 
     DOING["what"] = "waiting for profile timings"
     out = {}
     for inst in ctx.plan.instances:
         while True:  # heartbeats mark progress; the timings end the wait
-            tag, msg = _next_of(ctx.world, inst.leader, (c.TAG_HEARTBEAT, c.TAG_RESULT), job)
-            if tag == c.TAG_RESULT:
-                out[str(inst.id)] = {"tp": inst.tp, "samples": msg}
+            tag, msg = _next_of(ctx.world, inst.leader, (Tag.HEARTBEAT, Tag.PROFILE), job)
+            if tag == Tag.PROFILE:
+                out[str(inst.id)] = {"tp": inst.tp, "samples": msg.samples}
                 break
-    with open(job["profile_samples"], "w") as f:
+    with open(job.profile_samples, "w") as f:
         json.dump(out, f)
 
 
-def _next_of(comm, source: int, tags: tuple, job) -> tuple:
+def _next_of(comm, source: int, tags: tuple, job: JobFile) -> tuple:
     import time
 
     from mpi4py import MPI
 
-    limit = max(job["config"]["scheduler"]["watchdog_s"], 600.0)
+    limit = max(job.config.scheduler.watchdog_s, 600.0)
     deadline, status = time.time() + limit, MPI.Status()
     while time.time() < deadline:
         for tag in tags:
@@ -82,69 +79,60 @@ def _next_of(comm, source: int, tags: tuple, job) -> tuple:
     raise TimeoutError(f"rank {source} sent nothing for {limit:.0f} s")
 
 
-def _run_instance(ctx, job, cfg) -> None:
-    from engine.instance import ControllerWatch, Leader, follow
+def _run_instance(ctx, job: JobFile) -> None:
+    from engine.instance import Leader, follow
     from engine.runner import ModelRunner
-    from engine.scheduler import Scheduler
+    from engine.scheduler import InstanceLimits, Scheduler
+    from engine.watchdog import ControllerWatch
 
-    shape = read_shape(job["model_dir"])
+    cfg = job.config
+    shape = read_shape(job.model_dir)
     s = cfg.scheduler
-    blocks = s.prefill_kv_blocks if ctx.instance.role == "prefill" else s.decode_kv_blocks
+    limits = InstanceLimits(s.prefill_kv_blocks if ctx.instance.role == "prefill" else s.decode_kv_blocks,
+                            s.block_size, s.prefill_token_budget, s.max_decode_batch, cfg.model.max_model_len)
     DOING["what"] = "loading weights"
-    runner = ModelRunner(ctx, shape, job["model_dir"], cfg.model.dtype, blocks, s.block_size,
+    runner = ModelRunner(ctx, shape, job.model_dir, cfg.model.dtype, limits.num_blocks, s.block_size,
                          cfg.model.max_model_len)
     DOING["what"] = f"serving as {ctx.instance.role} instance {ctx.instance.id}"
     if not ctx.is_leader:
         follow(ctx, runner, s.idle_sleep_ms / 1e3)
         return
-    if job.get("mode") == "profile":
-        from engine import comm as c
+    if job.mode == "profile":
         from engine.profiler import run_profile
+        from launcher.protocol import Heartbeat, ProfileSamples
 
         DOING["what"] = "profiling"
-        ctx.world.send((ctx.instance.id, 0), dest=0, tag=c.TAG_HEARTBEAT)
-        ctx.world.send(run_profile(ctx, runner, blocks, s.block_size, cfg.model.max_model_len, s.prefill_token_budget,
-                                   s.max_decode_batch), dest=0, tag=c.TAG_RESULT)
+        ctx.world.send(Heartbeat(ctx.instance.id, 0), dest=0, tag=Tag.HEARTBEAT)
+        ctx.world.send(ProfileSamples(ctx.instance.id, run_profile(ctx, runner, limits)), dest=0, tag=Tag.PROFILE)
         return
-    codec = None
+    from engine.tokenizer import TextCodec
 
-    def hits_stop(seq) -> bool:
-        nonlocal codec
-        if codec is None:
-            from engine.tokenizer import TextCodec
-            codec = TextCodec(job["model_dir"])
-        text = codec.decode(seq.output)
-        return any(stop in text for stop in seq.request.sampling.stop)
-
-    sched = Scheduler(ctx.instance.role, blocks, s.block_size, s.prefill_token_budget, s.max_decode_batch,
-                      cfg.model.max_model_len, shape.eos_token_ids, hits_stop, ctx.instance.size)
-    Leader(ctx, runner, sched, bool(job.get("dump_logits")), s.idle_sleep_ms / 1e3,
-           ControllerWatch(ctx, s.watchdog_s)).run()
+    codec = TextCodec(job.model_dir)
+    sched = Scheduler(ctx.instance.role, ctx.instance.id, ctx.instance.size, limits, shape.eos_token_ids,
+                      codec.decode, want_logits=bool(job.dump_logits))
+    Leader(ctx, runner, sched, s.idle_sleep_ms / 1e3, ControllerWatch(ctx, s.watchdog_s)).run()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="pdlaunch rank entry point")
     parser.add_argument("--job", required=True, help="job file written by the launcher")
     args, _ = parser.parse_known_args(argv)  # the deepspeed launcher appends --local_rank
-    with open(args.job, encoding="utf-8") as f:
-        job = yaml.safe_load(f)
-    cfg = config_from_dict(job["config"])
-    plan = plan_from_dict(job["plan"])
+    job = JobFile.read(args.job)
     ctx = None
     try:
         from engine.comm import start
 
         DOING["what"] = "initialising MPI and torch.distributed"
-        ctx = start(plan, cfg.cluster)
-        if ctx.is_controller and job.get("mode") == "profile":
+        ctx = start(job.plan, job.config.cluster)
+        if ctx.is_controller and job.mode == "profile":
             _run_profile_controller(ctx, job)
         elif ctx.is_controller:
-            _run_controller(ctx, job, cfg)
+            _run_controller(ctx, job)
         else:
             from engine.comm import Beacon
 
             beacon = Beacon(ctx.world)
-            _run_instance(ctx, job, cfg)
+            _run_instance(ctx, job)
             beacon.stop()
         ctx.world.Barrier()
         return 0

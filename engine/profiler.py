@@ -9,10 +9,9 @@ from __future__ import annotations
 import statistics
 import time
 
-from engine import comm as c
 from engine.blocks import blocks_for
-from engine.scheduler import Request, Scheduler
-from engine.step import SamplingParams, SeqChunk, StepPlan
+from engine.scheduler import InstanceLimits, Scheduler
+from launcher.protocol import Heartbeat, Request, SamplingParams, SeqChunk, StepPlan, Tag
 
 PREFILL_LENS = [16, 64, 128, 256, 512]
 PREFILL_BATCHES = [1, 2, 4]
@@ -25,37 +24,36 @@ LOOP_TOKENS = 12
 
 def _prefill_plan(batch: int, length: int, block_size: int, vocab: int) -> StepPlan:
     per = blocks_for(length + 1, block_size)
-    return StepPlan(seqs=[SeqChunk(i, [3 + (i * 7 + j) % (vocab - 3) for j in range(length)], 0,
-                                   list(range(i * per, (i + 1) * per)), SamplingParams(), 0) for i in range(batch)])
+    return StepPlan(seqs=tuple(SeqChunk(i, tuple(3 + (i * 7 + j) % (vocab - 3) for j in range(length)), 0,
+                                        tuple(range(i * per, (i + 1) * per)), SamplingParams(), 0)
+                               for i in range(batch)))
 
 
 def _decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
     per = blocks_for(context + 1, block_size)
-    return StepPlan(seqs=[SeqChunk(i, [3], context, list(range(i * per, (i + 1) * per)), SamplingParams(), 1)
-                          for i in range(batch)])
+    return StepPlan(seqs=tuple(SeqChunk(i, (3,), context, tuple(range(i * per, (i + 1) * per)), SamplingParams(), 1)
+                               for i in range(batch)))
 
 
 def _broadcast(ctx, plan: StepPlan) -> None:
     for local in range(1, ctx.instance.size):
-        ctx.instance_comm.send(plan, dest=local, tag=c.TAG_STEP)
+        ctx.instance_comm.send(plan, dest=local, tag=Tag.STEP)
 
 
-def loop_overhead(ctx, runner, num_blocks: int, block_size: int, max_len: int, token_budget: int,
-                  max_batch: int) -> dict:
+def loop_overhead(ctx, runner, limits: InstanceLimits) -> dict:
     """What a step costs the leader beyond its forward (scheduling, the step plan to the other
     ranks, taking the tokens back): the engine's own Scheduler drives synthetic requests through
     the real runner, and each step's loop time minus its runner.execute time is one sample, with
     the step's context tokens (prompt tokens for prefill, cached + new for decode)."""
     vocab = runner.shape.vocab_size
-    sched = Scheduler("colocated", num_blocks, block_size, token_budget, max_batch, max_len, (), lambda seq: False,
-                      ctx.instance.size)
-    for i, n in enumerate(p for p in LOOP_PROMPTS if p + LOOP_TOKENS < max_len):
+    sched = Scheduler("colocated", ctx.instance.id, ctx.instance.size, limits)
+    for i, n in enumerate(p for p in LOOP_PROMPTS if p + LOOP_TOKENS < limits.max_model_len):
         prompt = [3 + (i * 11 + j) % (vocab - 3) for j in range(n)]
-        sched.add_request(Request(i, prompt, SamplingParams(max_tokens=LOOP_TOKENS, ignore_eos=True), time.time()))
+        sched.add_request(Request(i, tuple(prompt), SamplingParams(max_tokens=LOOP_TOKENS, ignore_eos=True), time.time()))
     samples = {"prefill": [], "decode": []}
     while sched.busy():
         started = time.perf_counter()
-        step, _ = sched.schedule()
+        step = sched.schedule().step
         if not step.seqs:
             break  # nothing fits the cache: no more samples to take
         _broadcast(ctx, step)
@@ -69,12 +67,12 @@ def loop_overhead(ctx, runner, num_blocks: int, block_size: int, max_len: int, t
     return samples
 
 
-def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, token_budget: int, max_batch: int,
-                repeats: int = 3, decode_repeats: int = 5) -> dict:
+def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_repeats: int = 5) -> dict:
     """Leader side: every shape that fits the cache and the context, `repeats` times each (decode
     steps, short and noisier, `decode_repeats` times); median ms. Then the step loop's own cost
     beyond the forward (loop_overhead)."""
     vocab = runner.shape.vocab_size
+    num_blocks, block_size, max_len = limits.num_blocks, limits.block_size, limits.max_model_len
 
     def timed(plan: StepPlan, repeats: int = repeats) -> float:
         times = []
@@ -94,14 +92,14 @@ def run_profile(ctx, runner, num_blocks: int, block_size: int, max_len: int, tok
                 continue
             samples["prefill"].append({"lens": [length] * batch,
                                        "ms": timed(_prefill_plan(batch, length, block_size, vocab))})
-        ctx.world.send((ctx.instance.id, len(samples["prefill"])), dest=0, tag=c.TAG_HEARTBEAT)
+        ctx.world.send(Heartbeat(ctx.instance.id, len(samples["prefill"])), dest=0, tag=Tag.HEARTBEAT)
     for context in DECODE_CONTEXTS:
         for batch in DECODE_BATCHES:
             if context + 1 >= max_len or batch * blocks_for(context + 1, block_size) > num_blocks:
                 continue
             samples["decode"].append({"batch": batch, "context_sum": batch * (context + 1),
                                       "ms": timed(_decode_plan(batch, context, block_size), decode_repeats)})
-        ctx.world.send((ctx.instance.id, len(samples["decode"])), dest=0, tag=c.TAG_HEARTBEAT)
-    samples["overhead"] = loop_overhead(ctx, runner, num_blocks, block_size, max_len, token_budget, max_batch)
+        ctx.world.send(Heartbeat(ctx.instance.id, len(samples["decode"])), dest=0, tag=Tag.HEARTBEAT)
+    samples["overhead"] = loop_overhead(ctx, runner, limits)
     _broadcast(ctx, StepPlan(shutdown=True))
     return samples

@@ -13,15 +13,15 @@ import torch
 import torch.distributed as dist
 
 from engine.batch import build_batch
-from engine.comm import TAG_TOKENS, RankContext, poll
+from engine.comm import RankContext, poll
 from engine.kv_cache import KVCache
 from engine.kv_transfer import KVTransfer
 from engine.model import LlamaStage, rope_tables
 from engine.reshard import stage_layers
 from engine.sampling import sample
-from engine.step import StepPlan
 from engine.weights import load_stage
 from launcher.model_files import ModelShape
+from launcher.protocol import StageTokens, StepPlan, Tag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +49,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepPlan):
-        """Runs one step. On the leader returns (tokens, logits or None); elsewhere None."""
+        """Runs one step. On the leader returns (tokens, logits as lists or None); elsewhere None."""
         for send in step.kv_sends:
             self.kv.post_sends(send.req_id, send.block_table, send.num_tokens, send.peer_instance)
         for recv in step.kv_recvs:
@@ -69,19 +69,19 @@ class ModelRunner:
                 continue
             logits = out.float()
             tokens = sample(logits, [s.sampling for s in chunk], [s.output_index for s in chunk])
-            result = (tokens, logits if step.want_logits else None)
+            result = StageTokens(tuple(tokens), tuple(logits.tolist()) if step.want_logits else None)
             if ctx.is_leader:
                 results.append(result)
             else:  # non-blocking: this stage must go on receiving the next chunk
-                sent.append(ctx.instance_comm.isend(result, dest=0, tag=TAG_TOKENS))
+                sent.append(ctx.instance_comm.isend(result, dest=0, tag=Tag.TOKENS))
         for request in sent:
             request.wait()
         if not ctx.is_leader:
             return None
         if not results:
             results = [self._tokens_from_last_stage() for _ in chunks]
-        tokens = [t for r in results for t in r[0]]
-        logits = torch.cat([r[1] for r in results]) if step.want_logits else None
+        tokens = [t for r in results for t in r.tokens]
+        logits = [row for r in results for row in r.logits] if step.want_logits else None
         return tokens, logits
 
     def _forward(self, seqs):
@@ -100,7 +100,7 @@ class ModelRunner:
         return out if ctx.tp_rank == 0 else None
 
     def _tokens_from_last_stage(self):
-        return poll(self.ctx.instance_comm, source=self.ctx.instance.size - self.ctx.instance.tp, tag=TAG_TOKENS)
+        return poll(self.ctx.instance_comm, source=self.ctx.instance.size - self.ctx.instance.tp, tag=Tag.TOKENS)
 
 
 def micro_batches(seqs: list, pp: int) -> list[list]:

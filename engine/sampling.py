@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.step import SamplingParams
+from launcher.protocol import SamplingParams
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, index: int) -> torch.Tensor:

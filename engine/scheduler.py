@@ -15,6 +15,8 @@ One class serves the three roles; a role is the set of phases an instance runs:
 - colocated: both phases on the same ranks, prefill-prioritised (vLLM's default): a step is a
              prefill batch whenever one is admissible, else a decode step.
 Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
+`schedule()` returns one SchedulerOutput: the step plan for the instance's ranks and the messages
+for peer instances and the controller; `on_step()` returns the messages its tokens cause.
 Pure Python: no torch, no MPI.
 """
 from __future__ import annotations
@@ -22,48 +24,20 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Optional
 
 from engine.blocks import BlockAllocator, blocks_for
-from engine.step import KVPost, SamplingParams, SeqChunk, StepPlan
+from engine.stops import Decode, TextState, stop_cut
+from launcher.protocol import (FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request, Result,
+                               SeqChunk, StepPlan, Tag)
+
+CONTROLLER = -1  # the controller's address in SchedulerOutput.messages (others: instance ids)
 
 
 @dataclass
-class Request:
-    req_id: int
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    arrival: float  # wall-clock seconds
-    decode_instance: int = -1  # chosen by the controller at dispatch (disaggregated mode)
-
-
-@dataclass
-class KVIncoming:
-    """A prefill instance started this request's prefill; its KV will be sent to the receiver."""
-
-    request: Request
-    prefill_instance: int
-
-
-@dataclass
-class KVPull:
-    """A decode instance posted its receives for this request: the prefill side posts the sends,
-    in the order the pulls of that decode instance arrive."""
-
-    req_id: int
-    decode_instance: int
-
-
-@dataclass
-class ReadyNotice:
-    """A prefill instance holds this request's KV and sampled its first token; sent to the decode
-    instance (which joins the request with it) and to the controller (which tracks load)."""
-
-    request: Request
-    prefill_instance: int
-    first_token: int
-    times: dict
-    logits: list = field(default_factory=list)  # debug: the first token's logits
+class SchedulerOutput:
+    step: StepPlan
+    messages: list[tuple[int, Tag, Any]] = field(default_factory=list)  # (instance id or CONTROLLER, tag, message)
 
 
 @dataclass
@@ -75,6 +49,8 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     logits: list = field(default_factory=list)
     finish_reason: Optional[str] = None
+    stop_text: Optional[str] = None  # the text cut before the stop string that ended it
+    text_state: TextState = field(default_factory=TextState)  # for stop strings
     source_instance: int = -1
     announced: bool = False  # prefill side: its decode instance expects its KV
 
@@ -92,21 +68,33 @@ def reserved_blocks(prompt_len: int, max_tokens: int, max_model_len: int, block_
     return blocks_for(min(prompt_len + max_tokens, max_model_len), block_size)
 
 
+@dataclass(frozen=True)
+class InstanceLimits:
+    """What an instance's scheduler works within."""
+
+    num_blocks: int
+    block_size: int
+    token_budget: int  # L_m: most prompt tokens in one prefill batch
+    max_batch: int
+    max_model_len: int
+
+
 class Scheduler:
-    def __init__(self, role: str, num_blocks: int, block_size: int, token_budget: int, max_batch: int,
-                 max_model_len: int, eos_ids: tuple[int, ...], hits_stop: Callable[[Sequence], bool],
-                 instance_size: int):
-        self.role, self.block_size = role, block_size
-        self.allocator = BlockAllocator(num_blocks)
-        self.token_budget, self.max_batch, self.max_model_len = token_budget, max_batch, max_model_len
-        self.eos_ids, self.hits_stop, self.instance_size = set(eos_ids), hits_stop, instance_size
+    def __init__(self, role: str, instance_id: int, instance_size: int, limits: InstanceLimits,
+                 eos_ids: tuple[int, ...] = (), decode: Optional[Decode] = None, want_logits: bool = False):
+        """`decode` (token ids -> text) is needed only for requests with stop strings."""
+        self.role, self.instance_id, self.instance_size = role, instance_id, instance_size
+        self.block_size, self.token_budget = limits.block_size, limits.token_budget
+        self.max_batch, self.max_model_len = limits.max_batch, limits.max_model_len
+        self.allocator = BlockAllocator(limits.num_blocks)
+        self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.waiting: deque[Sequence] = deque()      # to prefill
         self.running: list[Sequence] = []            # decoding
+        self.in_step: list[Sequence] = []            # the sequences of the step being executed
         self.held: dict[int, Sequence] = {}          # prefill: KV kept until pulled
         self.incoming: deque[KVIncoming] = deque()   # decode: announced, receives not posted yet
-        self.firsts: dict[int, ReadyNotice] = {}     # decode: first tokens of requests not pulled yet
+        self.firsts: dict[int, FirstToken] = {}      # decode: first tokens of requests not pulled yet
         self.pulling: dict[int, Sequence] = {}       # decode: receives posted
-        self.announcements: list[Sequence] = []      # prefill: to announce to their decode instances
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
         self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
         self.pending_releases: list[int] = []
@@ -121,27 +109,23 @@ class Scheduler:
     def add_incoming(self, incoming: KVIncoming) -> None:
         self.incoming.append(incoming)
 
-    def add_ready(self, notice: ReadyNotice) -> None:
+    def add_first_token(self, first: FirstToken) -> None:
         """The first token of an announced request (which may not be pulled yet)."""
-        seq = self.pulling.get(notice.request.req_id)
+        seq = self.pulling.get(first.req_id)
         if seq is None:
-            self.firsts[notice.request.req_id] = notice
+            self.firsts[first.req_id] = first
         else:
-            self._apply_first(seq, notice)
+            self._apply_first(seq, first)
 
     @staticmethod
-    def _apply_first(seq: Sequence, notice: ReadyNotice) -> None:
-        seq.output = [notice.first_token]
-        seq.times = {**notice.times, **seq.times}
-        seq.token_times = [notice.times["first_token"]]
-        seq.logits = list(notice.logits)
+    def _apply_first(seq: Sequence, first: FirstToken) -> None:
+        seq.output = [first.token]
+        seq.times = {**first.times, **seq.times}
+        seq.token_times = [first.times["first_token"]]
+        seq.logits = list(first.logits)
 
     def add_pull(self, pull: KVPull) -> None:
         self.pulls.setdefault(pull.decode_instance, deque()).append(pull.req_id)
-
-    def take_announcements(self) -> list[Sequence]:
-        out, self.announcements = self.announcements, []
-        return out
 
     def pulled(self, req_id: int) -> None:
         """The decode side has all of the request's KV: free the held blocks."""
@@ -169,7 +153,7 @@ class Scheduler:
         n = len(seq.request.prompt_ids)
         return self.role == "prefill" and seq.request.sampling.max_tokens > 1 and n + 1 < self.max_model_len
 
-    def _prefill_batch(self) -> list[Sequence]:
+    def _prefill_batch(self, out: SchedulerOutput) -> list[Sequence]:
         batch, tokens = [], 0
         while self.waiting:
             seq = self.waiting[0]
@@ -190,10 +174,12 @@ class Scheduler:
             tokens += n
             if self._decodes_later(seq):
                 seq.announced = True
-                self.announcements.append(seq)
+                out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
+                                     KVIncoming(seq.request, self.instance_id)))
         return batch
 
-    def _start_pulls(self, step: StepPlan) -> None:
+    def _start_pulls(self, out: SchedulerOutput) -> list[KVPost]:
+        recvs = []
         while self.incoming and len(self.running) + len(self.pulling) < self.max_batch:
             incoming = self.incoming[0]
             seq = Sequence(incoming.request, source_instance=incoming.prefill_instance)
@@ -206,9 +192,12 @@ class Scheduler:
             self.pulling[seq.req_id] = seq
             if seq.req_id in self.firsts:
                 self._apply_first(seq, self.firsts.pop(seq.req_id))
-            step.kv_recvs.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids), seq.source_instance))
+            recvs.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), seq.source_instance))
+            # the prefill side posts its sends in the order these pulls reach it
+            out.messages.append((seq.source_instance, Tag.KV_PULL, KVPull(seq.req_id, self.instance_id)))
+        return recvs
 
-    def _joins(self, step: StepPlan) -> list[Sequence]:
+    def _joins(self, out: SchedulerOutput) -> list[int]:
         """Requests whose KV is on every rank and whose first token is known join the batch; one
         whose first token already ends it (EOS, a stop string) finishes here, without a step."""
         joined = []
@@ -218,50 +207,52 @@ class Scheduler:
                 continue
             del self.pulling[req_id], self.arrived[req_id]
             seq.times["transfer_end"] = time.time()
-            step.kv_joins.append(req_id)
-            joined.append(seq)
+            joined.append(req_id)
+            out.messages.append((seq.source_instance, Tag.PULLED, Pulled(req_id)))
             if self._finished(seq):
                 self.allocator.free(seq.blocks)
+                out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
             else:
                 self.running.append(seq)
         return joined
 
-    def _post_sends(self, step: StepPlan) -> None:
+    def _post_sends(self) -> list[KVPost]:
         """Sends of pulled requests whose KV is held, strictly in each decode instance's pull order:
         a pull that comes before its prefill ends holds back the pulls behind it."""
+        sends = []
         for decode_instance, queue in self.pulls.items():
             while queue and queue[0] in self.held:
                 seq = self.held[queue.popleft()]
-                step.kv_sends.append(KVPost(seq.req_id, seq.blocks, len(seq.request.prompt_ids), decode_instance))
+                sends.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), decode_instance))
+        return sends
 
-    def schedule(self) -> tuple[StepPlan, list[Sequence]]:
-        """The next step and the sequences whose KV joined in it (finished ones have a finish_reason)."""
-        step = StepPlan(kv_releases=self.pending_releases)
-        self.pending_releases = []
-        self._post_sends(step)
-        joined = []
+    def schedule(self) -> SchedulerOutput:
+        """The next step for the instance's ranks and the messages it causes."""
+        out = SchedulerOutput(StepPlan())
+        releases, self.pending_releases = tuple(self.pending_releases), []
+        sends = self._post_sends()
+        joins, recvs = [], []
         if self.role == "decode":
-            joined = self._joins(step)
-            self._start_pulls(step)
-        batch = self._prefill_batch() if self.role in ("prefill", "colocated") else []
+            joins = self._joins(out)
+            recvs = self._start_pulls(out)
+        batch = self._prefill_batch(out) if self.role in ("prefill", "colocated") else []
         now = time.time()
         if batch:
             for seq in batch:
                 seq.times["prefill_start"] = now
-                step.seqs.append(SeqChunk(seq.req_id, list(seq.request.prompt_ids), 0, seq.blocks,
-                                          seq.request.sampling, 0))
-            self._in_step = batch
-        elif self.running:
-            for seq in self.running:
-                step.seqs.append(SeqChunk(seq.req_id, [seq.output[-1]], seq.num_tokens - 1, seq.blocks,
-                                          seq.request.sampling, len(seq.output)))
-            self._in_step = list(self.running)
+            chunks = [SeqChunk(seq.req_id, tuple(seq.request.prompt_ids), 0, tuple(seq.blocks), seq.request.sampling, 0)
+                      for seq in batch]
+            self.in_step = batch
         else:
-            self._in_step = []
+            chunks = [SeqChunk(seq.req_id, (seq.output[-1],), seq.num_tokens - 1, tuple(seq.blocks),
+                               seq.request.sampling, len(seq.output)) for seq in self.running]
+            self.in_step = list(self.running)
+        out.step = StepPlan(tuple(chunks), tuple(sends), tuple(recvs), tuple(joins), releases,
+                            want_logits=self.want_logits and bool(chunks))
         self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
-        self.peak_batch = max(self.peak_batch, len(step.seqs))
-        self.steps += bool(step.seqs)
-        return step, joined
+        self.peak_batch = max(self.peak_batch, len(chunks))
+        self.steps += bool(chunks)
+        return out
 
     def stats(self) -> dict:
         import resource
@@ -272,20 +263,27 @@ class Scheduler:
 
     # ---- results of a step -------------------------------------------------------------------
     def _finished(self, seq: Sequence) -> bool:
-        last = seq.output[-1]
-        if last in self.eos_ids and not seq.request.sampling.ignore_eos:
+        """EOS, then stop strings (decided here, once: the text is cut where one begins), then length."""
+        sampling = seq.request.sampling
+        if seq.output[-1] in self.eos_ids and not sampling.ignore_eos:
             seq.finish_reason = "stop"
-        elif len(seq.output) >= seq.request.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif sampling.stop and self.decode is not None and \
+                (cut := stop_cut(seq.text_state, seq.output, sampling.stop, self.decode)) is not None:
+            seq.finish_reason, seq.stop_text = "stop", cut
+        elif len(seq.output) >= sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
-        elif seq.request.sampling.stop and self.hits_stop(seq):
-            seq.finish_reason = "stop"
         return seq.finish_reason is not None
 
-    def on_step(self, tokens: list[int], logits) -> tuple[list[Sequence], list[Sequence]]:
-        """Appends sampled tokens. Returns (sequences whose KV is now held for a pull, finished)."""
+    def _result(self, seq: Sequence) -> Result:
+        return Result(seq.req_id, self.instance_id, tuple(seq.output), seq.finish_reason, dict(seq.times),
+                      tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else ())
+
+    def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[tuple[int, Tag, Any]]:
+        """Appends the step's sampled tokens (and, for --dump-logits, their logits as lists);
+        returns the messages they cause: first tokens of held KV, finished requests."""
         now = time.time()
-        ready, finished = [], []
-        for i, (seq, token) in enumerate(zip(self._in_step, tokens)):
+        messages = []
+        for i, (seq, token) in enumerate(zip(self.in_step, tokens)):
             seq.output.append(token)
             seq.token_times.append(now)
             if logits is not None:
@@ -296,13 +294,15 @@ class Scheduler:
             if first and seq.announced:  # its decode instance expects the KV, even if EOS came first
                 self.held[seq.req_id] = seq  # sent once pulled (_post_sends)
                 seq.times["transfer_start"] = now
-                ready.append(seq)
+                messages.append((seq.request.decode_instance, Tag.FIRST_TOKEN,
+                                 FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits))))
+                messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id)))
             elif self._finished(seq):
-                finished.append(seq)
                 self.allocator.free(seq.blocks)
                 if seq in self.running:
                     self.running.remove(seq)
+                messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
             elif first:
                 self.running.append(seq)
-        self._in_step = []
-        return ready, finished
+        self.in_step = []
+        return messages

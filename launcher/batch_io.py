@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from launcher.errors import UserError
+from launcher.protocol import check_sampling
 
 SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos"}
 IGNORED_FIELDS = {"model", "stream", "user"}
@@ -20,7 +20,6 @@ UNSUPPORTED_WHEN_SET = {"logprobs", "top_logprobs", "frequency_penalty", "presen
                         "response_format"}  # refused, not silently dropped, unless absent, null, false or 0
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
-MIN_TEMPERATURE = 1e-5   # below it, logits / temperature overflow: use 0 for greedy
 MAX_ARRIVAL_S = 86400.0  # a replayed arrival more than a day out is a mistake, not a plan
 
 
@@ -65,35 +64,10 @@ def _check_sampling(body: dict) -> dict:
         if key not in SAMPLING_FIELDS:
             raise ValueError(f"unknown field '{key}'; supported: {', '.join(sorted(SAMPLING_FIELDS))}")
         out[key] = value
-    for key in ("max_tokens", "top_k", "seed", "n"):
-        if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
-            raise ValueError(f"'{key}' must be an integer, got {out[key]!r}")
-    for key in ("temperature", "top_p"):
-        value = out.get(key, 0.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"'{key}' must be a finite number, got {value!r}")
-    if out.get("n", 1) != 1:
-        raise ValueError(f"n={out['n']} is not supported; send n=1 and repeat the request instead")
-    out.pop("n", None)
-    if "max_tokens" in out and out["max_tokens"] < 1:
-        raise ValueError("'max_tokens' must be >= 1")
-    if "temperature" in out and out["temperature"] < 0:
-        raise ValueError("'temperature' must be >= 0")
-    if 0 < out.get("temperature", 0) < MIN_TEMPERATURE:
-        raise ValueError(f"'temperature' {out['temperature']!r} is too small to sample with; use 0 for greedy "
-                         f"or at least {MIN_TEMPERATURE:g}")
-    if "ignore_eos" in out and not isinstance(out["ignore_eos"], bool):
-        raise ValueError(f"'ignore_eos' must be true or false, got {out['ignore_eos']!r}")
-    if "top_p" in out and not 0 < out["top_p"] <= 1:
-        raise ValueError("'top_p' must be in (0, 1]")
-    if "top_k" in out and out["top_k"] < 0:
-        raise ValueError("'top_k' must be >= 0")
-    stop = out.get("stop")
-    if stop is not None:
-        out["stop"] = [stop] if isinstance(stop, str) else stop
-        if not isinstance(out["stop"], list) or not all(isinstance(s, str) and s for s in out["stop"]):
-            raise ValueError("'stop' must be a non-empty string or a list of them")
-    return out
+    n = out.pop("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n != 1:
+        raise ValueError(f"n={n!r} is not supported; send n=1 and repeat the request instead")
+    return check_sampling(out)
 
 
 def _content_text(content) -> str:

@@ -15,6 +15,7 @@ attainment is compared with the engine's. Goodput per device comes from the segm
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -24,11 +25,15 @@ import sys
 import time
 from dataclasses import replace
 
-from launcher.config import JobConfig
+from launcher.bench_report import SCALES, plot, print_bench
+from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
-from launcher.plan import Plan
+from launcher.job import JobFile
+from launcher.jobs import build_plan, check_hosts, cluster_hosts, model_dir_of, run_job
+from launcher.model_files import read_shape
+from launcher.plan import Plan, packed_plan
 from launcher.planner.latency import LatencyModel
-from launcher.planner.planning import latency_models, settings_from
+from launcher.planner.planning import latency_models, model_spec, settings_from
 from launcher.planner.replay import simulate_plan
 from launcher.stats import percentile
 from launcher.planner.search import bisect_rate
@@ -40,7 +45,6 @@ PROBE_GAP_S = 0.5                   # idle time before and between probe request
 DRAIN_MARGIN = 1.5      # a segment starts this many predicted drains after the previous one's last arrival
 DRAIN_SLACK_S = 3.0
 MAX_DRAIN_S = 60.0
-SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 
 def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
@@ -246,38 +250,6 @@ def simulated_goodput(cfg: JobConfig, plan: Plan, spec, n: int, latency: Latency
     return bisect_rate(ok, 0.0, capacity / devices, cfg.planner.precision, hi_fails=True)[0]
 
 
-def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:
-    """Left: attainment vs per-device rate, measured and simulated (profile, calibrated); right:
-    attainment vs SLO scale at each system's highest rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for system in sorted({r["system"] for r in rows}):
-        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
-        rate = [r["rate"] / r["devices"] for r in mine]
-        line, = ax.plot(rate, [r["measured"]["attainment"] * 100 for r in mine], "o-", label=f"{system} measured")
-        ax.plot(rate, [r["predicted"]["attainment"] * 100 for r in mine], "x:", color=line.get_color(),
-                label=f"{system} simulated (profile)")
-        ax.plot(rate, [r["calibrated"]["attainment"] * 100 for r in mine], "+--", color=line.get_color(),
-                label=f"{system} simulated (calibrated)")
-        ax2.plot(SCALES, [mine[-1]["slo_scale"][str(k)] * 100 for k in SCALES], "o-",
-                 label=f"{system} measured at {mine[-1]['rate']:g} req/s")
-    for a in (ax, ax2):
-        a.axhline(slo["attainment"] * 100, color="grey", lw=0.8)
-        a.set_ylabel("SLO attainment (%)")
-        a.set_ylim(0, 105)
-        a.legend(fontsize=7)
-    ax.set_xlabel("rate per device (req/s)")
-    ax.set_title(title, fontsize=9)
-    ax2.set_xlabel(f"SLO scale (x TTFT {slo['ttft_ms']:.0f} ms, TPOT {slo['tpot_ms']:.0f} ms)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _fidelity(rows: list[dict]) -> dict:
     """Mean and worst |simulated - measured| attainment, and where a rate ran twice (the same
     trace), how far the engine's two runs of it differ: the floor no simulator can beat."""
@@ -374,3 +346,57 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
     plot(rows, result["slo"], os.path.join(out_dir, "attainment.png"),
          f"SLO attainment vs rate (TTFT <= {cfg.slo.ttft_ms:.0f} ms, TPOT <= {cfg.slo.tpot_ms:.0f} ms)")
     return result
+
+
+def _rates(text: str, option: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise UserError(f"bench: {option} must be numbers separated by commas, got {text!r}") from None
+    if not rates or min(rates) <= 0 or not all(math.isfinite(r) for r in rates):
+        raise UserError(f"bench: {option} must be positive request rates")
+    return rates
+
+
+def bench(args) -> int:
+    """`pdlaunch bench`: validates the options, runs one engine job per system, prints and plots."""
+    cfg = load_config(args.config)
+    hosts = cluster_hosts(cfg)
+    model_dir = model_dir_of(cfg)
+    shape = read_shape(model_dir)
+    rates = _rates(args.rates, "--rates")
+    if args.requests < 1:
+        raise UserError(f"bench: --requests must be >= 1, got {args.requests}")
+    if args.bisect < 0:
+        raise UserError(f"bench: --bisect must be 0 or a positive number of engine runs, got {args.bisect}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise UserError(f"bench: --time-budget must be a positive number of minutes, got {args.time_budget:g}")
+    main_system = "disaggregated" if cfg.placement.mode == "disaggregated" else "colocated"
+    systems = {main_system: build_plan(cfg, hosts, model_dir)}
+    check_hosts(cfg, systems[main_system])
+    per_system = {main_system: rates}
+    if args.compare_colocated:
+        devices = sum(i.size for i in next(iter(systems.values())).instances)
+        systems["colocated"] = packed_plan([("colocated", devices, 1, 1)], hosts)
+        per_system["colocated"] = _rates(args.colocated_rates, "--colocated-rates") if args.colocated_rates else rates
+    out_dir = os.path.abspath(args.output)
+
+    def run_one(system, plan, inp, out):
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.workload.input, run_cfg.workload.output = inp, out
+        if os.path.exists(out):
+            os.remove(out)
+        run_dir = os.path.join(out_dir, f"run-{system}")
+        os.makedirs(run_dir, exist_ok=True)
+        report = os.path.join(run_dir, "report.json")
+        run_job(JobFile(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
+                f"bench: the {system} job")
+        with open(report) as f:
+            return json.load(f)
+
+    result = run_bench(cfg, systems, per_system, args.requests, shape.vocab_size, model_spec(cfg, shape), run_one,
+                       out_dir, args.quiet, args.bisect, math.inf if args.time_budget is None else args.time_budget * 60)
+    if not args.quiet:
+        print_bench(result)
+        print(f"wrote {out_dir}/bench.json and attainment.png")
+    return 0

@@ -16,6 +16,7 @@ import yaml
 
 from launcher.errors import UserError
 from launcher.network import check_interface
+from launcher.protocol import SamplingParams, check_sampling
 
 EMBEDDED_MODEL = "embedded"
 
@@ -80,16 +81,6 @@ class SLOConfig:
 
 
 @dataclass
-class SamplingConfig:
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: list = field(default_factory=list)
-
-
-@dataclass
 class WorkloadConfig:
     input: str = "../examples/prompts.jsonl"
     output: str = "results.jsonl"
@@ -134,7 +125,7 @@ class JobConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     run_dir: str = "runs/latest"
@@ -151,7 +142,7 @@ POSITIVE_INTS = {
     "placement.decode.tp", "placement.decode.pp", "placement.colocated.instances",
     "placement.colocated.tp", "placement.colocated.pp", "scheduler.prefill_token_budget",
     "scheduler.max_decode_batch", "scheduler.block_size", "scheduler.prefill_kv_blocks",
-    "scheduler.decode_kv_blocks", "sampling.max_tokens", "planner.num_requests",
+    "scheduler.decode_kv_blocks", "planner.num_requests",
     "planner.max_requests",
 }
 ZERO_ALLOWED = {"cluster.master_port", "placement.prefill.instances", "placement.decode.instances"}
@@ -176,6 +167,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is list and isinstance(value, list):
         return value
+    if origin is tuple and isinstance(value, (list, tuple)):  # e.g. sampling.stop: a YAML list
+        if not all(isinstance(v, str) for v in value):
+            raise UserError(f"config: '{key}' must be a list of strings, got {value!r}; fix its value")
+        return tuple(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise UserError(f"config: '{key}' must be {_type_name(tp)}, got {value!r}; fix its value")
@@ -214,12 +209,11 @@ def _check_ranges(cfg: JobConfig) -> None:
     for key in ("ttft_ms", "tpot_ms"):
         if getattr(cfg.slo, key) <= 0:
             raise UserError(f"config: 'slo.{key}' must be > 0 milliseconds")
-    if cfg.sampling.temperature < 0:
-        raise UserError("config: 'sampling.temperature' must be >= 0 (0 = greedy)")
-    if not 0.0 < cfg.sampling.top_p <= 1.0:
-        raise UserError(f"config: 'sampling.top_p' must be in (0, 1], got {cfg.sampling.top_p}")
-    if cfg.sampling.top_k < 0:
-        raise UserError("config: 'sampling.top_k' must be >= 0 (0 = off)")
+    try:
+        check_sampling(dataclasses.asdict(cfg.sampling))
+    except ValueError as e:
+        raise UserError(f"config: 'sampling.{str(e)[1:]}") from None  # the message starts with 'field'
+
     if cfg.workload.rate <= 0:
         raise UserError("config: 'workload.rate' must be > 0 requests per second")
     if cfg.workload.cv <= 0:
@@ -236,8 +230,6 @@ def _check_ranges(cfg: JobConfig) -> None:
                         "'placement.decode.instances' >= 1 (or set placement.mode: colocated)")
     if cfg.cluster.interface:
         check_interface(cfg.cluster.interface)
-    if not all(isinstance(s, str) for s in cfg.sampling.stop):
-        raise UserError("config: 'sampling.stop' must be a list of strings")
 
 
 def load_config(path: str) -> JobConfig:

@@ -96,10 +96,6 @@ class Plan:
         tp, pp = inst.coords(rank)
         return f"{inst.role} instance {inst.id} (TP rank {tp}, PP stage {pp})"
 
-    @staticmethod
-    def from_job(job: dict) -> "Plan":
-        return plan_from_dict(job["plan"])
-
     def to_dict(self) -> dict:
         return {"world_size": self.world_size,
                 "controller": {"rank": CONTROLLER_RANK, "host": self.controller_host},

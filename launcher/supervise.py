@@ -85,7 +85,7 @@ def rank_environment(extra_env: dict | None) -> dict:
     return env
 
 
-def launch(cmd: list[str], job: dict, extra_env: dict | None = None, log_path: str | None = None) -> int:
+def launch(cmd: list[str], plan: Plan, extra_env: dict | None = None, log_path: str | None = None) -> int:
     """Runs the ranks to the end, from the package root (the deepspeed launcher puts its working
     directory first on the ranks' path; absolute paths everywhere else). SIGTERM, SIGHUP and Ctrl-C end the job (SIGTERM to its process
     group, SIGKILL 10 s later) and return 128 + the signal; the job also ends if this process is
@@ -99,7 +99,7 @@ def launch(cmd: list[str], job: dict, extra_env: dict | None = None, log_path: s
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
-    log = RankLog(Plan.from_job(job), log_path)
+    log = RankLog(plan, log_path)
     try:
         for line in proc.stderr:
             log.feed(line)

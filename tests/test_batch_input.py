@@ -39,7 +39,7 @@ def test_good_lines():
     chat = parse_line(0, OK_CHAT)
     assert chat.error is None and chat.openai and chat.kind == "chat" and chat.sampling == {"max_tokens": 5}
     plain = parse_line(1, '{"prompt": [5, 6], "seed": 3, "stop": "END", "model": "ignored"}')
-    assert plain.error is None and plain.prompt == [5, 6] and plain.sampling == {"seed": 3, "stop": ["END"]}
+    assert plain.error is None and plain.prompt == [5, 6] and plain.sampling == {"seed": 3, "stop": ("END",)}
 
 
 FILE_CASES = [

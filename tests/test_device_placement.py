@@ -19,7 +19,7 @@ from engine.batch import build_batch
 from engine.kv_cache import KVCache
 from engine.model import LlamaStage, rope_tables
 from engine.sampling import _draw
-from engine.step import SamplingParams, SeqChunk
+from launcher.protocol import SamplingParams, SeqChunk
 from launcher.model_files import ModelShape
 
 SHAPE = ModelShape(num_layers=2, hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],

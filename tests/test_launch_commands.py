@@ -38,7 +38,7 @@ def test_mpirun_high_affinity_rankfile(tmp_path, tiny_model_dir, capsys):
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     expected = [f"{BIN}/mpirun", "-n", "17", "--bind-to", "none", *root, "--host", "node-a:9,node-b:8",
                 "--map-by", f"rankfile:file={run}/rankfile:oversubscribe", "-x", "OMP_NUM_THREADS=1", "-x",
-                "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", sys.executable, "-m", "engine.main", "--job", f"{run}/job.yaml"]
+                "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", sys.executable, "-m", "engine.main", "--job", f"{run}/job.json"]
     assert dry_run(capsys, config, "mpirun") == " ".join(expected)
     ranks = (run / "rankfile").read_text().splitlines()
     # controller + prefill 0 + prefill 1 fill node-a; the decode instance (8 ranks) is node-b
@@ -71,7 +71,7 @@ def test_deepspeed_command(tmp_path, tiny_model_dir, capsys):
     assert out == (f"{BIN}/deepspeed --hostfile {run}/ds_hostfile --no_ssh_check --master_addr node-a "
                    f"--master_port 29500 --launcher openmpi --force_multi --launcher_args "
                    f"'{root}--bind-to none -x OMP_NUM_THREADS=1 -x PYTHONPATH -x PYTHONSAFEPATH=1' --module engine.main "
-                   f"--job {run}/job.yaml")
+                   f"--job {run}/job.json")
     assert (run / "ds_hostfile").read_text() == "node-a slots=9\nnode-b slots=8\n"
 
 
@@ -81,7 +81,7 @@ def test_srun_command_and_sbatch_script(tmp_path, tiny_model_dir, capsys):
     out = dry_run(capsys, config, "srun")
     assert out == (f"SLURM_HOSTFILE={run}/slurm_hostfile PMIX_MCA_psec=native OMP_NUM_THREADS=1 PYTHONSAFEPATH=1 srun --mpi=pmix "
                    f"-n 17 --distribution=arbitrary --overcommit --cpu-bind=none {sys.executable} -m engine.main "
-                   f"--job {run}/job.yaml")
+                   f"--job {run}/job.json")
     assert (run / "slurm_hostfile").read_text().split() == ["node-a"] * 9 + ["node-b"] * 8
     script = tmp_path / "job.sbatch"
     assert main(["sbatch", config, "-o", str(script), "--partition", "gpu", "--time", "02:00:00", "--quiet"]) == 0

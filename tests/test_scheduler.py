@@ -1,35 +1,45 @@
 """The leader's scheduler, without processes: budgets, backpressure, pull-on-room, finishing."""
 from __future__ import annotations
 
-from engine.scheduler import KVIncoming, KVPull, ReadyNotice, Request, Scheduler
-from engine.step import SamplingParams
+from engine.scheduler import CONTROLLER, InstanceLimits, Scheduler
+from launcher.protocol import FirstToken, KVIncoming, KVPull, Request, SamplingParams, Tag
 
 
-def sched(role, blocks=64, budget=32, max_batch=8, size=1):
-    return Scheduler(role, blocks, 4, budget, max_batch, 128, (2,), lambda s: False, size)
+def sched(role, blocks=64, budget=32, max_batch=8, size=1, decode=None):
+    return Scheduler(role, 0, size, InstanceLimits(blocks, 4, budget, max_batch, 128), (2,), decode)
 
 
-def req(i, n, max_tokens=4):
-    return Request(i, list(range(3, 3 + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 0.0)
+def req(i, n, max_tokens=4, decode_instance=-1, **sampling):
+    return Request(i, tuple(range(3, 3 + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling), 0.0,
+                   decode_instance)
 
 
 def announce(s, r, first_token=7):
     """What a prefill instance (id 0) tells a decode instance: its prefill started, then its first token."""
     s.add_incoming(KVIncoming(r, 0))
-    s.add_ready(ReadyNotice(r, 0, first_token, {"first_token": 0.0}))
+    s.add_first_token(FirstToken(r.req_id, 0, first_token, {"first_token": 0.0}))
+
+
+def sent(messages, tag, to=None):
+    """The messages of one kind (to one address) among a scheduler's outgoing messages."""
+    return [m for dest, t, m in messages if t == tag and (to is None or dest == to)]
+
+
+def finished(messages):
+    return sent(messages, Tag.RESULT, CONTROLLER)
 
 
 def test_prefill_batches_fcfs_under_token_budget():
     s = sched("prefill", budget=32)
     for i, n in enumerate([10, 15, 10, 40]):
         s.add_request(req(i, n))
-    step, _ = s.schedule()
+    step = s.schedule().step
     assert [c.req_id for c in step.seqs] == [0, 1]           # 25 tokens; +10 would pass 32
-    s.on_step([7, 7], None)
-    step, _ = s.schedule()
+    s.on_step([7, 7])
+    step = s.schedule().step
     assert [c.req_id for c in step.seqs] == [2]              # 10 + 40 > 32: FCFS, no skipping ahead
-    s.on_step([7], None)
-    step, _ = s.schedule()
+    s.on_step([7])
+    step = s.schedule().step
     assert [c.req_id for c in step.seqs] == [3]              # alone it may exceed the budget
 
 
@@ -37,20 +47,20 @@ def test_prefill_backpressure_when_hold_area_full():
     s = sched("prefill", blocks=6, budget=100)
     for i in range(3):
         s.add_request(req(i, 8))                             # 2 blocks each
-    step, _ = s.schedule()
+    step = s.schedule().step
     assert len(step.seqs) == 3
-    ready, _ = s.on_step([7, 7, 7], None)
+    ready = sent(s.on_step([7, 7, 7]), Tag.FIRST_TOKEN)
     assert len(ready) == 3 and s.allocator.num_free == 0
     s.add_request(req(3, 8))
-    step, _ = s.schedule()
+    step = s.schedule().step
     assert not step.seqs and not step.kv_sends               # held KV blocks everything new; nothing pulled yet
     for r in (2, 0, 1):
         s.add_pull(KVPull(r, 5))
-    step, _ = s.schedule()
+    step = s.schedule().step
     assert [(k.req_id, k.num_tokens, k.peer_instance) for k in step.kv_sends] == [(2, 8, 5), (0, 8, 5), (1, 8, 5)]
     s.pulled(0)
-    step, _ = s.schedule()
-    assert [c.req_id for c in step.seqs] == [3] and step.kv_releases == [0]
+    step = s.schedule().step
+    assert [c.req_id for c in step.seqs] == [3] and step.kv_releases == (0,)
 
 
 def test_decode_pulls_only_when_it_has_room():
@@ -59,15 +69,14 @@ def test_decode_pulls_only_when_it_has_room():
         announce(s, req(i, 8))
     done, max_used = [], 0
     for _ in range(200):
-        step, joined = s.schedule()
+        step = s.schedule().step
         max_used = max(max_used, s.allocator.num_used)
         assert len(s.running) + len(s.pulling) <= 2
         for r in (k.req_id for k in step.kv_recvs):
             s.rank_arrived(r)
             s.rank_arrived(r)                                # both ranks of the instance
         if step.seqs:
-            _, finished = s.on_step([9] * len(step.seqs), None)
-            done += [f.req_id for f in finished]
+            done += [f.req_id for f in finished(s.on_step([9] * len(step.seqs)))]
         if len(done) == 10:
             break
     assert sorted(done) == list(range(10)) and max_used <= 6
@@ -76,78 +85,84 @@ def test_decode_pulls_only_when_it_has_room():
 def test_join_waits_for_every_rank():
     s = sched("decode", size=2)
     announce(s, req(0, 8))
-    step, _ = s.schedule()
+    step = s.schedule().step
     assert [(k.req_id, k.num_tokens, k.peer_instance) for k in step.kv_recvs] == [(0, 8, 0)]
     s.rank_arrived(0)
-    step, joined = s.schedule()
-    assert not joined and not step.seqs
+    step = s.schedule().step
+    assert not step.kv_joins and not step.seqs
     s.rank_arrived(0)
-    step, joined = s.schedule()
-    assert step.kv_joins == [0] and step.seqs[0].start_pos == 8
+    out = s.schedule()
+    assert out.step.kv_joins == (0,) and out.step.seqs[0].start_pos == 8
+    assert sent(out.messages, Tag.PULLED, 0)[0].req_id == 0  # the prefill instance frees its copy
 
 
 def test_prefill_announces_requests_that_may_decode_and_transfers_them_even_after_eos():
-    s = Scheduler("prefill", 64, 4, 256, 8, 128, (2,), lambda q: False, 1)
-    s.add_request(Request(0, [5, 6, 7], SamplingParams(max_tokens=4), 0.0))
-    s.add_request(Request(1, [5, 6], SamplingParams(max_tokens=1), 0.0))     # done at its first token
-    s.add_request(Request(2, [5] * 127, SamplingParams(max_tokens=4), 0.0))  # reaches max_model_len
-    s.add_request(Request(3, [5, 6], SamplingParams(max_tokens=4), 0.0))
-    step, _ = s.schedule()
-    assert [q.req_id for q in s.take_announcements()] == [0, 3] and not s.take_announcements()
-    ready, finished = s.on_step([9, 9, 9, 2], None)                        # request 3 samples EOS
-    assert [q.req_id for q in ready] == [0, 3]                              # its receiver is waiting
-    assert sorted((f.req_id, f.finish_reason) for f in finished) == [(1, "length"), (2, "length")]
+    s = sched("prefill", budget=256)
+    s.add_request(Request(0, (5, 6, 7), SamplingParams(max_tokens=4), 0.0, 1))
+    s.add_request(Request(1, (5, 6), SamplingParams(max_tokens=1), 0.0, 1))     # done at its first token
+    s.add_request(Request(2, (5,) * 127, SamplingParams(max_tokens=4), 0.0, 1))  # reaches max_model_len
+    s.add_request(Request(3, (5, 6), SamplingParams(max_tokens=4), 0.0, 1))
+    out = s.schedule()
+    assert [m.request.req_id for m in sent(out.messages, Tag.KV_INCOMING, 1)] == [0, 3]
+    messages = s.on_step([9, 9, 9, 2])                                      # request 3 samples EOS
+    assert [m.req_id for m in sent(messages, Tag.FIRST_TOKEN, 1)] == [0, 3]  # its receiver is waiting
+    assert [m.req_id for m in sent(messages, Tag.PREFILL_DONE, CONTROLLER)] == [0, 3]
+    assert sorted((f.req_id, f.finish_reason) for f in finished(messages)) == [(1, "length"), (2, "length")]
     s.add_pull(KVPull(0, 1))
     s.add_pull(KVPull(3, 1))
-    step, _ = s.schedule()
+    step = s.schedule().step
     assert [k.req_id for k in step.kv_sends] == [0, 3]
 
 
 def test_decode_pulls_before_the_first_token_and_joins_after_it():
-    s = Scheduler("decode", 64, 4, 64, 8, 128, (2,), lambda q: False, 1)
-    r0, r1 = (Request(i, [5, 6, 7], SamplingParams(max_tokens=4), 0.0) for i in range(2))
-    s.add_ready(ReadyNotice(r1, 0, 2, {"first_token": 1.0}))                 # overtook its announcement
+    s = sched("decode", budget=64)
+    r0, r1 = (Request(i, (5, 6, 7), SamplingParams(max_tokens=4), 0.0, 0) for i in range(2))
+    s.add_first_token(FirstToken(1, 0, 2, {"first_token": 1.0}))           # overtook its announcement
     s.add_incoming(KVIncoming(r0, 0))
     s.add_incoming(KVIncoming(r1, 0))
-    step, joined = s.schedule()
-    assert [k.req_id for k in step.kv_recvs] == [0, 1] and not joined      # receives posted during prefill
+    out = s.schedule()
+    assert [k.req_id for k in out.step.kv_recvs] == [0, 1] and not out.step.kv_joins  # posted during prefill
+    assert [m.req_id for m in sent(out.messages, Tag.KV_PULL, 0)] == [0, 1]  # the sends follow this order
     s.rank_arrived(0)
     s.rank_arrived(1)
-    step, joined = s.schedule()
-    assert [q.req_id for q in joined] == [1] and joined[0].finish_reason == "stop"  # EOS first: no step
-    assert step.kv_joins == [1] and not step.seqs                           # request 0: no first token yet
-    s.add_ready(ReadyNotice(r0, 0, 9, {"first_token": 1.0}))
-    step, joined = s.schedule()
-    assert [q.req_id for q in joined] == [0] and [(c.req_id, c.token_ids, c.start_pos) for c in step.seqs] == [(0, [9], 3)]
-    assert joined[0].token_times == [1.0] and "pull_start" in joined[0].times
+    out = s.schedule()
+    assert [(f.req_id, f.finish_reason) for f in finished(out.messages)] == [(1, "stop")]  # EOS first: no step
+    assert out.step.kv_joins == (1,) and not out.step.seqs                  # request 0: no first token yet
+    s.add_first_token(FirstToken(0, 0, 9, {"first_token": 1.0}))
+    out = s.schedule()
+    assert out.step.kv_joins == (0,) and [(c.req_id, c.token_ids, c.start_pos) for c in out.step.seqs] == [(0, (9,), 3)]
+    for _ in range(2):                                                      # second and third token
+        s.on_step([9])
+        s.schedule()
+    result = finished(s.on_step([9]))[0]                                    # fourth token: max_tokens
+    assert result.token_times[0] == 1.0 and "pull_start" in result.times and result.output == (9, 9, 9, 9)
 
 
 def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
-    s = Scheduler("colocated", 64, 4, 64, 8, 128, (2,), lambda q: False, 1)
-    s.add_request(Request(0, [5, 6, 7], SamplingParams(max_tokens=3), 0.0))
-    step, _ = s.schedule()
-    assert step.seqs[0].token_ids == [5, 6, 7]
-    s.on_step([9], None)
-    s.add_request(Request(1, [5, 6], SamplingParams(max_tokens=5), 0.0))
-    step, _ = s.schedule()
+    s = sched("colocated", budget=64)
+    s.add_request(Request(0, (5, 6, 7), SamplingParams(max_tokens=3), 0.0))
+    step = s.schedule().step
+    assert step.seqs[0].token_ids == (5, 6, 7)
+    s.on_step([9])
+    s.add_request(Request(1, (5, 6), SamplingParams(max_tokens=5), 0.0))
+    step = s.schedule().step
     assert [c.req_id for c in step.seqs] == [1]              # the new prompt goes first
-    _, finished = s.on_step([2], None)                       # request 1 hits EOS at once
-    assert [(f.req_id, f.finish_reason) for f in finished] == [(1, "stop")]
-    step, _ = s.schedule()
+    done = finished(s.on_step([2]))                          # request 1 hits EOS at once
+    assert [(f.req_id, f.finish_reason) for f in done] == [(1, "stop")]
+    step = s.schedule().step
     assert [(c.req_id, c.start_pos) for c in step.seqs] == [(0, 3)]
-    _, finished = s.on_step([9], None)
-    assert not finished
+    assert not s.on_step([9])
     s.schedule()
-    _, finished = s.on_step([9], None)                       # third token: max_tokens reached
-    assert [(f.req_id, f.finish_reason, f.output) for f in finished] == [(0, "length", [9, 9, 9])]
+    done = finished(s.on_step([9]))                          # third token: max_tokens reached
+    assert [(f.req_id, f.finish_reason, f.output) for f in done] == [(0, "length", (9, 9, 9))]
     assert s.allocator.num_free == 64 and not s.busy()
 
 
 def test_micro_batches_split_evenly_and_keep_order():
     from engine.runner import micro_batches
-    from engine.step import SeqChunk
+    from launcher.protocol import SeqChunk
 
-    seqs = [SeqChunk(i, [1] * n, 0, [], SamplingParams(), 0) for i, n in enumerate([10, 10, 10, 10, 1, 1])]
+    seqs = [SeqChunk(i, (1,) * n, 0, (), SamplingParams(), 0) for i, n in enumerate([10, 10, 10, 10, 1, 1])]
     chunks = micro_batches(seqs, 2)
     assert [[s.req_id for s in c] for c in chunks] == [[0, 1, 2], [3, 4, 5]]
     assert [[s.req_id for s in c] for c in micro_batches(seqs[:2], 4)] == [[0], [1]]
@@ -202,20 +217,57 @@ def test_sends_follow_each_decode_instances_pull_order():
     comes before its prefill ended holds back that instance's later pulls."""
     s = sched("prefill", budget=100)
     for i in range(4):
-        r = req(i, 8)
-        r.decode_instance = 10 + i % 2
-        s.add_request(r)
-    step, _ = s.schedule()
+        s.add_request(req(i, 8, decode_instance=10 + i % 2))
+    step = s.schedule().step
     assert [c.req_id for c in step.seqs] == [0, 1, 2, 3]
-    s.add_request(req(4, 8))
+    s.add_request(req(4, 8, decode_instance=11))
     s.add_pull(KVPull(3, 11))
     s.add_pull(KVPull(4, 11))                                # pulled before its prefill even started
     s.add_pull(KVPull(1, 11))
     s.add_pull(KVPull(2, 10))
-    s.on_step([7, 7, 7, 7], None)                            # 0-3 hold their KV
-    step, _ = s.schedule()                                   # 4 prefills now
+    s.on_step([7, 7, 7, 7])                                  # 0-3 hold their KV
+    step = s.schedule().step                                 # 4 prefills now
     assert [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(3, 11), (2, 10)]  # 1 waits behind 4
-    s.on_step([7], None)
+    s.on_step([7])
     s.add_pull(KVPull(0, 10))
-    step, _ = s.schedule()
+    step = s.schedule().step
     assert [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(4, 11), (1, 11), (0, 10)]
+
+
+def byte_decode(ids):
+    """A byte-level tokenizer: one token per UTF-8 byte, so a character may take several tokens."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_stop_strings_are_decided_on_the_leader_and_cut_the_text_once():
+    s = sched("colocated", budget=64, decode=byte_decode)
+    text = "héllo wörld. more"
+    s.add_request(req(0, 3, max_tokens=40, stop=("ld.", "zzz")))
+    s.schedule()
+    messages = []
+    for b in text.encode():
+        messages = s.on_step([b])
+        if messages:
+            break
+        s.schedule()
+    (result,) = finished(messages)
+    assert result.finish_reason == "stop" and result.text == "héllo wör"  # the stop string spans three tokens
+    assert bytes(result.output).decode() == "héllo wörld."              # the tokens stay as sampled
+    assert s.allocator.num_free == 64 and not s.busy()
+
+
+def test_incremental_text_matches_a_full_decode_with_split_characters():
+    from engine.stops import TextState, advance, stop_cut
+
+    state, output = TextState(), []
+    for b in "añb€c日本".encode():
+        output.append(b)
+        advance(state, output, byte_decode)
+        assert "\ufffd" not in state.text
+    assert state.text == byte_decode(output)
+    state, output = TextState(), []
+    cuts = []
+    for b in "ab€STOPcd".encode():
+        output.append(b)
+        cuts.append(stop_cut(state, output, ("€ST", "cd"), byte_decode))
+    assert [c for c in cuts if c is not None][0] == "ab"               # the earliest stop string wins

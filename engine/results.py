@@ -1,0 +1,113 @@
+"""Result records: one JSON line per request, written as it finishes (flushed), in pdlaunch's own
+form or the OpenAI Batch API's, with the request's timings as metrics."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.tokenizer import TextCodec
+from launcher.batch_io import RequestSpec
+from launcher.protocol import Result
+
+
+@dataclass
+class Answered:
+    """What the writer needs of a request besides its Result: its input line and how it ran."""
+
+    spec: RequestSpec
+    prompt_tokens: int = 0
+    arrival: float = 0.0
+    prefill_instance: Optional[int] = None
+
+
+def metrics_of(result: Result, arrival: float) -> dict:
+    times, token_times = result.times, result.token_times
+    first = times.get("first_token", token_times[0] if token_times else arrival)
+    n = len(token_times)
+    out = {
+        "ttft_ms": (first - arrival) * 1e3,
+        "tpot_ms": ((token_times[-1] - token_times[0]) / (n - 1) * 1e3) if n > 1 else 0.0,
+        "queue_ms": (times.get("prefill_start", arrival) - arrival) * 1e3,
+        "prefill_ms": (times.get("prefill_end", first) - times.get("prefill_start", first)) * 1e3,
+        "e2e_ms": ((token_times[-1] if token_times else first) - arrival) * 1e3,
+        "arrival": arrival,
+        "token_times": [round((t - arrival) * 1e3, 3) for t in token_times],
+    }
+    if "transfer_end" in times:
+        out["transfer_ms"] = (times["transfer_end"] - times.get("transfer_start", times["transfer_end"])) * 1e3
+    return out
+
+
+class ResultWriter:
+    def __init__(self, path: str, codec: TextCodec, model_name: str, logits_dir: str | None = None,
+                 on_result=None):
+        self.codec, self.model_name, self.logits_dir, self.on_result = codec, model_name, logits_dir, on_result
+        self.file = open(path, "a", encoding="utf-8")
+        self.records: list[dict] = []
+
+    def close(self) -> None:
+        self.file.close()
+
+    def write(self, req: Answered, result: Result | None) -> None:
+        """Appends the request's line: its answer, or its error (result None: the request was refused)."""
+        spec = req.spec
+        record: dict = {"custom_id": spec.custom_id}
+        body = None
+        if result is None:
+            record["error"] = {"code": "invalid_request", "message": spec.error}
+        else:
+            try:
+                body = self._answer(req, result, record)
+            except Exception as e:  # noqa: BLE001 - one request's failure is its own error record
+                record = {"custom_id": spec.custom_id,
+                          "error": {"code": "engine_error", "message": f"line {spec.index + 1}: {type(e).__name__}: "
+                                                                       f"{e} (rerun with --resume to retry)"}}
+        if spec.openai:
+            record = self._openai(record, spec, body)
+        record["request_hash"] = spec.digest
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.on_result:
+            self.on_result(record)
+
+    def _answer(self, req: Answered, result: Result, record: dict) -> tuple:
+        """Fills a finished request's record; returns (text, finish reason, usage)."""
+        text = result.text if result.text is not None else self.codec.decode(list(result.output))
+        metrics = metrics_of(result, req.arrival)
+        metrics["prefill_instance"] = req.prefill_instance if req.prefill_instance is not None else result.instance
+        metrics["decode_instance"] = result.instance
+        usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": len(result.output),
+                 "total_tokens": req.prompt_tokens + len(result.output)}
+        record.update(text=text, token_ids=list(result.output), finish_reason=result.finish_reason, usage=usage,
+                      metrics=metrics)
+        if self.logits_dir and result.logits:
+            import torch
+            from safetensors.torch import save_file
+
+            save_file({"logits": torch.tensor(result.logits)},
+                      os.path.join(self.logits_dir, f"{req.spec.index}.safetensors"))
+        return text, result.finish_reason, usage
+
+    def _openai(self, record: dict, spec: RequestSpec, body) -> dict:
+        """The OpenAI Batch API output line for this request."""
+        out = {"id": f"batch_req_{spec.index}", "custom_id": spec.custom_id, "response": None,
+               "error": record.get("error")}
+        if body is not None:
+            text, reason, usage = body
+            choice = {"index": 0, "finish_reason": reason}
+            if spec.kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+                obj = "chat.completion"
+            else:
+                choice["text"] = text
+                obj = "text_completion"
+            out["response"] = {"status_code": 200, "request_id": f"req_{spec.index}",
+                               "body": {"id": f"cmpl-{spec.index}", "object": obj, "created": int(time.time()),
+                                        "model": self.model_name, "choices": [choice], "usage": usage}}
+            out["metrics"] = record["metrics"]
+            out["token_ids"] = record["token_ids"]
+        return out

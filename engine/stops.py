@@ -1,0 +1,46 @@
+"""Stop strings, decided once, on the leader, as tokens come.
+
+Each sequence with stop strings keeps its text, grown by incremental detokenisation (vLLM's
+prefix/read offsets: the newest tokens are decoded together with a few before them, so tokenizers
+that drop a leading space at the start of a decode, or emit half a UTF-8 character per byte
+token, still give the text a full decode would). Only the tail that the new text can complete is
+searched, so a token costs O(new text + longest stop string), not a decode of the whole output.
+No torch: `decode` is the tokenizer's ids -> text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+Decode = Callable[[list[int]], str]
+
+
+@dataclass
+class TextState:
+    text: str = ""
+    prefix_offset: int = 0  # first token of the window decoded for context
+    read_offset: int = 0    # tokens whose text is already in `text`
+
+
+def advance(state: TextState, output: list[int], decode: Decode) -> str:
+    """Appends the text of tokens beyond state.read_offset; returns what was added ("" while the
+    newest tokens end inside a multi-byte character)."""
+    before = decode(output[state.prefix_offset:state.read_offset])
+    after = decode(output[state.prefix_offset:])
+    if len(after) <= len(before) or after.endswith("\ufffd"):
+        return ""
+    new = after[len(before):]
+    state.text += new
+    state.prefix_offset, state.read_offset = state.read_offset, len(output)
+    return new
+
+
+def stop_cut(state: TextState, output: list[int], stops: tuple[str, ...], decode: Decode) -> Optional[str]:
+    """The text up to the first stop string if the output now contains one, else None."""
+    new = advance(state, output, decode)
+    if not new:
+        return None
+    longest = max(len(s) for s in stops)
+    start = max(0, len(state.text) - len(new) - longest + 1)  # earlier text was searched before
+    hits = [i for i in (state.text.find(s, start) for s in stops) if i >= 0]
+    return state.text[:min(hits)] if hits else None

@@ -1,0 +1,52 @@
+"""The job file: the only contract between the launcher and the ranks.
+
+The launcher writes RUN_DIR/job.json once; every rank reads it back into the same typed JobFile
+(the validated JobConfig, the Plan, the paths), so the engine never reads untyped keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from launcher.config import JobConfig, config_from_dict
+from launcher.plan import Plan, plan_from_dict
+
+MODES = ("generate", "profile")
+
+
+@dataclass
+class JobFile:
+    config: JobConfig
+    plan: Plan
+    model_dir: str                  # the HF directory the ranks load
+    mode: str = "generate"          # generate: serve the input; profile: time steps of fixed shapes
+    input: str = ""                 # the run directory's copy of the requests
+    output: str = ""                # results JSONL, appended to
+    report: str = ""                # report.json: summary, per-instance stats, step timings
+    quiet: bool = False
+    skip_ids: tuple[str, ...] = ()  # custom_ids whose results --resume keeps
+    pending_requests: int = 0
+    dump_logits: Optional[str] = None  # directory for every generated token's logits
+    profile_samples: Optional[str] = None  # profile mode: where the controller writes the timings
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"job file: mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+    def write(self, path: str) -> None:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["config"] = dataclasses.asdict(self.config)
+        data["plan"] = self.plan.to_dict()
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+
+    @classmethod
+    def read(cls, path: str) -> "JobFile":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        data["config"] = config_from_dict(data["config"])
+        data["plan"] = plan_from_dict(data["plan"])
+        data["skip_ids"] = tuple(data.get("skip_ids") or ())
+        return cls(**data)

@@ -1,0 +1,238 @@
+"""What `pdlaunch generate` and `pdlaunch sbatch` do, and the set-up every command shares: the
+cluster's hosts, the model directory, the plan, the job file and the command that starts the ranks.
+
+Data flows one way: config -> plan -> job file -> launch command -> ranks. Every user mistake ends
+as a UserError before any rank starts. No torch here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from launcher import commands
+from launcher.batch_io import INPUT_ENCODING, RequestSpec, parse_requests, read_input_text
+from launcher.config import JobConfig, load_config
+from launcher.errors import UserError
+from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
+from launcher.job import JobFile
+from launcher.model_files import read_shape, resolve_model_dir
+from launcher.network import check_hosts_resolve
+from launcher.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
+from launcher.resume import reconcile
+from launcher.supervise import PACKAGE_ROOT, STOP_SIGNALS, launch
+
+
+def cluster_hosts(cfg: JobConfig) -> list[Host]:
+    """Hosts of the Slurm allocation when inside one, else the config's hostfile."""
+    return hosts_from_slurm(os.environ) or read_hostfile(cfg.resolve(cfg.cluster.hostfile))
+
+
+def in_slurm_allocation() -> bool:
+    return hosts_from_slurm(os.environ) is not None
+
+
+def check_hosts(cfg: JobConfig, plan: Plan) -> None:
+    """Before a real launch outside Slurm (whose nodes are known to it): every planned host resolves."""
+    if not in_slurm_allocation():
+        source = f"plan {cfg.placement.plan}" if cfg.placement.plan else f"hostfile {cfg.cluster.hostfile}"
+        check_hosts_resolve(plan.rank_hosts(), source)
+
+
+def model_dir_of(cfg: JobConfig) -> str:
+    """The HF directory the ranks load (a GGUF file or the embedded default converted once)."""
+    return resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+
+
+def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
+    shape = read_shape(model_dir)
+    if cfg.placement.plan:
+        plan = read_plan(cfg.resolve(cfg.placement.plan))
+        if in_slurm_allocation():
+            plan = map_onto_allocation(plan, hosts)
+        check_layouts(plan, shape, hosts, key="plan")
+    else:
+        plan = plan_from_config(cfg, hosts)
+        check_layouts(plan, shape)
+    if cfg.model.max_model_len > shape.max_position_embeddings:
+        raise UserError(f"config: 'model.max_model_len' = {cfg.model.max_model_len} exceeds the model's "
+                        f"{shape.max_position_embeddings} positions; lower it")
+    return plan
+
+
+def _writable_output(path: str) -> None:
+    """Opens the output for appending (as the controller will) and removes it again if it is new:
+    permission bits alone miss /sys, read-only mounts and root's exemptions."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output: cannot create directory '{folder}' ({e.strerror}); pass another --output") from None
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UserError(f"output: cannot write '{path}' ({e.strerror}); pass a writable --output path") from None
+    if not existed:
+        os.remove(path)
+
+
+_HELD_LOCKS = []  # output files this launcher writes; flock'ed until it exits
+
+
+def hold_output(output: str) -> None:
+    """Takes an exclusive lock on the output file for this launcher's lifetime: a second run with
+    the same --output is refused instead of deleting the file under the first one."""
+    import fcntl
+
+    f = open(output, "a", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"output: another pdlaunch run is writing '{output}'; wait for it or pass another --output") from None
+    _HELD_LOCKS.append(f)
+
+
+def snapshot_input(source: str, run_dir: str) -> tuple[str, list[RequestSpec]]:
+    """Reads the input once (a file, a FIFO, /dev/stdin or '-'), checks it, and keeps the copy the
+    ranks read in the run directory: nothing reads the source again. Returns the copy's path and
+    the requests."""
+    text = read_input_text(source)
+    specs = parse_requests(text, source)  # whole-input problems stop here; bad lines become error records
+    path = os.path.join(run_dir, "input.jsonl")
+    with open(path, "w", **INPUT_ENCODING) as f:
+        f.write(text)
+    return path, specs
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
+    """Validates everything and writes RUN_DIR/job.json; returns (the job, its launch command, the
+    command's environment)."""
+    cfg = load_config(args.config)
+    if args.input:
+        cfg.workload.input = args.input if args.input == "-" else os.path.abspath(args.input)
+    if args.output:
+        cfg.workload.output = os.path.abspath(args.output)
+    if args.plan:
+        cfg.placement.plan = os.path.abspath(args.plan)
+    hosts = cluster_hosts(cfg)
+    model_dir = model_dir_of(cfg)
+    plan = build_plan(cfg, hosts, model_dir)
+    source = cfg.workload.input if cfg.workload.input == "-" else cfg.resolve(cfg.workload.input)
+    output = cfg.resolve(cfg.workload.output)
+    if source != "-" and _same_file(source, output):
+        raise UserError(f"output: '{output}' is the input file; pass another --output (results never overwrite "
+                        "the input)")
+    if os.path.isdir(output):
+        raise UserError(f"output: '{output}' is a directory; pass a file path as --output")
+    _writable_output(output)
+    run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as e:
+        raise UserError(f"run_dir: cannot write in '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
+    input_path, specs = snapshot_input(source, run_dir)
+    if not args.dry_run:
+        check_hosts(cfg, plan)
+        hold_output(output)
+    done = set()
+    if args.resume:
+        state = reconcile(output, specs, apply=not args.dry_run)
+        done = state.reused
+        print(state.message(output, sum(s.custom_id not in done for s in specs)), file=sys.stderr)
+    elif not args.dry_run:
+        with open(output, "w", encoding="utf-8"):
+            pass  # emptied in place: the locked file stays the one the ranks append to
+    job = JobFile(cfg, plan, model_dir, input=input_path, output=output, quiet=args.quiet,
+                  report=os.path.join(run_dir, "report.json"), skip_ids=tuple(sorted(done)),
+                  pending_requests=sum(s.custom_id not in done for s in specs))
+    if args.dump_logits:
+        os.makedirs(args.dump_logits, exist_ok=True)
+        job.dump_logits = os.path.abspath(args.dump_logits)
+    return job, *launch_command(job, run_dir, args.launcher)
+
+
+def launch_command(job: JobFile, run_dir: str, launcher: str = "mpirun") -> tuple[list[str], dict]:
+    """Writes the job file every rank reads (and the plan beside it, for people); returns the
+    command (and environment) that starts the ranks with the chosen launcher."""
+    job_path = os.path.join(run_dir, "job.json")
+    job.write(job_path)
+    write_plan(job.plan, os.path.join(run_dir, "plan.yaml"))
+    hosts, env = job.plan.rank_hosts(), {}
+    interface = job.config.cluster.interface
+    if launcher == "deepspeed":
+        cmd = commands.deepspeed_command(hosts, job_path, run_dir, interface)
+    elif launcher == "srun":
+        cmd, env = commands.srun_command(hosts, job_path, run_dir, interface)
+    else:
+        cmd = commands.mpirun_command(hosts, job_path, run_dir, interface)
+    return cmd, env
+
+
+def run_job(job: JobFile, run_dir: str, what: str) -> None:
+    """Starts a job on its own (profile and bench runs) and waits for it; a failure is a UserError."""
+    cmd, env = launch_command(job, run_dir)
+    rc = launch(cmd, job.plan, env)
+    if rc != 0:
+        raise UserError(f"{what} failed (exit {rc}); see its messages above", exit_code=rc)
+
+
+def generate(args) -> int:
+    job, cmd, env = prepare_generate(args)
+    if args.dry_run:
+        print(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + commands.render(cmd))
+        return 0
+    if job.pending_requests == 0:
+        print(f"pdlaunch: nothing to do: every request of the input already has a result in {job.output}",
+              file=sys.stderr)
+        return 0
+    report = job.report
+    if os.path.exists(report):
+        os.remove(report)  # never leave the previous run's report beside this run's results
+    ranks_log = os.path.join(os.path.dirname(report), "ranks.log")
+    rc = launch(cmd, job.plan, env, log_path=ranks_log)
+    if rc != 0:
+        status = "interrupted" if rc - 128 in STOP_SIGNALS else "failed"
+        written = _count_lines(job.output)
+        with open(report, "w") as f:
+            json.dump({"status": status, "exit_code": rc, "results_written": written, "output": job.output,
+                       "ranks_log": ranks_log}, f, indent=1)
+        print(f"pdlaunch: {status} (exit {rc}); {written} finished result(s) are in {job.output}; "
+              f"`--resume` runs the rest (all messages: {ranks_log})", file=sys.stderr)
+    return rc
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def sbatch(args) -> int:
+    cfg = load_config(args.config)
+    model_dir = model_dir_of(cfg)
+    hosts = cluster_hosts(cfg)
+    plan = build_plan(cfg, hosts, model_dir)
+    nodes = max(args.nodes, len(set(plan.rank_hosts())))
+    run_dir = os.path.abspath(cfg.resolve(cfg.run_dir))
+    plan_path = os.path.abspath(args.output) + ".plan.yaml"
+    write_plan(plan, plan_path)
+    script = commands.sbatch_script(os.path.abspath(args.config), plan_path, nodes, plan.ranks_per_host(),
+                                    cfg.cluster.device == "cuda", args.time, args.partition, run_dir, PACKAGE_ROOT,
+                                    args.launcher)
+    with open(args.output, "w") as f:
+        f.write(script)
+    if not args.quiet:
+        print(f"wrote {args.output} and its plan {plan_path}: {nodes} node(s), {plan.world_size} ranks; "
+              f"submit with `sbatch {args.output}`")
+    return 0

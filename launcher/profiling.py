@@ -1,0 +1,77 @@
+"""`pdlaunch profile`: time the real engine on this hardware and fit the planner's latency model."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+from launcher.config import load_config
+from launcher.job import JobFile
+from launcher.jobs import check_hosts, cluster_hosts, model_dir_of, run_job
+from launcher.model_files import read_shape
+from launcher.plan import check_layouts, packed_plan
+from launcher.planner.profile_fit import fit_entry, shared_slowdown
+
+
+def profile(args) -> int:
+    cfg = load_config(args.config)
+    hosts = cluster_hosts(cfg)
+    model_dir = model_dir_of(cfg)
+    shape = read_shape(model_dir)
+    slots = sum(h.slots for h in hosts)
+    tps = [int(t) for t in args.tp.split(",")] if args.tp else \
+        [t for t in (1, 2, 4, 8) if t <= slots and shape.num_kv_heads % t == 0][:2]
+    run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
+    os.makedirs(run_dir, exist_ok=True)
+
+    def profiled(tp: int, count: int) -> dict:
+        """Step samples of `count` instances of TP `tp` profiling at once."""
+        plan = packed_plan([("colocated", count, tp, 1)], hosts)
+        check_layouts(plan, shape, hosts, key="plan")
+        check_hosts(cfg, plan)
+        samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}-x{count}.json")
+        if not args.quiet:
+            print(f"profiling TP={tp} on {count} concurrent instance(s) ...", file=sys.stderr)
+        run_job(JobFile(cfg, plan, model_dir, mode="profile", profile_samples=samples_path), run_dir,
+                f"profiling TP={tp}")
+        with open(samples_path) as f:
+            per_instance = json.load(f)
+        samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
+                   for kind in ("prefill", "decode")}
+        samples["overhead"] = {kind: [x for inst in per_instance.values() for x in inst["samples"]["overhead"][kind]]
+                               for kind in ("prefill", "decode")}
+        return samples
+
+    entry = {}
+    for tp in tps:
+        # every slot busy at once, as in a real deployment: the timings include the contention
+        # of ranks sharing memory bandwidth (and, on small machines, cores); then one instance
+        # alone, so the simulator knows how much faster a step runs while its neighbours idle
+        count = 1 if args.alone else max(1, slots // tp)
+        samples = profiled(tp, count)
+        entry[str(tp)] = fit_entry(samples) | {"concurrent_instances": count, "samples": samples}
+        if count > 1:
+            alone = profiled(tp, 1)
+            entry[str(tp)] |= {"shared_slowdown": shared_slowdown(samples, alone), "samples_alone": alone}
+    name = os.path.basename(model_dir.rstrip("/"))
+    profile = {name: entry, "_meta": {"pipelined_pp": False, "date": time.strftime("%Y-%m-%d"),
+                                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cfg.cluster.device}",
+                                      "dtype": cfg.model.dtype, "source": "pdlaunch profile"}}
+    with open(args.output, "w") as f:
+        json.dump(profile, f, indent=1)
+    if not args.quiet:
+        for tp, e in entry.items():
+            print(f"TP={tp}: prefill ms = {e['prefill'][0]:.2f} + {e['prefill'][1]:.4f}*sum(len) + "
+                  f"{e['prefill'][2]:.2e}*sum(len^2) (max rel. error {e['fit_max_rel_error']['prefill']:.1%}); "
+                  f"decode ms (batch >= {e['decoding_large_small_bs_threshold']}) = {e['decoding_largebs'][0]:.2f} + "
+                  f"{e['decoding_largebs'][1]:.5f}*sum(ctx) + {e['decoding_largebs'][2]:.3f}*batch "
+                  f"(max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
+                  f"L_m = {e['token_budget']}" + ("; all slots busy / alone: prefill {prefill:.2f}x, "
+                                                   "decode {decode:.2f}x".format(**e["shared_slowdown"])
+                                                   if "shared_slowdown" in e else "") +
+                  "; step overhead ms: prefill {:.2f} + {:.2e}*tokens, decode {:.2f} + {:.2e}*context".format(
+                      *e["step_overhead"]["prefill"], *e["step_overhead"]["decode"]))
+        print(f"wrote {args.output}")
+    return 0

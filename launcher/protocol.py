@@ -1,0 +1,246 @@
+"""The messages between a job's ranks: one tag per kind of message, one frozen dataclass per message.
+
+Control messages are pickled over MPI and hold plain Python values only; tensors never cross MPI
+(they travel over torch.distributed). No torch here: the launcher, the scheduler and the tests
+import this without it. `SamplingParams` lives here because it is part of the request message;
+its one validation serves the config file and the input lines alike.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Optional
+
+MIN_TEMPERATURE = 1e-5  # below it, logits / temperature overflow: use 0 for greedy
+
+
+class Tag(IntEnum):
+    """MPI tags: who sends which message to whom."""
+
+    REQUEST = 1        # controller -> prefill/colocated leader: Request
+    FIRST_TOKEN = 2    # prefill leader -> decode leader: FirstToken (KV held, first token sampled)
+    KV_INCOMING = 3    # prefill leader -> decode leader: KVIncoming (prefill started; post receives)
+    PULLED = 4         # decode leader -> prefill leader: Pulled (every rank has the KV; free it)
+    RESULT = 5         # leader -> controller: Result (a finished request)
+    STEP = 6           # leader -> its instance's ranks: StepPlan
+    TOKENS = 7         # last PP stage -> leader: StageTokens
+    RECV_DONE = 8      # decode rank -> its leader: RecvDone
+    SHUTDOWN = 9       # controller -> leaders: no more work (no payload)
+    KV_PULL = 10       # decode leader -> prefill leader: KVPull (receives posted; sends follow in this order)
+    HEARTBEAT = 11     # leader -> controller: Heartbeat
+    STATS = 12         # leader -> controller at shutdown: InstanceStats
+    ALIVE = 13         # controller -> leaders: still alive (no payload)
+    RANK_ALIVE = 14    # every instance rank's beacon thread -> controller: this process runs (no payload)
+    NEXT_ARRIVAL = 15  # controller -> leaders -> followers: NextArrival
+    PREFILL_DONE = 16  # prefill leader -> controller: PrefillDone (the request left the prefill queue)
+    PROFILE = 17       # leader -> controller in profile mode: ProfileSamples
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+
+
+def check_sampling(fields: dict) -> dict:
+    """Validates sampling fields (any subset of SamplingParams'); returns them normalised (`stop`
+    as a tuple). Raises ValueError naming the field, for the caller to place (config key or line)."""
+    out = dict(fields)
+    for key in ("max_tokens", "top_k", "seed"):
+        if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool)):
+            raise ValueError(f"'{key}' must be an integer, got {out[key]!r}")
+    for key in ("temperature", "top_p"):
+        value = out.get(key, 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"'{key}' must be a finite number, got {value!r}")
+    if "max_tokens" in out and out["max_tokens"] < 1:
+        raise ValueError("'max_tokens' must be >= 1")
+    if "temperature" in out and out["temperature"] < 0:
+        raise ValueError("'temperature' must be >= 0 (0 = greedy)")
+    if 0 < out.get("temperature", 0) < MIN_TEMPERATURE:
+        raise ValueError(f"'temperature' {out['temperature']!r} is too small to sample with; use 0 for greedy "
+                         f"or at least {MIN_TEMPERATURE:g}")
+    if "ignore_eos" in out and not isinstance(out["ignore_eos"], bool):
+        raise ValueError(f"'ignore_eos' must be true or false, got {out['ignore_eos']!r}")
+    if "top_p" in out and not 0 < out["top_p"] <= 1:
+        raise ValueError(f"'top_p' must be in (0, 1], got {out['top_p']!r}")
+    if "top_k" in out and out["top_k"] < 0:
+        raise ValueError("'top_k' must be >= 0 (0 = off)")
+    if out.get("stop") is not None:
+        stop = [out["stop"]] if isinstance(out["stop"], str) else out["stop"]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError("'stop' must be a non-empty string or a list of them")
+        out["stop"] = tuple(stop)
+    else:
+        out.pop("stop", None)
+    return out
+
+
+# ---- controller <-> leaders ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """A request as the engine sees it: token ids, sampling, when it arrived (wall-clock s) and
+    the decode instance the controller chose for it (-1: colocated)."""
+
+    req_id: int
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    arrival: float
+    decode_instance: int = -1
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished request: its tokens and timings. `text` is set when a stop string ended it: the
+    leader decided it and cut the text there (the writer decodes the tokens otherwise)."""
+
+    req_id: int
+    instance: int
+    output: tuple[int, ...]
+    finish_reason: str
+    times: dict
+    token_times: tuple[float, ...]
+    text: Optional[str] = None
+    logits: tuple = ()  # debug (--dump-logits): one list of floats per generated token
+
+
+@dataclass(frozen=True)
+class PrefillDone:
+    """The prefill instance is done with this request (its KV now waits for the decode side)."""
+
+    req_id: int
+    prefill_instance: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    instance: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class NextArrival:
+    wall_time: float
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    instance: int
+    role: str
+    nodes: tuple[str, ...]
+    kv_blocks: int
+    peak_kv_blocks: int
+    peak_batch: int
+    forward_steps: int
+    peak_rss_mb: float
+    kv_cache_mb: float
+    weights_mb: float
+    step_samples: dict = field(default_factory=dict)  # "prefill"/"decode" -> samples (pdlaunch profile's format)
+
+
+@dataclass(frozen=True)
+class ProfileSamples:
+    instance: int
+    samples: dict
+
+
+# ---- prefill <-> decode leaders ------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVIncoming:
+    """A prefill instance started this request's prefill; its KV will be sent to the receiver."""
+
+    request: Request
+    prefill_instance: int
+
+
+@dataclass(frozen=True)
+class KVPull:
+    """A decode instance posted its receives for this request: the prefill side posts the sends,
+    in the order the pulls of that decode instance arrive."""
+
+    req_id: int
+    decode_instance: int
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The prefill instance holds this request's KV and sampled its first token."""
+
+    req_id: int
+    prefill_instance: int
+    token: int
+    times: dict
+    logits: tuple = ()  # debug: the first token's logits
+
+
+@dataclass(frozen=True)
+class Pulled:
+    req_id: int
+
+
+# ---- a leader <-> its instance's ranks -----------------------------------------------------------
+@dataclass(frozen=True)
+class SeqChunk:
+    """New tokens of one sequence to run through the model this step."""
+
+    req_id: int
+    token_ids: tuple[int, ...]
+    start_pos: int              # tokens of this sequence already in the cache
+    block_table: tuple[int, ...]
+    sampling: SamplingParams
+    output_index: int           # index of the token this step samples (seeds sampled decoding)
+
+
+@dataclass(frozen=True)
+class KVPost:
+    """Post a request's KV transfer with a peer instance: its sends (prefill side) or its receives
+    into the blocks it was given (decode side)."""
+
+    req_id: int
+    block_table: tuple[int, ...]
+    num_tokens: int
+    peer_instance: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The only contract between an instance's leader and its ranks (vLLM v1's SchedulerOutput
+    idea): every rank receives the same plan and executes its share."""
+
+    seqs: tuple[SeqChunk, ...] = ()
+    kv_sends: tuple[KVPost, ...] = ()
+    kv_recvs: tuple[KVPost, ...] = ()
+    kv_joins: tuple[int, ...] = ()     # decode side: KV landed on every rank; join the batch
+    kv_releases: tuple[int, ...] = ()  # prefill side: sends done, drop buffers
+    want_logits: bool = False
+    shutdown: bool = False
+
+    @property
+    def has_forward(self) -> bool:
+        return bool(self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.seqs or self.kv_sends or self.kv_recvs or self.kv_joins or self.kv_releases
+                    or self.shutdown)
+
+
+@dataclass(frozen=True)
+class StageTokens:
+    """The last stage's sampled tokens of one micro-batch (and, for --dump-logits, their logits)."""
+
+    tokens: tuple[int, ...]
+    logits: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class RecvDone:
+    req_ids: tuple[int, ...]
