@@ -27,7 +27,10 @@ test-fast: $(STAMP)
 test-gpu: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -m gpu tests/test_gpu.py
 
+slurm:
+	bash slurm/local-slurm.sh install
+
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/engine_vs_transformers.py
 
-.PHONY: install run test test-fast test-gpu bench
+.PHONY: install run test test-fast test-gpu bench slurm

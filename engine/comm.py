@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from launcher.network import rendezvous_address
 from launcher.plan import InstancePlan, Plan
-from launcher.protocol import Tag
+from launcher.protocol import Signal, Tag
 
 STARTUP_S = 600.0    # how long instances may take to load their weights
 HEARTBEAT_S = 1.0    # leaders and the controller tell each other they are alive this often
@@ -225,7 +225,7 @@ class Beacon:
 
     def _run(self) -> None:
         while not self.stop_event.wait(HEARTBEAT_S):
-            self.comm.send(None, dest=0, tag=Tag.RANK_ALIVE)
+            self.comm.send(Signal(), dest=0, tag=Tag.RANK_ALIVE)
 
     def stop(self) -> None:
         self.stop_event.set()

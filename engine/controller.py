@@ -25,7 +25,7 @@ from engine.watchdog import Watchdog
 from launcher.batch_io import RequestSpec
 from launcher.config import JobConfig
 from launcher.protocol import (Heartbeat, InstanceStats, NextArrival, PrefillDone, Request, Result,
-                               SamplingParams, Tag, check_sampling)
+                               SamplingParams, Signal, Tag, check_sampling)
 from launcher.stats import arrival_gap
 
 
@@ -163,7 +163,7 @@ class Controller:
             if now - last_alive >= c.HEARTBEAT_S:
                 last_alive = now
                 for inst in self.ctx.plan.instances:
-                    outbox.send(None, inst.leader, Tag.ALIVE)
+                    outbox.send(Signal(), inst.leader, Tag.ALIVE)
             beat: Heartbeat
             for _, beat in c.drain(world, Tag.HEARTBEAT):
                 watchdog.beat(beat.instance, beat.steps)
@@ -196,7 +196,7 @@ class Controller:
                 idle.sleep(at_most=next_due)
         wall = time.time() - start
         for inst in self.ctx.plan.instances:
-            outbox.send(None, inst.leader, Tag.SHUTDOWN)
+            outbox.send(Signal(), inst.leader, Tag.SHUTDOWN)
         outbox.flush()
         stats: list[InstanceStats] = [c.poll(world, inst.leader, Tag.STATS, timeout_s=limit,
                                              waiting_for="its final stats") for inst in self.ctx.plan.instances]

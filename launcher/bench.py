@@ -23,8 +23,9 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import replace
 
+from launcher.bench_calibration import (PROBE_GAP_S, PROBE_PROMPTS, calibration, calibration_requests, probe_window,
+                                        scaled)
 from launcher.bench_report import SCALES, plot, print_bench
 from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
@@ -36,12 +37,9 @@ from launcher.planner.latency import LatencyModel
 from launcher.planner.planning import latency_models, model_spec, settings_from
 from launcher.planner.replay import simulate_plan
 from launcher.stats import percentile
-from launcher.planner.search import bisect_rate
-from launcher.planner.simulator import SimRequest, attainment, make_requests
+from launcher.planner.goodput import bisect_rate
+from launcher.planner.workload import SimRequest, attainment, make_requests
 
-PROBE_PROMPTS = (64, 128, 256) * 2  # prompt lengths `pdlaunch profile` times (PREFILL_LENS), each alone
-PROBE_TOKENS = 6                    # answers: batch-1 decode steps near the profile's contexts
-PROBE_GAP_S = 0.5                   # idle time before and between probe requests
 DRAIN_MARGIN = 1.5      # a segment starts this many predicted drains after the previous one's last arrival
 DRAIN_SLACK_S = 3.0
 MAX_DRAIN_S = 60.0
@@ -53,13 +51,6 @@ def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
     settings = settings_from(cfg)
     return make_requests(n, rate, settings.lengths, settings.arrival, settings.cv,
                          cfg.workload.seed + round(rate * 1000))
-
-
-def calibration_requests(cfg: JobConfig) -> list[SimRequest]:
-    """The calibration probe's requests (arrival times set by build_trace), shortened to fit a
-    small max_model_len."""
-    limit = cfg.model.max_model_len
-    return [SimRequest(0.0, min(n, limit // 2), min(PROBE_TOKENS, limit // 4)) for n in PROBE_PROMPTS]
 
 
 def profile_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
@@ -117,73 +108,6 @@ def measured(results_path: str, trace: list[SimRequest]) -> list[SimRequest]:
     if len(by_index) != len(trace):
         raise UserError(f"bench: the engine finished {len(by_index)} of {len(trace)} requests; see its messages above")
     return [by_index[i] for i in range(len(trace))]
-
-
-def scaled(latency: LatencyModel, prefill: float, decode: float) -> LatencyModel:
-    """`latency` with every prefill cost (compute and per-step) times `prefill`, every decode cost
-    times `decode`: the machine running uniformly faster or slower than when it was profiled."""
-    def times(values, k):
-        return tuple(v * k for v in values)
-
-    by_tp = {tp: replace(c, prefill=times(c.prefill, prefill), prefill_overhead=times(c.prefill_overhead, prefill),
-                         decode_small=times(c.decode_small, decode), decode_large=times(c.decode_large, decode),
-                         decode_overhead=times(c.decode_overhead, decode))
-             for tp, c in latency.by_tp.items()}
-    return LatencyModel(latency.model, by_tp, f"{latency.source} x ({prefill:.3f}, {decode:.3f})", latency.pipelined_pp,
-                        latency.meta)
-
-
-def profile_alone_samples(cfg: JobConfig, plan: Plan, tp: int) -> dict | None:
-    """The profile's own step timings for TP `tp` with its instance alone on the node (or, for a
-    profile taken with one instance, its only timings); None when the profile has none."""
-    from launcher.planner.latency import read_profile_entry
-
-    p = cfg.planner
-    path = p.colocated_profile if plan.by_role("colocated") and p.colocated_profile else p.profile
-    entry = read_profile_entry(cfg.resolve(path), p.profile_model or p.model, tp)
-    return entry.get("samples_alone") or entry.get("samples")
-
-
-def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear y(x) through sorted points, held flat beyond the ends."""
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[-1][1]
-
-
-def calibration(cfg: JobConfig, plan: Plan, report: dict, window: tuple[float, float]) -> dict:
-    """Drift factors (prefill, decode): the median ratio of the engine's step times during the
-    probe (wall-clock `window`) to the profile's alone timings of the same shapes — prefill of the
-    same single prompt, batch-1 decode interpolated on context. 1.0 for a phase without both."""
-    ratios = {"prefill": [], "decode": []}
-    references = {tp: profile_alone_samples(cfg, plan, tp) for tp in {i.tp for i in plan.instances}}
-    for stats in report["instances"]:
-        reference = references[plan.instances[stats["instance"]].tp]
-        if not reference:
-            continue
-        prefill = {tuple(x["lens"]): x["ms"] for x in reference["prefill"]}
-        decode = sorted((x["context_sum"], x["ms"]) for x in reference["decode"] if x["batch"] == 1)
-        for x in stats["step_samples"]["prefill"]:
-            if window[0] <= x["t"] <= window[1] and tuple(x["lens"]) in prefill:
-                ratios["prefill"].append(x["ms"] / prefill[tuple(x["lens"])])
-        for x in stats["step_samples"]["decode"]:
-            if window[0] <= x["t"] <= window[1] and x["batch"] == 1 and decode:
-                ratios["decode"].append(x["ms"] / _interpolate(decode, x["context_sum"]))
-    return {phase: statistics.median(r) if r else 1.0 for phase, r in ratios.items()} | \
-        {"steps": {phase: len(r) for phase, r in ratios.items()}}
-
-
-def probe_window(results_path: str, trace: list[SimRequest], segment: list[int]) -> tuple[float, float]:
-    """Wall-clock span of the probe: from the job's clock start to the first rate's first arrival."""
-    with open(results_path) as f:
-        first = json.loads(f.readline())
-    index = int(first["custom_id"].split("-")[1])
-    start = first["metrics"]["arrival"] - trace[index].arrival / 1e3
-    end = next((r.arrival for r, k in zip(trace, segment) if k > 0), trace[-1].arrival + 60e3)
-    return start, start + end / 1e3
 
 
 def summary(reqs: list[SimRequest], cfg: JobConfig) -> dict:

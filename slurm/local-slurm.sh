@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A real single-machine Slurm for tests and demos: installs (apt) and starts munge + slurmctld +
-# slurmd with a config in a temp dir; `stop` ends them. Needs root and Debian's packages.
+# A real single-machine Slurm for tests and demos: munge + slurmctld + slurmd with a config in a
+# temp dir. `install` needs root and Debian's packages (what `make slurm` and CI run).
+#   slurm/local-slurm.sh install
 #   slurm/local-slurm.sh start   -> prints `export SLURM_CONF=...` (source it or eval it)
 #   slurm/local-slurm.sh stop
 # PDLAUNCH_SLURM_NODES=N (N > 1) starts N fake nodes n1..nN on this host instead (one slurmd each,
@@ -59,7 +60,9 @@ CONF
 }
 
 start() {
-  install
+  for tool in slurmctld slurmd munged; do
+    command -v "$tool" >/dev/null || { echo "local Slurm: $tool is not installed; run \`make slurm\` (slurm/local-slurm.sh install) as root" >&2; exit 2; }
+  done
   write_conf
   if [ ! -s /etc/munge/munge.key ]; then
     mkdir -p /etc/munge
@@ -92,7 +95,8 @@ stop() {
 }
 
 case "${1:-}" in
+  install) install ;;
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop" >&2; exit 2 ;;
 esac

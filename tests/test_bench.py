@@ -56,7 +56,8 @@ def paper_setup():
 
 
 def test_one_trace_holds_the_probe_then_each_rate_in_order():
-    from launcher.bench import PROBE_PROMPTS, build_trace, segment_requests
+    from launcher.bench import build_trace, segment_requests
+    from launcher.bench_calibration import PROBE_PROMPTS
 
     cfg, plan, spec = paper_setup()
     rates, n = [2.0, 4.0, 8.0], 50
@@ -84,7 +85,7 @@ def test_calibration_is_the_drift_against_the_profiles_own_samples(tmp_path):
     same shapes give those factors; steps outside the probe window and other shapes do not count."""
     import json
 
-    from launcher.bench import calibration
+    from launcher.bench_calibration import calibration
     from launcher.config import load_config
     from launcher.plan import InstancePlan, Plan
 
@@ -108,7 +109,7 @@ def test_calibration_is_the_drift_against_the_profiles_own_samples(tmp_path):
 
 
 def test_scaled_multiplies_each_phase_and_its_step_cost():
-    from launcher.bench import scaled
+    from launcher.bench_calibration import scaled
     from launcher.planner.latency import load_profile
 
     base = load_profile("configs/profiles/distserve-profile-a100-80g.json", "facebook/opt-13b")

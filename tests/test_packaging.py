@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from conftest import ROOT, ragged_prompts, write_job
+from conftest import ROOT
 
 
 def test_the_scheduler_and_the_launcher_import_no_torch():
@@ -22,29 +23,43 @@ def test_the_scheduler_and_the_launcher_import_no_torch():
 
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_a_non_editable_install_runs_from_another_directory(tmp_path, tiny_model_dir):
-    """`pip install` of a copy of the checkout (no editable link) into its own directory; its
-    console script, run from an unrelated directory with nothing of the checkout on the path,
-    generates with ranks that import the installed engine."""
-    source, site, work = tmp_path / "src", tmp_path / "site", tmp_path / "work"
+def test_a_non_editable_install_runs_from_another_directory(tmp_path):
+    """`pip install` of a copy of the checkout (no editable link) into a fresh venv; its console
+    script, run from an unrelated directory on a copy of configs/cpu-default.yaml with absolute
+    paths, generates with ranks that import the installed engine. The venv borrows the test venv's
+    installed dependencies through a plain path entry (so the checkout's editable link, a .pth file
+    there, is not loaded)."""
+    source, venv, work = tmp_path / "src", tmp_path / "venv", tmp_path / "work"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
                                                                  "__pycache__", ".pytest_cache"))
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--target", str(site), str(source)], capture_output=True, text=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    deps = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
+    with open(os.path.join(site, "test-deps.pth"), "w") as f:
+        f.write(deps + "\n")
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(source)],
+                         capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr[-3000:]
-    assert (site / "engine" / "__init__.py").exists() and (site / "engine" / "main.py").exists()
     shutil.rmtree(source)  # nothing may come from the copy it was built from
     work.mkdir()
-    config = write_job(work, tiny_model_dir, {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
-                                              "decode": {"instances": 1, "tp": 1, "pp": 1}},
-                       ragged_prompts(3, seed=6), 4)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1")
-    where = subprocess.run([sys.executable, "-c", "import engine, launcher; print(engine.__file__, launcher.__file__)"],
+    with open(os.path.join(ROOT, "configs", "cpu-default.yaml")) as f:
+        config = yaml.safe_load(f)
+    config["cluster"]["hostfile"] = os.path.join(ROOT, "hostfiles", "localhost")
+    config["workload"].update(input=os.path.join(ROOT, "examples", "prompts.jsonl"), output=str(work / "out.jsonl"))
+    config["run_dir"] = str(work / "run")
+    config["planner"]["profile"] = os.path.join(ROOT, "configs", "profiles", "cpu-smollm2.json")
+    (work / "job.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    deps_bin = os.path.dirname(sys.executable)  # mpirun: a borrowed dependency, as a user's PATH would have it
+    env.update(OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{deps_bin}:{env['PATH']}")
+    where = subprocess.run([str(python), "-c", "import engine, launcher; print(engine.__file__, launcher.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=60)
-    assert where.stdout.split() == [str(site / "engine" / "__init__.py"), str(site / "launcher" / "__init__.py")]
-    proc = subprocess.run([str(site / "bin" / "pdlaunch"), "generate", config, "--quiet"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=300)
+    assert where.stdout.split() == [os.path.join(site, "engine", "__init__.py"), os.path.join(site, "launcher", "__init__.py")]
+    proc = subprocess.run([str(venv / "bin" / "pdlaunch"), "generate", "job.yaml", "--quiet"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    prompts = sum(1 for line in open(os.path.join(ROOT, "examples", "prompts.jsonl")) if line.strip())
     results = [json.loads(line) for line in open(work / "out.jsonl")]
-    assert len(results) == 3 and all(len(r["token_ids"]) == 4 for r in results)
+    assert len(results) == prompts and all(r["token_ids"] for r in results)

@@ -10,8 +10,8 @@ import pytest
 from launcher.cli import main
 from launcher.plan import read_plan
 from launcher.planner.latency import Coefficients, LatencyModel, load_profile, KNOWN_MODELS
-from launcher.planner.simulator import (InstanceSpec, LengthDist, Policy, Simulation, SimRequest, attainment,
-                                        make_requests)
+from launcher.planner.simulator import InstanceSpec, Policy, Simulation
+from launcher.planner.workload import LengthDist, SimRequest, attainment, make_requests
 
 BIG = InstanceSpec(1, 1, 10 ** 12)
 
@@ -101,6 +101,7 @@ def test_colocated_prefill_stalls_decode():
     assert a.finish == 75.0  # tokens at 35, (65-70), 70-75
 
 
+@pytest.mark.slow  # a full search on the paper's 4 x 8 A100 setting (~20 s)
 def test_anchor_profile_and_paper_plan_speed(tmp_path):
     lat = load_profile("configs/profiles/distserve-profile-a100-80g.json", "facebook/opt-13b")
     assert lat.tp_degrees() == [1, 2, 4]
@@ -129,7 +130,7 @@ def test_anchor_profile_and_paper_plan_speed(tmp_path):
 def test_bisect_rate_brackets_the_threshold(threshold):
     """A monotone pass/fail: the bracket holds the threshold and is no wider than the precision,
     whether the search starts below it (doubling) or with a known failing rate above it."""
-    from launcher.planner.search import bisect_rate
+    from launcher.planner.goodput import bisect_rate
 
     probed = []
 
@@ -144,7 +145,7 @@ def test_bisect_rate_brackets_the_threshold(threshold):
 
 
 def test_bisect_rate_stops_at_its_probe_budget_and_ceiling():
-    from launcher.planner.search import bisect_rate
+    from launcher.planner.goodput import bisect_rate
 
     calls = []
     lo, hi = bisect_rate(lambda r: calls.append(r) or r <= 3.3, 2.0, 4.0, 1e-9, hi_fails=True, max_probes=3)

@@ -21,8 +21,9 @@ NODES = 3
 
 @pytest.fixture(scope="module")
 def slurm_conf():
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("the local Slurm needs root and apt-get (Debian packages slurmctld, slurmd, munge)")
+    missing = [tool for tool in ("slurmctld", "slurmd", "munged", "sbatch") if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): `make slurm` installs it (root, Debian packages)")
     script = os.path.join(ROOT, "slurm", "local-slurm.sh")
     env = dict(os.environ, PDLAUNCH_SLURM_NODES=str(NODES))
     proc = subprocess.run(["bash", script, "start"], capture_output=True, text=True, timeout=600, env=env)

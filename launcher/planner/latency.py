@@ -11,8 +11,7 @@ faster a step runs while no other instance on its node is stepping.
 
 Profiles use DistServe's published format (configs/profiles/distserve-*.json), which `pdlaunch profile` also writes:
 {model: {tp: {"prefill": [a,b,c], "decoding_smallbs": [...], "decoding_largebs": [...],
-"decoding_large_small_bs_threshold": N, ...}}}. A roofline estimate covers hardware nobody
-could profile. Pure Python.
+"decoding_large_small_bs_threshold": N, ...}}}. Pure Python.
 """
 from __future__ import annotations
 
@@ -113,9 +112,6 @@ class LatencyModel:
             batch, context_sum = -(-batch // pp), context_sum / pp
         a, b, c = coef.decode_small if batch < coef.threshold else coef.decode_large
         return a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1) + overhead
-
-    def token_budget(self, tp: int) -> int | None:
-        return self._coef(tp).token_budget
 
     def alone_factor(self, tp: int, phase: str) -> float:
         """What a step of `phase` costs alone on its node, as a share of the profiled (busy) cost."""

@@ -8,10 +8,11 @@ from launcher.errors import UserError
 from launcher.hostfile import Host
 from launcher.plan import InstancePlan, Plan
 from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
-from launcher.planner.search import (TIE_RULE, PlacementResult, Settings, algorithm1, algorithm2, colocated_best,
-                                     probe_span_s)
+from launcher.planner.goodput import Settings, probe_span_s
+from launcher.planner.search import TIE_RULE, PlacementResult, algorithm1, algorithm2, colocated_best
 from launcher.planner.replay import trace_lengths
-from launcher.planner.simulator import InstanceSpec, LengthDist
+from launcher.planner.simulator import InstanceSpec
+from launcher.planner.workload import LengthDist
 
 
 def model_spec(cfg: JobConfig, shape=None) -> ModelSpec:

@@ -17,7 +17,8 @@ from launcher.config import JobConfig
 from launcher.errors import UserError, read_text
 from launcher.plan import Plan
 from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens
-from launcher.planner.simulator import InstanceSpec, Policy, Simulation, SimRequest
+from launcher.planner.simulator import InstanceSpec, Policy, Simulation
+from launcher.planner.workload import SimRequest
 from launcher.stats import percentile
 
 DEFAULT_SLO_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2)

@@ -1,10 +1,5 @@
-"""Goodput search and DistServe's placement algorithms.
+"""DistServe's placement algorithms over layouts, ranked by sustained goodput (planner/goodput.py).
 
-goodput = the highest per-device request rate the placement *sustains*: >= target of requests
-meet the SLOs over an arrival span long against a request's lifetime (so a burst that fits in
-memory at once cannot pass), and its queues do not grow. Bisection on a grid of `precision`
-(req/s/device), bounded above by the placement's analytic capacity: a rate at or above what the
-phases can process at all fails without simulation, so no search returns its own ceiling.
 - Algorithm 1 (high node-affinity): each phase alone — prefill against TTFT, decode against TPOT —
   over every (TP, PP) the cluster allows; keep each phase's best per-device goodput; replicate.
 - Algorithm 2 (low node-affinity): prefill stage i and decode stage i share a node, so KV moves
@@ -14,46 +9,15 @@ phases can process at all fails without simulation, so no search returns its own
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens
-from launcher.planner.simulator import (InstanceSpec, LengthDist, Policy, Simulation, SimRequest, attainment,
-                                        make_requests)
+from launcher.planner.goodput import (Goodput, NoPrefillLatency, Settings, decode_capacity, goodput,
+                                      prefill_capacity)
+from launcher.planner.simulator import InstanceSpec, Policy, Simulation
+from launcher.planner.workload import SimRequest
 
 UNLIMITED = 10 ** 12
-
-
-@dataclass
-class Settings:
-    ttft_ms: float
-    tpot_ms: float
-    target: float = 0.9
-    rule: str = "joint"
-    num_requests: int = 300        # the fewest requests a probe simulates
-    lengths: LengthDist = field(default_factory=LengthDist)
-    arrival: str = "poisson"
-    cv: float = 1.0
-    seed: int = 0
-    precision: float = 0.25
-    span_s: float = 0.0            # arrival span of every probe; 0: SPAN_LIFETIMES request lifetimes at the SLOs
-    max_requests: int = 6000       # a probe's request count is rate x span, capped here
-    token_budget: int = 512
-    max_decode_batch: int = 256
-    memory_gb: float = 80.0
-    intra_node_gbps: float = 300.0
-    inter_node_gbps: float = 3.125
-    model_transfer: bool = True    # DistServe's search ignores KV transfer; we include it unless told
-
-
-@dataclass
-class Goodput:
-    """A bisection's outcome, per device: the sustained rate, the analytic capacity that bounded
-    the search, and the mean latencies at that rate (0 when no rate passes)."""
-
-    rate: float
-    capacity: float
-    mean_ttft_ms: float = 0.0
-    mean_tpot_ms: float = 0.0
 
 
 @dataclass
@@ -84,127 +48,6 @@ class PlacementResult:
     layout: str = ""
     capacity_per_device: float = math.inf
     bounded_out: int = 0            # layouts not simulated: their capacity is below the best goodput found
-
-
-class _PrefillOnly(LatencyModel):
-    """Decode-phase goodput: requests reach decode already prefilled."""
-
-    def __init__(self, base: LatencyModel):
-        super().__init__(base.model, base.by_tp, base.source, base.pipelined_pp, base.meta)
-
-    def prefill_ms(self, lens, tp, pp=1):
-        return 0.0
-
-    def prefill_interval_ms(self, lens, tp, pp=1):
-        return 0.0
-
-
-def bisect_rate(ok, lo: float, hi: float, precision: float, hi_fails: bool = False,
-                max_probes: int = 64, ceiling: float = math.inf) -> tuple[float, float]:
-    """Bracket the highest rate where ok(rate) holds, given that it holds at lo (or lo is 0): while
-    no rate has failed, probe hi and double it (up to `ceiling`); then halve [lo, hi] until it is
-    narrower than `precision` or `max_probes` probes are spent. Returns (lo, hi), hi = inf if
-    nothing failed."""
-    for _ in range(max_probes):
-        if (hi_fails and hi - lo <= precision) or (not hi_fails and hi > ceiling):
-            break
-        probe = (lo + hi) / 2 if hi_fails else hi
-        if ok(probe):
-            lo, hi = probe, (hi if hi_fails else 2 * probe)
-        else:
-            hi, hi_fails = probe, True
-    return lo, hi if hi_fails else math.inf
-
-
-SPAN_LIFETIMES = 10   # a probe's arrivals last this many SLO-bound request lifetimes
-MIN_SPAN_S = 30.0
-GROWTH_FACTOR = 1.5   # the last arrivals' time in system over the middle ones': queues are growing
-
-
-def probe_span_s(settings: Settings) -> float:
-    """How long a probe's arrivals last: long against the time a request may spend in the system
-    (its TTFT SLO plus its mean output at the TPOT SLO), so the drain after the last arrival is a
-    small part of the run and only a sustainable rate passes."""
-    if settings.span_s:
-        return settings.span_s
-    lifetime_ms = settings.ttft_ms + settings.lengths.mean()[1] * settings.tpot_ms
-    return max(MIN_SPAN_S, SPAN_LIFETIMES * lifetime_ms / 1e3)
-
-
-def probe_requests(settings: Settings, rate: float) -> int:
-    """Requests of a probe at `rate` req/s (total): the span's worth, within [num_requests, max_requests]."""
-    return int(min(settings.max_requests, max(settings.num_requests, math.ceil(rate * probe_span_s(settings)))))
-
-
-def queues_grow(reqs: list[SimRequest]) -> bool:
-    """True when the last tenth of the arrivals spend markedly longer per output token in the
-    system than the middle fifth: the placement falls behind the arrivals (ignored under 100
-    requests, where a tenth is noise)."""
-    if len(reqs) < 100:
-        return False
-    order = sorted(reqs, key=lambda r: r.arrival)
-    n = len(order)
-
-    def per_token(chunk: list[SimRequest]) -> float:
-        spent = [(r.finish - r.arrival) / max(1, r.output_len) for r in chunk]
-        return math.inf if any(math.isnan(x) for x in spent) else sum(spent) / len(spent)
-
-    middle, last = per_token(order[2 * n // 5:3 * n // 5]), per_token(order[9 * n // 10:])
-    return last > GROWTH_FACTOR * middle
-
-
-def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: float | None,
-            capacity: float) -> Goodput:
-    """Per-device goodput of `run(requests, slo, target) -> requests` (which may stop once the
-    verdict is known) by bisection on the per-device rate over a
-    grid of settings.precision: the grid's top is the first power-of-two multiple of the precision
-    at or above `capacity` (req/s for the whole unit, analytic), and any rate at or above the
-    capacity fails unsimulated. Same grid for every candidate, so equal goodputs tie exactly."""
-    cap = capacity / devices
-    if not cap > 0:
-        return Goodput(0.0, 0.0)
-    seen: dict[float, list[SimRequest]] = {}
-
-    def ok(rate: float) -> bool:
-        if rate >= cap:
-            return False
-        total = rate * devices
-        reqs = make_requests(probe_requests(settings, total), total, settings.lengths, settings.arrival,
-                             settings.cv, settings.seed)
-        early_stop = (ttft, tpot) if settings.rule == "joint" else None
-        seen[rate] = run(reqs, early_stop, settings.target)
-        return attainment(seen[rate], ttft, tpot, settings.rule) >= settings.target and not queues_grow(seen[rate])
-
-    top = settings.precision * 2 ** max(0, math.ceil(math.log2(cap / settings.precision)))
-    lo = bisect_rate(ok, 0.0, top, settings.precision, hi_fails=True)[0]
-    if lo <= 0:
-        return Goodput(0.0, cap)
-    done = [r for r in seen[lo] if not math.isnan(r.finish)]
-    decoded = [r.tpot for r in done if r.output_len > 1]
-    return Goodput(lo, cap, sum(r.ttft for r in done) / len(done), sum(decoded) / len(decoded) if decoded else 0.0)
-
-
-def prefill_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
-    """Requests/s a prefill instance can process at best: batches filled to L_m (the a-term and
-    the step's fixed cost shared by L_m / mean prompt requests), each prompt at the mean length
-    (E[len^2] >= mean^2, so this is an upper bound), one batch per stage interval."""
-    mean_in = settings.lengths.mean()[0]
-    per_batch = max(1.0, settings.token_budget / mean_in)
-    fixed = latency.prefill_interval_ms([], inst.tp, inst.pp)
-    per_request = latency.prefill_interval_ms([mean_in], inst.tp, inst.pp) - fixed
-    return 1e3 / (fixed / per_batch + per_request)
-
-
-def decode_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
-    """Requests/s a decode instance can finish at best: a batch held as full as its KV and
-    max_decode_batch allow, every request at its shortest context, output_len - 1 steps each."""
-    mean_in, mean_out = settings.lengths.mean()
-    if mean_out <= 1:
-        return math.inf
-    batch_max = int(min(settings.max_decode_batch, inst.kv_tokens // (mean_in + mean_out)))
-    best = max((b / latency.decode_ms(b, int(b * (mean_in + 1)), inst.tp, inst.pp)
-                for b in range(1, batch_max + 1)), default=0.0)
-    return best * 1e3 / (mean_out - 1)
 
 
 def _policy(settings: Settings, spec: ModelSpec, bandwidth) -> Policy:
@@ -246,7 +89,7 @@ def phase_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings,
 
         cap = prefill_capacity(latency, settings, inst)
         out.append(_candidate("prefill", inst, goodput(run_prefill, settings, tp * pp, settings.ttft_ms, None, cap), cap))
-        free = _PrefillOnly(latency)
+        free = NoPrefillLatency(latency)
         cap = decode_capacity(latency, settings, inst)
         g = goodput(lambda reqs, *stop: Simulation(free, policy, [InstanceSpec(1, 1, UNLIMITED)], [inst]).run(reqs, *stop),
                     settings, tp * pp, None, settings.tpot_ms, cap)
