@@ -36,15 +36,14 @@ BLOCK = 16
 
 
 class Ours:
-    def __init__(self, model_dir: str, max_tokens: int):
+    def __init__(self, model_dir: str, max_tokens: int, dtype: torch.dtype = torch.float32):
         self.shape = read_shape(model_dir)
-        self.stage = LlamaStage(self.shape, 0, self.shape.num_layers, True, True, 1, dist.new_group([0]),
-                                torch.float32)
+        self.stage = LlamaStage(self.shape, 0, self.shape.num_layers, True, True, 1, dist.new_group([0]), dtype)
         load_stage(self.stage, model_dir, self.shape, 0, 1)
-        self.stage.eval()
-        self.cos, self.sin = rope_tables(self.shape, 2048)
+        self.stage.to(dtype=dtype).eval()
+        self.cos, self.sin = rope_tables(self.shape, 2048, dtype=dtype)
         self.cache = KVCache(self.shape.num_layers, -(-max_tokens // BLOCK), BLOCK, self.shape.num_kv_heads,
-                             self.shape.head_dim, torch.float32, torch.device("cpu"))
+                             self.shape.head_dim, dtype, torch.device("cpu"))
 
     def _tables(self, batch: int, ctx: int) -> list[list[int]]:
         per = -(-ctx // BLOCK)
@@ -74,10 +73,10 @@ class Ours:
 
 
 class Theirs:
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32):
         from transformers import LlamaForCausalLM
 
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> float:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from launcher.network import rendezvous_address
 from launcher.plan import InstancePlan, Plan
+from launcher.dtypes import choose_dtype, cpu_flags, cpu_has_native_bf16
 from launcher.protocol import Signal, Tag
 
 STARTUP_S = 600.0    # how long instances may take to load their weights
@@ -40,6 +41,7 @@ class RankContext:
     device: torch.device
     nodes: list                     # node name of every global rank, as the ranks see it
     kv_group: Any = None            # every rank: KV transfers' own communicator (NCCL: no blocking of TP/PP)
+    dtype: str = "float32"          # the job's model dtype, agreed by every rank (launcher/dtypes.py)
 
     @property
     def is_controller(self) -> bool:
@@ -86,8 +88,9 @@ def _rendezvous(world, cluster, plan: Plan) -> str:
     return world.bcast(endpoint, root=0)
 
 
-def start(plan: Plan, cluster) -> RankContext:
-    """Initialises MPI + torch.distributed and builds this rank's groups."""
+def start(plan: Plan, cluster, dtype: str = "float32") -> RankContext:
+    """Initialises MPI + torch.distributed and builds this rank's groups; settles the model dtype
+    (`dtype` as configured, `auto` resolved with every rank's hardware)."""
     from mpi4py import MPI
     from megatron.core.hyper_comm_grid import HyperCommGrid
 
@@ -127,8 +130,11 @@ def start(plan: Plan, cluster) -> RankContext:
     kv_group = dist.new_group(list(range(size)), backend=backend)  # collective: after the instance groups
     instance_comm = world.Split(mine.id if mine else MPI.UNDEFINED, rank)
     tp_rank, pp_stage = mine.coords(rank) if mine else (0, 0)
+    # the controller holds no model: it does not vote on bf16
+    native_bf16 = rank == 0 or (torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(cpu_flags()))
     return RankContext(rank, size, plan, world, mine, instance_comm if mine else None, tp_rank, pp_stage,
-                       tp_group, pp_group, device, world.allgather(node_name()), kv_group)
+                       tp_group, pp_group, device, world.allgather(node_name()), kv_group,
+                       choose_dtype(dtype, world.allreduce(bool(native_bf16), op=MPI.LAND)))
 
 
 class Outbox:

@@ -45,7 +45,7 @@ def _run_controller(ctx, job: JobFile) -> None:
     with reporter:
         stats = Controller(ctx, job.config, codec, specs, writer, read_shape(job.model_dir).vocab_size).run()
     writer.close()
-    reporter.summary(writer.records, stats, job.report)
+    reporter.summary(writer.records, stats, job.report, ctx.dtype)
 
 
 def _run_profile_controller(ctx, job: JobFile) -> None:
@@ -58,7 +58,7 @@ def _run_profile_controller(ctx, job: JobFile) -> None:
         while True:  # heartbeats mark progress; the timings end the wait
             tag, msg = _next_of(ctx.world, inst.leader, (Tag.HEARTBEAT, Tag.PROFILE), job)
             if tag == Tag.PROFILE:
-                out[str(inst.id)] = {"tp": inst.tp, "samples": msg.samples}
+                out[str(inst.id)] = {"tp": inst.tp, "dtype": ctx.dtype, "samples": msg.samples}
                 break
     with open(job.profile_samples, "w") as f:
         json.dump(out, f)
@@ -89,9 +89,9 @@ def _run_instance(ctx, job: JobFile) -> None:
     shape = read_shape(job.model_dir)
     s = cfg.scheduler
     limits = InstanceLimits(s.prefill_kv_blocks if ctx.instance.role == "prefill" else s.decode_kv_blocks,
-                            s.block_size, s.prefill_token_budget, s.max_decode_batch, cfg.model.max_model_len)
+                            s.block_size, job.token_budgets[ctx.instance.id], s.max_decode_batch, cfg.model.max_model_len)
     DOING["what"] = "loading weights"
-    runner = ModelRunner(ctx, shape, job.model_dir, cfg.model.dtype, limits.num_blocks, s.block_size,
+    runner = ModelRunner(ctx, shape, job.model_dir, ctx.dtype, limits.num_blocks, s.block_size,
                          cfg.model.max_model_len)
     DOING["what"] = f"serving as {ctx.instance.role} instance {ctx.instance.id}"
     if not ctx.is_leader:
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         from engine.comm import start
 
         DOING["what"] = "initialising MPI and torch.distributed"
-        ctx = start(job.plan, job.config.cluster)
+        ctx = start(job.plan, job.config.cluster, job.config.model.dtype)
         if ctx.is_controller and job.mode == "profile":
             _run_profile_controller(ctx, job)
         elif ctx.is_controller:

@@ -24,11 +24,11 @@ EMBEDDED_MODEL = "embedded"
 @dataclass
 class ModelConfig:
     path: str = EMBEDDED_MODEL  # HF Llama directory, a .gguf file, or "embedded" (SmolLM2-135M-Instruct)
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 where the CPU/GPU computes it natively, else float32 (launcher/dtypes.py)
     max_model_len: int = 2048
     chat_template: str = "auto"  # "auto": use the model's template for chat requests; "none": never
 
-    choices = {"dtype": ("float32", "bfloat16", "float16"), "chat_template": ("auto", "none")}
+    choices = {"dtype": ("auto", "float32", "bfloat16", "float16"), "chat_template": ("auto", "none")}
 
 
 @dataclass
@@ -64,7 +64,12 @@ class PlacementConfig:
 
 @dataclass
 class SchedulerConfig:
-    prefill_token_budget: int = 512  # L_m: most prompt tokens in one prefill batch
+    prefill_token_budget: Union[int, str] = "auto"  # L_m: most prompt tokens in one prefill batch; auto: the profile's
+
+    @property
+    def token_budget(self) -> Optional[int]:
+        """L_m as configured; None for auto (each instance's from the planner's profile)."""
+        return None if self.prefill_token_budget == "auto" else self.prefill_token_budget
     max_decode_batch: int = 32
     block_size: int = 16
     prefill_kv_blocks: int = 512  # per prefill instance: the KV hold area
@@ -160,6 +165,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if args == [int, str]:  # a number or "auto"
+            if value == "auto":
+                return value
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"config: '{key}' must be an integer or auto, got {value!r}; fix its value")
+            return value
         return _convert(value, args[0], key)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
@@ -196,7 +207,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         choices = getattr(cls, "choices", {}).get(key)
         if choices and kwargs[key] not in choices:
             raise UserError(f"config: '{full}' must be one of {', '.join(choices)}, got {value!r}")
-        if full in POSITIVE_INTS:
+        if full in POSITIVE_INTS and kwargs[key] != "auto":
             low = 0 if full in ZERO_ALLOWED else 1
             if kwargs[key] < low:
                 raise UserError(f"config: '{full}' must be >= {low}, got {value!r}")

@@ -12,6 +12,7 @@ from typing import Optional
 
 from launcher.config import JobConfig, config_from_dict
 from launcher.plan import Plan, plan_from_dict
+from launcher.planner.latency import prefill_token_budget
 
 MODES = ("generate", "profile")
 
@@ -30,10 +31,15 @@ class JobFile:
     pending_requests: int = 0
     dump_logits: Optional[str] = None  # directory for every generated token's logits
     profile_samples: Optional[str] = None  # profile mode: where the controller writes the timings
+    token_budgets: tuple[int, ...] = ()  # L_m of each instance (plan order); empty: resolved from the config
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"job file: mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not self.token_budgets:
+            self.token_budgets = instance_token_budgets(self.config, self.plan)
+        if len(self.token_budgets) != len(self.plan.instances):
+            raise ValueError(f"job file: {len(self.token_budgets)} token budgets for {len(self.plan.instances)} instances")
 
     def write(self, path: str) -> None:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -49,4 +55,19 @@ class JobFile:
         data["config"] = config_from_dict(data["config"])
         data["plan"] = plan_from_dict(data["plan"])
         data["skip_ids"] = tuple(data.get("skip_ids") or ())
+        data["token_budgets"] = tuple(data.get("token_budgets") or ())
         return cls(**data)
+
+
+def instance_token_budgets(cfg: JobConfig, plan: Plan) -> tuple[int, ...]:
+    """Each instance's L_m: `scheduler.prefill_token_budget` when a number; auto: the planner
+    profile's for the instance's TP degree (the colocated profile for colocated instances), the
+    same value the simulator uses."""
+    from launcher.planner.planning import latency_models
+
+    configured = cfg.scheduler.token_budget
+    if configured is not None or not cfg.planner.profile:
+        return tuple(prefill_token_budget(configured, None, inst.tp) for inst in plan.instances)
+    disagg, colo = latency_models(cfg, check_dtype=False)
+    return tuple(prefill_token_budget(None, colo if inst.role == "colocated" else disagg, inst.tp)
+                 for inst in plan.instances)

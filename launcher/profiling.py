@@ -38,13 +38,14 @@ def profile(args) -> int:
                 f"profiling TP={tp}")
         with open(samples_path) as f:
             per_instance = json.load(f)
+        dtypes.update(inst["dtype"] for inst in per_instance.values())
         samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
                    for kind in ("prefill", "decode")}
         samples["overhead"] = {kind: [x for inst in per_instance.values() for x in inst["samples"]["overhead"][kind]]
                                for kind in ("prefill", "decode")}
         return samples
 
-    entry = {}
+    entry, dtypes = {}, set()
     for tp in tps:
         # every slot busy at once, as in a real deployment: the timings include the contention
         # of ranks sharing memory bandwidth (and, on small machines, cores); then one instance
@@ -58,7 +59,7 @@ def profile(args) -> int:
     name = os.path.basename(model_dir.rstrip("/"))
     profile = {name: entry, "_meta": {"pipelined_pp": False, "date": time.strftime("%Y-%m-%d"),
                                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cfg.cluster.device}",
-                                      "dtype": cfg.model.dtype, "source": "pdlaunch profile"}}
+                                      "dtype": "/".join(sorted(dtypes)), "source": "pdlaunch profile"}}
     with open(args.output, "w") as f:
         json.dump(profile, f, indent=1)
     if not args.quiet:

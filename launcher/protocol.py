@@ -148,6 +148,7 @@ class InstanceStats:
     peak_rss_mb: float
     kv_cache_mb: float
     weights_mb: float
+    token_budget: int               # L_m this instance batched prefills under
     step_samples: dict = field(default_factory=dict)  # "prefill"/"decode" -> samples (pdlaunch profile's format)
 
 

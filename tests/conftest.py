@@ -61,7 +61,7 @@ def write_job(tmp_path, model_dir: str, placement: dict, prompts: list[list[int]
             f.write(json.dumps({"custom_id": f"r{i}", "prompt": p, "max_tokens": max_tokens,
                                 "ignore_eos": True}) + "\n")
     cfg = {
-        "model": {"path": model_dir, "max_model_len": 256},
+        "model": {"path": model_dir, "max_model_len": 256, "dtype": "float32"},  # exactness: fp32
         "cluster": {"hostfile": "hosts"},
         "placement": placement,
         "scheduler": {"block_size": 4, "prefill_token_budget": 64, "max_decode_batch": 8,

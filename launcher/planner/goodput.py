@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from launcher.planner.latency import LatencyModel
+from launcher.planner.latency import LatencyModel, prefill_token_budget
 from launcher.planner.simulator import InstanceSpec
 from launcher.planner.workload import LengthDist, SimRequest, attainment, make_requests
 
@@ -30,7 +30,7 @@ class Settings:
     precision: float = 0.25
     span_s: float = 0.0            # arrival span of every probe; 0: SPAN_LIFETIMES request lifetimes at the SLOs
     max_requests: int = 6000       # a probe's request count is rate x span, capped here
-    token_budget: int = 512
+    token_budget: int | None = None  # L_m; None: the profile's per TP degree (prefill_token_budget)
     max_decode_batch: int = 256
     memory_gb: float = 80.0
     intra_node_gbps: float = 300.0
@@ -152,7 +152,7 @@ def prefill_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSp
     the step's fixed cost shared by L_m / mean prompt requests), each prompt at the mean length
     (E[len^2] >= mean^2, so this is an upper bound), one batch per stage interval."""
     mean_in = settings.lengths.mean()[0]
-    per_batch = max(1.0, settings.token_budget / mean_in)
+    per_batch = max(1.0, prefill_token_budget(settings.token_budget, latency, inst.tp) / mean_in)
     fixed = latency.prefill_interval_ms([], inst.tp, inst.pp)
     per_request = latency.prefill_interval_ms([mean_in], inst.tp, inst.pp) - fixed
     return 1e3 / (fixed / per_batch + per_request)

@@ -113,6 +113,10 @@ class LatencyModel:
         a, b, c = coef.decode_small if batch < coef.threshold else coef.decode_large
         return a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1) + overhead
 
+    def token_budget(self, tp: int) -> int | None:
+        """L_m that `pdlaunch profile` found for TP `tp`, if the profile has one."""
+        return self._coef(tp).token_budget if tp in self.by_tp else None
+
     def alone_factor(self, tp: int, phase: str) -> float:
         """What a step of `phase` costs alone on its node, as a share of the profiled (busy) cost."""
         prefill, decode = self._coef(tp).shared_slowdown
@@ -184,31 +188,16 @@ def load_profile(path: str, model: str | None = None) -> LatencyModel:
     return LatencyModel(model, by_tp, path, pipelined_pp=bool(meta.get("pipelined_pp", True)), meta=meta)
 
 
-@dataclass(frozen=True)
-class GPUSpec:
-    peak_tflops: float = 312.0         # A100 bf16 dense
-    memory_bandwidth_gbps: float = 2039.0
-    memory_gb: float = 80.0
-    mfu: float = 0.6                   # share of peak a prefill reaches
-    mbu: float = 0.7                   # share of bandwidth a decode step reaches
-    tp_overhead_ms: float = 0.3        # per extra TP rank, per step (all-reduces)
+DEFAULT_TOKEN_BUDGET = 512  # L_m where neither the config nor the profile gives one
 
 
-def roofline_model(spec: ModelSpec, gpu: GPUSpec, tp_degrees=(1, 2, 4, 8)) -> LatencyModel:
-    """Coefficients from first principles for hardware that cannot be profiled here.
-
-    prefill: 2 * params FLOPs per token (b) plus attention's 4 * layers * hidden FLOPs per token^2 (c);
-    decode: reading the weights once per step (a), the KV of every context token (b), and a small
-    per-sequence cost (c)."""
-    by_tp = {}
-    for tp in tp_degrees:
-        flops = gpu.peak_tflops * 1e12 * gpu.mfu * tp
-        bw = gpu.memory_bandwidth_gbps * 1e9 * gpu.mbu * tp
-        overhead = gpu.tp_overhead_ms * (tp - 1)
-        prefill = (2.0 + overhead, 2 * spec.params / flops * 1e3, 4 * spec.num_layers * spec.hidden_size / flops * 1e3)
-        decode = (spec.weight_bytes() / bw * 1e3 + overhead, spec.kv_bytes_per_token() / bw * 1e3, 0.01)
-        by_tp[tp] = Coefficients(prefill, decode, decode)
-    return LatencyModel(spec.name, by_tp, "roofline")
+def prefill_token_budget(configured: int | None, latency: LatencyModel | None, tp: int) -> int:
+    """An instance's L_m: the configured number, or (auto: None) the profile's for its TP degree,
+    else DEFAULT_TOKEN_BUDGET. The engine's scheduler and the simulator both take it from here."""
+    if configured is not None:
+        return configured
+    profiled = latency.token_budget(tp) if latency is not None else None
+    return profiled or DEFAULT_TOKEN_BUDGET
 
 
 def kv_capacity_tokens(spec: ModelSpec, memory_gb: float, tp: int, pp: int, utilization: float = 0.9) -> int:

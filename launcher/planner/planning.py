@@ -6,6 +6,7 @@ import time
 from launcher.config import JobConfig
 from launcher.errors import UserError
 from launcher.hostfile import Host
+from launcher.dtypes import planned_dtype
 from launcher.plan import InstancePlan, Plan
 from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
 from launcher.planner.goodput import Settings, probe_span_s
@@ -21,7 +22,7 @@ def model_spec(cfg: JobConfig, shape=None) -> ModelSpec:
             raise UserError(f"config: 'planner.model' {cfg.planner.model!r} is unknown; known: "
                             f"{', '.join(KNOWN_MODELS)} (or leave it out to plan model.path)")
         return KNOWN_MODELS[cfg.planner.model]
-    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    dtype_bytes = 4 if planned_dtype(cfg.model.dtype, cfg.cluster.device) == "float32" else 2
     return ModelSpec("model", shape.num_layers, shape.hidden_size, shape.num_kv_heads, shape.head_dim,
                      shape.param_count(), dtype_bytes)
 
@@ -38,13 +39,15 @@ def settings_from(cfg: JobConfig) -> Settings:
     return Settings(cfg.slo.ttft_ms, cfg.slo.tpot_ms, cfg.slo.attainment, rule=p.rule, num_requests=p.num_requests,
                     lengths=lengths, arrival="gamma" if cfg.workload.arrival == "gamma" else "poisson",
                     cv=cfg.workload.cv, seed=cfg.workload.seed, precision=p.precision, span_s=p.span_s,
-                    max_requests=p.max_requests, token_budget=cfg.scheduler.prefill_token_budget,
+                    max_requests=p.max_requests, token_budget=cfg.scheduler.token_budget,
                     max_decode_batch=cfg.scheduler.max_decode_batch, memory_gb=p.memory_gb,
                     intra_node_gbps=cfg.cluster.intra_node_bandwidth_gbps,
                     inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer)
 
 
-def latency_models(cfg: JobConfig) -> tuple[LatencyModel, LatencyModel]:
+def latency_models(cfg: JobConfig, check_dtype: bool = True) -> tuple[LatencyModel, LatencyModel]:
+    """The profiles of the disaggregated and the colocated instances; with check_dtype, a profile
+    measured in another dtype than the job runs in is an error (its predictions would be off)."""
     p = cfg.planner
     if not p.profile:
         raise UserError("config: 'planner.profile' is empty; run `pdlaunch profile CONFIG` or point it at "
@@ -52,6 +55,12 @@ def latency_models(cfg: JobConfig) -> tuple[LatencyModel, LatencyModel]:
     model = p.profile_model or p.model
     disagg = load_profile(cfg.resolve(p.profile), model)
     colo = load_profile(cfg.resolve(p.colocated_profile), model) if p.colocated_profile else disagg
+    dtype = planned_dtype(cfg.model.dtype, cfg.cluster.device)
+    for latency in {id(disagg): disagg, id(colo): colo}.values() if check_dtype else ():
+        measured = latency.meta.get("dtype")
+        if measured and measured != dtype:
+            raise UserError(f"planner: the profile '{latency.source}' was measured in {measured} but the job runs in "
+                            f"{dtype}; set model.dtype: {measured}, or profile again: `pdlaunch profile CONFIG -o FILE`")
     return disagg, colo
 
 

@@ -114,7 +114,7 @@ def simulate_plan(cfg: JobConfig, plan: Plan, spec: ModelSpec, latency: LatencyM
     def bandwidth(p: InstanceSpec, d: InstanceSpec) -> float:
         return c.intra_node_bandwidth_gbps if p.node == d.node else c.inter_node_bandwidth_gbps
 
-    policy = Policy(cfg.scheduler.prefill_token_budget, cfg.scheduler.max_decode_batch,
+    policy = Policy(cfg.scheduler.token_budget, cfg.scheduler.max_decode_batch,
                     spec.kv_bytes_per_token() if with_transfer else 0, bandwidth)
     fresh = [SimRequest(r.arrival, r.input_len, r.output_len) for r in reqs]
     instances = placement_instances(cfg, plan, spec)

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from launcher.planner.latency import LatencyModel, transfer_ms
+from launcher.planner.latency import LatencyModel, prefill_token_budget, transfer_ms
 from launcher.planner.workload import SimRequest
 
 
@@ -37,7 +37,7 @@ class InstanceSpec:
 
 @dataclass
 class Policy:
-    token_budget: int = 512
+    token_budget: int | None = None  # L_m; None: each instance's from the profile (prefill_token_budget)
     max_decode_batch: int = 256
     kv_bytes_per_token: int = 0
     bandwidth_gbps: Callable[[InstanceSpec, InstanceSpec], float] = lambda p, d: float("inf")
@@ -110,7 +110,7 @@ class _Prefill:
         batch, tokens = [], 0
         while self.queue:
             r = self.queue[0]
-            if batch and tokens + r.input_len > self.sim.policy.token_budget:
+            if batch and tokens + r.input_len > self.sim.token_budget(self.spec):
                 break
             if self.held + tokens + r.input_len > self.spec.kv_tokens and (batch or self.held):
                 break
@@ -271,7 +271,7 @@ class _Colocated:
         while self.queue and len(self.running) + len(batch) < p.max_decode_batch:
             r = self.queue[0]
             need = r.input_len + r.output_len
-            if batch and tokens + r.input_len > p.token_budget:
+            if batch and tokens + r.input_len > self.sim.token_budget(self.spec):
                 break
             if self.used + need > self.spec.kv_tokens and (batch or self.used):
                 break
@@ -328,6 +328,9 @@ class Simulation:
         self.instances = [*self.prefills, *self.decodes, *self.colocated]
         self.shared = latency.shares_nodes() and len(self.instances) > 1
         self.slo, self.misses_allowed = None, None
+
+    def token_budget(self, spec: InstanceSpec) -> int:
+        return prefill_token_budget(self.policy.token_budget, self.latency, spec.tp)
 
     def contention(self, inst, phase: str) -> float:
         """The share of its profiled cost a step of `inst` starting now takes: all of it while
