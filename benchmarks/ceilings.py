@@ -29,9 +29,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from engine_vs_transformers import BLOCK, Ours, Theirs  # noqa: E402  (benchmarks/ is on sys.path as a script)
+from engine_vs_transformers import BLOCK, Ours, Theirs, side_by_side, single_rank_world  # noqa: E402  (benchmarks/ is on sys.path as a script)
 from launcher.dtypes import cpu_flags, cpu_has_native_bf16  # noqa: E402
 from launcher.model_files import read_shape, resolve_model_dir  # noqa: E402
 from plots import grouped_bars  # noqa: E402
@@ -60,7 +59,7 @@ def bandwidth_gbps(elements: int, dtype: torch.dtype, repeats: int) -> float:
 
 def matmul_gflops(dtype: torch.dtype, repeats: int) -> float:
     best = 0.0
-    for m, k, n in ((512, 576, 1536), (512, 1536, 576), (1024, 1024, 1024), (2048, 2048, 2048)):
+    for m, k, n in ((512, 576, 1536), (512, 1536, 576), (1024, 1024, 1024)):
         a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         best = max(best, 2 * m * k * n / median_time(lambda: a @ b, repeats) / 1e9)
     return best
@@ -86,34 +85,13 @@ def ceilings(shape, dtype: torch.dtype, bandwidth: float, gflops: float) -> dict
     return out
 
 
-def measure_systems(model_dir: str, dtype: torch.dtype, repeats: int, steps: int) -> dict[tuple, dict]:
-    ours, theirs = Ours(model_dir, 64 * (128 + 64 + BLOCK), dtype), Theirs(model_dir, dtype)
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for phase, batch, ctx in CASES:
-        prompts = [torch.randint(10, 49000, (ctx,), generator=g).tolist() for _ in range(batch)]
-        times = {"ours": [], "transformers": []}
-        for _ in range(repeats):
-            for name, system in (("ours", ours), ("transformers", theirs)):
-                times[name].append(system.prefill(prompts) if phase == "prefill" else system.decode(prompts, steps))
-        tokens = batch * ctx if phase == "prefill" else batch
-        out[(phase, batch, ctx)] = {name: tokens / statistics.median(t) for name, t in times.items()} | \
-            {"spread": {name: (max(t) - min(t)) / statistics.median(t) for name, t in times.items()}}
-        print(f"  {phase:8s} batch {batch:3d}: ours {out[(phase, batch, ctx)]['ours']:8.1f} tok/s, "
-              f"transformers {out[(phase, batch, ctx)]['transformers']:8.1f} tok/s", flush=True)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results/ceilings.json")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.cuda.current_device = lambda: "cpu"
+    single_rank_world()
     model_dir = resolve_model_dir("embedded")
     shape = read_shape(model_dir)
     native_bf16 = cpu_has_native_bf16(cpu_flags())
@@ -130,7 +108,8 @@ def main() -> None:
             print(f"  engine runs skipped: {entry['skipped']}")
             continue
         ceiling = ceilings(shape, dtype, bw, gf)
-        for case, m in measure_systems(model_dir, dtype, args.repeats, args.steps).items():
+        ours, theirs = Ours(model_dir, 64 * (128 + 64 + BLOCK), dtype), Theirs(model_dir, dtype)
+        for case, m in side_by_side(ours, theirs, CASES, args.repeats, args.steps).items():
             entry["rows"].append({"phase": case[0], "batch": case[1], "context": case[2], "ceiling_tokens_per_s": ceiling[case],
                                   "ours_tokens_per_s": m["ours"], "transformers_tokens_per_s": m["transformers"],
                                   "ours_of_ceiling": m["ours"] / ceiling[case],

@@ -96,6 +96,35 @@ class Theirs:
         return (time.perf_counter() - t) / steps
 
 
+def single_rank_world() -> None:
+    """A one-rank gloo world (the stage's megatron layers need a TP group) on one thread."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def side_by_side(ours: Ours, theirs: Theirs, cases: list[tuple[str, int, int]], repeats: int,
+                 steps: int) -> dict[tuple, dict]:
+    """Tokens/s of both systems per (phase, batch, context): medians of `repeats` runs alternating
+    the two, so machine noise hits both alike, and each one's spread ((max - min) / median)."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for phase, batch, ctx in cases:
+        prompts = [torch.randint(10, 49000, (ctx,), generator=g).tolist() for _ in range(batch)]
+        times = {"ours": [], "transformers": []}
+        for _ in range(repeats):
+            for name, system in (("ours", ours), ("transformers", theirs)):
+                times[name].append(system.prefill(prompts) if phase == "prefill" else system.decode(prompts, steps))
+        tokens = batch * ctx if phase == "prefill" else batch
+        m = {name: tokens / statistics.median(t) for name, t in times.items()}
+        out[(phase, batch, ctx)] = m | {"spread": {name: (max(t) - min(t)) / statistics.median(t)
+                                                   for name, t in times.items()}}
+        print(f"{phase:8s} batch {batch:3d} ctx {ctx:4d}: ours {m['ours']:8.1f} tok/s  transformers "
+              f"{m['transformers']:8.1f} tok/s  ratio {m['ours'] / m['transformers']:.2f}x", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -103,31 +132,14 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results/engine_vs_transformers.json")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.cuda.current_device = lambda: "cpu"
+    single_rank_world()
     model_dir = resolve_model_dir("embedded")
     ours, theirs = Ours(model_dir, 64 * (args.context + 64 + BLOCK)), Theirs(model_dir)
-    g = torch.Generator().manual_seed(0)
-    prompt = lambda n: torch.randint(10, 49000, (n,), generator=g).tolist()  # noqa: E731
     cases = [("prefill", 4, 128), ("decode", 1, args.context), ("decode", 8, args.context),
              ("decode", 32, args.context)]
-    rows = []
-    for phase, batch, length in cases:
-        prompts = [prompt(length) for _ in range(batch)]
-        times = {"ours": [], "transformers": []}
-        for _ in range(args.repeats):
-            for name, system in (("ours", ours), ("transformers", theirs)):
-                times[name].append(system.prefill(prompts) if phase == "prefill" else system.decode(prompts, args.steps))
-        tokens = batch * length if phase == "prefill" else batch
-        med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"phase": phase, "batch": batch, "context": length,
-               "ours_tokens_per_s": tokens / med["ours"], "transformers_tokens_per_s": tokens / med["transformers"],
-               "ratio": med["transformers"] / med["ours"]}
-        rows.append(row)
-        print(f"{phase:8s} batch {batch:3d} ctx {length:4d}: ours {row['ours_tokens_per_s']:8.1f} tok/s  "
-              f"transformers {row['transformers_tokens_per_s']:8.1f} tok/s  ratio {row['ratio']:.2f}x", flush=True)
+    rows = [{"phase": phase, "batch": batch, "context": ctx, "ours_tokens_per_s": m["ours"],
+             "transformers_tokens_per_s": m["transformers"], "ratio": m["ours"] / m["transformers"]}
+            for (phase, batch, ctx), m in side_by_side(ours, theirs, cases, args.repeats, args.steps).items()]
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "threads": 1, "dtype": "float32", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized)",
               "repeats": args.repeats, "rows": rows}

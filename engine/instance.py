@@ -2,7 +2,9 @@
 
 The leader (TP 0, PP stage 0) takes control messages, schedules, sends every rank of its
 instance the step plan, sends the messages the scheduler produced, executes its own share, and
-reports to the controller. The other ranks wait for step plans and, while waiting, report KV
+reports to the controller. With PP > 1 it keeps up to PP steps in flight (the scheduler's
+pipeline depth): it launches the next step on stage 0 while the later stages finish earlier ones,
+and takes their tokens back oldest first. The other ranks wait for step plans and, while waiting, report KV
 receives that completed (the decode side's join needs every rank's data).
 """
 from __future__ import annotations
@@ -29,6 +31,9 @@ class Leader:
         self.inst = ctx.instance
         self.stopping = False
         self.outbox = c.Outbox(ctx.world)
+        # step plans go out without waiting: a follower busy with the previous step would otherwise
+        # hold the leader in a blocking send of a plan too large for MPI's eager protocol
+        self.step_outbox = c.Outbox(ctx.instance_comm)
         self.last_beat = 0.0
         self.steps = 0
         self.step_samples = {"prefill": deque(maxlen=STEP_SAMPLES), "decode": deque(maxlen=STEP_SAMPLES)}
@@ -56,6 +61,7 @@ class Leader:
         self._heartbeat()
         self.watch.check()
         self.outbox.progress()
+        self.step_outbox.progress()
         for _, req in c.drain(world, Tag.REQUEST):
             sched.add_request(req)
         nxt: NextArrival
@@ -87,7 +93,7 @@ class Leader:
 
     def _broadcast(self, step: StepPlan) -> None:
         for local in range(1, self.inst.size):
-            self.ctx.instance_comm.send(step, dest=local, tag=Tag.STEP)
+            self.step_outbox.send(step, local, Tag.STEP)
 
     def _stats(self) -> InstanceStats:
         return InstanceStats(instance=self.inst.id, role=self.inst.role,
@@ -97,6 +103,7 @@ class Leader:
                              step_samples={k: list(v) for k, v in self.step_samples.items()})
 
     def run(self) -> None:
+        in_flight: deque[tuple] = deque()  # (Launched, when its loop iteration started), oldest first
         while True:
             started = time.perf_counter()
             self._handle_messages()
@@ -104,25 +111,33 @@ class Leader:
                 self._broadcast(StepPlan(shutdown=True))
                 self.outbox.send(self._stats(), 0, Tag.STATS)
                 self.outbox.flush()
+                self.step_outbox.flush()
                 return
-            out = self.sched.schedule()
-            step = out.step
-            if step.is_empty:
-                self._send_all(out.messages)
-                if self.sched.busy():  # waiting on a transfer or a first token: work is coming
+            if len(in_flight) < self.sched.depth:
+                out = self.sched.schedule()
+                step = out.step
+                if not step.is_empty:
                     self.idle.worked()
-                self.idle.sleep()
-                continue
-            self.idle.worked()
-            self._broadcast(step)
-            self._send_all(out.messages)
-            self.steps += 1
-            fault_point(self.ctx, self.steps, keep_alive=self._heartbeat)
-            tokens, logits = self.runner.execute(step)
-            if not step.has_forward:
-                continue
+                    self._broadcast(step)
+                    self._send_all(out.messages)
+                    self.steps += 1
+                    fault_point(self.ctx, self.steps, keep_alive=self._heartbeat)
+                    launched = self.runner.launch(step)
+                    if step.has_forward:
+                        in_flight.append((launched, started))
+                    if len(in_flight) < self.sched.depth:
+                        continue  # room for another step on stage 0
+                else:
+                    self._send_all(out.messages)
+                    if not in_flight:
+                        if self.sched.busy():  # waiting on a transfer or a first token: work is coming
+                            self.idle.worked()
+                        self.idle.sleep()
+                        continue
+            launched, began = in_flight.popleft()
+            tokens, logits = self.runner.collect(launched)
             self._send_all(self.sched.on_step(tokens, logits))
-            self._record(step, (time.perf_counter() - started) * 1e3)
+            self._record(launched.step, (time.perf_counter() - began) * 1e3)
 
 
 def follow(ctx: RankContext, runner: ModelRunner, idle_s: float) -> None:
@@ -143,6 +158,7 @@ def follow(ctx: RankContext, runner: ModelRunner, idle_s: float) -> None:
         idle.worked()
         step = comm.recv(source=0, tag=Tag.STEP)
         if step.shutdown:
+            runner.finish()
             return
         steps += 1
         fault_point(ctx, steps)

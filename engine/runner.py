@@ -2,8 +2,12 @@
 
 Stage 0 embeds the tokens; each stage passes its hidden states to the next with point-to-point
 send/recv; the last stage's TP rank 0 samples and returns the tokens to the leader. With PP > 1
-a step's sequences run as up to PP micro-batches, so the stages work at the same time
-(forward-only pipeline: a step costs PP + chunks - 1 stage-times instead of PP x chunks).
+a step's sequences run as up to PP micro-batches, so the stages work at the same time within a
+step; and the leader (stage 0) may `launch` the next step before it `collect`s the tokens of the
+previous one (batches in flight), so stage 0 works on one step while later stages finish another.
+Every rank executes the steps in the same order, and the tokens come back in that order.
+PDLAUNCH_STEP_TRACE=DIR makes every rank append each forward's (step, stage, start, end) to
+DIR/rank<R>.jsonl, to see the stages overlap.
 """
 from __future__ import annotations
 
@@ -11,6 +15,10 @@ import time
 
 import torch
 import torch.distributed as dist
+
+import json
+import os
+from dataclasses import dataclass
 
 from engine.batch import build_batch
 from engine.comm import RankContext, poll
@@ -24,6 +32,15 @@ from launcher.model_files import ModelShape
 from launcher.protocol import StageTokens, StepPlan, Tag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Launched:
+    """A step whose forward has left this rank; the leader collects its tokens later."""
+
+    step: StepPlan
+    chunks: int                      # micro-batches, one StageTokens each
+    results: list                    # StageTokens already at hand (the leader is the last stage)
 
 
 class ModelRunner:
@@ -43,13 +60,24 @@ class ModelRunner:
         self.cache = KVCache(l1 - l0, num_blocks, block_size, kv_heads, shape.head_dim, self.dtype, ctx.device)
         self.kv = KVTransfer(ctx, self.cache, shape, l0, ctx.tp_rank * kv_heads, ctx.kv_group)
         self.cos, self.sin = rope_tables(shape, max_model_len, ctx.device, self.dtype)
+        self.launched = 0
+        self.token_sends = []  # the last stage's TOKENS isends not known to be complete
+        trace_dir = os.environ.get("PDLAUNCH_STEP_TRACE")
+        self.trace = open(os.path.join(trace_dir, f"rank{ctx.rank}.jsonl"), "a", buffering=1) if trace_dir else None
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.stage.parameters())
 
-    @torch.inference_mode()
     def execute(self, step: StepPlan):
-        """Runs one step. On the leader returns (tokens, logits as lists or None); elsewhere None."""
+        """Runs one step to its end. On the leader returns (tokens, logits as lists or None);
+        elsewhere None."""
+        return self.collect(self.launch(step))
+
+    @torch.inference_mode()
+    def launch(self, step: StepPlan) -> Launched:
+        """Posts the step's KV ops and runs its forward through this stage (sending the hidden
+        states on, or the last stage's tokens to the leader)."""
+        self.launched += 1
         for send in step.kv_sends:
             self.kv.post_sends(send.req_id, send.block_table, send.num_tokens, send.peer_instance)
         for recv in step.kv_recvs:
@@ -59,12 +87,19 @@ class ModelRunner:
         for req_id in step.kv_releases:
             self.kv.release(req_id)
         if not step.has_forward:
-            return ([], None) if self.ctx.is_leader else None
+            return Launched(step, 0, [])
         ctx = self.ctx
         chunks = micro_batches(step.seqs, ctx.instance.pp)
-        sent, results = [], []
+        # Never wait for them here: a large one (--dump-logits) completes only once the leader
+        # receives it, and the leader may first be sending this rank the next step's activations.
+        self.token_sends = [request for request in self.token_sends if not request.Test()]
+        results = []
         for chunk in chunks:  # stage s works on chunk k while stage s+1 works on chunk k-1
+            started = time.time()
             out = self._forward(chunk)
+            if self.trace:
+                self.trace.write(json.dumps({"step": self.launched, "stage": ctx.pp_stage, "start": started,
+                                             "end": time.time()}) + "\n")
             if out is None:
                 continue
             logits = out.float()
@@ -73,15 +108,23 @@ class ModelRunner:
             if ctx.is_leader:
                 results.append(result)
             else:  # non-blocking: this stage must go on receiving the next chunk
-                sent.append(ctx.instance_comm.isend(result, dest=0, tag=Tag.TOKENS))
-        for request in sent:
+                self.token_sends.append(ctx.instance_comm.isend(result, dest=0, tag=Tag.TOKENS))
+        return Launched(step, len(chunks), results)
+
+    def finish(self) -> None:
+        """Completes this rank's outstanding sends of tokens (before the rank ends)."""
+        for request in self.token_sends:
             request.wait()
-        if not ctx.is_leader:
+        self.token_sends = []
+
+    def collect(self, launched: Launched):
+        """The leader: the launched step's tokens (and logits as lists or None), waiting for the
+        last stage if needed. Other ranks: None."""
+        if not self.ctx.is_leader:
             return None
-        if not results:
-            results = [self._tokens_from_last_stage() for _ in chunks]
+        results = launched.results or [self._tokens_from_last_stage() for _ in range(launched.chunks)]
         tokens = [t for r in results for t in r.tokens]
-        logits = [row for r in results for row in r.logits] if step.want_logits else None
+        logits = [row for r in results for row in r.logits] if launched.step.want_logits else None
         return tokens, logits
 
     def _forward(self, seqs):

@@ -77,6 +77,7 @@ class InstanceLimits:
     token_budget: int  # L_m: most prompt tokens in one prefill batch
     max_batch: int
     max_model_len: int
+    pipeline_depth: int = 1  # steps in flight at once: PP with batches in flight, else 1
 
 
 class Scheduler:
@@ -90,7 +91,9 @@ class Scheduler:
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.waiting: deque[Sequence] = deque()      # to prefill
         self.running: list[Sequence] = []            # decoding
-        self.in_step: list[Sequence] = []            # the sequences of the step being executed
+        self.depth = limits.pipeline_depth
+        self.in_flight: deque[list[Sequence]] = deque()  # the sequences of each step not answered yet, oldest first
+        self.flying: set[int] = set()                # their request ids
         self.held: dict[int, Sequence] = {}          # prefill: KV kept until pulled
         self.incoming: deque[KVIncoming] = deque()   # decode: announced, receives not posted yet
         self.firsts: dict[int, FirstToken] = {}      # decode: first tokens of requests not pulled yet
@@ -141,7 +144,13 @@ class Scheduler:
 
     def busy(self) -> bool:
         return bool(self.waiting or self.running or self.pulling or self.incoming or self.firsts
-                    or any(self.pulls.values()) or self.pending_releases)
+                    or any(self.pulls.values()) or self.pending_releases or self.in_flight)
+
+    def _decode_group(self) -> list[Sequence]:
+        """The running sequences of the next decode step: those not in a step in flight, at most
+        1/depth of the batch, so that `depth` groups take turns through the PP stages."""
+        size = -(-len(self.running) // self.depth)
+        return [seq for seq in self.running if seq.req_id not in self.flying][:size]
 
     # ---- scheduling ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence) -> int:
@@ -242,11 +251,13 @@ class Scheduler:
                 seq.times["prefill_start"] = now
             chunks = [SeqChunk(seq.req_id, tuple(seq.request.prompt_ids), 0, tuple(seq.blocks), seq.request.sampling, 0)
                       for seq in batch]
-            self.in_step = batch
         else:
+            batch = self._decode_group()
             chunks = [SeqChunk(seq.req_id, (seq.output[-1],), seq.num_tokens - 1, tuple(seq.blocks),
-                               seq.request.sampling, len(seq.output)) for seq in self.running]
-            self.in_step = list(self.running)
+                               seq.request.sampling, len(seq.output)) for seq in batch]
+        if batch:
+            self.in_flight.append(batch)
+            self.flying.update(seq.req_id for seq in batch)
         out.step = StepPlan(tuple(chunks), tuple(sends), tuple(recvs), tuple(joins), releases,
                             want_logits=self.want_logits and bool(chunks))
         self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
@@ -279,11 +290,13 @@ class Scheduler:
                       tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else ())
 
     def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[tuple[int, Tag, Any]]:
-        """Appends the step's sampled tokens (and, for --dump-logits, their logits as lists);
-        returns the messages they cause: first tokens of held KV, finished requests."""
+        """Appends the sampled tokens (and, for --dump-logits, their logits as lists) of the oldest
+        step in flight; returns the messages they cause: first tokens of held KV, finished requests."""
         now = time.time()
         messages = []
-        for i, (seq, token) in enumerate(zip(self.in_step, tokens)):
+        step = self.in_flight.popleft()
+        self.flying.difference_update(seq.req_id for seq in step)
+        for i, (seq, token) in enumerate(zip(step, tokens)):
             seq.output.append(token)
             seq.token_times.append(now)
             if logits is not None:
@@ -304,5 +317,4 @@ class Scheduler:
                 messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
             elif first:
                 self.running.append(seq)
-        self.in_step = []
         return messages

@@ -71,6 +71,7 @@ class SchedulerConfig:
         """L_m as configured; None for auto (each instance's from the planner's profile)."""
         return None if self.prefill_token_budget == "auto" else self.prefill_token_budget
     max_decode_batch: int = 32
+    batches_in_flight: bool = True  # PP > 1: up to PP steps in flight (stage 0 starts the next while the others finish)
     block_size: int = 16
     prefill_kv_blocks: int = 512  # per prefill instance: the KV hold area
     decode_kv_blocks: int = 1024  # per decode (or colocated) instance
