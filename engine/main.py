@@ -93,7 +93,7 @@ def _run_instance(ctx, job: JobFile) -> None:
                             ctx.instance.pp if s.batches_in_flight else 1)
     DOING["what"] = "loading weights"
     runner = ModelRunner(ctx, shape, job.model_dir, ctx.dtype, limits.num_blocks, s.block_size,
-                         cfg.model.max_model_len)
+                         cfg.model.max_model_len, limits.pipeline_depth)
     DOING["what"] = f"serving as {ctx.instance.role} instance {ctx.instance.id}"
     if not ctx.is_leader:
         follow(ctx, runner, s.idle_sleep_ms / 1e3)

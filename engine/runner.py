@@ -45,9 +45,13 @@ class Launched:
 
 class ModelRunner:
     def __init__(self, ctx: RankContext, shape: ModelShape, model_dir: str, dtype: str, num_blocks: int,
-                 block_size: int, max_model_len: int):
+                 block_size: int, max_model_len: int, steps_in_flight: int = 1):
         inst = ctx.instance
         self.ctx, self.shape = ctx, shape
+        # Micro-batches per step: PP when each step fills and drains the pipeline; one when steps
+        # overlap (batches in flight), where splitting a decode batch further would only make each
+        # stage stream its weights more often per token.
+        self.split = inst.pp if steps_in_flight == 1 else 1
         self.dtype = DTYPES[dtype]
         l0, l1 = stage_layers(shape.num_layers, inst.pp, ctx.pp_stage)
         started = time.time()
@@ -89,7 +93,7 @@ class ModelRunner:
         if not step.has_forward:
             return Launched(step, 0, [])
         ctx = self.ctx
-        chunks = micro_batches(step.seqs, ctx.instance.pp)
+        chunks = micro_batches(step.seqs, self.split)
         # Never wait for them here: a large one (--dump-logits) completes only once the leader
         # receives it, and the leader may first be sending this rank the next step's activations.
         self.token_sends = [request for request in self.token_sends if not request.Test()]
