@@ -93,7 +93,6 @@ class Scheduler:
         self.running: list[Sequence] = []            # decoding
         self.depth = limits.pipeline_depth
         self.in_flight: deque[list[Sequence]] = deque()  # the sequences of each step not answered yet, oldest first
-        self.flying: set[int] = set()                # their request ids
         self.held: dict[int, Sequence] = {}          # prefill: KV kept until pulled
         self.incoming: deque[KVIncoming] = deque()   # decode: announced, receives not posted yet
         self.firsts: dict[int, FirstToken] = {}      # decode: first tokens of requests not pulled yet
@@ -150,7 +149,8 @@ class Scheduler:
         """The running sequences of the next decode step: those not in a step in flight, at most
         1/depth of the batch, so that `depth` groups take turns through the PP stages."""
         size = -(-len(self.running) // self.depth)
-        return [seq for seq in self.running if seq.req_id not in self.flying][:size]
+        flying = {seq.req_id for step in self.in_flight for seq in step}
+        return [seq for seq in self.running if seq.req_id not in flying][:size]
 
     # ---- scheduling ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence) -> int:
@@ -257,7 +257,6 @@ class Scheduler:
                                seq.request.sampling, len(seq.output)) for seq in batch]
         if batch:
             self.in_flight.append(batch)
-            self.flying.update(seq.req_id for seq in batch)
         out.step = StepPlan(tuple(chunks), tuple(sends), tuple(recvs), tuple(joins), releases,
                             want_logits=self.want_logits and bool(chunks))
         self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
@@ -295,7 +294,6 @@ class Scheduler:
         now = time.time()
         messages = []
         step = self.in_flight.popleft()
-        self.flying.difference_update(seq.req_id for seq in step)
         for i, (seq, token) in enumerate(zip(step, tokens)):
             seq.output.append(token)
             seq.token_times.append(now)
