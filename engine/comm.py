@@ -179,7 +179,8 @@ class IdleWait:
     def expect(self, wall_time: float) -> None:
         self.wake_at = time.monotonic() + (wall_time - time.time())
 
-    def sleep(self, at_most: float = float("inf")) -> None:
+    def sleep(self, at_most: float = float("inf"), wake: threading.Event | None = None) -> None:
+        """`wake`, when given, ends the sleep as soon as it is set (new work from another thread)."""
         now = time.monotonic()
         if self.wake_at is not None:
             if now >= self.wake_at:
@@ -187,7 +188,12 @@ class IdleWait:
             else:
                 at_most = min(at_most, self.wake_at - now)
         idle = now - self.last_work >= IDLE_GRACE_S
-        time.sleep(max(0.0, min(self.idle_s if idle else POLL_S, at_most)))
+        seconds = max(0.0, min(self.idle_s if idle else POLL_S, at_most))
+        if wake is None:
+            time.sleep(seconds)
+        elif wake.wait(seconds):
+            wake.clear()
+            self.worked()
 
 
 def poll(comm, source: int, tag: int, idle_s: float = POLL_S, timeout_s: float | None = None,

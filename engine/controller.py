@@ -1,6 +1,7 @@
 """The controller (global rank 0): requests in, dispatch, results out.
 
-It releases requests at their arrival times (all at t=0 for offline jobs), sends each to the
+Requests come from a source (a replayed input file, or the server's frontend), outcomes go to a
+sink (the results file, or the server's streams). It releases requests at their arrival times (all at t=0 for offline jobs), sends each to the
 least-loaded prefill (or colocated) instance and names the least-loaded decode instance for it
 (the prefill instance then deals with that decode instance directly), counts "prefill done"
 notices to track each prefill instance's load, and writes each finished request as soon as it
@@ -12,20 +13,20 @@ import dataclasses
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from engine import comm as c
 from engine.blocks import blocks_for
 from engine.comm import RankContext
-from engine.results import Answered, ResultWriter
+from engine.results import Answered, Sink
 from engine.scheduler import reserved_blocks
 from engine.tokenizer import TextCodec
 from engine.watchdog import Watchdog
 from launcher.batch_io import RequestSpec
 from launcher.config import JobConfig
-from launcher.protocol import (Heartbeat, InstanceStats, NextArrival, PrefillDone, Request, Result,
-                               SamplingParams, Signal, Tag, check_sampling)
+from launcher.protocol import (Abort, Heartbeat, InstanceStats, NextArrival, PrefillDone, Request, Result,
+                               SamplingParams, Signal, Tag, TokensOut, check_sampling)
 from launcher.stats import arrival_gap
 
 
@@ -35,7 +36,13 @@ class Pending(Answered):
     prompt_ids: tuple[int, ...] = ()
     params: Optional[SamplingParams] = None  # None: refused (spec.error says why)
     decode_instance: int = -1
+    entry: int = -1                          # the prefill or colocated instance it was sent to
     at: Optional[int] = None                 # the instance it waits at once dispatched, for a stall diagnosis
+    stream: bool = False                     # its tokens go to the sink as they come
+    first_at: Optional[float] = None         # when its first token came
+    aborted: bool = False
+    tokens: dict = field(default_factory=dict)  # streamed tokens by output index, until handed on in order
+    handed: int = 0                          # streamed tokens handed to the sink
 
 
 def arrival_offsets(n: int, arrival: str, rate: float, cv: float, seed: int) -> list[float]:
@@ -48,19 +55,54 @@ def arrival_offsets(n: int, arrival: str, rate: float, cv: float, seed: int) -> 
     return out
 
 
+class Replay:
+    """An input file's requests, released at their arrival offsets (s after the start)."""
+
+    def __init__(self, pending: list[Pending]):
+        self.queue = sorted(pending, key=lambda p: p.offset_s)
+        self.next_i = 0
+
+    def take(self, elapsed: float) -> list[Pending]:
+        due = []
+        while self.next_i < len(self.queue) and self.queue[self.next_i].offset_s <= elapsed:
+            due.append(self.queue[self.next_i])
+            self.next_i += 1
+        return due
+
+    def next_offset(self) -> Optional[float]:
+        return self.queue[self.next_i].offset_s if self.next_i < len(self.queue) else None
+
+    def exhausted(self) -> bool:
+        return self.next_i == len(self.queue)
+
+    def aborts(self) -> list[int]:
+        return []
+
+    wake = None  # nothing else adds work: sleep until the next arrival
+
+
 class Controller:
-    def __init__(self, ctx: RankContext, cfg: JobConfig, codec: TextCodec, specs: list[RequestSpec],
-                 writer: ResultWriter, vocab_size: int):
-        self.ctx, self.cfg, self.codec, self.writer = ctx, cfg, codec, writer
+    def __init__(self, ctx: RankContext, cfg: JobConfig, codec: TextCodec, vocab_size: int):
+        self.ctx, self.cfg, self.codec = ctx, cfg, codec
         self.max_len = cfg.model.max_model_len
         self.vocab_size = vocab_size
         self.entry = [i for i in ctx.plan.instances if i.role in ("prefill", "colocated")]
         self.decoders = [i for i in ctx.plan.instances if i.role == "decode"]
         self.load = {i.id: 0 for i in ctx.plan.instances}
-        w = cfg.workload
-        offsets = arrival_offsets(len(specs), w.arrival, w.rate, w.cv, w.seed)
-        self.pending = [self._prepare(s, off if s.arrival_s is None else s.arrival_s) for s, off in zip(specs, offsets)]
         self.by_id: dict[int, Pending] = {}
+        self.awaiting_first = 0  # dispatched requests without their first token: the queue admission bounds
+        self.started = False     # every instance has loaded its model
+
+    def replay(self, specs: list[RequestSpec], sink: Sink) -> Replay:
+        """The input's requests at their arrival times (workload.arrival, or each line's arrival_s);
+        the ones that cannot run are answered with their error at once."""
+        w = self.cfg.workload
+        offsets = arrival_offsets(len(specs), w.arrival, w.rate, w.cv, w.seed)
+        pending = [self.prepare(s, off if s.arrival_s is None else s.arrival_s) for s, off in zip(specs, offsets)]
+        for p in pending:
+            if p.params is None:
+                sink.write(p, None)
+        return Replay([p for p in pending if p.params is not None])
 
     def _prompt_ids(self, spec: RequestSpec) -> list[int]:
         """The request's token ids; raises ValueError with the reason it cannot run."""
@@ -79,7 +121,9 @@ class Controller:
             raise ValueError(f"token id {max(text)} is outside the vocabulary ({self.vocab_size})")
         return list(text)
 
-    def _prepare(self, spec: RequestSpec, offset: float) -> Pending:
+    def prepare(self, spec: RequestSpec, offset: float = 0.0, where: Optional[str] = None) -> Pending:
+        """The request checked and tokenised; spec.error says why it cannot run, after `where` (default:
+        its input line). Pure: the server's thread calls it too."""
         p = Pending(spec, offset_s=offset)
         if spec.error:
             return p
@@ -92,7 +136,7 @@ class Controller:
             fields["max_tokens"] = min(fields["max_tokens"], self.max_len - len(ids))
             self._check_fits(len(ids), fields["max_tokens"])
         except ValueError as e:
-            spec.error = f"line {spec.index + 1}: {e}"
+            spec.error = f"{f'line {spec.index + 1}' if where is None else where}: {e}"
             return p
         p.prompt_ids, p.prompt_tokens, p.params = tuple(ids), len(ids), SamplingParams(**fields)
         return p
@@ -116,6 +160,7 @@ class Controller:
 
     def _dispatch(self, p: Pending, start: float, outbox: c.Outbox) -> None:
         p.arrival = start + p.offset_s
+        self.awaiting_first += 1
         target = self._least_loaded(self.entry)
         self.load[target] += 1
         if self.decoders:  # chosen now, so the prefill side can post its sends right away
@@ -123,42 +168,82 @@ class Controller:
             self.load[p.decode_instance] += 1
         req_id = p.spec.index
         self.by_id[req_id] = p
-        p.at = target
-        outbox.send(Request(req_id, p.prompt_ids, p.params, p.arrival, p.decode_instance),
+        p.at = p.entry = target
+        outbox.send(Request(req_id, p.prompt_ids, p.params, p.arrival, p.decode_instance, p.stream),
                     self.ctx.plan.instances[target].leader, Tag.REQUEST)
 
-    def _prefill_done(self, done: PrefillDone) -> None:
-        p = self.by_id[done.req_id]
+    def _leader(self, instance: int) -> int:
+        return self.ctx.plan.instances[instance].leader
+
+    def _abort(self, req_id: int, outbox: c.Outbox) -> None:
+        """Tells the instance that has the request to end it; a prefill instance that already
+        started it leaves that to the decode instance, told once the prefill is done."""
+        p = self.by_id.get(req_id)
+        if p is not None and not p.aborted:
+            p.aborted = True
+            outbox.send(Abort(req_id), self._leader(p.at), Tag.ABORT)
+
+    def _first_token(self, p: Pending, at: float, sink: Sink) -> None:
+        if p.first_at is None:
+            p.first_at = at
+            self.awaiting_first -= 1
+            sink.first_token(p)
+
+    def _prefill_done(self, done: PrefillDone, sink: Sink, outbox: c.Outbox) -> None:
+        p = self.by_id.get(done.req_id)
+        if p is None:  # its result came first
+            return
+        self._first_token(p, done.at, sink)
+        if self.ctx.plan.instances[done.prefill_instance].role != "prefill":
+            return  # colocated: it decodes where it is
         p.prefill_instance, p.at = done.prefill_instance, p.decode_instance
         self.load[done.prefill_instance] -= 1
+        if p.aborted:
+            outbox.send(Abort(p.spec.index), self._leader(p.decode_instance), Tag.ABORT)
 
-    def _finished(self, result: Result) -> None:
+    def _streamed(self, out: TokensOut, sink: Sink) -> None:
+        """Hands each streamed request's new tokens on in output order (the first token comes from
+        the prefill instance, the rest from the decode instance: they may arrive out of order)."""
+        for req_id, index, token in out.tokens:
+            p = self.by_id.get(req_id)
+            if p is None or index < p.handed:
+                continue
+            p.tokens[index] = token
+            new = []
+            while p.handed in p.tokens:
+                new.append(p.tokens.pop(p.handed))
+                p.handed += 1
+            if new:
+                sink.tokens(p, new)
+
+    def _finished(self, result: Result, sink: Sink) -> None:
         p = self.by_id.pop(result.req_id)
-        self.load[result.instance] -= 1
-        if p.decode_instance >= 0 and result.instance != p.decode_instance:  # finished at prefill
+        if p.first_at is None:
+            self.awaiting_first -= 1
+        if p.prefill_instance is None:  # it never left its entry instance (or its notice is still coming)
+            self.load[p.entry] -= 1
+        if p.decode_instance >= 0:
             self.load[p.decode_instance] -= 1
-        self.writer.write(p, result)
+        sink.write(p, result)
 
-    def run(self) -> dict:
+    def run(self, source, sink: Sink) -> dict:
+        """Serves the source's requests until it is exhausted and none is in flight; returns the
+        wall time and every instance's final stats."""
         world = self.ctx.world
         outbox = c.Outbox(world)
-        for p in self.pending:
-            if p.params is None:
-                self.writer.write(p, None)
-        queue = sorted((p for p in self.pending if p.params is not None), key=lambda p: p.offset_s)
-        outstanding = len(queue)
         limit = self.cfg.scheduler.watchdog_s
         for inst in self.ctx.plan.instances:  # every instance has loaded its weights: start the clock
-            c.poll(world, inst.leader, Tag.HEARTBEAT, timeout_s=max(limit, c.STARTUP_S),
-                   waiting_for=f"{inst.role} instance {inst.id} to load the model")
+            beat = c.poll(world, inst.leader, Tag.HEARTBEAT, timeout_s=max(limit, c.STARTUP_S),
+                          waiting_for=f"{inst.role} instance {inst.id} to load the model")
+            sink.instance_state(beat)
+        self.started = True
         start = time.time()
-        next_i = 0
         watchdog = Watchdog(self.ctx.plan, self.ctx.nodes, limit)
         idle = c.IdleWait(self.cfg.scheduler.idle_sleep_ms / 1e3)
         last_alive = last_check = 0.0
-        announced = -1
-        while outstanding:
-            before = outstanding, next_i, len(self.by_id)
+        announced = None
+        while self.by_id or not source.exhausted():
+            before = len(self.by_id)
             now = time.time()
             if now - last_alive >= c.HEARTBEAT_S:
                 last_alive = now
@@ -167,33 +252,38 @@ class Controller:
             beat: Heartbeat
             for _, beat in c.drain(world, Tag.HEARTBEAT):
                 watchdog.beat(beat.instance, beat.steps)
+                sink.instance_state(beat)
             for src, _ in c.drain(world, Tag.RANK_ALIVE):
                 watchdog.rank_seen[src] = now
             if now - last_check >= c.HEARTBEAT_S / 4:
                 last_check = now
                 watchdog.check(Counter(p.at for p in self.by_id.values()))
-            now = time.time()
-            if next_i != announced and next_i < len(queue):
+            next_offset = source.next_offset()
+            if next_offset is not None and next_offset != announced:
                 # sleeping leaders wake for the next arrival (decode ones too: its KV follows a prefill later)
-                announced = next_i
+                announced = next_offset
                 for inst in self.ctx.plan.instances:
-                    outbox.send(NextArrival(start + queue[next_i].offset_s), inst.leader, Tag.NEXT_ARRIVAL)
-            while next_i < len(queue) and queue[next_i].offset_s <= now - start:
-                self._dispatch(queue[next_i], start, outbox)
-                next_i += 1
-            prefill_done = c.drain(world, Tag.PREFILL_DONE)
-            for _, done in prefill_done:
-                self._prefill_done(done)
+                    outbox.send(NextArrival(start + next_offset), inst.leader, Tag.NEXT_ARRIVAL)
+            due = source.take(time.time() - start)
+            for p in due:
+                self._dispatch(p, start, outbox)
+            for req_id in source.aborts():
+                self._abort(req_id, outbox)
+            firsts = c.drain(world, Tag.PREFILL_DONE)
+            for _, done in firsts:
+                self._prefill_done(done, sink, outbox)
+            for _, out in c.drain(world, Tag.TOKENS_OUT):
+                self._streamed(out, sink)
             for _, result in c.drain(world, Tag.RESULT):
-                self._finished(result)
-                outstanding -= 1
+                self._finished(result, sink)
             outbox.progress()
-            if (outstanding, next_i, len(self.by_id)) != before or prefill_done:
+            if due or firsts or len(self.by_id) != before:
                 idle.worked()
                 watchdog.progressed()
-            next_due = queue[next_i].offset_s - (time.time() - start) if next_i < len(queue) else float("inf")
+            next_offset = source.next_offset()
+            next_due = next_offset - (time.time() - start) if next_offset is not None else float("inf")
             if next_due > 0:
-                idle.sleep(at_most=next_due)
+                idle.sleep(at_most=next_due, wake=source.wake)
         wall = time.time() - start
         for inst in self.ctx.plan.instances:
             outbox.send(Signal(), inst.leader, Tag.SHUTDOWN)

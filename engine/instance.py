@@ -54,7 +54,7 @@ class Leader:
         now = time.time()
         if now - self.last_beat >= c.HEARTBEAT_S:
             self.last_beat = now
-            self.outbox.send(Heartbeat(self.inst.id, self.steps), 0, Tag.HEARTBEAT)
+            self.outbox.send(Heartbeat(self.inst.id, self.steps, **self.sched.state()), 0, Tag.HEARTBEAT)
 
     def _handle_messages(self) -> None:
         world, sched = self.ctx.world, self.sched
@@ -70,13 +70,15 @@ class Leader:
             for local in range(1, self.inst.size):  # the followers wake for the step that follows
                 self.ctx.instance_comm.send(nxt, dest=local, tag=Tag.NEXT_ARRIVAL)
         for _, incoming in c.drain(world, Tag.KV_INCOMING):
-            sched.add_incoming(incoming)
+            self._send_all(sched.add_incoming(incoming))
         for _, first in c.drain(world, Tag.FIRST_TOKEN):
             sched.add_first_token(first)
         for _, pull in c.drain(world, Tag.KV_PULL):  # in each decode leader's order (MPI keeps it)
             sched.add_pull(pull)
         for _, pulled in c.drain(world, Tag.PULLED):
             sched.pulled(pulled.req_id)
+        for _, abort in c.drain(world, Tag.ABORT, source=0):
+            self._send_all(sched.abort(abort.req_id))
         done: RecvDone
         for _, done in c.drain(self.ctx.instance_comm, Tag.RECV_DONE):
             for req_id in done.req_ids:

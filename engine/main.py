@@ -43,7 +43,8 @@ def _run_controller(ctx, job: JobFile) -> None:
                           on_result=reporter.advance)
     DOING["what"] = "dispatching requests and collecting results"
     with reporter:
-        stats = Controller(ctx, job.config, codec, specs, writer, read_shape(job.model_dir).vocab_size).run()
+        controller = Controller(ctx, job.config, codec, read_shape(job.model_dir).vocab_size)
+        stats = controller.run(controller.replay(specs, writer), writer)
     writer.close()
     reporter.summary(writer.records, stats, job.report, ctx.dtype)
 

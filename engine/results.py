@@ -41,7 +41,25 @@ def metrics_of(result: Result, arrival: float) -> dict:
     return out
 
 
-class ResultWriter:
+class Sink:
+    """Where the controller sends what becomes of each request: the results file, or the server's
+    streams. Only `write` is required."""
+
+    def write(self, req: Answered, result: Result | None) -> None:
+        """The request finished (result), or was refused (None: req.spec.error says why)."""
+        raise NotImplementedError
+
+    def tokens(self, req: Answered, new: list[int]) -> None:
+        """New tokens of a streamed request, in order."""
+
+    def first_token(self, req: Answered) -> None:
+        """The request has its first token."""
+
+    def instance_state(self, beat) -> None:
+        """An instance's heartbeat: its queue, batch and KV occupancy."""
+
+
+class ResultWriter(Sink):
     def __init__(self, path: str, codec: TextCodec, model_name: str, logits_dir: str | None = None,
                  on_result=None):
         self.codec, self.model_name, self.logits_dir, self.on_result = codec, model_name, logits_dir, on_result

@@ -15,6 +15,9 @@ One class serves the three roles; a role is the set of phases an instance runs:
 - colocated: both phases on the same ranks, prefill-prioritised (vLLM's default): a step is a
              prefill batch whenever one is admissible, else a decode step.
 Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
+An aborted request (client gone, drain timed out) leaves at once if it waits; one whose KV is
+already moving or in the batch finishes with reason "abort" at its next join or step, so every
+transfer posted still completes in order and every block is freed by the usual path.
 `schedule()` returns one SchedulerOutput: the step plan for the instance's ranks and the messages
 for peer instances and the controller; `on_step()` returns the messages its tokens cause.
 Pure Python: no torch, no MPI.
@@ -29,7 +32,7 @@ from typing import Any, Optional
 from engine.blocks import BlockAllocator, blocks_for
 from engine.stops import Decode, TextState, stop_cut
 from launcher.protocol import (FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request, Result,
-                               SeqChunk, StepPlan, Tag)
+                               SeqChunk, StepPlan, Tag, TokensOut)
 
 CONTROLLER = -1  # the controller's address in SchedulerOutput.messages (others: instance ids)
 
@@ -100,6 +103,8 @@ class Scheduler:
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
         self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
         self.pending_releases: list[int] = []
+        self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
+        self.dropped: set[int] = set()               # decode: dropped before its pull; its first token is still due
         self.peak_blocks = 0
         self.peak_batch = 0
         self.steps = 0
@@ -108,11 +113,17 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.waiting.append(Sequence(request))
 
-    def add_incoming(self, incoming: KVIncoming) -> None:
+    def add_incoming(self, incoming: KVIncoming) -> list[tuple[int, Tag, Any]]:
         self.incoming.append(incoming)
+        if incoming.request.req_id in self.aborted:  # the abort came first
+            return self.abort(incoming.request.req_id)
+        return []
 
     def add_first_token(self, first: FirstToken) -> None:
         """The first token of an announced request (which may not be pulled yet)."""
+        if first.req_id in self.dropped:
+            self.dropped.discard(first.req_id)
+            return
         seq = self.pulling.get(first.req_id)
         if seq is None:
             self.firsts[first.req_id] = first
@@ -133,6 +144,26 @@ class Scheduler:
         """The decode side has all of the request's KV: free the held blocks."""
         self.allocator.free(self.held.pop(req_id).blocks)
         self.pending_releases.append(req_id)
+
+    def abort(self, req_id: int) -> list[tuple[int, Tag, Any]]:
+        """Ends a request early; returns the messages that causes. A prefill instance ends only
+        requests it has not started (the controller tells the decode instance about later ones)."""
+        waiting = next((seq for seq in self.waiting if seq.req_id == req_id), None)
+        if waiting is not None:
+            self.waiting.remove(waiting)
+            waiting.finish_reason = "abort"
+            return [(CONTROLLER, Tag.RESULT, self._result(waiting))]
+        incoming = next((i for i in self.incoming if i.request.req_id == req_id), None)
+        if incoming is not None:  # announced, not pulled: the prefill side frees its held KV, no transfer
+            self.incoming.remove(incoming)
+            self.aborted.discard(req_id)
+            if self.firsts.pop(req_id, None) is None:
+                self.dropped.add(req_id)
+            seq = Sequence(incoming.request, finish_reason="abort")
+            return [(incoming.prefill_instance, Tag.PULLED, Pulled(req_id)), (CONTROLLER, Tag.RESULT, self._result(seq))]
+        if self.role != "prefill":
+            self.aborted.add(req_id)
+        return []
 
     def rank_arrived(self, req_id: int) -> None:
         self.arrived[req_id] = self.arrived.get(req_id, 0) + 1
@@ -235,9 +266,20 @@ class Scheduler:
                 sends.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), decode_instance))
         return sends
 
+    def _reap_aborted(self, out: SchedulerOutput) -> None:
+        """Aborted sequences of the batch that no step in flight holds leave before the next step."""
+        flying = {seq.req_id for step in self.in_flight for seq in step}
+        for seq in [s for s in self.running if s.req_id in self.aborted and s.req_id not in flying]:
+            self.running.remove(seq)
+            self.allocator.free(seq.blocks)
+            self._finished(seq)
+            out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
+
     def schedule(self) -> SchedulerOutput:
         """The next step for the instance's ranks and the messages it causes."""
         out = SchedulerOutput(StepPlan())
+        if self.aborted:
+            self._reap_aborted(out)
         releases, self.pending_releases = tuple(self.pending_releases), []
         sends = self._post_sends()
         joins, recvs = [], []
@@ -264,6 +306,11 @@ class Scheduler:
         self.steps += bool(chunks)
         return out
 
+    def state(self) -> dict:
+        """What the heartbeat reports: queue, batch and KV occupancy."""
+        return {"waiting": len(self.waiting) + len(self.incoming), "running": len(self.running),
+                "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks}
+
     def stats(self) -> dict:
         import resource
 
@@ -275,7 +322,9 @@ class Scheduler:
     def _finished(self, seq: Sequence) -> bool:
         """EOS, then stop strings (decided here, once: the text is cut where one begins), then length."""
         sampling = seq.request.sampling
-        if seq.output[-1] in self.eos_ids and not sampling.ignore_eos:
+        if seq.req_id in self.aborted:
+            seq.finish_reason = "abort"
+        elif seq.output[-1] in self.eos_ids and not sampling.ignore_eos:
             seq.finish_reason = "stop"
         elif sampling.stop and self.decode is not None and \
                 (cut := stop_cut(seq.text_state, seq.output, sampling.stop, self.decode)) is not None:
@@ -285,6 +334,7 @@ class Scheduler:
         return seq.finish_reason is not None
 
     def _result(self, seq: Sequence) -> Result:
+        self.aborted.discard(seq.req_id)
         return Result(seq.req_id, self.instance_id, tuple(seq.output), seq.finish_reason, dict(seq.times),
                       tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else ())
 
@@ -293,8 +343,11 @@ class Scheduler:
         step in flight; returns the messages they cause: first tokens of held KV, finished requests."""
         now = time.time()
         messages = []
+        streamed = []
         step = self.in_flight.popleft()
         for i, (seq, token) in enumerate(zip(step, tokens)):
+            if seq.request.stream:
+                streamed.append((seq.req_id, len(seq.output), token))
             seq.output.append(token)
             seq.token_times.append(now)
             if logits is not None:
@@ -307,7 +360,7 @@ class Scheduler:
                 seq.times["transfer_start"] = now
                 messages.append((seq.request.decode_instance, Tag.FIRST_TOKEN,
                                  FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits))))
-                messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id)))
+                messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):
                 self.allocator.free(seq.blocks)
                 if seq in self.running:
@@ -315,4 +368,7 @@ class Scheduler:
                 messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
             elif first:
                 self.running.append(seq)
+                messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
+        if streamed:  # before the results: the controller keeps what a result makes redundant out anyway
+            messages.insert(0, (CONTROLLER, Tag.TOKENS_OUT, TokensOut(self.instance_id, tuple(streamed))))
         return messages

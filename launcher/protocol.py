@@ -35,6 +35,8 @@ class Tag(IntEnum):
     NEXT_ARRIVAL = 15  # controller -> leaders -> followers: NextArrival
     PREFILL_DONE = 16  # prefill leader -> controller: PrefillDone (the request left the prefill queue)
     PROFILE = 17       # leader -> controller in profile mode: ProfileSamples
+    TOKENS_OUT = 18    # leader -> controller: TokensOut (streamed requests' new tokens, one message a step)
+    ABORT = 19         # controller -> leader: Abort (the client went away or the drain timed out)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,22 @@ class Request:
     sampling: SamplingParams
     arrival: float
     decode_instance: int = -1
+    stream: bool = False        # its leaders report each token as it comes (TokensOut)
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Stop this request and free its KV: at once if it waits, else at its next step or join."""
+
+    req_id: int
+
+
+@dataclass(frozen=True)
+class TokensOut:
+    """A step's new tokens of streamed requests: (req_id, index in its output, token) each."""
+
+    instance: int
+    tokens: tuple[tuple[int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -119,16 +137,23 @@ class Result:
 
 @dataclass(frozen=True)
 class PrefillDone:
-    """The prefill instance is done with this request (its KV now waits for the decode side)."""
+    """The request has its first token (a prefill instance: its KV now waits for the decode side)."""
 
     req_id: int
     prefill_instance: int
+    at: float = 0.0             # when its first token came (wall-clock s)
 
 
 @dataclass(frozen=True)
 class Heartbeat:
+    """Alive, how far it got, and its scheduler's state (the server's /metrics)."""
+
     instance: int
     steps: int
+    waiting: int = 0            # requests queued for prefill (prefill, colocated) or for a pull (decode)
+    running: int = 0            # sequences decoding
+    kv_used: int = 0            # KV blocks taken (a prefill instance: its hold area)
+    kv_blocks: int = 0
 
 
 @dataclass(frozen=True)

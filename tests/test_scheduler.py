@@ -247,7 +247,7 @@ def test_stop_strings_are_decided_on_the_leader_and_cut_the_text_once():
     messages = []
     for b in text.encode():
         messages = s.on_step([b])
-        if messages:
+        if finished(messages):
             break
         s.schedule()
     (result,) = finished(messages)
@@ -271,3 +271,72 @@ def test_incremental_text_matches_a_full_decode_with_split_characters():
         output.append(b)
         cuts.append(stop_cut(state, output, ("€ST", "cd"), byte_decode))
     assert [c for c in cuts if c is not None][0] == "ab"               # the earliest stop string wins
+
+
+def test_abort_frees_a_colocated_request_wherever_it_is():
+    s = sched("colocated", blocks=64, budget=64)
+    for i in range(3):
+        s.add_request(req(i, 8, max_tokens=10))
+    s.schedule()                                             # 0-2 in one prefill step
+    s.add_request(req(3, 8, max_tokens=10))
+    (result,) = finished(s.abort(3))                         # still queued: gone at once
+    assert result.finish_reason == "abort" and result.output == ()
+    assert not finished(s.abort(0))                          # its step is in flight: ends when it returns
+    messages = s.on_step([7, 7, 7])
+    assert [(r.req_id, r.finish_reason) for r in finished(messages)] == [(0, "abort")]
+    s.abort(1)                                               # decoding, no step in flight: leaves before the next
+    out = s.schedule()
+    assert [(r.req_id, r.finish_reason) for r in finished(out.messages)] == [(1, "abort")]
+    assert [c.req_id for c in out.step.seqs] == [2]
+    s.on_step([7])
+    assert s.allocator.num_used == s._reserve(s.running[0]) and not s.aborted
+
+
+def test_abort_on_the_prefill_side_only_ends_requests_not_started():
+    s = sched("prefill", budget=8)
+    s.add_request(req(0, 8, max_tokens=4, decode_instance=1))
+    s.add_request(req(1, 8, max_tokens=4, decode_instance=1))
+    s.schedule()                                             # 0 prefills (announced to decode instance 1)
+    assert not s.abort(0)                                    # started: its decode instance ends it
+    (result,) = finished(s.abort(1))
+    assert result.req_id == 1 and result.finish_reason == "abort"
+    messages = s.on_step([7])
+    assert sent(messages, Tag.FIRST_TOKEN, 1) and not finished(messages)  # its KV is held for the pull
+    s.pulled(0)                                              # the decode side dropped it: the hold area frees
+    assert s.allocator.num_used == 0 and s.schedule().step.kv_releases == (0,)
+
+
+def test_abort_on_the_decode_side_drops_or_finishes_without_a_step():
+    s = sched("decode", blocks=4, budget=64)
+    r0, r1, r2 = (req(i, 8, max_tokens=8, decode_instance=0) for i in range(3))
+    announce(s, r0)
+    s.schedule()                                             # 0 pulls (3 of 4 blocks)
+    announce(s, r1)                                          # waits for room
+    messages = s.abort(1)
+    assert sent(messages, Tag.PULLED, 0)[0].req_id == 1      # the prefill side frees its copy, no transfer
+    assert [(r.req_id, r.finish_reason) for r in finished(messages)] == [(1, "abort")]
+    assert not s.incoming and 1 not in s.firsts
+    assert not s.abort(2)                                    # not announced yet: remembered
+    messages = s.add_incoming(KVIncoming(r2, 0))
+    assert [r.req_id for r in finished(messages)] == [2] and sent(messages, Tag.PULLED, 0)
+    s.add_first_token(FirstToken(2, 0, 7, {"first_token": 0.0}))  # its first token still comes: ignored
+    assert not s.firsts and not s.dropped
+    s.abort(0)                                               # receives posted: the transfer completes, then it ends
+    s.rank_arrived(0)
+    out = s.schedule()
+    assert [(r.req_id, r.finish_reason) for r in finished(out.messages)] == [(0, "abort")]
+    assert out.step.kv_joins == (0,) and not out.step.seqs and s.allocator.num_used == 0 and not s.busy()
+
+
+def test_streamed_requests_report_each_token_with_its_index():
+    s = sched("colocated", budget=64)
+    s.add_request(Request(0, (5, 6), SamplingParams(max_tokens=3, ignore_eos=True), 0.0, stream=True))
+    s.add_request(req(1, 2, max_tokens=3))
+    s.schedule()
+    messages = s.on_step([7, 8])
+    (out,) = sent(messages, Tag.TOKENS_OUT, CONTROLLER)
+    assert out.tokens == ((0, 0, 7),)                        # only the streamed request
+    assert [m.req_id for m in sent(messages, Tag.PREFILL_DONE, CONTROLLER)] == [0, 1]
+    s.schedule()
+    (out,) = sent(s.on_step([9, 9]), Tag.TOKENS_OUT)
+    assert out.tokens == ((0, 1, 9),)
