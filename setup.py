@@ -21,6 +21,9 @@ setup(
         "jinja2",
         "numpy",
         "matplotlib",
+        "fastapi",  # pdlaunch serve: the OpenAI API (what vLLM serves with)
+        "uvicorn",
+        "prometheus_client",
     ],
     extras_require={"test": ["pytest", "transformers"]},
     entry_points={"console_scripts": ["pdlaunch=launcher.cli:main"]},

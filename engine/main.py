@@ -49,6 +49,38 @@ def _run_controller(ctx, job: JobFile) -> None:
     reporter.summary(writer.records, stats, job.report, ctx.dtype)
 
 
+def _run_server(ctx, job: JobFile) -> None:
+    """Serve mode: the OpenAI-compatible HTTP server on a thread, the controller's loop on this one,
+    until a drain (SIGTERM, or the launcher's drain file) ends it."""
+    import signal
+
+    from engine.controller import Controller
+    from engine.frontend import Frontend
+    from engine.http_api import HttpServer, build_app
+    from engine.serve_metrics import ServeMetrics
+    from engine.tokenizer import TextCodec
+
+    cfg = job.config
+    codec = TextCodec(job.model_dir)
+    controller = Controller(ctx, cfg, codec, read_shape(job.model_dir).vocab_size)
+    frontend = Frontend(controller, cfg.serve, ServeMetrics(cfg.slo, cfg.scheduler.block_size), job.drain_file)
+    name = cfg.serve.model_name or os.path.basename(job.model_dir.rstrip("/"))  # the launcher sets it
+    DOING["what"] = f"opening the HTTP port {cfg.serve.host}:{cfg.serve.port}"
+    server = HttpServer(build_app(frontend, codec, name, cfg.model.max_model_len), cfg.serve.host, cfg.serve.port)
+    host = socket.gethostname() if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    frontend.announce = (f"pdlaunch: serving '{name}' at http://{host}:{cfg.serve.port}/v1 (OpenAI completions and "
+                         "chat; /health, /metrics); SIGTERM drains")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, frontend.drain)
+    server.start()
+    DOING["what"] = "serving requests"
+    stats = controller.run(frontend, frontend)
+    server.stop()
+    served = sum(s["forward_steps"] for s in stats["instances"])
+    print(f"pdlaunch: drained after {stats['wall_s']:.0f} s ({served} forward steps); every rank ends",
+          file=sys.stderr, flush=True)
+
+
 def _run_profile_controller(ctx, job: JobFile) -> None:
     """Profile mode: collect each instance's timings and write them for the launcher to fit."""
     import json
@@ -128,11 +160,17 @@ def main(argv=None) -> int:
         ctx = start(job.plan, job.config.cluster, job.config.model.dtype)
         if ctx.is_controller and job.mode == "profile":
             _run_profile_controller(ctx, job)
+        elif ctx.is_controller and job.mode == "serve":
+            _run_server(ctx, job)
         elif ctx.is_controller:
             _run_controller(ctx, job)
         else:
             from engine.comm import Beacon
 
+            if job.mode == "serve":  # rank 0 drains on SIGTERM and then ends every rank; a direct one must not cut that short
+                import signal
+
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             beacon = Beacon(ctx.world)
             _run_instance(ctx, job)
             beacon.stop()

@@ -44,3 +44,16 @@ def stop_cut(state: TextState, output: list[int], stops: tuple[str, ...], decode
     start = max(0, len(state.text) - len(new) - longest + 1)  # earlier text was searched before
     hits = [i for i in (state.text.find(s, start) for s in stops) if i >= 0]
     return state.text[:min(hits)] if hits else None
+
+
+def safe_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of a growing text can be shown before its request finishes: up to the first stop
+    string in it, and short of a tail that a stop string may begin with (the next tokens may
+    complete it, and then that tail is not part of the answer)."""
+    if not stops:
+        return len(text)
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return min(hits)
+    held = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+    return len(text) - held

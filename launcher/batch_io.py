@@ -106,6 +106,16 @@ def _prompt(prompt):
     raise ValueError("missing 'prompt' (a non-empty string or list of token ids) or 'messages'")
 
 
+def fill_request(spec: RequestSpec, body: dict) -> None:
+    """The prompt (or messages) and sampling fields of a request body, as the OpenAI API names
+    them, checked into `spec` (whose kind is set); raises ValueError naming what is wrong."""
+    if spec.kind == "chat":
+        spec.messages = _messages(body.get("messages"))
+    else:
+        spec.prompt = _prompt(body.get("prompt"))
+    spec.sampling = _check_sampling(body)
+
+
 def parse_line(index: int, line: str) -> RequestSpec:
     """One input line's request; a line without custom_id is named by its content hash (not its
     line number), so inserting lines into the input never moves an answer to another prompt."""
@@ -144,11 +154,7 @@ def parse_line(index: int, line: str) -> RequestSpec:
             spec.arrival_s = arrival
             body = obj
             spec.kind = "chat" if "messages" in body else "completion"
-        if spec.kind == "chat":
-            spec.messages = _messages(body.get("messages"))
-        else:
-            spec.prompt = _prompt(body.get("prompt"))
-        spec.sampling = _check_sampling(body)
+        fill_request(spec, body)
     except ValueError as e:
         spec.error = f"line {index + 1}: {e}"
     return spec

@@ -37,6 +37,17 @@ def main(argv=None) -> int:
     gen = sub.add_parser("generate", help="offline batch generation on the configured placement")
     _add_job_args(gen)
     gen.set_defaults(func=("launcher.jobs", "generate"))
+    sv = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, streaming) from the configured "
+                                      "placement until SIGTERM, which drains")
+    sv.add_argument("config", help="job config YAML (see configs/)")
+    sv.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port to listen on (default: serve.port, 8000)")
+    sv.add_argument("--launcher", choices=("mpirun", "deepspeed", "srun"), default="mpirun",
+                    help="how to start the ranks (srun: inside a Slurm allocation)")
+    sv.add_argument("--plan", help="plan file to run (from `pdlaunch plan`), instead of placement.plan")
+    sv.add_argument("--run-dir", help="where the job, plan and rank log go (default: run_dir)")
+    sv.add_argument("--dry-run", action="store_true", help="print the launch command and stop")
+    sv.set_defaults(func=("launcher.serving", "serve"))
     pl = sub.add_parser("plan", help="search the placement (DistServe Algorithm 1/2) and write a plan file")
     pl.add_argument("config")
     pl.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default: plan.yaml)")

@@ -99,6 +99,15 @@ class WorkloadConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # where `pdlaunch serve` listens (0.0.0.0: every interface of rank 0's node)
+    port: int = 8000
+    model_name: str = ""     # the `model` clients send; empty: the model directory's name
+    max_queue: int = 64      # most admitted requests waiting for their first token; more get 429 at once
+    drain_s: float = 30.0    # on SIGTERM: how long running requests may take to finish
+
+
+@dataclass
 class PlannerConfig:
     profile: str = ""               # DistServe-format latency profile (from `pdlaunch profile` or configs/profiles/distserve-*.json)
     profile_model: Optional[str] = None   # the entry of the profile file to use
@@ -134,6 +143,7 @@ class JobConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     run_dir: str = "runs/latest"
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -149,7 +159,7 @@ POSITIVE_INTS = {
     "placement.colocated.tp", "placement.colocated.pp", "scheduler.prefill_token_budget",
     "scheduler.max_decode_batch", "scheduler.block_size", "scheduler.prefill_kv_blocks",
     "scheduler.decode_kv_blocks", "planner.num_requests",
-    "planner.max_requests",
+    "planner.max_requests", "serve.port", "serve.max_queue",
 }
 ZERO_ALLOWED = {"cluster.master_port", "placement.prefill.instances", "placement.decode.instances"}
 
@@ -236,6 +246,8 @@ def _check_ranges(cfg: JobConfig) -> None:
         raise UserError("config: 'scheduler.idle_sleep_ms' must be in (0, 1000] milliseconds")
     if cfg.scheduler.watchdog_s <= 0:
         raise UserError("config: 'scheduler.watchdog_s' must be > 0 seconds")
+    if cfg.serve.port > 65535 or cfg.serve.drain_s < 0:
+        raise UserError("config: 'serve.port' must be in [1, 65535] and 'serve.drain_s' >= 0 seconds")
     p = cfg.placement
     if p.mode == "disaggregated" and (p.prefill.instances < 1 or p.decode.instances < 1) and not p.plan:
         raise UserError("config: disaggregated placement needs 'placement.prefill.instances' and "

@@ -14,7 +14,7 @@ from launcher.config import JobConfig, config_from_dict
 from launcher.plan import Plan, plan_from_dict
 from launcher.planner.latency import prefill_token_budget
 
-MODES = ("generate", "profile")
+MODES = ("generate", "profile", "serve")
 
 
 @dataclass
@@ -22,7 +22,7 @@ class JobFile:
     config: JobConfig
     plan: Plan
     model_dir: str                  # the HF directory the ranks load
-    mode: str = "generate"          # generate: serve the input; profile: time steps of fixed shapes
+    mode: str = "generate"          # generate: the input file; serve: the HTTP API; profile: time steps of fixed shapes
     input: str = ""                 # the run directory's copy of the requests
     output: str = ""                # results JSONL, appended to
     report: str = ""                # report.json: summary, per-instance stats, step timings
@@ -31,6 +31,7 @@ class JobFile:
     pending_requests: int = 0
     dump_logits: Optional[str] = None  # directory for every generated token's logits
     profile_samples: Optional[str] = None  # profile mode: where the controller writes the timings
+    drain_file: Optional[str] = None  # serve mode: the launcher creates it to drain the server
     token_budgets: tuple[int, ...] = ()  # L_m of each instance (plan order); empty: resolved from the config
 
     def __post_init__(self):

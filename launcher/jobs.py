@@ -115,6 +115,16 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def writable_run_dir(path: str) -> str:
+    run_dir = os.path.abspath(path)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as e:
+        raise UserError(f"run_dir: cannot write in '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
+    return run_dir
+
+
 def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
     """Validates everything and writes RUN_DIR/job.json; returns (the job, its launch command, the
     command's environment)."""
@@ -136,12 +146,7 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
     if os.path.isdir(output):
         raise UserError(f"output: '{output}' is a directory; pass a file path as --output")
     _writable_output(output)
-    run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()
-    except OSError as e:
-        raise UserError(f"run_dir: cannot write in '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
+    run_dir = writable_run_dir(args.run_dir or cfg.resolve(cfg.run_dir))
     input_path, specs = snapshot_input(source, run_dir)
     if not args.dry_run:
         check_hosts(cfg, plan)

@@ -86,11 +86,15 @@ def rank_environment(extra_env: dict | None) -> dict:
     return env
 
 
-def launch(cmd: list[str], plan: Plan, extra_env: dict | None = None, log_path: str | None = None) -> int:
+def launch(cmd: list[str], plan: Plan, extra_env: dict | None = None, log_path: str | None = None,
+           drain: tuple[str, float] | None = None) -> int:
     """Runs the ranks to the end, from the package root (the deepspeed launcher puts its working
     directory first on the ranks' path; absolute paths everywhere else). SIGTERM, SIGHUP and Ctrl-C end the job (SIGTERM to its process
     group, SIGKILL 10 s later) and return 128 + the signal; the job also ends if this process is
-    killed outright."""
+    killed outright. With `drain` = (file, seconds) (a server), the first such signal creates the
+    file instead (rank 0 then stops admission, lets running requests finish and ends every rank)
+    and the job's own exit code is returned; a second signal, or the job outliving `seconds`,
+    ends it as above."""
     try:
         proc = subprocess.Popen(cmd, env=rank_environment(extra_env), cwd=PACKAGE_ROOT, start_new_session=True,
                                 stderr=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_die_with_parent)
@@ -101,14 +105,21 @@ def launch(cmd: list[str], plan: Plan, extra_env: dict | None = None, log_path: 
 
     def stop(signum, frame):
         received.append(signum)
+        if drain and len(received) == 1 and signum != signal.SIGALRM:
+            with open(drain[0], "w"):
+                pass
+            signal.alarm(max(1, int(drain[1] + 1)))
+            return
         raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS + ((signal.SIGALRM,) if drain else ())}
     log = RankLog(plan, log_path)
     try:
         for line in proc.stderr:
             log.feed(line)
-        return proc.wait()
+        rc = proc.wait()
+        signal.alarm(0)
+        return rc
     except KeyboardInterrupt:
         _end_group(proc)
         return 128 + (received[-1] if received else signal.SIGINT)

@@ -92,3 +92,62 @@ def run_pdlaunch(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 def read_results(path) -> dict[str, dict]:
     with open(path) as f:
         return {r["custom_id"]: r for r in map(json.loads, f)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`pdlaunch serve CONFIG` in the background: started, waited for until it prints its URL,
+    and stopped with SIGTERM (a drain); `stop()` returns the exit code and keeps stderr."""
+
+    def __init__(self, config: str, run_dir: str, startup_s: float = 240):
+        import threading
+        import time
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", config, "--port", str(self.port),
+                                      "--run-dir", run_dir], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.time() + startup_s
+        while not self.ready.wait(0.5):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                raise AssertionError("the server did not start:\n" + "".join(self.lines)[-3000:])
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "pdlaunch: serving" in line:
+                self.ready.set()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 90) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("the server did not drain in time:\n" + self.stderr[-3000:]) from None
+
+
+def rank_processes(run_dir: str) -> list[int]:
+    """PIDs of rank processes still running for the job in run_dir."""
+    out = subprocess.run(["pgrep", "-f", f"engine.main --job {run_dir}/job.json"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]

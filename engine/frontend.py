@@ -1,0 +1,204 @@
+"""The server's bridge between its HTTP thread and the controller's loop (rank 0's main thread).
+
+The HTTP side submits checked requests and cancels them; the controller's loop takes them as its
+source and hands back tokens and results as its sink. Each request's events go to an asyncio
+queue on the server's event loop (call_soon_threadsafe): the controller never waits on a client,
+and MPI stays on the main thread.
+
+Admission: a request is refused at once (429 with Retry-After) when `serve.max_queue` admitted
+requests are already waiting for their first token, which happens when the prefill side cannot
+keep up or its hold area and the decode KV are full; nothing admitted is ever dropped.
+Drain (SIGTERM, or the launcher's drain file): new requests get 503, running ones have
+`serve.drain_s` to finish, then the rest are aborted and the job ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from engine import comm as c
+from engine.controller import Controller, Pending
+from engine.results import Sink
+from engine.serve_metrics import ServeMetrics
+from launcher.protocol import Heartbeat, Result
+
+DRAIN_POLL_S = 0.25  # how often the drain file is looked for
+STALE_BEATS = 3      # /health fails when an instance's heartbeat is this many periods old
+
+
+class Rejected(Exception):
+    """A request the server will not take now: HTTP status, message, and when to retry (s)."""
+
+    def __init__(self, status: int, message: str, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+@dataclass
+class Live:
+    """An admitted request and where its events go."""
+
+    pending: Pending
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+
+
+class Frontend(Sink):
+    def __init__(self, controller: Controller, serve_cfg, metrics: ServeMetrics, drain_file: Optional[str] = None):
+        self.controller, self.cfg, self.metrics, self.drain_file = controller, serve_cfg, metrics, drain_file
+        self.roles = {i.id: i.role for i in controller.ctx.plan.instances}
+        self.lock = threading.Lock()
+        self.inbox: deque[Pending] = deque()
+        self.live: dict[int, Live] = {}
+        self.cancelled: list[int] = []
+        self.ids = itertools.count()
+        self.wake = threading.Event()            # the controller's sleep ends when a request comes
+        self.drain_at: Optional[float] = None    # monotonic time the drain began
+        self.drain_aborted = False
+        self.next_drain_check = 0.0
+        self.beats: dict[int, float] = {}        # instance -> monotonic time of its last heartbeat
+        self.firsts: deque[float] = deque(maxlen=64)  # monotonic times of recent first tokens
+        self.announce: Optional[str] = None      # printed once every instance is up
+
+    # ---- the HTTP thread ------------------------------------------------------------------------
+    def new_id(self) -> int:
+        return next(self.ids)
+
+    def submit(self, p: Pending, loop: asyncio.AbstractEventLoop, arrival: float) -> asyncio.Queue:
+        """Admits a checked request that arrived at `arrival` (wall-clock s, when its handler began);
+        raises Rejected when draining or the queue is full."""
+        with self.lock:
+            if self.drain_at is not None:
+                raise Rejected(503, "the server is shutting down; send the request to another replica", 5)
+            queued = len(self.inbox) + self.controller.awaiting_first
+            if queued >= self.cfg.max_queue:
+                raise Rejected(429, f"the server is at capacity ({queued} requests wait for their first token, "
+                                    f"serve.max_queue = {self.cfg.max_queue}); retry later", self._retry_after(queued))
+            p.arrival = arrival
+            live = Live(p, loop, asyncio.Queue())
+            self.live[p.spec.index] = live
+            self.inbox.append(p)
+        self.metrics.in_flight.inc()
+        self.wake.set()
+        return live.events
+
+    def _retry_after(self, queued: int) -> int:
+        """Seconds until the queue has room at the recent rate of first tokens (at least 1)."""
+        if len(self.firsts) < 2 or self.firsts[-1] <= self.firsts[0]:
+            return 1
+        rate = (len(self.firsts) - 1) / (self.firsts[-1] - self.firsts[0])
+        return max(1, math.ceil((queued - self.cfg.max_queue + 1) / rate))
+
+    def cancel(self, req_id: int) -> None:
+        """The client went away: the request ends and its KV is freed on every instance."""
+        with self.lock:
+            live = self.live.pop(req_id, None)
+            if live is None:
+                return
+            if live.pending in self.inbox:  # not dispatched yet
+                self.inbox.remove(live.pending)
+            else:
+                self.cancelled.append(req_id)
+        self.metrics.requests.labels("aborted").inc()
+        self.metrics.in_flight.dec()
+        self.wake.set()
+
+    def health(self) -> tuple[bool, str]:
+        if not self.controller.started:
+            return False, "loading the model"
+        if self.drain_at is not None:
+            return False, "draining: the server is shutting down"
+        now = time.monotonic()
+        stale = [f"{self.roles[i]} instance {i} ({now - t:.0f} s)" for i, t in sorted(self.beats.items())
+                 if now - t > STALE_BEATS * c.HEARTBEAT_S]
+        if stale:
+            return False, "no heartbeat from " + ", ".join(stale)
+        return True, "ok"
+
+    # ---- signals (main thread) ------------------------------------------------------------------
+    def drain(self, *_signal) -> None:
+        if self.drain_at is None:
+            self.drain_at = time.monotonic()
+            print(f"pdlaunch: draining: no new requests; {len(self.live)} running may take up to "
+                  f"{self.cfg.drain_s:g} s", file=sys.stderr, flush=True)
+            self.wake.set()
+
+    # ---- the controller's source --------------------------------------------------------------
+    def take(self, elapsed: float) -> list[Pending]:
+        self._look_for_drain_file()
+        with self.lock:
+            due, self.inbox = list(self.inbox), deque()
+        start = time.time() - elapsed
+        for p in due:
+            p.offset_s = p.arrival - start
+        return due
+
+    def next_offset(self) -> Optional[float]:
+        return None  # arrivals are not known in advance
+
+    def _look_for_drain_file(self) -> None:
+        now = time.monotonic()
+        if self.drain_file and self.drain_at is None and now >= self.next_drain_check:
+            self.next_drain_check = now + DRAIN_POLL_S
+            if os.path.exists(self.drain_file):
+                self.drain()
+
+    def exhausted(self) -> bool:
+        return self.drain_at is not None and not self.inbox
+
+    def aborts(self) -> list[int]:
+        with self.lock:
+            out, self.cancelled = self.cancelled, []
+            if self.drain_at is not None and not self.drain_aborted and \
+                    time.monotonic() - self.drain_at > self.cfg.drain_s:
+                self.drain_aborted = True
+                out += list(self.live)
+                print(f"pdlaunch: drain: serve.drain_s = {self.cfg.drain_s:g} s passed; aborting {len(self.live)} "
+                      "request(s)", file=sys.stderr, flush=True)
+        return out
+
+    # ---- the controller's sink ----------------------------------------------------------------
+    @staticmethod
+    def _push(live: Live, event: tuple) -> None:
+        try:
+            live.loop.call_soon_threadsafe(live.events.put_nowait, event)
+        except RuntimeError:  # the server's loop is closed: nobody listens any more
+            pass
+
+    def tokens(self, req: Pending, new: list[int]) -> None:
+        live = self.live.get(req.spec.index)
+        if live is not None:
+            self._push(live, ("tokens", new))
+
+    def first_token(self, req: Pending) -> None:
+        self.firsts.append(time.monotonic())
+        self.metrics.waiting_first.set(self.controller.awaiting_first)
+
+    def write(self, req: Pending, result: Optional[Result]) -> None:
+        with self.lock:
+            live = self.live.pop(req.spec.index, None)
+        if result is not None and result.finish_reason != "abort":
+            self.metrics.requests.labels("finished").inc()
+            self.metrics.generation_tokens.inc(len(result.output))
+            self.metrics.finished(req.prompt_tokens, result, req.arrival)
+        elif live is not None:  # aborted by the drain (a client's own abort is counted when it leaves)
+            self.metrics.requests.labels("aborted").inc()
+        if live is not None:
+            self.metrics.in_flight.dec()
+            self._push(live, ("result", result))
+        self.metrics.waiting_first.set(self.controller.awaiting_first)
+
+    def instance_state(self, beat: Heartbeat) -> None:
+        self.beats[beat.instance] = time.monotonic()
+        self.metrics.instance(beat, self.roles[beat.instance])
+        if self.announce and len(self.beats) == len(self.roles):
+            print(self.announce, file=sys.stderr, flush=True)
+            self.announce = None

@@ -1,0 +1,268 @@
+"""The OpenAI-compatible HTTP API of `pdlaunch serve`, on rank 0 beside the controller's loop.
+
+FastAPI on uvicorn (what vLLM serves with: its users know the stack, and uvicorn runs in a thread
+of its own, so the controller's MPI loop keeps the main thread). Endpoints: POST /v1/completions
+and /v1/chat/completions (JSON, or server-sent events with `stream: true`, chunks shaped as
+OpenAI's, `[DONE]` last, usage with `stream_options.include_usage`), GET /v1/models, /health,
+/metrics. A request is checked exactly as an input line of `pdlaunch generate` is; what the
+engine cannot do gets a 400 with an OpenAI error body, never a silent ignore. A client that goes
+away aborts its request.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from typing import AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from engine.frontend import Frontend, Rejected
+from engine.stops import TextState, advance, safe_length
+from engine.tokenizer import TextCodec
+from launcher.batch_io import RequestSpec, fill_request
+
+DISCONNECT_CHECK_S = 0.5  # how often a waiting handler looks whether its client is still there
+KINDS = {"completion": ("cmpl", "text_completion"), "chat": ("chatcmpl", "chat.completion")}
+
+
+def error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+          retry_after: Optional[int] = None) -> JSONResponse:
+    """An OpenAI-shaped error response."""
+    kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class ClientGone(Exception):
+    pass
+
+
+class StreamedText:
+    """A streamed request's text as its tokens come: each piece shown once it can no longer
+    change (incremental detokenisation; a tail a stop string may begin with is held back)."""
+
+    def __init__(self, codec: TextCodec, stops: tuple[str, ...]):
+        self.codec, self.stops = codec, stops
+        self.state, self.output, self.shown = TextState(), [], 0
+
+    def add(self, tokens: list[int]) -> str:
+        self.output += tokens
+        advance(self.state, self.output, self.codec.decode)
+        return self._show(safe_length(self.state.text, self.stops))
+
+    def finish(self, final_text: str) -> str:
+        """The rest of the answer once the engine's result decided it (what was shown is a prefix of it)."""
+        return final_text[self.shown:]
+
+    def _show(self, upto: int) -> str:
+        piece = self.state.text[self.shown:upto] if upto > self.shown else ""
+        self.shown = max(self.shown, upto)
+        return piece
+
+
+def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_len: int) -> FastAPI:
+    app = FastAPI(title="pdlaunch", docs_url=None, redoc_url=None)
+    controller = frontend.controller
+
+    async def read_body(request: Request) -> dict:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise BadRequest(f"Content-Type must be application/json, got {content_type or 'none'!r}")
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    def checked(body: dict, kind: str) -> tuple[RequestSpec, bool, bool]:
+        """The request as the engine takes it, whether to stream, and whether to send usage then."""
+        model = body.pop("model", model_name)
+        if model != model_name:
+            raise BadRequest(f"the model '{model}' does not exist; this server serves '{model_name}'", "model",
+                             "model_not_found")
+        stream = body.pop("stream", False)
+        options = body.pop("stream_options", None) or {}
+        if not isinstance(stream, bool) or not isinstance(options, dict):
+            raise BadRequest("'stream' must be true or false and 'stream_options' an object", "stream")
+        if set(options) - {"include_usage"}:
+            raise BadRequest(f"stream_options {sorted(set(options) - {'include_usage'})} are not supported",
+                             "stream_options")
+        spec = RequestSpec(frontend.new_id(), "", kind=kind)
+        spec.custom_id = f"{KINDS[kind][0]}-{spec.index}"
+        try:
+            fill_request(spec, body)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return spec, stream, bool(options.get("include_usage"))
+
+    async def next_event(events: asyncio.Queue, request: Request) -> tuple:
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), DISCONNECT_CHECK_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGone from None
+
+    def envelope(spec: RequestSpec, created: int, obj: str, choices: list, usage: Optional[dict] = None) -> dict:
+        out = {"id": spec.custom_id, "object": obj, "created": created, "model": model_name, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def usage_of(prompt_tokens: int, result) -> dict:
+        n = len(result.output)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+
+    def final_text(result) -> str:
+        return result.text if result.text is not None else codec.decode(list(result.output))
+
+    async def serve(request: Request, kind: str):
+        arrival = time.time()  # TTFT counts reading, checking and tokenising the request too
+        try:
+            spec, stream, include_usage = checked(await read_body(request), kind)
+            p = controller.prepare(spec, where="request")
+            if p.params is None:
+                raise BadRequest(spec.error.removeprefix("request: "))
+            p.stream = stream
+            events = frontend.submit(p, asyncio.get_running_loop(), arrival)
+        except BadRequest as e:
+            frontend.metrics.requests.labels("invalid").inc()
+            return error(400, str(e), e.param, e.code)
+        except Rejected as e:
+            frontend.metrics.requests.labels("rejected").inc()
+            return error(e.status, str(e), retry_after=e.retry_after)
+        created = int(arrival)
+        if stream:
+            return StreamingResponse(sse(request, p, events, created, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            event = await next_event(events, request)
+            while event[0] == "tokens":
+                event = await next_event(events, request)
+        except ClientGone:
+            frontend.cancel(spec.index)
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        except asyncio.CancelledError:
+            frontend.cancel(spec.index)
+            raise
+        result = event[1]
+        if result.finish_reason == "abort":
+            return error(503, "the server shut down before the request finished; send it again", retry_after=5)
+        text = final_text(result)
+        choice = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}
+        choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
+        return JSONResponse(envelope(spec, created, KINDS[kind][1], [choice], usage_of(p.prompt_tokens, result)))
+
+    async def sse(request: Request, p, events: asyncio.Queue, created: int, include_usage: bool) -> AsyncIterator[str]:
+        spec = p.spec
+        chat = spec.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        text = StreamedText(codec, p.params.stop)
+        done = False
+
+        def chunk(piece: Optional[str], finish: Optional[str] = None) -> str:
+            if chat:
+                delta = {} if piece is None else {"content": piece}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            return sse_line(envelope(spec, created, obj, [choice], None))
+
+        try:
+            if chat:
+                yield sse_line(envelope(spec, created, obj, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                              "logprobs": None, "finish_reason": None}]))
+            while True:
+                kind, payload = await next_event(events, request)
+                if kind == "tokens":
+                    piece = text.add(payload)
+                    if piece:
+                        yield chunk(piece)
+                    continue
+                done = True
+                if payload.finish_reason == "abort":
+                    yield sse_line({"error": {"message": "the server shut down before the request finished",
+                                              "type": "service_unavailable", "param": None, "code": None}})
+                else:
+                    rest = text.finish(final_text(payload))
+                    if rest:
+                        yield chunk(rest)
+                    yield chunk(None if chat else "", payload.finish_reason)
+                    if include_usage:
+                        yield sse_line(envelope(spec, created, obj, [], usage_of(p.prompt_tokens, payload)))
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            if not done:  # the client went away (or the server is stopping): free the request's KV
+                frontend.cancel(spec.index)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await serve(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await serve(request, "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "pdlaunch",
+                                            "max_model_len": max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        ok, detail = frontend.health()
+        return JSONResponse({"status": detail}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(frontend.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class HttpServer:
+    """uvicorn on a socket bound here, in the calling thread (a port in use is a clear error on
+    the rank, not a failure inside the server's thread), served from a thread of its own."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError as e:
+            self.sock.close()
+            raise RuntimeError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
+        self.sock.listen(2048)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="pdlaunch-http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
