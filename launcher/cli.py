@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     sb.add_argument("--time", default="01:00:00")
     sb.add_argument("--partition")
     sb.add_argument("--launcher", choices=("mpirun", "srun"), default="mpirun")
+    sb.add_argument("--serve", action="store_true", help="serve the OpenAI API from the allocation instead of "
+                                                         "generating (the job log prints the URL)")
+    sb.add_argument("--port", type=int, help="with --serve: the port (default: serve.port)")
     sb.add_argument("--quiet", action="store_true")
     sb.set_defaults(func=("launcher.jobs", "sbatch"))
     si = sub.add_parser("simulate", help="replay a trace (arrival times and lengths) on a placement with the "

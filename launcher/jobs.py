@@ -229,15 +229,18 @@ def sbatch(args) -> int:
     hosts = cluster_hosts(cfg)
     plan = build_plan(cfg, hosts, model_dir)
     nodes = max(args.nodes, len(set(plan.rank_hosts())))
-    run_dir = os.path.abspath(cfg.resolve(cfg.run_dir))
+    run_dir = writable_run_dir(cfg.resolve(cfg.run_dir))  # Slurm writes the job log there: it must exist
     plan_path = os.path.abspath(args.output) + ".plan.yaml"
     write_plan(plan, plan_path)
+    serve = (args.port or cfg.serve.port, cfg.serve.drain_s) if args.serve else None
     script = commands.sbatch_script(os.path.abspath(args.config), plan_path, nodes, plan.ranks_per_host(),
                                     cfg.cluster.device == "cuda", args.time, args.partition, run_dir, PACKAGE_ROOT,
-                                    args.launcher)
+                                    args.launcher, serve)
     with open(args.output, "w") as f:
         f.write(script)
     if not args.quiet:
-        print(f"wrote {args.output} and its plan {plan_path}: {nodes} node(s), {plan.world_size} ranks; "
+        what = f"; it serves on port {serve[0]} of the first node (the URL is in {run_dir}/slurm-<job id>.out)" \
+            if serve else ""
+        print(f"wrote {args.output} and its plan {plan_path}: {nodes} node(s), {plan.world_size} ranks{what}; "
               f"submit with `sbatch {args.output}`")
     return 0

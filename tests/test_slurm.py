@@ -101,3 +101,48 @@ def test_example_script_of_the_embedded_default(slurm_conf):
     assert os.path.exists(results), open(log).read()[-3000:] if os.path.exists(log) else "no Slurm log"
     with open(os.path.join(ROOT, "examples", "prompts.jsonl")) as f:
         assert len(read_results(results)) == sum(1 for line in f if line.strip())
+
+
+@pytest.mark.slow
+def test_sbatch_serve_prints_its_url_serves_and_drains_on_scancel(slurm_conf, tmp_path, tiny_model_dir):
+    """`pdlaunch sbatch --serve`: the job log names the URL (rank 0's node), the endpoint answers,
+    and `scancel --batch --signal=TERM` drains it: the job ends cleanly, no rank left."""
+    import re
+    import urllib.request
+
+    from conftest import free_port, rank_processes
+
+    layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
+              "decode": {"instances": 1, "tp": 1, "pp": 1}}
+    config = write_job(tmp_path, tiny_model_dir, layout, [[5, 6]], 6)
+    port = free_port()
+    script = tmp_path / "serve.sbatch"
+    proc = run_pdlaunch("sbatch", config, "-o", str(script), "--serve", "--port", str(port), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "exec " in script.read_text() and f"--port {port}" in script.read_text()
+    env = dict(os.environ, SLURM_CONF=slurm_conf, PYTHONPATH=ROOT)
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    log = tmp_path / "run" / f"slurm-{job_id}.out"
+    url, deadline = None, time.time() + 180
+    while url is None and time.time() < deadline and \
+            subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=env).stdout.strip():
+        found = re.search(r"serving '[^']+' at (http://\S+/v1)", log.read_text() if log.exists() else "")
+        url = found.group(1) if found else None
+        time.sleep(1)
+    try:
+        assert url and url.endswith(f":{port}/v1"), log.read_text() if log.exists() else "no log"
+        body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": True}).encode()
+        req = urllib.request.Request(url + "/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.load(r)["usage"]["completion_tokens"] == 5
+    finally:
+        subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=env)
+    deadline = time.time() + 120
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=env).stdout.strip():
+        assert time.time() < deadline, "the served job did not drain"
+        time.sleep(1)
+    text = log.read_text()
+    assert "drained after" in text and "failed" not in text, text[-3000:]
+    assert not rank_processes(str(tmp_path / "run"))
