@@ -18,6 +18,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/pdlaunch generate configs/cpu-default.yaml
 
+serve: $(STAMP)
+	$(BIN)/pdlaunch serve configs/cpu-default.yaml
+
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
@@ -33,4 +36,4 @@ slurm:
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/engine_vs_transformers.py
 
-.PHONY: install run test test-fast test-gpu bench slurm
+.PHONY: install run serve test test-fast test-gpu bench slurm
