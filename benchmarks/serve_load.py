@@ -18,10 +18,7 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -30,32 +27,13 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from conftest import ServerProcess  # noqa: E402
 from launcher.bench import segment_requests  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "results")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(config: str, run_dir: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    os.makedirs(run_dir, exist_ok=True)
-    log = os.path.join(run_dir, "server.log")
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", config, "--port", str(port),
-                                 "--run-dir", run_dir], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=f)
-    while proc.poll() is None:
-        with open(log) as f:
-            if "pdlaunch: serving" in f.read():
-                return proc, f"http://127.0.0.1:{port}"
-        time.sleep(0.5)
-    raise RuntimeError(f"the server for {config} did not start (exit {proc.returncode}); see {log}")
 
 
 def scrape(url: str) -> dict:
@@ -152,15 +130,14 @@ def main() -> None:
         from launcher.model_files import read_shape
 
         vocab = read_shape(model_dir_of(cfg)).vocab_size
-        proc, url = start_server(config, os.path.join(work, system))
+        server = ServerProcess(config, os.path.join(work, system))
         try:
             for rate in rates:
-                row = {"system": system, **measure(url, cfg, rate, args.requests, vocab)}
+                row = {"system": system, **measure(server.url, cfg, rate, args.requests, vocab)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+            server.stop(timeout=120)
     slo = load_config(args.config).slo
     goodput = {s: max((r["rate"] for r in rows if r["system"] == s and r["client"]["attainment"] >= slo.attainment),
                       default=0.0) for s in ("disaggregated", "colocated")}

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from launcher.network import rendezvous_address
+from launcher.network import free_port, rendezvous_address
 from launcher.plan import InstancePlan, Plan
 from launcher.dtypes import choose_dtype, cpu_flags, cpu_has_native_bf16
 from launcher.protocol import Signal, Tag
@@ -70,12 +70,6 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def _free_port(addr: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
-
-
 def _rendezvous(world, cluster, plan: Plan) -> str:
     """Rank 0 chooses address and port; every rank learns them over MPI (never from DeepSpeed's
     interface discovery, which may pick an external address)."""
@@ -84,7 +78,7 @@ def _rendezvous(world, cluster, plan: Plan) -> str:
     endpoint = None
     if world.Get_rank() == 0:
         addr = rendezvous_address(cluster.master_addr, cluster.interface, plan.rank_hosts())
-        endpoint = f"tcp://{addr}:{cluster.master_port or _free_port(addr)}"
+        endpoint = f"tcp://{addr}:{cluster.master_port or free_port(addr)}"
     return world.bcast(endpoint, root=0)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from typing import AsyncIterator, Optional
@@ -24,18 +23,26 @@ from engine.frontend import Frontend, Rejected
 from engine.stops import TextState, advance, safe_length
 from engine.tokenizer import TextCodec
 from launcher.batch_io import RequestSpec, fill_request
+from launcher.network import listening_socket
 
 DISCONNECT_CHECK_S = 0.5  # how often a waiting handler looks whether its client is still there
 KINDS = {"completion": ("cmpl", "text_completion"), "chat": ("chatcmpl", "chat.completion")}
 
 
+ERROR_TYPES = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    """OpenAI's error object, for a response or a stream's error event."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
 def error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
           retry_after: Optional[int] = None) -> JSONResponse:
     """An OpenAI-shaped error response."""
-    kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
-                        headers=headers)
+    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
 
 
 class BadRequest(Exception):
@@ -194,8 +201,7 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
                     continue
                 done = True
                 if payload.finish_reason == "abort":
-                    yield sse_line({"error": {"message": "the server shut down before the request finished",
-                                              "type": "service_unavailable", "param": None, "code": None}})
+                    yield sse_line(error_body(503, "the server shut down before the request finished"))
                 else:
                     rest = text.finish(final_text(payload))
                     if rest:
@@ -245,15 +251,10 @@ class HttpServer:
     def __init__(self, app: FastAPI, host: str, port: int):
         import uvicorn
 
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self.sock.bind((host, port))
+            self.sock = listening_socket(host, port)
         except OSError as e:
-            self.sock.close()
             raise RuntimeError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
-        self.sock.listen(2048)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                     timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},

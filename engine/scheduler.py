@@ -180,8 +180,12 @@ class Scheduler:
         """The running sequences of the next decode step: those not in a step in flight, at most
         1/depth of the batch, so that `depth` groups take turns through the PP stages."""
         size = -(-len(self.running) // self.depth)
-        flying = {seq.req_id for step in self.in_flight for seq in step}
+        flying = self._flying()
         return [seq for seq in self.running if seq.req_id not in flying][:size]
+
+    def _flying(self) -> set[int]:
+        """Ids of the sequences in steps in flight."""
+        return {seq.req_id for step in self.in_flight for seq in step}
 
     # ---- scheduling ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence) -> int:
@@ -268,11 +272,11 @@ class Scheduler:
 
     def _reap_aborted(self, out: SchedulerOutput) -> None:
         """Aborted sequences of the batch that no step in flight holds leave before the next step."""
-        flying = {seq.req_id for step in self.in_flight for seq in step}
+        flying = self._flying()
         for seq in [s for s in self.running if s.req_id in self.aborted and s.req_id not in flying]:
             self.running.remove(seq)
             self.allocator.free(seq.blocks)
-            self._finished(seq)
+            seq.finish_reason = "abort"
             out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
 
     def schedule(self) -> SchedulerOutput:

@@ -28,6 +28,26 @@ def check_hosts_resolve(hosts: list[str], source: str) -> None:
                             "or add it to DNS or /etc/hosts") from None
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening (IPv6 when host has a colon); raises OSError
+    when the port is taken. Port 0: any free port (see getsockname)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for a process about to bind it)."""
+    with listening_socket(host, 0) as sock:
+        return sock.getsockname()[1]
+
+
 def check_interface(name: str) -> None:
     have = [n for _, n in socket.if_nameindex()]
     if name not in have:

@@ -6,7 +6,6 @@ run directory's drain file, rank 0 stops admitting, lets running requests finish
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from launcher import commands
@@ -14,6 +13,7 @@ from launcher.config import load_config
 from launcher.errors import UserError
 from launcher.job import JobFile
 from launcher.model_files import embedded_gguf
+from launcher.network import listening_socket, single_host
 from launcher.jobs import build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, writable_run_dir
 from launcher.supervise import STOP_SIGNALS, launch
 
@@ -22,18 +22,11 @@ DRAIN_GRACE_S = 30.0  # beyond serve.drain_s: shutting the ranks down, before th
 
 def _check_port_free(host: str, port: int) -> None:
     """When rank 0 runs here: a port in use is a one-line error before any rank starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise UserError(f"serve: cannot listen on {host}:{port} ({e.strerror}); pass another --port "
-                            "(or --host)") from None
-
-
-def _is_local(host: str) -> bool:
-    return host in ("localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn())
+    try:
+        listening_socket(host, port).close()
+    except OSError as e:
+        raise UserError(f"serve: cannot listen on {host}:{port} ({e.strerror}); pass another --port "
+                        "(or --host)") from None
 
 
 def served_model_name(cfg) -> str:
@@ -67,7 +60,7 @@ def serve(args) -> int:
         print(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + commands.render(cmd))
         return 0
     check_hosts(cfg, plan)
-    if _is_local(plan.rank_hosts()[0]):
+    if single_host(plan.rank_hosts()[:1]):
         _check_port_free(cfg.serve.host, cfg.serve.port)
     if os.path.exists(drain_file):
         os.remove(drain_file)  # a previous server's

@@ -94,14 +94,6 @@ def read_results(path) -> dict[str, dict]:
         return {r["custom_id"]: r for r in map(json.loads, f)}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """`pdlaunch serve CONFIG` in the background: started, waited for until it prints its URL,
     and stopped with SIGTERM (a drain); `stop()` returns the exit code and keeps stderr."""
@@ -109,6 +101,8 @@ class ServerProcess:
     def __init__(self, config: str, run_dir: str, startup_s: float = 240):
         import threading
         import time
+
+        from launcher.network import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

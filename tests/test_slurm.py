@@ -110,7 +110,8 @@ def test_sbatch_serve_prints_its_url_serves_and_drains_on_scancel(slurm_conf, tm
     import re
     import urllib.request
 
-    from conftest import free_port, rank_processes
+    from conftest import rank_processes
+    from launcher.network import free_port
 
     layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
               "decode": {"instances": 1, "tp": 1, "pp": 1}}
