@@ -8,6 +8,8 @@ and MPI stays on the main thread.
 Admission: a request is refused at once (429 with Retry-After) when `serve.max_queue` admitted
 requests are already waiting for their first token, which happens when the prefill side cannot
 keep up or its hold area and the decode KV are full; nothing admitted is ever dropped.
+Every request that ends gets a line in the request log (RUN_DIR/requests.jsonl): its id as the
+client saw it, outcome, token counts and latencies, so one client's complaint can be looked up.
 Drain (SIGTERM, or the launcher's drain file): new requests get 503, running ones have
 `serve.drain_s` to finish, then the rest are aborted and the job ends.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 import os
 import sys
@@ -52,8 +55,10 @@ class Live:
 
 
 class Frontend(Sink):
-    def __init__(self, controller: Controller, serve_cfg, metrics: ServeMetrics, drain_file: Optional[str] = None):
+    def __init__(self, controller: Controller, serve_cfg, metrics: ServeMetrics, drain_file: Optional[str] = None,
+                 request_log: Optional[str] = None):
         self.controller, self.cfg, self.metrics, self.drain_file = controller, serve_cfg, metrics, drain_file
+        self.log = open(request_log, "a", encoding="utf-8") if request_log else None
         self.roles = {i.id: i.role for i in controller.ctx.plan.instances}
         self.lock = threading.Lock()
         self.inbox: deque[Pending] = deque()
@@ -67,6 +72,10 @@ class Frontend(Sink):
         self.beats: dict[int, float] = {}        # instance -> monotonic time of its last heartbeat
         self.firsts: deque[float] = deque(maxlen=64)  # monotonic times of recent first tokens
         self.announce: Optional[str] = None      # printed once every instance is up
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
 
     # ---- the HTTP thread ------------------------------------------------------------------------
     def new_id(self) -> int:
@@ -185,12 +194,23 @@ class Frontend(Sink):
     def write(self, req: Pending, result: Optional[Result]) -> None:
         with self.lock:
             live = self.live.pop(req.spec.index, None)
+        record = {"id": req.spec.custom_id, "arrival": round(req.arrival, 6), "prompt_tokens": req.prompt_tokens,
+                  "completion_tokens": len(result.output) if result is not None else 0}
         if result is not None and result.finish_reason != "abort":
             self.metrics.requests.labels("finished").inc()
             self.metrics.generation_tokens.inc(len(result.output))
-            self.metrics.finished(req.prompt_tokens, result, req.arrival)
-        elif live is not None:  # aborted by the drain (a client's own abort is counted when it leaves)
-            self.metrics.requests.labels("aborted").inc()
+            m = self.metrics.finished(req.prompt_tokens, result, req.arrival)
+            record.update(outcome="finished", finish_reason=result.finish_reason, slo_met=m["slo_met"],
+                          prefill_instance=req.prefill_instance if req.prefill_instance is not None else result.instance,
+                          decode_instance=result.instance,
+                          **{k: round(v, 3) for k, v in m.items() if k.endswith("_ms")})
+        else:
+            record["outcome"] = "aborted" if live is None else "aborted by the drain"
+            if live is not None:  # a client's own abort is counted when it leaves
+                self.metrics.requests.labels("aborted").inc()
+        if self.log:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
         if live is not None:
             self.metrics.in_flight.dec()
             self._push(live, ("result", result))

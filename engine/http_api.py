@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import threading
 import time
 from typing import AsyncIterator, Optional
@@ -81,6 +82,7 @@ class StreamedText:
 def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_len: int) -> FastAPI:
     app = FastAPI(title="pdlaunch", docs_url=None, redoc_url=None)
     controller = frontend.controller
+    run_tag = secrets.token_hex(4)  # this server's: request ids stay unique in the request log across restarts
 
     async def read_body(request: Request) -> dict:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -108,7 +110,7 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
             raise BadRequest(f"stream_options {sorted(set(options) - {'include_usage'})} are not supported",
                              "stream_options")
         spec = RequestSpec(frontend.new_id(), "", kind=kind)
-        spec.custom_id = f"{KINDS[kind][0]}-{spec.index}"
+        spec.custom_id = f"{KINDS[kind][0]}-{run_tag}{spec.index}"  # unique across restarts, as the log needs
         try:
             fill_request(spec, body)
         except ValueError as e:

@@ -49,7 +49,8 @@ class ServeMetrics:
         self.kv_total = Gauge("pdlaunch_instance_kv_blocks", "KV blocks of an instance", labels, registry=r)
         self.finished_count = self.met_count = 0
 
-    def finished(self, prompt_tokens: int, result, arrival: float) -> None:
+    def finished(self, prompt_tokens: int, result, arrival: float) -> dict:
+        """Counts a finished request; returns its metrics (with `slo_met`) for the request log."""
         m = metrics_of(result, arrival)
         self.prompt_tokens.inc(prompt_tokens)
         self.ttft.observe(m["ttft_ms"] / 1e3)
@@ -64,6 +65,8 @@ class ServeMetrics:
         self.met_count += met
         self.slo_met.inc(int(met))
         self.attainment.set(self.met_count / self.finished_count)
+        m["slo_met"] = met
+        return m
 
     def instance(self, beat, role: str) -> None:
         labels = (str(beat.instance), role)

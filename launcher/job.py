@@ -24,7 +24,7 @@ class JobFile:
     model_dir: str                  # the HF directory the ranks load
     mode: str = "generate"          # generate: the input file; serve: the HTTP API; profile: time steps of fixed shapes
     input: str = ""                 # the run directory's copy of the requests
-    output: str = ""                # results JSONL, appended to
+    output: str = ""                # results JSONL (serve: the request log), appended to
     report: str = ""                # report.json: summary, per-instance stats, step timings
     quiet: bool = False
     skip_ids: tuple[str, ...] = ()  # custom_ids whose results --resume keeps

@@ -54,7 +54,7 @@ def serve(args) -> int:
     run_dir = writable_run_dir(args.run_dir or cfg.resolve(cfg.run_dir))
     drain_file = os.path.join(run_dir, "drain")
     job = JobFile(cfg, plan, model_dir, mode="serve", quiet=True, report=os.path.join(run_dir, "report.json"),
-                  drain_file=drain_file)
+                  output=os.path.join(run_dir, "requests.jsonl"), drain_file=drain_file)
     cmd, env = launch_command(job, run_dir, args.launcher)
     if args.dry_run:
         print(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + commands.render(cmd))

@@ -104,7 +104,7 @@ class ServerProcess:
 
         from launcher.network import free_port
 
-        self.port = free_port()
+        self.port, self.run_dir = free_port(), run_dir
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", config, "--port", str(self.port),

@@ -234,7 +234,6 @@ def tiny_server(tmp_path, tiny_model_dir):
         config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6]], scheduler=scheduler,
                            extra={"serve": serve or {}})
         servers.append(ServerProcess(config, str(tmp_path / "run")))
-        servers[-1].run_dir = str(tmp_path / "run")
         return servers[-1]
 
     yield start
@@ -244,43 +243,52 @@ def tiny_server(tmp_path, tiny_model_dir):
 
 
 def test_fifty_concurrent_streams_complete_and_the_server_measures_the_clients_ttft(tiny_server):
+    import httpx2
     from openai import AsyncOpenAI
 
     server = tiny_server()
     model = request(server.url + "/v1/models")[2]["data"][0]["id"]
     prompts = ragged_prompts(50, seed=5, low=4, high=60)
+    sent: dict[str, float] = {}  # request number -> when its bytes left the client
 
-    async def one(client, prompt) -> tuple[float, int]:
-        start = time.perf_counter()
-        first, tokens = None, 0
+    async def on_send(req) -> None:
+        sent[req.headers["x-request-n"]] = time.perf_counter()
+
+    async def one(client, n: int, prompt) -> tuple[str, float, int]:
+        first, tokens, rid = None, 0, None
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=16, stream=True,
                                                  stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
+                                                 extra_body={"ignore_eos": True},
+                                                 extra_headers={"x-request-n": str(n)})
         async for chunk in stream:
+            rid = chunk.id
             if chunk.choices and chunk.choices[0].text and first is None:
-                first = time.perf_counter() - start
+                first = time.perf_counter() - sent[str(n)]
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
-        return first, tokens
+        return rid, first, tokens
 
     async def bursts():
-        async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
-            # the first concurrent burst after start-up pays a one-off ~0.4 s before the server's clock
-            # starts (measured; connection set-up in a cold process): warm up, then compare
-            await asyncio.gather(*(one(client, p) for p in prompts[:10]))
-            before = metric(server.url, "pdlaunch_time_to_first_token_seconds_sum")
-            return before, await asyncio.gather(*(one(client, p) for p in prompts))
+        http = httpx2.AsyncClient(event_hooks={"request": [on_send]}, timeout=120)
+        async with AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, http_client=http) as client:
+            return await asyncio.gather(*(one(client, n, p) for n, p in enumerate(prompts)))
 
-    ttft_sum, results = asyncio.run(bursts())
-    assert [tokens for _, tokens in results] == [16] * 50
-    client_ttft = sum(t for t, _ in results) / 50
-    server_ttft = (metric(server.url, "pdlaunch_time_to_first_token_seconds_sum") - ttft_sum) / 50
-    print(f"mean TTFT of 50 concurrent streams: client {client_ttft:.3f} s, server {server_ttft:.3f} s")
-    assert metric(server.url, "pdlaunch_time_to_first_token_seconds_count") == 60
-    # the client also waits for HTTP, its event loop and parsing 50 streams (the openai client's
-    # pydantic models) on the 2 cores the ranks use too: measured 0.04-0.4 s; stated bound 0.5 s
-    assert 0 < client_ttft - server_ttft < 0.5, (client_ttft, server_ttft)
-    assert metric(server.url, "pdlaunch_requests_total", outcome="finished") == 60
+    results = asyncio.run(bursts())
+    assert [tokens for _, _, tokens in results] == [16] * 50
+    assert metric(server.url, "pdlaunch_requests_total", outcome="finished") == 50
+    with open(os.path.join(server.run_dir, "requests.jsonl")) as f:
+        logged = {r["id"]: r for r in map(json.loads, f)}
+    assert len(logged) == 50 and {r["outcome"] for r in logged.values()} == {"finished"}
+    # per request, the client's TTFT (from its bytes leaving) = the server's + what the server cannot
+    # see: the connection's queue, HTTP parsing before its handler starts the clock, the way back, and
+    # the client's own event loop parsing 49 other streams, all on the 2 cores the 3 ranks use too
+    gaps = sorted(ttft - logged[rid]["ttft_ms"] / 1e3 for rid, ttft, _ in results)
+    print(f"client TTFT - server TTFT over 50 concurrent streams: min {gaps[0]:.3f} s, "
+          f"median {gaps[25]:.3f} s, 90th {gaps[45]:.3f} s, max {gaps[-1]:.3f} s")
+    assert gaps[0] > 0, gaps  # the server never reports more than the client waited
+    # measured: median 0.06-0.13 s, max 0.10-0.18 s (0.5-0.9 s before rank 0 froze its start-up heap
+    # out of the garbage collector's full collections)
+    assert gaps[25] < 0.25 and gaps[-1] < 0.4, gaps
 
 
 def _rss_mb(pids: list[int]) -> float:
