@@ -52,10 +52,15 @@ def profile(args) -> int:
         # alone, so the simulator knows how much faster a step runs while its neighbours idle
         count = 1 if args.alone else max(1, slots // tp)
         samples = profiled(tp, count)
-        entry[str(tp)] = fit_entry(samples) | {"concurrent_instances": count, "samples": samples}
-        if count > 1:
-            alone = profiled(tp, 1)
-            entry[str(tp)] |= {"shared_slowdown": shared_slowdown(samples, alone), "samples_alone": alone}
+        if count == 1:
+            entry[str(tp)] = fit_entry(samples) | {"concurrent_instances": 1, "samples": samples}
+            continue
+        alone = profiled(tp, 1)
+        slowdown = shared_slowdown(samples, alone)
+        # the forward's coefficients from the alone timings, scaled to a busy node; the step loop's
+        # own cost as measured busy
+        entry[str(tp)] = fit_entry(alone | {"overhead": samples["overhead"]}, slowdown) | {
+            "concurrent_instances": count, "samples": samples, "shared_slowdown": slowdown, "samples_alone": alone}
     name = os.path.basename(model_dir.rstrip("/"))
     # PP instances overlap their steps when batches are in flight (not measured by this profile yet)
     profile = {name: entry, "_meta": {"pipelined_pp": cfg.scheduler.batches_in_flight, "date": time.strftime("%Y-%m-%d"),
