@@ -147,12 +147,13 @@ def _run_instance(ctx, job: JobFile) -> None:
         follow(ctx, runner, s.idle_sleep_ms / 1e3)
         return
     if job.mode == "profile":
-        from engine.profiler import run_profile
+        from engine.profiler import pipeline_profile, run_profile
         from launcher.protocol import Heartbeat, ProfileSamples
 
         DOING["what"] = "profiling"
         ctx.world.send(Heartbeat(ctx.instance.id, 0), dest=0, tag=Tag.HEARTBEAT)
-        ctx.world.send(ProfileSamples(ctx.instance.id, run_profile(ctx, runner, limits)), dest=0, tag=Tag.PROFILE)
+        timings = (pipeline_profile if ctx.instance.pp > 1 else run_profile)(ctx, runner, limits)
+        ctx.world.send(ProfileSamples(ctx.instance.id, timings), dest=0, tag=Tag.PROFILE)
         return
     from engine.tokenizer import TextCodec
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 
 from engine.blocks import blocks_for
 from engine.scheduler import InstanceLimits, Scheduler
@@ -65,6 +66,54 @@ def loop_overhead(ctx, runner, limits: InstanceLimits) -> dict:
         samples[phase].append({"context_tokens": sum(x.start_pos + len(x.token_ids) for x in step.seqs),
                                "ms": (time.perf_counter() - started) * 1e3 - forward_ms})
     return samples
+
+
+PIPELINE_PREFILLS = [64, 128, 256]      # one-prompt prefill lengths timed on a PP instance
+PIPELINE_DECODE_BATCHES = [8, 32]       # decode steps timed on a PP instance (fewer if the KV cache is small)
+PIPELINE_DECODE_CONTEXT = 64
+PIPELINE_ROUNDS = 6                     # steps per in-flight window, for the interval
+
+
+def pipeline_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3) -> dict:
+    """A PP instance's leader: for each shape, its latency (one step through every stage, nothing
+    else in flight) and its interval (the time per step while `pipeline_depth` steps are in flight,
+    as the engine runs with batches in flight). PP adds latency/stage hand-offs over PP1 and, if
+    the stages overlap, divides the interval: both are measured, not assumed."""
+    vocab, block_size = runner.shape.vocab_size, limits.block_size
+    depth = max(1, limits.pipeline_depth)
+    shapes = [("prefill", {"lens": [n]}, _prefill_plan(1, n, block_size, vocab)) for n in PIPELINE_PREFILLS
+              if n < limits.max_model_len and blocks_for(n + 1, block_size) <= limits.num_blocks]
+    context = min(PIPELINE_DECODE_CONTEXT, limits.max_model_len - 2)
+    fits = limits.num_blocks // blocks_for(context + 1, block_size)
+    for batch in sorted({min(b, fits) for b in PIPELINE_DECODE_BATCHES} - {0}):
+        shapes.append(("decode", {"batch": batch, "context_sum": batch * (context + 1)},
+                       _decode_plan(batch, context, block_size)))
+
+    def interval_ms(plan: StepPlan) -> float:
+        in_flight: deque = deque()
+        started = time.perf_counter()
+        for _ in range(PIPELINE_ROUNDS * depth):
+            _broadcast(ctx, plan)
+            in_flight.append(runner.launch(plan))
+            if len(in_flight) == depth:
+                runner.collect(in_flight.popleft())
+        while in_flight:
+            runner.collect(in_flight.popleft())
+        return (time.perf_counter() - started) * 1e3 / (PIPELINE_ROUNDS * depth)
+
+    samples = []
+    for phase, shape, plan in shapes:
+        latency = []
+        for _ in range(repeats):
+            _broadcast(ctx, plan)
+            started = time.perf_counter()
+            runner.execute(plan)
+            latency.append((time.perf_counter() - started) * 1e3)
+        samples.append({"phase": phase, **shape, "latency_ms": statistics.median(latency),
+                        "interval_ms": statistics.median(interval_ms(plan) for _ in range(repeats))})
+        ctx.world.send(Heartbeat(ctx.instance.id, len(samples)), dest=0, tag=Tag.HEARTBEAT)
+    _broadcast(ctx, StepPlan(shutdown=True))
+    return {"pipeline": samples, "depth": depth}
 
 
 def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_repeats: int = 5) -> dict:

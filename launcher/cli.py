@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     pr.add_argument("-o", "--output", default="profile.json")
     pr.add_argument("--tp", help="TP degrees to profile, e.g. 1,2 (default: up to two that fit)")
     pr.add_argument("--alone", action="store_true", help="one instance at a time instead of every slot busy")
+    pr.add_argument("--pp", help="PP degrees to measure too, e.g. 1,2: each one's stage hand-off and how far "
+                                 "its stages overlap with batches in flight (default: none; the profile then "
+                                 "assumes scheduler.batches_in_flight)")
     pr.add_argument("--run-dir")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=("launcher.profiling", "profile"))

@@ -8,11 +8,12 @@ import sys
 import time
 
 from launcher.config import load_config
+from launcher.errors import UserError
 from launcher.job import JobFile
 from launcher.jobs import check_hosts, cluster_hosts, model_dir_of, run_job
 from launcher.model_files import read_shape
 from launcher.plan import check_layouts, packed_plan
-from launcher.planner.profile_fit import fit_entry, shared_slowdown
+from launcher.planner.profile_fit import fit_entry, fit_pipeline, shared_slowdown
 
 
 def profile(args) -> int:
@@ -23,29 +24,38 @@ def profile(args) -> int:
     slots = sum(h.slots for h in hosts)
     tps = [int(t) for t in args.tp.split(",")] if args.tp else \
         [t for t in (1, 2, 4, 8) if t <= slots and shape.num_kv_heads % t == 0][:2]
+    pps = sorted({int(p) for p in args.pp.split(",")} - {1}) if args.pp else []
+    if any(pp < 1 for pp in pps):
+        raise UserError(f"profile: --pp takes PP degrees >= 1, e.g. 1,2; got {args.pp}")
     run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
     os.makedirs(run_dir, exist_ok=True)
 
-    def profiled(tp: int, count: int) -> dict:
-        """Step samples of `count` instances of TP `tp` profiling at once."""
-        plan = packed_plan([("colocated", count, tp, 1)], hosts)
+    def timings(tp: int, count: int, pp: int = 1) -> dict:
+        """The profile job's timings per instance: `count` instances of TP `tp` x PP `pp` at once."""
+        plan = packed_plan([("colocated", count, tp, pp)], hosts)
         check_layouts(plan, shape, hosts, key="plan")
         check_hosts(cfg, plan)
-        samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}-x{count}.json")
+        samples_path = os.path.join(run_dir, f"profile-samples-tp{tp}-pp{pp}-x{count}.json")
+        what = f"TP={tp}" + (f" PP={pp}" if pp > 1 else "")
         if not args.quiet:
-            print(f"profiling TP={tp} on {count} concurrent instance(s) ...", file=sys.stderr)
+            print(f"profiling {what} on {count} concurrent instance(s) ...", file=sys.stderr)
         run_job(JobFile(cfg, plan, model_dir, mode="profile", profile_samples=samples_path), run_dir,
-                f"profiling TP={tp}")
+                f"profiling {what}")
         with open(samples_path) as f:
             per_instance = json.load(f)
         dtypes.update(inst["dtype"] for inst in per_instance.values())
+        return per_instance
+
+    def profiled(tp: int, count: int) -> dict:
+        """Step samples of `count` instances of TP `tp` profiling at once."""
+        per_instance = timings(tp, count)
         samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
                    for kind in ("prefill", "decode")}
         samples["overhead"] = {kind: [x for inst in per_instance.values() for x in inst["samples"]["overhead"][kind]]
                                for kind in ("prefill", "decode")}
         return samples
 
-    entry, dtypes = {}, set()
+    entry, alone_fits, dtypes = {}, {}, set()
     for tp in tps:
         # every slot busy at once, as in a real deployment: the timings include the contention
         # of ranks sharing memory bandwidth (and, on small machines, cores); then one instance
@@ -53,17 +63,36 @@ def profile(args) -> int:
         count = 1 if args.alone else max(1, slots // tp)
         samples = profiled(tp, count)
         if count == 1:
-            entry[str(tp)] = fit_entry(samples) | {"concurrent_instances": 1, "samples": samples}
+            entry[str(tp)] = alone_fits[tp] = fit_entry(samples) | {"concurrent_instances": 1, "samples": samples}
             continue
         alone = profiled(tp, 1)
+        alone_fits[tp] = fit_entry(alone)
         slowdown = shared_slowdown(samples, alone)
         # the forward's coefficients from the alone timings, scaled to a busy node; the step loop's
         # own cost as measured busy
         entry[str(tp)] = fit_entry(alone | {"overhead": samples["overhead"]}, slowdown) | {
             "concurrent_instances": count, "samples": samples, "shared_slowdown": slowdown, "samples_alone": alone}
+    overlaps = []
+    for pp in pps:
+        for tp in tps:
+            if tp * pp > slots:
+                print(f"pdlaunch profile: TP={tp} x PP={pp} needs {tp * pp} slots, the hostfile has {slots}; "
+                      "skipped", file=sys.stderr)
+                continue
+            per_instance = timings(tp, 1, pp)
+            measured = fit_pipeline(next(iter(per_instance.values()))["samples"]["pipeline"], alone_fits[tp], pp)
+            entry[str(tp)].setdefault("pipeline", {})[str(pp)] = measured
+            if pp == min(int(k) for k in entry[str(tp)]["pipeline"]):
+                entry[str(tp)]["pp_stage_ms"] = measured["handoff_ms"]
+            overlaps.append((pp, measured["overlap"]))
     name = os.path.basename(model_dir.rstrip("/"))
-    # PP instances overlap their steps when batches are in flight (not measured by this profile yet)
-    profile = {name: entry, "_meta": {"pipelined_pp": cfg.scheduler.batches_in_flight, "date": time.strftime("%Y-%m-%d"),
+    if overlaps:  # stages count as overlapping when they win at least half of the ideal speed-up
+        pipelined, source = all(o >= 1 + (pp - 1) / 2 for pp, o in overlaps), "measured"
+    else:
+        pipelined = cfg.scheduler.batches_in_flight
+        source = "assumed from scheduler.batches_in_flight (pdlaunch profile --pp 2 measures it)"
+    profile = {name: entry, "_meta": {"pipelined_pp": pipelined, "pipelined_pp_source": source,
+                                      "date": time.strftime("%Y-%m-%d"),
                                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cfg.cluster.device}",
                                       "dtype": "/".join(sorted(dtypes)), "source": "pdlaunch profile"}}
     with open(args.output, "w") as f:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import ragged_prompts, run_pdlaunch, write_job
+
+from launcher.planner.latency import load_profile
 
 pytestmark = pytest.mark.mpi  # every test here starts real jobs
 
@@ -59,6 +60,29 @@ def test_overload_with_capped_kv_completes_with_bounded_memory(tmp_path, tiny_mo
         assert inst["kv_blocks"] == capacity and inst["peak_kv_blocks"] <= capacity
         # Python + torch + megatron imports take ~500 MB; the rest is the cache and the weights.
         assert inst["peak_rss_mb"] < 900 + inst["kv_cache_mb"] + inst["weights_mb"], inst
+
+
+def test_profile_measures_what_pp_adds_and_whether_its_stages_overlap(tmp_path, tiny_model_dir):
+    """`pdlaunch profile --pp 1,2` times a real TP1 x PP2 instance: each shape alone through both
+    stages (latency) and with two steps in flight (interval); the planner reads the figures."""
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6]], 4)
+    out = tmp_path / "profile.json"
+    proc = run_pdlaunch("profile", config, "-o", str(out), "--quiet", "--tp", "1", "--pp", "1,2", "--alone")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = json.loads(out.read_text())
+    entry = next(v for k, v in profile.items() if k != "_meta")["1"]
+    measured = entry["pipeline"]["2"]
+    shapes = [x.get("lens") or x["batch"] for x in measured["samples"]]
+    # the 256-token prompt does not fit max_model_len 256, nor 32 sequences of 65 tokens 256 blocks of 4
+    assert shapes == [[64], [128], 8, 15]
+    assert all(x["latency_ms"] > 0 and x["interval_ms"] > 0 for x in measured["samples"])
+    assert measured["handoff_ms"] >= 0 and 1.0 <= measured["overlap"] <= 2.0
+    assert entry["pp_stage_ms"] == measured["handoff_ms"]
+    meta = profile["_meta"]
+    assert meta["pipelined_pp_source"] == "measured" and meta["pipelined_pp"] == (measured["overlap"] >= 1.5)
+    latency = load_profile(str(out))
+    assert latency.overlap(1, 2) == measured["overlap"] and latency.pipelined_pp == meta["pipelined_pp"]
+    print(f"TP1 x PP2: hand-off {measured['handoff_ms']:.2f} ms, overlap {measured['overlap']:.2f}")
 
 
 @pytest.mark.slow

@@ -4,12 +4,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import pytest
 
 from launcher.cli import main
 from launcher.plan import read_plan
 from launcher.planner.latency import Coefficients, LatencyModel, load_profile, KNOWN_MODELS
+from launcher.planner.profile_fit import fit_pipeline
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
 from launcher.planner.workload import LengthDist, SimRequest, attainment, make_requests
 
@@ -78,6 +80,43 @@ def test_pipelined_pp_raises_prefill_throughput_not_latency():
     Simulation(lat, Policy(token_budget=100), [InstanceSpec(1, 2, 10 ** 9)], [BIG]).run(reqs)
     # latency 41 ms each; a new batch every 20.5 ms
     assert [r.first_token for r in reqs] == [41.0, 61.5, 82.0, 102.5]
+
+
+def test_measured_pp_overlap_sets_the_prefill_interval_and_the_decode_round():
+    """A profile's measured overlap replaces the assumed one: 1.6 steps at once for PP2."""
+    coef = Coefficients((40.0, 0.0, 0.0), (5.0, 0.0, 1.0), (5.0, 0.0, 1.0), 95, 1.0, pp_overlap=((2, 1.6),))
+    lat = LatencyModel("toy", {1: coef}, pipelined_pp=True)
+    assert lat.prefill_ms([100], 1, 2) == 41.0  # PP never shortens a batch's latency
+    assert lat.prefill_interval_ms([100], 1, 2) == pytest.approx(41.0 / 1.6)
+    # batch 8 on PP2: two groups of 4, each a 5 + 4 + 1 ms trip, a round 2 / 1.6 of it
+    assert lat.decode_ms(8, 800, 1, 2) == pytest.approx(10.0 * 2 / 1.6)
+    assert lat.overlap(1, 4) == 4.0  # not measured: assumed from pipelined_pp
+    unpipelined = LatencyModel("toy", {1: replace(coef, pp_overlap=())}, pipelined_pp=False)
+    assert unpipelined.overlap(1, 2) is None and unpipelined.decode_ms(8, 800, 1, 2) == 5.0 + 8.0 + 1.0
+    reqs = [SimRequest(0.0, 100, 1) for _ in range(3)]
+    Simulation(lat, Policy(token_budget=100), [InstanceSpec(1, 2, 10 ** 9)], [BIG]).run(reqs)
+    assert [r.first_token for r in reqs] == pytest.approx([41.0, 41.0 + 41.0 / 1.6, 41.0 + 2 * 41.0 / 1.6])
+
+
+def test_pipeline_fit_recovers_hand_off_and_overlap():
+    pp1 = {"prefill": [2.0, 0.1, 0.0], "decoding_smallbs": [1.0, 0.0, 0.5], "decoding_largebs": [3.0, 0.0, 0.25],
+           "decoding_large_small_bs_threshold": 16}
+    handoff, overlap = 1.5, 1.7
+    samples = []
+    for n in (64, 128, 256):
+        latency = 2.0 + 0.1 * n + handoff
+        samples.append({"phase": "prefill", "lens": [n], "latency_ms": latency, "interval_ms": latency / overlap})
+    for batch in (8, 32):
+        latency = (1.0 + 0.5 * batch if batch < 16 else 3.0 + 0.25 * batch) + handoff
+        samples.append({"phase": "decode", "batch": batch, "context_sum": batch * 129, "latency_ms": latency,
+                        "interval_ms": latency / overlap})
+    fit = fit_pipeline(samples, pp1, 2)
+    assert fit["handoff_ms"] == pytest.approx(handoff) and fit["overlap"] == pytest.approx(overlap)
+    # noise beyond the physical range is clamped: no negative hand-off, no overlap beyond pp or below 1
+    fast = [dict(x, latency_ms=x["latency_ms"] - 3 * handoff) for x in samples]
+    fast = [dict(x, interval_ms=x["latency_ms"] / 3) for x in fast]
+    fit = fit_pipeline(fast, pp1, 2)
+    assert fit["handoff_ms"] == 0.0 and fit["overlap"] == 2.0
 
 
 def test_backpressure_and_decode_capacity_in_simulation():

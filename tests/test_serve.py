@@ -71,7 +71,6 @@ def stream_lines(url: str, body: dict):
 def smol(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("serve-smol") / "run")
     server = ServerProcess(EMBEDDED, run_dir)
-    server.run_dir = run_dir
     server.model = request(server.url + "/v1/models")[2]["data"][0]["id"]
     yield server
     assert server.stop() == 0, server.stderr[-3000:]
@@ -289,6 +288,47 @@ def test_fifty_concurrent_streams_complete_and_the_server_measures_the_clients_t
     # measured: median 0.06-0.13 s, max 0.10-0.18 s (0.5-0.9 s before rank 0 froze its start-up heap
     # out of the garbage collector's full collections)
     assert gaps[25] < 0.25 and gaps[-1] < 0.4, gaps
+
+
+def test_requests_still_running_when_drain_s_passes_are_aborted_and_the_job_ends(tiny_server):
+    server = tiny_server(serve={"drain_s": 0.2})
+    model = request(server.url + "/v1/models")[2]["data"][0]["id"]
+    body = {"model": model, "prompt": list(range(10, 40)), "max_tokens": 220, "ignore_eos": True}
+    streams: dict[int, list] = {}
+    answers: dict[int, tuple] = {}
+    first_chunks = threading.Barrier(4)  # 3 streams and this thread
+
+    def stream(i: int) -> None:
+        lines = stream_lines(server.url, body)
+        streams[i] = [next(lines)]
+        first_chunks.wait()
+        streams[i] += list(lines)
+
+    def plain() -> None:
+        answers[0] = request(server.url + "/v1/completions", body)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    first_chunks.wait(timeout=120)
+    deadline = time.time() + 30
+    while metric(server.url, "pdlaunch_requests_in_flight") < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=60)
+    assert server.proc.wait(timeout=60) == 0, server.stderr[-3000:]
+    # 219 more tokens take far longer than 0.2 s: each stream ends with a 503 error event, then [DONE]
+    for i in range(3):
+        assert streams[i][-1] == "[DONE]" and json.loads(streams[i][-2])["error"]["type"] == "service_unavailable", \
+            streams[i][-3:]
+    status, headers, answer = answers[0]
+    assert status == 503 and "retry-after" in headers and answer["error"]["type"] == "service_unavailable"
+    assert "serve.drain_s = 0.2 s passed; aborting 4 request(s)" in server.stderr
+    with open(os.path.join(server.run_dir, "requests.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [r["outcome"] for r in logged] == ["aborted by the drain"] * 4
+    assert not rank_processes(server.run_dir)
 
 
 def _rss_mb(pids: list[int]) -> float:

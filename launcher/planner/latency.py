@@ -59,6 +59,7 @@ class Coefficients:
     shared_slowdown: tuple[float, float] = (1.0, 1.0)  # (prefill, decode): all slots busy / alone
     prefill_overhead: tuple[float, float] = (0.0, 0.0)  # per step: ms + ms per context token
     decode_overhead: tuple[float, float] = (0.0, 0.0)
+    pp_overlap: tuple[tuple[int, float], ...] = ()  # (pp, latency / interval) measured by `pdlaunch profile --pp`
 
 
 @dataclass
@@ -95,23 +96,37 @@ class LatencyModel:
         coef = self._coef(tp)
         return self._prefill_compute_ms(lens, coef, pp) + self.step_overhead_ms("prefill", sum(lens), tp)
 
+    def overlap(self, tp: int, pp: int) -> float | None:
+        """How many steps a TP x PP instance's stages work on at once, on average: measured by the
+        profile, else pp when its stages are assumed to overlap; None when they do not (or pp 1)."""
+        if pp == 1:
+            return None
+        measured = dict(self._coef(tp).pp_overlap)
+        if pp in measured:
+            return measured[pp]
+        return float(pp) if self.pipelined_pp else None
+
     def prefill_interval_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
-        """How soon the instance can start its next batch: one stage's share of the compute when
-        stages overlap, plus the step's fixed cost, which the first stage pays alone."""
-        if not self.pipelined_pp:
+        """How soon the instance can start its next batch: the batch's compute divided by how many
+        steps the stages work on at once, plus the step's fixed cost, which the first stage pays alone."""
+        overlap = self.overlap(tp, pp)
+        if overlap is None:
             return self.prefill_ms(lens, tp, pp)
         coef = self._coef(tp)
-        return self._prefill_compute_ms(lens, coef, pp) / pp + self.step_overhead_ms("prefill", sum(lens), tp)
+        return self._prefill_compute_ms(lens, coef, pp) / overlap + self.step_overhead_ms("prefill", sum(lens), tp)
 
     def decode_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
         """Time for every sequence of the batch to advance one token. With overlapping stages the
-        batch runs as pp micro-batches, so a round costs one micro-batch through all stages."""
+        batch runs as pp groups, one micro-batch each: a round costs a micro-batch's trip through
+        every stage, times pp / overlap (1 when the stages overlap perfectly)."""
         coef = self._coef(tp)
         overhead = self.step_overhead_ms("decode", context_sum, tp)
-        if self.pipelined_pp and pp > 1:
-            batch, context_sum = -(-batch // pp), context_sum / pp
+        overlap = self.overlap(tp, pp)
+        rounds = 1.0
+        if overlap is not None:
+            batch, context_sum, rounds = -(-batch // pp), context_sum / pp, pp / overlap
         a, b, c = coef.decode_small if batch < coef.threshold else coef.decode_large
-        return a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1) + overhead
+        return (a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1)) * rounds + overhead
 
     def token_budget(self, tp: int) -> int | None:
         """L_m that `pdlaunch profile` found for TP `tp`, if the profile has one."""
@@ -142,7 +157,8 @@ def _coefficients(raw: dict, meta: dict, where: str) -> Coefficients:
                             float(raw.get("pp_stage_ms", meta.get("pp_stage_ms", 1.0))),
                             raw.get("token_budget"),
                             (float(slowdown.get("prefill", 1.0)), float(slowdown.get("decode", 1.0))),
-                            _pair(overhead.get("prefill", (0.0, 0.0))), _pair(overhead.get("decode", (0.0, 0.0))))
+                            _pair(overhead.get("prefill", (0.0, 0.0))), _pair(overhead.get("decode", (0.0, 0.0))),
+                            tuple(sorted((int(pp), float(m["overlap"])) for pp, m in raw.get("pipeline", {}).items())))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"planner: profile {where} lacks or mangles {e}; expected prefill, decoding_smallbs, "
                         "decoding_largebs as [a, b, c]") from None

@@ -108,12 +108,28 @@ def token_budget(samples: list[dict], share: float = 0.9) -> int:
     return next(n for n, t in points if t >= share * best)
 
 
+def predicted_ms(coef: list[float], sample: dict, kind: str) -> float:
+    """A fitted coefficient set's time for a prefill (`lens`) or decode (`batch`, `context_sum`) sample."""
+    if kind == "prefill":
+        return coef[0] + coef[1] * sum(sample["lens"]) + coef[2] * sum(n * n for n in sample["lens"])
+    return coef[0] + coef[1] * sample["context_sum"] + coef[2] * sample["batch"]
+
+
 def relative_errors(samples: list[dict], coef: list[float], kind: str) -> list[float]:
-    out = []
-    for s in samples:
-        if kind == "prefill":
-            pred = coef[0] + coef[1] * sum(s["lens"]) + coef[2] * sum(n * n for n in s["lens"])
-        else:
-            pred = coef[0] + coef[1] * s["context_sum"] + coef[2] * s["batch"]
-        out.append(abs(pred - s["ms"]) / s["ms"])
-    return out
+    return [abs(predicted_ms(coef, s, kind) - s["ms"]) / s["ms"] for s in samples]
+
+
+def fit_pipeline(samples: list[dict], pp1: dict, pp: int) -> dict:
+    """What PP `pp` changes against the same TP's PP1 entry `pp1` (fitted to timings alone, as the
+    PP instance runs): the hand-off per stage boundary (its latency beyond PP1's, per boundary,
+    median, >= 0) and the overlap (latency / interval with its steps in flight, median, in
+    [1, pp]: 1 = the stages never work at once, pp = perfect pipelining)."""
+    def pp1_ms(x: dict) -> float:
+        if x["phase"] == "prefill":
+            return predicted_ms(pp1["prefill"], x, "prefill")
+        small = x["batch"] < pp1["decoding_large_small_bs_threshold"]
+        return predicted_ms(pp1["decoding_smallbs" if small else "decoding_largebs"], x, "decode")
+
+    handoff = float(np.median([(x["latency_ms"] - pp1_ms(x)) / (pp - 1) for x in samples]))
+    overlap = float(np.median([x["latency_ms"] / x["interval_ms"] for x in samples]))
+    return {"handoff_ms": max(handoff, 0.0), "overlap": min(max(overlap, 1.0), float(pp)), "samples": samples}
