@@ -68,6 +68,17 @@ def loop_overhead(ctx, runner, limits: InstanceLimits) -> dict:
     return samples
 
 
+def _timed(ctx, runner, plan: StepPlan, repeats: int) -> float:
+    """Median ms of `repeats` runs of one step on every rank of the instance, nothing else in flight."""
+    times = []
+    for _ in range(repeats):
+        _broadcast(ctx, plan)
+        started = time.perf_counter()
+        runner.execute(plan)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
 PIPELINE_PREFILLS = [64, 128, 256]      # one-prompt prefill lengths timed on a PP instance
 PIPELINE_DECODE_BATCHES = [8, 32]       # decode steps timed on a PP instance (fewer if the KV cache is small)
 PIPELINE_DECODE_CONTEXT = 64
@@ -102,14 +113,9 @@ def pipeline_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3) -> d
         return (time.perf_counter() - started) * 1e3 / (PIPELINE_ROUNDS * depth)
 
     samples = []
+    _timed(ctx, runner, _prefill_plan(1, 16, block_size, vocab), 1)  # warm-up
     for phase, shape, plan in shapes:
-        latency = []
-        for _ in range(repeats):
-            _broadcast(ctx, plan)
-            started = time.perf_counter()
-            runner.execute(plan)
-            latency.append((time.perf_counter() - started) * 1e3)
-        samples.append({"phase": phase, **shape, "latency_ms": statistics.median(latency),
+        samples.append({"phase": phase, **shape, "latency_ms": _timed(ctx, runner, plan, repeats),
                         "interval_ms": statistics.median(interval_ms(plan) for _ in range(repeats))})
         ctx.world.send(Heartbeat(ctx.instance.id, len(samples)), dest=0, tag=Tag.HEARTBEAT)
     _broadcast(ctx, StepPlan(shutdown=True))
@@ -124,13 +130,7 @@ def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_re
     num_blocks, block_size, max_len = limits.num_blocks, limits.block_size, limits.max_model_len
 
     def timed(plan: StepPlan, repeats: int = repeats) -> float:
-        times = []
-        for _ in range(repeats):
-            _broadcast(ctx, plan)
-            started = time.perf_counter()
-            runner.execute(plan)
-            times.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(times)
+        return _timed(ctx, runner, plan, repeats)
 
     timed(_prefill_plan(1, 16, block_size, vocab))  # warm-up
     samples = {"prefill": [], "decode": []}
