@@ -151,6 +151,25 @@ class Outbox:
         self.pending = []
 
 
+class StepSender:
+    """A leader's step plans to the other ranks of its instance, non-blocking: a blocking send of a
+    plan above MPI's eager limit (~4 KB) waits until a busy later stage posts its receive, so stage
+    0 could not start the next step while the last stage finished this one (no overlap)."""
+
+    def __init__(self, ctx: "RankContext"):
+        self.outbox, self.size = Outbox(ctx.instance_comm), ctx.instance.size
+
+    def send(self, step) -> None:
+        for local in range(1, self.size):
+            self.outbox.send(step, local, Tag.STEP)
+
+    def progress(self) -> None:
+        self.outbox.progress()
+
+    def flush(self) -> None:
+        self.outbox.flush()
+
+
 POLL_S = 0.0005     # sleep between polls while work came recently
 IDLE_GRACE_S = 0.2  # no work for this long: the rank is idle
 

@@ -33,7 +33,7 @@ class Leader:
         self.outbox = c.Outbox(ctx.world)
         # step plans go out without waiting: a follower busy with the previous step would otherwise
         # hold the leader in a blocking send of a plan too large for MPI's eager protocol
-        self.step_outbox = c.Outbox(ctx.instance_comm)
+        self.steps_out = c.StepSender(ctx)
         self.last_beat = 0.0
         self.steps = 0
         self.step_samples = {"prefill": deque(maxlen=STEP_SAMPLES), "decode": deque(maxlen=STEP_SAMPLES)}
@@ -61,7 +61,7 @@ class Leader:
         self._heartbeat()
         self.watch.check()
         self.outbox.progress()
-        self.step_outbox.progress()
+        self.steps_out.progress()
         for _, req in c.drain(world, Tag.REQUEST):
             sched.add_request(req)
         nxt: NextArrival
@@ -93,10 +93,6 @@ class Leader:
             dest = 0 if instance == CONTROLLER else self.ctx.plan.instances[instance].leader
             self.outbox.send(message, dest, tag)
 
-    def _broadcast(self, step: StepPlan) -> None:
-        for local in range(1, self.inst.size):
-            self.step_outbox.send(step, local, Tag.STEP)
-
     def _stats(self) -> InstanceStats:
         return InstanceStats(instance=self.inst.id, role=self.inst.role,
                              nodes=tuple(self.ctx.nodes[r] for r in self.inst.ranks), **self.sched.stats(),
@@ -110,17 +106,17 @@ class Leader:
             started = time.perf_counter()
             self._handle_messages()
             if self.stopping and not self.sched.busy():
-                self._broadcast(StepPlan(shutdown=True))
+                self.steps_out.send(StepPlan(shutdown=True))
                 self.outbox.send(self._stats(), 0, Tag.STATS)
                 self.outbox.flush()
-                self.step_outbox.flush()
+                self.steps_out.flush()
                 return
             if len(in_flight) < self.sched.depth:
                 out = self.sched.schedule()
                 step = out.step
                 if not step.is_empty:
                     self.idle.worked()
-                    self._broadcast(step)
+                    self.steps_out.send(step)
                     self._send_all(out.messages)
                     self.steps += 1
                     fault_point(self.ctx, self.steps, keep_alive=self._heartbeat)

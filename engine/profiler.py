@@ -11,6 +11,7 @@ import time
 from collections import deque
 
 from engine.blocks import blocks_for
+from engine.comm import StepSender
 from engine.scheduler import InstanceLimits, Scheduler
 from launcher.protocol import Heartbeat, Request, SamplingParams, SeqChunk, StepPlan, Tag
 
@@ -36,12 +37,7 @@ def _decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
                                for i in range(batch)))
 
 
-def _broadcast(ctx, plan: StepPlan) -> None:
-    for local in range(1, ctx.instance.size):
-        ctx.instance_comm.send(plan, dest=local, tag=Tag.STEP)
-
-
-def loop_overhead(ctx, runner, limits: InstanceLimits) -> dict:
+def loop_overhead(ctx, steps: StepSender, runner, limits: InstanceLimits) -> dict:
     """What a step costs the leader beyond its forward (scheduling, the step plan to the other
     ranks, taking the tokens back): the engine's own Scheduler drives synthetic requests through
     the real runner, and each step's loop time minus its runner.execute time is one sample, with
@@ -57,7 +53,7 @@ def loop_overhead(ctx, runner, limits: InstanceLimits) -> dict:
         step = sched.schedule().step
         if not step.seqs:
             break  # nothing fits the cache: no more samples to take
-        _broadcast(ctx, step)
+        steps.send(step)
         forward_started = time.perf_counter()
         tokens, logits = runner.execute(step)
         forward_ms = (time.perf_counter() - forward_started) * 1e3
@@ -68,11 +64,11 @@ def loop_overhead(ctx, runner, limits: InstanceLimits) -> dict:
     return samples
 
 
-def _timed(ctx, runner, plan: StepPlan, repeats: int) -> float:
+def _timed(steps: StepSender, runner, plan: StepPlan, repeats: int) -> float:
     """Median ms of `repeats` runs of one step on every rank of the instance, nothing else in flight."""
     times = []
     for _ in range(repeats):
-        _broadcast(ctx, plan)
+        steps.send(plan)
         started = time.perf_counter()
         runner.execute(plan)
         times.append((time.perf_counter() - started) * 1e3)
@@ -92,6 +88,7 @@ def pipeline_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3) -> d
     the stages overlap, divides the interval: both are measured, not assumed."""
     vocab, block_size = runner.shape.vocab_size, limits.block_size
     depth = max(1, limits.pipeline_depth)
+    steps = StepSender(ctx)
     shapes = [("prefill", {"lens": [n]}, _prefill_plan(1, n, block_size, vocab)) for n in PIPELINE_PREFILLS
               if n < limits.max_model_len and blocks_for(n + 1, block_size) <= limits.num_blocks]
     context = min(PIPELINE_DECODE_CONTEXT, limits.max_model_len - 2)
@@ -104,7 +101,7 @@ def pipeline_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3) -> d
         in_flight: deque = deque()
         started = time.perf_counter()
         for _ in range(PIPELINE_ROUNDS * depth):
-            _broadcast(ctx, plan)
+            steps.send(plan)
             in_flight.append(runner.launch(plan))
             if len(in_flight) == depth:
                 runner.collect(in_flight.popleft())
@@ -113,12 +110,13 @@ def pipeline_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3) -> d
         return (time.perf_counter() - started) * 1e3 / (PIPELINE_ROUNDS * depth)
 
     samples = []
-    _timed(ctx, runner, _prefill_plan(1, 16, block_size, vocab), 1)  # warm-up
+    _timed(steps, runner, _prefill_plan(1, 16, block_size, vocab), 1)  # warm-up
     for phase, shape, plan in shapes:
-        samples.append({"phase": phase, **shape, "latency_ms": _timed(ctx, runner, plan, repeats),
+        samples.append({"phase": phase, **shape, "latency_ms": _timed(steps, runner, plan, repeats),
                         "interval_ms": statistics.median(interval_ms(plan) for _ in range(repeats))})
         ctx.world.send(Heartbeat(ctx.instance.id, len(samples)), dest=0, tag=Tag.HEARTBEAT)
-    _broadcast(ctx, StepPlan(shutdown=True))
+    steps.send(StepPlan(shutdown=True))
+    steps.flush()
     return {"pipeline": samples, "depth": depth}
 
 
@@ -128,9 +126,10 @@ def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_re
     beyond the forward (loop_overhead)."""
     vocab = runner.shape.vocab_size
     num_blocks, block_size, max_len = limits.num_blocks, limits.block_size, limits.max_model_len
+    steps = StepSender(ctx)
 
     def timed(plan: StepPlan, repeats: int = repeats) -> float:
-        return _timed(ctx, runner, plan, repeats)
+        return _timed(steps, runner, plan, repeats)
 
     timed(_prefill_plan(1, 16, block_size, vocab))  # warm-up
     samples = {"prefill": [], "decode": []}
@@ -149,6 +148,7 @@ def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_re
             samples["decode"].append({"batch": batch, "context_sum": batch * (context + 1),
                                       "ms": timed(_decode_plan(batch, context, block_size), decode_repeats)})
         ctx.world.send(Heartbeat(ctx.instance.id, len(samples["decode"])), dest=0, tag=Tag.HEARTBEAT)
-    samples["overhead"] = loop_overhead(ctx, runner, limits)
-    _broadcast(ctx, StepPlan(shutdown=True))
+    samples["overhead"] = loop_overhead(ctx, steps, runner, limits)
+    steps.send(StepPlan(shutdown=True))
+    steps.flush()
     return samples
