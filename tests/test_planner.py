@@ -83,16 +83,17 @@ def test_pipelined_pp_raises_prefill_throughput_not_latency():
 
 
 def test_measured_pp_overlap_sets_the_prefill_interval_and_the_decode_round():
-    """A profile's measured overlap replaces the assumed one: 1.6 steps at once for PP2."""
-    coef = Coefficients((40.0, 0.0, 0.0), (5.0, 0.0, 1.0), (5.0, 0.0, 1.0), 95, 1.0, pp_overlap=((2, 1.6),))
+    """A profile's measured overlap replaces the assumed one: for PP2, 1.6 prefill steps at once,
+    1.25 decode steps."""
+    coef = Coefficients((40.0, 0.0, 0.0), (5.0, 0.0, 1.0), (5.0, 0.0, 1.0), 95, 1.0, pp_overlap=((2, 1.6, 1.25),))
     lat = LatencyModel("toy", {1: coef}, pipelined_pp=True)
     assert lat.prefill_ms([100], 1, 2) == 41.0  # PP never shortens a batch's latency
     assert lat.prefill_interval_ms([100], 1, 2) == pytest.approx(41.0 / 1.6)
-    # batch 8 on PP2: two groups of 4, each a 5 + 4 + 1 ms trip, a round 2 / 1.6 of it
-    assert lat.decode_ms(8, 800, 1, 2) == pytest.approx(10.0 * 2 / 1.6)
-    assert lat.overlap(1, 4) == 4.0  # not measured: assumed from pipelined_pp
+    # batch 8 on PP2: two groups of 4, each a 5 + 4 + 1 ms trip, a round 2 / 1.25 of it
+    assert lat.decode_ms(8, 800, 1, 2) == pytest.approx(10.0 * 2 / 1.25)
+    assert lat.overlap(1, 4, "decode") == 4.0  # not measured: assumed from pipelined_pp
     unpipelined = LatencyModel("toy", {1: replace(coef, pp_overlap=())}, pipelined_pp=False)
-    assert unpipelined.overlap(1, 2) is None and unpipelined.decode_ms(8, 800, 1, 2) == 5.0 + 8.0 + 1.0
+    assert unpipelined.overlap(1, 2, "prefill") is None and unpipelined.decode_ms(8, 800, 1, 2) == 5.0 + 8.0 + 1.0
     reqs = [SimRequest(0.0, 100, 1) for _ in range(3)]
     Simulation(lat, Policy(token_budget=100), [InstanceSpec(1, 2, 10 ** 9)], [BIG]).run(reqs)
     assert [r.first_token for r in reqs] == pytest.approx([41.0, 41.0 + 41.0 / 1.6, 41.0 + 2 * 41.0 / 1.6])
@@ -112,6 +113,7 @@ def test_pipeline_fit_recovers_hand_off_and_overlap():
                         "interval_ms": latency / overlap})
     fit = fit_pipeline(samples, pp1, 2)
     assert fit["handoff_ms"] == pytest.approx(handoff) and fit["overlap"] == pytest.approx(overlap)
+    assert fit["overlap_by_phase"] == pytest.approx({"prefill": overlap, "decode": overlap})
     # noise beyond the physical range is clamped: no negative hand-off, no overlap beyond pp or below 1
     fast = [dict(x, latency_ms=x["latency_ms"] - 3 * handoff) for x in samples]
     fast = [dict(x, interval_ms=x["latency_ms"] / 3) for x in fast]

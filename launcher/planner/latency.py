@@ -59,7 +59,8 @@ class Coefficients:
     shared_slowdown: tuple[float, float] = (1.0, 1.0)  # (prefill, decode): all slots busy / alone
     prefill_overhead: tuple[float, float] = (0.0, 0.0)  # per step: ms + ms per context token
     decode_overhead: tuple[float, float] = (0.0, 0.0)
-    pp_overlap: tuple[tuple[int, float], ...] = ()  # (pp, latency / interval) measured by `pdlaunch profile --pp`
+    # (pp, prefill overlap, decode overlap): latency / interval, measured by `pdlaunch profile --pp`
+    pp_overlap: tuple[tuple[int, float, float], ...] = ()
 
 
 @dataclass
@@ -96,20 +97,21 @@ class LatencyModel:
         coef = self._coef(tp)
         return self._prefill_compute_ms(lens, coef, pp) + self.step_overhead_ms("prefill", sum(lens), tp)
 
-    def overlap(self, tp: int, pp: int) -> float | None:
-        """How many steps a TP x PP instance's stages work on at once, on average: measured by the
-        profile, else pp when its stages are assumed to overlap; None when they do not (or pp 1)."""
+    def overlap(self, tp: int, pp: int, phase: str) -> float | None:
+        """How many steps of `phase` a TP x PP instance's stages work on at once, on average:
+        measured by the profile, else pp when its stages are assumed to overlap; None when they do
+        not (or pp 1)."""
         if pp == 1:
             return None
-        measured = dict(self._coef(tp).pp_overlap)
+        measured = {p: (prefill, decode) for p, prefill, decode in self._coef(tp).pp_overlap}
         if pp in measured:
-            return measured[pp]
+            return measured[pp][0 if phase == "prefill" else 1]
         return float(pp) if self.pipelined_pp else None
 
     def prefill_interval_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
         """How soon the instance can start its next batch: the batch's compute divided by how many
         steps the stages work on at once, plus the step's fixed cost, which the first stage pays alone."""
-        overlap = self.overlap(tp, pp)
+        overlap = self.overlap(tp, pp, "prefill")
         if overlap is None:
             return self.prefill_ms(lens, tp, pp)
         coef = self._coef(tp)
@@ -121,7 +123,7 @@ class LatencyModel:
         every stage, times pp / overlap (1 when the stages overlap perfectly)."""
         coef = self._coef(tp)
         overhead = self.step_overhead_ms("decode", context_sum, tp)
-        overlap = self.overlap(tp, pp)
+        overlap = self.overlap(tp, pp, "decode")
         rounds = 1.0
         if overlap is not None:
             batch, context_sum, rounds = -(-batch // pp), context_sum / pp, pp / overlap
@@ -158,10 +160,18 @@ def _coefficients(raw: dict, meta: dict, where: str) -> Coefficients:
                             raw.get("token_budget"),
                             (float(slowdown.get("prefill", 1.0)), float(slowdown.get("decode", 1.0))),
                             _pair(overhead.get("prefill", (0.0, 0.0))), _pair(overhead.get("decode", (0.0, 0.0))),
-                            tuple(sorted((int(pp), float(m["overlap"])) for pp, m in raw.get("pipeline", {}).items())))
+                            tuple(sorted(_overlaps(int(pp), m) for pp, m in raw.get("pipeline", {}).items())))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"planner: profile {where} lacks or mangles {e}; expected prefill, decoding_smallbs, "
                         "decoding_largebs as [a, b, c]") from None
+
+
+def _overlaps(pp: int, measured: dict) -> tuple[int, float, float]:
+    """(pp, prefill overlap, decode overlap) of a profile's `pipeline` entry (one figure for both
+    where the profile has no per-phase ones)."""
+    both = float(measured["overlap"])
+    by_phase = measured.get("overlap_by_phase", {})
+    return pp, float(by_phase.get("prefill", both)), float(by_phase.get("decode", both))
 
 
 def _pair(values) -> tuple[float, float]:

@@ -122,14 +122,20 @@ def relative_errors(samples: list[dict], coef: list[float], kind: str) -> list[f
 def fit_pipeline(samples: list[dict], pp1: dict, pp: int) -> dict:
     """What PP `pp` changes against the same TP's PP1 entry `pp1` (fitted to timings alone, as the
     PP instance runs): the hand-off per stage boundary (its latency beyond PP1's, per boundary,
-    median, >= 0) and the overlap (latency / interval with its steps in flight, median, in
-    [1, pp]: 1 = the stages never work at once, pp = perfect pipelining)."""
+    median, >= 0) and, per phase, the overlap (latency / interval with its steps in flight, median,
+    in [1, pp]: 1 = the stages never work at once, pp = perfect pipelining). Phases differ: a
+    prefill stage computes, two decode stages stream weights over the memory they share."""
     def pp1_ms(x: dict) -> float:
         if x["phase"] == "prefill":
             return predicted_ms(pp1["prefill"], x, "prefill")
         small = x["batch"] < pp1["decoding_large_small_bs_threshold"]
         return predicted_ms(pp1["decoding_smallbs" if small else "decoding_largebs"], x, "decode")
 
+    def overlap(of: list[dict]) -> float:
+        return min(max(float(np.median([x["latency_ms"] / x["interval_ms"] for x in of])), 1.0), float(pp))
+
     handoff = float(np.median([(x["latency_ms"] - pp1_ms(x)) / (pp - 1) for x in samples]))
-    overlap = float(np.median([x["latency_ms"] / x["interval_ms"] for x in samples]))
-    return {"handoff_ms": max(handoff, 0.0), "overlap": min(max(overlap, 1.0), float(pp)), "samples": samples}
+    by_phase = {phase: overlap([x for x in samples if x["phase"] == phase]) for phase in ("prefill", "decode")
+                if any(x["phase"] == phase for x in samples)}
+    return {"handoff_ms": max(handoff, 0.0), "overlap": overlap(samples), "overlap_by_phase": by_phase,
+            "samples": samples}
