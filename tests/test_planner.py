@@ -91,6 +91,7 @@ def test_measured_pp_overlap_sets_the_prefill_interval_and_the_decode_round():
     assert lat.prefill_interval_ms([100], 1, 2) == pytest.approx(41.0 / 1.6)
     # batch 8 on PP2: two groups of 4, each a 5 + 4 + 1 ms trip, a round 2 / 1.25 of it
     assert lat.decode_ms(8, 800, 1, 2) == pytest.approx(10.0 * 2 / 1.25)
+    assert lat.decode_ms(1, 100, 1, 2) == pytest.approx(5.0 + 1.0 + 1.0)  # one group: its trip, nothing to wait for
     assert lat.overlap(1, 4, "decode") == 4.0  # not measured: assumed from pipelined_pp
     unpipelined = LatencyModel("toy", {1: replace(coef, pp_overlap=())}, pipelined_pp=False)
     assert unpipelined.overlap(1, 2, "prefill") is None and unpipelined.decode_ms(8, 800, 1, 2) == 5.0 + 8.0 + 1.0

@@ -119,14 +119,15 @@ class LatencyModel:
 
     def decode_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
         """Time for every sequence of the batch to advance one token. With overlapping stages the
-        batch runs as pp groups, one micro-batch each: a round costs a micro-batch's trip through
-        every stage, times pp / overlap (1 when the stages overlap perfectly)."""
+        batch runs as up to pp groups, one micro-batch each: a round costs a group's trip through
+        every stage, times groups / overlap (1 when the stages overlap perfectly)."""
         coef = self._coef(tp)
         overhead = self.step_overhead_ms("decode", context_sum, tp)
         overlap = self.overlap(tp, pp, "decode")
         rounds = 1.0
-        if overlap is not None:
-            batch, context_sum, rounds = -(-batch // pp), context_sum / pp, pp / overlap
+        if overlap is not None:  # min(pp, batch) groups: one sequence alone has nothing to overlap with
+            groups = min(pp, max(batch, 1))
+            batch, context_sum, rounds = -(-batch // groups), context_sum / groups, groups / min(overlap, groups)
         a, b, c = coef.decode_small if batch < coef.threshold else coef.decode_large
         return (a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1)) * rounds + overhead
 
