@@ -13,7 +13,18 @@ from launcher.job import JobFile
 from launcher.jobs import check_hosts, cluster_hosts, model_dir_of, run_job
 from launcher.model_files import read_shape
 from launcher.plan import check_layouts, packed_plan
-from launcher.planner.profile_fit import fit_entry, fit_pipeline, shared_slowdown
+from launcher.planner.profile_fit import fit_entry, fit_pipeline, scaled_to_busy, shared_slowdown
+
+
+def _degrees(text: str, flag: str) -> list[int]:
+    """A comma-separated list of parallel degrees (>= 1) from the command line."""
+    try:
+        degrees = [int(d) for d in text.split(",")]
+    except ValueError:
+        degrees = []
+    if not degrees or min(degrees) < 1:
+        raise UserError(f"profile: {flag} takes degrees >= 1 separated by commas, e.g. 1,2; got {text!r}")
+    return degrees
 
 
 def profile(args) -> int:
@@ -22,11 +33,9 @@ def profile(args) -> int:
     model_dir = model_dir_of(cfg)
     shape = read_shape(model_dir)
     slots = sum(h.slots for h in hosts)
-    tps = [int(t) for t in args.tp.split(",")] if args.tp else \
+    tps = _degrees(args.tp, "--tp") if args.tp else \
         [t for t in (1, 2, 4, 8) if t <= slots and shape.num_kv_heads % t == 0][:2]
-    pps = sorted({int(p) for p in args.pp.split(",")} - {1}) if args.pp else []
-    if any(pp < 1 for pp in pps):
-        raise UserError(f"profile: --pp takes PP degrees >= 1, e.g. 1,2; got {args.pp}")
+    pps = sorted(set(_degrees(args.pp, "--pp")) - {1}) if args.pp else []
     run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
     os.makedirs(run_dir, exist_ok=True)
 
@@ -66,11 +75,11 @@ def profile(args) -> int:
             entry[str(tp)] = alone_fits[tp] = fit_entry(samples) | {"concurrent_instances": 1, "samples": samples}
             continue
         alone = profiled(tp, 1)
-        alone_fits[tp] = fit_entry(alone)
-        slowdown = shared_slowdown(samples, alone)
         # the forward's coefficients from the alone timings, scaled to a busy node; the step loop's
         # own cost as measured busy
-        entry[str(tp)] = fit_entry(alone | {"overhead": samples["overhead"]}, slowdown) | {
+        alone_fits[tp] = fit_entry(alone | {"overhead": samples["overhead"]})
+        slowdown = shared_slowdown(samples, alone)
+        entry[str(tp)] = scaled_to_busy(alone_fits[tp], slowdown) | {
             "concurrent_instances": count, "samples": samples, "shared_slowdown": slowdown, "samples_alone": alone}
     overlaps = []
     for pp in pps:

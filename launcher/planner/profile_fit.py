@@ -47,28 +47,35 @@ def fit_decode_split(samples: list[dict]) -> tuple[list[float], list[float], int
     return best[1], best[2], best[3]
 
 
-def fit_entry(samples: dict, slowdown: dict | None = None) -> dict:
+def fit_entry(samples: dict) -> dict:
     """A DistServe-format profile entry for one TP degree, fitted to {"prefill": [...], "decode":
     [...]} forward timings of `pdlaunch profile`'s chosen shapes, plus the step loop's own cost
-    (step_overhead) where samples["overhead"] has it. With `slowdown` ({phase: busy / alone}) the
-    samples are the instance's alone timings and the coefficients are scaled to a busy node: steps
-    time-sliced with other instances' on shared cores scatter 2-5x around their median (measured
-    on 2 cores), enough for a least-squares fit to zero a coefficient, while alone they fit within
-    a few per cent and the median ratio is robust."""
+    (step_overhead) where samples["overhead"] has it."""
     prefill = fit_prefill(samples["prefill"])
     small, large, threshold = fit_decode_split(samples["decode"])
     decode_errors = relative_errors([x for x in samples["decode"] if x["batch"] < threshold], small, "decode") + \
         relative_errors([x for x in samples["decode"] if x["batch"] >= threshold], large, "decode")
-    fit_errors = {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")), "decode": max(decode_errors)}
-    if slowdown:
-        prefill = [x * slowdown["prefill"] for x in prefill]
-        small, large = ([x * slowdown["decode"] for x in coef] for coef in (small, large))
     entry = {"prefill": prefill, "decoding_smallbs": small, "decoding_largebs": large,
              "decoding_large_small_bs_threshold": threshold, "pp_stage_ms": 0.5,
-             "token_budget": token_budget(samples["prefill"]), "fit_max_rel_error": fit_errors}
+             "token_budget": token_budget(samples["prefill"]),
+             "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
+                                   "decode": max(decode_errors)}}
     if "overhead" in samples:
         entry["step_overhead"] = {phase: fit_overhead(samples["overhead"][phase]) for phase in ("prefill", "decode")}
     return entry
+
+
+def scaled_to_busy(alone: dict, slowdown: dict) -> dict:
+    """An entry fitted to an instance's alone timings, its forward coefficients scaled by the busy /
+    alone ratio per phase (`slowdown`). Steps time-sliced with other instances' on shared cores
+    scatter 2-5x around their median (measured on 2 cores), enough for a least-squares fit to zero
+    a coefficient, while alone they fit within a few per cent and the median ratio is robust."""
+    def times(coef: list[float], k: float) -> list[float]:
+        return [x * k for x in coef]
+
+    return alone | {"prefill": times(alone["prefill"], slowdown["prefill"]),
+                    "decoding_smallbs": times(alone["decoding_smallbs"], slowdown["decode"]),
+                    "decoding_largebs": times(alone["decoding_largebs"], slowdown["decode"])}
 
 
 def fit_overhead(samples: list[dict]) -> list[float]:
