@@ -75,9 +75,10 @@ def _timed(steps: StepSender, runner, plan: StepPlan, repeats: int) -> float:
     return statistics.median(times)
 
 
-PIPELINE_PREFILLS = [64, 128, 256]      # one-prompt prefill lengths timed on a PP instance
-PIPELINE_DECODE_BATCHES = [8, 32]       # decode steps timed on a PP instance (fewer if the KV cache is small)
-PIPELINE_DECODE_CONTEXT = 64
+PIPELINE_PREFILLS = [64, 128, 256]      # one-prompt prefill lengths timed on a PP instance (= the bench's probe)
+# (batch, context) of the decode steps timed on a PP instance (smaller batches if the KV cache is
+# small): batch 1 at the contexts `pdlaunch bench`'s probe reaches, then the groups a loaded instance runs
+PIPELINE_DECODES = [(1, 64), (1, 256), (2, 64), (8, 64), (32, 64)]
 PIPELINE_ROUNDS = 6                     # steps per in-flight window, for the interval
 
 
@@ -91,29 +92,36 @@ def pipeline_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3) -> d
     steps = StepSender(ctx)
     shapes = [("prefill", {"lens": [n]}, _prefill_plan(1, n, block_size, vocab)) for n in PIPELINE_PREFILLS
               if n < limits.max_model_len and blocks_for(n + 1, block_size) <= limits.num_blocks]
-    context = min(PIPELINE_DECODE_CONTEXT, limits.max_model_len - 2)
-    fits = limits.num_blocks // blocks_for(context + 1, block_size)
-    for batch in sorted({min(b, fits) for b in PIPELINE_DECODE_BATCHES} - {0}):
+    decodes = set()
+    for batch, context in PIPELINE_DECODES:
+        context = min(context, limits.max_model_len - 2)
+        decodes.add((min(batch, limits.num_blocks // blocks_for(context + 1, block_size)), context))
+    for batch, context in sorted(d for d in decodes if d[0] > 0):
         shapes.append(("decode", {"batch": batch, "context_sum": batch * (context + 1)},
                        _decode_plan(batch, context, block_size)))
 
-    def interval_ms(plan: StepPlan) -> float:
+    def interval_ms(plan: StepPlan, latency_ms: float) -> float:
+        """Steady-state time per step: a window of N steps with `depth` in flight lasts one
+        latency (the pipeline filling and draining) plus N - 1 intervals."""
         in_flight: deque = deque()
+        n = PIPELINE_ROUNDS * depth
         started = time.perf_counter()
-        for _ in range(PIPELINE_ROUNDS * depth):
+        for _ in range(n):
             steps.send(plan)
             in_flight.append(runner.launch(plan))
             if len(in_flight) == depth:
                 runner.collect(in_flight.popleft())
         while in_flight:
             runner.collect(in_flight.popleft())
-        return (time.perf_counter() - started) * 1e3 / (PIPELINE_ROUNDS * depth)
+        steady = ((time.perf_counter() - started) * 1e3 - latency_ms) / (n - 1)
+        return max(steady, latency_ms / depth)  # noise aside, no step overlaps more than depth
 
     samples = []
     _timed(steps, runner, _prefill_plan(1, 16, block_size, vocab), 1)  # warm-up
     for phase, shape, plan in shapes:
-        samples.append({"phase": phase, **shape, "latency_ms": _timed(steps, runner, plan, repeats),
-                        "interval_ms": statistics.median(interval_ms(plan) for _ in range(repeats))})
+        latency = _timed(steps, runner, plan, repeats)
+        samples.append({"phase": phase, **shape, "latency_ms": latency,
+                        "interval_ms": statistics.median(interval_ms(plan, latency) for _ in range(repeats))})
         ctx.world.send(Heartbeat(ctx.instance.id, len(samples)), dest=0, tag=Tag.HEARTBEAT)
     steps.send(StepPlan(shutdown=True))
     steps.flush()

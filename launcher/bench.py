@@ -218,7 +218,7 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         got = measured(out, trace)
         profile = profile_latency(cfg, plan)
         predicted = simulate_plan(cfg, plan, spec, profile, trace)
-        factors = calibration(cfg, plan, report, probe_window(out, trace, segment))
+        factors = calibration(cfg, plan, report, probe_window(out, trace, segment), profile)
         calibrated = simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]), trace)
         jobs.append({"system": system, "rates": job_rates, "calibration": factors, "wall_s": report.get("wall_s"),
                      "span_s": span_s})

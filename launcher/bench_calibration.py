@@ -42,13 +42,24 @@ def scaled(latency: LatencyModel, prefill: float, decode: float) -> LatencyModel
                         latency.meta)
 
 
-def profile_alone_samples(cfg: JobConfig, plan: Plan, tp: int) -> dict | None:
-    """The profile's own step timings for TP `tp` with its instance alone on the node (or, for a
-    profile taken with one instance, its only timings); None when the profile has none."""
+def profile_alone_samples(cfg: JobConfig, plan: Plan, tp: int, pp: int, latency: LatencyModel) -> dict | None:
+    """The profile's own step timings of a TP `tp` x PP `pp` instance alone on the node (or, for a
+    profile taken with one instance, its only timings); None when the profile has none. For PP > 1:
+    the latencies `pdlaunch profile --pp` measured on such an instance (one trip through every
+    stage), else the PP1 timings plus the hand-offs `latency` adds for the stages."""
     p = cfg.planner
     path = p.colocated_profile if plan.by_role("colocated") and p.colocated_profile else p.profile
     entry = read_profile_entry(cfg.resolve(path), p.profile_model or p.model, tp)
-    return entry.get("samples_alone") or entry.get("samples")
+    samples = entry.get("samples_alone") or entry.get("samples")
+    measured = entry.get("pipeline", {}).get(str(pp), {}).get("samples")
+    if pp > 1 and measured:
+        return {phase: [{k: v for k, v in x.items() if k not in ("phase", "latency_ms", "interval_ms")}
+                        | {"ms": x["latency_ms"]} for x in measured if x["phase"] == phase]
+                for phase in ("prefill", "decode")}
+    if pp > 1 and samples and tp in latency.by_tp:
+        handoffs = latency.by_tp[tp].pp_stage_ms * (pp - 1)
+        return {phase: [dict(x, ms=x["ms"] + handoffs) for x in samples[phase]] for phase in ("prefill", "decode")}
+    return samples
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float:
@@ -61,14 +72,16 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
-def calibration(cfg: JobConfig, plan: Plan, report: dict, window: tuple[float, float]) -> dict:
+def calibration(cfg: JobConfig, plan: Plan, report: dict, window: tuple[float, float], latency: LatencyModel) -> dict:
     """Drift factors (prefill, decode): the median ratio of the engine's step times during the
-    probe (wall-clock `window`) to the profile's alone timings of the same shapes — prefill of the
-    same single prompt, batch-1 decode interpolated on context. 1.0 for a phase without both."""
+    probe (wall-clock `window`) to the profile's alone timings of the same shapes on the same
+    kind of instance (profile_alone_samples) — prefill of the same single prompt, batch-1 decode
+    interpolated on context. 1.0 for a phase without both."""
     ratios = {"prefill": [], "decode": []}
-    references = {tp: profile_alone_samples(cfg, plan, tp) for tp in {i.tp for i in plan.instances}}
+    references = {(i.tp, i.pp): profile_alone_samples(cfg, plan, i.tp, i.pp, latency) for i in plan.instances}
     for stats in report["instances"]:
-        reference = references[plan.instances[stats["instance"]].tp]
+        inst = plan.instances[stats["instance"]]
+        reference = references[inst.tp, inst.pp]
         if not reference:
             continue
         prefill = {tuple(x["lens"]): x["ms"] for x in reference["prefill"]}

@@ -82,30 +82,40 @@ def test_one_trace_holds_the_probe_then_each_rate_in_order():
 
 def test_calibration_is_the_drift_against_the_profiles_own_samples(tmp_path):
     """Probe steps 1.2x slower (prefill) and 0.9x (decode) than the profile's alone timings of the
-    same shapes give those factors; steps outside the probe window and other shapes do not count."""
+    same shapes give those factors; steps outside the probe window and other shapes do not count.
+    On a PP instance a probe step is one trip through its stages: the reference adds the
+    profile's hand-offs (pp_stage_ms per boundary), so the hand-off is not counted as drift."""
     import json
 
     from launcher.bench_calibration import calibration
     from launcher.config import load_config
     from launcher.plan import InstancePlan, Plan
+    from launcher.planner.latency import load_profile
 
     alone = {"prefill": [{"lens": [64], "ms": 200.0}, {"lens": [128], "ms": 400.0}],
              "decode": [{"batch": 1, "context_sum": 33, "ms": 50.0}, {"batch": 1, "context_sum": 129, "ms": 60.0},
                         {"batch": 4, "context_sum": 516, "ms": 90.0}]}
-    coef = {"prefill": [1, 1, 0], "decoding_smallbs": [1, 0, 1], "decoding_largebs": [1, 0, 1]}
+    coef = {"prefill": [1, 1, 0], "decoding_smallbs": [1, 0, 1], "decoding_largebs": [1, 0, 1], "pp_stage_ms": 10.0}
     (tmp_path / "p.json").write_text(json.dumps({"m": {"1": coef | {"samples": alone, "samples_alone": alone}}}))
     (tmp_path / "c.yaml").write_text("planner: {profile: p.json}\n")
     cfg = load_config(str(tmp_path / "c.yaml"))
-    plan = Plan([InstancePlan(0, "prefill", 1, 1, 1, ["h"]), InstancePlan(1, "decode", 1, 1, 2, ["h"])])
+    plan = Plan([InstancePlan(0, "prefill", 1, 1, 1, ["h"]), InstancePlan(1, "decode", 1, 2, 2, ["h", "h"])])
     steps = {"prefill": [{"lens": [64], "ms": 240.0, "t": 10.0}, {"lens": [128], "ms": 480.0, "t": 11.0},
                          {"lens": [64, 64], "ms": 999.0, "t": 11.5}, {"lens": [64], "ms": 999.0, "t": 99.0}],
-             "decode": [{"batch": 1, "context_sum": 81, "ms": 49.5, "t": 12.0},   # profile: 55 ms at 81
+             "decode": [{"batch": 1, "context_sum": 81, "ms": 58.5, "t": 12.0},   # profile: 55 + 10 ms at 81 on PP2
                         {"batch": 2, "context_sum": 160, "ms": 999.0, "t": 12.5}]}
     report = {"instances": [{"instance": 0, "step_samples": {"prefill": steps["prefill"], "decode": []}},
                             {"instance": 1, "step_samples": {"prefill": [], "decode": steps["decode"]}}]}
-    factors = calibration(cfg, plan, report, (5.0, 20.0))
+    factors = calibration(cfg, plan, report, (5.0, 20.0), load_profile(str(tmp_path / "p.json")))
     assert factors["prefill"] == pytest.approx(1.2) and factors["decode"] == pytest.approx(0.9)
     assert factors["steps"] == {"prefill": 2, "decode": 1}
+    # a profile that timed PP2 trips itself (pdlaunch profile --pp) is the PP2 instance's reference
+    trips = [{"phase": "decode", "batch": 1, "context_sum": 65, "latency_ms": 70.0, "interval_ms": 40.0},
+             {"phase": "decode", "batch": 1, "context_sum": 257, "latency_ms": 90.0, "interval_ms": 50.0}]
+    coef["pipeline"] = {"2": {"overlap": 1.5, "samples": trips}}
+    (tmp_path / "p.json").write_text(json.dumps({"m": {"1": coef | {"samples": alone, "samples_alone": alone}}}))
+    factors = calibration(cfg, plan, report, (5.0, 20.0), load_profile(str(tmp_path / "p.json")))
+    assert factors["decode"] == pytest.approx(58.5 / (70.0 + 20.0 * 16 / 192))  # 70 ms at context 65, 90 at 257
 
 
 def test_scaled_multiplies_each_phase_and_its_step_cost():

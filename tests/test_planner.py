@@ -143,6 +143,26 @@ def test_colocated_prefill_stalls_decode():
     assert a.finish == 75.0  # tokens at 35, (65-70), 70-75
 
 
+def test_colocated_pp_overlaps_a_prefill_with_a_decode_group():
+    """A colocated TP1 x PP2 instance with batches in flight (overlap 2 measured) runs as the
+    engine's leader does: b's prefill starts as soon as the first stage is free, while a's decode
+    group is still due; a's next token follows b's prefill on the last stage by one interval, not
+    by b's whole prefill. Fill-and-drain (no overlap) serialises the two."""
+    lat = linear_model(prefill=(40.0, 0.0, 0.0), decode=(10.0, 0.0, 0.0))
+    pipelined = LatencyModel("toy", {1: replace(lat.by_tp[1], pp_overlap=((2, 2.0, 2.0),))})
+    serial = LatencyModel("toy", {1: lat.by_tp[1]}, pipelined_pp=False)
+    runs = {}
+    for name, model in (("pipelined", pipelined), ("serial", serial)):
+        a, b = SimRequest(0.0, 10, 3), SimRequest(50.0, 10, 2)
+        Simulation(model, Policy(token_budget=100), colocated=[InstanceSpec(1, 2, 1000)]).run([a, b])
+        runs[name] = (a.first_token, a.finish, b.first_token, b.finish)
+    # pipelined: a prefilled 0-40, a decodes 40-50; b's prefill 50-90 (first stage free at 70);
+    # a's decode launched at 70 leaves the last stage one interval (5 ms) after b's prefill: 95
+    assert runs["pipelined"] == (40.0, 95.0, 90.0, 100.0)
+    # serial: a decodes 40-50, b prefills 50-90, then a and b decode together 90-100
+    assert runs["serial"] == (40.0, 100.0, 90.0, 100.0)
+
+
 @pytest.mark.slow  # a full search on the paper's 4 x 8 A100 setting (~20 s)
 def test_anchor_profile_and_paper_plan_speed(tmp_path):
     lat = load_profile("configs/profiles/distserve-profile-a100-80g.json", "facebook/opt-13b")

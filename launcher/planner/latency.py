@@ -117,19 +117,35 @@ class LatencyModel:
         coef = self._coef(tp)
         return self._prefill_compute_ms(lens, coef, pp) / overlap + self.step_overhead_ms("prefill", sum(lens), tp)
 
+    def decode_trip_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
+        """One decode step of `batch` sequences through every stage, nothing else in flight."""
+        return self._decode_compute_ms(batch, context_sum, self._coef(tp), pp) + \
+            self.step_overhead_ms("decode", context_sum, tp)
+
+    def _decode_compute_ms(self, batch: int, context_sum: float, coef: Coefficients, pp: int) -> float:
+        a, b, c = coef.decode_small if batch < coef.threshold else coef.decode_large
+        return a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1)
+
+    def decode_interval_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
+        """How soon, in steady state, the first stage takes the next decode step after this one:
+        its compute divided by how many steps the stages work on at once, plus the step's fixed cost."""
+        overlap = self.overlap(tp, pp, "decode")
+        if overlap is None:
+            return self.decode_trip_ms(batch, context_sum, tp, pp)
+        return self._decode_compute_ms(batch, context_sum, self._coef(tp), pp) / overlap + \
+            self.step_overhead_ms("decode", context_sum, tp)
+
     def decode_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
         """Time for every sequence of the batch to advance one token. With overlapping stages the
-        batch runs as up to pp groups, one micro-batch each: a round costs a group's trip through
-        every stage, times groups / overlap (1 when the stages overlap perfectly)."""
-        coef = self._coef(tp)
-        overhead = self.step_overhead_ms("decode", context_sum, tp)
-        overlap = self.overlap(tp, pp, "decode")
-        rounds = 1.0
-        if overlap is not None:  # min(pp, batch) groups: one sequence alone has nothing to overlap with
-            groups = min(pp, max(batch, 1))
-            batch, context_sum, rounds = -(-batch // groups), context_sum / groups, groups / min(overlap, groups)
-        a, b, c = coef.decode_small if batch < coef.threshold else coef.decode_large
-        return (a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1)) * rounds + overhead
+        batch runs as min(pp, batch) groups that take turns through the stages (as the engine's
+        scheduler splits it): a round is one interval per group, and never shorter than one
+        group's trip (one sequence alone has nothing to overlap with)."""
+        if self.overlap(tp, pp, "decode") is None:
+            return self.decode_trip_ms(batch, context_sum, tp, pp)
+        groups = min(pp, max(batch, 1))
+        batch, context_sum = -(-batch // groups), context_sum / groups
+        return max(self.decode_trip_ms(batch, context_sum, tp, pp),
+                   groups * self.decode_interval_ms(batch, context_sum, tp, pp))
 
     def token_budget(self, tp: int) -> int | None:
         """L_m that `pdlaunch profile` found for TP `tp`, if the profile has one."""

@@ -88,25 +88,97 @@ class _Running:
         return done
 
 
+class _Pipeline:
+    """The steps in flight on one instance, as the engine's leader keeps them: at most `depth`
+    (PP with batches in flight, else 1); a step holds the first stage for its interval and the
+    last stage likewise, so its tokens come back after its latency, and never sooner than one
+    interval after the previous step's. With depth 1 the interval is the latency."""
+
+    def __init__(self, depth: int):
+        self.depth, self.flying = depth, 0
+        self.first_free = self.last_out = 0.0
+
+    def has_room(self, now: float) -> bool:
+        return self.flying < self.depth and now >= self.first_free
+
+    def waits_for_first_stage(self, now: float) -> bool:
+        return self.flying < self.depth and now < self.first_free
+
+    def launch(self, now: float, latency: float, interval: float) -> float:
+        """Starts a step now; returns when its tokens are back."""
+        self.flying += 1
+        self.first_free = now + interval
+        self.last_out = max(now + latency, self.last_out + interval)
+        return self.last_out
+
+    def landed(self) -> None:
+        self.flying -= 1
+
+
+class _Groups:
+    """A decode batch as the engine's scheduler runs it with `depth` steps in flight: up to depth
+    groups of similar size that take turns through the PP stages. A joining request waits for the
+    next launch and goes to the smallest group not in flight."""
+
+    def __init__(self, depth: int):
+        self.groups = [_Running() for _ in range(depth)]
+        self.flying: set[int] = set()   # indices of groups in a step in flight
+        self.joining: list[SimRequest] = []
+        self.turn = 0
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups) + len(self.joining)
+
+    def next_group(self, now: float) -> _Running | None:
+        """The group to step next (joining requests placed first), round robin; None if every
+        group with requests is in flight."""
+        idle = [i for i in range(len(self.groups)) if i not in self.flying]
+        if not idle:
+            return None
+        for r in self.joining:
+            if math.isnan(r.joined):  # colocated: joined at its first token, no transfer
+                r.joined = now
+            min((self.groups[i] for i in idle), key=len).join(r)
+        self.joining = []
+        for k in range(len(self.groups)):
+            i = (self.turn + k) % len(self.groups)
+            if i in idle and self.groups[i]:
+                self.turn = i + 1
+                self.flying.add(i)
+                return self.groups[i]
+        return None
+
+    def landed(self, group: _Running) -> list[SimRequest]:
+        self.flying.discard(self.groups.index(group))
+        return group.step_done()
+
+
+def _depth(sim: "Simulation", spec: InstanceSpec, phase: str) -> int:
+    """Steps an instance keeps in flight: its PP degree where its stages overlap, else 1."""
+    return spec.pp if sim.latency.overlap(spec.tp, spec.pp, phase) is not None else 1
+
+
 class _Prefill:
     def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
         self.sim, self.spec, self.index = sim, spec, index
         self.queue: deque[SimRequest] = deque()
-        self.free_at, self.held, self.outstanding, self.waking = 0.0, 0, 0, False
-        self.busy_until = 0.0
+        self.held, self.outstanding, self.waking = 0, 0, False
+        self.pipe = _Pipeline(_depth(sim, spec, "prefill"))
 
     @property
     def busy(self) -> bool:
-        return self.sim.loop.now < self.busy_until
+        return self.pipe.flying > 0
 
     def try_start(self) -> None:
         loop, lat = self.sim.loop, self.sim.latency
         if not self.queue or self.waking:
             return
-        if loop.now < self.free_at:
+        if self.pipe.waits_for_first_stage(loop.now):
             self.waking = True
-            loop.at(self.free_at, self._wake)
+            loop.at(self.pipe.first_free, self._wake)
             return
+        if not self.pipe.has_room(loop.now):
+            return  # every step slot in flight: the next one to land wakes it
         batch, tokens = [], 0
         while self.queue:
             r = self.queue[0]
@@ -125,9 +197,9 @@ class _Prefill:
                 self.sim.announce(r, self)
         self.held += tokens
         scale = self.sim.contention(self, "prefill")
-        self.free_at = loop.now + lat.prefill_interval_ms(lens, self.spec.tp, self.spec.pp) * scale
-        self.busy_until = loop.now + lat.prefill_ms(lens, self.spec.tp, self.spec.pp) * scale
-        loop.at(self.busy_until, lambda: self._done(batch))
+        done = self.pipe.launch(loop.now, lat.prefill_ms(lens, self.spec.tp, self.spec.pp) * scale,
+                                lat.prefill_interval_ms(lens, self.spec.tp, self.spec.pp) * scale)
+        loop.at(done, lambda: self._done(batch))
         self.try_start()
 
     def enqueue(self, r: SimRequest) -> None:
@@ -136,13 +208,14 @@ class _Prefill:
         self.queue.append(r)
         if not self.waking:
             self.waking = True
-            self.sim.loop.at(max(self.sim.loop.now, self.free_at), self._wake)
+            self.sim.loop.at(max(self.sim.loop.now, self.pipe.first_free), self._wake)
 
     def _wake(self) -> None:
         self.waking = False
         self.try_start()
 
     def _done(self, batch: list[SimRequest]) -> None:
+        self.pipe.landed()
         for r in batch:
             r.first_token = self.sim.loop.now
             self.outstanding -= 1
@@ -165,18 +238,18 @@ class _Decode:
         self.sim, self.spec, self.index = sim, spec, index
         self.ready: deque[tuple[SimRequest, _Prefill]] = deque()  # announced, not pulled
         self.posted: dict[int, _Prefill] = {}  # pulled before their first token: id -> source
-        self.running = _Running()
-        self.joinable: list[SimRequest] = []
+        depth = _depth(sim, spec, "decode")
+        self.running, self.pipe = _Groups(depth), _Pipeline(depth)
         self.pulling = self.used = self.assigned = 0
-        self.stepping = False
+        self.waking = False
 
     @property
     def busy(self) -> bool:
-        return self.stepping
+        return self.pipe.flying > 0
 
     def try_pull(self) -> None:
         p = self.sim.policy
-        while self.ready and len(self.running) + self.pulling + len(self.joinable) < p.max_decode_batch:
+        while self.ready and len(self.running) + self.pulling < p.max_decode_batch:
             r, source = self.ready[0]
             need = r.input_len + r.output_len
             if self.used + need > self.spec.kv_tokens and (self.used or self.pulling):
@@ -192,7 +265,7 @@ class _Decode:
     def announce(self, r: SimRequest, source: _Prefill) -> None:
         r.decode_instance = self.index
         self.ready.append((r, source))
-        if not self.stepping:
+        if not self.busy:
             self.try_pull()
 
     def first_token(self, r: SimRequest) -> None:
@@ -210,65 +283,71 @@ class _Decode:
     def _arrived(self, r: SimRequest, source: _Prefill) -> None:
         self.pulling -= 1
         source.release(r)
-        self.joinable.append(r)
+        self.running.joining.append(r)
         self.start_step()
 
     def start_step(self) -> None:
-        if self.stepping:
-            return
-        now = self.sim.loop.now
-        for r in self.joinable:
-            r.joined = now
-            self.running.join(r)
-        self.joinable = []
-        if not self.running:
-            return
-        ms = self.sim.latency.decode_ms(len(self.running), self.running.context, self.spec.tp, self.spec.pp)
-        ms *= self.sim.contention(self, "decode")
-        self.stepping = True
-        self.sim.loop.at(now + ms, self._step_done)
+        loop = self.sim.loop
+        while self.pipe.has_room(loop.now):
+            group = self.running.next_group(loop.now)
+            if group is None:
+                return
+            lat, tp, pp, scale = self.sim.latency, self.spec.tp, self.spec.pp, self.sim.contention(self, "decode")
+            done = self.pipe.launch(loop.now, lat.decode_trip_ms(len(group), group.context, tp, pp) * scale,
+                                    lat.decode_interval_ms(len(group), group.context, tp, pp) * scale)
+            loop.at(done, lambda group=group: self._step_done(group))
+        if self.pipe.waits_for_first_stage(loop.now) and not self.waking:
+            self.waking = True
+            loop.at(self.pipe.first_free, self._wake)
 
-    def _step_done(self) -> None:
+    def _wake(self) -> None:
+        self.waking = False
+        self.start_step()
+
+    def _step_done(self, group: _Running) -> None:
         now = self.sim.loop.now
-        for r in self.running.step_done():
+        self.pipe.landed()
+        for r in self.running.landed(group):
             r.finish = now
             self.sim.judge(r)
             self.used -= r.input_len + r.output_len
             self.assigned -= 1
-        self.stepping = False
         self.try_pull()
         self.start_step()
 
 
 class _Colocated:
+    """Both phases on one instance, prefill first (vLLM's default): whenever the pipeline has room,
+    a step is a prefill batch if one is admissible, else the next decode group; with PP, a prefill
+    on the first stage overlaps a decode group on a later one, as in the engine."""
+
     def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
         self.sim, self.spec, self.index = sim, spec, index
         self.queue: deque[SimRequest] = deque()
-        self.running = _Running()
+        depth = _depth(sim, spec, "decode")
+        self.running, self.pipe = _Groups(depth), _Pipeline(depth)
         self.used = self.outstanding = 0
-        self.stepping = self.waking = False
+        self.waking = False
 
     @property
     def busy(self) -> bool:
-        return self.stepping
+        return self.pipe.flying > 0
 
     def enqueue(self, r: SimRequest) -> None:
         """As _Prefill.enqueue: the step starts once this instant's arrivals are all queued."""
         self.queue.append(r)
-        if not self.stepping and not self.waking:
+        if not self.waking:
             self.waking = True
-            self.sim.loop.at(self.sim.loop.now, self._wake)
+            self.sim.loop.at(max(self.sim.loop.now, self.pipe.first_free), self._wake)
 
     def _wake(self) -> None:
         self.waking = False
         self.try_start()
 
-    def try_start(self) -> None:
-        if self.stepping:
-            return
-        lat, p, loop = self.sim.latency, self.sim.policy, self.sim.loop
+    def _admit(self) -> list[SimRequest]:
+        """The next prefill batch: FCFS under L_m, batch and KV room."""
         batch, tokens = [], 0
-        while self.queue and len(self.running) + len(batch) < p.max_decode_batch:
+        while self.queue and len(self.running) + len(batch) < self.sim.policy.max_decode_batch:
             r = self.queue[0]
             need = r.input_len + r.output_len
             if batch and tokens + r.input_len > self.sim.token_budget(self.spec):
@@ -278,26 +357,40 @@ class _Colocated:
             batch.append(self.queue.popleft())
             tokens += r.input_len
             self.used += need
-        if batch:
-            for r in batch:
-                r.prefill_start = r.joined = loop.now
-                r.prefill_instance = r.decode_instance = self.index
-            ms = lat.prefill_ms([r.input_len for r in batch], self.spec.tp, self.spec.pp)
-            loop.at(loop.now + ms * self.sim.contention(self, "prefill"), lambda: self._prefilled(batch))
-            self.stepping = True
-        elif self.running:
-            ms = lat.decode_ms(len(self.running), self.running.context, self.spec.tp, self.spec.pp)
-            loop.at(loop.now + ms * self.sim.contention(self, "decode"), self._decoded)
-            self.stepping = True
+        return batch
+
+    def try_start(self) -> None:
+        lat, loop, tp, pp = self.sim.latency, self.sim.loop, self.spec.tp, self.spec.pp
+        while self.pipe.has_room(loop.now):
+            batch = self._admit()
+            if batch:
+                for r in batch:
+                    r.prefill_start = loop.now
+                    r.prefill_instance = r.decode_instance = self.index
+                lens, scale = [r.input_len for r in batch], self.sim.contention(self, "prefill")
+                done = self.pipe.launch(loop.now, lat.prefill_ms(lens, tp, pp) * scale,
+                                        lat.prefill_interval_ms(lens, tp, pp) * scale)
+                loop.at(done, lambda batch=batch: self._prefilled(batch))
+                continue
+            group = self.running.next_group(loop.now)
+            if group is None:
+                break
+            scale = self.sim.contention(self, "decode")
+            done = self.pipe.launch(loop.now, lat.decode_trip_ms(len(group), group.context, tp, pp) * scale,
+                                    lat.decode_interval_ms(len(group), group.context, tp, pp) * scale)
+            loop.at(done, lambda group=group: self._decoded(group))
+        if self.pipe.waits_for_first_stage(loop.now) and not self.waking:
+            self.waking = True
+            loop.at(self.pipe.first_free, self._wake)
 
     def _prefilled(self, batch: list[SimRequest]) -> None:
+        self.pipe.landed()
         for r in batch:
             r.first_token = r.joined = self.sim.loop.now
             if r.output_len <= 1:
                 self._finish(r)
             else:
-                self.running.join(r)
-        self.stepping = False
+                self.running.joining.append(r)
         self.try_start()
 
     def _finish(self, r: SimRequest) -> None:
@@ -306,10 +399,10 @@ class _Colocated:
         self.used -= r.input_len + r.output_len
         self.outstanding -= 1
 
-    def _decoded(self) -> None:
-        for r in self.running.step_done():
+    def _decoded(self, group: _Running) -> None:
+        self.pipe.landed()
+        for r in self.running.landed(group):
             self._finish(r)
-        self.stepping = False
         self.try_start()
 
 
