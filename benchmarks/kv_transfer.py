@@ -1,6 +1,7 @@
-"""KV transfer: the engine's path (one message per (layer, K|V): a view of the cache when the request's
-blocks are consecutive, else gathered into / scattered from a staging buffer) against a raw gloo
-send/recv of one buffer of the same size, measured in the same run.
+"""KV transfer: the engine's path (messages that are pieces of the cache where a rank holds exactly the
+pair's rectangle, cut at the breaks of either side's block table; else gathered into / scattered from
+a staging buffer) against raw gloo isend/irecv of the same bytes between the same rank pairs (one
+pre-allocated buffer per pair, all pairs at once), measured in the same run.
 
 Run under MPI with 1 + ranks of the two layouts, e.g. (3 ranks: P TP1 -> D TP1, and P TP1 -> D TP2):
     mpirun -n 3 --oversubscribe python benchmarks/kv_transfer.py [--out benchmarks/results/kv_transfer.json]
@@ -26,7 +27,7 @@ from mpi4py import MPI  # noqa: E402
 from engine.blocks import blocks_for  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
 from engine.kv_transfer import KVTransfer  # noqa: E402
-from engine.reshard import owned_rect  # noqa: E402
+from engine.reshard import owned_rect, transfer_plan  # noqa: E402
 from launcher.model_files import ModelShape  # noqa: E402
 from launcher.plan import InstancePlan, Plan  # noqa: E402
 from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
@@ -73,20 +74,24 @@ def main() -> None:
                             rank=rank, world_size=size)
     # Layout pairs: P TP1 (rank 0) -> D TP1 (rank 1); P TP1 (rank 0) -> D TP... heads split over ranks 1, 2
     # is not possible with 3 KV heads, so the second pair is D PP2 (layers split over ranks 1, 2).
-    # Block tables: consecutive (what the allocator gives when a free run fits: no copies), or
-    # scattered (a fragmented cache: both sides gather/scatter through staging buffers).
+    # Block tables: consecutive (what the allocator gives when a free run fits), or scattered (a
+    # fragmented cache: each side's blocks in its own random order). Each side knows the other's
+    # table, as in the engine, so only a rank holding more than the pair's rectangle (the TP1
+    # sender of a PP2 pair) stages a copy.
     same = [InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 1, 1)]
+    split = [InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 2, 1)]
     pairs = {"P tp1 -> D tp1": (same, False), "P tp1 -> D tp1 scattered": (same, True),
-             "P tp1 -> D pp2": ([InstancePlan(0, "prefill", 1, 1, 0), InstancePlan(1, "decode", 1, 2, 1)], False)}
+             "P tp1 -> D pp2": (split, False), "P tp1 -> D pp2 scattered": (split, True)}
     rows = []
     for name, (instances, scattered) in pairs.items():
         plan = Plan(instances)
         mine = instances[0] if rank == 0 else plan.instance_of(rank)
         for length in [int(x) for x in args.lengths.split(",")]:
             blocks = blocks_for(length, BLOCK)
-            table = list(range(blocks))
+            tables = [list(range(blocks)), list(range(blocks))]  # prefill side's, decode side's
             if scattered:
-                random.Random(length).shuffle(table)
+                for side, table in enumerate(tables):
+                    random.Random(2 * length + side).shuffle(table)
             engine_s, raw_s = [], []
             if mine is not None:
                 rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
@@ -96,20 +101,26 @@ def main() -> None:
                 cache.v.normal_()
                 kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, rect.layers[0], rect.heads[0])
             total_bytes = 2 * SHAPE.num_layers * SHAPE.num_kv_heads * SHAPE.head_dim * 4 * length
-            raw_buf = torch.zeros(total_bytes // 4, device=device)  # allocated and touched once: raw's best case
+            # raw: each rank pair of the layout pair moves its share as one pre-allocated buffer
+            # (allocated and touched once: raw's best case), all pairs at once
+            shares = [(t.src_rank, t.dst_rank, torch.zeros(2 * (t.rect.layers[1] - t.rect.layers[0]) * length *
+                                                          (t.rect.heads[1] - t.rect.heads[0]) * SHAPE.head_dim,
+                                                          device=device))
+                      for t in transfer_plan(instances[0], instances[1], SHAPE.num_layers, SHAPE.num_kv_heads)]
+
             def engine(req: int) -> None:
                 if rank == 0:
-                    kv.post_sends(req, table, length, 1)
+                    kv.post_sends(req, tables[0], length, 1, tuple(tables[1]))
                     kv.release(req)
                 elif mine is not None:
-                    kv.post_recvs(req, table, length, 0)
+                    kv.post_recvs(req, tables[1], length, 0, tuple(tables[0]))
                     kv.join(req)
 
-            def raw(_req: int) -> None:  # one buffer of the same total size from rank 0 to rank 1
-                if rank == 0:
-                    dist.send(raw_buf, 1)
-                elif rank == 1:
-                    dist.recv(raw_buf, 0)
+            def raw(_req: int) -> None:
+                works = [dist.isend(buf, dst) if rank == src else dist.irecv(buf, src)
+                         for src, dst, buf in shares if rank in (src, dst)]
+                for work in works:
+                    work.wait()
 
             for rep in range(args.repeats + 1):  # rep 0 warms both up; then alternate which goes first
                 for fn, times in ((engine, engine_s), (raw, raw_s))[::1 if rep % 2 == 0 else -1]:

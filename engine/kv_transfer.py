@@ -12,11 +12,14 @@ order pulls came: engine.scheduler). Each request's messages on a pair start wit
 landing one request's KV in another's blocks. They travel on their own process group (a side
 communicator on NCCL), so a posted receive never blocks the TP/PP collectives of the main group.
 
-Each side alone decides where its messages live: when the request's blocks are consecutive and the pair covers all
-of this rank's layers and heads, a message is a piece of the block-major cache itself (no copy:
-most requests move as one message); otherwise it is a slice of a pooled staging
-buffer that the sender gathers chunk by chunk while earlier chunks are on the wire, and that the
-receiver's helper thread scatters as they land. Sends and receives are asynchronous (isend/irecv
+Both sides cut a pair's messages alike: at every break in the block table of a side whose rank the
+pair's rectangle covers whole (all its layers and heads), since each side knows the other's table
+(KVPost.peer_blocks), then into about CHUNK_BYTES. On such a side a message is a piece of the
+block-major cache itself (no copy, however scattered the blocks); on a rank holding more than the
+rectangle (a TP or PP reshard) it is a slice of a pooled staging buffer that the sender gathers
+chunk by chunk while earlier chunks are on the wire, and that the receiver's helper thread scatters
+as they land. (Sending a layer range's K and V block by block instead, without staging, measured no
+faster here: 2 x blocks small messages cost what the copies do.) Sends and receives are asynchronous (isend/irecv
 on the world group: gloo on CPU, NCCL on GPU, where the helper thread's copies are untested); the
 decode side keeps stepping while they are in flight.
 """
@@ -31,7 +34,7 @@ import torch.distributed as dist
 from engine.comm import RankContext
 from engine.blocks import blocks_for
 from engine.kv_cache import KVCache
-from engine.reshard import Transfer, transfer_plan
+from engine.reshard import Transfer, owned_rect, transfer_plan
 from launcher.model_files import ModelShape
 
 CHUNK_BYTES = 8 << 20
@@ -99,25 +102,41 @@ class KVTransfer:
         """Whole blocks move (the tail past num_tokens is rewritten by decode before it is read)."""
         return block_table[:blocks_for(num_tokens, self.cache.block_size)]
 
-    def _chunks(self, t: Transfer, num_blocks: int) -> list[tuple[int, int]]:
-        """Ranges of consecutive blocks of about CHUNK_BYTES each; both sides agree."""
+    def _holds_just(self, t: Transfer, instance_id: int, rank: int) -> bool:
+        """The pair's rectangle is all that `rank` holds (every layer and KV head of its cache), so
+        a run of its consecutive blocks is one piece of its cache's memory."""
+        owned = owned_rect(self.ctx.plan.instances[instance_id], rank, self.shape.num_layers, self.shape.num_kv_heads)
+        return t.rect == owned
+
+    def _ranges(self, t: Transfer, n: int, tables: list[list[int]]) -> list[tuple[int, int]]:
+        """Block ranges of the pair's messages: cut at every break in the given block tables, then
+        into about CHUNK_BYTES each; both sides compute the same list."""
         (l0, l1), (h0, h1) = t.rect.layers, t.rect.heads
         per_block = 2 * (l1 - l0) * self.cache.block_size * (h1 - h0) * self.shape.head_dim * self.cache.kv.element_size()
         step = max(1, CHUNK_BYTES // per_block)
-        return [(a, min(a + step, num_blocks)) for a in range(0, num_blocks, step)]
+        cuts = {0, n} | {i for table in tables for i in range(1, n) if table[i] != table[i - 1] + 1}
+        edges = sorted(cuts)
+        return [(a, min(a + step, end)) for start, end in zip(edges, edges[1:]) for a in range(start, end, step)]
 
-    def _messages(self, t: Transfer, ids: list[int]) -> tuple[list[tuple], torch.Tensor | None]:
-        """The pair's messages in order, as (block range, tensor), and the staging buffer they are
-        slices of (None when they are pieces of the cache)."""
-        layers, heads = self._local(t)
-        _, _, num_layers, _, num_heads, _ = self.cache.kv.shape
-        chunks = self._chunks(t, len(ids))
-        in_place = (layers.stop - layers.start == num_layers and heads.stop - heads.start == num_heads
-                    and ids == list(range(ids[0], ids[0] + len(ids))))
-        if in_place:
-            return [((a, b), self.cache.kv[ids[0] + a:ids[0] + b]) for a, b in chunks], None
-        buf = self._buffer(t, len(ids))
-        return [((a, b), buf[a:b]) for a, b in chunks], buf
+    def _messages(self, t: Transfer, ids: list[int], peer_ids: list[int], src_id: int, dst_id: int,
+                  sending: bool) -> tuple[list[tuple], torch.Tensor | None]:
+        """The pair's messages in order, as (tensor, staged block range or None), and the staging
+        buffer (None when every message is a piece of this rank's cache). Both sides cut at the
+        table breaks of each side that holds just the pair's rectangle (both tables are known:
+        KVPost.peer_blocks; without the peer's, an older caller's, only a rank's own consecutive
+        blocks go unstaged). A staged message's blocks are gathered before it is sent, or
+        scattered once it lands."""
+        src, dst = self._holds_just(t, src_id, t.src_rank), self._holds_just(t, dst_id, t.dst_rank)
+        mine, peer = (src, dst) if sending else (dst, src)
+        n = len(ids)
+        if not peer_ids:  # no cuts at the peer's breaks; unstaged only if this rank's blocks are consecutive
+            peer = False
+            mine = mine and ids == list(range(ids[0], ids[0] + n))
+        ranges = self._ranges(t, n, [table for whole, table in ((mine, ids), (peer, peer_ids)) if whole])
+        if mine:
+            return [(self.cache.kv[ids[a]:ids[a] + b - a], None) for a, b in ranges], None
+        buf = self._buffer(t, n)
+        return [(buf[a:b], (a, b)) for a, b in ranges], buf
 
     def _copy(self, t: Transfer, message: torch.Tensor, blocks: torch.Tensor, to_cache: bool) -> None:
         """Copies a staged message from (sender) or into (receiver) this rank's `blocks`."""
@@ -128,40 +147,44 @@ class KVTransfer:
         else:
             torch.index_select(view, 0, blocks, out=message)
 
-    def post_sends(self, req_id: int, block_table: list[int], num_tokens: int, dst_instance: int) -> None:
+    def post_sends(self, req_id: int, block_table: list[int], num_tokens: int, dst_instance: int,
+                   peer_table: tuple[int, ...] = ()) -> None:
         ids = self._block_ids(block_table, num_tokens)
+        peer_ids = self._block_ids(list(peer_table), num_tokens) if peer_table else []
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
         works, buffers, headers = [], [], []
         for t in self._plan(self.ctx.instance.id, dst_instance):
             if t.src_rank != self.ctx.rank:
                 continue
-            messages, buf = self._messages(t, ids)
+            messages, buf = self._messages(t, ids, peer_ids, self.ctx.instance.id, dst_instance, sending=True)
             header = self._header(req_id, len(messages))
             works.append(dist.isend(header, t.dst_rank, group=self.group, tag=KV_TAG))
             headers.append(header)  # alive until the send completes
-            for (a, b), message in messages:
-                if buf is not None:  # gather this chunk while the earlier ones are on the wire
-                    self._copy(t, message, index[a:b], to_cache=False)
+            for message, staged in messages:
+                if staged is not None:  # gather this chunk while the earlier ones are on the wire
+                    self._copy(t, message, index[slice(*staged)], to_cache=False)
                 works.append(dist.isend(message, t.dst_rank, group=self.group, tag=KV_TAG))
             if buf is not None:
                 buffers.append(buf)
         self.sending[req_id] = (works, buffers, headers)
 
-    def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int) -> None:
+    def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int,
+                   peer_table: tuple[int, ...] = ()) -> None:
         """Posts every message's receive; a helper thread scatters staged chunks as they land."""
         ids = self._block_ids(block_table, num_tokens)
+        peer_ids = self._block_ids(list(peer_table), num_tokens) if peer_table else []
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
         # (transfer, expected header or None, cache blocks to scatter into or None, message, work)
         posted, buffers = [], []
         for t in self._plan(src_instance, self.ctx.instance.id):
             if t.dst_rank != self.ctx.rank:
                 continue
-            messages, buf = self._messages(t, ids)
+            messages, buf = self._messages(t, ids, peer_ids, src_instance, self.ctx.instance.id, sending=False)
             header = torch.zeros(2, dtype=torch.int64, device=self.cache.kv.device)
             posted.append((t, (req_id, len(messages)), None, header,
                            dist.irecv(header, t.src_rank, group=self.group, tag=KV_TAG)))
-            posted += [(t, None, index[a:b] if buf is not None else None, m,
-                        dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG)) for (a, b), m in messages]
+            posted += [(t, None, index[slice(*staged)] if staged else None, m,
+                        dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG)) for m, staged in messages]
             if buf is not None:
                 buffers.append(buf)
         self.receiving[req_id] = buffers

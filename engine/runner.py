@@ -83,9 +83,9 @@ class ModelRunner:
         states on, or the last stage's tokens to the leader)."""
         self.launched += 1
         for send in step.kv_sends:
-            self.kv.post_sends(send.req_id, send.block_table, send.num_tokens, send.peer_instance)
+            self.kv.post_sends(send.req_id, send.block_table, send.num_tokens, send.peer_instance, send.peer_blocks)
         for recv in step.kv_recvs:
-            self.kv.post_recvs(recv.req_id, recv.block_table, recv.num_tokens, recv.peer_instance)
+            self.kv.post_recvs(recv.req_id, recv.block_table, recv.num_tokens, recv.peer_instance, recv.peer_blocks)
         for req_id in step.kv_joins:
             self.kv.join(req_id)
         for req_id in step.kv_releases:

@@ -102,6 +102,7 @@ class Scheduler:
         self.pulling: dict[int, Sequence] = {}       # decode: receives posted
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
         self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
+        self.pull_blocks: dict[int, tuple[int, ...]] = {}  # prefill: req -> the decode side's blocks for it
         self.pending_releases: list[int] = []
         self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
         self.dropped: set[int] = set()               # decode: dropped before its pull; its first token is still due
@@ -139,6 +140,7 @@ class Scheduler:
 
     def add_pull(self, pull: KVPull) -> None:
         self.pulls.setdefault(pull.decode_instance, deque()).append(pull.req_id)
+        self.pull_blocks[pull.req_id] = pull.blocks
 
     def pulled(self, req_id: int) -> None:
         """The decode side has all of the request's KV: free the held blocks."""
@@ -219,7 +221,7 @@ class Scheduler:
             if self._decodes_later(seq):
                 seq.announced = True
                 out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
-                                     KVIncoming(seq.request, self.instance_id)))
+                                     KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return batch
 
     def _start_pulls(self, out: SchedulerOutput) -> list[KVPost]:
@@ -236,9 +238,11 @@ class Scheduler:
             self.pulling[seq.req_id] = seq
             if seq.req_id in self.firsts:
                 self._apply_first(seq, self.firsts.pop(seq.req_id))
-            recvs.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), seq.source_instance))
+            recvs.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), seq.source_instance,
+                                incoming.blocks))
             # the prefill side posts its sends in the order these pulls reach it
-            out.messages.append((seq.source_instance, Tag.KV_PULL, KVPull(seq.req_id, self.instance_id)))
+            out.messages.append((seq.source_instance, Tag.KV_PULL, KVPull(seq.req_id, self.instance_id,
+                                                                          tuple(seq.blocks))))
         return recvs
 
     def _joins(self, out: SchedulerOutput) -> list[int]:
@@ -267,7 +271,8 @@ class Scheduler:
         for decode_instance, queue in self.pulls.items():
             while queue and queue[0] in self.held:
                 seq = self.held[queue.popleft()]
-                sends.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), decode_instance))
+                sends.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), decode_instance,
+                                    self.pull_blocks.pop(seq.req_id)))
         return sends
 
     def _reap_aborted(self, out: SchedulerOutput) -> None:

@@ -190,6 +190,7 @@ class KVIncoming:
 
     request: Request
     prefill_instance: int
+    blocks: tuple[int, ...] = ()  # its block table there: the receives match the sends' messages to it
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ class KVPull:
 
     req_id: int
     decode_instance: int
+    blocks: tuple[int, ...] = ()  # the blocks the KV lands in there
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,7 @@ class KVPost:
     block_table: tuple[int, ...]
     num_tokens: int
     peer_instance: int
+    peer_blocks: tuple[int, ...] = ()  # the peer's block table for the request (engine.kv_transfer)
 
 
 @dataclass(frozen=True)

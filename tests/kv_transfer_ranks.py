@@ -1,6 +1,8 @@
-"""Run by test_reshard under `mpirun -n 3`: moves one request's KV between two instance layouts
-through engine.kv_transfer (real gloo isend/irecv) with consecutive and scattered block tables on
-either side, and checks every received value against what the sender holds; then six requests at
+"""Run by test_reshard under `mpirun -n 4`: moves one request's KV between two instance layouts
+through engine.kv_transfer (real gloo isend/irecv) with consecutive, partly consecutive and
+scattered block tables on either side, each case once as the engine posts it (each side knows the
+other's block table) and once without the peer's table, and checks every received value against
+what the sender holds and which ranks staged a copy; then six requests at
 once, all with one tag, pulled in an order that is not the prefill order (and, as a check of the
 check, a sender that ignores the pull order, which the receiver must refuse). Prints one line per
 case on rank 0; exits non-zero on a mismatch."""
@@ -27,7 +29,8 @@ SHAPE = ModelShape(num_layers=4, hidden_size=32, intermediate_size=64, num_heads
                    vocab_size=64, rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False,
                    max_position_embeddings=256, bos_token_id=1, eos_token_ids=(2,))
 BLOCK, NUM_BLOCKS, TOKENS = 4, 16, 13
-CONSECUTIVE, SCATTERED = [5, 6, 7, 8], [9, 2, 14, 0]
+CONSECUTIVE, SCATTERED, PARTLY = [5, 6, 7, 8], [9, 2, 14, 0], [3, 4, 10, 11]
+TABLES = {"consecutive": CONSECUTIVE, "scattered": SCATTERED, "partly consecutive": PARTLY}
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 
 
@@ -41,13 +44,15 @@ def expected(layer: int, kv: int, pos: torch.Tensor, head: int) -> torch.Tensor:
     return (((layer * 2 + kv) * 1000 + pos[:, None]) * 100 + head * 10 + torch.arange(SHAPE.head_dim)).double()
 
 
-def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: list[int], req_id: int) -> bool:
+def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: list[int], req_id: int,
+             with_tables: bool) -> tuple[bool, bool]:
+    """(every value right, this rank staged a copy)."""
     p = InstancePlan(0, "prefill", *LAYOUTS[src], first_rank=0)
     d = InstancePlan(1, "decode", *LAYOUTS[dst], first_rank=p.size)
     plan = Plan([p, d])
     mine = plan.instance_of(rank)
     if mine is None:
-        return True
+        return True, False
     rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
     (l0, l1), (h0, h1) = rect.layers, rect.heads
     cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
@@ -61,12 +66,12 @@ def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: lis
             for kv_index, tensor in enumerate((cache.k, cache.v)):
                 for head in range(h0, h1):
                     tensor[blocks, layer - l0, offsets, head - h0] = expected(layer, kv_index, positions, head)
-        kv.post_sends(req_id, table, TOKENS, d.id)
+        kv.post_sends(req_id, table, TOKENS, d.id, tuple(dst_table) if with_tables else ())
         kv.release(req_id)
-        return True
+        return True, bool(kv.pool.free)
     cache.k.fill_(-1)
     cache.v.fill_(-1)
-    kv.post_recvs(req_id, table, TOKENS, p.id)
+    kv.post_recvs(req_id, table, TOKENS, p.id, tuple(src_table) if with_tables else ())
     kv.join(req_id)
     moved = blocks_for(TOKENS, BLOCK) * BLOCK
     ok = True
@@ -79,7 +84,7 @@ def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: lis
                 untouched = torch.ones(got.shape[:2], dtype=torch.bool)
                 untouched[blocks[:moved], offsets[:moved]] = False
                 ok &= bool((got[untouched] == -1).all())
-    return ok
+    return ok, bool(kv.pool.free)
 
 
 PULL_ORDER = [4, 1, 5, 0, 3, 2]  # the decode side's pulls; the sender prefilled 0..5 in order
@@ -94,6 +99,8 @@ def run_many(rank: int, broken: bool) -> bool:
     d = InstancePlan(1, "decode", 2, 1, first_rank=1)
     plan = Plan([p, d])
     mine = plan.instance_of(rank)
+    if mine is None:
+        return True
     rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
     (l0, l1), (h0, h1) = rect.layers, rect.heads
     cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
@@ -145,19 +152,25 @@ def main() -> None:
             port = s.getsockname()[1]
     port = world.bcast(port)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world.Get_size())
-    cases = [("tp1", "tp1", CONSECUTIVE, CONSECUTIVE), ("tp1", "tp1", SCATTERED, CONSECUTIVE),
-             ("tp1", "tp1", CONSECUTIVE, SCATTERED), ("tp1", "tp1", SCATTERED, SCATTERED),
-             ("tp1", "tp2", CONSECUTIVE, CONSECUTIVE), ("tp1", "tp2", CONSECUTIVE, SCATTERED),
-             ("tp2", "tp1", CONSECUTIVE, CONSECUTIVE), ("tp2", "tp1", SCATTERED, CONSECUTIVE),
-             ("tp1", "pp2", CONSECUTIVE, CONSECUTIVE), ("tp1", "pp2", SCATTERED, CONSECUTIVE)]
+    cases = [("tp1", "tp1", "consecutive", "consecutive"), ("tp1", "tp1", "scattered", "consecutive"),
+             ("tp1", "tp1", "consecutive", "scattered"), ("tp1", "tp1", "scattered", "scattered"),
+             ("tp1", "tp1", "partly consecutive", "scattered"),
+             ("tp1", "tp2", "consecutive", "consecutive"), ("tp1", "tp2", "consecutive", "scattered"),
+             ("tp2", "tp1", "consecutive", "consecutive"), ("tp2", "tp1", "scattered", "consecutive"),
+             ("tp1", "pp2", "consecutive", "consecutive"), ("tp1", "pp2", "scattered", "partly consecutive"),
+             ("pp2", "tp1", "scattered", "scattered"), ("tp2", "pp2", "scattered", "scattered"),
+             ("pp2", "tp2", "partly consecutive", "scattered")]
     failed = 0
     for i, (src, dst, src_table, dst_table) in enumerate(cases):
-        ok = all(world.allgather(run_case(rank, src, dst, src_table, dst_table, 100 + i)))
-        failed += not ok
-        if rank == 0:
-            print(f"P {src} {'consecutive' if src_table == CONSECUTIVE else 'scattered'} -> "
-                  f"D {dst} {'consecutive' if dst_table == CONSECUTIVE else 'scattered'}: {'ok' if ok else 'WRONG'}",
-                  flush=True)
+        for with_tables in (True, False):
+            results = world.allgather(run_case(rank, src, dst, TABLES[src_table], TABLES[dst_table],
+                                               100 + 2 * i + with_tables, with_tables))
+            ok = all(right for right, _ in results)
+            failed += not ok
+            staged = [r for r, (_, copied) in enumerate(results) if copied]
+            if rank == 0:
+                print(f"P {src} {src_table} -> D {dst} {dst_table}, {'both' if with_tables else 'own'} tables: "
+                      f"{'ok' if ok else 'WRONG'}; staged on ranks {staged}", flush=True)
     for broken in (False, True):
         ok = all(world.allgather(run_many(rank, broken)))
         failed += not ok

@@ -340,3 +340,23 @@ def test_streamed_requests_report_each_token_with_its_index():
     s.schedule()
     (out,) = sent(s.on_step([9, 9]), Tag.TOKENS_OUT)
     assert out.tokens == ((0, 1, 9),)
+
+
+def test_each_side_of_a_transfer_gets_the_other_sides_block_table():
+    """The prefill side's blocks ride on the announcement, the decode side's on the pull, so both
+    sides' KV posts carry the peer's table (engine.kv_transfer cuts its messages at either's breaks)."""
+    p, d = sched("prefill", blocks=16), Scheduler("decode", 5, 1, InstanceLimits(16, 4, 32, 8, 128), (2,))
+    p.add_request(req(0, 8, decode_instance=5))
+    out = p.schedule()
+    incoming = sent(out.messages, Tag.KV_INCOMING, 5)[0]
+    assert incoming.blocks == out.step.seqs[0].block_table
+    [first] = sent(p.on_step([7]), Tag.FIRST_TOKEN, 5)
+    d.add_incoming(incoming)
+    d.add_first_token(first)
+    out = d.schedule()
+    [recv] = out.step.kv_recvs
+    [pull] = sent(out.messages, Tag.KV_PULL, 0)
+    assert recv.peer_blocks == incoming.blocks and pull.blocks == recv.block_table
+    p.add_pull(pull)
+    [send] = p.schedule().step.kv_sends
+    assert send.peer_blocks == recv.block_table and recv.peer_blocks == send.block_table
