@@ -153,6 +153,27 @@ class _Groups:
         return group.step_done()
 
 
+def _launch_decode(inst, group: _Running, landed: Callable[[_Running], None]) -> None:
+    """Starts `group`'s decode step on `inst`'s pipeline; landed(group) once its tokens are back."""
+    sim, tp, pp = inst.sim, inst.spec.tp, inst.spec.pp
+    scale = sim.contention(inst, "decode")
+    done = inst.pipe.launch(sim.loop.now, sim.latency.decode_trip_ms(len(group), group.context, tp, pp) * scale,
+                            sim.latency.decode_interval_ms(len(group), group.context, tp, pp) * scale)
+    sim.loop.at(done, lambda: landed(group))
+
+
+def _wake_when_first_stage_frees(inst, retry: Callable[[], None]) -> None:
+    """With a step slot free but the first stage still busy, `retry` once it frees (once)."""
+    loop = inst.sim.loop
+    if inst.pipe.waits_for_first_stage(loop.now) and not inst.waking:
+        inst.waking = True
+
+        def wake() -> None:
+            inst.waking = False
+            retry()
+        loop.at(inst.pipe.first_free, wake)
+
+
 def _depth(sim: "Simulation", spec: InstanceSpec, phase: str) -> int:
     """Steps an instance keeps in flight: its PP degree where its stages overlap, else 1."""
     return spec.pp if sim.latency.overlap(spec.tp, spec.pp, phase) is not None else 1
@@ -292,17 +313,8 @@ class _Decode:
             group = self.running.next_group(loop.now)
             if group is None:
                 return
-            lat, tp, pp, scale = self.sim.latency, self.spec.tp, self.spec.pp, self.sim.contention(self, "decode")
-            done = self.pipe.launch(loop.now, lat.decode_trip_ms(len(group), group.context, tp, pp) * scale,
-                                    lat.decode_interval_ms(len(group), group.context, tp, pp) * scale)
-            loop.at(done, lambda group=group: self._step_done(group))
-        if self.pipe.waits_for_first_stage(loop.now) and not self.waking:
-            self.waking = True
-            loop.at(self.pipe.first_free, self._wake)
-
-    def _wake(self) -> None:
-        self.waking = False
-        self.start_step()
+            _launch_decode(self, group, self._step_done)
+        _wake_when_first_stage_frees(self, self.start_step)
 
     def _step_done(self, group: _Running) -> None:
         now = self.sim.loop.now
@@ -375,13 +387,8 @@ class _Colocated:
             group = self.running.next_group(loop.now)
             if group is None:
                 break
-            scale = self.sim.contention(self, "decode")
-            done = self.pipe.launch(loop.now, lat.decode_trip_ms(len(group), group.context, tp, pp) * scale,
-                                    lat.decode_interval_ms(len(group), group.context, tp, pp) * scale)
-            loop.at(done, lambda group=group: self._decoded(group))
-        if self.pipe.waits_for_first_stage(loop.now) and not self.waking:
-            self.waking = True
-            loop.at(self.pipe.first_free, self._wake)
+            _launch_decode(self, group, self._decoded)
+        _wake_when_first_stage_frees(self, self.try_start)
 
     def _prefilled(self, batch: list[SimRequest]) -> None:
         self.pipe.landed()
