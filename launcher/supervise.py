@@ -31,14 +31,17 @@ def _die_with_parent() -> None:
 
 class RankLog:
     """Relays the ranks' stderr to ours and keeps a full copy in the run directory. Open MPI's
-    banner after a rank's deliberate abort is dropped once that rank printed its own diagnosis
-    (the copy keeps it); a rank that died gets a line naming what it was."""
+    banner after a rank's deliberate abort is dropped when that rank printed its own diagnosis
+    (the copy keeps it); since prterun's banner and the rank's own stderr reach us by different
+    paths, a banner that comes first waits for the diagnosis until the stream ends. A rank that
+    died gets a line naming what it was."""
 
     def __init__(self, plan: Plan, copy_path: str | None):
         self.plan = plan
         self.copy = open(copy_path, "w", encoding="utf-8") if copy_path else None
         self.block: list[str] | None = None
         self.diagnosed = False  # a rank printed "pdlaunch: rank N ... failed while ..."
+        self.held: list[str] = []  # abort banners that came before any diagnosis
 
     def feed(self, line: str) -> None:
         line = line.replace("\0", "")  # prterun ends its last banner with a NUL
@@ -49,7 +52,8 @@ class RankLog:
             if BANNER.match(line):
                 self.block = [line]
             else:
-                self.diagnosed |= line.startswith("pdlaunch: rank ")
+                if line.startswith("pdlaunch: rank "):
+                    self.diagnosed, self.held = True, []
                 sys.stderr.write(line)
             return
         self.block.append(line)
@@ -60,7 +64,9 @@ class RankLog:
         block, self.block = self.block or [], None
         text = "".join(block)
         flat = " ".join(text.split())
-        if self.diagnosed and ("MPI_ABORT was invoked" in flat or 'calling "abort"' in flat):
+        if "MPI_ABORT was invoked" in flat or 'calling "abort"' in flat:
+            if not self.diagnosed:
+                self.held.append(text)
             return
         sys.stderr.write(text)
         dead = DEATH.search(flat)
@@ -72,6 +78,8 @@ class RankLog:
     def close(self) -> None:
         if self.block:
             self._end_block()
+        sys.stderr.write("".join(self.held))  # no rank said why it aborted: Open MPI's word is all there is
+        self.held = []
         if self.copy:
             self.copy.close()
 

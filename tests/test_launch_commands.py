@@ -194,3 +194,28 @@ def test_two_hosts_outside_slurm_start_their_remote_daemons(tmp_path, tiny_model
     assert report["requests"] == 4 and report["errors"] == 0
     assert [i["nodes"] for i in report["instances"]][1] == ["127.0.0.2", "127.0.0.2"]  # ran under the second daemon
     assert (tmp_path / "run" / "rankfile").read_text().splitlines()[-1] == "rank 4=127.0.0.2 slot=1"
+
+
+@pytest.mark.parametrize("banner_first", [True, False])
+def test_a_deliberate_abort_is_said_once_whichever_line_comes_first(tmp_path, capsys, banner_first):
+    """prterun's MPI_ABORT banner and the aborting rank's own diagnosis reach the launcher by
+    different paths, in either order: the banner is dropped either way (the run's rank log keeps
+    it); a banner no rank explained is relayed when the stream ends."""
+    from launcher.plan import InstancePlan, Plan
+    from launcher.supervise import RankLog
+
+    banner = ["-" * 74 + "\n", "MPI_ABORT was invoked on rank 3 in communicator MPI_COMM_WORLD\n",
+              "  Errorcode: 3\n", "-" * 74 + "\n"]
+    diagnosis = ["pdlaunch: rank 3 on vm (decode instance 1 (tp 0, pp 1)) failed: RuntimeError: boom\n"]
+    log = RankLog(Plan([InstancePlan(0, "colocated", 1, 1, 1, ["vm"])]), str(tmp_path / "ranks.log"))
+    for line in banner + diagnosis if banner_first else diagnosis + banner:
+        log.feed(line)
+    log.close()
+    err = capsys.readouterr().err
+    assert "MPI_ABORT" not in err and err.count("pdlaunch: rank 3") == 1
+    assert "MPI_ABORT" in (tmp_path / "ranks.log").read_text()
+    unexplained = RankLog(Plan([InstancePlan(0, "colocated", 1, 1, 1, ["vm"])]), None)
+    for line in banner:
+        unexplained.feed(line)
+    unexplained.close()
+    assert "MPI_ABORT was invoked" in capsys.readouterr().err
