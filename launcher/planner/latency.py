@@ -108,14 +108,16 @@ class LatencyModel:
             return measured[pp][0 if phase == "prefill" else 1]
         return float(pp) if self.pipelined_pp else None
 
+    def _interval_ms(self, phase: str, compute_ms: float, context_tokens: float, tp: int, pp: int) -> float:
+        """How soon, in steady state, the first stage takes the next step after one of `compute_ms`:
+        that compute divided by how many steps the stages work on at once (1 where they do not
+        overlap: the whole latency), plus the step's fixed cost, which the first stage pays alone."""
+        overlap = self.overlap(tp, pp, phase) or 1.0
+        return compute_ms / overlap + self.step_overhead_ms(phase, context_tokens, tp)
+
     def prefill_interval_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
-        """How soon the instance can start its next batch: the batch's compute divided by how many
-        steps the stages work on at once, plus the step's fixed cost, which the first stage pays alone."""
-        overlap = self.overlap(tp, pp, "prefill")
-        if overlap is None:
-            return self.prefill_ms(lens, tp, pp)
-        coef = self._coef(tp)
-        return self._prefill_compute_ms(lens, coef, pp) / overlap + self.step_overhead_ms("prefill", sum(lens), tp)
+        """How soon the instance can start its next prefill batch after this one."""
+        return self._interval_ms("prefill", self._prefill_compute_ms(lens, self._coef(tp), pp), sum(lens), tp, pp)
 
     def decode_trip_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
         """One decode step of `batch` sequences through every stage, nothing else in flight."""
@@ -127,13 +129,9 @@ class LatencyModel:
         return a + b * context_sum + c * batch + coef.pp_stage_ms * (pp - 1)
 
     def decode_interval_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
-        """How soon, in steady state, the first stage takes the next decode step after this one:
-        its compute divided by how many steps the stages work on at once, plus the step's fixed cost."""
-        overlap = self.overlap(tp, pp, "decode")
-        if overlap is None:
-            return self.decode_trip_ms(batch, context_sum, tp, pp)
-        return self._decode_compute_ms(batch, context_sum, self._coef(tp), pp) / overlap + \
-            self.step_overhead_ms("decode", context_sum, tp)
+        """How soon the first stage takes the next decode step after this one."""
+        return self._interval_ms("decode", self._decode_compute_ms(batch, context_sum, self._coef(tp), pp),
+                                 context_sum, tp, pp)
 
     def decode_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
         """Time for every sequence of the batch to advance one token. With overlapping stages the

@@ -162,16 +162,25 @@ def _launch_decode(inst, group: _Running, landed: Callable[[_Running], None]) ->
     sim.loop.at(done, lambda: landed(group))
 
 
-def _wake_when_first_stage_frees(inst, retry: Callable[[], None]) -> None:
-    """With a step slot free but the first stage still busy, `retry` once it frees (once)."""
-    loop = inst.sim.loop
-    if inst.pipe.waits_for_first_stage(loop.now) and not inst.waking:
-        inst.waking = True
+def _wake(inst, at: float, retry: Callable[[], None]) -> None:
+    """`retry` at time `at` unless a wake of `inst` is already due (one at a time)."""
+    if inst.waking:
+        return
+    inst.waking = True
 
-        def wake() -> None:
-            inst.waking = False
-            retry()
-        loop.at(inst.pipe.first_free, wake)
+    def wake() -> None:
+        inst.waking = False
+        retry()
+    inst.sim.loop.at(at, wake)
+
+
+def _wake_when_first_stage_frees(inst, retry: Callable[[], None]) -> bool:
+    """With a step slot free but the first stage still busy, `retry` once it frees; says whether
+    that is the case."""
+    waiting = inst.pipe.waits_for_first_stage(inst.sim.loop.now)
+    if waiting:
+        _wake(inst, inst.pipe.first_free, retry)
+    return waiting
 
 
 def _depth(sim: "Simulation", spec: InstanceSpec, phase: str) -> int:
@@ -192,11 +201,7 @@ class _Prefill:
 
     def try_start(self) -> None:
         loop, lat = self.sim.loop, self.sim.latency
-        if not self.queue or self.waking:
-            return
-        if self.pipe.waits_for_first_stage(loop.now):
-            self.waking = True
-            loop.at(self.pipe.first_free, self._wake)
+        if not self.queue or self.waking or _wake_when_first_stage_frees(self, self.try_start):
             return
         if not self.pipe.has_room(loop.now):
             return  # every step slot in flight: the next one to land wakes it
@@ -227,13 +232,7 @@ class _Prefill:
         """Batches start after every request of this instant has arrived, as the engine's leader
         drains all its messages before it schedules."""
         self.queue.append(r)
-        if not self.waking:
-            self.waking = True
-            self.sim.loop.at(max(self.sim.loop.now, self.pipe.first_free), self._wake)
-
-    def _wake(self) -> None:
-        self.waking = False
-        self.try_start()
+        _wake(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
 
     def _done(self, batch: list[SimRequest]) -> None:
         self.pipe.landed()
@@ -348,13 +347,7 @@ class _Colocated:
     def enqueue(self, r: SimRequest) -> None:
         """As _Prefill.enqueue: the step starts once this instant's arrivals are all queued."""
         self.queue.append(r)
-        if not self.waking:
-            self.waking = True
-            self.sim.loop.at(max(self.sim.loop.now, self.pipe.first_free), self._wake)
-
-    def _wake(self) -> None:
-        self.waking = False
-        self.try_start()
+        _wake(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
 
     def _admit(self) -> list[SimRequest]:
         """The next prefill batch: FCFS under L_m, batch and KV room."""
