@@ -1,8 +1,10 @@
 """The engine's prefill and decode against this machine's own ceilings, per dtype, in one run.
 
 Measures, one thread, side by side:
-- weight streaming bandwidth: a matrix-vector product over as many weights as the model has
-  (what a batch-1 decode step must read), GB/s;
+- memory read bandwidth: a sum over as many weights as the model has (what a batch-1 decode step
+  must read at least once), GB/s: the hardware's rate, whatever kernel reads the bytes;
+- what matrix-vector kernels reach over those weights (GB/s, for the record, not the ceiling):
+  torch's plain one and oneDNN's on a packed weight (what the engine runs, engine/matmul.py);
 - matmul throughput: the best of a few large matmuls, GFLOP/s;
 then SmolLM2-135M's prefill (4 x 128 tokens) and decode (batch 1, 8, 32 at context 128) on the
 engine's stage and on transformers, each as a fraction of the ceiling the two figures imply:
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from engine_vs_transformers import BLOCK, Ours, Theirs, side_by_side, single_rank_world  # noqa: E402  (benchmarks/ is on sys.path as a script)
+from engine.matmul import linear, pack  # noqa: E402
 from launcher.dtypes import cpu_flags, cpu_has_native_bf16  # noqa: E402
 from launcher.model_files import read_shape, resolve_model_dir  # noqa: E402
 from plots import grouped_bars  # noqa: E402
@@ -49,12 +52,15 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bandwidth_gbps(elements: int, dtype: torch.dtype, repeats: int) -> float:
-    """GB/s of a matrix-vector product over `elements` weights (cold in cache: larger than any LLC)."""
+def streaming_gbps(elements: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """GB/s reading `elements` weights (cold in cache: larger than any LLC): a plain sum (the memory
+    read rate), a matrix-vector product, and oneDNN's linear on the same weights packed."""
     cols = 4096
     w = torch.randn(elements // cols, cols).to(dtype)
     x = torch.randn(cols).to(dtype)
-    return w.numel() * w.element_size() / median_time(lambda: w @ x, repeats) / 1e9
+    packed = pack(w)
+    runs = {"read": lambda: w.sum(), "matvec": lambda: w @ x, "packed_matvec": lambda: linear(x[None], packed)}
+    return {name: w.numel() * w.element_size() / median_time(fn, repeats) / 1e9 for name, fn in runs.items()}
 
 
 def matmul_gflops(dtype: torch.dtype, repeats: int) -> float:
@@ -98,9 +104,12 @@ def main() -> None:
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "cpu_native_bf16": native_bf16, "threads": 1, "model": "SmolLM2-135M-Instruct", "dtypes": {}}
     for name, dtype in DTYPES.items():
-        bw, gf = bandwidth_gbps(shape.param_count(), dtype, args.repeats), matmul_gflops(dtype, args.repeats)
-        print(f"{name}: weight streaming {bw:.1f} GB/s, matmul {gf:.1f} GFLOP/s", flush=True)
-        entry = {"bandwidth_gbps": bw, "matmul_gflops": gf, "rows": []}
+        streams, gf = streaming_gbps(shape.param_count(), dtype, args.repeats), matmul_gflops(dtype, args.repeats)
+        bw = streams["read"]
+        print(f"{name}: memory read {bw:.1f} GB/s (matvec kernels: plain {streams['matvec']:.1f}, packed "
+              f"{streams['packed_matvec']:.1f}), matmul {gf:.1f} GFLOP/s", flush=True)
+        entry = {"bandwidth_gbps": bw, "matvec_gbps": streams["matvec"], "packed_matvec_gbps": streams["packed_matvec"],
+                 "matmul_gflops": gf, "rows": []}
         result["dtypes"][name] = entry
         if dtype == torch.bfloat16 and not native_bf16:
             entry["skipped"] = ("this CPU has no native bf16 (avx512_bf16/AMX): torch emulates it at "

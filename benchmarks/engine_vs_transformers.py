@@ -41,6 +41,7 @@ class Ours:
         self.stage = LlamaStage(self.shape, 0, self.shape.num_layers, True, True, 1, dist.new_group([0]), dtype)
         load_stage(self.stage, model_dir, self.shape, 0, 1)
         self.stage.to(dtype=dtype).eval()
+        self.stage.prepare_weights()
         self.cos, self.sin = rope_tables(self.shape, 2048, dtype=dtype)
         self.cache = KVCache(self.shape.num_layers, -(-max_tokens // BLOCK), BLOCK, self.shape.num_kv_heads,
                              self.shape.head_dim, dtype, torch.device("cpu"))

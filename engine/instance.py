@@ -97,7 +97,7 @@ class Leader:
         return InstanceStats(instance=self.inst.id, role=self.inst.role,
                              nodes=tuple(self.ctx.nodes[r] for r in self.inst.ranks), **self.sched.stats(),
                              kv_cache_mb=self.runner.cache.bytes() / 2 ** 20,
-                             weights_mb=self.runner.weight_bytes() / 2 ** 20, token_budget=self.sched.token_budget,
+                             weights_mb=self.runner.stage.weight_bytes() / 2 ** 20, token_budget=self.sched.token_budget,
                              step_samples={k: list(v) for k, v in self.step_samples.items()})
 
     def run(self) -> None:

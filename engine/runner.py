@@ -59,6 +59,7 @@ class ModelRunner:
                                 ctx.tp_group, self.dtype)
         load_stage(self.stage, model_dir, shape, ctx.tp_rank, inst.tp)
         self.stage.to(device=ctx.device, dtype=self.dtype).eval()
+        self.stage.prepare_weights()
         self.load_s = time.time() - started
         kv_heads = shape.num_kv_heads // inst.tp
         self.cache = KVCache(l1 - l0, num_blocks, block_size, kv_heads, shape.head_dim, self.dtype, ctx.device)
@@ -68,9 +69,6 @@ class ModelRunner:
         self.token_sends = []  # the last stage's TOKENS isends not known to be complete
         trace_dir = os.environ.get("PDLAUNCH_STEP_TRACE")
         self.trace = open(os.path.join(trace_dir, f"rank{ctx.rank}.jsonl"), "a", buffering=1) if trace_dir else None
-
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.stage.parameters())
 
     def execute(self, step: StepPlan):
         """Runs one step to its end. On the leader returns (tokens, logits as lists or None);

@@ -60,6 +60,7 @@ def tp_group():
 def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group):
     torch.cuda.current_device = lambda: "cpu"  # megatron allocates on it (engine.comm does the same)
     stage = LlamaStage(SHAPE, 0, 2, True, True, 1, tp_group, torch.float32).to(META).eval()
+    stage.prepare_weights()
     cache = KVCache(2, 16, 4, SHAPE.num_kv_heads, SHAPE.head_dim, torch.float32, META)
     cos, sin = rope_tables(SHAPE, 64, META)
     params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
