@@ -44,7 +44,7 @@ def run_once(workdir: str, idle_ms: float, index: int) -> dict:
         cfg = yaml.safe_load(f)
     cfg["model"]["path"] = "embedded"
     cfg["cluster"]["hostfile"] = os.path.join(ROOT, "hostfiles", "localhost")
-    cfg["planner"]["profile"] = os.path.join(ROOT, "configs", "profiles", "cpu-smollm2.json")
+    cfg["planner"]["profile"] = os.path.join(ROOT, "configs", "profiles", "cpu-smollm2-{dtype}.json")
     cfg["scheduler"]["idle_sleep_ms"] = idle_ms
     name = f"{idle_ms:g}-{index}"
     run_dir = os.path.join(workdir, f"run-{name}")

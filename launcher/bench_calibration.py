@@ -14,6 +14,7 @@ from dataclasses import replace
 from launcher.config import JobConfig
 from launcher.plan import Plan
 from launcher.planner.latency import LatencyModel, read_profile_entry
+from launcher.planner.planning import profile_path
 from launcher.planner.workload import SimRequest
 
 PROBE_PROMPTS = (64, 128, 256) * 2  # prompt lengths `pdlaunch profile` times (PREFILL_LENS), each alone
@@ -49,7 +50,7 @@ def profile_alone_samples(cfg: JobConfig, plan: Plan, tp: int, pp: int, latency:
     stage), else the PP1 timings plus the hand-offs `latency` adds for the stages."""
     p = cfg.planner
     path = p.colocated_profile if plan.by_role("colocated") and p.colocated_profile else p.profile
-    entry = read_profile_entry(cfg.resolve(path), p.profile_model or p.model, tp)
+    entry = read_profile_entry(profile_path(cfg, path), p.profile_model or p.model, tp)
     samples = entry.get("samples_alone") or entry.get("samples")
     measured = entry.get("pipeline", {}).get(str(pp), {}).get("samples")
     if pp > 1 and measured:

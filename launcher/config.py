@@ -109,7 +109,7 @@ class ServeConfig:
 
 @dataclass
 class PlannerConfig:
-    profile: str = ""               # DistServe-format latency profile (from `pdlaunch profile` or configs/profiles/distserve-*.json)
+    profile: str = ""               # DistServe-format latency profile (from `pdlaunch profile` or configs/profiles/distserve-*.json); {dtype}: the job's dtype
     profile_model: Optional[str] = None   # the entry of the profile file to use
     colocated_profile: Optional[str] = None  # profile of the colocated baseline (default: profile)
     model: Optional[str] = None     # a known model to plan for (facebook/opt-13b, -66b, -175b) instead of model.path

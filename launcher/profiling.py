@@ -29,6 +29,9 @@ def _degrees(text: str, flag: str) -> list[int]:
 
 def profile(args) -> int:
     cfg = load_config(args.config)
+    # It measures its own shapes and needs no earlier profile (whose L_m plays no part in them);
+    # the config's may not exist yet, e.g. the first profile in a new dtype.
+    cfg.planner.profile = cfg.planner.colocated_profile = ""
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     shape = read_shape(model_dir)

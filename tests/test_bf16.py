@@ -101,3 +101,22 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     assert cpu_flags(str(info)) == {"fpu", "sse2", "avx2", "avx512_bf16"}
     assert cpu_flags(str(tmp_path / "missing")) == set()
+
+
+def test_a_profile_path_names_the_profile_of_the_dtype_the_job_runs_in(tmp_path, monkeypatch):
+    """`planner.profile` with `{dtype}` picks the profile measured in the dtype `auto` chooses on
+    this machine (one profile predicts one dtype); the embedded default ships both."""
+    from launcher import dtypes
+    from launcher.config import load_config
+    from launcher.planner.planning import latency_models, profile_path
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "cpu-default.yaml"))
+    for native, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(dtypes, "cpu_flags", lambda native=native: {"avx512_bf16"} if native else {"avx2"})
+        path = profile_path(cfg, cfg.planner.profile)
+        assert os.path.basename(path) == f"cpu-smollm2-{dtype}.json" and os.path.isfile(path)
+        disagg, _ = latency_models(cfg)  # the dtype check passes: the profile was measured in it
+        assert disagg.meta["dtype"] == dtype
+    cfg.model.dtype = "float32"
+    assert profile_path(cfg, "/p/{dtype}.json") == "/p/float32.json"
+    assert profile_path(cfg, "/p/fixed.json") == "/p/fixed.json"

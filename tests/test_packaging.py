@@ -49,7 +49,7 @@ def test_a_non_editable_install_runs_from_another_directory(tmp_path):
     config["cluster"]["hostfile"] = os.path.join(ROOT, "hostfiles", "localhost")
     config["workload"].update(input=os.path.join(ROOT, "examples", "prompts.jsonl"), output=str(work / "out.jsonl"))
     config["run_dir"] = str(work / "run")
-    config["planner"]["profile"] = os.path.join(ROOT, "configs", "profiles", "cpu-smollm2.json")
+    config["planner"]["profile"] = os.path.join(ROOT, "configs", "profiles", "cpu-smollm2-{dtype}.json")
     (work / "job.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     deps_bin = os.path.dirname(sys.executable)  # mpirun: a borrowed dependency, as a user's PATH would have it

@@ -45,6 +45,13 @@ def settings_from(cfg: JobConfig) -> Settings:
                     inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer)
 
 
+def profile_path(cfg: JobConfig, path: str) -> str:
+    """A profile path from the config, with `{dtype}` standing for the dtype the job runs in: a
+    profile predicts only the dtype it was measured in, and `model.dtype: auto` runs bf16 on some
+    machines and fp32 on others, so a config can name one profile per dtype."""
+    return cfg.resolve(path.replace("{dtype}", planned_dtype(cfg.model.dtype, cfg.cluster.device)))
+
+
 def latency_models(cfg: JobConfig, check_dtype: bool = True) -> tuple[LatencyModel, LatencyModel]:
     """The profiles of the disaggregated and the colocated instances; with check_dtype, a profile
     measured in another dtype than the job runs in is an error (its predictions would be off)."""
@@ -53,8 +60,8 @@ def latency_models(cfg: JobConfig, check_dtype: bool = True) -> tuple[LatencyMod
         raise UserError("config: 'planner.profile' is empty; run `pdlaunch profile CONFIG` or point it at "
                         "configs/profiles/distserve-profile-a100-80g.json")
     model = p.profile_model or p.model
-    disagg = load_profile(cfg.resolve(p.profile), model)
-    colo = load_profile(cfg.resolve(p.colocated_profile), model) if p.colocated_profile else disagg
+    disagg = load_profile(profile_path(cfg, p.profile), model)
+    colo = load_profile(profile_path(cfg, p.colocated_profile), model) if p.colocated_profile else disagg
     dtype = planned_dtype(cfg.model.dtype, cfg.cluster.device)
     for latency in {id(disagg): disagg, id(colo): colo}.values() if check_dtype else ():
         measured = latency.meta.get("dtype")
