@@ -1,5 +1,5 @@
 """The CPU fast paths against the plain torch ops they replace: packed weights (engine/matmul.py)
-and the bf16 one-token attention (engine/model.py grouped_decode_attention)."""
+and the bf16 attention (engine/model.py grouped_decode_attention, grouped_causal_attention)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.matmul import linear, packs, prepare
-from engine.model import grouped_decode_attention
+from engine.model import grouped_causal_attention, grouped_decode_attention
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
@@ -48,4 +48,21 @@ def test_grouped_decode_attention_equals_sdpa(dtype, tol, batch, heads, kv_heads
                                               scale=dim ** -0.5, enable_gqa=True).squeeze(2)
     got = grouped_decode_attention(q, keys, vals, mask, dim ** -0.5)
     assert got.shape == (batch, heads, dim) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("start,new,heads,kv_heads", [(0, 13, 9, 3), (0, 1, 4, 4), (7, 6, 8, 2), (20, 1, 6, 1)])
+def test_grouped_causal_attention_equals_sdpa(dtype, tol, start, new, heads, kv_heads):
+    """Whole prompts and extensions of a cached context, with the queries in chunks of 5 rows."""
+    g = torch.Generator().manual_seed(start * 31 + new)
+    dim, length = 16, start + new
+    q = torch.randn(new, heads, dim, generator=g).to(dtype)
+    keys, vals = (torch.randn(length, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    sees = torch.arange(length)[None, :] <= torch.arange(start, length)[:, None]
+    expected = F.scaled_dot_product_attention(q.float().transpose(0, 1), keys.float().transpose(0, 1),
+                                              vals.float().transpose(0, 1), attn_mask=sees, scale=dim ** -0.5,
+                                              enable_gqa=True).transpose(0, 1)
+    got = grouped_causal_attention(q, keys, vals, start, dim ** -0.5, rows_per_chunk=5)
+    assert got.shape == q.shape and got.dtype == dtype
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
