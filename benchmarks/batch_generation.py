@@ -76,7 +76,7 @@ def main() -> None:
     with open(os.path.join(run_dir, "report.json")) as f:
         report = json.load(f)
     report.update(requests_in=args.requests, machine=f"{os.uname().machine}, {os.cpu_count()} cores",
-                  placement="1 prefill (TP1) + 1 decode (TP1), SmolLM2-135M fp32")
+                  placement=f"1 prefill (TP1) + 1 decode (TP1), SmolLM2-135M {report['dtype']}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

@@ -19,7 +19,7 @@ import torch
 
 from conftest import ragged_prompts, read_results, run_pdlaunch, write_job
 
-TOP1_MIN = 0.95       # teacher-forced top-1 agreement over every generated position (measured 0.988-1.0)
+TOP1_MIN = 0.95       # teacher-forced top-1 agreement over every generated position (measured 0.986-1.0)
 PREFIX_TOKENS = 4     # the first tokens that must match transformers' greedy bf16 ...
 PREFIX_SHARE = 0.8    # ... on at least this share of the prompts
 
