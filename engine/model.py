@@ -134,8 +134,9 @@ class Attention(nn.Module):
                                         skip_bias_add=False, tp_group=tp_group)
         self.qkv_weight = self.o_weight = None
 
-    def prepare_weights(self) -> None:
+    def prepare_weights(self) -> tuple[torch.Tensor, ...]:
         self.qkv_weight, self.o_weight = prepare(self.qkv.weight), prepare(self.o_proj.weight)
+        return self.qkv_weight, self.o_weight
 
     def forward(self, x: torch.Tensor, batch: BatchMeta, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """k_cache, v_cache: this layer's [num_blocks, block_size, kv_heads, head_dim] cache views."""
@@ -211,8 +212,9 @@ class MLP(nn.Module):
                                       skip_bias_add=False, tp_group=tp_group)
         self.gate_up_weight = self.down_weight = None
 
-    def prepare_weights(self) -> None:
+    def prepare_weights(self) -> tuple[torch.Tensor, ...]:
         self.gate_up_weight, self.down_weight = prepare(self.gate_up.weight), prepare(self.down.weight)
+        return self.gate_up_weight, self.down_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
@@ -256,31 +258,28 @@ class LlamaStage(nn.Module):
         else:
             self.norm = self.lm_head = None
         self.lm_head_weight = None
-        self.prepared = False
+        self.matmul_weights: list[torch.Tensor] | None = None  # every prepared projection, once prepared
 
     def prepare_weights(self) -> None:
         """Lays the projections out for this device's matmuls (`engine.matmul.prepare`)."""
-        if self.prepared:
+        if self.matmul_weights is not None:
             return
-        for layer in self.layers:
-            layer.self_attn.prepare_weights()
-            layer.mlp.prepare_weights()
+        weights = [w for layer in self.layers
+                   for w in (*layer.self_attn.prepare_weights(), *layer.mlp.prepare_weights())]
         if self.lm_head is not None:
             self.lm_head_weight = prepare(self.lm_head.weight)
-        self.prepared = True
+            weights.append(self.lm_head_weight)
+        self.matmul_weights = weights
 
     def weight_bytes(self) -> int:
         """Bytes of weights this rank holds: parameters, and the packed copies that replaced some."""
-        held = sum(nbytes(p) for p in self.parameters())
-        prepared = [w for layer in self.layers for w in (layer.self_attn.qkv_weight, layer.self_attn.o_weight,
-                                                         layer.mlp.gate_up_weight, layer.mlp.down_weight)]
-        prepared += [self.lm_head_weight] if self.lm_head_weight is not None else []
-        return held + sum(nbytes(w) for w in prepared if w.is_mkldnn)
+        return sum(nbytes(p) for p in self.parameters()) + sum(nbytes(w) for w in self.matmul_weights or ()
+                                                               if w.is_mkldnn)
 
     def forward(self, x: torch.Tensor, batch: BatchMeta, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """x: token ids [T] on the first stage, else hidden [T, hidden]. Returns hidden states, or on
         the last stage the logits of each sequence's last token [B, vocab]."""
-        if not self.prepared:
+        if self.matmul_weights is None:
             raise RuntimeError("LlamaStage.prepare_weights() must run once the weights are loaded")
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
