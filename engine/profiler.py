@@ -128,35 +128,118 @@ def pipeline_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3) -> d
     return {"pipeline": samples, "depth": depth}
 
 
-def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_repeats: int = 5) -> dict:
-    """Leader side: every shape that fits the cache and the context, `repeats` times each (decode
-    steps, short and noisier, `decode_repeats` times); median ms. Then the step loop's own cost
-    beyond the forward (loop_overhead)."""
-    vocab = runner.shape.vocab_size
+def _shapes(limits: InstanceLimits, vocab: int) -> dict[str, list[tuple[dict, StepPlan]]]:
+    """Every prefill and decode shape the profile times that fits this instance's cache and
+    context: (the sample's key fields, the step plan) per phase."""
     num_blocks, block_size, max_len = limits.num_blocks, limits.block_size, limits.max_model_len
-    steps = StepSender(ctx)
-
-    def timed(plan: StepPlan, repeats: int = repeats) -> float:
-        return _timed(steps, runner, plan, repeats)
-
-    timed(_prefill_plan(1, 16, block_size, vocab))  # warm-up
-    samples = {"prefill": [], "decode": []}
+    shapes = {"prefill": [], "decode": []}
     for length in PREFILL_LENS:
         for batch in PREFILL_BATCHES:
-            if (batch * length > MAX_PREFILL_TOKENS or length >= max_len
-                    or batch * blocks_for(length + 1, block_size) > num_blocks):
-                continue
-            samples["prefill"].append({"lens": [length] * batch,
-                                       "ms": timed(_prefill_plan(batch, length, block_size, vocab))})
-        ctx.world.send(Heartbeat(ctx.instance.id, len(samples["prefill"])), dest=0, tag=Tag.HEARTBEAT)
+            if (batch * length <= MAX_PREFILL_TOKENS and length < max_len
+                    and batch * blocks_for(length + 1, block_size) <= num_blocks):
+                shapes["prefill"].append(({"lens": [length] * batch}, _prefill_plan(batch, length, block_size, vocab)))
     for context in DECODE_CONTEXTS:
         for batch in DECODE_BATCHES:
-            if context + 1 >= max_len or batch * blocks_for(context + 1, block_size) > num_blocks:
-                continue
-            samples["decode"].append({"batch": batch, "context_sum": batch * (context + 1),
-                                      "ms": timed(_decode_plan(batch, context, block_size), decode_repeats)})
-        ctx.world.send(Heartbeat(ctx.instance.id, len(samples["decode"])), dest=0, tag=Tag.HEARTBEAT)
+            if context + 1 < max_len and batch * blocks_for(context + 1, block_size) <= num_blocks:
+                shapes["decode"].append(({"batch": batch, "context_sum": batch * (context + 1)},
+                                         _decode_plan(batch, context, block_size)))
+    return shapes
+
+
+def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_repeats: int = 5) -> dict:
+    """Leader side: every shape that fits the cache and the context, `repeats` times each (decode
+    steps, short and noisier, `decode_repeats` times); median ms. Then, where several instances
+    profile at once, each phase's steps beside the other phase (beside_other_phase), and the step
+    loop's own cost beyond the forward (loop_overhead)."""
+    steps = StepSender(ctx)
+    shapes = _shapes(limits, runner.shape.vocab_size)
+    _timed(steps, runner, _prefill_plan(1, 16, limits.block_size, runner.shape.vocab_size), repeats)  # warm-up
+    samples = {"prefill": [], "decode": []}
+    for phase, count in (("prefill", repeats), ("decode", decode_repeats)):
+        for key, plan in shapes[phase]:
+            samples[phase].append(key | {"ms": _timed(steps, runner, plan, count)})
+            ctx.world.send(Heartbeat(ctx.instance.id, len(samples[phase])), dest=0, tag=Tag.HEARTBEAT)
+    if len(ctx.plan.instances) > 1:
+        samples["beside_other_phase"] = beside_other_phase(ctx, steps, runner, limits, shapes, repeats,
+                                                           decode_repeats)
     samples["overhead"] = loop_overhead(ctx, steps, runner, limits)
     steps.send(StepPlan(shutdown=True))
     steps.flush()
     return samples
+
+
+BESIDE_PREFILL_LENS = (64, 128, 256)  # the shapes timed beside each load: a subset of the above
+BESIDE_DECODE_CONTEXTS = (32, 256)
+PEER_POLL_S = 0.01
+
+
+def _receive(ctx, source: int):
+    """The next PROFILE_PEER message from `source`, polled (a blocking MPI receive spins a core)."""
+    while not ctx.world.Iprobe(source=source, tag=Tag.PROFILE_PEER):
+        time.sleep(PEER_POLL_S)
+    return ctx.world.recv(source=source, tag=Tag.PROFILE_PEER)
+
+
+def _tell(ctx, peers: list[int], load: str) -> None:
+    """Every other leader switches to `load` ("idle", "prefill", "decode", "done"); returns once
+    each has finished the step it was in and switched."""
+    for peer in peers:
+        ctx.world.send(load, dest=peer, tag=Tag.PROFILE_PEER)
+    for peer in peers:
+        if _receive(ctx, peer) != load:
+            raise RuntimeError(f"profile: leader {peer} broke the beside-other-phase hand-shake")
+
+
+def beside_other_phase(ctx, steps: StepSender, runner, limits: InstanceLimits, shapes: dict, repeats: int,
+                       decode_repeats: int) -> dict:
+    """What a disaggregated node's instances do to each other. Instance 0's leader times some of
+    its shapes three ways in a row, while every other instance idles, runs the same phase, and
+    runs the other phase (a decode step beside prefills, a prefill beside decodes), so that the
+    ratios come from side-by-side timings on a machine whose speed drifts. On CPUs whose cores
+    share caches and memory, a step beside the other phase can cost more than beside its own
+    (the bench's decode steps of 8-16 sequences ran 1.2-1.35x beside a prefill). Every other
+    leader keeps up the load it is told until told "done". Returns instance 0's samples (ms: beside
+    the other phase; same_ms, alone_ms), else {}."""
+    leaders = [inst.leader for inst in ctx.plan.instances]
+    timer, peers = leaders[0], leaders[1:]
+    if ctx.rank != timer:
+        _load_the_node(ctx, steps, runner, limits, timer, shapes)
+        return {}
+    for peer in peers:
+        if _receive(ctx, peer) != "ready":
+            raise RuntimeError(f"profile: leader {peer} broke the beside-other-phase hand-shake")
+    chosen = {"prefill": [x for x in shapes["prefill"] if x[0]["lens"][0] in BESIDE_PREFILL_LENS],
+              "decode": [x for x in shapes["decode"]
+                         if x[0]["context_sum"] // x[0]["batch"] - 1 in BESIDE_DECODE_CONTEXTS]}
+    out = {"prefill": [], "decode": []}
+    for phase, other, count in (("decode", "prefill", decode_repeats), ("prefill", "decode", repeats)):
+        for key, plan in chosen[phase]:
+            ms = {}
+            for load in ("idle", phase, other):
+                _tell(ctx, peers, load)
+                ms[load] = _timed(steps, runner, plan, count)
+            out[phase].append(key | {"ms": ms[other], "same_ms": ms[phase], "alone_ms": ms["idle"]})
+            ctx.world.send(Heartbeat(ctx.instance.id, len(out[phase])), dest=0, tag=Tag.HEARTBEAT)
+    _tell(ctx, peers, "done")
+    return out
+
+
+def _load_the_node(ctx, steps: StepSender, runner, limits: InstanceLimits, timer: int, shapes: dict) -> None:
+    """A neighbour of the timing instance: steps of the phase it is told, back to back, as a loaded
+    instance runs them (a prefill batch of about L_m tokens; a decode batch of about max_batch),
+    or none while told "idle"; each switch acknowledged."""
+    load = {"prefill": min(shapes["prefill"], key=lambda x: abs(sum(x[0]["lens"]) - limits.token_budget))[1],
+            "decode": min(shapes["decode"], key=lambda x: (abs(x[0]["batch"] - limits.max_batch),
+                                                          x[0]["context_sum"]))[1]}
+    ctx.world.send("ready", dest=timer, tag=Tag.PROFILE_PEER)
+    while True:
+        phase = _receive(ctx, timer)
+        ctx.world.send(phase, dest=timer, tag=Tag.PROFILE_PEER)
+        if phase == "done":
+            return
+        while not ctx.world.Iprobe(source=timer, tag=Tag.PROFILE_PEER):
+            if phase == "idle":
+                time.sleep(PEER_POLL_S)
+            else:
+                steps.send(load[phase])
+                runner.execute(load[phase])

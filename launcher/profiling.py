@@ -13,7 +13,7 @@ from launcher.job import JobFile
 from launcher.jobs import check_hosts, cluster_hosts, model_dir_of, run_job
 from launcher.model_files import read_shape
 from launcher.plan import check_layouts, packed_plan
-from launcher.planner.profile_fit import fit_entry, fit_pipeline, scaled_to_busy, shared_slowdown
+from launcher.planner.profile_fit import fit_entry, fit_pipeline, other_phase_slowdown, scaled_to_busy, shared_slowdown
 
 
 def _degrees(text: str, flag: str) -> list[int]:
@@ -63,15 +63,17 @@ def profile(args) -> int:
         per_instance = timings(tp, count)
         samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
                    for kind in ("prefill", "decode")}
-        samples["overhead"] = {kind: [x for inst in per_instance.values() for x in inst["samples"]["overhead"][kind]]
-                               for kind in ("prefill", "decode")}
+        for part in ("overhead", "beside_other_phase"):  # the latter from instance 0 of several
+            samples[part] = {kind: [x for inst in per_instance.values()
+                                    for x in inst["samples"].get(part, {}).get(kind, [])] for kind in ("prefill", "decode")}
         return samples
 
     entry, alone_fits, dtypes = {}, {}, set()
     for tp in tps:
         # every slot busy at once, as in a real deployment: the timings include the contention
-        # of ranks sharing memory bandwidth (and, on small machines, cores); then one instance
-        # alone, so the simulator knows how much faster a step runs while its neighbours idle
+        # of ranks sharing memory bandwidth (and, on small machines, cores), and instance 0 times
+        # steps side by side beside idle neighbours, its own phase and the other phase (the
+        # slowdowns); then one instance alone, whose timings the coefficients are fitted to
         count = 1 if args.alone else max(1, slots // tp)
         samples = profiled(tp, count)
         if count == 1:
@@ -81,9 +83,12 @@ def profile(args) -> int:
         # the forward's coefficients from the alone timings, scaled to a busy node; the step loop's
         # own cost as measured busy
         alone_fits[tp] = fit_entry(alone | {"overhead": samples["overhead"]})
-        slowdown = shared_slowdown(samples, alone)
+        beside = samples["beside_other_phase"]
+        slowdown = shared_slowdown(beside)
         entry[str(tp)] = scaled_to_busy(alone_fits[tp], slowdown) | {
-            "concurrent_instances": count, "samples": samples, "shared_slowdown": slowdown, "samples_alone": alone}
+            "concurrent_instances": count, "samples": samples, "shared_slowdown": slowdown,
+            "other_phase_slowdown": other_phase_slowdown(beside, alone_fits[tp]["decoding_large_small_bs_threshold"]),
+            "samples_alone": alone}
     overlaps = []
     for pp in pps:
         for tp in tps:
@@ -117,7 +122,10 @@ def profile(args) -> int:
                   f"{e['decoding_largebs'][1]:.5f}*sum(ctx) + {e['decoding_largebs'][2]:.3f}*batch "
                   f"(max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
                   f"L_m = {e['token_budget']}" + ("; all slots busy / alone: prefill {prefill:.2f}x, "
-                                                   "decode {decode:.2f}x".format(**e["shared_slowdown"])
+                                                   "decode {decode:.2f}x".format(**e["shared_slowdown"]) +
+                                                   "; beside the other phase / the same: prefill {prefill:.2f}x, "
+                                                   "decode {decode_smallbs:.2f}x small batches, {decode_largebs:.2f}x "
+                                                   "large".format(**e["other_phase_slowdown"])
                                                    if "shared_slowdown" in e else "") +
                   "; step overhead ms: prefill {:.2f} + {:.2e}*tokens, decode {:.2f} + {:.2e}*context".format(
                       *e["step_overhead"]["prefill"], *e["step_overhead"]["decode"]))

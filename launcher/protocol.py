@@ -37,6 +37,7 @@ class Tag(IntEnum):
     PROFILE = 17       # leader -> controller in profile mode: ProfileSamples
     TOKENS_OUT = 18    # leader -> controller: TokensOut (streamed requests' new tokens, one message a step)
     ABORT = 19         # controller -> leader: Abort (the client went away or the drain timed out)
+    PROFILE_PEER = 20  # profile mode, instance 0's leader <-> the others: "ready", the phase to load the node with, "done"
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,15 @@ def test_profile_plan_generate_bench(tmp_path, tiny_model_dir):
     entry = next(v for k, v in profile.items() if k != "_meta")["1"]
     assert entry["prefill"][1] > 0 and entry["token_budget"] > 0
     assert entry["concurrent_instances"] > 1 and set(entry["shared_slowdown"]) == {"prefill", "decode"}
+    beside = entry["samples"]["beside_other_phase"]  # instance 0 timed beside idle, same- and other-phase neighbours
+    assert beside["prefill"] and beside["decode"]
+    assert all(x[k] > 0 for phase in beside.values() for x in phase for k in ("alone_ms", "same_ms", "ms"))
+    from launcher.planner.profile_fit import other_phase_slowdown, shared_slowdown
+    assert entry["shared_slowdown"] == pytest.approx(shared_slowdown(beside))
+    other = other_phase_slowdown(beside, entry["decoding_large_small_bs_threshold"])
+    assert entry["other_phase_slowdown"] == pytest.approx(other)
+    assert load_profile(str(tmp_path / "profile.json")).by_tp[1].other_phase_slowdown == pytest.approx(
+        (other["prefill"], other["decode_smallbs"], other["decode_largebs"]))
     assert len(entry["samples_alone"]["decode"]) == len(entry["samples"]["decode"]) // entry["concurrent_instances"]
     overhead = entry["samples"]["overhead"]  # the step loop beyond the forward, with the engine's scheduler
     assert overhead["prefill"] and overhead["decode"] and all(x["ms"] > 0 for x in overhead["decode"])

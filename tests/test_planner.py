@@ -11,7 +11,7 @@ import pytest
 from launcher.cli import main
 from launcher.plan import read_plan
 from launcher.planner.latency import Coefficients, LatencyModel, load_profile, KNOWN_MODELS
-from launcher.planner.profile_fit import fit_pipeline
+from launcher.planner.profile_fit import fit_pipeline, other_phase_slowdown, shared_slowdown
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
 from launcher.planner.workload import LengthDist, SimRequest, attainment, make_requests
 
@@ -72,6 +72,48 @@ def test_steps_run_at_their_alone_cost_while_the_nodes_other_instances_idle(same
     assert a.finish == (29.0 if same_node else 26.0)
     # b joins at 45 (transfer 20 ms), alone: 3 ms steps.
     assert b.finish == 51.0
+
+
+def test_a_step_beside_the_other_phase_costs_the_profiles_other_phase_share():
+    """The trace above with other_phase_slowdown (prefill 1.5x, decode 2x its cost beside the same
+    phase): a's first decode step starts during b's prefill on the same node and costs 2 x 6 ms;
+    its second starts once b's prefill is done, alone. b's prefill started while the decode
+    instance idled (a's KV in transfer): alone, as before."""
+    coef = Coefficients((10.0, 1.0, 0.0), (5.0, 0.0, 1.0), (5.0, 0.0, 1.0), 95, 0.0, shared_slowdown=(2.0, 2.0),
+                        other_phase_slowdown=(1.5, 2.0, 2.0))
+    lat = LatencyModel("toy", {1: coef})
+    policy = Policy(token_budget=100, kv_bytes_per_token=10 ** 6, bandwidth_gbps=lambda p, d: 1.0)
+    a = SimRequest(arrival=0.0, input_len=10, output_len=3)
+    b = SimRequest(arrival=5.0, input_len=20, output_len=3)
+    Simulation(lat, policy, [InstanceSpec(1, 1, 1000)], [InstanceSpec(1, 1, 1000)]).run([a, b])
+    assert (a.first_token, b.first_token) == (10.0, 25.0)
+    assert a.finish == 20.0 + 12.0 + 3.0
+    assert b.finish == 51.0
+
+
+def test_other_phase_share_by_phase_and_batch_size():
+    coef = Coefficients((10.0, 1.0, 0.0), (5.0, 0.0, 1.0), (5.0, 0.0, 1.0), 4, 0.0, shared_slowdown=(1.1, 1.2),
+                        other_phase_slowdown=(1.5, 1.2, 2.0))
+    lat = LatencyModel("toy", {1: coef})
+    assert lat.other_phase_factor(1, "prefill", 0) == 1.5
+    assert (lat.other_phase_factor(1, "decode", 3), lat.other_phase_factor(1, "decode", 4)) == (1.2, 2.0)
+    unmeasured = LatencyModel("toy", {1: replace(coef, other_phase_slowdown=None)})
+    assert unmeasured.other_phase_factor(1, "decode", 8) == 1.0
+
+
+def test_slowdowns_come_from_the_side_by_side_timings():
+    """shared: beside the same phase / beside idle neighbours; other phase: beside the other phase
+    / beside the same; decode split at the small/large threshold (a half without samples takes
+    the other's)."""
+    beside = {"prefill": [{"lens": [64], "alone_ms": 100.0, "same_ms": 110.0, "ms": 121.0},
+                          {"lens": [128], "alone_ms": 200.0, "same_ms": 220.0, "ms": 242.0}],
+              "decode": [{"batch": 1, "context_sum": 33, "alone_ms": 50.0, "same_ms": 60.0, "ms": 60.0},
+                         {"batch": 2, "context_sum": 66, "alone_ms": 50.0, "same_ms": 60.0, "ms": 63.0},
+                         {"batch": 16, "context_sum": 528, "alone_ms": 80.0, "same_ms": 100.0, "ms": 130.0}]}
+    assert shared_slowdown(beside) == pytest.approx({"prefill": 1.1, "decode": 1.2})
+    assert other_phase_slowdown(beside, 8) == pytest.approx({"prefill": 1.1, "decode_smallbs": 1.025,
+                                                             "decode_largebs": 1.3})
+    assert other_phase_slowdown(beside, 64)["decode_largebs"] == pytest.approx(1.05)
 
 
 def test_pipelined_pp_raises_prefill_throughput_not_latency():

@@ -7,7 +7,8 @@ the engine's Python loop, or DistServe's 2 ms + 1e-4 ms per token). PP divides t
 a per-stage hand-off; KV transfer = bytes / link bandwidth.
 Where instances share a node's cores and memory (CPUs), `pdlaunch profile` times steps with every
 slot busy and also alone; their ratio (shared_slowdown, per phase) tells the simulator how much
-faster a step runs while no other instance on its node is stepping.
+faster a step runs while no other instance on its node is stepping, and steps timed beside the
+other phase (other_phase_slowdown) how much slower it runs beside a prefill (decode) instance.
 
 Profiles use DistServe's published format (configs/profiles/distserve-*.json), which `pdlaunch profile` also writes:
 {model: {tp: {"prefill": [a,b,c], "decoding_smallbs": [...], "decoding_largebs": [...],
@@ -61,6 +62,9 @@ class Coefficients:
     decode_overhead: tuple[float, float] = (0.0, 0.0)
     # (pp, prefill overlap, decode overlap): latency / interval, measured by `pdlaunch profile --pp`
     pp_overlap: tuple[tuple[int, float, float], ...] = ()
+    # (prefill, decode below the threshold, decode from it): a step's time beside another instance
+    # running the other phase / beside one running the same; None where the profile did not measure it
+    other_phase_slowdown: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -154,8 +158,20 @@ class LatencyModel:
         prefill, decode = self._coef(tp).shared_slowdown
         return 1.0 / (prefill if phase == "prefill" else decode)
 
+    def other_phase_factor(self, tp: int, phase: str, batch: int) -> float:
+        """What a step of `phase` (a decode step of `batch` sequences) costs while an instance on
+        its node runs the other phase, as a share of the profiled cost (timed beside the same
+        phase); 1 where the profile has no such timings."""
+        coef = self._coef(tp)
+        if coef.other_phase_slowdown is None:
+            return 1.0
+        prefill, decode_small, decode_large = coef.other_phase_slowdown
+        if phase == "prefill":
+            return prefill
+        return decode_small if batch < coef.threshold else decode_large
+
     def shares_nodes(self) -> bool:
-        return any(c.shared_slowdown != (1.0, 1.0) for c in self.by_tp.values())
+        return any(c.shared_slowdown != (1.0, 1.0) or c.other_phase_slowdown is not None for c in self.by_tp.values())
 
 
 def transfer_ms(num_bytes: float, bandwidth_gbps: float) -> float:
@@ -168,6 +184,7 @@ def _coefficients(raw: dict, meta: dict, where: str) -> Coefficients:
     profiles carry DistServe's simulator constants), else 1 ms and none."""
     try:
         slowdown = raw.get("shared_slowdown", {})
+        other = raw.get("other_phase_slowdown")
         overhead = raw.get("step_overhead", meta.get("step_overhead", {}))
         return Coefficients(tuple(raw["prefill"]), tuple(raw["decoding_smallbs"]), tuple(raw["decoding_largebs"]),
                             int(raw.get("decoding_large_small_bs_threshold", 95)),
@@ -175,7 +192,9 @@ def _coefficients(raw: dict, meta: dict, where: str) -> Coefficients:
                             raw.get("token_budget"),
                             (float(slowdown.get("prefill", 1.0)), float(slowdown.get("decode", 1.0))),
                             _pair(overhead.get("prefill", (0.0, 0.0))), _pair(overhead.get("decode", (0.0, 0.0))),
-                            tuple(sorted(_overlaps(int(pp), m) for pp, m in raw.get("pipeline", {}).items())))
+                            tuple(sorted(_overlaps(int(pp), m) for pp, m in raw.get("pipeline", {}).items())),
+                            None if other is None else (float(other["prefill"]), float(other["decode_smallbs"]),
+                                                        float(other["decode_largebs"])))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"planner: profile {where} lacks or mangles {e}; expected prefill, decoding_smallbs, "
                         "decoding_largebs as [a, b, c]") from None

@@ -93,18 +93,29 @@ def fit_overhead(samples: list[dict]) -> list[float]:
     return [float(x) for x in coef]
 
 
-def shared_slowdown(busy: dict, alone: dict) -> dict:
-    """Per phase, the median ratio of a shape's step time with every slot of the node busy to its
-    time alone (the same shapes, profiled both ways)."""
-    def key(phase: str, x: dict):
-        return tuple(x["lens"]) if phase == "prefill" else (x["batch"], x["context_sum"])
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else 1.0
 
-    out = {}
-    for phase in ("prefill", "decode"):
-        alone_ms = {key(phase, x): x["ms"] for x in alone[phase]}
-        ratios = [x["ms"] / alone_ms[key(phase, x)] for x in busy[phase] if key(phase, x) in alone_ms]
-        out[phase] = float(np.median(ratios)) if ratios else 1.0
-    return out
+
+def shared_slowdown(beside: dict) -> dict:
+    """Per phase, the median ratio of a shape's step time while every other instance on the node
+    runs the same phase to its time while they idle (beside_other_phase samples: timed side by
+    side, since two jobs minutes apart differ by more than the effect on a shared machine)."""
+    return {phase: _median([x["same_ms"] / x["alone_ms"] for x in beside[phase]]) for phase in ("prefill", "decode")}
+
+
+def other_phase_slowdown(beside: dict, threshold: int) -> dict:
+    """The median ratio of a step's time beside the other phase to its time beside the same phase
+    (beside_other_phase samples, timed side by side): for prefill, and for decode below and from
+    the small/large batch `threshold` apart, since a decode step's share of the memory system, and
+    so its slowdown, grows with its batch. A decode half without samples takes the other's."""
+    def ratios(samples: list[dict]) -> list[float]:
+        return [x["ms"] / x["same_ms"] for x in samples]
+
+    small = ratios([x for x in beside["decode"] if x["batch"] < threshold])
+    large = ratios([x for x in beside["decode"] if x["batch"] >= threshold])
+    return {"prefill": _median(ratios(beside["prefill"])), "decode_smallbs": _median(small or large),
+            "decode_largebs": _median(large or small)}
 
 
 def token_budget(samples: list[dict], share: float = 0.9) -> int:

@@ -12,7 +12,8 @@ Policies mirror engine/scheduler.py and engine/controller.py:
   joins the batch at the first step boundary after its transfer; continuous batching;
 - colocated: prefill-prioritised; a step is a prefill batch whenever one is admissible.
 Where the profile says instances sharing a node slow each other (CPUs: cores and memory), a step
-that starts while no other instance on its nodes is stepping costs the profile's alone share.
+that starts while no other instance on its nodes is stepping costs the profile's alone share, and
+one that starts while another runs the other phase costs the profile's beside-the-other-phase share.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ class _Pipeline:
     def __init__(self, depth: int):
         self.depth, self.flying = depth, 0
         self.first_free = self.last_out = 0.0
+        self.phases: deque[str] = deque()  # of the steps in flight, oldest first (they land in order)
 
     def has_room(self, now: float) -> bool:
         return self.flying < self.depth and now >= self.first_free
@@ -104,15 +106,17 @@ class _Pipeline:
     def waits_for_first_stage(self, now: float) -> bool:
         return self.flying < self.depth and now < self.first_free
 
-    def launch(self, now: float, latency: float, interval: float) -> float:
-        """Starts a step now; returns when its tokens are back."""
+    def launch(self, now: float, latency: float, interval: float, phase: str) -> float:
+        """Starts a step of `phase` now; returns when its tokens are back."""
         self.flying += 1
+        self.phases.append(phase)
         self.first_free = now + interval
         self.last_out = max(now + latency, self.last_out + interval)
         return self.last_out
 
     def landed(self) -> None:
         self.flying -= 1
+        self.phases.popleft()
 
 
 class _Groups:
@@ -156,9 +160,9 @@ class _Groups:
 def _launch_decode(inst, group: _Running, landed: Callable[[_Running], None]) -> None:
     """Starts `group`'s decode step on `inst`'s pipeline; landed(group) once its tokens are back."""
     sim, tp, pp = inst.sim, inst.spec.tp, inst.spec.pp
-    scale = sim.contention(inst, "decode")
+    scale = sim.contention(inst, "decode", len(group))
     done = inst.pipe.launch(sim.loop.now, sim.latency.decode_trip_ms(len(group), group.context, tp, pp) * scale,
-                            sim.latency.decode_interval_ms(len(group), group.context, tp, pp) * scale)
+                            sim.latency.decode_interval_ms(len(group), group.context, tp, pp) * scale, "decode")
     sim.loop.at(done, lambda: landed(group))
 
 
@@ -224,7 +228,7 @@ class _Prefill:
         self.held += tokens
         scale = self.sim.contention(self, "prefill")
         done = self.pipe.launch(loop.now, lat.prefill_ms(lens, self.spec.tp, self.spec.pp) * scale,
-                                lat.prefill_interval_ms(lens, self.spec.tp, self.spec.pp) * scale)
+                                lat.prefill_interval_ms(lens, self.spec.tp, self.spec.pp) * scale, "prefill")
         loop.at(done, lambda: self._done(batch))
         self.try_start()
 
@@ -374,7 +378,7 @@ class _Colocated:
                     r.prefill_instance = r.decode_instance = self.index
                 lens, scale = [r.input_len for r in batch], self.sim.contention(self, "prefill")
                 done = self.pipe.launch(loop.now, lat.prefill_ms(lens, tp, pp) * scale,
-                                        lat.prefill_interval_ms(lens, tp, pp) * scale)
+                                        lat.prefill_interval_ms(lens, tp, pp) * scale, "prefill")
                 loop.at(done, lambda batch=batch: self._prefilled(batch))
                 continue
             group = self.running.next_group(loop.now)
@@ -425,18 +429,21 @@ class Simulation:
     def token_budget(self, spec: InstanceSpec) -> int:
         return prefill_token_budget(self.policy.token_budget, self.latency, spec.tp)
 
-    def contention(self, inst, phase: str) -> float:
-        """The share of its profiled cost a step of `inst` starting now takes: all of it while
-        another instance on its nodes is stepping (profiles time every slot busy), else the
-        profile's alone share."""
+    def contention(self, inst, phase: str, batch: int = 0) -> float:
+        """The share of its profiled cost a step of `inst` (`batch` sequences) starting now takes.
+        Profiles time every slot busy with the same phase, so: all of it while other instances on
+        its nodes step in that phase alone; the profile's beside-the-other-phase share while one
+        of them runs the other phase; the alone share while none steps."""
         if not self.shared:
             return 1.0
-        a = inst.spec
+        a, beside = inst.spec, set()
         for other in self.instances:
             b = other.spec
-            if other is not inst and other.busy and a.node < b.node + b.span and b.node < a.node + a.span:
-                return 1.0
-        return self.latency.alone_factor(a.tp, phase)
+            if other is not inst and a.node < b.node + b.span and b.node < a.node + a.span:
+                beside.update(other.pipe.phases)
+        if not beside:
+            return self.latency.alone_factor(a.tp, phase)
+        return 1.0 if beside == {phase} else self.latency.other_phase_factor(a.tp, phase, batch)
 
     def announce(self, r: SimRequest, source: _Prefill) -> None:
         self.decode_of[id(r)].announce(r, source)
