@@ -1,0 +1,89 @@
+"""The simulator's error on one `pdlaunch bench` run's measured attainment, re-simulated with other
+profiles: the same trace and the same engine results for each, so profiles (or simulator versions)
+are compared without the engine's run-to-run noise (tens of points at the knee on this machine).
+Takes each system's first job (its rates after the calibration probe); the bench directory needs
+its results-*.jsonl, which `pdlaunch bench -o DIR` writes and git does not keep.
+
+    python benchmarks/fidelity_replay.py CONFIG BENCH_DIR PROFILE [PROFILE ...] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from launcher.bench import build_trace, measured, summary  # noqa: E402
+from launcher.bench_calibration import calibration, probe_window, scaled  # noqa: E402
+from launcher.config import load_config  # noqa: E402
+from launcher.jobs import model_dir_of  # noqa: E402
+from launcher.model_files import read_shape  # noqa: E402
+from launcher.plan import read_plan  # noqa: E402
+from launcher.planner.latency import load_profile  # noqa: E402
+from launcher.planner.planning import model_spec  # noqa: E402
+from launcher.planner.replay import simulate_plan  # noqa: E402
+
+
+def replay(config: str, bench_dir: str, profile: str) -> list[dict]:
+    """Per (system, rate): measured attainment and the simulator's, from `profile` as it is and
+    calibrated by the run's own probe against it."""
+    cfg = load_config(config)
+    cfg.planner.profile = cfg.planner.colocated_profile = os.path.abspath(profile)
+    spec = model_spec(cfg, read_shape(model_dir_of(cfg)))
+    with open(os.path.join(bench_dir, "bench.json")) as f:
+        bench = json.load(f)
+    latency, rows, seen = load_profile(os.path.abspath(profile)), [], set()
+    for index, job in enumerate(bench["jobs"]):
+        system = job["system"]
+        if system in seen:
+            continue  # a bisection job: run-<system>/report.json holds only the last job's
+        seen.add(system)
+        plan = read_plan(os.path.join(bench_dir, f"run-{system}", "plan.yaml"))
+        trace, segment = build_trace(cfg, plan, spec, job["rates"], bench["requests_per_rate"])
+        results = os.path.join(bench_dir, f"results-{system}-{index}.jsonl")
+        with open(os.path.join(bench_dir, f"run-{system}", "report.json")) as f:
+            report = json.load(f)
+        factors = calibration(cfg, plan, report, probe_window(results, trace, segment), latency)
+        runs = {"measured": measured(results, trace), "profile": simulate_plan(cfg, plan, spec, latency, trace),
+                "calibrated": simulate_plan(cfg, plan, spec, scaled(latency, factors["prefill"], factors["decode"]),
+                                            trace)}
+        for k, rate in enumerate(job["rates"], 1):
+            pick = [i for i, s in enumerate(segment) if s == k]
+            rows.append({"system": system, "rate": rate} |
+                        {name: summary([reqs[i] for i in pick], cfg)["attainment"] for name, reqs in runs.items()})
+    return rows
+
+
+def errors(rows: list[dict], kind: str) -> dict:
+    points = [abs(r["measured"] - r[kind]) * 100 for r in rows]
+    return {"mean_points": sum(points) / len(points), "worst_points": max(points)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("bench_dir")
+    parser.add_argument("profiles", nargs="+")
+    parser.add_argument("--out", help="JSON file for the rows and errors")
+    args = parser.parse_args()
+    out = {}
+    for profile in args.profiles:
+        rows = replay(args.config, args.bench_dir, profile)
+        out[profile] = {"rows": rows, "profile": errors(rows, "profile"), "calibrated": errors(rows, "calibrated")}
+        print(f"{profile}:")
+        for r in rows:
+            print(f"  {r['system']:>13} {r['rate']:>5g} req/s: measured {r['measured']:.0%}, "
+                  f"simulated {r['calibrated']:.0%} calibrated, {r['profile']:.0%} from the profile")
+        print("  error: calibrated mean {mean_points:.1f} / worst {worst_points:.1f} points; ".format(
+            **out[profile]["calibrated"]) + "profile mean {mean_points:.1f} / worst {worst_points:.1f}".format(
+            **out[profile]["profile"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"bench_dir": args.bench_dir, "by_profile": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
