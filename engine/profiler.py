@@ -3,6 +3,8 @@
 The leader builds step plans of chosen shapes (ragged prefill batches of several lengths; decode
 steps at several batch sizes and context lengths), runs each on all ranks of the instance like any
 step, and reports median wall times to the controller, which writes them for the launcher to fit.
+Where several instances profile at once, instance 0 then times some shapes while the others idle,
+run the same phase and run the other phase (beside_other_phase): the contention ratios.
 """
 from __future__ import annotations
 
