@@ -16,15 +16,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launcher.bench import build_trace, measured, summary  # noqa: E402
-from launcher.bench_calibration import calibration, probe_window, scaled  # noqa: E402
+from launcher.bench import build_trace, measured_and_simulated, rate_indices, summary  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.jobs import model_dir_of  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
 from launcher.plan import read_plan  # noqa: E402
-from launcher.planner.latency import load_profile  # noqa: E402
 from launcher.planner.planning import model_spec  # noqa: E402
-from launcher.planner.replay import simulate_plan  # noqa: E402
 
 
 def replay(config: str, bench_dir: str, profile: str) -> list[dict]:
@@ -35,7 +32,7 @@ def replay(config: str, bench_dir: str, profile: str) -> list[dict]:
     spec = model_spec(cfg, read_shape(model_dir_of(cfg)))
     with open(os.path.join(bench_dir, "bench.json")) as f:
         bench = json.load(f)
-    latency, rows, seen = load_profile(os.path.abspath(profile)), [], set()
+    rows, seen = [], set()
     for index, job in enumerate(bench["jobs"]):
         system = job["system"]
         if system in seen:
@@ -43,15 +40,12 @@ def replay(config: str, bench_dir: str, profile: str) -> list[dict]:
         seen.add(system)
         plan = read_plan(os.path.join(bench_dir, f"run-{system}", "plan.yaml"))
         trace, segment = build_trace(cfg, plan, spec, job["rates"], bench["requests_per_rate"])
-        results = os.path.join(bench_dir, f"results-{system}-{index}.jsonl")
         with open(os.path.join(bench_dir, f"run-{system}", "report.json")) as f:
             report = json.load(f)
-        factors = calibration(cfg, plan, report, probe_window(results, trace, segment), latency)
-        runs = {"measured": measured(results, trace), "profile": simulate_plan(cfg, plan, spec, latency, trace),
-                "calibrated": simulate_plan(cfg, plan, spec, scaled(latency, factors["prefill"], factors["decode"]),
-                                            trace)}
+        runs, _ = measured_and_simulated(cfg, plan, spec, trace, segment, report,
+                                         os.path.join(bench_dir, f"results-{system}-{index}.jsonl"))
         for k, rate in enumerate(job["rates"], 1):
-            pick = [i for i, s in enumerate(segment) if s == k]
+            pick = rate_indices(segment, k)
             rows.append({"system": system, "rate": rate} |
                         {name: summary([reqs[i] for i in pick], cfg)["attainment"] for name, reqs in runs.items()})
     return rows
@@ -72,11 +66,11 @@ def main() -> None:
     out = {}
     for profile in args.profiles:
         rows = replay(args.config, args.bench_dir, profile)
-        out[profile] = {"rows": rows, "profile": errors(rows, "profile"), "calibrated": errors(rows, "calibrated")}
+        out[profile] = {"rows": rows, "profile": errors(rows, "predicted"), "calibrated": errors(rows, "calibrated")}
         print(f"{profile}:")
         for r in rows:
             print(f"  {r['system']:>13} {r['rate']:>5g} req/s: measured {r['measured']:.0%}, "
-                  f"simulated {r['calibrated']:.0%} calibrated, {r['profile']:.0%} from the profile")
+                  f"simulated {r['calibrated']:.0%} calibrated, {r['predicted']:.0%} from the profile")
         print("  error: calibrated mean {mean_points:.1f} / worst {worst_points:.1f} points; ".format(
             **out[profile]["calibrated"]) + "profile mean {mean_points:.1f} / worst {worst_points:.1f}".format(
             **out[profile]["profile"]))

@@ -59,6 +59,23 @@ def profile_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
     return colo if plan.by_role("colocated") else disagg
 
 
+def measured_and_simulated(cfg: JobConfig, plan: Plan, spec, trace: list[SimRequest], segment: list[int],
+                           report: dict, results_path: str) -> tuple[dict[str, list[SimRequest]], dict]:
+    """One bench job's requests as the engine served them (its results file) and as the simulator
+    runs the same trace, from the profile as it is and calibrated by the job's probe (report: the
+    job's report.json); with the calibration factors."""
+    profile = profile_latency(cfg, plan)
+    factors = calibration(cfg, plan, report, probe_window(results_path, trace, segment), profile)
+    return {"measured": measured(results_path, trace), "predicted": simulate_plan(cfg, plan, spec, profile, trace),
+            "calibrated": simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]),
+                                        trace)}, factors
+
+
+def rate_indices(segment: list[int], k: int) -> list[int]:
+    """The trace positions of the k-th rate's requests (segment 0 is the calibration probe)."""
+    return [i for i, s in enumerate(segment) if s == k]
+
+
 def build_trace(cfg: JobConfig, plan: Plan, spec, rates: list[float], n: int) -> tuple[list[SimRequest], list[int]]:
     """The job's whole trace and each request's segment (0 = calibration probe, k = rates[k-1]).
     Each segment starts when the profile says the previous one has drained (with margin), so
@@ -215,11 +232,7 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         job_started = time.monotonic()
         report = run_one(system, plan, inp, out)
         overheads_s.append(time.monotonic() - job_started - span_s)
-        got = measured(out, trace)
-        profile = profile_latency(cfg, plan)
-        predicted = simulate_plan(cfg, plan, spec, profile, trace)
-        factors = calibration(cfg, plan, report, probe_window(out, trace, segment), profile)
-        calibrated = simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]), trace)
+        runs, factors = measured_and_simulated(cfg, plan, spec, trace, segment, report, out)
         jobs.append({"system": system, "rates": job_rates, "calibration": factors, "wall_s": report.get("wall_s"),
                      "span_s": span_s})
         say(f"  calibration: prefill steps run at {factors['prefill']:.2f}x and batch-1 decode steps at "
@@ -227,8 +240,8 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
             f"({factors['steps']['prefill']} and {factors['steps']['decode']} probe steps)")
         new = []
         for k, rate in enumerate(job_rates, 1):
-            pick = [i for i, s in enumerate(segment) if s == k]
-            m, p, c = ([reqs[i] for i in pick] for reqs in (got, predicted, calibrated))
+            pick = rate_indices(segment, k)
+            m, p, c = ([runs[name][i] for i in pick] for name in ("measured", "predicted", "calibrated"))
             row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
                    "requests": len(pick), "measured": summary(m, cfg), "predicted": summary(p, cfg),
                    "calibrated": summary(c, cfg), "slo_scale": slo_scale_curve(m, cfg), "calibration": factors}
