@@ -182,14 +182,19 @@ def _receive(ctx, source: int):
     return ctx.world.recv(source=source, tag=Tag.PROFILE_PEER)
 
 
+def _await(ctx, peers: list[int], word: str) -> None:
+    """Waits for `word` from every other leader; any other word means the two sides disagree."""
+    for peer in peers:
+        if _receive(ctx, peer) != word:
+            raise RuntimeError(f"profile: leader {peer} broke the beside-other-phase hand-shake")
+
+
 def _tell(ctx, peers: list[int], load: str) -> None:
     """Every other leader switches to `load` ("idle", "prefill", "decode", "done"); returns once
     each has finished the step it was in and switched."""
     for peer in peers:
         ctx.world.send(load, dest=peer, tag=Tag.PROFILE_PEER)
-    for peer in peers:
-        if _receive(ctx, peer) != load:
-            raise RuntimeError(f"profile: leader {peer} broke the beside-other-phase hand-shake")
+    _await(ctx, peers, load)
 
 
 def beside_other_phase(ctx, steps: StepSender, runner, limits: InstanceLimits, shapes: dict, repeats: int,
@@ -207,9 +212,7 @@ def beside_other_phase(ctx, steps: StepSender, runner, limits: InstanceLimits, s
     if ctx.rank != timer:
         _load_the_node(ctx, steps, runner, limits, timer, shapes)
         return {}
-    for peer in peers:
-        if _receive(ctx, peer) != "ready":
-            raise RuntimeError(f"profile: leader {peer} broke the beside-other-phase hand-shake")
+    _await(ctx, peers, "ready")
     chosen = {"prefill": [x for x in shapes["prefill"] if x[0]["lens"][0] in BESIDE_PREFILL_LENS],
               "decode": [x for x in shapes["decode"]
                          if x[0]["context_sum"] // x[0]["batch"] - 1 in BESIDE_DECODE_CONTEXTS]}

@@ -121,7 +121,7 @@ def profile(args) -> int:
                   f"decode ms (batch >= {e['decoding_large_small_bs_threshold']}) = {e['decoding_largebs'][0]:.2f} + "
                   f"{e['decoding_largebs'][1]:.5f}*sum(ctx) + {e['decoding_largebs'][2]:.3f}*batch "
                   f"(max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
-                  f"L_m = {e['token_budget']}" + ("; all slots busy / alone: prefill {prefill:.2f}x, "
+                  f"L_m = {e['token_budget']}" + ("; beside the same phase / idle: prefill {prefill:.2f}x, "
                                                    "decode {decode:.2f}x".format(**e["shared_slowdown"]) +
                                                    "; beside the other phase / the same: prefill {prefill:.2f}x, "
                                                    "decode {decode_smallbs:.2f}x small batches, {decode_largebs:.2f}x "

@@ -5,10 +5,11 @@ decode(batch, contexts)  = a + b * sum(context) + c * batch   (small- and large-
 plus, per step, the framework's fixed cost on the first stage: o0 + o1 * context tokens (per phase;
 the engine's Python loop, or DistServe's 2 ms + 1e-4 ms per token). PP divides the compute and adds
 a per-stage hand-off; KV transfer = bytes / link bandwidth.
-Where instances share a node's cores and memory (CPUs), `pdlaunch profile` times steps with every
-slot busy and also alone; their ratio (shared_slowdown, per phase) tells the simulator how much
-faster a step runs while no other instance on its node is stepping, and steps timed beside the
-other phase (other_phase_slowdown) how much slower it runs beside a prefill (decode) instance.
+Where instances share a node's cores and memory (CPUs), `pdlaunch profile` times steps side by side
+beside idle neighbours, neighbours running the same phase and neighbours running the other phase:
+same / idle (shared_slowdown, per phase) tells the simulator how much faster a step runs while no
+other instance on its node is stepping, and other / same (other_phase_slowdown) how much slower it
+runs beside a prefill (decode) instance.
 
 Profiles use DistServe's published format (configs/profiles/distserve-*.json), which `pdlaunch profile` also writes:
 {model: {tp: {"prefill": [a,b,c], "decoding_smallbs": [...], "decoding_largebs": [...],
@@ -57,7 +58,7 @@ class Coefficients:
     threshold: int = 95
     pp_stage_ms: float = 1.0        # added per PP stage (DistServe's simulator: 1 ms)
     token_budget: int | None = None  # L_m found by profiling, if any
-    shared_slowdown: tuple[float, float] = (1.0, 1.0)  # (prefill, decode): all slots busy / alone
+    shared_slowdown: tuple[float, float] = (1.0, 1.0)  # (prefill, decode): beside the same phase / idle
     prefill_overhead: tuple[float, float] = (0.0, 0.0)  # per step: ms + ms per context token
     decode_overhead: tuple[float, float] = (0.0, 0.0)
     # (pp, prefill overlap, decode overlap): latency / interval, measured by `pdlaunch profile --pp`
