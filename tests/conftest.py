@@ -145,3 +145,18 @@ def rank_processes(run_dir: str) -> list[int]:
     """PIDs of rank processes still running for the job in run_dir."""
     out = subprocess.run(["pgrep", "-f", f"engine.main --job {run_dir}/job.json"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def rank_pid(job_dir: str, rank: int) -> int:
+    """PID of MPI rank `rank` of the job whose files are in job_dir."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read()
+            env = open(f"/proc/{pid}/environ").read().split("\0")
+        except OSError:
+            continue
+        if "engine.main" in cmd and job_dir in cmd and f"OMPI_COMM_WORLD_RANK={rank}" in env:
+            return int(pid)
+    raise AssertionError(f"rank {rank} not found")

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, ragged_prompts, read_results, write_job
+from conftest import ROOT, ragged_prompts, rank_pid, read_results, write_job
 
 pytestmark = pytest.mark.mpi  # every test here starts real jobs
 
@@ -25,20 +25,6 @@ def start(config: str, *extra: str, env_extra: dict | None = None) -> subprocess
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "launcher.cli", "generate", config, "--quiet", *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def rank_pid(job_dir: str, rank: int) -> int:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{pid}/cmdline").read()
-            env = open(f"/proc/{pid}/environ").read().split("\0")
-        except OSError:
-            continue
-        if "engine.main" in cmd and job_dir in cmd and f"OMPI_COMM_WORLD_RANK={rank}" in env:
-            return int(pid)
-    raise AssertionError(f"rank {rank} not found")
 
 
 def wait_lines(path, n: int, timeout: float = 120) -> None:
