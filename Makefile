@@ -1,4 +1,5 @@
-# Fresh-machine entry points: `make run` (the embedded default job) and `make test` (the whole suite).
+# Fresh-machine entry points: `make run` (the embedded default job) and `make test` (every test but the
+# long campaigns and real-model checks, which `make test-slow` runs; CI runs both).
 # Both create .venv/ at the repo root and install into it; torch==2.13.0 first (a CPU wheel on local
 # disk: any other torch spec downloads a multi-GB CUDA build).
 PY ?= python3
@@ -22,7 +23,10 @@ serve: $(STAMP)
 	$(BIN)/pdlaunch serve configs/cpu-default.yaml
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow tests
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m unit tests
@@ -36,4 +40,4 @@ slurm:
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/engine_vs_transformers.py
 
-.PHONY: install run serve test test-fast test-gpu bench slurm
+.PHONY: install run serve test test-slow test-fast test-gpu bench slurm
