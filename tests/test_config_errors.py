@@ -169,7 +169,7 @@ MODEL_CASES = [
     ("weights of another size", lambda d: _edit_config(d, intermediate_size=96),
      "'model.layers.0.mlp.gate_proj.weight' has shape [128, 64] in the weights but"),
     ("fewer layers in config", lambda d: _edit_config(d, num_hidden_layers=2),
-     "the weights have layer 2 but"),
+     "hold 'model.layers.2."),
     ("more layers in config", lambda d: _edit_config(d, num_hidden_layers=6), "lack 'model.layers.4."),
     ("other kv heads", lambda d: _edit_config(d, num_key_value_heads=8),
      "'model.layers.0.self_attn.k_proj.weight' has shape [32, 64]"),
