@@ -239,3 +239,54 @@ def test_param_count_equals_transformers(family):
     with torch.device("meta"):
         model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
     assert family_shape(family).param_count() == sum(p.numel() for p in model.parameters())
+
+
+# --- chat templates: rendered as transformers' apply_chat_template renders them ---------------------
+
+CHATML = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{{- tools | tojson }}{{- '<|im_end|>\\n' }}"
+          "{%- elif messages[0]['role'] != 'system' %}"
+          "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+          "{%- endif %}\n{%- for message in messages %}\n"
+          "    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+          "{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+LLAMA3 = ("{{- bos_token }}\n{% for message in messages %}\n"
+          "{% if message['role'] == 'system' and not loop.first %}{{ raise_exception('system first') }}{% endif %}\n"
+          "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+          " + '<|eot_id|>' }}\n{% endfor %}\n"
+          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n"
+          "{%- set ns = namespace(n=0) %}{%- for m in messages %}{% if m.role == 'user' %}{% set ns.n = ns.n + 1 %}"
+          "{% endif %}{% if loop.index > 9 %}{% break %}{% endif %}{% endfor %}{{- '' if ns.n else eos_token }}")
+MESSAGES = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hi  there\n"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Une question: ça va ?"}]
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "named", "jinja_file"])
+@pytest.mark.parametrize("template", [CHATML, LLAMA3, CHAT_TEMPLATE], ids=["chatml", "llama3", "words"])
+def test_chat_templates_render_as_transformers_renders_them(template, where, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import write_word_tokenizer
+    from engine.tokenizer import TextCodec
+
+    write_word_tokenizer(str(tmp_path), 64)
+    cfg = {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", "special": True}}
+    if where == "tokenizer_config":
+        cfg["chat_template"] = template
+    elif where == "named":
+        cfg["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]
+    else:
+        (tmp_path / "chat_template.jinja").write_text(template)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), chat_template=template,
+                                 bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    expected = hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert TextCodec(str(tmp_path)).render_chat(MESSAGES) == expected
+
+
+def test_a_model_without_chat_template_refuses_chat_requests_clearly(tmp_path):
+    from conftest import write_word_tokenizer
+    from engine.tokenizer import TextCodec
+
+    write_word_tokenizer(str(tmp_path), 64)
+    with pytest.raises(ValueError, match="this model has no chat template .*send 'prompt' instead of 'messages'"):
+        TextCodec(str(tmp_path)).chat_ids(MESSAGES)
