@@ -141,6 +141,36 @@ GGUF_LAYER_NAMES = {
 }
 
 
+# The llama.* metadata the conversion reads; any other key (rope scaling, a sliding window, experts)
+# would change the math and is refused, as unknown config.json fields are.
+GGUF_LLAMA_KEYS = frozenset({
+    "block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count",
+    "vocab_size"})
+
+
+def check_gguf(reader, path: str) -> None:
+    """The GGUF file is a plain Llama: its architecture, every llama.* key and every tensor are ones
+    the conversion maps, or a one-line error says which is not. Qwen2 GGUF files (architecture
+    'qwen2', with llama.cpp's own pre-tokenizer and rope layout) are refused; Mistral GGUF files are
+    'llama' ones (llama.cpp records no sliding window: the model then runs as llama.cpp runs it)."""
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"model: GGUF architecture {arch!r} is not supported; pdlaunch converts 'llama' GGUF files "
+                        f"(Llama, SmolLM, Mistral); for a {arch} model point model.path at its Hugging Face checkpoint")
+    unread = sorted(k for k in reader.fields if k.startswith("llama.") and k[len("llama."):] not in GGUF_LLAMA_KEYS)
+    if unread:
+        value = repr(_gguf_value(reader, unread[0]))[:60]
+        raise UserError(f"model: {path}: GGUF key {unread[0]} = {value} is not supported (it may change the model's "
+                        "math); point model.path at the Hugging Face checkpoint")
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if t.name not in GGUF_NAMES and not (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit()
+                                              and parts[2] in GGUF_LAYER_NAMES and parts[3] == "weight"):
+            raise UserError(f"model: {path}: GGUF tensor {t.name!r} is not part of a plain Llama (e.g. Llama 3.1's "
+                            "rope_freqs, biases, experts); point model.path at the Hugging Face checkpoint")
+
+
 def convert_gguf(gguf_path: str, target: str) -> None:
     """Dequantizes a Llama GGUF file into a HF directory (fp32 safetensors + tokenizer.json)."""
     try:
@@ -153,9 +183,7 @@ def convert_gguf(gguf_path: str, target: str) -> None:
         reader = gguf.GGUFReader(gguf_path)
     except Exception as e:  # the gguf package raises assorted errors for a damaged file
         raise UserError(f"model: '{gguf_path}' is not a readable GGUF file ({e}); re-download it") from None
-    arch = _gguf_value(reader, "general.architecture")
-    if arch != "llama":
-        raise UserError(f"model: GGUF architecture {arch!r} is not supported; pdlaunch runs 'llama' GGUF files")
+    check_gguf(reader, gguf_path)
     g = lambda k, d=None: _gguf_value(reader, f"llama.{k}", d)  # noqa: E731
     heads, kv_heads = int(g("attention.head_count")), int(g("attention.head_count_kv", g("attention.head_count")))
     tensors = {}
@@ -167,8 +195,6 @@ def convert_gguf(gguf_path: str, target: str) -> None:
             hf = GGUF_NAMES[name]
         else:
             _, layer, kind, _ = name.split(".")
-            if kind not in GGUF_LAYER_NAMES:
-                raise UserError(f"model: GGUF tensor {name!r} is not part of a plain Llama; unsupported file")
             hf = f"model.layers.{layer}.{GGUF_LAYER_NAMES[kind]}.weight"
             if kind == "attn_q":
                 w = _unpermute(w, heads)

@@ -92,9 +92,13 @@ def hf_chat_ids(path: str, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
+# Every family on the reshard layout (TP-sharded biases and heads, PP, KV moved between layouts);
+# 1P1D, which the in-process stage test already covers per family, for Llama 3 and OPT: few jobs.
+JOBS = [(family, "p-tp2-d-pp2") for family in FAMILIES] + [("llama3", "1p1d"), ("opt", "1p1d")]
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family,layout", JOBS, ids=[f"{f}-{layout}" for f, layout in JOBS])
 def test_family_greedy_ids_match_transformers(family, layout, tmp_path, family_dirs):
     """Token-id prompts (some past original_max_position_embeddings and the sliding window) and two
     chats, in one job per family and layout."""
@@ -290,3 +294,33 @@ def test_a_model_without_chat_template_refuses_chat_requests_clearly(tmp_path):
     write_word_tokenizer(str(tmp_path), 64)
     with pytest.raises(ValueError, match="this model has no chat template .*send 'prompt' instead of 'messages'"):
         TextCodec(str(tmp_path)).chat_ids(MESSAGES)
+
+
+# --- GGUF: a plain Llama converts; anything else is refused in one line ------------------------------
+
+@pytest.mark.parametrize("arch,keys,tensors,message", [
+    ("qwen2", {}, [], "GGUF architecture 'qwen2' is not supported"),
+    ("llama", {"llama.rope.scaling.type": "yarn"}, [], "GGUF key llama.rope.scaling.type = 'yarn' is not supported"),
+    ("llama", {}, ["rope_freqs.weight"], "GGUF tensor 'rope_freqs.weight' is not part of a plain Llama"),
+    ("llama", {}, ["blk.0.attn_q.bias"], "GGUF tensor 'blk.0.attn_q.bias' is not part of a plain Llama"),
+], ids=["qwen2", "rope-scaling", "llama3.1-rope-freqs", "bias"])
+def test_gguf_files_other_than_a_plain_llama_are_refused(arch, keys, tensors, message, tmp_path):
+    import gguf
+    import numpy as np
+
+    from launcher.errors import UserError
+    from launcher.model_files import check_gguf
+
+    path = str(tmp_path / "m.gguf")
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(1)
+    for key, value in keys.items():
+        writer.add_string(key, value)
+    for name in ["token_embd.weight", "blk.0.attn_q.weight", *tensors]:
+        writer.add_tensor(name, np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        check_gguf(gguf.GGUFReader(path), path)
