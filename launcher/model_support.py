@@ -185,7 +185,7 @@ def _common(r: _Reader, heads: int, hidden: int) -> dict:
 
 def _llama_like(r: _Reader, family: str) -> dict:
     heads, hidden = _int(r, "num_attention_heads"), _int(r, "hidden_size")
-    r.require("hidden_act", ("silu",), "silu")
+    r.require("hidden_act", ("silu", "swish"), "silu")  # the same function in transformers
     theta, rope_type, rope_params = _rope(r)
     out = _common(r, heads, hidden) | dict(
         family=family, intermediate_size=_int(r, "intermediate_size"),
