@@ -37,39 +37,79 @@ def family_dirs(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_stage_of_each_family_gives_transformers_logits(family, family_dirs, tp_group):
-    from engine.batch import build_batch
+def one_stage(path: str, tp_group, dtype=torch.float32):
+    """The whole model as one TP-1 stage in this process, its KV cache and rope tables."""
     from engine.kv_cache import KVCache
     from engine.model import LlamaStage
     from engine.rope import rope_tables
     from engine.weights import load_stage
     from launcher.model_files import check_weights, read_shape
-    from launcher.protocol import SamplingParams, SeqChunk
 
-    path = family_dirs(family)
     shape = read_shape(path)
     check_weights(path, shape)
     torch.cuda.current_device = lambda: "cpu"  # megatron allocates on it (engine.comm does the same)
-    stage = LlamaStage(shape, 0, shape.num_layers, True, True, 1, tp_group, torch.float32).eval()
+    stage = LlamaStage(shape, 0, shape.num_layers, True, True, 1, tp_group, dtype)
     load_stage(stage, path, shape, 0, 1)
+    stage.to(dtype=dtype).eval()
     stage.prepare_weights()
-    block_size, length, split = 4, 2 * ORIGINAL_MAX + 6, ORIGINAL_MAX - 7
-    cache = KVCache(shape.num_layers, 32, block_size, shape.num_kv_heads, shape.head_dim, torch.float32, "cpu")
-    cos, sin = rope_tables(shape, 128)
-    seq = ragged_prompts(1, seed=7, low=length, high=length + 1)[0]
-    table = tuple(range(length // block_size + 1))
-    greedy = SamplingParams()
-    chunks = [(0, split), (split, length - 6)] + [(p, p + 1) for p in range(length - 6, length)]
-    got = []
+    cache = KVCache(shape.num_layers, 32, BLOCK, shape.num_kv_heads, shape.head_dim, dtype, "cpu")
+    return stage, cache, rope_tables(shape, 128, dtype=dtype), shape
+
+
+def run_chunks(stage, cache, tables, shape, seq: list[int], chunks: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Runs seq[lo:hi] for each (lo, hi) in order as one sequence; the logits of each chunk's last token."""
+    from engine.batch import build_batch
+    from launcher.protocol import SamplingParams, SeqChunk
+
+    table = tuple(range(len(seq) // BLOCK + 1))
+    out = []
     with torch.inference_mode():
         for i, (lo, hi) in enumerate(chunks):
-            batch = build_batch([SeqChunk(0, tuple(seq[lo:hi]), lo, table, greedy, i)], block_size, cos, sin,
+            batch = build_batch([SeqChunk(0, tuple(seq[lo:hi]), lo, table, SamplingParams(), i)], BLOCK, *tables,
                                 shape.sliding_window)
-            got.append(stage(batch.token_ids, batch, cache.k, cache.v)[0])
+            out.append(stage(batch.token_ids, batch, cache.k, cache.v)[0].float())
+    return out
+
+
+BLOCK = 4
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_stage_of_each_family_gives_transformers_logits(family, family_dirs, tp_group):
+    path = family_dirs(family)
+    length, split = 2 * ORIGINAL_MAX + 6, ORIGINAL_MAX - 7
+    seq = ragged_prompts(1, seed=7, low=length, high=length + 1)[0]
+    chunks = [(0, split), (split, length - 6)] + [(p, p + 1) for p in range(length - 6, length)]
+    got = run_chunks(*one_stage(path, tp_group), seq, chunks)
+    with torch.no_grad():
         expected = hf_model(family, path)(torch.tensor([seq])).logits[0, [hi - 1 for _, hi in chunks]]
     diff = (torch.stack(got) - expected).abs().max().item()
     assert diff < 1e-4, f"{family}: max |logit diff| {diff}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_stage_of_each_family_in_bf16_agrees_with_transformers_in_bf16(family, family_dirs, tp_group):
+    """bf16 by tests/test_bf16.py's criterion: teacher-forced top-1 agreement and greedy prefixes."""
+    from engine.matmul import pack
+    from test_bf16 import PREFIX_SHARE, TOP1_MIN, agreement
+
+    try:
+        pack(torch.zeros(16, 16, dtype=torch.bfloat16))
+    except RuntimeError as e:  # oneDNN's bf16 linear needs AVX-512 (or AVX-NE-CONVERT)
+        pytest.skip(f"this CPU cannot run the engine's bf16 matmuls: {e}")
+    path = family_dirs(family)
+    stage = one_stage(path, tp_group, torch.bfloat16)
+    prompts = ragged_prompts(6, seed=9, low=5, high=ORIGINAL_MAX + 20)
+    outputs = []
+    for prompt in prompts:
+        stage[1].kv.zero_()
+        seq = list(prompt)
+        for _ in range(12):  # greedy: the prompt, then one token per step
+            chunk = [(0, len(seq))] if len(seq) == len(prompt) else [(len(seq) - 1, len(seq))]
+            seq.append(int(run_chunks(*stage, seq, chunk)[0].argmax()))
+        outputs.append(seq[len(prompt):])
+    top1, prefixes = agreement(hf_model(family, path, torch.bfloat16), prompts, outputs)
+    assert top1 >= TOP1_MIN and prefixes >= PREFIX_SHARE, (family, top1, prefixes)
 
 
 LAYOUTS = {
