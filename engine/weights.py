@@ -37,9 +37,6 @@ class Checkpoint:
                         files.update({canonical_name(k): (name, k) for k in st.keys()})
         self.dir, self.files, self._open = model_dir, files, {}  # canonical name -> (file, name in the file)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
     def read(self, name: str, dim: int | None, rank: int, parts: int) -> torch.Tensor:
         """Chunk `rank` of `parts` along `dim` (the whole tensor when dim is None)."""
         if name not in self.files:
