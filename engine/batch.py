@@ -30,7 +30,7 @@ class BatchMeta:
     block_size: int
     decode_rows: torch.Tensor | None = None    # rows of one-token sequences
     decode_blocks: torch.Tensor | None = None  # [B, n] context blocks, padded with block 0
-    decode_mask: torch.Tensor | None = None    # [B, 1, 1, n * block_size] additive: 0 on the context, -inf after
+    decode_mask: torch.Tensor | None = None    # [B, 1, 1, n * block_size] additive: 0 on the context, -inf elsewhere
     all_decode: bool = False                   # every row is a one-token sequence, in row order
     extend_segments: list = field(default_factory=list)       # (rows slice, start position)
     extend_context_slots: dict = field(default_factory=dict)  # row start -> context (blocks, offsets)
@@ -45,7 +45,9 @@ def slot_blocks(block_table: tuple[int, ...], start: int, end: int, block_size: 
     return [block_table[p // block_size] for p in range(start, end)]
 
 
-def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin: torch.Tensor) -> BatchMeta:
+def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin: torch.Tensor,
+                window: int | None = None) -> BatchMeta:
+    """`window`: the model's sliding window (a decode token sees its last `window` positions), or None."""
     dev = cos.device
 
     def tensor(values) -> torch.Tensor:
@@ -78,7 +80,10 @@ def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin:
         n = max(len(table) for table, _ in decode_ctx)
         blocks = tensor([list(table) + [0] * (n - len(table)) for table, _ in decode_ctx])
         lengths = tensor([length for _, length in decode_ctx])
-        visible = torch.arange(n * block_size, device=dev)[None, :] < lengths[:, None]
+        keys = torch.arange(n * block_size, device=dev)[None, :]
+        visible = keys < lengths[:, None]
+        if window is not None:
+            visible &= keys >= lengths[:, None] - window
         mask = torch.zeros(visible.shape, dtype=cos.dtype, device=dev).masked_fill_(~visible, float("-inf"))
         meta.decode_rows = tensor(decode_rows)
         meta.decode_blocks, meta.decode_mask = blocks, mask.view(len(decode_ctx), 1, 1, n * block_size)

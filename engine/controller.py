@@ -110,11 +110,12 @@ class Controller:
             if self.cfg.model.chat_template != "auto":
                 raise ValueError("chat requests need model.chat_template: auto")
             try:
-                text = self.codec.render_chat(spec.messages)
+                return self.codec.chat_ids(spec.messages)
+            except ValueError:
+                raise
             except Exception as e:  # a template error fails this request only
                 raise ValueError(f"cannot render the chat template ({e})") from None
-        else:
-            text = spec.prompt
+        text = spec.prompt
         if not isinstance(text, list):
             return self.codec.encode(text)
         if max(text) >= self.vocab_size:

@@ -1,4 +1,7 @@
-"""A Llama-family decoder stage on megatron-core tensor-parallel layers, attention over a paged KV cache.
+"""A decoder stage (Llama, Mistral, Qwen2, Qwen3, OPT) on megatron-core tensor-parallel layers,
+attention over a paged KV cache. What differs between the families is read from `ModelShape`
+(launcher/model_support.py): biases, per-head q/k norms, LayerNorm or RMSNorm, a gated or plain MLP,
+RoPE (engine/rope.py) or learned positions, a sliding window.
 
 One `LlamaStage` holds the layers [l0, l1) of a PP stage for one TP rank: the embedding on the
 first stage, the final norm and LM head on the last. Projections are megatron-core's
@@ -22,7 +25,8 @@ from torch import nn
 
 from engine.batch import BatchMeta
 from engine.matmul import linear, nbytes, prepare
-from launcher.model_files import ModelShape
+from engine.rope import rope_tables  # noqa: F401  (the stage's position tables; imported from here by callers)
+from launcher.model_support import OPT_POSITION_OFFSET, ModelShape
 
 
 def parallel_config(tp: int, dtype: torch.dtype):
@@ -48,23 +52,29 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def row_parallel(weight: torch.Tensor, x: torch.Tensor, tp_group) -> torch.Tensor:
-    """A RowParallelLinear on a TP-split input: partial products summed over the TP group."""
+def norm_layer(shape: ModelShape, size: int) -> nn.Module:
+    return nn.LayerNorm(size, eps=shape.rms_norm_eps) if shape.layer_norm else RMSNorm(size, shape.rms_norm_eps)
+
+
+def with_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
+def row_parallel(weight: torch.Tensor, x: torch.Tensor, tp_group, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A RowParallelLinear on a TP-split input: partial products summed over the TP group, then
+    the (whole, replicated) bias added once."""
     y = linear(x, weight)
     if dist.get_world_size(tp_group) > 1:
         dist.all_reduce(y, group=tp_group)
-    return y
+    return with_bias(y, bias)
 
 
-def rope_tables(shape: ModelShape, max_len: int, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions [0, max_len) in Hugging Face's rotate-half convention (computed in
-    fp32 on the CPU, as HF does, then placed once on the rank's device in the model's dtype)."""
-    d = shape.head_dim
-    inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+def hidden_keys(query_positions: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """[queries, num_keys] True where key position k is masked for the query at position q: k > q
+    (causal), or k <= q - window (outside a sliding window, as transformers' sliding_window_overlay)."""
+    keys = torch.arange(num_keys, device=query_positions.device)[None, :]
+    hidden = keys > query_positions[:, None]
+    return hidden if window is None else hidden | (keys <= query_positions[:, None] - window)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -94,10 +104,11 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Te
 
 
 def grouped_causal_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, start: int, scale: float,
-                             rows_per_chunk: int = 256) -> torch.Tensor:
+                             rows_per_chunk: int = 256, window: int | None = None) -> torch.Tensor:
     """Causal attention of one sequence's new tokens q [n, heads, D] (positions start .. start+n-1)
     over keys/vals [start + n, kv_heads, D], as grouped matmuls with an fp32 softmax; the queries go
-    in chunks so the scores stay within rows_per_chunk x heads x context floats."""
+    in chunks so the scores stay within rows_per_chunk x heads x context floats. `window`: a
+    sliding window (Mistral), else None."""
     n, H, D = q.shape
     kv_heads = keys.shape[1]
     group = H // kv_heads
@@ -107,8 +118,7 @@ def grouped_causal_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Te
         m, seen = min(rows_per_chunk, n - lo), start + min(n, lo + rows_per_chunk)  # keys any row may see
         qg = q[lo:lo + m].view(m, kv_heads, group, D).permute(1, 2, 0, 3).reshape(kv_heads, group * m, D)
         scores = torch.matmul(qg, keys_t[..., :seen]).view(kv_heads, group, m, seen).float()
-        ahead = torch.arange(seen, device=q.device)[None, :] > torch.arange(start + lo, start + lo + m,
-                                                                            device=q.device)[:, None]
+        ahead = hidden_keys(torch.arange(start + lo, start + lo + m, device=q.device), seen, window)
         mask = torch.zeros(ahead.shape, device=q.device).masked_fill_(ahead, float("-inf"))
         probs = torch.softmax(torch.add(mask, scores, alpha=scale), dim=-1).to(q.dtype)  # mask + scale * scores
         o = torch.matmul(probs.view(kv_heads, group * m, seen), vals_t[:, :seen])
@@ -125,13 +135,18 @@ class Attention(nn.Module):
         self.kv_heads = shape.num_kv_heads // tp
         self.head_dim = shape.head_dim
         self.scale = shape.head_dim ** -0.5
+        self.window = shape.sliding_window
+        self.rotary = not shape.learned_positions
         self.tp_group = tp_group
         qkv_out = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
         self.qkv = ColumnParallelLinear(shape.hidden_size, qkv_out, config=config, init_method=_no_init,
-                                        bias=False, gather_output=False, tp_group=tp_group)
+                                        bias=shape.qkv_bias, gather_output=False, tp_group=tp_group)
         self.o_proj = RowParallelLinear(shape.num_heads * shape.head_dim, shape.hidden_size, config=config,
-                                        init_method=_no_init, bias=False, input_is_parallel=True,
+                                        init_method=_no_init, bias=shape.o_bias, input_is_parallel=True,
                                         skip_bias_add=False, tp_group=tp_group)
+        # Qwen3: an RMSNorm over each query and key head, before RoPE
+        self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
+        self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.qkv_weight = self.o_weight = None
 
     def prepare_weights(self) -> tuple[torch.Tensor, ...]:
@@ -141,9 +156,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: BatchMeta, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """k_cache, v_cache: this layer's [num_blocks, block_size, kv_heads, head_dim] cache views."""
         T = x.shape[0]
-        qk, v = linear(x, self.qkv_weight).split([(self.heads + self.kv_heads) * self.head_dim,
-                                                  self.kv_heads * self.head_dim], dim=-1)
-        qk = apply_rope(qk.view(T, self.heads + self.kv_heads, self.head_dim), batch.cos, batch.sin)
+        qk, v = with_bias(linear(x, self.qkv_weight), self.qkv.bias).split(
+            [(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        qk = qk.view(T, self.heads + self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :self.heads]), self.k_norm(qk[:, self.heads:])), dim=1)
+        if self.rotary:
+            qk = apply_rope(qk, batch.cos, batch.sin)
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = v.view(T, self.kv_heads, self.head_dim)
         slot = (batch.slot_blocks, batch.slot_offsets)
@@ -158,7 +177,7 @@ class Attention(nn.Module):
                                                                    k_cache, v_cache))
             for rows, start in batch.extend_segments:
                 self._extend(q, k, v, out, rows, start, batch, k_cache, v_cache)
-        return row_parallel(self.o_weight, out.view(T, -1), self.tp_group)
+        return row_parallel(self.o_weight, out.view(T, -1), self.tp_group, self.o_proj.bias)
 
     def _decode(self, q, batch: BatchMeta, k_cache, v_cache) -> torch.Tensor:
         """All one-token sequences at once (q: their rows): gather their blocks (padded) and mask
@@ -182,15 +201,14 @@ class Attention(nn.Module):
             blocks, offsets = batch.extend_context_slots[rows.start]
             keys, vals = k_cache[blocks, offsets], v_cache[blocks, offsets]
         if uses_grouped_attention(q):
-            out[rows] = grouped_causal_attention(q[rows], keys, vals, start, self.scale)
+            out[rows] = grouped_causal_attention(q[rows], keys, vals, start, self.scale, window=self.window)
             return
         qs = q[rows].transpose(0, 1)  # [H, n, D]
-        if start == 0:
+        n, ctx = rows.stop - rows.start, keys.shape[0]
+        if start == 0 and (self.window is None or n <= self.window):
             mask, causal = None, True
         else:
-            n, ctx = rows.stop - rows.start, keys.shape[0]
-            dev = q.device
-            mask = torch.arange(ctx, device=dev)[None, :] <= torch.arange(start, start + n, device=dev)[:, None]
+            mask = ~hidden_keys(torch.arange(start, start + n, device=q.device), ctx, self.window)
             causal = False
         o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask,
                                            is_causal=causal, scale=self.scale,
@@ -198,35 +216,48 @@ class Attention(nn.Module):
         out[rows] = o.transpose(0, 1)
 
 
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu}
+
+
 class MLP(nn.Module):
+    """SwiGLU (down(silu(gate) * up), the gate and up projections fused in `up` as [gate | up]) or,
+    for OPT, down(relu(up))."""
+
     def __init__(self, shape: ModelShape, tp_group, config):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
         self.tp_group = tp_group
-        self.gate_up = ColumnParallelLinear(shape.hidden_size, 2 * shape.intermediate_size, config=config,
-                                            init_method=_no_init, bias=False, gather_output=False,
-                                            stride=2, tp_group=tp_group)
+        self.gated = shape.gated_mlp
+        self.act = ACTIVATIONS[shape.activation]
+        self.up = ColumnParallelLinear(shape.hidden_size, (2 if self.gated else 1) * shape.intermediate_size,
+                                       config=config, init_method=_no_init, bias=shape.mlp_bias, gather_output=False,
+                                       stride=2 if self.gated else 1, tp_group=tp_group)
         self.down = RowParallelLinear(shape.intermediate_size, shape.hidden_size, config=config,
-                                      init_method=_no_init, bias=False, input_is_parallel=True,
+                                      init_method=_no_init, bias=shape.mlp_bias, input_is_parallel=True,
                                       skip_bias_add=False, tp_group=tp_group)
-        self.gate_up_weight = self.down_weight = None
+        self.up_weight = self.down_weight = None
 
     def prepare_weights(self) -> tuple[torch.Tensor, ...]:
-        self.gate_up_weight, self.down_weight = prepare(self.gate_up.weight), prepare(self.down.weight)
-        return self.gate_up_weight, self.down_weight
+        self.up_weight, self.down_weight = prepare(self.up.weight), prepare(self.down.weight)
+        return self.up_weight, self.down_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return row_parallel(self.down_weight, F.silu(gate) * up, self.tp_group)
+        up = with_bias(linear(x, self.up_weight), self.up.bias)
+        if self.gated:
+            gate, up = up.chunk(2, dim=-1)
+            up = self.act(gate) * up
+        else:
+            up = self.act(up)
+        return row_parallel(self.down_weight, up, self.tp_group, self.down.bias)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, shape: ModelShape, tp: int, tp_group, config):
         super().__init__()
-        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.input_layernorm = norm_layer(shape, shape.hidden_size)
         self.self_attn = Attention(shape, tp, tp_group, config)
-        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.post_attention_layernorm = norm_layer(shape, shape.hidden_size)
         self.mlp = MLP(shape, tp_group, config)
 
     def forward(self, x, batch, k_cache, v_cache):
@@ -248,10 +279,13 @@ class LlamaStage(nn.Module):
         self.tp_group = tp_group
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, init_method=_no_init,
                                                    config=config, tp_group=tp_group) if is_first else None
+        # OPT's learned positions (replicated on every TP rank), read at position + OPT_POSITION_OFFSET
+        self.embed_positions = nn.Embedding(shape.max_position_embeddings + OPT_POSITION_OFFSET,
+                                            shape.hidden_size) if is_first and shape.learned_positions else None
         self.layers = nn.ModuleList(DecoderLayer(shape, tp, tp_group, config)
                                     for _ in range(first_layer, last_layer))
         if is_last:
-            self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+            self.norm = norm_layer(shape, shape.hidden_size)
             self.lm_head = ColumnParallelLinear(shape.hidden_size, shape.vocab_size, config=config,
                                                 init_method=_no_init, bias=False, gather_output=True,
                                                 tp_group=tp_group)
@@ -283,6 +317,8 @@ class LlamaStage(nn.Module):
             raise RuntimeError("LlamaStage.prepare_weights() must run once the weights are loaded")
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(batch.positions + OPT_POSITION_OFFSET)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, k_cache[:, i], v_cache[:, i])
         if self.lm_head is None:

@@ -132,7 +132,7 @@ class ModelRunner:
     def _forward(self, seqs):
         """One micro-batch through this stage; the last stage's TP rank 0 gets its logits."""
         ctx = self.ctx
-        batch = build_batch(seqs, self.cache.block_size, self.cos, self.sin)
+        batch = build_batch(seqs, self.cache.block_size, self.cos, self.sin, self.shape.sliding_window)
         if ctx.is_first_stage:
             x = batch.token_ids
         else:

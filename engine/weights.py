@@ -1,4 +1,7 @@
-"""Loads a rank's shard of a Hugging Face Llama safetensors checkpoint into a LlamaStage.
+"""Loads a rank's shard of a Hugging Face safetensors checkpoint into a LlamaStage.
+
+Which checkpoint tensors make which stage parameter is launcher/model_support.py's table (the same
+one the launcher checks the checkpoint against before launch).
 
 Only the rows/columns this TP rank owns are read from disk (safetensors slices), one tensor
 at a time; layers outside the rank's PP stage are never touched. Fused parameters take each
@@ -14,18 +17,8 @@ import torch
 from safetensors import safe_open
 
 from engine.model import LlamaStage
-from launcher.model_files import ModelShape
-
-# stage parameter suffix -> (HF parts, TP partition dim or None for replicated)
-LAYER_PARAMS = {
-    "input_layernorm.weight": (["input_layernorm.weight"], None),
-    "post_attention_layernorm.weight": (["post_attention_layernorm.weight"], None),
-    "self_attn.qkv.weight": (["self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                              "self_attn.v_proj.weight"], 0),
-    "self_attn.o_proj.weight": (["self_attn.o_proj.weight"], 1),
-    "mlp.gate_up.weight": (["mlp.gate_proj.weight", "mlp.up_proj.weight"], 0),
-    "mlp.down.weight": (["mlp.down_proj.weight"], 1),
-}
+from launcher.model_support import (ModelShape, TensorSource, canonical_name, global_sources, layer_prefix,
+                                     layer_sources)
 
 
 class Checkpoint:
@@ -35,26 +28,23 @@ class Checkpoint:
         index = os.path.join(model_dir, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
-                files = json.load(f)["weight_map"]
+                files = {canonical_name(k): (v, k) for k, v in json.load(f)["weight_map"].items()}
         else:
             files = {}
             for name in sorted(os.listdir(model_dir)):
                 if name.endswith(".safetensors"):
                     with safe_open(os.path.join(model_dir, name), framework="pt") as st:
-                        files.update({k: name for k in st.keys()})
-        self.dir, self.files, self._open = model_dir, files, {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
+                        files.update({canonical_name(k): (name, k) for k in st.keys()})
+        self.dir, self.files, self._open = model_dir, files, {}  # canonical name -> (file, name in the file)
 
     def read(self, name: str, dim: int | None, rank: int, parts: int) -> torch.Tensor:
         """Chunk `rank` of `parts` along `dim` (the whole tensor when dim is None)."""
         if name not in self.files:
             raise KeyError(f"checkpoint {self.dir} has no tensor {name!r}")
-        path = self.files[name]
+        path, stored = self.files[name]
         if path not in self._open:
             self._open[path] = safe_open(os.path.join(self.dir, path), framework="pt")
-        sl = self._open[path].get_slice(name)
+        sl = self._open[path].get_slice(stored)
         if dim is None:
             return sl[:]
         size = sl.get_shape()[dim]
@@ -74,15 +64,15 @@ def load_stage(stage: LlamaStage, model_dir: str, shape: ModelShape, tp_rank: in
         with torch.no_grad():
             param.copy_(data)
 
+    def fill_all(module: torch.nn.Module, sources: list[TensorSource], prefix: str = "") -> None:
+        params = dict(module.named_parameters())
+        for src in sources:
+            fill(params[src.param], [prefix + n for n in src.names], src.tp_dim)
+
+    groups = global_sources(shape)
     if stage.embed_tokens is not None:
-        fill(stage.embed_tokens.weight, ["model.embed_tokens.weight"], 0)
+        fill_all(stage, groups["first"])
     for i, layer in enumerate(stage.layers):
-        prefix = f"model.layers.{stage.first_layer + i}."
-        params = dict(layer.named_parameters())
-        for suffix, (parts, dim) in LAYER_PARAMS.items():
-            fill(params[suffix], [prefix + p for p in parts], dim)
+        fill_all(layer, layer_sources(shape), layer_prefix(shape, stage.first_layer + i))
     if stage.lm_head is not None:
-        fill(stage.norm.weight, ["model.norm.weight"], None)
-        head = "lm_head.weight" if "lm_head.weight" in ckpt and not shape.tie_word_embeddings \
-            else "model.embed_tokens.weight"
-        fill(stage.lm_head.weight, [head], 0)
+        fill_all(stage, groups["last"])

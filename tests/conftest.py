@@ -45,6 +45,21 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tp_group():
+    """A one-rank gloo group in this process: a model stage with TP 1 runs here, without a job."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return dist.new_group([0])
+
+
 def ragged_prompts(n: int, seed: int = 0, low: int = 3, high: int = 40) -> list[list[int]]:
     import random
 

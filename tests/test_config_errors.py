@@ -169,11 +169,25 @@ MODEL_CASES = [
     ("weights of another size", lambda d: _edit_config(d, intermediate_size=96),
      "'model.layers.0.mlp.gate_proj.weight' has shape [128, 64] in the weights but"),
     ("fewer layers in config", lambda d: _edit_config(d, num_hidden_layers=2),
-     "the weights have layer 2 but"),
+     "hold 'model.layers.2."),
     ("more layers in config", lambda d: _edit_config(d, num_hidden_layers=6), "lack 'model.layers.4."),
     ("other kv heads", lambda d: _edit_config(d, num_key_value_heads=8),
      "'model.layers.0.self_attn.k_proj.weight' has shape [32, 64]"),
+    ("longrope", lambda d: _edit_config(d, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                                         "long_factor": [2.0] * 4}),
+     "rope_scaling.rope_type = 'longrope' is not supported"),
+    ("unknown field", lambda d: _edit_config(d, attn_logit_softcapping=50.0),
+     "attn_logit_softcapping = 50.0 is not supported"),
+    ("extra bias tensor", lambda d: _add_tensor(d, "model.layers.1.self_attn.q_proj.bias", (64,)),
+     "hold 'model.layers.1.self_attn.q_proj.bias'"),
 ]
+
+
+def _add_tensor(model_dir: str, name: str, shape: tuple[int, ...]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({name: torch.zeros(shape)}, os.path.join(model_dir, "extra.safetensors"))
 
 
 def _edit_config(model_dir: str, **changes) -> None:

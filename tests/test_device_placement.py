@@ -6,15 +6,13 @@ Checked against the code before the device work: with its engine/batch.py the te
 mixes cpu and meta: batch index tensors built on the CPU), with its CPU-built rope tables too."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import TINY
+from model_families import FAMILIES, family_shape
 from engine.batch import build_batch
 from engine.kv_cache import KVCache
 from engine.model import LlamaStage, rope_tables
@@ -47,22 +45,15 @@ class OneDevice(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(scope="module")
-def tp_group():
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    return dist.new_group([0])
-
-
-def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group):
+@pytest.mark.parametrize("family", ["llama", *FAMILIES])
+def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group, family):
+    """Every family's forward (biases, q/k norms, learned positions, a sliding window of 4 here)."""
+    shape = SHAPE if family == "llama" else family_shape(family, num_hidden_layers=2, sliding_window=4)
     torch.cuda.current_device = lambda: "cpu"  # megatron allocates on it (engine.comm does the same)
-    stage = LlamaStage(SHAPE, 0, 2, True, True, 1, tp_group, torch.float32).to(META).eval()
+    stage = LlamaStage(shape, 0, 2, True, True, 1, tp_group, torch.float32).to(META).eval()
     stage.prepare_weights()
-    cache = KVCache(2, 16, 4, SHAPE.num_kv_heads, SHAPE.head_dim, torch.float32, META)
-    cos, sin = rope_tables(SHAPE, 64, META)
+    cache = KVCache(2, 16, 4, shape.num_kv_heads, shape.head_dim, torch.float32, META)
+    cos, sin = rope_tables(shape, 64, META)
     params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
     steps = [
         [SeqChunk(0, [5, 6, 7, 8, 9], 0, [0, 1], params, 0), SeqChunk(1, [3, 4], 0, [2], params, 0)],  # prefill
@@ -71,9 +62,9 @@ def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group):
     ]
     with torch.inference_mode(), OneDevice() as mode:
         for chunks in steps:
-            batch = build_batch(chunks, cache.block_size, cos, sin)
+            batch = build_batch(chunks, cache.block_size, cos, sin, shape.sliding_window)
             logits = stage(batch.token_ids, batch, cache.k, cache.v)
-            assert logits.shape == (len(chunks), SHAPE.vocab_size) and logits.device == META
+            assert logits.shape == (len(chunks), shape.vocab_size) and logits.device == META
             token = _draw(logits[0], params, 3)
             assert token.device == META
     assert mode.seen == {META}, mode.seen
