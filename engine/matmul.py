@@ -20,8 +20,11 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def packs(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES
-            and torch.backends.mkldnn.is_available())
+    """oneDNN packs fp32 on any x86 CPU, bf16 only where it has the instructions (AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT): on an AVX2-only CPU an explicit `model.dtype: bfloat16` keeps F.linear."""
+    if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,18 @@ PREFIX_TOKENS = 4     # the first tokens that must match transformers' greedy bf
 PREFIX_SHARE = 0.8    # ... on at least this share of the prompts
 
 
-def agreement(model, prompts: list[list[int]], outputs: list[list[int]]) -> tuple[float, float]:
+def agreement(model, prompts: list[list[int]], outputs: list[list[int]], fp32_model=None) -> tuple[float, float]:
     """(teacher-forced top-1 agreement, share of prompts whose first PREFIX_TOKENS tokens equal
-    transformers' greedy ones), transformers running `model` in its own dtype."""
+    transformers' greedy ones), transformers running `model` in its own dtype. With `fp32_model` (the
+    same weights in fp32), a token transformers' fp32 predicts counts too: where bf16 and fp32 argmaxes
+    differ the position is a tie at bf16's resolution, and either answer is the model's."""
     agree = total = prefixes = 0
     with torch.no_grad():
         for prompt, out in zip(prompts, outputs):
             seq = torch.tensor([prompt + out])
             predicted = model(seq).logits[0, len(prompt) - 1:-1].float().argmax(-1).tolist()
-            agree += sum(a == b for a, b in zip(predicted, out))
+            exact = fp32_model(seq).logits[0, len(prompt) - 1:-1].argmax(-1).tolist() if fp32_model else predicted
+            agree += sum(token in (a, b) for a, b, token in zip(predicted, exact, out))
             total += len(out)
             greedy = model.generate(torch.tensor([prompt]), max_new_tokens=PREFIX_TOKENS, min_new_tokens=PREFIX_TOKENS,
                                     do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()

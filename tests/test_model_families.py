@@ -89,26 +89,22 @@ def test_a_stage_of_each_family_gives_transformers_logits(family, family_dirs, t
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_stage_of_each_family_in_bf16_agrees_with_transformers_in_bf16(family, family_dirs, tp_group):
-    """bf16 by tests/test_bf16.py's criterion: teacher-forced top-1 agreement and greedy prefixes."""
-    from engine.matmul import pack
+    """bf16 by tests/test_bf16.py's criterion: teacher-forced top-1 agreement (transformers' fp32 token
+    counting where its bf16 one differs: tiny random checkpoints have near-ties) and greedy prefixes."""
     from test_bf16 import PREFIX_SHARE, TOP1_MIN, agreement
 
-    try:
-        pack(torch.zeros(16, 16, dtype=torch.bfloat16))
-    except RuntimeError as e:  # oneDNN's bf16 linear needs AVX-512 (or AVX-NE-CONVERT)
-        pytest.skip(f"this CPU cannot run the engine's bf16 matmuls: {e}")
     path = family_dirs(family)
     stage = one_stage(path, tp_group, torch.bfloat16)
-    prompts = ragged_prompts(6, seed=9, low=5, high=ORIGINAL_MAX + 20)
+    prompts = ragged_prompts(8, seed=9, low=5, high=ORIGINAL_MAX + 20)
     outputs = []
     for prompt in prompts:
         stage[1].kv.zero_()
         seq = list(prompt)
-        for _ in range(12):  # greedy: the prompt, then one token per step
+        for _ in range(24):  # greedy: the prompt, then one token per step
             chunk = [(0, len(seq))] if len(seq) == len(prompt) else [(len(seq) - 1, len(seq))]
             seq.append(int(run_chunks(*stage, seq, chunk)[0].argmax()))
         outputs.append(seq[len(prompt):])
-    top1, prefixes = agreement(hf_model(family, path, torch.bfloat16), prompts, outputs)
+    top1, prefixes = agreement(hf_model(family, path, torch.bfloat16), prompts, outputs, hf_model(family, path))
     assert top1 >= TOP1_MIN and prefixes >= PREFIX_SHARE, (family, top1, prefixes)
 
 
