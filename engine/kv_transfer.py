@@ -43,7 +43,7 @@ import torch.distributed as dist
 from engine.comm import POLL_S, RankContext
 from engine.blocks import blocks_for
 from engine.kv_cache import KVCache
-from engine.reshard import Transfer, owned_rect, transfer_plan
+from engine.reshard import Transfer, kv_rank_pairs, owned_rect, transfer_plan
 from launcher.model_files import ModelShape
 
 CHUNK_BYTES = 8 << 20
@@ -121,6 +121,26 @@ class KVTransfer:
         self.pool = StagingPool()
         self.broken: list[str] = []  # order violations and failed transfers
         self.driven = dist.get_backend(group) == "gloo"  # works that complete only inside wait()
+
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Meets every KV peer of this rank once, before the first step, in the global pair order
+        (engine.reshard.kv_rank_pairs). NCCL creates a pair's communicator at its first send or
+        receive and blocks the host until the peer's first call; left to the step loop, first
+        contacts follow pull and send order, which can wait in a cycle across instances (2
+        prefill + 2 decode instances can hang until the timeout). Returns the pairs met, in order."""
+        mine = [pair for pair in kv_rank_pairs(self.ctx.plan.instances, self.shape.num_layers,
+                                               self.shape.num_kv_heads) if self.ctx.rank in pair]
+        token = torch.zeros(1, dtype=self.cache.kv.dtype, device=self.cache.kv.device)
+        for low, high in mine:
+            if self.ctx.rank == low:
+                work = dist.isend(token, high, group=self.group, tag=KV_TAG)
+            else:
+                work = dist.irecv(token, low, group=self.group, tag=KV_TAG)
+            if self.driven:
+                work.wait()  # gloo: completion
+            while not work.is_completed():
+                time.sleep(POLL_S)
+        return mine
 
     def _header(self, req_id: int, count: int) -> torch.Tensor:
         return torch.tensor([req_id, count], dtype=torch.int64, device=self.cache.kv.device)
