@@ -75,4 +75,10 @@ def rendezvous_address(master_addr: str, interface: str, hosts: list[str]) -> st
         return interface_address(interface)
     if single_host(hosts):
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    name = socket.gethostname()
+    addr = socket.gethostbyname(name)
+    if addr.startswith("127.") or addr == "::1":
+        raise UserError(f"config: this multi-host job's rendezvous would be {name}'s address, but {name} resolves "
+                        f"to {addr} (loopback: Debian/Ubuntu hosts files map the host name to 127.0.1.1), which "
+                        "remote ranks cannot reach; set 'cluster.interface' (e.g. ib0 or eth0) or 'cluster.master_addr'")
+    return addr
