@@ -31,6 +31,7 @@ class BatchMeta:
     decode_rows: torch.Tensor | None = None    # rows of one-token sequences
     decode_blocks: torch.Tensor | None = None  # [B, n] context blocks, padded with block 0
     decode_mask: torch.Tensor | None = None    # [B, 1, 1, n * block_size] additive: 0 on the context, -inf after
+    decode_lengths: torch.Tensor | None = None  # [B] context tokens of each one-token sequence, the new one included
     all_decode: bool = False                   # every row is a one-token sequence, in row order
     extend_segments: list = field(default_factory=list)       # (rows slice, start position)
     extend_context_slots: dict = field(default_factory=dict)  # row start -> context (blocks, offsets)
@@ -82,5 +83,6 @@ def build_batch(chunks: list[SeqChunk], block_size: int, cos: torch.Tensor, sin:
         mask = torch.zeros(visible.shape, dtype=cos.dtype, device=dev).masked_fill_(~visible, float("-inf"))
         meta.decode_rows = tensor(decode_rows)
         meta.decode_blocks, meta.decode_mask = blocks, mask.view(len(decode_ctx), 1, 1, n * block_size)
+        meta.decode_lengths = lengths
         meta.all_decode = not segments
     return meta

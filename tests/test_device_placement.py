@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import TINY
+from engine import attention
 from engine.batch import build_batch
 from engine.kv_cache import KVCache
 from engine.model import LlamaStage, rope_tables
@@ -57,8 +58,12 @@ def tp_group():
     return dist.new_group([0])
 
 
-def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group):
-    torch.cuda.current_device = lambda: "cpu"  # megatron allocates on it (engine.comm does the same)
+@pytest.mark.parametrize("kernels", ["cpu", "cuda"])
+def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group, monkeypatch, kernels):
+    """With `cuda` the stage takes the CUDA attention paths (engine.attention: 4-D SDPA for
+    prompts and continued prompts; the decode fallback, flash-attn being absent here)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # megatron allocates on it (as engine.comm)
+    monkeypatch.setattr(attention, "on_cuda", lambda t: kernels == "cuda")
     stage = LlamaStage(SHAPE, 0, 2, True, True, 1, tp_group, torch.float32).to(META).eval()
     stage.prepare_weights()
     cache = KVCache(2, 16, 4, SHAPE.num_kv_heads, SHAPE.head_dim, torch.float32, META)
