@@ -127,12 +127,13 @@ def test_multi_host_rendezvous_on_loopback_is_refused(tmp_path, tiny_model_dir, 
 
     here = socket.gethostname()
     real_getaddrinfo = socket.getaddrinfo
-    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "10.0.0.8" if name == "node-b" else "127.0.1.1")
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [] if host == "node-b" else real_getaddrinfo(host, *a, **k))
     with pytest.raises(UserError, match=f"{here} resolves to 127.0.1.1 .*set 'cluster.interface'"):
         rendezvous_address("auto", "", [here, "node-b"])
     assert rendezvous_address("10.0.0.7", "", [here, "node-b"]) == "10.0.0.7"
     assert rendezvous_address("auto", "", [here, here]) == "127.0.0.1"
+    assert rendezvous_address("auto", "", ["127.0.0.1", "127.0.0.2"]) == "127.0.1.1"  # every host is this machine
     config = setup_job(tmp_path, tiny_model_dir, HIGH)
     (tmp_path / "hosts").write_text(f"{here} slots=8\nnode-b slots=8\n")
     assert main(["generate", config, "--launcher", "mpirun"]) == 2
