@@ -19,7 +19,7 @@ from engine import attention
 from engine.batch import build_batch
 from engine.kv_cache import KVCache
 from engine.model import LlamaStage, rope_tables
-from engine.sampling import _draw
+from engine.sampling import choose
 from launcher.protocol import SamplingParams, SeqChunk
 from launcher.model_files import ModelShape
 
@@ -79,6 +79,6 @@ def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group, monkeypatch, k
             batch = build_batch(chunks, cache.block_size, cos, sin)
             logits = stage(batch.token_ids, batch, cache.k, cache.v)
             assert logits.shape == (len(chunks), SHAPE.vocab_size) and logits.device == META
-            token = _draw(logits[0], params, 3)
-            assert token.device == META
+            tokens = choose(logits, [params, SamplingParams()][:len(chunks)], [3, 4][:len(chunks)])
+            assert tokens.shape == (len(chunks),) and tokens.device == META
     assert mode.seen == {META}, mode.seen
