@@ -31,9 +31,15 @@ SHAPE = ModelShape(num_layers=2, hidden_size=TINY["hidden_size"], intermediate_s
 META = torch.device("meta")
 
 
+# a host list becoming a tensor (torch.tensor's own ops), and its copy to the device: how the
+# batch's indices get there (engine.batch.to_device)
+HOST_TO_DEVICE = {torch.ops.aten.lift_fresh.default, torch.ops.aten.detach_.default, torch.ops.aten.to.dtype_layout,
+                  torch.ops.aten._to_copy.default}
+
+
 class OneDevice(TorchDispatchMode):
     """Fails an op whose tensor arguments live on more than one device (0-dim CPU scalars aside,
-    which PyTorch moves implicitly); records the devices it saw."""
+    which PyTorch moves implicitly); records the devices of every other op it saw."""
 
     def __init__(self):
         super().__init__()
@@ -44,7 +50,8 @@ class OneDevice(TorchDispatchMode):
                    if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0)}
         if len(devices) > 1:
             raise AssertionError(f"{func} mixes devices {sorted(map(str, devices))}")
-        self.seen |= devices
+        if func not in HOST_TO_DEVICE:
+            self.seen |= devices
         return func(*args, **(kwargs or {}))
 
 
