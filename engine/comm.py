@@ -133,7 +133,7 @@ def start(plan: Plan, cluster, dtype: str = "float32") -> RankContext:
     if cuda and mine is not None:
         torch.cuda.set_device(cuda_device_index(local, torch.cuda.device_count(), node_name()))
         device = torch.device("cuda", torch.cuda.current_device())
-        torch.set_float32_matmul_precision("high")  # fp32 matmuls in TF32 (README: Model dtype; NVIDIA_TF32_OVERRIDE=0 undoes it)
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls in TF32 (README: GPU path; NVIDIA_TF32_OVERRIDE=0 undoes it)
     else:  # the CPU, and the controller of a CUDA job: it holds no model and never opens a CUDA context
         device = torch.device("cpu")
         # megatron allocates layer buffers on torch.cuda.current_device(); point it at the CPU.

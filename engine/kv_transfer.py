@@ -95,15 +95,13 @@ class Completions:
         return self.done == len(self.entries)
 
 
-def drive_to_completion(works: list, failures: list[str]) -> None:
+def drive_to_completion(works: list) -> None:
     """gloo only: its works complete inside wait() alone, so a helper thread (which releases the
-    GIL) waits on them in order; an error is recorded for the main thread to raise."""
+    GIL) waits on them in order. A wait that fails (a peer died) leaves the rest incomplete: the
+    request never arrives, and the launcher and the controller's watchdog name the dead rank."""
     def wait_all():
-        try:
-            for work in works:
-                work.wait()
-        except Exception as e:  # noqa: BLE001 - a peer's failure, raised by the main thread
-            failures.append(f"KV transfer failed: {e}")
+        for work in works:
+            work.wait()
 
     threading.Thread(target=wait_all, daemon=True).start()
 
@@ -119,7 +117,7 @@ class KVTransfer:
         self.landing: dict[int, Completions] = {}    # req_id -> its receives (checks and scatters when done)
         self.reported: set[int] = set()
         self.pool = StagingPool()
-        self.broken: list[str] = []  # order violations and failed transfers
+        self.broken: list[str] = []  # order violations seen in headers
         self.driven = dist.get_backend(group) == "gloo"  # works that complete only inside wait()
 
     def warm_up(self) -> list[tuple[int, int]]:
@@ -254,7 +252,7 @@ class KVTransfer:
 
     def _drive(self, works: list) -> None:
         if self.driven:
-            drive_to_completion(works, self.broken)
+            drive_to_completion(works)
 
     def _check_header(self, t: Transfer, header: torch.Tensor, expected: tuple[int, int]) -> None:
         """A header that names another request means the two sides posted in different orders."""
