@@ -70,6 +70,35 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+def node_local_index(world, takes_device: bool) -> int | None:
+    """This rank's index among the ranks of its machine that take a device (instance ranks: the
+    controller takes none), or None for a rank that takes none. MPI says which ranks share the
+    machine (COMM_TYPE_SHARED), whatever started them: srun sets SLURM_LOCALID, mpirun
+    OMPI_COMM_WORLD_LOCAL_RANK, deepspeed LOCAL_RANK (or nothing, through Open MPI), and all of
+    them count the controller. Collective over `world`."""
+    from mpi4py import MPI
+
+    machine = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    takers = machine.allgather(bool(takes_device))
+    index = sum(takers[:machine.Get_rank()])
+    machine.Free()
+    return index if takes_device else None
+
+
+def cuda_device_index(local_index: int, device_count: int, node: str) -> int:
+    """The GPU of the local_index-th instance rank of a machine. One visible GPU is the rank's own
+    (Slurm's --gpus-per-task or a CUDA_VISIBLE_DEVICES per rank); otherwise each instance rank
+    needs its own (NCCL refuses two ranks of one communicator on a GPU)."""
+    if device_count == 0:
+        raise RuntimeError(f"cluster.device is cuda but {node} has no visible CUDA GPU")
+    if device_count == 1:
+        return 0
+    if local_index >= device_count:
+        raise RuntimeError(f"{node} runs more instance ranks than its {device_count} visible GPUs (rank "
+                           f"{local_index + 1} of the machine has none); give the host fewer slots in the hostfile or plan")
+    return local_index
+
+
 def _rendezvous(world, cluster, plan: Plan) -> str:
     """Rank 0 chooses address and port; every rank learns them over MPI (never from DeepSpeed's
     interface discovery, which may pick an external address)."""
@@ -99,11 +128,13 @@ def start(plan: Plan, cluster, dtype: str = "float32") -> RankContext:
         raise RuntimeError(f"the job has {size} ranks but the plan needs {plan.world_size} "
                            f"(1 controller + instance ranks); launch with -n {plan.world_size}")
     cuda = cluster.device == "cuda"
-    if cuda:
-        local_rank = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(local_rank % max(torch.cuda.device_count(), 1))
+    mine = plan.instance_of(rank)
+    local = node_local_index(world, takes_device=mine is not None)  # collective: every rank calls it
+    if cuda and mine is not None:
+        torch.cuda.set_device(cuda_device_index(local, torch.cuda.device_count(), node_name()))
         device = torch.device("cuda", torch.cuda.current_device())
-    else:
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls in TF32 (README: GPU path; NVIDIA_TF32_OVERRIDE=0 undoes it)
+    else:  # the CPU, and the controller of a CUDA job: it holds no model and never opens a CUDA context
         device = torch.device("cpu")
         # megatron allocates layer buffers on torch.cuda.current_device(); point it at the CPU.
         torch.cuda.current_device = lambda: "cpu"
@@ -113,7 +144,6 @@ def start(plan: Plan, cluster, dtype: str = "float32") -> RankContext:
         os.environ.setdefault("NCCL_SOCKET_IFNAME", cluster.interface)
     dist.init_process_group(backend, init_method=_rendezvous(world, cluster, plan), rank=rank,
                             world_size=size, timeout=timedelta(seconds=600))
-    mine = plan.instance_of(rank)
     tp_group = pp_group = None
     for inst in plan.instances:  # same order on every rank: new_group is collective
         grid = HyperCommGrid([inst.tp, 1, inst.pp, 1], ["tp", "cp", "pp", "dp"],

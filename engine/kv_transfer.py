@@ -20,21 +20,30 @@ rectangle (a TP or PP reshard) it is a slice of a pooled staging buffer that the
 chunk by chunk while earlier chunks are on the wire, and that the receiver's helper thread scatters
 as they land. (Sending a layer range's K and V block by block instead, without staging, measured no
 faster here: 2 x blocks small messages cost what the copies do.) Sends and receives are asynchronous (isend/irecv
-on the world group: gloo on CPU, NCCL on GPU, where the helper thread's copies are untested); the
-decode side keeps stepping while they are in flight.
+on the KV group: gloo on CPU, NCCL on GPU); the decode side keeps stepping while they are in flight.
+
+Completion is what a work's is_completed() says, never its wait(): on NCCL wait() only makes the
+calling stream wait for the transfer (the data has not landed when it returns, and a stream made
+to wait on a peer's transfer can close a cycle across instances). A request counts as arrived once
+every receive of it reports completion, and a staging buffer or header goes back to the pool once
+its send does (`Completions`). gloo's works complete only inside wait(), so on gloo a helper
+thread waits on them; the main thread still decides by is_completed(). Staged chunks are scattered,
+and headers checked, by the main thread once their receive completed, on its own stream (on CUDA
+every later kernel is ordered after the scatter).
 """
 from __future__ import annotations
 
 import math
 import threading
+import time
 
 import torch
 import torch.distributed as dist
 
-from engine.comm import RankContext
+from engine.comm import POLL_S, RankContext
 from engine.blocks import blocks_for
 from engine.kv_cache import KVCache
-from engine.reshard import Transfer, owned_rect, transfer_plan
+from engine.reshard import Transfer, kv_rank_pairs, owned_rect, transfer_plan
 from launcher.model_files import ModelShape
 
 CHUNK_BYTES = 8 << 20
@@ -69,17 +78,67 @@ class StagingPool:
             self.free.pop(max(range(len(self.free)), key=lambda i: self.free[i].numel()))
 
 
+class Completions:
+    """Posted ops of one request, in posting order, each with what to do once it completes (or
+    None). advance() runs the callbacks of every op completed so far, oldest first, without
+    blocking, and says whether all are done."""
+
+    def __init__(self, entries: list[tuple]):
+        self.entries, self.done = entries, 0
+
+    def advance(self) -> bool:
+        while self.done < len(self.entries) and self.entries[self.done][0].is_completed():
+            on_done = self.entries[self.done][1]
+            if on_done is not None:
+                on_done()
+            self.done += 1
+        return self.done == len(self.entries)
+
+
+def drive_to_completion(works: list) -> None:
+    """gloo only: its works complete inside wait() alone, so a helper thread (which releases the
+    GIL) waits on them in order. A wait that fails (a peer died) leaves the rest incomplete: the
+    request never arrives, and the launcher and the controller's watchdog name the dead rank."""
+    def wait_all():
+        for work in works:
+            work.wait()
+
+    threading.Thread(target=wait_all, daemon=True).start()
+
+
 class KVTransfer:
     def __init__(self, ctx: RankContext, cache: KVCache, shape: ModelShape, layer_offset: int, head_offset: int,
                  group=None):
         self.ctx, self.cache, self.shape, self.group = ctx, cache, shape, group
         self.layer_offset, self.head_offset = layer_offset, head_offset
-        self.sending: dict[int, tuple] = {}    # req_id -> ([work], [staging buffer], [header])
-        self.receiving: dict[int, list] = {}   # req_id -> its staging buffers
-        self.waiters: dict[int, threading.Event] = {}
+        self.sending: dict[int, Completions] = {}    # req_id -> its sends (buffers back to the pool when done)
+        self.releasing: list[Completions] = []       # sends of released requests not known complete yet
+        self.receiving: dict[int, list] = {}         # req_id -> its staging buffers
+        self.landing: dict[int, Completions] = {}    # req_id -> its receives (checks and scatters when done)
         self.reported: set[int] = set()
         self.pool = StagingPool()
-        self.broken: list[str] = []  # order violations seen by the helper threads
+        self.broken: list[str] = []  # order violations seen in headers
+        self.driven = dist.get_backend(group) == "gloo"  # works that complete only inside wait()
+
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Meets every KV peer of this rank once, before the first step, in the global pair order
+        (engine.reshard.kv_rank_pairs). NCCL creates a pair's communicator at its first send or
+        receive and blocks the host until the peer's first call; left to the step loop, first
+        contacts follow pull and send order, which can wait in a cycle across instances (2
+        prefill + 2 decode instances can hang until the timeout). Returns the pairs met, in order."""
+        mine = [pair for pair in kv_rank_pairs(self.ctx.plan.instances, self.shape.num_layers,
+                                               self.shape.num_kv_heads) if self.ctx.rank in pair]
+        token = torch.zeros(1, dtype=self.cache.kv.dtype, device=self.cache.kv.device)
+        for low, high in mine:
+            if self.ctx.rank == low:
+                work = dist.isend(token, high, group=self.group, tag=KV_TAG)
+            else:
+                work = dist.irecv(token, low, group=self.group, tag=KV_TAG)
+            if self.driven:
+                work.wait()  # gloo: completion
+            while not work.is_completed():
+                time.sleep(POLL_S)
+        return mine
 
     def _header(self, req_id: int, count: int) -> torch.Tensor:
         return torch.tensor([req_id, count], dtype=torch.int64, device=self.cache.kv.device)
@@ -152,86 +211,89 @@ class KVTransfer:
         ids = self._block_ids(block_table, num_tokens)
         peer_ids = self._block_ids(list(peer_table), num_tokens) if peer_table else []
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
-        works, buffers, headers = [], [], []
+        works = []
         for t in self._plan(self.ctx.instance.id, dst_instance):
             if t.src_rank != self.ctx.rank:
                 continue
             messages, buf = self._messages(t, ids, peer_ids, self.ctx.instance.id, dst_instance, sending=True)
-            header = self._header(req_id, len(messages))
-            works.append(dist.isend(header, t.dst_rank, group=self.group, tag=KV_TAG))
-            headers.append(header)  # alive until the send completes
+            header = self._header(req_id, len(messages))  # alive until its send completes (the closure holds it)
+            works.append((dist.isend(header, t.dst_rank, group=self.group, tag=KV_TAG), lambda h=header: None))
             for message, staged in messages:
                 if staged is not None:  # gather this chunk while the earlier ones are on the wire
                     self._copy(t, message, index[slice(*staged)], to_cache=False)
-                works.append(dist.isend(message, t.dst_rank, group=self.group, tag=KV_TAG))
-            if buf is not None:
-                buffers.append(buf)
-        self.sending[req_id] = (works, buffers, headers)
+                works.append((dist.isend(message, t.dst_rank, group=self.group, tag=KV_TAG), None))
+            if buf is not None:  # back to the pool once the pair's last send completed
+                works[-1] = (works[-1][0], lambda b=buf: self.pool.give(b))
+        self._drive([w for w, _ in works])
+        self.sending[req_id] = Completions(works)
 
     def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int,
                    peer_table: tuple[int, ...] = ()) -> None:
-        """Posts every message's receive; a helper thread scatters staged chunks as they land."""
+        """Posts every message's receive; each staged chunk is scattered once it completed."""
         ids = self._block_ids(block_table, num_tokens)
         peer_ids = self._block_ids(list(peer_table), num_tokens) if peer_table else []
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
-        # (transfer, expected header or None, cache blocks to scatter into or None, message, work)
-        posted, buffers = [], []
+        entries, buffers = [], []
         for t in self._plan(src_instance, self.ctx.instance.id):
             if t.dst_rank != self.ctx.rank:
                 continue
             messages, buf = self._messages(t, ids, peer_ids, src_instance, self.ctx.instance.id, sending=False)
             header = torch.zeros(2, dtype=torch.int64, device=self.cache.kv.device)
-            posted.append((t, (req_id, len(messages)), None, header,
-                           dist.irecv(header, t.src_rank, group=self.group, tag=KV_TAG)))
-            posted += [(t, None, index[slice(*staged)] if staged else None, m,
-                        dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG)) for m, staged in messages]
+            entries.append((dist.irecv(header, t.src_rank, group=self.group, tag=KV_TAG),
+                            lambda t=t, h=header, n=len(messages): self._check_header(t, h, (req_id, n))))
+            for m, staged in messages:
+                scatter = (lambda t=t, m=m, b=index[slice(*staged)]: self._copy(t, m, b, to_cache=True)) if staged else None
+                entries.append((dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG), scatter))
             if buf is not None:
                 buffers.append(buf)
+        self._drive([w for w, _ in entries])
         self.receiving[req_id] = buffers
-        self.waiters[req_id] = self._land(posted)
+        self.landing[req_id] = Completions(entries)
 
-    def _land(self, posted: list) -> threading.Event:
-        """gloo's recv works report completion only through wait(): wait on a helper thread (which
-        releases the GIL) and scatter each staged chunk as it lands, so the rank keeps stepping.
-        A header that names another request means the two sides posted in different orders."""
-        done = threading.Event()
+    def _drive(self, works: list) -> None:
+        if self.driven:
+            drive_to_completion(works)
 
-        def land_all():
-            for t, expected, blocks, message, work in posted:
-                work.wait()
-                if expected is not None and tuple(message.tolist()) != expected:
-                    self.broken.append(f"KV transfer order broken: rank {self.ctx.rank} expected request "
-                                       f"{expected[0]} ({expected[1]} messages) from rank {t.src_rank} but got "
-                                       f"{tuple(message.tolist())}")
-                elif blocks is not None:  # a staged chunk: scatter it into the cache
-                    self._copy(t, message, blocks, to_cache=True)
-            done.set()
+    def _check_header(self, t: Transfer, header: torch.Tensor, expected: tuple[int, int]) -> None:
+        """A header that names another request means the two sides posted in different orders."""
+        got = tuple(header.tolist())
+        if got != expected:
+            self.broken.append(f"KV transfer order broken: rank {self.ctx.rank} expected request {expected[0]} "
+                               f"({expected[1]} messages) from rank {t.src_rank} but got {got}")
 
-        threading.Thread(target=land_all, daemon=True).start()
-        return done
-
-    def _check_order(self) -> None:
+    def _check(self) -> None:
         if self.broken:
             raise RuntimeError(self.broken[0])
 
+    def _reclaim(self) -> None:
+        """Staging buffers of released requests whose sends completed go back to the pool."""
+        self.releasing = [sends for sends in self.releasing if not sends.advance()]
+
     def newly_arrived(self) -> list[int]:
-        """Requests whose KV landed in this rank's blocks since the last call."""
-        self._check_order()
-        done = [r for r, event in self.waiters.items() if r not in self.reported and event.is_set()]
+        """Requests whose every receive on this rank completed (and whose staged chunks are
+        scattered) since the last call. Never blocks."""
+        self._reclaim()
+        done = [r for r, landing in self.landing.items() if r not in self.reported and landing.advance()]
+        self._check()
         self.reported.update(done)
         return done
 
     def join(self, req_id: int) -> None:
-        """The request's KV is in this rank's blocks once its helper thread is done."""
-        self.waiters.pop(req_id).wait()
-        self._check_order()
+        """The request's KV is in this rank's blocks (its arrival was reported by every rank before
+        the leader scheduled the join; on this rank it completes before this returns)."""
+        landing = self.landing.pop(req_id)
+        while not landing.advance():
+            self._check()
+            time.sleep(POLL_S)
+        self._check()
         for buf in self.receiving.pop(req_id):
             self.pool.give(buf)
         self.reported.discard(req_id)
 
     def release(self, req_id: int) -> None:
-        works, buffers, _ = self.sending.pop(req_id, ([], [], []))
-        for work in works:
-            work.wait()
-        for buf in buffers:
-            self.pool.give(buf)
+        """The decode side has the request's KV (its receives completed, so every send has read its
+        data); staging buffers return to the pool as the sends report completion. No wait(): on
+        NCCL it would tie this rank's stream to the transfer."""
+        if req_id in self.sending:
+            self.releasing.append(self.sending.pop(req_id))
+        self._reclaim()

@@ -191,6 +191,9 @@ def main(argv=None) -> int:
             _run_instance(ctx, job)
             beacon.stop()
         ctx.world.Barrier()
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # NCCL's communicators end here, not in interpreter teardown (which can hang)
         return 0
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
         rank = ctx.rank if ctx else os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "?"))

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine import attention
 from engine.batch import BatchMeta
 from engine.matmul import linear, nbytes, prepare
 from engine.rope import rope_tables  # noqa: F401  (the stage's position tables; imported from here by callers)
@@ -180,8 +181,14 @@ class Attention(nn.Module):
         return row_parallel(self.o_weight, out.view(T, -1), self.tp_group, self.o_proj.bias)
 
     def _decode(self, q, batch: BatchMeta, k_cache, v_cache) -> torch.Tensor:
-        """All one-token sequences at once (q: their rows): gather their blocks (padded) and mask
-        what lies past each context. Returns [B, heads, head_dim]."""
+        """All one-token sequences at once (q: their rows): on CUDA a paged kernel where one is
+        installed (engine.attention), else gather their blocks (padded) and mask what lies past
+        each context. Returns [B, heads, head_dim]."""
+        if attention.on_cuda(q):
+            out = attention.paged_decode_attention(q, k_cache, v_cache, batch.decode_blocks, batch.decode_lengths,
+                                                   self.scale, self.window)
+            if out is not None:
+                return out
         B, n = batch.decode_blocks.shape
         blocks, bs = batch.decode_blocks.view(-1), batch.block_size
         keys, vals = (cache.index_select(0, blocks).view(B, n * bs, self.kv_heads, self.head_dim)
@@ -200,6 +207,9 @@ class Attention(nn.Module):
         else:
             blocks, offsets = batch.extend_context_slots[rows.start]
             keys, vals = k_cache[blocks, offsets], v_cache[blocks, offsets]
+        if attention.on_cuda(q):
+            out[rows] = attention.prompt_attention(q[rows], keys, vals, start, self.scale, self.window)
+            return
         if uses_grouped_attention(q):
             out[rows] = grouped_causal_attention(q[rows], keys, vals, start, self.scale, window=self.window)
             return

@@ -51,3 +51,13 @@ def transfer_plan(src: InstancePlan, dst: InstancePlan, num_layers: int, num_kv_
             if common is not None:
                 out.append(Transfer(s, d, common))
     return out
+
+
+def kv_rank_pairs(instances: list[InstancePlan], num_layers: int, num_kv_heads: int) -> list[tuple[int, int]]:
+    """Every (lower rank, higher rank) pair that moves KV between some prefill and decode instance,
+    in one global order (sorted). Ranks that meet each pair in this order, each doing only its own,
+    never wait in a cycle: the first pair not yet met has both ranks at it."""
+    pairs = {tuple(sorted((t.src_rank, t.dst_rank)))
+             for src in instances if src.role == "prefill" for dst in instances if dst.role == "decode"
+             for t in transfer_plan(src, dst, num_layers, num_kv_heads)}
+    return sorted(pairs)

@@ -69,6 +69,9 @@ class ModelRunner:
         self.token_sends = []  # the last stage's TOKENS isends not known to be complete
         trace_dir = os.environ.get("PDLAUNCH_STEP_TRACE")
         self.trace = open(os.path.join(trace_dir, f"rank{ctx.rank}.jsonl"), "a", buffering=1) if trace_dir else None
+        pairs = self.kv.warm_up()  # every KV peer met once, in one global order, before any step
+        if self.trace and pairs:
+            self.trace.write(json.dumps({"kv_warm_up": pairs, "end": time.time()}) + "\n")
 
     def execute(self, step: StepPlan):
         """Runs one step to its end. On the leader returns (tokens, logits as lists or None);

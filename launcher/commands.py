@@ -31,12 +31,38 @@ def write_rankfile(rank_hosts: list[str], path: str) -> None:
             f.write(f"rank {rank}={host} slot={slot}\n")
 
 
-def _tcp_interface_args(rank_hosts: list[str], interface: str) -> list[str]:
+FORWARDED_PREFIXES = ("NCCL_", "CUDA_")
+# Every IPv4 address but loopback (127.0.0.0/8): Open MPI's own default, written as an include
+# list so that DeepSpeed's openmpi runner, which adds `btl_tcp_if_include eth0` unless one is given,
+# keeps it.
+NOT_LOOPBACK = "0.0.0.0/2,64.0.0.0/3,96.0.0.0/4,112.0.0.0/5,120.0.0.0/6,124.0.0.0/7,126.0.0.0/8,128.0.0.0/1"
+
+
+def forwarded_env_args(environ=None) -> list[str]:
+    """`-x NAME` for every NCCL_* / CUDA_* variable set here: outside Slurm, mpirun gives remote
+    ranks only what -x names (the value is mpirun's own)."""
+    environ = os.environ if environ is None else environ
+    return [arg for name in sorted(environ) if name.startswith(FORWARDED_PREFIXES) for arg in ("-x", name)]
+
+
+def _tcp_interface_args(rank_hosts: list[str], interface: str, name_the_default: bool = False) -> list[str]:
     """Open MPI's TCP transports on the configured interface, or loopback for a one-host job.
-    (Across nodes Open MPI refuses loopback, even for several Slurm nodes on one machine.)"""
+    (Across nodes Open MPI refuses loopback, even for several Slurm nodes on one machine.) Across
+    nodes without an interface: Open MPI's default, spelled out when `name_the_default`."""
     if interface:
         return ["--mca", "btl_tcp_if_include", interface, "--mca", "oob_tcp_if_include", interface]
-    return ["--mca", "btl_tcp_if_include", "lo"] if single_host(rank_hosts) else []
+    if single_host(rank_hosts):
+        return ["--mca", "btl_tcp_if_include", "lo"]
+    return ["--mca", "btl_tcp_if_include", NOT_LOOPBACK] if name_the_default else []
+
+
+def _rank_placement(rank_hosts: list[str], run_dir: str) -> list[str]:
+    """Each rank on its plan host (a rankfile) across hosts; one host: any slot, oversubscribed."""
+    if single_host(rank_hosts):
+        return ["--oversubscribe"]
+    rankfile = os.path.join(run_dir, "rankfile")
+    write_rankfile(rank_hosts, rankfile)
+    return ["--map-by", f"rankfile:file={rankfile}:oversubscribe"]
 
 
 def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "") -> list[str]:
@@ -45,17 +71,13 @@ def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     cmd += _tcp_interface_args(rank_hosts, interface)
-    if single_host(rank_hosts):
-        cmd.append("--oversubscribe")
-    else:
-        rankfile = os.path.join(run_dir, "rankfile")
-        write_rankfile(rank_hosts, rankfile)
+    if not single_host(rank_hosts):
         # --host allocates the hosts outside a resource manager (inside Slurm they must be, and
         # are, in the allocation); the rankfile then pins each rank to its host and slot
-        cmd += ["--host", ",".join(f"{h}:{n}" for h, n in host_counts(rank_hosts).items()),
-                "--map-by", f"rankfile:file={rankfile}:oversubscribe"]
-    cmd += ["-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", sys.executable, "-m",
-            "engine.main", "--job", job_path]
+        cmd += ["--host", ",".join(f"{h}:{n}" for h, n in host_counts(rank_hosts).items())]
+    cmd += _rank_placement(rank_hosts, run_dir)
+    cmd += ["-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", *forwarded_env_args(),
+            sys.executable, "-m", "engine.main", "--job", job_path]
     return cmd
 
 
@@ -67,16 +89,18 @@ def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, interf
                       master_port: int = 29500) -> list[str]:
     """The deepspeed launcher, told to start the ranks through Open MPI (`--launcher openmpi
     --force_multi`), because pdlaunch's control plane is MPI; its MPI discovery is bypassed (the
-    engine agrees on the rendezvous over MPI), so it never picks an external interface."""
+    engine agrees on the rendezvous over MPI), so it never picks an external interface. Its
+    hostfile allocates the hosts; the same rankfile as mpirun's puts each rank on its plan host,
+    and NCCL_* / CUDA_* reach remote ranks as with mpirun."""
     hostfile = os.path.join(run_dir, "ds_hostfile")
     with open(hostfile, "w") as f:
         f.writelines(f"{h} slots={n}\n" for h, n in host_counts(rank_hosts).items())
-    mpi_args = ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1"]
+    mpi_args = ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1",
+                *forwarded_env_args()]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         mpi_args.insert(0, "--allow-run-as-root")
-    mpi_args += _tcp_interface_args(rank_hosts, interface)
-    if single_host(rank_hosts):
-        mpi_args.append("--oversubscribe")
+    mpi_args += _tcp_interface_args(rank_hosts, interface, name_the_default=True)
+    mpi_args += _rank_placement(rank_hosts, run_dir)
     beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return [beside if os.path.exists(beside) else "deepspeed", "--hostfile", hostfile, "--no_ssh_check",
             "--master_addr", rank_hosts[0] if rank_hosts[0] not in LOCAL_NAMES else "127.0.0.1",

@@ -18,7 +18,7 @@ from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
 from launcher.job import JobFile
 from launcher.model_files import read_shape, resolve_model_dir
-from launcher.network import check_hosts_resolve
+from launcher.network import LOCAL_NAMES, check_hosts_resolve, rendezvous_address
 from launcher.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
 from launcher.resume import reconcile
 from launcher.supervise import PACKAGE_ROOT, STOP_SIGNALS, launch
@@ -34,10 +34,14 @@ def in_slurm_allocation() -> bool:
 
 
 def check_hosts(cfg: JobConfig, plan: Plan) -> None:
-    """Before a real launch outside Slurm (whose nodes are known to it): every planned host resolves."""
+    """Before a real launch outside Slurm (whose nodes are known to it): every planned host resolves.
+    Where rank 0 runs here, the rendezvous address it will choose is one remote ranks can reach."""
+    hosts = plan.rank_hosts()
     if not in_slurm_allocation():
         source = f"plan {cfg.placement.plan}" if cfg.placement.plan else f"hostfile {cfg.cluster.hostfile}"
-        check_hosts_resolve(plan.rank_hosts(), source)
+        check_hosts_resolve(hosts, source)
+    if hosts[0] in LOCAL_NAMES and not cfg.cluster.interface:
+        rendezvous_address(cfg.cluster.master_addr, cfg.cluster.interface, hosts)
 
 
 def model_dir_of(cfg: JobConfig) -> str:
@@ -178,6 +182,8 @@ def launch_command(job: JobFile, run_dir: str, launcher: str = "mpirun") -> tupl
     interface = job.config.cluster.interface
     if launcher == "deepspeed":
         cmd = commands.deepspeed_command(hosts, job_path, run_dir, interface)
+        if job.config.cluster.device == "cpu":  # on GPUs DeepSpeed's own accelerator (CUDA) stays
+            env["DS_ACCELERATOR"] = "cpu"
     elif launcher == "srun":
         cmd, env = commands.srun_command(hosts, job_path, run_dir, interface)
     else:

@@ -66,13 +66,31 @@ def interface_address(name: str) -> str:
     return socket.inet_ntoa(packed[20:24])
 
 
+def _loopback(addr: str) -> bool:
+    return addr.startswith("127.") or addr == "::1"
+
+
+def _address_of(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except (socket.gaierror, UnicodeError):
+        return ""
+
+
 def rendezvous_address(master_addr: str, interface: str, hosts: list[str]) -> str:
     """`master_addr: auto` means: the configured interface's address, loopback for a single-host
-    job, else the address this host's name resolves to."""
+    job, else the address this host's name resolves to, refused if that is loopback while some
+    host is not (remote ranks would hang; hosts that are all loopback addresses are this machine)."""
     if master_addr != "auto":
         return master_addr
     if interface:
         return interface_address(interface)
     if single_host(hosts):
         return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())
+    name = socket.gethostname()
+    addr = socket.gethostbyname(name)
+    if _loopback(addr) and not all(_loopback(_address_of(h)) for h in set(hosts)):
+        raise UserError(f"config: this multi-host job's rendezvous would be {name}'s address, but {name} resolves "
+                        f"to {addr} (loopback: Debian/Ubuntu hosts files map the host name to 127.0.1.1), which "
+                        "remote ranks cannot reach; set 'cluster.interface' (e.g. ib0 or eth0) or 'cluster.master_addr'")
+    return addr

@@ -90,7 +90,6 @@ def rank_environment(extra_env: dict | None) -> dict:
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONSAFEPATH"] = "1"  # `python -m engine.main` must not import an `engine/` in the working directory
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 

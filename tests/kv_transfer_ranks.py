@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,8 +68,8 @@ def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: lis
                 for head in range(h0, h1):
                     tensor[blocks, layer - l0, offsets, head - h0] = expected(layer, kv_index, positions, head)
         kv.post_sends(req_id, table, TOKENS, d.id, tuple(dst_table) if with_tables else ())
-        kv.release(req_id)
-        return True, bool(kv.pool.free)
+        kv.release(req_id)  # its staging buffer returns to the pool once the sends complete
+        return True, bool(kv.pool.free or kv.pool.lent)
     cache.k.fill_(-1)
     cache.v.fill_(-1)
     kv.post_recvs(req_id, table, TOKENS, p.id, tuple(src_table) if with_tables else ())
@@ -141,6 +142,59 @@ def run_many(rank: int, broken: bool) -> bool:
     return all(torch.equal(row, values) for row, values in cells(dst_tables))
 
 
+def run_late_sender(rank: int, world) -> bool:
+    """Arrival is reported only after completion, with real gloo works: the receiver posts its
+    receives and polls while the sender has not posted (it waits for the receiver's word over MPI):
+    nothing arrives; then the sender posts and releases at once (no wait) and the receiver polls
+    until the request arrives: every value is in its blocks at that moment, before join; the
+    senders' staging buffers go back to their pools only once their sends complete. PP2 -> TP2:
+    every rank stages (gathers or scatters)."""
+    p = InstancePlan(0, "prefill", 1, 2, first_rank=0)
+    d = InstancePlan(1, "decode", 2, 1, first_rank=2)
+    plan = Plan([p, d])
+    mine = plan.instance_of(rank)
+    if mine is None:
+        return True
+    rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
+    (l0, l1), (h0, h1) = rect.layers, rect.heads
+    cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
+    kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
+    table = SCATTERED
+    blocks = torch.tensor([b for b in table for _ in range(BLOCK)])
+    offsets = torch.arange(BLOCK).repeat(len(table))
+    moved = blocks_for(TOKENS, BLOCK) * BLOCK
+    positions = torch.arange(len(blocks))
+    if mine is p:
+        for layer in range(l0, l1):
+            for kv_index, tensor in enumerate((cache.k, cache.v)):
+                for head in range(h0, h1):
+                    tensor[blocks, layer - l0, offsets, head - h0] = expected(layer, kv_index, positions, head)
+        for dst in d.ranks:  # the receivers have polled with nothing sent
+            world.recv(source=dst, tag=7)
+        kv.post_sends(7, table, TOKENS, d.id, tuple(table))
+        kv.release(7)
+        while kv.releasing:  # buffers come back as the sends complete, without a wait() here
+            kv.newly_arrived()
+            time.sleep(0.001)
+        return bool(kv.pool.free) and not kv.pool.lent
+    cache.k.fill_(-1)
+    cache.v.fill_(-1)
+    kv.post_recvs(7, table, TOKENS, p.id, tuple(table))
+    early = [kv.newly_arrived() for _ in range(20)]
+    for src in p.ranks:
+        world.send(None, dest=src, tag=7)
+    while not kv.newly_arrived():
+        time.sleep(0.001)
+    ok = all(e == [] for e in early)
+    for layer in range(l0, l1):
+        for kv_index, tensor in enumerate((cache.k, cache.v)):
+            for head in range(h0, h1):
+                got = tensor[blocks[:moved], layer - l0, offsets[:moved], head - h0]
+                ok &= torch.equal(got, expected(layer, kv_index, positions[:moved], head))
+    kv.join(7)
+    return ok
+
+
 def main() -> None:
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
@@ -177,6 +231,10 @@ def main() -> None:
         if rank == 0:
             print(f"6 requests, one tag, pulled out of prefill order{', sender out of order' if broken else ''}: "
                   f"{('refused' if broken else 'ok') if ok else 'WRONG'}", flush=True)
+    ok = all(world.allgather(run_late_sender(rank, world)))
+    failed += not ok
+    if rank == 0:
+        print(f"arrival only after completion, late sender: {'ok' if ok else 'WRONG'}", flush=True)
     dist.destroy_process_group()
     sys.exit(1 if failed else 0)
 

@@ -8,9 +8,18 @@ import pytest
 import yaml
 
 from launcher.cli import main
+from launcher.commands import NOT_LOOPBACK
 
 BIN = os.path.dirname(sys.executable)
 HOSTS = "node-a slots=8\nnode-b slots=8\n"
+
+
+@pytest.fixture(autouse=True)
+def no_forwarded_env(monkeypatch):
+    """The command lines below as on a machine without NCCL_* / CUDA_* settings (forwarded: -x)."""
+    for name in list(os.environ):
+        if name.startswith(("NCCL_", "CUDA_")):
+            monkeypatch.delenv(name)
 
 
 def setup_job(tmp_path, model_dir, placement: dict) -> str:
@@ -70,9 +79,65 @@ def test_deepspeed_command(tmp_path, tiny_model_dir, capsys):
     out = dry_run(capsys, config, "deepspeed")
     assert out == (f"{BIN}/deepspeed --hostfile {run}/ds_hostfile --no_ssh_check --master_addr node-a "
                    f"--master_port 29500 --launcher openmpi --force_multi --launcher_args "
-                   f"'{root}--bind-to none -x OMP_NUM_THREADS=1 -x PYTHONPATH -x PYTHONSAFEPATH=1' --module engine.main "
-                   f"--job {run}/job.json")
+                   f"'{root}--bind-to none -x OMP_NUM_THREADS=1 -x PYTHONPATH -x PYTHONSAFEPATH=1 "
+                   f"--mca btl_tcp_if_include {NOT_LOOPBACK} --map-by rankfile:file={run}/rankfile:oversubscribe' "
+                   f"--module engine.main --job {run}/job.json")
     assert (run / "ds_hostfile").read_text() == "node-a slots=9\nnode-b slots=8\n"
+    # the plan's rank-to-host map, as mpirun gets it: not DeepSpeed's fill-node-a-first order
+    ranks = (run / "rankfile").read_text().splitlines()
+    assert ranks[:9] == [f"rank {r}=node-a slot={r}" for r in range(9)]
+    assert ranks[9:] == [f"rank {r}=node-b slot={r - 9}" for r in range(9, 17)]
+
+
+def test_deepspeed_keeps_a_stage_per_node_plan_and_forwards_nccl_and_cuda_settings(tmp_path, tiny_model_dir, capsys,
+                                                                                   monkeypatch):
+    """Algorithm 2's plan (stage i of both instances on node i) through deepspeed: the rankfile
+    keeps KV inside a node; NCCL_* / CUDA_* reach the remote ranks (-x); DeepSpeed's CPU
+    accelerator is not forced on a GPU job (it would stop DeepSpeed forwarding NCCL_*); the
+    configured interface replaces DeepSpeed's default eth0."""
+    plan = {"instances": [
+        {"role": "prefill", "tp": 4, "pp": 2, "hosts": ["node-a"] * 4 + ["node-b"] * 4},
+        {"role": "decode", "tp": 2, "pp": 2, "hosts": ["node-a"] * 2 + ["node-b"] * 2}]}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    config = setup_job(tmp_path, tiny_model_dir, {"plan": "plan.yaml"})
+    cfg = yaml.safe_load(open(config))
+    cfg["cluster"]["interface"] = "lo"  # any interface this machine has (a cluster: ib0)
+    open(config, "w").write(yaml.safe_dump(cfg))
+    monkeypatch.setenv("NCCL_IB_HCA", "mlx5_0")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    out = dry_run(capsys, config, "deepspeed")
+    assert not out.startswith("DS_ACCELERATOR")
+    args = out.split("--launcher_args ")[1].split("'")[1].split()
+    assert "-x CUDA_DEVICE_MAX_CONNECTIONS -x NCCL_IB_HCA" in " ".join(args)
+    assert "--mca btl_tcp_if_include lo --mca oob_tcp_if_include lo" in " ".join(args)
+    assert f"rankfile:file={tmp_path}/run/rankfile:oversubscribe" in args
+    ranks = (tmp_path / "run" / "rankfile").read_text().splitlines()
+    assert [r.split("=")[1].split()[0] for r in ranks] == ["node-a"] * 5 + ["node-b"] * 4 + ["node-a"] * 2 + ["node-b"] * 2
+    mpirun = dry_run(capsys, config, "mpirun").split()
+    assert mpirun[mpirun.index("PYTHONSAFEPATH=1") + 1:][:4] == ["-x", "CUDA_DEVICE_MAX_CONNECTIONS", "-x", "NCCL_IB_HCA"]
+
+
+def test_multi_host_rendezvous_on_loopback_is_refused(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """This host's name resolves to 127.0.1.1 (a Debian/Ubuntu hosts file) and no interface is
+    configured: remote ranks could not reach rank 0's rendezvous, so the launch is refused."""
+    import socket
+
+    from launcher.errors import UserError
+    from launcher.network import rendezvous_address
+
+    here = socket.gethostname()
+    real_getaddrinfo = socket.getaddrinfo
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "10.0.0.8" if name == "node-b" else "127.0.1.1")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: [] if host == "node-b" else real_getaddrinfo(host, *a, **k))
+    with pytest.raises(UserError, match=f"{here} resolves to 127.0.1.1 .*set 'cluster.interface'"):
+        rendezvous_address("auto", "", [here, "node-b"])
+    assert rendezvous_address("10.0.0.7", "", [here, "node-b"]) == "10.0.0.7"
+    assert rendezvous_address("auto", "", [here, here]) == "127.0.0.1"
+    assert rendezvous_address("auto", "", ["127.0.0.1", "127.0.0.2"]) == "127.0.1.1"  # every host is this machine
+    config = setup_job(tmp_path, tiny_model_dir, HIGH)
+    (tmp_path / "hosts").write_text(f"{here} slots=8\nnode-b slots=8\n")
+    assert main(["generate", config, "--launcher", "mpirun"]) == 2
+    assert f"{here} resolves to 127.0.1.1" in capsys.readouterr().err
 
 
 def test_srun_command_and_sbatch_script(tmp_path, tiny_model_dir, capsys):
