@@ -47,6 +47,12 @@ def main(argv=None) -> int:
     sv.add_argument("--plan", help="plan file to run (from `pdlaunch plan`), instead of placement.plan")
     sv.add_argument("--run-dir", help="where the job, plan and rank log go (default: run_dir)")
     sv.add_argument("--dry-run", action="store_true", help="print the launch command and stop")
+    sv.add_argument("--api-key", action="append", metavar="KEY",
+                    help="a key clients must send as 'Authorization: Bearer KEY' on /v1/* (repeat for several; "
+                         "default: PDLAUNCH_API_KEY, comma-separated, else serve.api_key)")
+    sv.add_argument("--insecure-no-auth", action="store_true",
+                    help="allow listening on a non-loopback address without an API key (anyone who reaches "
+                         "the port can use the server)")
     sv.set_defaults(func=("launcher.serving", "serve"))
     pl = sub.add_parser("plan", help="search the placement (DistServe Algorithm 1/2) and write a plan file")
     pl.add_argument("config")

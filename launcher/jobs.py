@@ -17,7 +17,7 @@ from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
 from launcher.job import JobFile
-from launcher.model_files import read_shape, resolve_model_dir
+from launcher.model_files import embedded_gguf, read_shape, resolve_model_dir
 from launcher.network import check_hosts_resolve
 from launcher.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
 from launcher.resume import reconcile
@@ -43,6 +43,15 @@ def check_hosts(cfg: JobConfig, plan: Plan) -> None:
 def model_dir_of(cfg: JobConfig) -> str:
     """The HF directory the ranks load (a GGUF file or the embedded default converted once)."""
     return resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+
+
+def served_model_name(cfg: JobConfig) -> str:
+    """The model's name in the API and in batch results: serve.model_name, else the model file's or
+    directory's name."""
+    if cfg.serve.model_name:
+        return cfg.serve.model_name
+    path = embedded_gguf() if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path)
+    return os.path.basename(path.rstrip("/")).removesuffix(".gguf")
 
 
 def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
