@@ -1,10 +1,20 @@
 from setuptools import find_packages, setup
 
+STARTER = {  # package -> (the checkout's folder, its files the kit needs)
+    "launcher.starter.configs": ("configs", ["cpu-default.yaml", "profiles/cpu-smollm2-float32.json",
+                                             "profiles/cpu-smollm2-bfloat16.json"]),
+    "launcher.starter.hostfiles": ("hostfiles", ["localhost"]),
+    "launcher.starter.examples": ("examples", ["prompts.jsonl"]),
+}
+
 setup(
     name="pdlaunch",
     version="0.1.0",
     description="DistServe-style disaggregated prefill/decode LLM inference, launched with MPI, DeepSpeed or Slurm",
-    packages=find_packages(include=["launcher", "launcher.*", "engine", "engine.*"]),
+    # `pdlaunch init`'s starter kit (launcher/init.py): the checkout's files, installed under launcher/starter/
+    packages=find_packages(include=["launcher", "launcher.*", "engine", "engine.*"]) + list(STARTER),
+    package_dir={name: folder for name, (folder, _) in STARTER.items()},
+    package_data={name: files for name, (_, files) in STARTER.items()},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",  # the CPU wheel on local disk; any other spec pulls a multi-GB CUDA build

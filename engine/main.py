@@ -38,7 +38,7 @@ def _run_controller(ctx, job: JobFile) -> None:
     codec = TextCodec(job.model_dir)
     skip = set(job.skip_ids)
     specs = [s for s in read_requests(job.input) if s.custom_id not in skip]
-    reporter = Reporter(len(specs), quiet=job.quiet, slo=job.config.slo)
+    reporter = Reporter(len(specs), quiet=job.quiet, slo=job.config.slo, interval=job.log_interval)
     writer = ResultWriter(job.output, codec, os.path.basename(job.model_dir), job.dump_logits,
                           on_result=reporter.advance)
     DOING["what"] = "dispatching requests and collecting results"
@@ -47,7 +47,7 @@ def _run_controller(ctx, job: JobFile) -> None:
         _freeze_startup_heap()
         stats = controller.run(controller.replay(specs, writer), writer)
     writer.close()
-    reporter.summary(writer.records, stats, job.report, ctx.dtype)
+    reporter.summary(writer.records, stats, job.report, ctx.dtype, job.output)
 
 
 def _freeze_startup_heap() -> None:

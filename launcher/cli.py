@@ -21,7 +21,9 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the launch command and stop")
     p.add_argument("--launcher", choices=("mpirun", "deepspeed", "srun"), default="mpirun",
                    help="how to start the ranks (srun: inside a Slurm allocation)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or summary table")
+    p.add_argument("--log-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress lines (done/total, errors, tok/s, TTFT/TPOT p50, ETA; default 10)")
     p.add_argument("--resume", action="store_true", help="keep the output file and run only the requests it lacks")
     p.add_argument("--dump-logits", metavar="DIR", help="save every generated token's logits (debugging)")
 
@@ -34,6 +36,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None) -> int:
     parser = _Parser(prog="pdlaunch", description="Disaggregated prefill/decode LLM inference launcher")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    it = sub.add_parser("init", help="write a starter config, hostfile, example input and planner profiles to copy")
+    it.add_argument("dir", nargs="?", default=".", help="where to write them (default: the current directory)")
+    it.set_defaults(func=("launcher.init", "init"))
     gen = sub.add_parser("generate", help="offline batch generation on the configured placement")
     _add_job_args(gen)
     gen.set_defaults(func=("launcher.jobs", "generate"))
@@ -80,7 +85,9 @@ def main(argv=None) -> int:
     sb.add_argument("--serve", action="store_true", help="serve the OpenAI API from the allocation instead of "
                                                          "generating (the job log prints the URL)")
     sb.add_argument("--port", type=int, help="with --serve: the port (default: serve.port)")
-    sb.add_argument("--quiet", action="store_true")
+    sb.add_argument("--log-interval", type=float, metavar="SECONDS",
+                    help="seconds between the job log's progress lines (default: generate's, 10)")
+    sb.add_argument("--quiet", action="store_true", help="do not print what was written")
     sb.set_defaults(func=("launcher.jobs", "sbatch"))
     si = sub.add_parser("simulate", help="replay a trace (arrival times and lengths) on a placement with the "
                                           "planner's simulator: per-request timings and SLO attainment")

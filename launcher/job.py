@@ -28,6 +28,7 @@ class JobFile:
     output: str = ""                # results JSONL (serve: the request log), appended to
     report: str = ""                # report.json: summary, per-instance stats, step timings
     quiet: bool = False
+    log_interval: float = 10.0      # seconds between progress lines (unless quiet)
     skip_ids: tuple[str, ...] = ()  # custom_ids whose results --resume keeps
     pending_requests: int = 0
     dump_logits: Optional[str] = None  # directory for every generated token's logits

@@ -88,7 +88,7 @@ def test_srun_command_and_sbatch_script(tmp_path, tiny_model_dir, capsys):
     text = script.read_text()
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=02:00:00", "#SBATCH --partition=gpu", f"#SBATCH --output={run}/slurm-%j.out",
-                 f"{BIN}/pdlaunch generate {config} --plan {script}.plan.yaml --launcher mpirun --quiet"):
+                 f"{BIN}/pdlaunch generate {config} --plan {script}.plan.yaml --launcher mpirun"):
         assert line in text.splitlines(), text
     planned = yaml.safe_load(open(f"{script}.plan.yaml"))
     assert [i["hosts"] for i in planned["instances"]] == [["node-a"] * 4, ["node-a"] * 4, ["node-b"] * 8]
