@@ -1,4 +1,9 @@
+import os
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher", "__init__.py")).read()).group(1)
 
 STARTER = {  # package -> (the checkout's folder, its files the kit needs)
     "launcher.starter.configs": ("configs", ["cpu-default.yaml", "profiles/cpu-smollm2-float32.json",
@@ -9,7 +14,7 @@ STARTER = {  # package -> (the checkout's folder, its files the kit needs)
 
 setup(
     name="pdlaunch",
-    version="0.1.0",
+    version=VERSION,
     description="DistServe-style disaggregated prefill/decode LLM inference, launched with MPI, DeepSpeed or Slurm",
     # `pdlaunch init`'s starter kit (launcher/init.py): the checkout's files, installed under launcher/starter/
     packages=find_packages(include=["launcher", "launcher.*", "engine", "engine.*"]) + list(STARTER),

@@ -39,7 +39,8 @@ def _run_controller(ctx, job: JobFile) -> None:
     skip = set(job.skip_ids)
     specs = [s for s in read_requests(job.input) if s.custom_id not in skip]
     reporter = Reporter(len(specs), quiet=job.quiet, slo=job.config.slo, interval=job.log_interval)
-    writer = ResultWriter(job.output, codec, os.path.basename(job.model_dir), job.dump_logits,
+    name = job.config.serve.model_name or os.path.basename(job.model_dir.rstrip("/"))  # the launcher sets it
+    writer = ResultWriter(job.output, codec, name, job.dump_logits,
                           on_result=reporter.advance)
     DOING["what"] = "dispatching requests and collecting results"
     with reporter:

@@ -146,6 +146,7 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
         cfg.workload.output = os.path.abspath(args.output)
     if args.plan:
         cfg.placement.plan = os.path.abspath(args.plan)
+    cfg.serve.model_name = served_model_name(cfg)  # the results name the model as the server would
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)

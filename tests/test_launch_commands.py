@@ -219,3 +219,15 @@ def test_a_deliberate_abort_is_said_once_whichever_line_comes_first(tmp_path, ca
         unexplained.feed(line)
     unexplained.close()
     assert "MPI_ABORT was invoked" in capsys.readouterr().err
+
+
+def test_every_flag_of_every_command_has_help_text():
+    import argparse
+
+    from launcher.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions
+               if not action.help]
+    assert not missing
+    assert len(commands.choices) >= 8 and "init" in commands.choices

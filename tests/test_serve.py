@@ -93,11 +93,16 @@ GREEDY = [
 def test_openai_client_gets_what_pdlaunch_generate_writes(smol, tmp_path):
     from openai import OpenAI
 
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in GREEDY))
+    batch_chat = {"custom_id": "b0", "method": "POST", "url": "/v1/chat/completions",  # the OpenAI Batch form
+                  "body": {"messages": GREEDY[2]["messages"], "max_completion_tokens": 5, "ignore_eos": True}}
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in GREEDY + [batch_chat]))
     done = run_pdlaunch("generate", EMBEDDED, "--input", str(tmp_path / "in.jsonl"), "--output",
                         str(tmp_path / "out.jsonl"), "--run-dir", str(tmp_path / "gen"), "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
     expected = read_results(tmp_path / "out.jsonl")
+    batch_body = expected["b0"]["response"]["body"]  # named as the server names the model; a chat id
+    assert batch_body["model"] == smol.model and batch_body["id"].startswith("chatcmpl-")
+    assert batch_body["usage"]["completion_tokens"] == 5
     client = OpenAI(base_url=smol.url + "/v1", api_key="unused", max_retries=0)
     for line in GREEDY:
         want = expected[line["custom_id"]]
