@@ -231,3 +231,19 @@ def test_every_flag_of_every_command_has_help_text():
                if not action.help]
     assert not missing
     assert len(commands.choices) >= 8 and "init" in commands.choices
+
+
+def test_sbatch_serve_writes_a_private_api_key_the_job_exports_and_refuses_a_shared_one(tmp_path, tiny_model_dir):
+    config = setup_job(tmp_path, tiny_model_dir, HIGH)
+    script = tmp_path / "serve.sbatch"
+    assert main(["sbatch", config, "-o", str(script), "--serve", "--quiet"]) == 0
+    key_file = tmp_path / "serve.sbatch.api_key"
+    key = key_file.read_text().strip()
+    assert len(key) >= 32 and key_file.stat().st_mode & 0o777 == 0o600
+    text = script.read_text()
+    assert f"PDLAUNCH_API_KEY=$(cat {key_file})" in text.splitlines() and "export PDLAUNCH_API_KEY" in text
+    assert f"clients need the API key in {key_file}" in text and "--host 0.0.0.0" in text and key not in text
+    assert main(["sbatch", config, "-o", str(script), "--serve", "--quiet"]) == 0
+    assert key_file.read_text().strip() == key  # rendered again: the same key, clients keep working
+    key_file.chmod(0o644)
+    assert main(["sbatch", config, "-o", str(script), "--serve", "--quiet"]) == 2

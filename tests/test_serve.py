@@ -231,7 +231,7 @@ def test_sigterm_drains_running_streams_refuses_new_ones_and_ends_every_rank(smo
         final = json.loads(outcomes[i][-2])
         assert final["choices"][0]["finish_reason"] == "length", i
     assert not rank_processes(smol.run_dir)
-    assert "draining" in smol.stderr
+    assert "draining" in smol.stderr and re.search(r"drained in \d+\.\d s, after serving for", smol.stderr)
 
 
 @pytest.fixture
