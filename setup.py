@@ -1,10 +1,25 @@
+import os
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher", "__init__.py")).read()).group(1)
+
+STARTER = {  # package -> (the checkout's folder, its files the kit needs)
+    "launcher.starter.configs": ("configs", ["cpu-default.yaml", "profiles/cpu-smollm2-float32.json",
+                                             "profiles/cpu-smollm2-bfloat16.json"]),
+    "launcher.starter.hostfiles": ("hostfiles", ["localhost"]),
+    "launcher.starter.examples": ("examples", ["prompts.jsonl"]),
+}
 
 setup(
     name="pdlaunch",
-    version="0.1.0",
+    version=VERSION,
     description="DistServe-style disaggregated prefill/decode LLM inference, launched with MPI, DeepSpeed or Slurm",
-    packages=find_packages(include=["launcher", "launcher.*", "engine", "engine.*"]),
+    # `pdlaunch init`'s starter kit (launcher/init.py): the checkout's files, installed under launcher/starter/
+    packages=find_packages(include=["launcher", "launcher.*", "engine", "engine.*"]) + list(STARTER),
+    package_dir={name: folder for name, (folder, _) in STARTER.items()},
+    package_data={name: files for name, (_, files) in STARTER.items()},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",  # the CPU wheel on local disk; any other spec pulls a multi-GB CUDA build

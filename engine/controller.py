@@ -134,7 +134,11 @@ class Controller:
                 raise ValueError(f"prompt has {len(ids)} tokens; the limit is model.max_model_len - 1 = "
                                  f"{self.max_len - 1}")
             fields = check_sampling(dataclasses.asdict(self.cfg.sampling) | spec.sampling)
-            fields["max_tokens"] = min(fields["max_tokens"], self.max_len - len(ids))
+            if "max_tokens" in spec.sampling and len(ids) + fields["max_tokens"] > self.max_len:
+                raise ValueError(f"this model's maximum context length is {self.max_len} tokens (model.max_model_len); "
+                                 f"the request asks for {len(ids) + fields['max_tokens']} ({len(ids)} in the prompt, "
+                                 f"{fields['max_tokens']} in the completion); lower max_tokens or shorten the prompt")
+            fields["max_tokens"] = min(fields["max_tokens"], self.max_len - len(ids))  # the config's default fits
             self._check_fits(len(ids), fields["max_tokens"])
         except ValueError as e:
             spec.error = f"{f'line {spec.index + 1}' if where is None else where}: {e}"

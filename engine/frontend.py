@@ -5,9 +5,11 @@ source and hands back tokens and results as its sink. Each request's events go t
 queue on the server's event loop (call_soon_threadsafe): the controller never waits on a client,
 and MPI stays on the main thread.
 
-Admission: a request is refused at once (429 with Retry-After) when `serve.max_queue` admitted
-requests are already waiting for their first token, which happens when the prefill side cannot
-keep up or its hold area and the decode KV are full; nothing admitted is ever dropped.
+Admission: a request takes a place in the queue when its handler starts, before its body is read
+and tokenised, and keeps it until its first token (or its end); with `serve.max_queue` places
+taken it is refused at once (429 with Retry-After), so never more than max_queue wait. The queue
+fills when the prefill side cannot keep up or its hold area and the decode KV are full; nothing
+admitted is ever dropped.
 Every request that ends gets a line in the request log (RUN_DIR/requests.jsonl): its id as the
 client saw it, outcome, token counts and latencies, so one client's complaint can be looked up.
 Drain (SIGTERM, or the launcher's drain file): new requests get 503, running ones have
@@ -64,6 +66,8 @@ class Frontend(Sink):
         self.inbox: deque[Pending] = deque()
         self.live: dict[int, Live] = {}
         self.cancelled: list[int] = []
+        self.places = 0                          # requests being read and checked, each holding a place
+        self.waiting: set[int] = set()           # admitted requests without their first token
         self.ids = itertools.count()
         self.wake = threading.Event()            # the controller's sleep ends when a request comes
         self.drain_at: Optional[float] = None    # monotonic time the drain began
@@ -81,19 +85,35 @@ class Frontend(Sink):
     def new_id(self) -> int:
         return next(self.ids)
 
-    def submit(self, p: Pending, loop: asyncio.AbstractEventLoop, arrival: float) -> asyncio.Queue:
-        """Admits a checked request that arrived at `arrival` (wall-clock s, when its handler began);
-        raises Rejected when draining or the queue is full."""
+    def reserve(self) -> None:
+        """A place in the queue for a request whose handler just started; raises Rejected when
+        draining or when max_queue places are taken. `submit` or `release` gives it back."""
         with self.lock:
             if self.drain_at is not None:
                 raise Rejected(503, "the server is shutting down; send the request to another replica", 5)
-            queued = len(self.inbox) + self.controller.awaiting_first
+            queued = self.places + len(self.waiting)
             if queued >= self.cfg.max_queue:
                 raise Rejected(429, f"the server is at capacity ({queued} requests wait for their first token, "
                                     f"serve.max_queue = {self.cfg.max_queue}); retry later", self._retry_after(queued))
+            self.places += 1
+
+    def release(self) -> None:
+        """The reserved request was refused (bad request) or never sent: its place is free again."""
+        with self.lock:
+            self.places -= 1
+
+    def submit(self, p: Pending, loop: asyncio.AbstractEventLoop, arrival: float) -> asyncio.Queue:
+        """Admits a checked request that holds a place (reserve) and arrived at `arrival` (wall-clock
+        s, when its handler began), which then waits with its place; raises Rejected when draining
+        began meanwhile (the caller then releases the place)."""
+        with self.lock:
+            if self.drain_at is not None:
+                raise Rejected(503, "the server is shutting down; send the request to another replica", 5)
+            self.places -= 1
             p.arrival = arrival
             live = Live(p, loop, asyncio.Queue())
             self.live[p.spec.index] = live
+            self.waiting.add(p.spec.index)
             self.inbox.append(p)
         self.metrics.in_flight.inc()
         self.wake.set()
@@ -112,6 +132,7 @@ class Frontend(Sink):
             live = self.live.pop(req_id, None)
             if live is None:
                 return
+            self.waiting.discard(req_id)
             if live.pending in self.inbox:  # not dispatched yet
                 self.inbox.remove(live.pending)
             else:
@@ -133,6 +154,10 @@ class Frontend(Sink):
         return True, "ok"
 
     # ---- signals (main thread) ------------------------------------------------------------------
+    def drain_seconds(self) -> float:
+        """How long the drain took so far (0 when none began)."""
+        return time.monotonic() - self.drain_at if self.drain_at is not None else 0.0
+
     def drain(self, *_signal) -> None:
         if self.drain_at is None:
             self.drain_at = time.monotonic()
@@ -188,12 +213,15 @@ class Frontend(Sink):
             self._push(live, ("tokens", new))
 
     def first_token(self, req: Pending) -> None:
+        with self.lock:
+            self.waiting.discard(req.spec.index)
         self.firsts.append(time.monotonic())
         self.metrics.waiting_first.set(self.controller.awaiting_first)
 
     def write(self, req: Pending, result: Optional[Result]) -> None:
         with self.lock:
             live = self.live.pop(req.spec.index, None)
+            self.waiting.discard(req.spec.index)
         record = {"id": req.spec.custom_id, "arrival": round(req.arrival, 6), "prompt_tokens": req.prompt_tokens,
                   "completion_tokens": len(result.output) if result is not None else 0}
         if result is not None and result.finish_reason != "abort":

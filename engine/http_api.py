@@ -7,10 +7,17 @@ OpenAI's, `[DONE]` last, usage with `stream_options.include_usage`), GET /v1/mod
 /metrics. A request is checked exactly as an input line of `pdlaunch generate` is; what the
 engine cannot do gets a 400 with an OpenAI error body, never a silent ignore. A client that goes
 away aborts its request.
+
+Guard (before any route): with API keys, every /v1/* request needs `Authorization: Bearer KEY`
+(401 otherwise; /health and /metrics stay open for probes and scrapers), and a body over
+`serve.max_body_bytes` gets 413 from its Content-Length, or as soon as that many bytes came,
+without reading the rest. Parsing and tokenising run on worker threads (the tokenizer releases
+the GIL), so a large request never stalls the event loop that answers /health and the streams.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import secrets
 import threading
@@ -30,7 +37,8 @@ DISCONNECT_CHECK_S = 0.5  # how often a waiting handler looks whether its client
 KINDS = {"completion": ("cmpl", "text_completion"), "chat": ("chatcmpl", "chat.completion")}
 
 
-ERROR_TYPES = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable"}
 
 
 def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
@@ -56,6 +64,70 @@ class ClientGone(Exception):
     pass
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: the API key check on /v1/* and the request body limit (see the module's
+    docstring). Keys are compared in constant time, every key every time."""
+
+    def __init__(self, app, api_keys: tuple[str, ...], max_body_bytes: int):
+        self.app, self.max_body = app, max_body_bytes
+        self.keys = [k.encode() for k in api_keys]
+
+    def authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.strip().partition(b" ")
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(token.strip(), key)
+        return scheme.lower() == b"bearer" and matched
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.keys and scope["path"].startswith("/v1/") and not self.authorized(headers.get(b"authorization", b"")):
+            return await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a "
+                                                 "key the server was started with", "invalid_api_key")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return await self._refuse(send, 413, self._too_large(length.decode(errors="replace") + " bytes"))
+        received, started = 0, False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise BodyTooLarge
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send, 413, self._too_large(f"over {self.max_body} bytes"))
+
+    def _too_large(self, size: str) -> str:
+        return f"the request body is {size}; the limit is serve.max_body_bytes = {self.max_body}"
+
+    @staticmethod
+    async def _refuse(send, status: int, message: str, code: Optional[str] = None) -> None:
+        body = json.dumps(error_body(status, message, code=code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 class StreamedText:
     """A streamed request's text as its tokens come: each piece shown once it can no longer
     change (incremental detokenisation; a tail a stop string may begin with is held back)."""
@@ -79,22 +151,36 @@ class StreamedText:
         return piece
 
 
-def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_len: int) -> FastAPI:
+def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_len: int,
+              api_keys: tuple[str, ...] = (), max_body_bytes: int = 4 << 20) -> FastAPI:
     app = FastAPI(title="pdlaunch", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, api_keys=api_keys, max_body_bytes=max_body_bytes)
     controller = frontend.controller
     run_tag = secrets.token_hex(4)  # this server's: request ids stay unique in the request log across restarts
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(request: Request) -> bytes:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise BadRequest(f"Content-Type must be application/json, got {content_type or 'none'!r}")
+        return await request.body()
+
+    def parsed(raw: bytes) -> dict:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         return body
+
+    def prepared(raw: bytes, kind: str):
+        """The request parsed, checked and tokenised (on a worker thread); raises BadRequest."""
+        spec, stream, include_usage = checked(parsed(raw), kind)
+        p = controller.prepare(spec, where="request")
+        if p.params is None:
+            raise BadRequest(spec.error.removeprefix("request: "))
+        p.stream = stream
+        return p, include_usage
 
     def checked(body: dict, kind: str) -> tuple[RequestSpec, bool, bool]:
         """The request as the engine takes it, whether to stream, and whether to send usage then."""
@@ -140,19 +226,23 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
 
     async def serve(request: Request, kind: str):
         arrival = time.time()  # TTFT counts reading, checking and tokenising the request too
+        submitted = False
         try:
-            spec, stream, include_usage = checked(await read_body(request), kind)
-            p = controller.prepare(spec, where="request")
-            if p.params is None:
-                raise BadRequest(spec.error.removeprefix("request: "))
-            p.stream = stream
-            events = frontend.submit(p, asyncio.get_running_loop(), arrival)
+            frontend.reserve()  # before the body is read: a full queue answers 429 at once
+            try:
+                p, include_usage = await asyncio.to_thread(prepared, await read_body(request), kind)
+                events = frontend.submit(p, asyncio.get_running_loop(), arrival)
+                submitted = True
+            finally:
+                if not submitted:
+                    frontend.release()
         except BadRequest as e:
             frontend.metrics.requests.labels("invalid").inc()
             return error(400, str(e), e.param, e.code)
         except Rejected as e:
             frontend.metrics.requests.labels("rejected").inc()
             return error(e.status, str(e), retry_after=e.retry_after)
+        spec, stream = p.spec, p.stream
         created = int(arrival)
         if stream:
             return StreamingResponse(sse(request, p, events, created, include_usage),

@@ -38,8 +38,9 @@ def _run_controller(ctx, job: JobFile) -> None:
     codec = TextCodec(job.model_dir)
     skip = set(job.skip_ids)
     specs = [s for s in read_requests(job.input) if s.custom_id not in skip]
-    reporter = Reporter(len(specs), quiet=job.quiet, slo=job.config.slo)
-    writer = ResultWriter(job.output, codec, os.path.basename(job.model_dir), job.dump_logits,
+    reporter = Reporter(len(specs), quiet=job.quiet, slo=job.config.slo, interval=job.log_interval)
+    name = job.config.serve.model_name or os.path.basename(job.model_dir.rstrip("/"))  # the launcher sets it
+    writer = ResultWriter(job.output, codec, name, job.dump_logits,
                           on_result=reporter.advance)
     DOING["what"] = "dispatching requests and collecting results"
     with reporter:
@@ -47,7 +48,7 @@ def _run_controller(ctx, job: JobFile) -> None:
         _freeze_startup_heap()
         stats = controller.run(controller.replay(specs, writer), writer)
     writer.close()
-    reporter.summary(writer.records, stats, job.report, ctx.dtype)
+    reporter.summary(writer.records, stats, job.report, ctx.dtype, job.output)
 
 
 def _freeze_startup_heap() -> None:
@@ -78,10 +79,12 @@ def _run_server(ctx, job: JobFile) -> None:
                         job.output or None)
     name = cfg.serve.model_name or os.path.basename(job.model_dir.rstrip("/"))  # the launcher sets it
     DOING["what"] = f"opening the HTTP port {cfg.serve.host}:{cfg.serve.port}"
-    server = HttpServer(build_app(frontend, codec, name, cfg.model.max_model_len), cfg.serve.host, cfg.serve.port)
+    app = build_app(frontend, codec, name, cfg.model.max_model_len, cfg.serve.api_key, cfg.serve.max_body_bytes)
+    server = HttpServer(app, cfg.serve.host, cfg.serve.port)
     host = socket.gethostname() if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    auth = f"{len(cfg.serve.api_key)} API key(s) required on /v1" if cfg.serve.api_key else "no API key"
     frontend.announce = (f"pdlaunch: serving '{name}' at http://{host}:{cfg.serve.port}/v1 (OpenAI completions and "
-                         "chat; /health, /metrics); SIGTERM drains")
+                         f"chat, {auth}; /health, /metrics open); SIGTERM drains")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, frontend.drain)
     server.start()
@@ -91,8 +94,8 @@ def _run_server(ctx, job: JobFile) -> None:
     server.stop()
     frontend.close()
     served = sum(s["forward_steps"] for s in stats["instances"])
-    print(f"pdlaunch: drained after {stats['wall_s']:.0f} s ({served} forward steps); every rank ends",
-          file=sys.stderr, flush=True)
+    print(f"pdlaunch: drained in {frontend.drain_seconds():.1f} s, after serving for {stats['wall_s']:.0f} s "
+          f"({served} forward steps); every rank ends", file=sys.stderr, flush=True)
 
 
 def _run_profile_controller(ctx, job: JobFile) -> None:

@@ -1,12 +1,14 @@
-"""Progress bar while a job runs and the summary (table + JSON report) when it ends, on rank 0."""
+"""Progress lines while a job runs and the summary (table + JSON report, then where the results are)
+when it ends, on rank 0."""
 from __future__ import annotations
 
 import json
 import statistics
 import sys
+import threading
+import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from launcher.stats import percentile
@@ -41,37 +43,61 @@ def _usage(record: dict) -> dict:
 
 
 class Reporter:
-    def __init__(self, total: int, quiet: bool, slo):
-        self.quiet, self.slo, self.tokens = quiet, slo, 0
+    """Plain progress lines while the job runs, one every `interval` seconds: rank 0's stderr reaches
+    the user through mpirun's pipe and the launcher's line relay (a terminal never sees it directly,
+    a Slurm job log is a file), so a redrawn bar would only show at the end; a line is what a
+    user tailing a job log sees, as vLLM's throughput lines."""
+
+    def __init__(self, total: int, quiet: bool, slo, interval: float = 10.0):
+        self.total, self.quiet, self.slo, self.interval = total, quiet, slo, interval
+        self.tokens = self.done = self.errors = 0
+        self.ttft: list[float] = []
+        self.tpot: list[float] = []
         self.console = Console(file=sys.stderr)
-        self.progress = None if quiet else Progress(
-            TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False)
-        self.task = self.progress.add_task("requests", total=total, rate="") if self.progress else None
-        self._start = None
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, name="pdlaunch-progress", daemon=True)
+        self._start = time.time()
 
     def __enter__(self):
-        import time
-
         self._start = time.time()
-        if self.progress:
-            self.progress.start()
+        if not self.quiet:
+            self.ticker.start()
         return self
 
     def __exit__(self, *exc):
-        if self.progress:
-            self.progress.stop()
+        self.stopped.set()
+        if self.ticker.is_alive():
+            self.ticker.join()
 
     def advance(self, record: dict) -> None:
-        import time
+        with self.lock:
+            self.done += 1
+            self.tokens += len(record.get("token_ids", []))
+            metrics = record.get("metrics")
+            if not metrics:
+                self.errors += 1
+                return
+            self.ttft.append(metrics["ttft_ms"])
+            if len(metrics.get("token_times", ())) > 1:
+                self.tpot.append(metrics["tpot_ms"])
 
-        self.tokens += len(record.get("token_ids", []))
-        if self.progress:
+    def line(self) -> str:
+        """done/total, errors, output tok/s, TTFT and TPOT p50 so far, and the ETA at the rate so far."""
+        with self.lock:
             elapsed = max(time.time() - self._start, 1e-6)
-            self.progress.update(self.task, advance=1, rate=f"{self.tokens / elapsed:.1f} tok/s")
+            rate = self.done / elapsed
+            eta = _duration((self.total - self.done) / rate) if rate > 0 else "?"
+            return (f"pdlaunch: progress {self.done}/{self.total} requests, {self.errors} errors, "
+                    f"{self.tokens / elapsed:.1f} tok/s, TTFT p50 {percentile(self.ttft, 0.5):.0f} ms, "
+                    f"TPOT p50 {percentile(self.tpot, 0.5):.0f} ms, elapsed {_duration(elapsed)}, ETA {eta}")
 
-    def summary(self, records: list[dict], stats: dict, report_path: str | None, dtype: str) -> dict:
+    def _tick(self) -> None:
+        while not self.stopped.wait(self.interval):
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def summary(self, records: list[dict], stats: dict, report_path: str | None, dtype: str,
+                results_path: str | None = None) -> dict:
         s = summarize(records, stats["wall_s"], self.slo, stats.get("instances")) | {"dtype": dtype}
         if report_path:
             with open(report_path, "w") as f:
@@ -93,4 +119,13 @@ class Reporter:
             for k, v in rows:
                 table.add_row(k, str(v))
             self.console.print(table)
+            for what, path in (("results", results_path), ("report", report_path)):
+                if path:
+                    print(f"pdlaunch: {what}: {path}", file=sys.stderr, flush=True)
         return s
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -119,12 +120,12 @@ class ResultWriter(Sink):
             choice = {"index": 0, "finish_reason": reason}
             if spec.kind == "chat":
                 choice["message"] = {"role": "assistant", "content": text}
-                obj = "chat.completion"
+                obj, prefix = "chat.completion", "chatcmpl"
             else:
                 choice["text"] = text
-                obj = "text_completion"
+                obj, prefix = "text_completion", "cmpl"
             out["response"] = {"status_code": 200, "request_id": f"req_{spec.index}",
-                               "body": {"id": f"cmpl-{spec.index}", "object": obj, "created": int(time.time()),
+                               "body": {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
                                         "model": self.model_name, "choices": [choice], "usage": usage}}
             out["metrics"] = record["metrics"]
             out["token_ids"] = record["token_ids"]

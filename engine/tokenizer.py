@@ -71,7 +71,9 @@ class TextCodec:
         self._compiled = None
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode does not): a long prompt tokenised on the server's
+        # worker thread leaves its event loop (/health, other streams) running meanwhile
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         bos = self.tokenizer.token_to_id(self.bos_token) if self.add_bos and self.bos_token else None
         return ([bos] + ids) if bos is not None else ids
 

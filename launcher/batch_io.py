@@ -14,7 +14,8 @@ from typing import Optional
 from launcher.errors import UserError
 from launcher.protocol import check_sampling
 
-SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos"}
+SAMPLING_FIELDS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
+                   "ignore_eos"}
 IGNORED_FIELDS = {"model", "stream", "user"}
 UNSUPPORTED_WHEN_SET = {"logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "tools", "tool_choice",
                         "response_format"}  # refused, not silently dropped, unless absent, null, false or 0
@@ -67,7 +68,23 @@ def _check_sampling(body: dict) -> dict:
     n = out.pop("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n != 1:
         raise ValueError(f"n={n!r} is not supported; send n=1 and repeat the request instead")
+    _max_completion_tokens(out)
     return check_sampling(out)
+
+
+def _max_completion_tokens(fields: dict) -> None:
+    """OpenAI's current name for the output limit (what the openai client sends) becomes
+    max_tokens, its older alias; both given must agree."""
+    for key in ("max_tokens", "max_completion_tokens"):  # null: the default, as OpenAI's API takes it
+        if key in fields and fields[key] is None:
+            del fields[key]
+    if "max_completion_tokens" not in fields:
+        return
+    limit = fields.pop("max_completion_tokens")
+    if fields.get("max_tokens") not in (None, limit):
+        raise ValueError(f"'max_tokens' ({fields['max_tokens']!r}) and 'max_completion_tokens' ({limit!r}) differ; "
+                         "send one of them")
+    fields["max_tokens"] = limit
 
 
 def _content_text(content) -> str:

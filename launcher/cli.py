@@ -9,11 +9,14 @@ import argparse
 import importlib
 import sys
 
+from launcher import __version__
 from launcher.errors import UserError
+
+CONFIG_HELP = "job config YAML (see configs/, or write a starter with `pdlaunch init`)"
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="job config YAML (see configs/)")
+    p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("--input", help="JSONL of requests (default: workload.input)")
     p.add_argument("--output", help="results JSONL (default: workload.output)")
     p.add_argument("--run-dir", help="where the job, plan and report files go (default: run_dir)")
@@ -21,7 +24,9 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the launch command and stop")
     p.add_argument("--launcher", choices=("mpirun", "deepspeed", "srun"), default="mpirun",
                    help="how to start the ranks (srun: inside a Slurm allocation)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or summary table")
+    p.add_argument("--log-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress lines (done/total, errors, tok/s, TTFT/TPOT p50, ETA; default 10)")
     p.add_argument("--resume", action="store_true", help="keep the output file and run only the requests it lacks")
     p.add_argument("--dump-logits", metavar="DIR", help="save every generated token's logits (debugging)")
 
@@ -31,15 +36,19 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"pdlaunch: {message}; see `pdlaunch --help`")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pdlaunch", description="Disaggregated prefill/decode LLM inference launcher")
+    parser.add_argument("--version", action="version", version=f"pdlaunch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    it = sub.add_parser("init", help="write a starter config, hostfile, example input and planner profiles to copy")
+    it.add_argument("dir", nargs="?", default=".", help="where to write them (default: the current directory)")
+    it.set_defaults(func=("launcher.init", "init"))
     gen = sub.add_parser("generate", help="offline batch generation on the configured placement")
     _add_job_args(gen)
     gen.set_defaults(func=("launcher.jobs", "generate"))
     sv = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, streaming) from the configured "
                                       "placement until SIGTERM, which drains")
-    sv.add_argument("config", help="job config YAML (see configs/)")
+    sv.add_argument("config", help=CONFIG_HELP)
     sv.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port to listen on (default: serve.port, 8000)")
     sv.add_argument("--launcher", choices=("mpirun", "deepspeed", "srun"), default="mpirun",
@@ -47,47 +56,57 @@ def main(argv=None) -> int:
     sv.add_argument("--plan", help="plan file to run (from `pdlaunch plan`), instead of placement.plan")
     sv.add_argument("--run-dir", help="where the job, plan and rank log go (default: run_dir)")
     sv.add_argument("--dry-run", action="store_true", help="print the launch command and stop")
+    sv.add_argument("--api-key", action="append", metavar="KEY",
+                    help="a key clients must send as 'Authorization: Bearer KEY' on /v1/* (repeat for several; "
+                         "default: PDLAUNCH_API_KEY, comma-separated, else serve.api_key)")
+    sv.add_argument("--insecure-no-auth", action="store_true",
+                    help="allow listening on a non-loopback address without an API key (anyone who reaches "
+                         "the port can use the server)")
     sv.set_defaults(func=("launcher.serving", "serve"))
     pl = sub.add_parser("plan", help="search the placement (DistServe Algorithm 1/2) and write a plan file")
-    pl.add_argument("config")
+    pl.add_argument("config", help=CONFIG_HELP)
     pl.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default: plan.yaml)")
-    pl.add_argument("--quiet", action="store_true")
+    pl.add_argument("--quiet", action="store_true", help="print nothing but errors")
     pl.set_defaults(func=("launcher.placement", "plan"))
     pr = sub.add_parser("profile", help="time the real engine on this hardware and fit the latency model")
-    pr.add_argument("config")
-    pr.add_argument("-o", "--output", default="profile.json")
+    pr.add_argument("config", help=CONFIG_HELP)
+    pr.add_argument("-o", "--output", default="profile.json", help="profile file to write (default: profile.json)")
     pr.add_argument("--tp", help="TP degrees to profile, e.g. 1,2 (default: up to two that fit)")
     pr.add_argument("--alone", action="store_true", help="one instance at a time instead of every slot busy")
     pr.add_argument("--pp", help="PP degrees to measure too, e.g. 1,2: each one's stage hand-off and how far "
                                  "its stages overlap with batches in flight (default: none; the profile then "
                                  "assumes scheduler.batches_in_flight)")
-    pr.add_argument("--run-dir")
-    pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("--run-dir", help="where the profiling job's files go (default: run_dir)")
+    pr.add_argument("--quiet", action="store_true", help="print nothing but errors")
     pr.set_defaults(func=("launcher.profiling", "profile"))
     sb = sub.add_parser("sbatch", help="render an sbatch script that runs the job inside its allocation")
-    sb.add_argument("config")
-    sb.add_argument("-o", "--output", default="job.sbatch")
-    sb.add_argument("--nodes", type=int, default=0, help="default: the hosts the plan uses")
-    sb.add_argument("--time", default="01:00:00")
-    sb.add_argument("--partition")
-    sb.add_argument("--launcher", choices=("mpirun", "srun"), default="mpirun")
+    sb.add_argument("config", help=CONFIG_HELP)
+    sb.add_argument("-o", "--output", default="job.sbatch",
+                    help="script to write (default: job.sbatch; its plan goes beside it, and with --serve its API key)")
+    sb.add_argument("--nodes", type=int, default=0, help="nodes to ask for (default: the hosts the plan uses)")
+    sb.add_argument("--time", default="01:00:00", help="the job's time limit, as sbatch takes it (default: 01:00:00)")
+    sb.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    sb.add_argument("--launcher", choices=("mpirun", "srun"), default="mpirun",
+                    help="how the job starts its ranks inside the allocation (default: mpirun)")
     sb.add_argument("--serve", action="store_true", help="serve the OpenAI API from the allocation instead of "
                                                          "generating (the job log prints the URL)")
     sb.add_argument("--port", type=int, help="with --serve: the port (default: serve.port)")
-    sb.add_argument("--quiet", action="store_true")
+    sb.add_argument("--log-interval", type=float, metavar="SECONDS",
+                    help="seconds between the job log's progress lines (default: generate's, 10)")
+    sb.add_argument("--quiet", action="store_true", help="do not print what was written")
     sb.set_defaults(func=("launcher.jobs", "sbatch"))
     si = sub.add_parser("simulate", help="replay a trace (arrival times and lengths) on a placement with the "
                                           "planner's simulator: per-request timings and SLO attainment")
-    si.add_argument("config")
+    si.add_argument("config", help=CONFIG_HELP)
     si.add_argument("--trace", required=True,
                     help="JSON list of {start_time, prompt_len, output_len} (DistServe's form) or a pdlaunch results file")
     si.add_argument("--plan", help="plan file to simulate (default: the config's placement)")
     si.add_argument("--slo-scales", default="0.4,0.6,0.8,1.0,1.2", help="multiples of both SLOs to report")
     si.add_argument("-o", "--output", help="JSON report: per-request timings, attainment per SLO scale")
-    si.add_argument("--quiet", action="store_true")
+    si.add_argument("--quiet", action="store_true", help="no summary table")
     si.set_defaults(func=("launcher.placement", "simulate"))
     be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
-    be.add_argument("config")
+    be.add_argument("config", help=CONFIG_HELP)
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")
     be.add_argument("--requests", type=int, default=100, help="requests per rate (default 100)")
     be.add_argument("--compare-colocated", action="store_true", help="also run a colocated placement on the same ranks")
@@ -99,8 +118,13 @@ def main(argv=None) -> int:
                     help="start a bisection run only if it is expected to end within MIN minutes of the "
                          "bench's start (the tested rates always run)")
     be.add_argument("-o", "--output", default="runs/bench", help="directory for JSON, PNG and results")
-    be.add_argument("--quiet", action="store_true")
+    be.add_argument("--quiet", action="store_true", help="no progress or summary output")
     be.set_defaults(func=("launcher.bench", "bench"))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
         module, function = args.func

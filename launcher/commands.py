@@ -124,12 +124,13 @@ def srun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: 
 
 def sbatch_script(config_path: str, plan_path: str, nodes: int, ranks_per_node: int, gpus: bool, time_limit: str,
                   partition: str | None, run_dir: str, workdir: str, launcher: str,
-                  serve: tuple[int, float] | None = None) -> str:
+                  serve: tuple[int, float, str] | None = None, log_interval: float | None = None) -> str:
     """An sbatch script that runs `pdlaunch generate` on a fixed plan inside its allocation: the
     plan's hosts become the allocation's nodes there (launcher.plan.map_onto_allocation), so ranks
     share nodes exactly as planned. One task per device; the controller rank rides along.
-    With `serve` = (port, drain_s) it runs `pdlaunch serve` on every interface of the first node
-    instead (the job log names the URL); pdlaunch is the batch step's own process, so
+    With `serve` = (port, drain_s, key_file) it runs `pdlaunch serve` on every interface of the first
+    node instead, clients needing the key in key_file (the job log names the URL and the file); pdlaunch
+    is the batch step's own process, so
     `scancel --batch --signal=TERM` and Slurm's warning before the time limit drain it."""
     lines = ["#!/bin/bash", "#SBATCH --job-name=pdlaunch" + ("-serve" if serve else ""), f"#SBATCH --nodes={nodes}",
              f"#SBATCH --ntasks-per-node={ranks_per_node}", f"#SBATCH --time={time_limit}",
@@ -143,12 +144,18 @@ def sbatch_script(config_path: str, plan_path: str, nodes: int, ranks_per_node: 
     pdlaunch = shlex.quote(os.path.join(os.path.dirname(sys.executable), "pdlaunch"))
     lines += ["set -euo pipefail", f"cd {shlex.quote(workdir)}", "export OMP_NUM_THREADS=1"]
     if serve:
-        lines += ["# stop (drains running requests first): scancel --batch --signal=TERM $SLURM_JOB_ID",
+        key_file = shlex.quote(serve[2])
+        lines += ["# clients send the key in the key file (readable by its owner only): Authorization: Bearer KEY",
+                  f"PDLAUNCH_API_KEY=$(cat {key_file})",
+                  "export PDLAUNCH_API_KEY",
+                  f"echo \"pdlaunch: clients need the API key in {serve[2]} (readable by $(id -un) only)\"",
+                  "# stop (drains running requests first): scancel --batch --signal=TERM $SLURM_JOB_ID",
                   f"exec {pdlaunch} serve {shlex.quote(config_path)} --plan {shlex.quote(plan_path)} "
                   f"--launcher {launcher} --host 0.0.0.0 --port {serve[0]}", ""]
     else:
+        interval = f" --log-interval {log_interval:g}" if log_interval else ""
         lines += [f"{pdlaunch} generate {shlex.quote(config_path)} --plan {shlex.quote(plan_path)} "
-                  f"--launcher {launcher} --quiet", ""]
+                  f"--launcher {launcher}{interval}", ""]
     return "\n".join(lines)
 
 

@@ -105,6 +105,8 @@ class ServeConfig:
     model_name: str = ""     # the `model` clients send; empty: the model directory's name
     max_queue: int = 64      # most admitted requests waiting for their first token; more get 429 at once
     drain_s: float = 30.0    # on SIGTERM: how long running requests may take to finish
+    api_key: tuple[str, ...] = ()  # keys clients send as `Authorization: Bearer KEY` on /v1/* (a string or a list)
+    max_body_bytes: int = 4 * 1024 * 1024  # a larger request body gets 413 before it is read
 
 
 @dataclass
@@ -159,7 +161,7 @@ POSITIVE_INTS = {
     "placement.colocated.tp", "placement.colocated.pp", "scheduler.prefill_token_budget",
     "scheduler.max_decode_batch", "scheduler.block_size", "scheduler.prefill_kv_blocks",
     "scheduler.decode_kv_blocks", "planner.num_requests",
-    "planner.max_requests", "serve.port", "serve.max_queue",
+    "planner.max_requests", "serve.port", "serve.max_queue", "serve.max_body_bytes",
 }
 ZERO_ALLOWED = {"cluster.master_port", "placement.prefill.instances", "placement.decode.instances"}
 
@@ -189,6 +191,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is list and isinstance(value, list):
         return value
+    if origin is tuple and isinstance(value, str):  # one string where a list of them is allowed
+        value = [value]
     if origin is tuple and isinstance(value, (list, tuple)):  # e.g. sampling.stop: a YAML list
         if not all(isinstance(v, str) for v in value):
             raise UserError(f"config: '{key}' must be a list of strings, got {value!r}; fix its value")
@@ -248,6 +252,8 @@ def _check_ranges(cfg: JobConfig) -> None:
         raise UserError("config: 'scheduler.watchdog_s' must be > 0 seconds")
     if cfg.serve.port > 65535 or cfg.serve.drain_s < 0:
         raise UserError("config: 'serve.port' must be in [1, 65535] and 'serve.drain_s' >= 0 seconds")
+    if not all(key.strip() for key in cfg.serve.api_key):
+        raise UserError("config: 'serve.api_key' has an empty key; remove it or give it a value")
     p = cfg.placement
     if p.mode == "disaggregated" and (p.prefill.instances < 1 or p.decode.instances < 1) and not p.plan:
         raise UserError("config: disaggregated placement needs 'placement.prefill.instances' and "

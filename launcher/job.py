@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +28,7 @@ class JobFile:
     output: str = ""                # results JSONL (serve: the request log), appended to
     report: str = ""                # report.json: summary, per-instance stats, step timings
     quiet: bool = False
+    log_interval: float = 10.0      # seconds between progress lines (unless quiet)
     skip_ids: tuple[str, ...] = ()  # custom_ids whose results --resume keeps
     pending_requests: int = 0
     dump_logits: Optional[str] = None  # directory for every generated token's logits
@@ -46,7 +48,9 @@ class JobFile:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["config"] = dataclasses.asdict(self.config)
         data["plan"] = self.plan.to_dict()
-        with open(path, "w", encoding="utf-8") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds serve.api_key: the user's only
+        os.fchmod(fd, 0o600)
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
 
     @classmethod

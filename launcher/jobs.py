@@ -17,7 +17,7 @@ from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
 from launcher.job import JobFile
-from launcher.model_files import read_shape, resolve_model_dir
+from launcher.model_files import embedded_gguf, read_shape, resolve_model_dir
 from launcher.network import LOCAL_NAMES, check_hosts_resolve, rendezvous_address
 from launcher.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
 from launcher.resume import reconcile
@@ -47,6 +47,15 @@ def check_hosts(cfg: JobConfig, plan: Plan) -> None:
 def model_dir_of(cfg: JobConfig) -> str:
     """The HF directory the ranks load (a GGUF file or the embedded default converted once)."""
     return resolve_model_dir(cfg.model.path if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path))
+
+
+def served_model_name(cfg: JobConfig) -> str:
+    """The model's name in the API and in batch results: serve.model_name, else the model file's or
+    directory's name."""
+    if cfg.serve.model_name:
+        return cfg.serve.model_name
+    path = embedded_gguf() if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path)
+    return os.path.basename(path.rstrip("/")).removesuffix(".gguf")
 
 
 def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
@@ -132,6 +141,8 @@ def writable_run_dir(path: str) -> str:
 def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
     """Validates everything and writes RUN_DIR/job.json; returns (the job, its launch command, the
     command's environment)."""
+    if not args.log_interval > 0:
+        raise UserError(f"--log-interval must be > 0 seconds, got {args.log_interval:g}")
     cfg = load_config(args.config)
     if args.input:
         cfg.workload.input = args.input if args.input == "-" else os.path.abspath(args.input)
@@ -139,6 +150,7 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
         cfg.workload.output = os.path.abspath(args.output)
     if args.plan:
         cfg.placement.plan = os.path.abspath(args.plan)
+    cfg.serve.model_name = served_model_name(cfg)  # the results name the model as the server would
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)
@@ -164,6 +176,7 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
         with open(output, "w", encoding="utf-8"):
             pass  # emptied in place: the locked file stays the one the ranks append to
     job = JobFile(cfg, plan, model_dir, input=input_path, output=output, quiet=args.quiet,
+                  log_interval=args.log_interval,
                   report=os.path.join(run_dir, "report.json"), skip_ids=tuple(sorted(done)),
                   pending_requests=sum(s.custom_id not in done for s in specs))
     if args.dump_logits:
@@ -229,7 +242,33 @@ def _count_lines(path: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def private_key_file(path: str) -> str:
+    """An API key for a served job in a file only its owner can read: a new one, or the key already
+    there (re-rendering a script keeps its clients working). Refuses a file others can read."""
+    import secrets
+    import stat
+
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            raise UserError(f"sbatch: the API key file '{path}' is readable by others; `chmod 600 {path}` or "
+                            "remove it (a new key is then made)")
+        with open(path, encoding="utf-8") as f:
+            if f.read().strip():
+                return path
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise UserError(f"sbatch: cannot write the API key file '{path}' ({e.strerror}); pass another -o") from None
+    os.fchmod(fd, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 def sbatch(args) -> int:
+    if args.log_interval is not None and not args.log_interval > 0:
+        raise UserError(f"--log-interval must be > 0 seconds, got {args.log_interval:g}")
     cfg = load_config(args.config)
     model_dir = model_dir_of(cfg)
     hosts = cluster_hosts(cfg)
@@ -238,15 +277,16 @@ def sbatch(args) -> int:
     run_dir = writable_run_dir(cfg.resolve(cfg.run_dir))  # Slurm writes the job log there: it must exist
     plan_path = os.path.abspath(args.output) + ".plan.yaml"
     write_plan(plan, plan_path)
-    serve = (args.port or cfg.serve.port, cfg.serve.drain_s) if args.serve else None
+    serve = (args.port or cfg.serve.port, cfg.serve.drain_s, private_key_file(args.output + ".api_key")) \
+        if args.serve else None
     script = commands.sbatch_script(os.path.abspath(args.config), plan_path, nodes, plan.ranks_per_host(),
                                     cfg.cluster.device == "cuda", args.time, args.partition, run_dir, PACKAGE_ROOT,
-                                    args.launcher, serve)
+                                    args.launcher, serve, args.log_interval)
     with open(args.output, "w") as f:
         f.write(script)
     if not args.quiet:
-        what = f"; it serves on port {serve[0]} of the first node (the URL is in {run_dir}/slurm-<job id>.out)" \
-            if serve else ""
+        what = f"; it serves on port {serve[0]} of the first node (the URL is in {run_dir}/slurm-<job id>.out), " \
+               f"clients need the API key in {serve[2]}" if serve else ""
         print(f"wrote {args.output} and its plan {plan_path}: {nodes} node(s), {plan.world_size} ranks{what}; "
               f"submit with `sbatch {args.output}`")
     return 0

@@ -5,18 +5,21 @@ run directory's drain file, rank 0 stops admitting, lets running requests finish
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import sys
 
 from launcher import commands
 from launcher.config import load_config
 from launcher.errors import UserError
 from launcher.job import JobFile
-from launcher.model_files import embedded_gguf
 from launcher.network import listening_socket, single_host
-from launcher.jobs import build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, writable_run_dir
+from launcher.jobs import (build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, served_model_name,
+                           writable_run_dir)
 from launcher.supervise import STOP_SIGNALS, launch
 
+API_KEY_ENV = "PDLAUNCH_API_KEY"
 DRAIN_GRACE_S = 30.0  # beyond serve.drain_s: shutting the ranks down, before the launcher ends them by force
 
 
@@ -29,12 +32,37 @@ def _check_port_free(host: str, port: int) -> None:
                         "(or --host)") from None
 
 
-def served_model_name(cfg) -> str:
-    """The `model` clients send: serve.model_name, else the model file's or directory's name."""
-    if cfg.serve.model_name:
-        return cfg.serve.model_name
-    path = embedded_gguf() if cfg.model.path == "embedded" else cfg.resolve(cfg.model.path)
-    return os.path.basename(path.rstrip("/")).removesuffix(".gguf")
+def api_keys(args, cfg) -> tuple[str, ...]:
+    """The keys clients must send: --api-key (repeatable), else PDLAUNCH_API_KEY (comma-separated),
+    else serve.api_key."""
+    if args.api_key:
+        keys = tuple(args.api_key)
+    elif os.environ.get(API_KEY_ENV, "").strip():
+        keys = tuple(k.strip() for k in os.environ[API_KEY_ENV].split(",") if k.strip())
+    else:
+        keys = cfg.serve.api_key
+    if not all(k.strip() for k in keys):
+        raise UserError("serve: --api-key got an empty key; give each key a value")
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only loopback if it resolves to nothing else
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def check_auth(host: str, keys: tuple[str, ...], insecure: bool) -> None:
+    """Serving beyond this machine without a key is refused unless the user says so."""
+    if not keys and not insecure and not is_loopback(host):
+        raise UserError(f"serve: listening on {host} without an API key lets anyone who reaches it use the "
+                        f"server; set serve.api_key, --api-key or {API_KEY_ENV} (or pass --insecure-no-auth)")
 
 
 def serve(args) -> int:
@@ -48,6 +76,8 @@ def serve(args) -> int:
     if args.plan:
         cfg.placement.plan = os.path.abspath(args.plan)
     cfg.serve.model_name = served_model_name(cfg)
+    cfg.serve.api_key = api_keys(args, cfg)
+    check_auth(cfg.serve.host, cfg.serve.api_key, args.insecure_no_auth)
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)

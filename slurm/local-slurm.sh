@@ -88,10 +88,33 @@ start() {
   exit 1
 }
 
+# The daemons this script started, from the PID files their config names (never by process name:
+# on a shared machine other users' Slurm daemons must live). Without PDLAUNCH_SLURM_DIR, every node
+# layout's directory: a Slurm started with another PDLAUNCH_SLURM_NODES holds the same ports.
+pid_files() {
+  if [ -n "${PDLAUNCH_SLURM_DIR:-}" ]; then
+    compgen -G "$DIR/*.pid" || true
+  else
+    compgen -G "/tmp/pdlaunch-slurm-*/*.pid" || true
+  fi
+}
+
 stop() {
-  pkill -x slurmd || true
-  pkill -x slurmctld || true
-  for _ in $(seq 1 50); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || return 0; sleep 0.1; done
+  local pids=() file pid
+  for file in $(pid_files); do
+    pid=$(cat "$file" 2>/dev/null || true)
+    # a stale file's PID may belong to another process by now: only a Slurm daemon is ended
+    if [ -n "$pid" ] && grep -qxE 'slurmd|slurmctld' "/proc/$pid/comm" 2>/dev/null; then
+      kill "$pid" 2>/dev/null && pids+=("$pid")
+    fi
+    rm -f "$file"
+  done
+  for _ in $(seq 1 50); do
+    local alive=0
+    for pid in "${pids[@]}"; do [ -e "/proc/$pid" ] && alive=1; done
+    [ "$alive" = 0 ] && return 0
+    sleep 0.1
+  done
 }
 
 case "${1:-}" in

@@ -113,7 +113,7 @@ class ServerProcess:
     """`pdlaunch serve CONFIG` in the background: started, waited for until it prints its URL,
     and stopped with SIGTERM (a drain); `stop()` returns the exit code and keeps stderr."""
 
-    def __init__(self, config: str, run_dir: str, startup_s: float = 240):
+    def __init__(self, config: str, run_dir: str, startup_s: float = 240, args: tuple = (), env: dict | None = None):
         import threading
         import time
 
@@ -121,9 +121,9 @@ class ServerProcess:
 
         self.port, self.run_dir = free_port(), run_dir
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", config, "--port", str(self.port),
-                                      "--run-dir", run_dir], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                      "--run-dir", run_dir, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.ready = threading.Event()

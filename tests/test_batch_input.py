@@ -26,7 +26,16 @@ LINE_CASES = [
     ("body not object", '{"custom_id": "a", "url": "/v1/completions", "body": "x"}', "'body' must be an object"),
     ("malformed messages", '{"messages": [{"role": "user"}]}', "a message's 'content' must be a string or a list"),
     ("negative arrival", '{"prompt": "x", "arrival_s": -1}', "'arrival_s' must be a number of seconds in [0, 86400]"),
+    ("two different limits", '{"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}', "differ; send one"),
+    ("zero max_completion_tokens", '{"prompt": "x", "max_completion_tokens": 0}', "'max_tokens' must be >= 1"),
 ]
+
+
+def test_max_completion_tokens_is_the_output_limit_and_max_tokens_its_alias():
+    line = OK_CHAT.replace('"max_tokens": 5', '"max_completion_tokens": 7')
+    assert parse_line(0, line).sampling == {"max_tokens": 7}
+    assert parse_line(0, '{"prompt": "x", "max_tokens": 7, "max_completion_tokens": 7}').sampling == {"max_tokens": 7}
+    assert parse_line(0, '{"prompt": "x", "max_tokens": null}').sampling == {}
 
 
 @pytest.mark.parametrize("case,line,expected", LINE_CASES, ids=[c[0] for c in LINE_CASES])

@@ -60,6 +60,9 @@ CONFIG_CASES = [
     ("output not writable", "workload.output", "/proc/pdlaunch/out.jsonl", "output: cannot create directory"),
     ("unknown planner key", "planner.afinity", "low", "did you mean 'affinity'"),
     ("bad affinity", "planner.affinity", "medium", "'planner.affinity' must be one of"),
+    ("empty api key", "serve.api_key", ["key", " "], "'serve.api_key' has an empty key"),
+    ("api key not a string", "serve.api_key", [123], "'serve.api_key' must be a list of strings"),
+    ("zero body limit", "serve.max_body_bytes", 0, "'serve.max_body_bytes' must be >= 1"),
 ]
 
 

@@ -153,7 +153,7 @@ def test_srun_command_and_sbatch_script(tmp_path, tiny_model_dir, capsys):
     text = script.read_text()
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=02:00:00", "#SBATCH --partition=gpu", f"#SBATCH --output={run}/slurm-%j.out",
-                 f"{BIN}/pdlaunch generate {config} --plan {script}.plan.yaml --launcher mpirun --quiet"):
+                 f"{BIN}/pdlaunch generate {config} --plan {script}.plan.yaml --launcher mpirun"):
         assert line in text.splitlines(), text
     planned = yaml.safe_load(open(f"{script}.plan.yaml"))
     assert [i["hosts"] for i in planned["instances"]] == [["node-a"] * 4, ["node-a"] * 4, ["node-b"] * 8]
@@ -284,3 +284,31 @@ def test_a_deliberate_abort_is_said_once_whichever_line_comes_first(tmp_path, ca
         unexplained.feed(line)
     unexplained.close()
     assert "MPI_ABORT was invoked" in capsys.readouterr().err
+
+
+def test_every_flag_of_every_command_has_help_text():
+    import argparse
+
+    from launcher.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions
+               if not action.help]
+    assert not missing
+    assert len(commands.choices) >= 8 and "init" in commands.choices
+
+
+def test_sbatch_serve_writes_a_private_api_key_the_job_exports_and_refuses_a_shared_one(tmp_path, tiny_model_dir):
+    config = setup_job(tmp_path, tiny_model_dir, HIGH)
+    script = tmp_path / "serve.sbatch"
+    assert main(["sbatch", config, "-o", str(script), "--serve", "--quiet"]) == 0
+    key_file = tmp_path / "serve.sbatch.api_key"
+    key = key_file.read_text().strip()
+    assert len(key) >= 32 and key_file.stat().st_mode & 0o777 == 0o600
+    text = script.read_text()
+    assert f"PDLAUNCH_API_KEY=$(cat {key_file})" in text.splitlines() and "export PDLAUNCH_API_KEY" in text
+    assert f"clients need the API key in {key_file}" in text and "--host 0.0.0.0" in text and key not in text
+    assert main(["sbatch", config, "-o", str(script), "--serve", "--quiet"]) == 0
+    assert key_file.read_text().strip() == key  # rendered again: the same key, clients keep working
+    key_file.chmod(0o644)
+    assert main(["sbatch", config, "-o", str(script), "--serve", "--quiet"]) == 2

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from conftest import ROOT
 
@@ -21,12 +20,27 @@ def test_the_scheduler_and_the_launcher_import_no_torch():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_init_writes_a_starter_kit_whose_config_finds_its_files(tmp_path):
+    from launcher.cli import main
+    from launcher.config import load_config
+
+    assert main(["init", str(tmp_path / "kit")]) == 0
+    cfg = load_config(str(tmp_path / "kit" / "pdlaunch.yaml"))
+    for path in (cfg.cluster.hostfile, cfg.workload.input, cfg.planner.profile.format(dtype="float32"),
+                 cfg.planner.profile.format(dtype="bfloat16")):
+        assert os.path.isfile(cfg.resolve(path)), path
+    assert cfg.resolve(cfg.workload.output) == str(tmp_path / "kit" / "results.jsonl")
+    assert cfg.resolve(cfg.run_dir) == str(tmp_path / "kit" / "runs" / "latest")
+    assert main(["init", str(tmp_path / "kit")]) == 2  # never overwrites
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_a_non_editable_install_runs_from_another_directory(tmp_path):
     """`pip install` of a copy of the checkout (no editable link) into a fresh venv; its console
-    script, run from an unrelated directory on a copy of configs/cpu-default.yaml with absolute
-    paths, generates with ranks that import the installed engine. The venv borrows the test venv's
+    script, run in an empty directory, writes the starter kit (`pdlaunch init`, package data) and
+    generates on it (`pdlaunch generate pdlaunch.yaml`) with ranks that import the installed engine,
+    and its summary names where the results went. The venv borrows the test venv's
     installed dependencies through a plain path entry (so the checkout's editable link, a .pth file
     there, is not loaded)."""
     source, venv, work = tmp_path / "src", tmp_path / "venv", tmp_path / "work"
@@ -44,22 +58,20 @@ def test_a_non_editable_install_runs_from_another_directory(tmp_path):
     assert pip.returncode == 0, pip.stderr[-3000:]
     shutil.rmtree(source)  # nothing may come from the copy it was built from
     work.mkdir()
-    with open(os.path.join(ROOT, "configs", "cpu-default.yaml")) as f:
-        config = yaml.safe_load(f)
-    config["cluster"]["hostfile"] = os.path.join(ROOT, "hostfiles", "localhost")
-    config["workload"].update(input=os.path.join(ROOT, "examples", "prompts.jsonl"), output=str(work / "out.jsonl"))
-    config["run_dir"] = str(work / "run")
-    config["planner"]["profile"] = os.path.join(ROOT, "configs", "profiles", "cpu-smollm2-{dtype}.json")
-    (work / "job.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     deps_bin = os.path.dirname(sys.executable)  # mpirun: a borrowed dependency, as a user's PATH would have it
     env.update(OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{deps_bin}:{env['PATH']}")
     where = subprocess.run([str(python), "-c", "import engine, launcher; print(engine.__file__, launcher.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert where.stdout.split() == [os.path.join(site, "engine", "__init__.py"), os.path.join(site, "launcher", "__init__.py")]
-    proc = subprocess.run([str(venv / "bin" / "pdlaunch"), "generate", "job.yaml", "--quiet"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
+    pdlaunch = str(venv / "bin" / "pdlaunch")
+    init = subprocess.run([pdlaunch, "init"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr[-3000:]
+    proc = subprocess.run([pdlaunch, "generate", "pdlaunch.yaml"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     prompts = sum(1 for line in open(os.path.join(ROOT, "examples", "prompts.jsonl")) if line.strip())
-    results = [json.loads(line) for line in open(work / "out.jsonl")]
+    results = [json.loads(line) for line in open(work / "results.jsonl")]
     assert len(results) == prompts and all(r["token_ids"] for r in results)
+    assert proc.stderr.rstrip().splitlines()[-2:] == [f"pdlaunch: results: {work / 'results.jsonl'}",
+                                                      f"pdlaunch: report: {work / 'runs' / 'latest' / 'report.json'}"]

@@ -26,11 +26,15 @@ DISAGG = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1}
           "decode": {"instances": 1, "tp": 1, "pp": 1}}
 
 
-def request(url: str, body=None, content_type: str = "application/json", method: str | None = None):
+def request(url: str, body=None, content_type: str = "application/json", method: str | None = None,
+            key: str | None = None):
     """(status, headers, parsed JSON or text) of one HTTP request; errors are answers too."""
     data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": content_type} if data is not None else {}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
-                                 headers={"Content-Type": content_type} if data is not None else {})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             status, headers, text = r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode()
@@ -89,11 +93,16 @@ GREEDY = [
 def test_openai_client_gets_what_pdlaunch_generate_writes(smol, tmp_path):
     from openai import OpenAI
 
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in GREEDY))
+    batch_chat = {"custom_id": "b0", "method": "POST", "url": "/v1/chat/completions",  # the OpenAI Batch form
+                  "body": {"messages": GREEDY[2]["messages"], "max_completion_tokens": 5, "ignore_eos": True}}
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in GREEDY + [batch_chat]))
     done = run_pdlaunch("generate", EMBEDDED, "--input", str(tmp_path / "in.jsonl"), "--output",
                         str(tmp_path / "out.jsonl"), "--run-dir", str(tmp_path / "gen"), "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
     expected = read_results(tmp_path / "out.jsonl")
+    batch_body = expected["b0"]["response"]["body"]  # named as the server names the model; a chat id
+    assert batch_body["model"] == smol.model and batch_body["id"].startswith("chatcmpl-")
+    assert batch_body["usage"]["completion_tokens"] == 5
     client = OpenAI(base_url=smol.url + "/v1", api_key="unused", max_retries=0)
     for line in GREEDY:
         want = expected[line["custom_id"]]
@@ -222,7 +231,7 @@ def test_sigterm_drains_running_streams_refuses_new_ones_and_ends_every_rank(smo
         final = json.loads(outcomes[i][-2])
         assert final["choices"][0]["finish_reason"] == "length", i
     assert not rank_processes(smol.run_dir)
-    assert "draining" in smol.stderr
+    assert "draining" in smol.stderr and re.search(r"drained in \d+\.\d s, after serving for", smol.stderr)
 
 
 @pytest.fixture
@@ -384,3 +393,146 @@ def test_a_burst_beyond_the_queue_gets_429_at_once_and_the_admitted_complete(tin
         rss.append(_rss_mb(rank_processes(server.run_dir)))
     assert metric(server.url, "pdlaunch_requests_total", outcome="rejected") == rejected
     assert rss[2] < rss[0] * 1.1 + 20, rss  # a refused request leaves nothing behind
+
+
+# ---- a guarded server: API keys, body limit, context limit, exact admission ---------------------
+KEYS = ("key-one", "key-two")
+GUARDED_QUEUE = 4
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, tiny_model_dir):
+    """One tiny-model server with two API keys (from PDLAUNCH_API_KEY), a 256 KiB body limit and a
+    queue of 4, shared by the tests that follow."""
+    tmp = tmp_path_factory.mktemp("serve-guarded")
+    config = write_job(tmp, tiny_model_dir, DISAGG, [[5, 6]], scheduler={"watchdog_s": 300},
+                       extra={"serve": {"max_body_bytes": 256 * 1024, "max_queue": GUARDED_QUEUE}})
+    server = ServerProcess(config, str(tmp / "run"), env={"PDLAUNCH_API_KEY": ",".join(KEYS)})
+    yield server
+    assert server.stop() == 0, server.stderr[-3000:]
+    assert not rank_processes(server.run_dir)
+
+
+def test_v1_needs_an_api_key_and_health_and_metrics_stay_open(guarded):
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=guarded.url + "/v1", api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.completions.create(model="tiny", prompt=[5, 6], max_tokens=2)
+    assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+    for path, body in (("/v1/models", None), ("/v1/completions", {"prompt": [5], "max_tokens": 1})):  # no key
+        status, headers, answer = request(guarded.url + path, body)
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key" and headers["www-authenticate"] == "Bearer"
+    for key in KEYS:
+        client = OpenAI(base_url=guarded.url + "/v1", api_key=key, max_retries=0)
+        model = client.models.list().data[0].id
+        done = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
+        assert done.usage.completion_tokens == 3
+    assert request(guarded.url + "/health")[0] == 200
+    assert request(guarded.url + "/metrics")[0] == 200
+    assert "API key(s) required" in guarded.stderr
+
+
+def test_max_completion_tokens_is_honoured_and_a_request_over_the_context_is_a_400(guarded):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=guarded.url + "/v1", api_key=KEYS[0], max_retries=0)
+    model = client.models.list().data[0].id
+    done = client.completions.create(model=model, prompt=[5, 6, 7], extra_body={"max_completion_tokens": 4,
+                                                                                "ignore_eos": True})
+    assert done.usage.completion_tokens == 4
+    with pytest.raises(BadRequestError) as over:  # max_model_len is 256
+        client.completions.create(model=model, prompt=list(range(10, 20)), max_tokens=250)
+    assert "maximum context length is 256" in over.value.body["message"]
+    with pytest.raises(BadRequestError):
+        client.completions.create(model=model, prompt=[5], extra_body={"max_completion_tokens": 3, "max_tokens": 4})
+
+
+def _post_head(url: str, headers: dict, first: bytes) -> http.client.HTTPConnection:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.putrequest("POST", "/v1/completions")
+    for k, v in {"Content-Type": "application/json", "Authorization": f"Bearer {KEYS[0]}", **headers}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    conn.send(first)
+    return conn
+
+
+def _health_s(url: str) -> float:
+    start = time.perf_counter()
+    assert request(url + "/health")[0] == 200
+    return time.perf_counter() - start
+
+
+def test_an_oversized_body_gets_413_unread_and_health_answers_meanwhile(guarded):
+    limit = 256 * 1024
+    # announced too large: refused from the header, the rest of the body never sent
+    conn = _post_head(guarded.url, {"Content-Length": str(10 * limit)}, b'{"prompt": "')
+    answer = conn.getresponse()
+    assert answer.status == 413 and "serve.max_body_bytes" in json.loads(answer.read())["error"]["message"]
+    conn.close()
+    # chunked: while its body is coming the server answers /health; past the limit it refuses
+    conn = _post_head(guarded.url, {"Transfer-Encoding": "chunked"}, b"")
+    piece = b"t5 " * 10000
+    conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+    assert _health_s(guarded.url) < 5  # generous: the machine is shared
+    for _ in range(limit // len(piece) + 1):
+        conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+    answer = conn.getresponse()
+    assert answer.status == 413, answer.read()
+    conn.close()
+    # just under the limit: parsed and tokenised off the event loop (a 400: far over the context)
+    big = {"model": "x", "prompt": "t5 " * (limit // 3 - 100), "max_tokens": 1}
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(answer=request(guarded.url + "/v1/completions", big,
+                                                                          key=KEYS[0])))
+    worker.start()
+    waits = []
+    while worker.is_alive():
+        waits.append(_health_s(guarded.url))
+    worker.join()
+    assert result["answer"][0] == 400 and max(waits) < 5, (result["answer"], waits)
+
+
+def test_a_burst_of_twice_the_queue_admits_exactly_the_queue(guarded):
+    """The prefill rank is stopped, so no admitted request gets its first token during the burst:
+    exactly max_queue are admitted (and finish once it resumes), the rest get 429 at once."""
+    model = request(guarded.url + "/v1/models", key=KEYS[0])[2]["data"][0]["id"]
+    prefill_rank = rank_pid(guarded.run_dir, 1)
+    answers = [None] * (2 * GUARDED_QUEUE)
+
+    def one(i: int) -> None:
+        answers[i] = request(guarded.url + "/v1/completions", {"model": model, "prompt": [5, 6, 7], "max_tokens": 2,
+                                                                "ignore_eos": True}, key=KEYS[0])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(answers))]
+    os.kill(prefill_rank, signal.SIGSTOP)
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while sum(a is not None for a in answers) < GUARDED_QUEUE and time.time() < deadline:
+            time.sleep(0.05)
+        refused = [a for a in answers if a is not None]
+        assert len(refused) == GUARDED_QUEUE and all(a[0] == 429 for a in refused), refused
+        assert metric(guarded.url, "pdlaunch_requests_in_flight") == GUARDED_QUEUE
+    finally:
+        os.kill(prefill_rank, signal.SIGCONT)
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(a[0] for a in answers) == [200] * GUARDED_QUEUE + [429] * GUARDED_QUEUE
+
+
+def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6]])
+    monkeypatch.delenv("PDLAUNCH_API_KEY", raising=False)
+    refused = run_pdlaunch("serve", config, "--host", "0.0.0.0", "--dry-run")
+    assert refused.returncode == 2 and "without an API key" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert run_pdlaunch("serve", config, "--host", "0.0.0.0", "--dry-run", "--insecure-no-auth").returncode == 0
+    keyed = run_pdlaunch("serve", config, "--host", "0.0.0.0", "--dry-run", "--api-key", "secret")
+    assert keyed.returncode == 0, keyed.stderr
+    job = tmp_path / "run" / "job.json"
+    assert json.loads(job.read_text())["config"]["serve"]["api_key"] == ["secret"]
+    assert job.stat().st_mode & 0o077 == 0  # the key is the user's only

@@ -104,6 +104,36 @@ def test_example_script_of_the_embedded_default(slurm_conf):
 
 
 @pytest.mark.slow
+def test_the_job_log_shows_progress_lines_while_the_job_runs(slurm_conf, tmp_path, tiny_model_dir):
+    """A batch user tails the job log: progress lines come while the job runs (its 16 requests arrive
+    over about 8 s at 2 per second, however fast the machine), and the log ends with where the
+    results and the report are."""
+    layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
+              "decode": {"instances": 1, "tp": 1, "pp": 1}}
+    config = write_job(tmp_path, tiny_model_dir, layout, ragged_prompts(16, seed=3), 8,
+                       workload={"arrival": "poisson", "rate": 2.0})
+    script = tmp_path / "job.sbatch"
+    proc = run_pdlaunch("sbatch", config, "-o", str(script), "--time", "00:10:00", "--log-interval", "0.5", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    env = dict(os.environ, SLURM_CONF=slurm_conf, PYTHONPATH=ROOT)
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    log = tmp_path / "run" / f"slurm-{job_id}.out"
+    seen_while_running, deadline = [], time.time() + 300
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, env=env).stdout.strip():
+        assert time.time() < deadline, "the Slurm job did not finish in 300 s"
+        text = log.read_text() if log.exists() else ""
+        seen_while_running = [line for line in text.splitlines() if line.startswith("pdlaunch: progress ")]
+        time.sleep(0.5)
+    text = log.read_text()
+    assert seen_while_running, text[-3000:]
+    assert all(" requests, " in line and " tok/s, TTFT p50 " in line and "ETA" in line for line in seen_while_running)
+    assert f"pdlaunch: results: {tmp_path / 'out.jsonl'}" in text and f"{tmp_path / 'run' / 'report.json'}" in text
+    assert len(read_results(tmp_path / "out.jsonl")) == 16
+
+
+@pytest.mark.slow
 def test_sbatch_serve_prints_its_url_serves_and_drains_on_scancel(slurm_conf, tmp_path, tiny_model_dir):
     """`pdlaunch sbatch --serve`: the job log names the URL (rank 0's node), the endpoint answers,
     and `scancel --batch --signal=TERM` drains it: the job ends cleanly, no rank left."""
@@ -121,6 +151,9 @@ def test_sbatch_serve_prints_its_url_serves_and_drains_on_scancel(slurm_conf, tm
     proc = run_pdlaunch("sbatch", config, "-o", str(script), "--serve", "--port", str(port), "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "exec " in script.read_text() and f"--port {port}" in script.read_text()
+    key_file = f"{script}.api_key"
+    assert os.stat(key_file).st_mode & 0o077 == 0
+    key = open(key_file).read().strip()
     env = dict(os.environ, SLURM_CONF=slurm_conf, PYTHONPATH=ROOT)
     sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, cwd=ROOT)
     assert sub.returncode == 0, sub.stderr
@@ -134,8 +167,10 @@ def test_sbatch_serve_prints_its_url_serves_and_drains_on_scancel(slurm_conf, tm
         time.sleep(1)
     try:
         assert url and url.endswith(f":{port}/v1"), log.read_text() if log.exists() else "no log"
+        assert f"clients need the API key in {key_file}" in log.read_text()
         body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": True}).encode()
-        req = urllib.request.Request(url + "/completions", body, {"Content-Type": "application/json"})
+        req = urllib.request.Request(url + "/completions", body, {"Content-Type": "application/json",
+                                                                  "Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.load(r)["usage"]["completion_tokens"] == 5
     finally:
@@ -145,5 +180,5 @@ def test_sbatch_serve_prints_its_url_serves_and_drains_on_scancel(slurm_conf, tm
         assert time.time() < deadline, "the served job did not drain"
         time.sleep(1)
     text = log.read_text()
-    assert "drained after" in text and "failed" not in text, text[-3000:]
+    assert "drained in" in text and "failed" not in text, text[-3000:]
     assert not rank_processes(str(tmp_path / "run"))
