@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plan", help="search the placement (DistServe Algorithm 1/2) and write a plan file")
     pl.add_argument("config")
     pl.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default: plan.yaml)")
+    pl.add_argument("--mode", choices=("auto", "disaggregated", "colocated"),
+                    help="architecture: auto (default: planner.mode, itself auto) writes whichever sustains the SLOs "
+                         "at the higher rate per device; the other two force it, and both are still reported")
     pl.add_argument("--quiet", action="store_true")
     pl.set_defaults(func=("launcher.placement", "plan"))
     pr = sub.add_parser("profile", help="time the real engine on this hardware and fit the latency model")

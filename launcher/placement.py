@@ -20,12 +20,12 @@ def plan(args) -> int:
     shape = None
     if not cfg.planner.model:
         shape = read_shape(model_dir_of(cfg))
-    plan, result, predicted = run_planner(cfg, hosts, shape)
+    plan, choice, predicted = run_planner(cfg, hosts, shape, args.mode)
     if shape is not None:
         check_layouts(plan, shape, hosts, key="plan")
     write_plan(plan, args.output)
     if not args.quiet:
-        print_report(result, predicted)
+        print_report(choice, predicted)
         print(f"wrote {args.output}")
     return 0
 

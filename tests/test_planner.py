@@ -256,3 +256,56 @@ def test_bisect_rate_stops_at_its_probe_budget_and_ceiling():
     assert calls == [3.0, 3.5, 3.25] and (lo, hi) == (3.25, 3.5)
     lo, hi = bisect_rate(lambda r: True, 0.0, 1.0, 0.1, ceiling=100)
     assert lo == 64.0 and hi == math.inf  # 128 would exceed the ceiling: not probed
+
+
+def _placement(per_device: float, devices: int = 2, mean_tpot_ms: float = 100.0):
+    from launcher.planner.search import PlacementResult
+
+    return PlacementResult("high", [], [], per_device, devices, [], layout="x", mean_tpot_ms=mean_tpot_ms)
+
+
+def test_choose_mode_picks_the_higher_goodput_per_device_and_says_why():
+    from launcher.planner.search import choose_mode
+
+    choice = choose_mode(_placement(2.0), _placement(3.0))
+    assert choice.mode == "colocated" and "higher than disaggregated's 2" in choice.reason and "1.50x" in choice.reason
+    choice = choose_mode(_placement(3.0), _placement(2.0))
+    assert choice.mode == "disaggregated" and "higher than colocated's 2" in choice.reason
+    # a tie on the goodput grid: fewer devices, then the lower mean TPOT
+    assert choose_mode(_placement(2.0, 4), _placement(2.0, 2)).mode == "colocated"
+    choice = choose_mode(_placement(2.0, mean_tpot_ms=80), _placement(2.0, mean_tpot_ms=120))
+    assert choice.mode == "disaggregated" and "lower mean TPOT (80 vs 120 ms)" in choice.reason
+    # a forced mode is written, and the comparison is still stated
+    choice = choose_mode(_placement(2.0), _placement(3.0), "disaggregated")
+    assert choice.mode == "disaggregated" and "as requested" in choice.reason and "lower than colocated's 3" in choice.reason
+    # a mode with no layout that meets the SLOs loses, with its reason
+    choice = choose_mode(None, _placement(1.0), errors={"disaggregated": "no decode layout meets the SLOs"})
+    assert choice.mode == "colocated" and "no decode layout meets the SLOs" in choice.reason
+    with pytest.raises(ValueError, match="colocated: no layout meets the SLOs"):
+        choose_mode(_placement(1.0), _placement(0.0), "colocated")
+
+
+@pytest.mark.parametrize("regime,winner", [("long prefill, tight TPOT", "disaggregated"),
+                                           ("short prefill, loose TPOT", "colocated")])
+def test_the_search_picks_colocated_only_where_its_simulated_goodput_per_device_is_higher(regime, winner):
+    """Both modes searched on 2 devices with toy profiles. A 200 ms prefill beside a running decode
+    adds ~10 ms to each of its requests' 19 TPOT intervals: past a 16 ms TPOT SLO colocated can
+    only serve the rare request that never meets another's prefill, while a prefill and a decode
+    instance keep them apart. With 2 ms prefills and a loose TPOT, the two colocated instances
+    both decode, where the disaggregated pair leaves its prefill device mostly idle."""
+    from launcher.planner.goodput import Settings
+    from launcher.planner.latency import ModelSpec
+    from launcher.planner.planning import search_modes
+
+    long = regime.startswith("long")
+    lat = linear_model(prefill=(200.0 if long else 2.0, 0.0, 0.0), decode=(8.0, 0.0, 0.5))
+    settings = Settings(ttft_ms=2000, tpot_ms=16 if long else 100, lengths=LengthDist("fixed", 64, 20), span_s=20,
+                        num_requests=100, max_requests=1000, precision=0.25, max_decode_batch=16, memory_gb=1.0,
+                        intra_node_gbps=1e6)
+    spec = ModelSpec("toy", 2, 64, 2, 32, 1e6, 2)
+    choice = search_modes(lat, lat, spec, settings, "high", 1, 2, 0.0)
+    got = {m: r.per_device_goodput for m, r in choice.placements.items()}
+    loser = next(m for m in got if m != winner)
+    assert got[winner] > got[loser], got
+    assert choice.mode == winner and choice.reason.startswith(f"{winner} sustains the SLOs at")
+    assert (choice.chosen.colocated != []) == (winner == "colocated")
