@@ -47,7 +47,7 @@ def _run_controller(ctx, job: JobFile) -> None:
         _freeze_startup_heap()
         stats = controller.run(controller.replay(specs, writer), writer)
     writer.close()
-    reporter.summary(writer.records, stats, job.report, ctx.dtype)
+    reporter.summary(writer.records, stats, job.report, ctx.dtype, job.plan.predicted.get("mode") and job.plan.predicted)
 
 
 def _freeze_startup_heap() -> None:

@@ -308,10 +308,14 @@ def bench(args) -> int:
         raise UserError(f"bench: --bisect must be 0 or a positive number of engine runs, got {args.bisect}")
     if args.time_budget is not None and args.time_budget <= 0:
         raise UserError(f"bench: --time-budget must be a positive number of minutes, got {args.time_budget:g}")
-    main_system = "disaggregated" if cfg.placement.mode == "disaggregated" else "colocated"
-    systems = {main_system: build_plan(cfg, hosts, model_dir)}
-    check_hosts(cfg, systems[main_system])
+    plan = build_plan(cfg, hosts, model_dir)
+    main_system = "colocated" if plan.by_role("colocated") else "disaggregated"
+    systems = {main_system: plan}
+    check_hosts(cfg, plan)
     per_system = {main_system: rates}
+    if args.compare_colocated and main_system == "colocated":
+        raise UserError("bench: --compare-colocated compares a disaggregated placement with a colocated one, and "
+                        "the config's placement is colocated; set placement.mode: disaggregated (or a plan file)")
     if args.compare_colocated:
         devices = sum(i.size for i in next(iter(systems.values())).instances)
         systems["colocated"] = packed_plan([("colocated", devices, 1, 1)], hosts)

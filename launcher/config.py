@@ -53,13 +53,13 @@ class PhaseConfig:
 
 @dataclass
 class PlacementConfig:
-    mode: str = "disaggregated"
+    mode: str = "disaggregated"  # disaggregated | colocated: the layouts below; auto: planned at launch
     prefill: PhaseConfig = field(default_factory=PhaseConfig)
     decode: PhaseConfig = field(default_factory=PhaseConfig)
     colocated: PhaseConfig = field(default_factory=PhaseConfig)
     plan: Optional[str] = None  # a plan file from `pdlaunch plan`; overrides the phase layouts
 
-    choices = {"mode": ("disaggregated", "colocated")}
+    choices = {"mode": ("disaggregated", "colocated", "auto")}  # auto: the planner chooses at launch (launcher/auto_plan.py)
 
 
 @dataclass

@@ -52,6 +52,10 @@ def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
         if in_slurm_allocation():
             plan = map_onto_allocation(plan, hosts)
         check_layouts(plan, shape, hosts, key="plan")
+    elif cfg.placement.mode == "auto":
+        from launcher.auto_plan import plan_at_launch
+        plan = plan_at_launch(cfg, hosts, shape)
+        check_layouts(plan, shape, hosts, key="plan")
     else:
         plan = plan_from_config(cfg, hosts)
         check_layouts(plan, shape)
