@@ -11,9 +11,13 @@ from launcher.plan import Plan
 
 
 def plan_at_launch(cfg: JobConfig, hosts: list[Host], shape) -> Plan:
+    from launcher.calibrate import planning_models
     from launcher.planner.planning import choice_line, run_planner
 
-    plan, _, predicted = run_planner(cfg, hosts, None if cfg.planner.model else shape)
+    models = planning_models(cfg, hosts)
+    plan, _, predicted = run_planner(cfg, hosts, None if cfg.planner.model else shape, models=models)
     predicted["planned_at_launch"] = True
     print(choice_line(predicted), file=sys.stderr)
+    if models[2].status != "same":
+        print(f"pdlaunch: {models[2].note}", file=sys.stderr)
     return plan

@@ -128,6 +128,7 @@ class PlannerConfig:
     length_cv: float = 0.5
     trace: Optional[str] = None     # lengths from a trace: DistServe's {prompt_len, output_len} list or a results file
     include_transfer: bool = True   # DistServe's search ignores KV transfer time; we model it unless told
+    calibrate: bool = True          # a profile of another machine: scale it by a short probe here (else warn)
     mode: str = "auto"              # auto: whichever of disaggregated / colocated sustains the SLOs at more req/s per device
 
     choices = {"affinity": ("high", "low"), "rule": ("joint", "separate"), "mode": ("auto", "disaggregated", "colocated"),

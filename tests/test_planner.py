@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -309,3 +310,54 @@ def test_the_search_picks_colocated_only_where_its_simulated_goodput_per_device_
     assert got[winner] > got[loser], got
     assert choice.mode == winner and choice.reason.startswith(f"{winner} sustains the SLOs at")
     assert (choice.chosen.colocated != []) == (winner == "colocated")
+
+
+@pytest.fixture
+def profile_of(tmp_path):
+    """A config planning on a copy of the shipped fp32 profile with the given fingerprint (None: none)."""
+    import json
+
+    import yaml
+
+    from launcher.config import load_config
+
+    def make(fingerprint, calibrate=True):
+        with open("configs/profiles/cpu-smollm2-float32.json") as f:
+            profile = json.load(f)
+        if fingerprint is not None:
+            profile["_meta"]["fingerprint"] = fingerprint
+        (tmp_path / "profile.json").write_text(json.dumps(profile))
+        with open("configs/cpu-default.yaml") as f:
+            config = yaml.safe_load(f)
+        config["model"]["dtype"] = "float32"
+        config["cluster"]["hostfile"] = os.path.abspath("hostfiles/localhost")
+        config["planner"].update(profile=str(tmp_path / "profile.json"), calibrate=calibrate)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+        return load_config(str(tmp_path / "job.yaml"))
+    return make
+
+
+def test_a_profile_of_another_machine_is_calibrated_here_or_the_plan_says_so(profile_of):
+    from launcher.calibrate import planning_models
+    from launcher.machine import fingerprint
+
+    here = fingerprint("cpu", "float32")
+    probes = []
+
+    def probe(cfg, hosts, latency):
+        probes.append(latency.source)
+        return {"prefill": 0.5, "decode": 2.0}
+
+    cfg = profile_of(here)
+    base, _, check = planning_models(cfg, [], probe)
+    assert check.status == "same" and not probes
+    other = dict(here, cpu="Intel Xeon", cpu_flags=["amx_bf16", "avx512_bf16"])
+    disagg, colo, check = planning_models(profile_of(other), [], probe)
+    assert check.status == "calibrated" and len(probes) == 1 and "cpu_flags" in check.note and "0.50x" in check.note
+    assert disagg.prefill_ms([100], 1) == pytest.approx(0.5 * base.prefill_ms([100], 1))
+    assert colo.decode_ms(4, 400, 1) == pytest.approx(2.0 * base.decode_ms(4, 400, 1))
+    _, _, check = planning_models(profile_of(other, calibrate=False), [], probe)
+    assert check.status == "other" and len(probes) == 1
+    assert "measured on another machine" in check.note and "rests on that machine's timings" in check.note
+    _, _, check = planning_models(profile_of(None), [], probe)
+    assert check.status == "unknown" and "no machine fingerprint" in check.note and len(probes) == 1

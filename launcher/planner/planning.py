@@ -117,15 +117,18 @@ def search_modes(disagg: LatencyModel, colo: LatencyModel, spec: ModelSpec, sett
         raise UserError(f"planner: {e}") from None
 
 
-def run_planner(cfg: JobConfig, hosts: list[Host], shape=None, mode: str | None = None) -> tuple[Plan, ModeChoice, dict]:
+def run_planner(cfg: JobConfig, hosts: list[Host], shape=None, mode: str | None = None,
+                models=None) -> tuple[Plan, ModeChoice, dict]:
     """Plans the job: both modes searched, the chosen one's plan (mode: auto, disaggregated or
-    colocated; default planner.mode) with both modes' figures and the reason in plan.predicted."""
+    colocated; default planner.mode) with both modes' figures and the reason in plan.predicted.
+    models: (disaggregated, colocated latency model, launcher.calibrate.MachineCheck) from
+    planning_models; default: the config's profiles as they are, unchecked."""
     started = time.time()
     gpus = cfg.planner.gpus_per_node or max(h.slots for h in hosts)
     nodes = len(hosts)
     spec = model_spec(cfg, shape)
     settings = settings_from(cfg)
-    disagg, colo = latency_models(cfg)
+    disagg, colo, machine = models or (*latency_models(cfg), None)
     choice = search_modes(disagg, colo, spec, settings, cfg.planner.affinity, nodes, gpus, cfg.planner.target_rate,
                           mode or cfg.planner.mode)
     result = choice.chosen
@@ -147,6 +150,8 @@ def run_planner(cfg: JobConfig, hosts: list[Host], shape=None, mode: str | None 
         "probe_span_s": round(probe_span_s(settings), 1), "tie_rule": TIE_RULE,
         "planning_s": round(time.time() - started, 2),
     }
+    if machine is not None:
+        predicted["machine"] = machine.to_dict()
     plan.predicted = predicted
     return plan, choice, predicted
 
@@ -181,4 +186,6 @@ def print_report(choice: ModeChoice, predicted: dict) -> None:
                       f"{fig['layout']} on {fig['devices']} devices: {fig['per_device_goodput']:.3f} req/s per device "
                       f"(simulated end to end), mean TPOT {fig['mean_tpot_ms']:.0f} ms"))
     console.print(f"[bold]why:[/] {predicted['reason']}")
+    if "machine" in predicted:
+        console.print(f"[bold]machine:[/] {predicted['machine']['note']}")
     console.print(f"planned in {predicted['planning_s']:.2f} s")
