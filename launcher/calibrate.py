@@ -67,9 +67,12 @@ def planning_models(cfg: JobConfig, hosts: list[Host], probe=None) -> tuple[Late
     factors = (probe or run_probe)(cfg, hosts, disagg)
     disagg, colo = scaled(disagg, factors["prefill"], factors["decode"]), \
         (scaled(colo, factors["prefill"], factors["decode"]) if colo is not disagg else None)
+    unseen = [phase for phase, n in factors.get("steps", {}).items() if n == 0]
     return disagg, colo or disagg, MachineCheck(
         "calibrated", f"{what}; calibrated by a probe on this machine: prefill at {factors['prefill']:.2f}x and "
-                      f"decode at {factors['decode']:.2f}x the profile's timings", factors)
+                      f"decode at {factors['decode']:.2f}x the profile's timings" +
+                      (f" (the probe saw no {' or '.join(unseen)} step of the profiled shapes: left unscaled; "
+                       "the machine may be busy)" if unseen else ""), factors)
 
 
 def run_probe(cfg: JobConfig, hosts: list[Host], latency: LatencyModel) -> dict:
@@ -101,4 +104,4 @@ def run_probe(cfg: JobConfig, hosts: list[Host], latency: LatencyModel) -> dict:
             "the calibration probe")
     with open(report) as f:
         factors = calibration(cfg, plan, json.load(f), probe_window(out, trace, segment), latency)
-    return {"prefill": round(factors["prefill"], 3), "decode": round(factors["decode"], 3)}
+    return {"prefill": round(factors["prefill"], 3), "decode": round(factors["decode"], 3), "steps": factors["steps"]}
