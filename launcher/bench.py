@@ -313,6 +313,23 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
     return result
 
 
+def engine_runner(cfg: JobConfig, model_dir: str, out_dir: str):
+    """run_bench's run_one: one engine job of `plan` on an input file, in out_dir/run-<system>."""
+    def run_one(system: str, plan: Plan, inp: str, out: str) -> dict:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.workload.input, run_cfg.workload.output = inp, out
+        if os.path.exists(out):
+            os.remove(out)
+        run_dir = os.path.join(out_dir, f"run-{system}")
+        os.makedirs(run_dir, exist_ok=True)
+        report = os.path.join(run_dir, "report.json")
+        run_job(JobFile(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
+                f"bench: the {system} job")
+        with open(report) as f:
+            return json.load(f)
+    return run_one
+
+
 def _rates(text: str, option: str) -> list[float]:
     try:
         rates = [float(r) for r in text.split(",")]
@@ -351,21 +368,8 @@ def bench(args) -> int:
         systems["colocated"] = packed_plan([("colocated", devices, 1, 1)], hosts)
         per_system["colocated"] = _rates(args.colocated_rates, "--colocated-rates") if args.colocated_rates else rates
     out_dir = os.path.abspath(args.output)
-
-    def run_one(system, plan, inp, out):
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.workload.input, run_cfg.workload.output = inp, out
-        if os.path.exists(out):
-            os.remove(out)
-        run_dir = os.path.join(out_dir, f"run-{system}")
-        os.makedirs(run_dir, exist_ok=True)
-        report = os.path.join(run_dir, "report.json")
-        run_job(JobFile(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
-                f"bench: the {system} job")
-        with open(report) as f:
-            return json.load(f)
-
-    result = run_bench(cfg, systems, per_system, args.requests, shape.vocab_size, model_spec(cfg, shape), run_one,
+    result = run_bench(cfg, systems, per_system, args.requests, shape.vocab_size, model_spec(cfg, shape),
+                       engine_runner(cfg, model_dir, out_dir),
                        out_dir, args.quiet, args.bisect, math.inf if args.time_budget is None else args.time_budget * 60,
                        args.bisect_to)
     if not args.quiet:

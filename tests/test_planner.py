@@ -361,3 +361,25 @@ def test_a_profile_of_another_machine_is_calibrated_here_or_the_plan_says_so(pro
     assert "measured on another machine" in check.note and "rests on that machine's timings" in check.note
     _, _, check = planning_models(profile_of(None), [], probe)
     assert check.status == "unknown" and "no machine fingerprint" in check.note and len(probes) == 1
+
+
+def test_placement_auto_plans_at_launch_and_says_which_and_why(tmp_path, capsys):
+    """The embedded default plans its layout when it starts: one line names the mode, the layout
+    and the reason, and the job's plan carries both modes' figures (the controller copies them
+    into report.json)."""
+    import json
+
+    from launcher.config import load_config
+
+    assert load_config("configs/cpu-default.yaml").placement.mode == "auto"
+    assert main(["generate", "configs/cpu-default.yaml", "--dry-run", "--run-dir", str(tmp_path),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("planner: "))
+    with open(tmp_path / "job.json") as f:
+        predicted = json.load(f)["plan"]["predicted"]
+    assert predicted["mode"] in line and predicted["layout"] in line and predicted["reason"] in line
+    assert predicted["planned_at_launch"] and set(predicted["modes"]) == {"disaggregated", "colocated"}
+    assert all(m["per_device_goodput"] > 0 for m in predicted["modes"].values())
+    chosen = max(predicted["modes"], key=lambda m: predicted["modes"][m]["per_device_goodput"])
+    if len({m["per_device_goodput"] for m in predicted["modes"].values()}) == 2:
+        assert predicted["mode"] == chosen
