@@ -48,14 +48,19 @@ def simulate(args) -> int:
         cfg.placement.plan = os.path.abspath(args.plan)
     hosts = cluster_hosts(cfg)
     shape = None if cfg.planner.model else read_shape(model_dir_of(cfg))
-    plan = read_plan(cfg.resolve(cfg.placement.plan)) if cfg.placement.plan else plan_from_config(cfg, hosts)
-    if shape is not None:
-        check_layouts(plan, shape, hosts, key="plan")
     if args.no_calibrate:
         cfg.planner.calibrate = False
     disagg, colo, machine = planning_models(cfg, hosts)
     if machine.status != "same" and not args.quiet:
         print(f"pdlaunch: {machine.note}", file=sys.stderr)
+    if cfg.placement.plan:
+        plan = read_plan(cfg.resolve(cfg.placement.plan))
+    elif cfg.placement.mode == "auto":  # the placement the job would be planned with at launch
+        plan = run_planner(cfg, hosts, shape, models=(disagg, colo, machine))[0]
+    else:
+        plan = plan_from_config(cfg, hosts)
+    if shape is not None:
+        check_layouts(plan, shape, hosts, key="plan")
     latency = colo if plan.by_role("colocated") else disagg
     simulated = simulate_plan(cfg, plan, model_spec(cfg, shape), latency, reqs, cfg.planner.include_transfer)
     report = replay_report(simulated, cfg.slo.ttft_ms, cfg.slo.tpot_ms, scales)
