@@ -276,6 +276,8 @@ def test_choose_mode_picks_the_higher_goodput_per_device_and_says_why():
     assert choose_mode(_placement(2.0, 4), _placement(2.0, 2)).mode == "colocated"
     choice = choose_mode(_placement(2.0, mean_tpot_ms=80), _placement(2.0, mean_tpot_ms=120))
     assert choice.mode == "disaggregated" and "lower mean TPOT (80 vs 120 ms)" in choice.reason
+    choice = choose_mode(_placement(2.0, mean_tpot_ms=80), _placement(2.0, mean_tpot_ms=120), "colocated")
+    assert choice.mode == "colocated" and "colocated at the higher mean TPOT (120 vs 80 ms)" in choice.reason
     # a forced mode is written, and the comparison is still stated
     choice = choose_mode(_placement(2.0), _placement(3.0), "disaggregated")
     assert choice.mode == "disaggregated" and "as requested" in choice.reason and "lower than colocated's 3" in choice.reason

@@ -274,10 +274,11 @@ def _comparison(mode: str, a: PlacementResult, other: str, b: PlacementResult) -
         word = "higher" if ratio > 1 else "lower"
         return (f"{mode} sustains the SLOs at {a.per_device_goodput:.3g} req/s per device, {word} than {other}'s "
                 f"{b.per_device_goodput:.3g} ({ratio:.2f}x)")
+    same = f"both sustain {a.per_device_goodput:.3g} req/s per device; "
     if a.devices != b.devices:
-        return f"both sustain {a.per_device_goodput:.3g} req/s per device; {mode} on fewer devices ({a.devices} vs {b.devices})"
-    return (f"both sustain {a.per_device_goodput:.3g} req/s per device; {mode} at the lower mean TPOT "
-            f"({a.mean_tpot_ms:.0f} vs {b.mean_tpot_ms:.0f} ms)")
+        return same + f"{mode} on {'fewer' if a.devices < b.devices else 'more'} devices ({a.devices} vs {b.devices})"
+    return same + (f"{mode} at the {'lower' if a.mean_tpot_ms <= b.mean_tpot_ms else 'higher'} mean TPOT "
+                   f"({a.mean_tpot_ms:.0f} vs {b.mean_tpot_ms:.0f} ms)")
 
 
 def algorithm1(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes: int, gpus_per_node: int,
