@@ -131,5 +131,6 @@ def profile(args) -> int:
                                                    if "shared_slowdown" in e else "") +
                   "; step overhead ms: prefill {:.2f} + {:.2e}*tokens, decode {:.2f} + {:.2e}*context".format(
                       *e["step_overhead"]["prefill"], *e["step_overhead"]["decode"]))
+        print(f"machine: {', '.join(f'{k} {v}' for k, v in profile['_meta']['fingerprint'].items())}")
         print(f"wrote {args.output}")
     return 0
