@@ -117,6 +117,7 @@ def main() -> None:
                   + {True: "right", False: "wrong", None: "undecided (brackets overlap)"}[entry["pick_is_measured_winner"]],
                   flush=True)
         summary["regimes"][name] = entry
+    summary["load_average_at_end"] = os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "mode_choice.json")
     with open(path, "w") as f:
