@@ -139,6 +139,8 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
         cfg.workload.output = os.path.abspath(args.output)
     if args.plan:
         cfg.placement.plan = os.path.abspath(args.plan)
+    if args.dry_run:
+        cfg.planner.calibrate = False  # placement: auto on another machine's profile: a dry run starts no probe
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)

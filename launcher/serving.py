@@ -48,6 +48,8 @@ def serve(args) -> int:
     if args.plan:
         cfg.placement.plan = os.path.abspath(args.plan)
     cfg.serve.model_name = served_model_name(cfg)
+    if args.dry_run:
+        cfg.planner.calibrate = False  # placement: auto on another machine's profile: a dry run starts no probe
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)
