@@ -385,3 +385,14 @@ def test_placement_auto_plans_at_launch_and_says_which_and_why(tmp_path, capsys)
     chosen = max(predicted["modes"], key=lambda m: predicted["modes"][m]["per_device_goodput"])
     if len({m["per_device_goodput"] for m in predicted["modes"].values()}) == 2:
         assert predicted["mode"] == chosen
+
+
+@pytest.mark.parametrize("mode,roles", [("disaggregated", {"prefill", "decode"}), ("colocated", {"colocated"})])
+def test_plan_mode_forces_the_architecture_and_still_reports_both(tmp_path, mode, roles):
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "configs/cpu-default.yaml", "--mode", mode, "--no-calibrate", "-o", str(out), "--quiet"]) == 0
+    plan = read_plan(str(out))
+    assert {i.role for i in plan.instances} == roles
+    assert plan.predicted["mode"] == mode and plan.predicted["reason"].startswith(f"as requested (--mode {mode})")
+    assert all(m["per_device_goodput"] > 0 for m in plan.predicted["modes"].values())
+    assert plan.predicted["machine"]["status"] in ("same", "unknown", "other")  # never a probe with --no-calibrate
