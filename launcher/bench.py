@@ -209,11 +209,12 @@ def _fidelity(rows: list[dict]) -> dict:
 
 
 def goodput_ratio(a: dict, b: dict) -> dict | None:
-    """a's measured goodput over b's, with the range their brackets allow (None where b has none)."""
+    """a's measured goodput over b's, with the range their brackets allow (None where b has none;
+    high None where a's bracket has no upper end)."""
     (a_lo, a_hi), (b_lo, b_hi) = a["bracket"], b["bracket"]
     if not b_lo:
         return None
-    return {"ratio": a_lo / b_lo, "low": a_lo / b_hi if b_hi else 0.0, "high": a_hi / b_lo if a_hi else math.inf}
+    return {"ratio": a_lo / b_lo, "low": a_lo / b_hi if b_hi else 0.0, "high": a_hi / b_lo if a_hi else None}
 
 
 def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[float]], n: int, vocab: int, spec,

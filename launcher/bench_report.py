@@ -37,7 +37,8 @@ def print_bench(result: dict) -> None:
                       f"{g['simulated_profile']:.3f} (profile)")
     for name, r in result.get("goodput_ratio", {}).items():
         console.print(f"{name} goodput per device: " + ("no rate met the SLOs for the second system" if r is None else
-                      f"{r['ratio']:.2f}x (the brackets allow {r['low']:.2f}-{r['high']:.2f}x)"))
+                      f"{r['ratio']:.2f}x (the brackets allow {r['low']:.2f}-" +
+                      (f"{r['high']:.2f}x)" if r["high"] is not None else "any higher: no rate failed)")))
 
 
 def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:

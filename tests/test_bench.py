@@ -143,3 +143,4 @@ def test_bisection_to_a_share_of_the_rate_states_the_ratio_with_its_range():
     assert r["low"] <= r["ratio"] <= r["high"]
     assert goodput_ratio(g, {"bracket": [0.0, 0.1]}) is None
     assert goodput_ratio(g, {"bracket": [0.2, None]})["low"] == 0.0
+    assert goodput_ratio({"bracket": [0.4, None]}, other)["high"] is None
