@@ -48,7 +48,8 @@ def _run_controller(ctx, job: JobFile) -> None:
         _freeze_startup_heap()
         stats = controller.run(controller.replay(specs, writer), writer)
     writer.close()
-    reporter.summary(writer.records, stats, job.report, ctx.dtype, job.output)
+    reporter.summary(writer.records, stats, job.report, ctx.dtype, job.output,
+                     job.plan.predicted.get("mode") and job.plan.predicted)
 
 
 def _freeze_startup_heap() -> None:

@@ -97,8 +97,11 @@ class Reporter:
             print(self.line(), file=sys.stderr, flush=True)
 
     def summary(self, records: list[dict], stats: dict, report_path: str | None, dtype: str,
-                results_path: str | None = None) -> dict:
+                results_path: str | None = None, planned: dict | None = None) -> dict:
+        """planned: the planner's figures and choice when the plan came from it (plan.predicted)."""
         s = summarize(records, stats["wall_s"], self.slo, stats.get("instances")) | {"dtype": dtype}
+        if planned:
+            s["placement"] = planned
         if report_path:
             with open(report_path, "w") as f:
                 json.dump(s, f, indent=2)
@@ -106,7 +109,8 @@ class Reporter:
             table = Table(title="pdlaunch summary")
             table.add_column("metric")
             table.add_column("value", justify="right")
-            rows = [("model dtype", dtype), ("requests", s["requests"]), ("errors", s["errors"]), ("input tokens", s["input_tokens"]),
+            rows = [("placement", f"{planned['mode']} {planned['layout']} (the planner's choice)")] if planned else []
+            rows += [("model dtype", dtype), ("requests", s["requests"]), ("errors", s["errors"]), ("input tokens", s["input_tokens"]),
                     ("output tokens", s["output_tokens"]), ("wall time", f"{s['wall_s']:.2f} s"),
                     ("throughput", f"{s['output_tokens_per_s']:.1f} tok/s, {s['requests_per_s']:.2f} req/s")]
             for name in ("ttft_ms", "tpot_ms"):

@@ -154,17 +154,20 @@ def _bracket(rows: list[dict], system: str, target: float) -> tuple[float, float
     return lo, min((r["rate"] for r in mine if r["rate"] > lo), default=None)
 
 
-def measured_goodput(rows: list[dict], system: str, target: float, precision: float, probes: int, probe) -> dict:
+def measured_goodput(rows: list[dict], system: str, target: float, precision: float, probes: int, probe,
+                     relative: float = 0.0) -> dict:
     """Goodput of one system on the engine: bracket from the tested rates (highest passing, lowest
     failing above it), narrowed by up to `probes` more engine runs at bracket midpoints (probe(rate)
-    runs one and returns its row, or raises OutOfTime). Rates here are totals; precision is per device."""
+    runs one and returns its row, or raises OutOfTime) until narrower than `relative` of the rate
+    that passed (else than `precision`). Rates here are totals; precision is per device."""
     devices = next(r["devices"] for r in rows if r["system"] == system)
     lo, hi = _bracket(rows, system, target)
     out_of_time = False
     if probes:
         try:  # nothing failed yet: the first probe doubles the highest rate
             bisect_rate(lambda rate: probe(rate)["measured"]["attainment"] >= target, lo,
-                        2 * lo if hi is None else hi, precision * devices, hi_fails=hi is not None, max_probes=probes)
+                        2 * lo if hi is None else hi, precision * devices, hi_fails=hi is not None, max_probes=probes,
+                        relative=relative)
         except OutOfTime:
             out_of_time = True
         lo, hi = _bracket(rows, system, target)
@@ -205,12 +208,24 @@ def _fidelity(rows: list[dict]) -> dict:
     return out
 
 
+def goodput_ratio(a: dict, b: dict) -> dict | None:
+    """a's measured goodput over b's, with the range their brackets allow (None where b has none;
+    high None where a's bracket has no upper end)."""
+    (a_lo, a_hi), (b_lo, b_hi) = a["bracket"], b["bracket"]
+    if not b_lo:
+        return None
+    return {"ratio": a_lo / b_lo, "low": a_lo / b_hi if b_hi else 0.0, "high": a_hi / b_lo if a_hi else None}
+
+
 def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[float]], n: int, vocab: int, spec,
-              run_one, out_dir: str, quiet: bool = False, probes: int = 0, budget_s: float = math.inf) -> dict:
+              run_one, out_dir: str, quiet: bool = False, probes: int = 0, budget_s: float = math.inf,
+              relative: float = 0.0) -> dict:
     """run_one(system, plan, input_path, output_path) -> the job's report; runs one engine job.
     Each system runs all its rates in one job (after the calibration probe); with probes, its
-    goodput is bisected further with one more job per probe, as long as the next one is expected
-    to end within budget_s of the start."""
+    goodput is bisected further with one more job per probe (until its bracket is narrower than
+    `relative` of its rate, else planner.precision), as long as the next one is expected to end
+    within budget_s of the start. The systems are bisected in turns, one probe each, so a budget
+    that runs out leaves every one of them narrowed alike."""
     os.makedirs(out_dir, exist_ok=True)
     rows, jobs = [], []
     started, overheads_s = time.monotonic(), [0.0]  # a job's time beyond its trace's span
@@ -262,10 +277,21 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
 
     for system in systems:
         job(system, rates[system])
-    goodput = {}
+    goodput = {system: measured_goodput(rows, system, cfg.slo.attainment, cfg.planner.precision, 0, None)
+               for system in systems}
+    for _ in range(probes):
+        for system in systems:
+            if goodput[system]["stopped_by_time_budget"]:
+                continue
+            before = goodput[system]["engine_runs"]
+            goodput[system] = measured_goodput(rows, system, cfg.slo.attainment, cfg.planner.precision, 1,
+                                               lambda rate: probe(system, rate), relative)
+            goodput[system]["done"] = goodput[system]["engine_runs"] == before and \
+                not goodput[system]["stopped_by_time_budget"]
+        if all(g.get("done") or g["stopped_by_time_budget"] for g in goodput.values()):
+            break
     for system, plan in systems.items():
-        goodput[system] = measured_goodput(rows, system, cfg.slo.attainment, cfg.planner.precision, probes,
-                                           lambda rate: probe(system, rate))
+        goodput[system].pop("done", None)
         factors = next(j["calibration"] for j in jobs if j["system"] == system)
         profile = profile_latency(cfg, plan)
         goodput[system]["simulated_profile"] = simulated_goodput(cfg, plan, spec, n, profile)
@@ -278,11 +304,31 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
               "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms, "attainment": cfg.slo.attainment},
               "requests_per_rate": n, "jobs": jobs, "rows": rows, "fidelity": fidelity,
               "goodput_per_device": goodput, "duration_s": time.monotonic() - started}
+    names = list(systems)
+    if len(names) == 2:
+        result["goodput_ratio"] = {f"{names[0]}/{names[1]}": goodput_ratio(goodput[names[0]], goodput[names[1]])}
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot(rows, result["slo"], os.path.join(out_dir, "attainment.png"),
          f"SLO attainment vs rate (TTFT <= {cfg.slo.ttft_ms:.0f} ms, TPOT <= {cfg.slo.tpot_ms:.0f} ms)")
     return result
+
+
+def engine_runner(cfg: JobConfig, model_dir: str, out_dir: str):
+    """run_bench's run_one: one engine job of `plan` on an input file, in out_dir/run-<system>."""
+    def run_one(system: str, plan: Plan, inp: str, out: str) -> dict:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.workload.input, run_cfg.workload.output = inp, out
+        if os.path.exists(out):
+            os.remove(out)
+        run_dir = os.path.join(out_dir, f"run-{system}")
+        os.makedirs(run_dir, exist_ok=True)
+        report = os.path.join(run_dir, "report.json")
+        run_job(JobFile(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
+                f"bench: the {system} job")
+        with open(report) as f:
+            return json.load(f)
+    return run_one
 
 
 def _rates(text: str, option: str) -> list[float]:
@@ -304,35 +350,29 @@ def bench(args) -> int:
     rates = _rates(args.rates, "--rates")
     if args.requests < 1:
         raise UserError(f"bench: --requests must be >= 1, got {args.requests}")
+    if not 0 < args.bisect_to < 1:
+        raise UserError(f"bench: --bisect-to must be a share of the rate in (0, 1), e.g. 0.1; got {args.bisect_to:g}")
     if args.bisect < 0:
         raise UserError(f"bench: --bisect must be 0 or a positive number of engine runs, got {args.bisect}")
     if args.time_budget is not None and args.time_budget <= 0:
         raise UserError(f"bench: --time-budget must be a positive number of minutes, got {args.time_budget:g}")
-    main_system = "disaggregated" if cfg.placement.mode == "disaggregated" else "colocated"
-    systems = {main_system: build_plan(cfg, hosts, model_dir)}
-    check_hosts(cfg, systems[main_system])
+    plan = build_plan(cfg, hosts, model_dir)
+    main_system = "colocated" if plan.by_role("colocated") else "disaggregated"
+    systems = {main_system: plan}
+    check_hosts(cfg, plan)
     per_system = {main_system: rates}
+    if args.compare_colocated and main_system == "colocated":
+        raise UserError("bench: --compare-colocated compares a disaggregated placement with a colocated one, and "
+                        "the config's placement is colocated; set placement.mode: disaggregated (or a plan file)")
     if args.compare_colocated:
         devices = sum(i.size for i in next(iter(systems.values())).instances)
         systems["colocated"] = packed_plan([("colocated", devices, 1, 1)], hosts)
         per_system["colocated"] = _rates(args.colocated_rates, "--colocated-rates") if args.colocated_rates else rates
     out_dir = os.path.abspath(args.output)
-
-    def run_one(system, plan, inp, out):
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.workload.input, run_cfg.workload.output = inp, out
-        if os.path.exists(out):
-            os.remove(out)
-        run_dir = os.path.join(out_dir, f"run-{system}")
-        os.makedirs(run_dir, exist_ok=True)
-        report = os.path.join(run_dir, "report.json")
-        run_job(JobFile(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
-                f"bench: the {system} job")
-        with open(report) as f:
-            return json.load(f)
-
-    result = run_bench(cfg, systems, per_system, args.requests, shape.vocab_size, model_spec(cfg, shape), run_one,
-                       out_dir, args.quiet, args.bisect, math.inf if args.time_budget is None else args.time_budget * 60)
+    result = run_bench(cfg, systems, per_system, args.requests, shape.vocab_size, model_spec(cfg, shape),
+                       engine_runner(cfg, model_dir, out_dir),
+                       out_dir, args.quiet, args.bisect, math.inf if args.time_budget is None else args.time_budget * 60,
+                       args.bisect_to)
     if not args.quiet:
         print_bench(result)
         print(f"wrote {out_dir}/bench.json and attainment.png")

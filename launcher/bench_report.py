@@ -35,6 +35,10 @@ def print_bench(result: dict) -> None:
         console.print(f"{system}: goodput {g['measured']:.3f} req/s/device on the engine ({lo:.3f} met the SLOs, "
                       f"{upper}; {g['engine_runs']} rates); simulated {g['simulated_calibrated']:.3f} (calibrated), "
                       f"{g['simulated_profile']:.3f} (profile)")
+    for name, r in result.get("goodput_ratio", {}).items():
+        console.print(f"{name} goodput per device: " + ("no rate met the SLOs for the second system" if r is None else
+                      f"{r['ratio']:.2f}x (the brackets allow {r['low']:.2f}-" +
+                      (f"{r['high']:.2f}x)" if r["high"] is not None else "any higher: no rate failed)")))
 
 
 def plot(rows: list[dict], slo: dict, path: str, title: str) -> None:

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="search the placement (DistServe Algorithm 1/2) and write a plan file")
     pl.add_argument("config", help=CONFIG_HELP)
     pl.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default: plan.yaml)")
+    pl.add_argument("--mode", choices=("auto", "disaggregated", "colocated"),
+                    help="architecture: auto (default: planner.mode, itself auto) writes whichever sustains the SLOs "
+                         "at the higher rate per device; the other two force it, and both are still reported")
+    pl.add_argument("--no-calibrate", action="store_true",
+                    help="when the profile was measured on another kind of machine, plan on its timings as they are "
+                         "(with a warning) instead of scaling them by a short probe here (planner.calibrate)")
     pl.add_argument("--quiet", action="store_true", help="print nothing but errors")
     pl.set_defaults(func=("launcher.placement", "plan"))
     pr = sub.add_parser("profile", help="time the real engine on this hardware and fit the latency model")
@@ -103,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--plan", help="plan file to simulate (default: the config's placement)")
     si.add_argument("--slo-scales", default="0.4,0.6,0.8,1.0,1.2", help="multiples of both SLOs to report")
     si.add_argument("-o", "--output", help="JSON report: per-request timings, attainment per SLO scale")
+    si.add_argument("--no-calibrate", action="store_true",
+                    help="when the profile was measured on another kind of machine, simulate on its timings as they are "
+                         "(with a warning) instead of scaling them by a short probe here (planner.calibrate)")
     si.add_argument("--quiet", action="store_true", help="no summary table")
     si.set_defaults(func=("launcher.placement", "simulate"))
     be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
@@ -111,9 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--requests", type=int, default=100, help="requests per rate (default 100)")
     be.add_argument("--compare-colocated", action="store_true", help="also run a colocated placement on the same ranks")
     be.add_argument("--colocated-rates", help="total request rates for the colocated placement (default: --rates)")
-    be.add_argument("--bisect", type=int, default=0, metavar="N",
-                    help="narrow each system's goodput with up to N more engine runs at bracket midpoints, "
-                         "down to planner.precision req/s/device (default 0: tested rates only)")
+    be.add_argument("--bisect", type=int, nargs="?", const=12, default=0, metavar="N",
+                    help="narrow each system's goodput with up to N more engine runs each (default N: 12) at "
+                         "bracket midpoints, the systems in turns, until each bracket is narrower than --bisect-to "
+                         "of its rate (default 0: tested rates only)")
+    be.add_argument("--bisect-to", type=float, default=0.1, metavar="SHARE",
+                    help="with --bisect: the bracket width to stop at, as a share of the rate that passed (default 0.1)")
     be.add_argument("--time-budget", type=float, metavar="MIN",
                     help="start a bisection run only if it is expected to end within MIN minutes of the "
                          "bench's start (the tested rates always run)")

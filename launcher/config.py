@@ -53,13 +53,13 @@ class PhaseConfig:
 
 @dataclass
 class PlacementConfig:
-    mode: str = "disaggregated"
+    mode: str = "disaggregated"  # disaggregated | colocated: the layouts below; auto: planned at launch
     prefill: PhaseConfig = field(default_factory=PhaseConfig)
     decode: PhaseConfig = field(default_factory=PhaseConfig)
     colocated: PhaseConfig = field(default_factory=PhaseConfig)
     plan: Optional[str] = None  # a plan file from `pdlaunch plan`; overrides the phase layouts
 
-    choices = {"mode": ("disaggregated", "colocated")}
+    choices = {"mode": ("disaggregated", "colocated", "auto")}  # auto: the planner chooses at launch (launcher/auto_plan.py)
 
 
 @dataclass
@@ -130,8 +130,10 @@ class PlannerConfig:
     length_cv: float = 0.5
     trace: Optional[str] = None     # lengths from a trace: DistServe's {prompt_len, output_len} list or a results file
     include_transfer: bool = True   # DistServe's search ignores KV transfer time; we model it unless told
+    calibrate: bool = True          # a profile of another machine: scale it by a short probe here (else warn)
+    mode: str = "auto"              # auto: whichever of disaggregated / colocated sustains the SLOs at more req/s per device
 
-    choices = {"affinity": ("high", "low"), "rule": ("joint", "separate"),
+    choices = {"affinity": ("high", "low"), "rule": ("joint", "separate"), "mode": ("auto", "disaggregated", "colocated"),
                "lengths": ("fixed", "uniform", "lognormal", "trace")}
 
 

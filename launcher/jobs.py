@@ -65,6 +65,10 @@ def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
         if in_slurm_allocation():
             plan = map_onto_allocation(plan, hosts)
         check_layouts(plan, shape, hosts, key="plan")
+    elif cfg.placement.mode == "auto":
+        from launcher.auto_plan import plan_at_launch
+        plan = plan_at_launch(cfg, hosts, shape)
+        check_layouts(plan, shape, hosts, key="plan")
     else:
         plan = plan_from_config(cfg, hosts)
         check_layouts(plan, shape)
@@ -151,6 +155,8 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
     if args.plan:
         cfg.placement.plan = os.path.abspath(args.plan)
     cfg.serve.model_name = served_model_name(cfg)  # the results name the model as the server would
+    if args.dry_run:
+        cfg.planner.calibrate = False  # placement: auto on another machine's profile: a dry run starts no probe
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
+from launcher.calibrate import planning_models
 from launcher.config import load_config
 from launcher.errors import UserError
 from launcher.jobs import cluster_hosts, model_dir_of
 from launcher.model_files import read_shape
 from launcher.plan import check_layouts, plan_from_config, read_plan, write_plan
-from launcher.planner.planning import latency_models, model_spec, print_report, run_planner
+from launcher.planner.planning import model_spec, print_report, run_planner
 from launcher.planner.replay import print_replay, replay_report, simulate_plan, trace_requests
 
 
@@ -20,12 +22,15 @@ def plan(args) -> int:
     shape = None
     if not cfg.planner.model:
         shape = read_shape(model_dir_of(cfg))
-    plan, result, predicted = run_planner(cfg, hosts, shape)
+    if args.no_calibrate:
+        cfg.planner.calibrate = False
+    models = planning_models(cfg, hosts)
+    plan, choice, predicted = run_planner(cfg, hosts, shape, args.mode, models)
     if shape is not None:
         check_layouts(plan, shape, hosts, key="plan")
     write_plan(plan, args.output)
     if not args.quiet:
-        print_report(result, predicted)
+        print_report(choice, predicted)
         print(f"wrote {args.output}")
     return 0
 
@@ -43,10 +48,19 @@ def simulate(args) -> int:
         cfg.placement.plan = os.path.abspath(args.plan)
     hosts = cluster_hosts(cfg)
     shape = None if cfg.planner.model else read_shape(model_dir_of(cfg))
-    plan = read_plan(cfg.resolve(cfg.placement.plan)) if cfg.placement.plan else plan_from_config(cfg, hosts)
+    if args.no_calibrate:
+        cfg.planner.calibrate = False
+    disagg, colo, machine = planning_models(cfg, hosts)
+    if machine.status != "same" and not args.quiet:
+        print(f"pdlaunch: {machine.note}", file=sys.stderr)
+    if cfg.placement.plan:
+        plan = read_plan(cfg.resolve(cfg.placement.plan))
+    elif cfg.placement.mode == "auto":  # the placement the job would be planned with at launch
+        plan = run_planner(cfg, hosts, shape, models=(disagg, colo, machine))[0]
+    else:
+        plan = plan_from_config(cfg, hosts)
     if shape is not None:
         check_layouts(plan, shape, hosts, key="plan")
-    disagg, colo = latency_models(cfg)
     latency = colo if plan.by_role("colocated") else disagg
     simulated = simulate_plan(cfg, plan, model_spec(cfg, shape), latency, reqs, cfg.planner.include_transfer)
     report = replay_report(simulated, cfg.slo.ttft_ms, cfg.slo.tpot_ms, scales)

@@ -10,6 +10,7 @@ import time
 from launcher.config import load_config
 from launcher.errors import UserError
 from launcher.job import JobFile
+from launcher.machine import fingerprint
 from launcher.jobs import check_hosts, cluster_hosts, model_dir_of, run_job
 from launcher.model_files import read_shape
 from launcher.plan import check_layouts, packed_plan
@@ -111,7 +112,8 @@ def profile(args) -> int:
     profile = {name: entry, "_meta": {"pipelined_pp": pipelined, "pipelined_pp_source": source,
                                       "date": time.strftime("%Y-%m-%d"),
                                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cfg.cluster.device}",
-                                      "dtype": "/".join(sorted(dtypes)), "source": "pdlaunch profile"}}
+                                      "dtype": "/".join(sorted(dtypes)), "source": "pdlaunch profile",
+                                      "fingerprint": fingerprint(cfg.cluster.device, "/".join(sorted(dtypes)))}}
     with open(args.output, "w") as f:
         json.dump(profile, f, indent=1)
     if not args.quiet:
@@ -129,5 +131,6 @@ def profile(args) -> int:
                                                    if "shared_slowdown" in e else "") +
                   "; step overhead ms: prefill {:.2f} + {:.2e}*tokens, decode {:.2f} + {:.2e}*context".format(
                       *e["step_overhead"]["prefill"], *e["step_overhead"]["decode"]))
+        print(f"machine: {', '.join(f'{k} {v}' for k, v in profile['_meta']['fingerprint'].items())}")
         print(f"wrote {args.output}")
     return 0

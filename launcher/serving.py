@@ -78,6 +78,8 @@ def serve(args) -> int:
     cfg.serve.model_name = served_model_name(cfg)
     cfg.serve.api_key = api_keys(args, cfg)
     check_auth(cfg.serve.host, cfg.serve.api_key, args.insecure_no_auth)
+    if args.dry_run:
+        cfg.planner.calibrate = False  # placement: auto on another machine's profile: a dry run starts no probe
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)

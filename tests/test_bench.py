@@ -126,3 +126,21 @@ def test_scaled_multiplies_each_phase_and_its_step_cost():
     fast = scaled(base, 0.5, 2.0)
     assert fast.prefill_ms([300, 200], 2) == pytest.approx(0.5 * base.prefill_ms([300, 200], 2))
     assert fast.decode_ms(40, 20000, 1) == pytest.approx(2.0 * base.decode_ms(40, 20000, 1))
+
+
+def test_bisection_to_a_share_of_the_rate_states_the_ratio_with_its_range():
+    """--bisect-to 0.1: each bracket ends narrower than a tenth of the rate that passed, however
+    coarse planner.precision is, and the ratio of two systems comes with the range their brackets allow."""
+    from launcher.bench import goodput_ratio
+
+    rows = [row(0.4, 1.0), row(1.2, 0.0)]
+    g = measured_goodput(rows, "s", 0.9, 1.0, 20, engine(0.83, rows), relative=0.1)
+    lo, hi = g["bracket"]
+    assert lo * 2 <= 0.83 < hi * 2 and hi - lo <= 0.1 * lo
+    other = {"bracket": [0.2, 0.21]}
+    r = goodput_ratio(g, other)
+    assert r["low"] == pytest.approx(lo / 0.21) and r["high"] == pytest.approx(hi / 0.2)
+    assert r["low"] <= r["ratio"] <= r["high"]
+    assert goodput_ratio(g, {"bracket": [0.0, 0.1]}) is None
+    assert goodput_ratio(g, {"bracket": [0.2, None]})["low"] == 0.0
+    assert goodput_ratio({"bracket": [0.4, None]}, other)["high"] is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -256,3 +257,142 @@ def test_bisect_rate_stops_at_its_probe_budget_and_ceiling():
     assert calls == [3.0, 3.5, 3.25] and (lo, hi) == (3.25, 3.5)
     lo, hi = bisect_rate(lambda r: True, 0.0, 1.0, 0.1, ceiling=100)
     assert lo == 64.0 and hi == math.inf  # 128 would exceed the ceiling: not probed
+
+
+def _placement(per_device: float, devices: int = 2, mean_tpot_ms: float = 100.0):
+    from launcher.planner.search import PlacementResult
+
+    return PlacementResult("high", [], [], per_device, devices, [], layout="x", mean_tpot_ms=mean_tpot_ms)
+
+
+def test_choose_mode_picks_the_higher_goodput_per_device_and_says_why():
+    from launcher.planner.search import choose_mode
+
+    choice = choose_mode(_placement(2.0), _placement(3.0))
+    assert choice.mode == "colocated" and "higher than disaggregated's 2" in choice.reason and "1.50x" in choice.reason
+    choice = choose_mode(_placement(3.0), _placement(2.0))
+    assert choice.mode == "disaggregated" and "higher than colocated's 2" in choice.reason
+    # a tie on the goodput grid: fewer devices, then the lower mean TPOT
+    assert choose_mode(_placement(2.0, 4), _placement(2.0, 2)).mode == "colocated"
+    choice = choose_mode(_placement(2.0, mean_tpot_ms=80), _placement(2.0, mean_tpot_ms=120))
+    assert choice.mode == "disaggregated" and "lower mean TPOT (80 vs 120 ms)" in choice.reason
+    choice = choose_mode(_placement(2.0, mean_tpot_ms=80), _placement(2.0, mean_tpot_ms=120), "colocated")
+    assert choice.mode == "colocated" and "colocated at the higher mean TPOT (120 vs 80 ms)" in choice.reason
+    # a forced mode is written, and the comparison is still stated
+    choice = choose_mode(_placement(2.0), _placement(3.0), "disaggregated")
+    assert choice.mode == "disaggregated" and "as requested" in choice.reason and "lower than colocated's 3" in choice.reason
+    # a mode with no layout that meets the SLOs loses, with its reason
+    choice = choose_mode(None, _placement(1.0), errors={"disaggregated": "no decode layout meets the SLOs"})
+    assert choice.mode == "colocated" and "no decode layout meets the SLOs" in choice.reason
+    with pytest.raises(ValueError, match="colocated: no layout meets the SLOs"):
+        choose_mode(_placement(1.0), _placement(0.0), "colocated")
+
+
+@pytest.mark.parametrize("regime,winner", [("long prefill, tight TPOT", "disaggregated"),
+                                           ("short prefill, loose TPOT", "colocated")])
+def test_the_search_picks_colocated_only_where_its_simulated_goodput_per_device_is_higher(regime, winner):
+    """Both modes searched on 2 devices with toy profiles. A 200 ms prefill beside a running decode
+    adds ~10 ms to each of its requests' 19 TPOT intervals: past a 16 ms TPOT SLO colocated can
+    only serve the rare request that never meets another's prefill, while a prefill and a decode
+    instance keep them apart. With 2 ms prefills and a loose TPOT, the two colocated instances
+    both decode, where the disaggregated pair leaves its prefill device mostly idle."""
+    from launcher.planner.goodput import Settings
+    from launcher.planner.latency import ModelSpec
+    from launcher.planner.planning import search_modes
+
+    long = regime.startswith("long")
+    lat = linear_model(prefill=(200.0 if long else 2.0, 0.0, 0.0), decode=(8.0, 0.0, 0.5))
+    settings = Settings(ttft_ms=2000, tpot_ms=16 if long else 100, lengths=LengthDist("fixed", 64, 20), span_s=20,
+                        num_requests=100, max_requests=1000, precision=0.25, max_decode_batch=16, memory_gb=1.0,
+                        intra_node_gbps=1e6)
+    spec = ModelSpec("toy", 2, 64, 2, 32, 1e6, 2)
+    choice = search_modes(lat, lat, spec, settings, "high", 1, 2, 0.0)
+    got = {m: r.per_device_goodput for m, r in choice.placements.items()}
+    loser = next(m for m in got if m != winner)
+    assert got[winner] > got[loser], got
+    assert choice.mode == winner and choice.reason.startswith(f"{winner} sustains the SLOs at")
+    assert (choice.chosen.colocated != []) == (winner == "colocated")
+
+
+@pytest.fixture
+def profile_of(tmp_path):
+    """A config planning on a copy of the shipped fp32 profile with the given fingerprint (None: none)."""
+    import json
+
+    import yaml
+
+    from launcher.config import load_config
+
+    def make(fingerprint, calibrate=True):
+        with open("configs/profiles/cpu-smollm2-float32.json") as f:
+            profile = json.load(f)
+        if fingerprint is not None:
+            profile["_meta"]["fingerprint"] = fingerprint
+        (tmp_path / "profile.json").write_text(json.dumps(profile))
+        with open("configs/cpu-default.yaml") as f:
+            config = yaml.safe_load(f)
+        config["model"]["dtype"] = "float32"
+        config["cluster"]["hostfile"] = os.path.abspath("hostfiles/localhost")
+        config["planner"].update(profile=str(tmp_path / "profile.json"), calibrate=calibrate)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+        return load_config(str(tmp_path / "job.yaml"))
+    return make
+
+
+def test_a_profile_of_another_machine_is_calibrated_here_or_the_plan_says_so(profile_of):
+    from launcher.calibrate import planning_models
+    from launcher.machine import fingerprint
+
+    here = fingerprint("cpu", "float32")
+    probes = []
+
+    def probe(cfg, hosts, latency):
+        probes.append(latency.source)
+        return {"prefill": 0.5, "decode": 2.0}
+
+    cfg = profile_of(here)
+    base, _, check = planning_models(cfg, [], probe)
+    assert check.status == "same" and not probes
+    other = dict(here, cpu="Intel Xeon", cpu_flags=["amx_bf16", "avx512_bf16"])
+    disagg, colo, check = planning_models(profile_of(other), [], probe)
+    assert check.status == "calibrated" and len(probes) == 1 and "cpu_flags" in check.note and "0.50x" in check.note
+    assert disagg.prefill_ms([100], 1) == pytest.approx(0.5 * base.prefill_ms([100], 1))
+    assert colo.decode_ms(4, 400, 1) == pytest.approx(2.0 * base.decode_ms(4, 400, 1))
+    _, _, check = planning_models(profile_of(other, calibrate=False), [], probe)
+    assert check.status == "other" and len(probes) == 1
+    assert "measured on another machine" in check.note and "rests on that machine's timings" in check.note
+    _, _, check = planning_models(profile_of(None), [], probe)
+    assert check.status == "unknown" and "no machine fingerprint" in check.note and len(probes) == 1
+
+
+def test_placement_auto_plans_at_launch_and_says_which_and_why(tmp_path, capsys):
+    """The embedded default plans its layout when it starts: one line names the mode, the layout
+    and the reason, and the job's plan carries both modes' figures (the controller copies them
+    into report.json)."""
+    import json
+
+    from launcher.config import load_config
+
+    assert load_config("configs/cpu-default.yaml").placement.mode == "auto"
+    assert main(["generate", "configs/cpu-default.yaml", "--dry-run", "--run-dir", str(tmp_path),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("planner: "))
+    with open(tmp_path / "job.json") as f:
+        predicted = json.load(f)["plan"]["predicted"]
+    assert predicted["mode"] in line and predicted["layout"] in line and predicted["reason"] in line
+    assert predicted["planned_at_launch"] and set(predicted["modes"]) == {"disaggregated", "colocated"}
+    assert all(m["per_device_goodput"] > 0 for m in predicted["modes"].values())
+    chosen = max(predicted["modes"], key=lambda m: predicted["modes"][m]["per_device_goodput"])
+    if len({m["per_device_goodput"] for m in predicted["modes"].values()}) == 2:
+        assert predicted["mode"] == chosen
+
+
+@pytest.mark.parametrize("mode,roles", [("disaggregated", {"prefill", "decode"}), ("colocated", {"colocated"})])
+def test_plan_mode_forces_the_architecture_and_still_reports_both(tmp_path, mode, roles):
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "configs/cpu-default.yaml", "--mode", mode, "--no-calibrate", "-o", str(out), "--quiet"]) == 0
+    plan = read_plan(str(out))
+    assert {i.role for i in plan.instances} == roles
+    assert plan.predicted["mode"] == mode and plan.predicted["reason"].startswith(f"as requested (--mode {mode})")
+    assert all(m["per_device_goodput"] > 0 for m in plan.predicted["modes"].values())
+    assert plan.predicted["machine"]["status"] in ("same", "unknown", "other")  # never a probe with --no-calibrate

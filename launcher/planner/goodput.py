@@ -63,13 +63,14 @@ class NoPrefillLatency(LatencyModel):
 
 
 def bisect_rate(ok, lo: float, hi: float, precision: float, hi_fails: bool = False,
-                max_probes: int = 64, ceiling: float = math.inf) -> tuple[float, float]:
+                max_probes: int = 64, ceiling: float = math.inf, relative: float = 0.0) -> tuple[float, float]:
     """Bracket the highest rate where ok(rate) holds, given that it holds at lo (or lo is 0): while
     no rate has failed, probe hi and double it (up to `ceiling`); then halve [lo, hi] until it is
-    narrower than `precision` or `max_probes` probes are spent. Returns (lo, hi), hi = inf if
-    nothing failed."""
+    narrower than `precision` (with `relative`: than that share of lo, once lo > 0) or `max_probes`
+    probes are spent. Returns (lo, hi), hi = inf if nothing failed."""
     for _ in range(max_probes):
-        if (hi_fails and hi - lo <= precision) or (not hi_fails and hi > ceiling):
+        width = relative * lo if relative and lo > 0 else precision
+        if (hi_fails and hi - lo <= width) or (not hi_fails and hi > ceiling):
             break
         probe = (lo + hi) / 2 if hi_fails else hi
         if ok(probe):

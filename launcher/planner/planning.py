@@ -10,7 +10,8 @@ from launcher.dtypes import planned_dtype
 from launcher.plan import InstancePlan, Plan
 from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
 from launcher.planner.goodput import Settings, probe_span_s
-from launcher.planner.search import TIE_RULE, PlacementResult, algorithm1, algorithm2, colocated_best
+from launcher.planner.search import (MODES, TIE_RULE, ModeChoice, PlacementResult, algorithm1, algorithm2,
+                                     choose_mode, colocated_placement)
 from launcher.planner.replay import trace_lengths
 from launcher.planner.simulator import InstanceSpec
 from launcher.planner.workload import LengthDist
@@ -87,58 +88,104 @@ def to_plan(specs: list[tuple[str, InstanceSpec]], hosts: list[Host], gpus_per_n
     return Plan(instances, hosts[0].name)
 
 
-def run_planner(cfg: JobConfig, hosts: list[Host], shape=None) -> tuple[Plan, PlacementResult, dict]:
+def _figures(result: PlacementResult) -> dict:
+    return {"layout": result.layout, "devices": result.devices,
+            "per_device_goodput": round(result.per_device_goodput, 4),
+            "capacity_per_device": round(result.capacity_per_device, 4),
+            "mean_tpot_ms": round(result.mean_tpot_ms, 1)}
+
+
+def search_modes(disagg: LatencyModel, colo: LatencyModel, spec: ModelSpec, settings: Settings, affinity: str,
+                 nodes: int, gpus: int, target_rate: float, mode: str = "auto") -> ModeChoice:
+    """Both architectures' best placements (Algorithm 1 or 2 for disaggregated, the colocated
+    search on the colocated profile) and the choice between them; a mode none of whose layouts
+    meets the SLOs is recorded with the reason, and only fails the search when it was requested
+    or both fail."""
+    if mode not in MODES:
+        raise UserError(f"plan: --mode must be one of {', '.join(MODES)}, got {mode!r}")
+    search = algorithm2 if affinity == "low" else algorithm1
+    found, errors = {}, {}
+    for name, run in (("disaggregated", lambda: search(disagg, spec, settings, nodes, gpus, target_rate)),
+                      ("colocated", lambda: colocated_placement(colo, spec, settings, nodes, gpus, target_rate))):
+        try:
+            found[name] = run()
+        except ValueError as e:
+            found[name], errors[name] = None, str(e)
+    try:
+        return choose_mode(found["disaggregated"], found["colocated"], mode, errors)
+    except ValueError as e:
+        raise UserError(f"planner: {e}") from None
+
+
+def run_planner(cfg: JobConfig, hosts: list[Host], shape=None, mode: str | None = None,
+                models=None) -> tuple[Plan, ModeChoice, dict]:
+    """Plans the job: both modes searched, the chosen one's plan (mode: auto, disaggregated or
+    colocated; default planner.mode) with both modes' figures and the reason in plan.predicted.
+    models: (disaggregated, colocated latency model, launcher.calibrate.MachineCheck) from
+    planning_models; default: the config's profiles as they are, unchecked."""
     started = time.time()
     gpus = cfg.planner.gpus_per_node or max(h.slots for h in hosts)
     nodes = len(hosts)
     spec = model_spec(cfg, shape)
     settings = settings_from(cfg)
-    disagg, colo = latency_models(cfg)
-    search = algorithm2 if cfg.planner.affinity == "low" else algorithm1
-    try:
-        result = search(disagg, spec, settings, nodes, gpus, cfg.planner.target_rate)
-        baseline = colocated_best(colo, spec, settings, gpus, nodes * gpus)
-    except ValueError as e:
-        raise UserError(f"planner: {e}") from None
-    result.colocated = baseline
-    plan = to_plan([("prefill", s) for s in result.prefill] + [("decode", s) for s in result.decode], hosts, gpus)
+    disagg, colo, machine = models or (*latency_models(cfg), None)
+    choice = search_modes(disagg, colo, spec, settings, cfg.planner.affinity, nodes, gpus, cfg.planner.target_rate,
+                          mode or cfg.planner.mode)
+    result = choice.chosen
+    specs = [("prefill", s) for s in result.prefill] + [("decode", s) for s in result.decode] + \
+        [("colocated", s) for s in result.colocated]
+    plan = to_plan(specs, hosts, gpus)
+    modes = {m: _figures(r) if r is not None and r.per_device_goodput > 0 else {"error": choice.errors[m]}
+             for m, r in choice.placements.items()}
     predicted = {
-        "algorithm": "2 (low node-affinity)" if result.affinity == "low" else "1 (high node-affinity)",
+        "mode": choice.mode, "reason": choice.reason, "modes": modes,
+        "algorithm": "colocated search" if choice.mode == "colocated" else
+        "2 (low node-affinity)" if result.affinity == "low" else "1 (high node-affinity)",
         "layout": result.layout, "per_device_goodput": round(result.per_device_goodput, 4),
         "capacity_per_device": round(result.capacity_per_device, 4),
         "devices": result.devices, "goodput_req_s": round(result.per_device_goodput * result.devices, 4),
-        "colocated": {"tp": baseline.tp, "pp": baseline.pp, "per_device_goodput": round(baseline.per_device, 4)}
-        if baseline else None,
+        "colocated": dict(modes["colocated"]) if "error" not in modes["colocated"] else None,
         "slo": {"ttft_ms": settings.ttft_ms, "tpot_ms": settings.tpot_ms, "attainment": settings.target,
                 "rule": settings.rule},
         "probe_span_s": round(probe_span_s(settings), 1), "tie_rule": TIE_RULE,
         "planning_s": round(time.time() - started, 2),
     }
+    if machine is not None:
+        predicted["machine"] = machine.to_dict()
     plan.predicted = predicted
-    return plan, result, predicted
+    return plan, choice, predicted
 
 
-def print_report(result: PlacementResult, predicted: dict) -> None:
+def choice_line(predicted: dict) -> str:
+    """The planner's decision in one line: what it chose and why."""
+    return (f"planner: {predicted['mode']} {predicted['layout']} on {predicted['devices']} devices, "
+            f"{predicted['per_device_goodput']:.3g} req/s per device simulated; {predicted['reason']}")
+
+
+def print_report(choice: ModeChoice, predicted: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"candidates (Algorithm {predicted['algorithm']}), best first; {TIE_RULE}")
+    table = Table(title=f"candidates of both modes, best first per role; {TIE_RULE}")
     for col in ("role", "TP", "PP", "devices", "goodput req/s", "per device", "capacity req/s", "mean TPOT ms"):
         table.add_column(col, justify="right" if col not in ("role",) else "left")
-    for c in sorted(result.candidates, key=lambda c: (c.role, -c.per_device, c.devices, c.mean_tpot_ms)):
+    cands = [c for r in choice.placements.values() if r is not None for c in r.candidates]
+    for c in sorted(cands, key=lambda c: (c.role, -c.per_device, c.devices, c.mean_tpot_ms)):
         table.add_row(c.label or c.role, str(c.tp), str(c.pp), str(c.devices), f"{c.goodput:.2f}", f"{c.per_device:.3f}",
                       f"{c.capacity:.2f}", f"{c.mean_tpot_ms:.1f}" if c.goodput else "-")
     console.print(table)
+    bounded = sum(r.bounded_out for r in choice.placements.values() if r is not None)
     console.print(f"goodput = the highest rate sustained over {predicted['probe_span_s']:g} s of arrivals, "
                   "below each layout's analytic capacity" + (
-                      f"; {result.bounded_out} more layouts not simulated: their capacity is below the best goodput"
-                      if result.bounded_out else ""))
-    col = predicted["colocated"]
-    ratio = predicted["per_device_goodput"] / col["per_device_goodput"] if col and col["per_device_goodput"] else float("inf")
-    console.print(f"[bold]chosen:[/] {predicted['layout']} on {predicted['devices']} devices: "
-                  f"{predicted['per_device_goodput']:.3f} req/s per device (simulated end to end)")
-    if col:
-        console.print(f"[bold]colocated baseline:[/] TP{col['tp']} x PP{col['pp']}: {col['per_device_goodput']:.3f} "
-                      f"req/s per device; disaggregated / colocated = {ratio:.2f}x")
+                      f"; {bounded} more layouts not simulated: their capacity is below the best goodput"
+                      if bounded else ""))
+    for mode, fig in predicted["modes"].items():
+        mark = "[bold]chosen:[/]" if mode == predicted["mode"] else "not chosen:"
+        console.print(f"{mark} {mode}, " + (fig["error"] if "error" in fig else
+                      f"{fig['layout']} on {fig['devices']} devices: {fig['per_device_goodput']:.3f} req/s per device "
+                      f"(simulated end to end), mean TPOT {fig['mean_tpot_ms']:.0f} ms"))
+    console.print(f"[bold]why:[/] {predicted['reason']}")
+    if "machine" in predicted:
+        console.print(f"[bold]machine:[/] {predicted['machine']['note']}")
     console.print(f"planned in {predicted['planning_s']:.2f} s")

@@ -4,12 +4,17 @@
   over every (TP, PP) the cluster allows; keep each phase's best per-device goodput; replicate.
 - Algorithm 2 (low node-affinity): prefill stage i and decode stage i share a node, so KV moves
   over the intra-node link; enumerate inter-node PP and the per-node segments; simulate the pair.
-- Colocated baseline: one instance type doing both phases, joint SLO.
+- Colocated: one instance type doing both phases, joint SLO; its best layout replicated over the
+  same devices and simulated end to end, like a disaggregated placement.
+- The mode (choose_mode): whichever of the two sustains the SLOs at the higher rate per device.
+  Mixed deployments (some devices colocated, some split) are not searched: with traffic split
+  in proportion to capacity their per-device goodput is the device-weighted mean of their parts',
+  so they never beat the better pure mode per device.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens
 from launcher.planner.goodput import (Goodput, NoPrefillLatency, Settings, decode_capacity, goodput,
@@ -44,10 +49,11 @@ class PlacementResult:
     per_device_goodput: float       # simulated end to end, joint SLO
     devices: int
     candidates: list[Candidate]
-    colocated: Candidate | None = None
     layout: str = ""
     capacity_per_device: float = math.inf
     bounded_out: int = 0            # layouts not simulated: their capacity is below the best goodput found
+    colocated: list[InstanceSpec] = field(default_factory=list)  # the instances of a colocated placement
+    mean_tpot_ms: float = 0.0       # at its goodput: the tie-breaker between modes
 
 
 def _policy(settings: Settings, spec: ModelSpec, bandwidth) -> Policy:
@@ -177,9 +183,10 @@ def colocated_capacity(latency: LatencyModel, settings: Settings, inst: Instance
     return 1.0 / (1.0 / prefill_capacity(latency, settings, inst) + 1.0 / decode_capacity(latency, settings, inst))
 
 
-def colocated_best(latency: LatencyModel, spec: ModelSpec, settings: Settings, gpus_per_node: int,
-                   total_gpus: int) -> Candidate:
-    best = None
+def colocated_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings, gpus_per_node: int,
+                         total_gpus: int) -> list[Candidate]:
+    """Every (TP, PP) of a colocated instance, simulated alone against the joint SLO."""
+    out = []
     policy = _policy(settings, spec, lambda p, d: float("inf"))
     for tp, pp in _layouts(latency, spec, gpus_per_node, total_gpus):
         inst = _instance(spec, settings, tp, pp)
@@ -188,11 +195,90 @@ def colocated_best(latency: LatencyModel, spec: ModelSpec, settings: Settings, g
         cap = colocated_capacity(latency, settings, inst)
         g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=[inst]).run(reqs, *stop), settings, tp * pp,
                     settings.ttft_ms, settings.tpot_ms, cap)
-        cand = _candidate("colocated", inst, g, cap)
-        if best is None or rank_key(cand.per_device, cand.devices, cand.mean_tpot_ms) > \
-                rank_key(best.per_device, best.devices, best.mean_tpot_ms):
-            best = cand
-    return best
+        out.append(_candidate("colocated", inst, g, cap))
+    return out
+
+
+def colocated_placement(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes: int, gpus_per_node: int,
+                        target_rate: float = 0.0) -> PlacementResult:
+    """The colocated counterpart of algorithm1: the best per-device instance layout, replicated
+    for the target rate (else over every device), simulated end to end."""
+    total = nodes * gpus_per_node
+    cands = colocated_candidates(latency, spec, settings, gpus_per_node, total)
+    best = _best(cands, "colocated")
+    count = max(1, math.ceil(target_rate / best.goodput)) if target_rate > 0 else max(1, total // best.devices)
+    instances = [InstanceSpec(best.tp, best.pp, kv_capacity_tokens(spec, settings.memory_gb, best.tp, best.pp))
+                 for _ in range(count)]
+    _assign_nodes(instances, nodes, gpus_per_node)
+    if count == 1:
+        g = Goodput(best.per_device, best.capacity / best.devices, mean_tpot_ms=best.mean_tpot_ms)
+    else:
+        policy = _policy(settings, spec, lambda p, d: float("inf"))
+        g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=instances).run(reqs, *stop), settings,
+                    count * best.devices, settings.ttft_ms, settings.tpot_ms,
+                    count * colocated_capacity(latency, settings, instances[0]))
+    return PlacementResult("colocated", [], [], g.rate, count * best.devices, cands,
+                           layout=f"{count} x C(tp{best.tp},pp{best.pp})", capacity_per_device=g.capacity,
+                           colocated=instances, mean_tpot_ms=g.mean_tpot_ms)
+
+
+MODES = ("auto", "disaggregated", "colocated")
+
+
+@dataclass
+class ModeChoice:
+    """The planner's architecture decision: both modes' best placements (None where a mode has no
+    layout that meets the SLOs) and which one it writes, with the reason in words."""
+
+    mode: str
+    placements: dict[str, PlacementResult | None]
+    reason: str
+    errors: dict[str, str]
+
+    @property
+    def chosen(self) -> PlacementResult:
+        return self.placements[self.mode]
+
+
+def choose_mode(disaggregated: PlacementResult | None, colocated: PlacementResult | None, requested: str = "auto",
+                errors: dict[str, str] | None = None) -> ModeChoice:
+    """auto: the mode whose placement sustains the SLOs at the higher rate per device (ties as
+    rank_key: fewer devices, then lower mean TPOT); otherwise the requested mode, with the
+    comparison stated either way."""
+    placements, errors = {"disaggregated": disaggregated, "colocated": colocated}, dict(errors or {})
+    ok = {m: r for m, r in placements.items() if r is not None and r.per_device_goodput > 0}
+    for m in placements:
+        if m not in ok:
+            errors.setdefault(m, "no layout meets the SLOs at any rate")
+    if requested != "auto":
+        if requested not in ok:
+            raise ValueError(f"{requested}: {errors[requested]}")
+        other = next(m for m in placements if m != requested)
+        return ModeChoice(requested, placements, f"as requested (--mode {requested}); " + (
+            _comparison(requested, ok[requested], other, ok[other]) if other in ok else f"{other}: {errors[other]}"),
+            errors)
+    if not ok:
+        raise ValueError("; ".join(f"{m}: {e}" for m, e in errors.items()))
+    if len(ok) == 1:
+        mode = next(iter(ok))
+        other = next(m for m in placements if m != mode)
+        return ModeChoice(mode, placements, f"{other}: {errors[other]}", errors)
+    mode = max(ok, key=lambda m: rank_key(ok[m].per_device_goodput, ok[m].devices, ok[m].mean_tpot_ms))
+    other = next(m for m in ok if m != mode)
+    return ModeChoice(mode, placements, _comparison(mode, ok[mode], other, ok[other]), errors)
+
+
+def _comparison(mode: str, a: PlacementResult, other: str, b: PlacementResult) -> str:
+    if a.per_device_goodput != b.per_device_goodput:
+        ratio = a.per_device_goodput / b.per_device_goodput
+        word = "higher" if ratio > 1 else "lower"
+        return (f"{mode} sustains the SLOs at {a.per_device_goodput:.3g} req/s per device, {word} than {other}'s "
+                f"{b.per_device_goodput:.3g} ({ratio:.2f}x)")
+    same = f"both sustain {a.per_device_goodput:.3g} req/s per device; "
+    if a.devices != b.devices:
+        return same + f"{mode} on {'fewer' if a.devices < b.devices else 'more'} devices ({a.devices} vs {b.devices})"
+    return same + (f"{mode} at the {'lower' if a.mean_tpot_ms <= b.mean_tpot_ms else 'higher'} mean TPOT "
+                   f"({a.mean_tpot_ms:.0f} vs {b.mean_tpot_ms:.0f} ms)")
 
 
 def algorithm1(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes: int, gpus_per_node: int,
@@ -206,7 +292,7 @@ def algorithm1(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes
     g = simulate_placement(latency, spec, settings, prefill, decode)
     return PlacementResult("high", prefill, decode, g.rate, sum(i.tp * i.pp for i in prefill + decode), cands,
                            layout=f"{n_p} x P(tp{p.tp},pp{p.pp}) + {n_d} x D(tp{d.tp},pp{d.pp})",
-                           capacity_per_device=g.capacity)
+                           capacity_per_device=g.capacity, mean_tpot_ms=g.mean_tpot_ms)
 
 
 def _assign_nodes(instances: list[InstanceSpec], nodes: int, gpus_per_node: int) -> None:
@@ -277,4 +363,4 @@ def algorithm2(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes
     return PlacementResult("low", prefill, decode, g, units * unit_devices, cands,
                            layout=f"{units} x [P(tp{p_tp},pp{p_pp}) + D(tp{d_tp},pp{d_pp})], {inter} node(s) per unit",
                            capacity_per_device=cands[best].capacity / unit_devices,
-                           bounded_out=len(pairs) - len(cands))
+                           bounded_out=len(pairs) - len(cands), mean_tpot_ms=cands[best].mean_tpot_ms)

@@ -1,0 +1,129 @@
+"""Does the planner pick the architecture the engine measures as better? Two regimes in one command,
+on the embedded SmolLM2 job (configs/cpu-default.yaml) and this machine's hostfile:
+
+- prefill-stalls-decode: long prompts and a tight TPOT SLO; a prefill beside a running decode
+  stalls it past the SLO, which disaggregation avoids;
+- short-prompts: short prompts, long answers and a loose TPOT; a prefill barely stalls a decode,
+  and a disaggregated prefill device idles while colocated instances both decode.
+
+For each: the planner's predicted goodput per device for both modes (its own search, as `pdlaunch
+plan` runs it) and its pick; then both modes' placements on the engine (`pdlaunch bench`'s job:
+calibration probe, then each rate), bisected in turns to --bisect-to of their rate within the
+time budget; the measured winner (where the brackets do not overlap) and whether the pick is it.
+
+    python benchmarks/mode_choice.py [--requests N] [--bisect N] [--time-budget MIN] [--plan-only] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from launcher.bench import engine_runner, goodput_ratio, run_bench  # noqa: E402
+from launcher.bench_report import print_bench  # noqa: E402
+from launcher.calibrate import planning_models  # noqa: E402
+from launcher.config import load_config  # noqa: E402
+from launcher.jobs import cluster_hosts, model_dir_of  # noqa: E402
+from launcher.model_files import read_shape  # noqa: E402
+from launcher.planner.planning import model_spec, run_planner, to_plan  # noqa: E402
+
+REGIMES = {
+    "prefill-stalls-decode": {"input_len": 384, "output_len": 32, "ttft_ms": 8000, "tpot_ms": 130},
+    "short-prompts": {"input_len": 16, "output_len": 64, "ttft_ms": 2000, "tpot_ms": 400},
+}
+
+
+def regime_config(name: str):
+    """The embedded job with the regime's lengths (fixed) and SLOs."""
+    cfg = load_config(os.path.join(ROOT, "configs", "cpu-default.yaml"))
+    r = REGIMES[name]
+    cfg.planner.lengths, cfg.planner.input_len, cfg.planner.output_len = "fixed", r["input_len"], r["output_len"]
+    cfg.slo.ttft_ms, cfg.slo.tpot_ms = r["ttft_ms"], r["tpot_ms"]
+    cfg.model.max_model_len = max(cfg.model.max_model_len, 2 * (r["input_len"] + r["output_len"]))
+    return cfg
+
+
+def plan_both(cfg, hosts, shape) -> tuple[dict, dict]:
+    """The planner's choice and each mode's plan (its best placement of that mode)."""
+    models = planning_models(cfg, hosts)
+    _, choice, predicted = run_planner(cfg, hosts, shape, "auto", models)
+    gpus = cfg.planner.gpus_per_node or max(h.slots for h in hosts)
+    plans = {}
+    for mode, result in choice.placements.items():
+        if result is not None and result.per_device_goodput > 0:
+            specs = [("prefill", s) for s in result.prefill] + [("decode", s) for s in result.decode] + \
+                [("colocated", s) for s in result.colocated]
+            plans[mode] = to_plan(specs, hosts, gpus)
+    return predicted, plans
+
+
+def winner(goodput: dict) -> str:
+    """The mode whose measured bracket lies wholly above the other's, else 'tie' (within the brackets)."""
+    d, c = goodput["disaggregated"]["bracket"], goodput["colocated"]["bracket"]
+    if d[1] is not None and c[0] >= d[1]:
+        return "colocated"
+    if c[1] is not None and d[0] >= c[1]:
+        return "disaggregated"
+    return "tie"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--requests", type=int, default=40, help="requests per rate (default 40)")
+    parser.add_argument("--factors", default="0.5,1,1.5", help="tested rates as multiples of each mode's predicted goodput")
+    parser.add_argument("--bisect", type=int, default=8, help="engine runs per mode to narrow its bracket (default 8)")
+    parser.add_argument("--bisect-to", type=float, default=0.1)
+    parser.add_argument("--time-budget", type=float, default=60, help="minutes per regime (default 60)")
+    parser.add_argument("--plan-only", action="store_true", help="the planner's figures and pick only, no engine runs")
+    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "mode-choice"))
+    args = parser.parse_args()
+    factors = [float(f) for f in args.factors.split(",")]
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg(), "regimes": {}}
+    for name in args.regimes.split(","):
+        cfg = regime_config(name)
+        hosts = cluster_hosts(cfg)
+        model_dir = model_dir_of(cfg)
+        shape = read_shape(model_dir)
+        predicted, plans = plan_both(cfg, hosts, shape)
+        entry = {"regime": REGIMES[name], "pick": predicted["mode"], "reason": predicted["reason"],
+                 "predicted": {m: f.get("per_device_goodput", 0.0) for m, f in predicted["modes"].items()},
+                 "layouts": {m: f.get("layout") for m, f in predicted["modes"].items()},
+                 "machine": predicted.get("machine", {}).get("status")}
+        print(f"[{name}] planner picks {predicted['mode']}: {predicted['reason']}", flush=True)
+        if not args.plan_only and len(plans) == 2:
+            devices = {m: sum(i.size for i in p.instances) for m, p in plans.items()}
+            rates = {m: sorted({round(f * entry["predicted"][m] * devices[m], 3) for f in factors}) for m in plans}
+            out_dir = os.path.join(os.path.abspath(args.out), name)
+            result = run_bench(cfg, plans, rates, args.requests, shape.vocab_size, model_spec(cfg, shape),
+                               engine_runner(cfg, model_dir, out_dir), out_dir, probes=args.bisect,
+                               budget_s=args.time_budget * 60, relative=args.bisect_to)
+            print_bench(result)
+            g = result["goodput_per_device"]
+            entry["measured"] = {m: {"goodput": g[m]["measured"], "bracket": g[m]["bracket"],
+                                     "engine_runs": g[m]["engine_runs"], "stopped_by_time_budget":
+                                     g[m]["stopped_by_time_budget"], "calibrated_simulation": g[m]["simulated_calibrated"]}
+                                 for m in plans}
+            entry["ratio_disaggregated_over_colocated"] = goodput_ratio(g["disaggregated"], g["colocated"])
+            entry["measured_winner"] = winner(g)
+            entry["pick_is_measured_winner"] = entry["measured_winner"] == entry["pick"] if \
+                entry["measured_winner"] != "tie" else None
+            print(f"[{name}] measured winner: {entry['measured_winner']}; planner's pick {entry['pick']}: "
+                  + {True: "right", False: "wrong", None: "undecided (brackets overlap)"}[entry["pick_is_measured_winner"]],
+                  flush=True)
+        summary["regimes"][name] = entry
+    summary["load_average_at_end"] = os.getloadavg()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "mode_choice.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
