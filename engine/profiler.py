@@ -8,6 +8,7 @@ run the same phase and run the other phase (beside_other_phase): the contention 
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections import deque
@@ -43,9 +44,11 @@ def loop_overhead(ctx, steps: StepSender, runner, limits: InstanceLimits) -> dic
     """What a step costs the leader beyond its forward (scheduling, the step plan to the other
     ranks, taking the tokens back): the engine's own Scheduler drives synthetic requests through
     the real runner, and each step's loop time minus its runner.execute time is one sample, with
-    the step's context tokens (prompt tokens for prefill, cached + new for decode)."""
+    the step's context tokens (prompt tokens for prefill, cached + new for decode). Prefill-first,
+    so that every step is of one phase."""
     vocab = runner.shape.vocab_size
-    sched = Scheduler("colocated", ctx.instance.id, ctx.instance.size, limits)
+    sched = Scheduler("colocated", ctx.instance.id, ctx.instance.size,
+                      dataclasses.replace(limits, colocated_policy="prefill_first"))
     for i, n in enumerate(p for p in LOOP_PROMPTS if p + LOOP_TOKENS < limits.max_model_len):
         prompt = [3 + (i * 11 + j) % (vocab - 3) for j in range(n)]
         sched.add_request(Request(i, tuple(prompt), SamplingParams(max_tokens=LOOP_TOKENS, ignore_eos=True), time.time()))
