@@ -42,7 +42,9 @@ def settings_from(cfg: JobConfig) -> Settings:
                     max_requests=p.max_requests, token_budget=cfg.scheduler.token_budget,
                     max_decode_batch=cfg.scheduler.max_decode_batch, memory_gb=p.memory_gb,
                     intra_node_gbps=cfg.cluster.intra_node_bandwidth_gbps,
-                    inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer)
+                    inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer,
+                    colocated_policy=cfg.scheduler.colocated_policy,
+                    step_token_budget=None if cfg.scheduler.step_token_budget == "auto" else cfg.scheduler.step_token_budget)
 
 
 def profile_path(cfg: JobConfig, path: str) -> str:
