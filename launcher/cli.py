@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     be.add_argument("config")
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")
     be.add_argument("--requests", type=int, default=100, help="requests per rate (default 100)")
-    be.add_argument("--compare-colocated", action="store_true", help="also run a colocated placement on the same ranks")
+    be.add_argument("--compare-colocated", action="store_true",
+                    help="also run colocated placements on the same ranks: chunked prefill and prefill-first")
     be.add_argument("--colocated-rates", help="total request rates for the colocated placement (default: --rates)")
     be.add_argument("--bisect", type=int, default=0, metavar="N",
                     help="narrow each system's goodput with up to N more engine runs at bracket midpoints, "

@@ -126,3 +126,13 @@ def test_scaled_multiplies_each_phase_and_its_step_cost():
     fast = scaled(base, 0.5, 2.0)
     assert fast.prefill_ms([300, 200], 2) == pytest.approx(0.5 * base.prefill_ms([300, 200], 2))
     assert fast.decode_ms(40, 20000, 1) == pytest.approx(2.0 * base.decode_ms(40, 20000, 1))
+
+
+def test_each_colocated_system_runs_its_own_policy():
+    from launcher.bench import system_config
+    from launcher.config import JobConfig
+
+    cfg = JobConfig()
+    assert system_config(cfg, "disaggregated") is cfg and system_config(cfg, "colocated-chunked") is cfg
+    other = system_config(cfg, "colocated-prefill_first")
+    assert other.scheduler.colocated_policy == "prefill_first" and cfg.scheduler.colocated_policy == "chunked"
