@@ -54,6 +54,8 @@ def test_chunked_colocated_matches_prefill_first(tmp_path, tiny_model_dir, refer
     assert out == reference
     (inst,) = report["instances"]
     assert inst["token_budget"] == BUDGET and inst["peak_batch"] > 1
+    mixed = inst["step_samples"]["mixed"]  # prompt chunks beside decodes, within the budget
+    assert any(x["batch"] for x in mixed) and all(sum(x["lens"]) + x["batch"] <= BUDGET for x in mixed)
 
 
 def test_prefill_instance_chunks_prompts_longer_than_its_budget(tmp_path, tiny_model_dir, reference):
@@ -64,4 +66,5 @@ def test_prefill_instance_chunks_prompts_longer_than_its_budget(tmp_path, tiny_m
     assert out == reference
     prefill = next(i for i in report["instances"] if i["role"] == "prefill")
     assert prefill["token_budget"] == BUDGET
-    assert all(sum(s["lens"]) <= BUDGET for s in prefill["step_samples"]["prefill"])
+    steps = prefill["step_samples"]["prefill"] + prefill["step_samples"]["mixed"]
+    assert all(sum(s["lens"]) <= BUDGET for s in steps) and any(max(s.get("starts", [0])) > 0 for s in steps)

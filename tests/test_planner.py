@@ -305,3 +305,21 @@ def test_bisect_rate_stops_at_its_probe_budget_and_ceiling():
     assert calls == [3.0, 3.5, 3.25] and (lo, hi) == (3.25, 3.5)
     lo, hi = bisect_rate(lambda r: True, 0.0, 1.0, 0.1, ceiling=100)
     assert lo == 64.0 and hi == math.inf  # 128 would exceed the ceiling: not probed
+
+
+def test_profile_fit_reports_how_well_it_prices_the_mixed_steps_it_timed():
+    from launcher.planner.profile_fit import fit_entry
+
+    truth = LatencyModel("toy", {1: Coefficients((5.0, 0.1, 1e-4), (3.0, 0.001, 0.2), (3.0, 0.001, 0.2), 10 ** 6)})
+    prefill = [{"lens": [n] * b, "ms": truth.prefill_ms([n] * b, 1)} for n in (16, 64, 256) for b in (1, 2, 4)]
+    decode = [{"batch": b, "context_sum": b * c, "ms": truth.decode_trip_ms(b, b * c, 1)}
+              for b in (1, 2, 4, 8, 16) for c in (32, 256)]
+    shapes = [([64], [0], 4, 516), ([128], [256], 8, 2056), ([256], [128], 16, 2064)]
+    mixed = [{"lens": lens, "starts": starts, "batch": b, "context_sum": ctx,
+              "ms": truth.mixed_ms(lens, starts, b, ctx, 1)} for lens, starts, b, ctx in shapes]
+    entry = fit_entry({"prefill": prefill, "decode": decode, "mixed": mixed})
+    assert entry["fit_max_rel_error"]["mixed"] < 0.01
+    slower = [dict(x, ms=x["ms"] * 1.25) for x in mixed]  # mixed steps a quarter slower than the model says
+    assert fit_entry({"prefill": prefill, "decode": decode, "mixed": slower})["fit_max_rel_error"]["mixed"] == \
+        pytest.approx(0.2, abs=0.01)
+    assert "mixed" not in fit_entry({"prefill": prefill, "decode": decode})["fit_max_rel_error"]
