@@ -187,7 +187,7 @@ class Scheduler:
 
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.pulling) + len(self.incoming)
+        return len(self.waiting) + len(self.prefilling) + len(self.running) + len(self.pulling) + len(self.incoming)
 
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running or self.pulling or self.incoming or self.firsts
@@ -356,7 +356,7 @@ class Scheduler:
 
     def state(self) -> dict:
         """What the heartbeat reports: queue, batch and KV occupancy."""
-        return {"waiting": len(self.waiting) + len(self.incoming), "running": len(self.running),
+        return {"waiting": len(self.waiting) + len(self.prefilling) + len(self.incoming), "running": len(self.running),
                 "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks}
 
     def stats(self) -> dict:
