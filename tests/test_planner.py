@@ -323,3 +323,14 @@ def test_profile_fit_reports_how_well_it_prices_the_mixed_steps_it_timed():
     assert fit_entry({"prefill": prefill, "decode": decode, "mixed": slower})["fit_max_rel_error"]["mixed"] == \
         pytest.approx(0.2, abs=0.01)
     assert "mixed" not in fit_entry({"prefill": prefill, "decode": decode})["fit_max_rel_error"]
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_chunked_colocated_finishes_every_request_within_its_budget_and_memory(pp):
+    """Random lengths (prompts up to 6x the budget), Poisson arrivals, a small KV, PP with steps in
+    flight: every request finishes, its prefill starting after its arrival, its first token after that."""
+    lat = linear_model(prefill=(3.0, 0.05, 1e-4), decode=(4.0, 0.001, 0.2))
+    reqs = make_requests(400, 20.0, LengthDist("uniform", low=(1, 1), high=(192, 24)), seed=5)
+    Simulation(lat, Policy(token_budget=64, max_decode_batch=16, step_token_budget=32),
+               colocated=[InstanceSpec(1, pp, 2000)]).run(reqs)
+    assert all(not math.isnan(r.finish) and r.arrival <= r.prefill_start <= r.first_token <= r.finish for r in reqs)
