@@ -2,11 +2,11 @@
 
 One class serves the three roles; a role is the set of phases an instance runs:
 - prefill:   FCFS batches under the token budget L_m (whole prompts; a prompt longer than L_m
-             runs in chunks that fill the budget, so L_m bounds every step); a request that may decode is announced to
-             its decode instance when its prefill starts; after prefill the KV is *held*; its sends
-             are posted once its decode instance pulled it, in the order that instance's pulls came
-             (per rank pair the sends then follow the receives' order: NCCL matches by order, not
-             tag); no blocks free = no new prefill (backpressure).
+             runs in chunks that fill the budget, so L_m bounds every step); a request that may
+             decode is announced to its decode instance when its prefill starts; after prefill the
+             KV is *held*; its sends are posted once its decode instance pulled it, in the order
+             that instance's pulls came (per rank pair the sends then follow the receives' order:
+             NCCL matches by order, not tag); no blocks free = no new prefill (backpressure).
 - decode:    pulls an announced request's KV (posts its receives and tells the prefill instance)
              only when it has blocks (prompt + max_tokens) and batch room for it; a pulled request
              joins the continuous batch once every rank has its KV and its first token is known.

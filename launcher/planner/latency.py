@@ -95,7 +95,8 @@ class LatencyModel:
         o0, o1 = coef.prefill_overhead if phase == "prefill" else coef.decode_overhead
         return o0 + o1 * context_tokens
 
-    def _prefill_compute_ms(self, lens: list[int], coef: Coefficients, pp: int, starts: list[int] | None = None) -> float:
+    def _prefill_compute_ms(self, lens: list[int], coef: Coefficients, pp: int,
+                            starts: list[int] | None = None) -> float:
         a, b, c = coef.prefill
         starts = starts or [0] * len(lens)
         quadratic = sum((s + n) ** 2 - s * s for s, n in zip(starts, lens))
@@ -145,7 +146,8 @@ class LatencyModel:
         (p0, p1), (d0, d1) = coef.prefill_overhead, coef.decode_overhead
         return compute, max(p0, d0) + p1 * sum(lens) + d1 * context_sum
 
-    def mixed_ms(self, lens: list[int], starts: list[int], batch: int, context_sum: float, tp: int, pp: int = 1) -> float:
+    def mixed_ms(self, lens: list[int], starts: list[int], batch: int, context_sum: float, tp: int,
+                 pp: int = 1) -> float:
         """Latency of a chunked-prefill step: prompt chunks `lens` (after `starts` cached tokens
         each) beside `batch` one-token decodes over `context_sum` tokens; a pure prefill or pure
         decode step where one part is empty."""

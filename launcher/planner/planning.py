@@ -36,6 +36,7 @@ def settings_from(cfg: JobConfig) -> Settings:
         if not p.trace:
             raise UserError("config: 'planner.lengths: trace' needs 'planner.trace' (a JSONL file)")
         lengths.pairs = trace_lengths(cfg.resolve(p.trace))
+    step_budget = None if cfg.scheduler.step_token_budget == "auto" else cfg.scheduler.step_token_budget
     return Settings(cfg.slo.ttft_ms, cfg.slo.tpot_ms, cfg.slo.attainment, rule=p.rule, num_requests=p.num_requests,
                     lengths=lengths, arrival="gamma" if cfg.workload.arrival == "gamma" else "poisson",
                     cv=cfg.workload.cv, seed=cfg.workload.seed, precision=p.precision, span_s=p.span_s,
@@ -43,8 +44,7 @@ def settings_from(cfg: JobConfig) -> Settings:
                     max_decode_batch=cfg.scheduler.max_decode_batch, memory_gb=p.memory_gb,
                     intra_node_gbps=cfg.cluster.intra_node_bandwidth_gbps,
                     inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer,
-                    colocated_policy=cfg.scheduler.colocated_policy,
-                    step_token_budget=None if cfg.scheduler.step_token_budget == "auto" else cfg.scheduler.step_token_budget)
+                    colocated_policy=cfg.scheduler.colocated_policy, step_token_budget=step_budget)
 
 
 def profile_path(cfg: JobConfig, path: str) -> str:
