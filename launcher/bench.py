@@ -45,7 +45,9 @@ DRAIN_SLACK_S = 3.0
 MAX_DRAIN_S = 60.0
 
 
-COLOCATED_SYSTEMS = {"colocated-chunked": "chunked", "colocated-prefill_first": "prefill_first"}
+# bench system -> its colocated policy; plain "colocated" names the runs stored before chunked prefill
+COLOCATED_SYSTEMS = {"colocated-chunked": "chunked", "colocated-prefill_first": "prefill_first",
+                     "colocated": "prefill_first"}
 
 
 def system_config(cfg: JobConfig, system: str) -> JobConfig:
@@ -330,7 +332,7 @@ def bench(args) -> int:
     if args.compare_colocated:  # both colocated policies, on one TP1 instance per device
         devices = sum(i.size for i in next(iter(systems.values())).instances)
         colocated_rates = _rates(args.colocated_rates, "--colocated-rates") if args.colocated_rates else rates
-        for system in COLOCATED_SYSTEMS:
+        for system in ("colocated-chunked", "colocated-prefill_first"):
             systems.setdefault(system, packed_plan([("colocated", devices, 1, 1)], hosts))
             per_system.setdefault(system, colocated_rates)
     out_dir = os.path.abspath(args.output)

@@ -136,3 +136,5 @@ def test_each_colocated_system_runs_its_own_policy():
     assert system_config(cfg, "disaggregated") is cfg and system_config(cfg, "colocated-chunked") is cfg
     other = system_config(cfg, "colocated-prefill_first")
     assert other.scheduler.colocated_policy == "prefill_first" and cfg.scheduler.colocated_policy == "chunked"
+    # the bench runs stored before chunked prefill named their prefill-first system "colocated"
+    assert system_config(cfg, "colocated").scheduler.colocated_policy == "prefill_first"
