@@ -109,8 +109,8 @@ def run_planner(cfg: JobConfig, hosts: list[Host], shape=None) -> tuple[Plan, Pl
         "layout": result.layout, "per_device_goodput": round(result.per_device_goodput, 4),
         "capacity_per_device": round(result.capacity_per_device, 4),
         "devices": result.devices, "goodput_req_s": round(result.per_device_goodput * result.devices, 4),
-        "colocated": {"tp": baseline.tp, "pp": baseline.pp, "per_device_goodput": round(baseline.per_device, 4)}
-        if baseline else None,
+        "colocated": {"tp": baseline.tp, "pp": baseline.pp, "per_device_goodput": round(baseline.per_device, 4),
+                      "policy": settings.colocated_policy} if baseline else None,
         "slo": {"ttft_ms": settings.ttft_ms, "tpot_ms": settings.tpot_ms, "attainment": settings.target,
                 "rule": settings.rule},
         "probe_span_s": round(probe_span_s(settings), 1), "tie_rule": TIE_RULE,
@@ -141,6 +141,6 @@ def print_report(result: PlacementResult, predicted: dict) -> None:
     console.print(f"[bold]chosen:[/] {predicted['layout']} on {predicted['devices']} devices: "
                   f"{predicted['per_device_goodput']:.3f} req/s per device (simulated end to end)")
     if col:
-        console.print(f"[bold]colocated baseline:[/] TP{col['tp']} x PP{col['pp']}: {col['per_device_goodput']:.3f} "
-                      f"req/s per device; disaggregated / colocated = {ratio:.2f}x")
+        console.print(f"[bold]colocated baseline ({col['policy']}):[/] TP{col['tp']} x PP{col['pp']}: "
+                      f"{col['per_device_goodput']:.3f} req/s per device; disaggregated / colocated = {ratio:.2f}x")
     console.print(f"planned in {predicted['planning_s']:.2f} s")
