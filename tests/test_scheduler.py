@@ -419,3 +419,30 @@ def test_each_side_of_a_transfer_gets_the_other_sides_block_table():
     p.add_pull(pull)
     [send] = p.schedule().step.kv_sends
     assert send.peer_blocks == recv.block_table and recv.peer_blocks == send.block_table
+
+
+def test_the_simulator_takes_prompt_chunks_as_the_engines_scheduler_does():
+    """Prefill instance (L_m 24) and chunked colocated (step budget 24, decodes disregarded here):
+    the same prompts give the same (request, start, tokens) steps in engine and simulator."""
+    import random
+
+    from launcher.planner.simulator import _Prompts
+    from launcher.planner.workload import SimRequest
+
+    rng = random.Random(7)
+    lens = [rng.randrange(1, 80) for _ in range(30)]
+    for role, policy in (("prefill", "prefill_first"), ("colocated", "chunked")):
+        s = sched(role, blocks=10 ** 4, budget=24, max_batch=100, policy=policy)
+        prompts, reqs = _Prompts(), [SimRequest(0.0, n, 2) for n in lens]
+        for i, n in enumerate(lens):
+            s.add_request(req(i, n))
+            prompts.queue.append(reqs[i])
+        splits = (lambda n: n > 24) if role == "prefill" else (lambda n: True)
+        index = {id(r): i for i, r in enumerate(reqs)}  # by identity: equal lengths make equal requests
+        engine, simulated = [], []
+        while s.waiting or s.prefilling:
+            step = s.schedule().step
+            engine.append(shape(step))
+            s.in_flight.clear()
+            simulated.append([(index[id(r)], start, n) for r, start, n in prompts.take(24, splits, lambda r, k: True)])
+        assert engine == simulated and not prompts
