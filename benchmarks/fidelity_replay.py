@@ -16,7 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launcher.bench import build_trace, measured_and_simulated, rate_indices, summary  # noqa: E402
+from launcher.bench import build_trace, measured_and_simulated, rate_indices, summary, system_config  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.jobs import model_dir_of  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
@@ -38,16 +38,17 @@ def replay(config: str, bench_dir: str, profile: str) -> list[dict]:
         if system in seen:
             continue  # a bisection job: run-<system>/report.json holds only the last job's
         seen.add(system)
+        cfg_s = system_config(cfg, system)  # its colocated policy
         plan = read_plan(os.path.join(bench_dir, f"run-{system}", "plan.yaml"))
-        trace, segment = build_trace(cfg, plan, spec, job["rates"], bench["requests_per_rate"])
+        trace, segment = build_trace(cfg_s, plan, spec, job["rates"], bench["requests_per_rate"])
         with open(os.path.join(bench_dir, f"run-{system}", "report.json")) as f:
             report = json.load(f)
-        runs, _ = measured_and_simulated(cfg, plan, spec, trace, segment, report,
+        runs, _ = measured_and_simulated(cfg_s, plan, spec, trace, segment, report,
                                          os.path.join(bench_dir, f"results-{system}-{index}.jsonl"))
         for k, rate in enumerate(job["rates"], 1):
             pick = rate_indices(segment, k)
             rows.append({"system": system, "rate": rate} |
-                        {name: summary([reqs[i] for i in pick], cfg)["attainment"] for name, reqs in runs.items()})
+                        {name: summary([reqs[i] for i in pick], cfg_s)["attainment"] for name, reqs in runs.items()})
     return rows
 
 

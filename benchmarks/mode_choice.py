@@ -97,14 +97,16 @@ def main() -> None:
                  "machine": predicted.get("machine", {}).get("status")}
         print(f"[{name}] planner picks {predicted['mode']}: {predicted['reason']}", flush=True)
         if not args.plan_only and len(plans) == 2:
+            # bench names a colocated system by its policy (the one the planner priced: the config's)
+            system = {"disaggregated": "disaggregated", "colocated": f"colocated-{cfg.scheduler.colocated_policy}"}
             devices = {m: sum(i.size for i in p.instances) for m, p in plans.items()}
-            rates = {m: sorted({round(f * entry["predicted"][m] * devices[m], 3) for f in factors}) for m in plans}
+            rates = {system[m]: sorted({round(f * entry["predicted"][m] * devices[m], 3) for f in factors}) for m in plans}
             out_dir = os.path.join(os.path.abspath(args.out), name)
-            result = run_bench(cfg, plans, rates, args.requests, shape.vocab_size, model_spec(cfg, shape),
-                               engine_runner(cfg, model_dir, out_dir), out_dir, probes=args.bisect,
-                               budget_s=args.time_budget * 60, relative=args.bisect_to)
+            result = run_bench(cfg, {system[m]: p for m, p in plans.items()}, rates, args.requests, shape.vocab_size,
+                               model_spec(cfg, shape), engine_runner(cfg, model_dir, out_dir), out_dir,
+                               probes=args.bisect, budget_s=args.time_budget * 60, relative=args.bisect_to)
             print_bench(result)
-            g = result["goodput_per_device"]
+            g = {m: result["goodput_per_device"][system[m]] for m in plans}
             entry["measured"] = {m: {"goodput": g[m]["measured"], "bracket": g[m]["bracket"],
                                      "engine_runs": g[m]["engine_runs"], "stopped_by_time_budget":
                                      g[m]["stopped_by_time_budget"], "calibrated_simulation": g[m]["simulated_calibrated"]}

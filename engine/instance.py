@@ -20,7 +20,7 @@ from engine.scheduler import CONTROLLER, Scheduler
 from engine.watchdog import ControllerWatch
 from launcher.protocol import Heartbeat, InstanceStats, NextArrival, RecvDone, StepPlan, Tag
 
-STEP_SAMPLES = 4000  # most recent pure prefill / pure decode step timings kept for the final stats
+STEP_SAMPLES = 4000  # most recent step timings of each kind kept for the final stats
 
 
 class Leader:
@@ -36,18 +36,24 @@ class Leader:
         self.steps_out = c.StepSender(ctx)
         self.last_beat = 0.0
         self.steps = 0
-        self.step_samples = {"prefill": deque(maxlen=STEP_SAMPLES), "decode": deque(maxlen=STEP_SAMPLES)}
+        self.step_samples = {kind: deque(maxlen=STEP_SAMPLES) for kind in ("prefill", "decode", "mixed")}
 
     def _record(self, step: StepPlan, ms: float) -> None:
-        """What a pure prefill or pure decode step cost this instance under the run's own load (its
-        loop iteration: messages, scheduling, the step, posting results), in `pdlaunch profile`'s
-        sample format, for `pdlaunch bench` to fit a latency model to."""
+        """What a prefill, decode or mixed (chunked prefill: prompt chunks beside decodes) step
+        cost this instance under the run's own load (its loop iteration: messages, scheduling, the
+        step, posting results), in `pdlaunch profile`'s sample format, for `pdlaunch bench` to fit a
+        latency model to."""
         now = round(time.time(), 3)  # when the step ended: lets a bench pick a window's steps
-        if all(c.start_pos == 0 for c in step.seqs):
-            self.step_samples["prefill"].append({"lens": [len(c.token_ids) for c in step.seqs], "ms": ms, "t": now})
-        elif all(len(c.token_ids) == 1 and c.start_pos > 0 for c in step.seqs):
-            self.step_samples["decode"].append({"batch": len(step.seqs), "context_sum": sum(c.start_pos + 1 for c in step.seqs),
-                                                "ms": ms, "t": now})
+        decodes = [c for c in step.seqs if len(c.token_ids) == 1 and c.start_pos > 0]
+        chunks = [c for c in step.seqs if not (len(c.token_ids) == 1 and c.start_pos > 0)]
+        decode = {"batch": len(decodes), "context_sum": sum(c.start_pos + 1 for c in decodes)}
+        if not chunks:
+            self.step_samples["decode"].append(decode | {"ms": ms, "t": now})
+        elif not decodes and all(c.start_pos == 0 for c in chunks):
+            self.step_samples["prefill"].append({"lens": [len(c.token_ids) for c in chunks], "ms": ms, "t": now})
+        else:
+            self.step_samples["mixed"].append({"lens": [len(c.token_ids) for c in chunks],
+                                               "starts": [c.start_pos for c in chunks]} | decode | {"ms": ms, "t": now})
 
     def _heartbeat(self) -> None:
         """Tells the controller's watchdog this instance is alive and how far it got."""

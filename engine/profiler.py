@@ -8,6 +8,7 @@ run the same phase and run the other phase (beside_other_phase): the contention 
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections import deque
@@ -22,6 +23,8 @@ PREFILL_BATCHES = [1, 2, 4]
 DECODE_BATCHES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]  # small batches are far from linear on CPUs
 DECODE_CONTEXTS = [32, 128, 256, 768]
 MAX_PREFILL_TOKENS = 2048
+# chunked prefill's mixed steps: (decodes, their context, prompt chunk, tokens cached before it)
+MIXED_SHAPES = [(4, 128, 64, 0), (8, 128, 128, 0), (8, 256, 128, 256), (16, 128, 256, 128), (16, 256, 64, 448)]
 LOOP_PROMPTS = [16, 48, 96, 160, 256] * 3  # the loop-overhead phase's requests, max_tokens LOOP_TOKENS each
 LOOP_TOKENS = 12
 
@@ -39,13 +42,25 @@ def _decode_plan(batch: int, context: int, block_size: int) -> StepPlan:
                                for i in range(batch)))
 
 
+def _mixed_plan(batch: int, context: int, chunk: int, start: int, block_size: int, vocab: int) -> StepPlan:
+    """`batch` decodes over `context` cached tokens each, then one prompt chunk of `chunk` tokens
+    after `start` cached ones (its blocks after theirs)."""
+    decodes = _decode_plan(batch, context, block_size).seqs
+    first = batch * blocks_for(context + 1, block_size)
+    table = tuple(range(first, first + blocks_for(start + chunk, block_size)))
+    tokens = tuple(3 + (j * 7) % (vocab - 3) for j in range(chunk))
+    return StepPlan(seqs=decodes + (SeqChunk(batch, tokens, start, table, SamplingParams(), 0),))
+
+
 def loop_overhead(ctx, steps: StepSender, runner, limits: InstanceLimits) -> dict:
     """What a step costs the leader beyond its forward (scheduling, the step plan to the other
     ranks, taking the tokens back): the engine's own Scheduler drives synthetic requests through
     the real runner, and each step's loop time minus its runner.execute time is one sample, with
-    the step's context tokens (prompt tokens for prefill, cached + new for decode)."""
+    the step's context tokens (prompt tokens for prefill, cached + new for decode). Prefill-first,
+    so that every step is of one phase."""
     vocab = runner.shape.vocab_size
-    sched = Scheduler("colocated", ctx.instance.id, ctx.instance.size, limits)
+    sched = Scheduler("colocated", ctx.instance.id, ctx.instance.size,
+                      dataclasses.replace(limits, colocated_policy="prefill_first"))
     for i, n in enumerate(p for p in LOOP_PROMPTS if p + LOOP_TOKENS < limits.max_model_len):
         prompt = [3 + (i * 11 + j) % (vocab - 3) for j in range(n)]
         sched.add_request(Request(i, tuple(prompt), SamplingParams(max_tokens=LOOP_TOKENS, ignore_eos=True), time.time()))
@@ -134,7 +149,7 @@ def _shapes(limits: InstanceLimits, vocab: int) -> dict[str, list[tuple[dict, St
     """Every prefill and decode shape the profile times that fits this instance's cache and
     context: (the sample's key fields, the step plan) per phase."""
     num_blocks, block_size, max_len = limits.num_blocks, limits.block_size, limits.max_model_len
-    shapes = {"prefill": [], "decode": []}
+    shapes = {"prefill": [], "decode": [], "mixed": []}
     for length in PREFILL_LENS:
         for batch in PREFILL_BATCHES:
             if (batch * length <= MAX_PREFILL_TOKENS and length < max_len
@@ -145,6 +160,12 @@ def _shapes(limits: InstanceLimits, vocab: int) -> dict[str, list[tuple[dict, St
             if context + 1 < max_len and batch * blocks_for(context + 1, block_size) <= num_blocks:
                 shapes["decode"].append(({"batch": batch, "context_sum": batch * (context + 1)},
                                          _decode_plan(batch, context, block_size)))
+    for batch, context, chunk, start in MIXED_SHAPES:
+        blocks = batch * blocks_for(context + 1, block_size) + blocks_for(start + chunk, block_size)
+        if max(context + 1, start + chunk) < max_len and blocks <= num_blocks:
+            shapes["mixed"].append(({"lens": [chunk], "starts": [start], "batch": batch,
+                                     "context_sum": batch * (context + 1)},
+                                    _mixed_plan(batch, context, chunk, start, block_size, vocab)))
     return shapes
 
 
@@ -156,8 +177,8 @@ def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_re
     steps = StepSender(ctx)
     shapes = _shapes(limits, runner.shape.vocab_size)
     _timed(steps, runner, _prefill_plan(1, 16, limits.block_size, runner.shape.vocab_size), repeats)  # warm-up
-    samples = {"prefill": [], "decode": []}
-    for phase, count in (("prefill", repeats), ("decode", decode_repeats)):
+    samples = {"prefill": [], "decode": [], "mixed": []}
+    for phase, count in (("prefill", repeats), ("decode", decode_repeats), ("mixed", repeats)):
         for key, plan in shapes[phase]:
             samples[phase].append(key | {"ms": _timed(steps, runner, plan, count)})
             ctx.world.send(Heartbeat(ctx.instance.id, len(samples[phase])), dest=0, tag=Tag.HEARTBEAT)

@@ -1,19 +1,28 @@
 """The leader's scheduler: which sequences run this step, and where their KV blocks live.
 
 One class serves the three roles; a role is the set of phases an instance runs:
-- prefill:   FCFS batches under the token budget L_m; a request that may decode is announced to
-             its decode instance when its prefill starts; after prefill the KV is *held*; its sends
-             are posted once its decode instance pulled it, in the order that instance's pulls came
-             (per rank pair the sends then follow the receives' order: NCCL matches by order, not
-             tag); no blocks free = no new prefill (backpressure).
+- prefill:   FCFS batches under the token budget L_m (whole prompts; a prompt longer than L_m
+             runs in chunks that fill the budget, so L_m bounds every step); a request that may
+             decode is announced to its decode instance when its prefill starts; after prefill the
+             KV is *held*; its sends are posted once its decode instance pulled it, in the order
+             that instance's pulls came (per rank pair the sends then follow the receives' order:
+             NCCL matches by order, not tag); no blocks free = no new prefill (backpressure).
 - decode:    pulls an announced request's KV (posts its receives and tells the prefill instance)
              only when it has blocks (prompt + max_tokens) and batch room for it; a pulled request
              joins the continuous batch once every rank has its KV and its first token is known.
              Announcing at prefill start lets the receives be posted while the prefill runs, so the
              transfer starts at the first token instead of at the decode side's next step boundary
              after it.
-- colocated: both phases on the same ranks, prefill-prioritised (vLLM's default): a step is a
-             prefill batch whenever one is admissible, else a decode step.
+- colocated: both phases on the same ranks, under one of two policies:
+             chunked (vLLM >= 0.6, Sarathi-Serve): every step carries the running decodes (one token
+             each, first) plus chunks of the started, then the waiting prompts (FCFS) up to the
+             step token budget, decode tokens included; a prompt's KV grows chunk by chunk in its
+             blocks and its first token is sampled with its last chunk;
+             prefill_first (vLLM before 0.6): a step is a prefill batch of whole prompts whenever
+             one is admissible, else a decode step.
+A chunk that does not end its prompt is run for its KV alone: the token the ranks sample for it
+is dropped. With PP and batches in flight a prompt's next chunk may start before its previous one
+has left the last stage: every stage runs the steps in order, so the KV it attends to is there.
 Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
 An aborted request (client gone, drain timed out) leaves at once if it waits; one whose KV is
 already moving or in the batch finishes with reason "abort" at its next join or step, so every
@@ -56,6 +65,7 @@ class Sequence:
     text_state: TextState = field(default_factory=TextState)  # for stop strings
     source_instance: int = -1
     announced: bool = False  # prefill side: its decode instance expects its KV
+    prefilled: int = 0  # prompt tokens given to steps so far (chunked prefill)
 
     @property
     def req_id(self) -> int:
@@ -77,10 +87,11 @@ class InstanceLimits:
 
     num_blocks: int
     block_size: int
-    token_budget: int  # L_m: most prompt tokens in one prefill batch
+    token_budget: int  # L_m: most prompt tokens in one prefill batch; chunked colocated: most tokens in one step
     max_batch: int
     max_model_len: int
     pipeline_depth: int = 1  # steps in flight at once: PP with batches in flight, else 1
+    colocated_policy: str = "prefill_first"  # chunked | prefill_first (colocated instances only)
 
 
 class Scheduler:
@@ -92,10 +103,14 @@ class Scheduler:
         self.max_batch, self.max_model_len = limits.max_batch, limits.max_model_len
         self.allocator = BlockAllocator(limits.num_blocks)
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
+        self.chunked = role == "colocated" and limits.colocated_policy == "chunked"
         self.waiting: deque[Sequence] = deque()      # to prefill
+        self.prefilling: deque[Sequence] = deque()   # started, prompt not all given to steps yet (chunked)
+        self.starting: set[int] = set()              # admitted, first token not back yet
         self.running: list[Sequence] = []            # decoding
         self.depth = limits.pipeline_depth
-        self.in_flight: deque[list[Sequence]] = deque()  # the sequences of each step not answered yet, oldest first
+        # each step not answered yet, oldest first: its sequences, and whether it samples their token
+        self.in_flight: deque[list[tuple[Sequence, bool]]] = deque()
         self.held: dict[int, Sequence] = {}          # prefill: KV kept until pulled
         self.incoming: deque[KVIncoming] = deque()   # decode: announced, receives not posted yet
         self.firsts: dict[int, FirstToken] = {}      # decode: first tokens of requests not pulled yet
@@ -172,10 +187,10 @@ class Scheduler:
 
     @property
     def load(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.pulling) + len(self.incoming)
+        return len(self.waiting) + len(self.prefilling) + len(self.running) + len(self.pulling) + len(self.incoming)
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.running or self.pulling or self.incoming or self.firsts
+        return bool(self.waiting or self.prefilling or self.running or self.pulling or self.incoming or self.firsts
                     or any(self.pulls.values()) or self.pending_releases or self.in_flight)
 
     def _decode_group(self) -> list[Sequence]:
@@ -187,7 +202,7 @@ class Scheduler:
 
     def _flying(self) -> set[int]:
         """Ids of the sequences in steps in flight."""
-        return {seq.req_id for step in self.in_flight for seq in step}
+        return {seq.req_id for step in self.in_flight for seq, _ in step}
 
     # ---- scheduling ------------------------------------------------------------------------
     def _reserve(self, seq: Sequence) -> int:
@@ -199,30 +214,57 @@ class Scheduler:
         n = len(seq.request.prompt_ids)
         return self.role == "prefill" and seq.request.sampling.max_tokens > 1 and n + 1 < self.max_model_len
 
-    def _prefill_batch(self, out: SchedulerOutput) -> list[Sequence]:
-        batch, tokens = [], 0
-        while self.waiting:
-            seq = self.waiting[0]
+    def _splits(self, prompt_len: int) -> bool:
+        """Whether a prompt may run in chunks: any prompt of a chunked colocated instance, one
+        longer than L_m on a prefill instance; never under prefill_first (whole prompts, one
+        longer than the budget alone in its step)."""
+        return self.chunked or (self.role == "prefill" and prompt_len > self.token_budget)
+
+    def _admit(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Takes the blocks a waiting prompt needs (colocated: for its whole life, and batch room);
+        False when they are not there (backpressure). Announces one that will decode elsewhere."""
+        n = len(seq.request.prompt_ids)
+        if self.role == "colocated":
+            if len(self.running) + len(self.starting) >= self.max_batch:
+                return False
+            need = self._reserve(seq)
+        else:
+            need = blocks_for(n, self.block_size)
+        if not self.allocator.can_allocate(need):
+            return False
+        seq.blocks = self.allocator.allocate(need)
+        self.starting.add(seq.req_id)
+        seq.times["prefill_start"] = time.time()
+        if self._decodes_later(seq):
+            seq.announced = True
+            out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
+                                 KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
+        return True
+
+    def _prompt_chunks(self, out: SchedulerOutput, budget: int) -> list[tuple[Sequence, SeqChunk]]:
+        """The prompt tokens of a step with `budget` tokens left: the started prompts' next chunks,
+        then waiting prompts FCFS (no skipping ahead), each whole or, where it may split, as much
+        of it as the budget holds."""
+        chunks = []
+        while budget > 0 and (self.prefilling or self.waiting):
+            started = bool(self.prefilling)
+            seq = self.prefilling[0] if started else self.waiting[0]
             n = len(seq.request.prompt_ids)
-            if batch and tokens + n > self.token_budget:
-                break
-            if self.role == "colocated":
-                if len(self.running) + len(batch) >= self.max_batch:
+            if not started:
+                if n > budget and chunks and not self._splits(n):
+                    break  # a whole prompt that does not fit: the next step
+                if not self._admit(seq, out):
                     break
-                need = self._reserve(seq)
-            else:
-                need = blocks_for(n, self.block_size)
-            if not self.allocator.can_allocate(need):
-                break  # backpressure: the hold area / cache is full
-            seq.blocks = self.allocator.allocate(need)
-            self.waiting.popleft()
-            batch.append(seq)
-            tokens += n
-            if self._decodes_later(seq):
-                seq.announced = True
-                out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
-                                     KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
-        return batch
+                self.waiting.popleft()
+                self.prefilling.append(seq)
+            take = min(n - seq.prefilled, budget) if self._splits(n) else n
+            chunks.append((seq, SeqChunk(seq.req_id, tuple(seq.request.prompt_ids[seq.prefilled:seq.prefilled + take]),
+                                         seq.prefilled, tuple(seq.blocks), seq.request.sampling, 0)))
+            seq.prefilled += take
+            budget -= take
+            if seq.prefilled == n:
+                self.prefilling.remove(seq)
+        return chunks
 
     def _start_pulls(self, out: SchedulerOutput) -> list[KVPost]:
         recvs = []
@@ -295,19 +337,16 @@ class Scheduler:
         if self.role == "decode":
             joins = self._joins(out)
             recvs = self._start_pulls(out)
-        batch = self._prefill_batch(out) if self.role in ("prefill", "colocated") else []
-        now = time.time()
-        if batch:
-            for seq in batch:
-                seq.times["prefill_start"] = now
-            chunks = [SeqChunk(seq.req_id, tuple(seq.request.prompt_ids), 0, tuple(seq.blocks), seq.request.sampling, 0)
-                      for seq in batch]
-        else:
-            batch = self._decode_group()
-            chunks = [SeqChunk(seq.req_id, (seq.output[-1],), seq.num_tokens - 1, tuple(seq.blocks),
-                               seq.request.sampling, len(seq.output)) for seq in batch]
-        if batch:
-            self.in_flight.append(batch)
+        decodes = self._decode_group() if self.role == "decode" or self.chunked else []
+        prompts = self._prompt_chunks(out, self.token_budget - len(decodes)) if self.role != "decode" else []
+        if self.role == "colocated" and not self.chunked and not prompts:  # prefill_first: decode when no prefill
+            decodes = self._decode_group()
+        ends_prompt = [chunk.start_pos + len(chunk.token_ids) == len(seq.request.prompt_ids) for seq, chunk in prompts]
+        step = [(seq, True) for seq in decodes] + [(seq, ends) for (seq, _), ends in zip(prompts, ends_prompt)]
+        chunks = [SeqChunk(seq.req_id, (seq.output[-1],), seq.num_tokens - 1, tuple(seq.blocks), seq.request.sampling,
+                           len(seq.output)) for seq in decodes] + [chunk for _, chunk in prompts]
+        if step:
+            self.in_flight.append(step)
         out.step = StepPlan(tuple(chunks), tuple(sends), tuple(recvs), tuple(joins), releases,
                             want_logits=self.want_logits and bool(chunks))
         self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
@@ -317,7 +356,7 @@ class Scheduler:
 
     def state(self) -> dict:
         """What the heartbeat reports: queue, batch and KV occupancy."""
-        return {"waiting": len(self.waiting) + len(self.incoming), "running": len(self.running),
+        return {"waiting": len(self.waiting) + len(self.prefilling) + len(self.incoming), "running": len(self.running),
                 "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks}
 
     def stats(self) -> dict:
@@ -354,7 +393,9 @@ class Scheduler:
         messages = []
         streamed = []
         step = self.in_flight.popleft()
-        for i, (seq, token) in enumerate(zip(step, tokens)):
+        for i, ((seq, sampled), token) in enumerate(zip(step, tokens)):
+            if not sampled:  # a chunk short of its prompt's end: only its KV counts
+                continue
             if seq.request.stream:
                 streamed.append((seq.req_id, len(seq.output), token))
             seq.output.append(token)
@@ -363,6 +404,7 @@ class Scheduler:
                 seq.logits.append(logits[i])
             first = len(seq.output) == 1
             if first:
+                self.starting.discard(seq.req_id)
                 seq.times["prefill_end"] = seq.times["first_token"] = now
             if first and seq.announced:  # its decode instance expects the KV, even if EOS came first
                 self.held[seq.req_id] = seq  # sent once pulled (_post_sends)

@@ -45,6 +45,21 @@ DRAIN_SLACK_S = 3.0
 MAX_DRAIN_S = 60.0
 
 
+# bench system -> its colocated policy; plain "colocated" names the runs stored before chunked prefill
+COLOCATED_SYSTEMS = {"colocated-chunked": "chunked", "colocated-prefill_first": "prefill_first",
+                     "colocated": "prefill_first"}
+
+
+def system_config(cfg: JobConfig, system: str) -> JobConfig:
+    """The config a bench system runs with: a colocated system's own scheduler.colocated_policy."""
+    policy = COLOCATED_SYSTEMS.get(system)
+    if policy is None or policy == cfg.scheduler.colocated_policy:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.scheduler.colocated_policy = policy
+    return out
+
+
 def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
     """n requests at `rate` req/s with the planner's length distribution, seeded by the rate: a
     rate given twice replays the identical trace, which measures the engine's own run-to-run noise."""
@@ -235,8 +250,8 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
             print(f"[bench] {text}", file=sys.stderr, flush=True)
 
     def job(system: str, job_rates: list[float]) -> list[dict]:
-        plan = systems[system]
-        trace, segment = build_trace(cfg, plan, spec, job_rates, n)
+        plan, cfg_s = systems[system], system_config(cfg, system)
+        trace, segment = build_trace(cfg_s, plan, spec, job_rates, n)
         name = f"{system}-{len(jobs)}"
         inp, out = os.path.join(out_dir, f"workload-{name}.jsonl"), os.path.join(out_dir, f"results-{name}.jsonl")
         with open(inp, "w") as f:
@@ -247,7 +262,7 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         job_started = time.monotonic()
         report = run_one(system, plan, inp, out)
         overheads_s.append(time.monotonic() - job_started - span_s)
-        runs, factors = measured_and_simulated(cfg, plan, spec, trace, segment, report, out)
+        runs, factors = measured_and_simulated(cfg_s, plan, spec, trace, segment, report, out)
         jobs.append({"system": system, "rates": job_rates, "calibration": factors, "wall_s": report.get("wall_s"),
                      "span_s": span_s})
         say(f"  calibration: prefill steps run at {factors['prefill']:.2f}x and batch-1 decode steps at "
@@ -258,8 +273,8 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
             pick = rate_indices(segment, k)
             m, p, c = ([runs[name][i] for i in pick] for name in ("measured", "predicted", "calibrated"))
             row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
-                   "requests": len(pick), "measured": summary(m, cfg), "predicted": summary(p, cfg),
-                   "calibrated": summary(c, cfg), "slo_scale": slo_scale_curve(m, cfg), "calibration": factors}
+                   "requests": len(pick), "measured": summary(m, cfg_s), "predicted": summary(p, cfg_s),
+                   "calibrated": summary(c, cfg_s), "slo_scale": slo_scale_curve(m, cfg_s), "calibration": factors}
             row["error_points"] = abs(row["measured"]["attainment"] - row["calibrated"]["attainment"]) * 100
             row["error_points_profile"] = abs(row["measured"]["attainment"] - row["predicted"]["attainment"]) * 100
             say(f"  {rate:g} req/s: attainment measured {row['measured']['attainment']:.1%}, simulated "
@@ -269,7 +284,7 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         return new
 
     def probe(system: str, rate: float) -> dict:
-        trace, _ = build_trace(cfg, systems[system], spec, [rate], n)
+        trace, _ = build_trace(system_config(cfg, system), systems[system], spec, [rate], n)
         if time.monotonic() - started + trace[-1].arrival / 1e3 + max(overheads_s) > budget_s:
             say(f"{system} at {rate:g} req/s would end past the time budget: bisection stops")
             raise OutOfTime
@@ -294,9 +309,10 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         goodput[system].pop("done", None)
         factors = next(j["calibration"] for j in jobs if j["system"] == system)
         profile = profile_latency(cfg, plan)
-        goodput[system]["simulated_profile"] = simulated_goodput(cfg, plan, spec, n, profile)
+        cfg_s = system_config(cfg, system)
+        goodput[system]["simulated_profile"] = simulated_goodput(cfg_s, plan, spec, n, profile)
         goodput[system]["simulated_calibrated"] = simulated_goodput(
-            cfg, plan, spec, n, scaled(profile, factors["prefill"], factors["decode"]))
+            cfg_s, plan, spec, n, scaled(profile, factors["prefill"], factors["decode"]))
     rows.sort(key=lambda r: (r["system"], r["rate"]))
     fidelity = {system: _fidelity([r for r in rows if r["system"] == system]) for system in systems}
     fidelity["all"] = _fidelity(rows)
@@ -317,7 +333,7 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
 def engine_runner(cfg: JobConfig, model_dir: str, out_dir: str):
     """run_bench's run_one: one engine job of `plan` on an input file, in out_dir/run-<system>."""
     def run_one(system: str, plan: Plan, inp: str, out: str) -> dict:
-        run_cfg = copy.deepcopy(cfg)
+        run_cfg = copy.deepcopy(system_config(cfg, system))
         run_cfg.workload.input, run_cfg.workload.output = inp, out
         if os.path.exists(out):
             os.remove(out)
@@ -357,17 +373,19 @@ def bench(args) -> int:
     if args.time_budget is not None and args.time_budget <= 0:
         raise UserError(f"bench: --time-budget must be a positive number of minutes, got {args.time_budget:g}")
     plan = build_plan(cfg, hosts, model_dir)
-    main_system = "colocated" if plan.by_role("colocated") else "disaggregated"
+    main_system = f"colocated-{cfg.scheduler.colocated_policy}" if plan.by_role("colocated") else "disaggregated"
     systems = {main_system: plan}
     check_hosts(cfg, plan)
     per_system = {main_system: rates}
-    if args.compare_colocated and main_system == "colocated":
+    if args.compare_colocated and plan.by_role("colocated"):
         raise UserError("bench: --compare-colocated compares a disaggregated placement with a colocated one, and "
                         "the config's placement is colocated; set placement.mode: disaggregated (or a plan file)")
-    if args.compare_colocated:
+    if args.compare_colocated:  # both colocated policies, on one TP1 instance per device
         devices = sum(i.size for i in next(iter(systems.values())).instances)
-        systems["colocated"] = packed_plan([("colocated", devices, 1, 1)], hosts)
-        per_system["colocated"] = _rates(args.colocated_rates, "--colocated-rates") if args.colocated_rates else rates
+        colocated_rates = _rates(args.colocated_rates, "--colocated-rates") if args.colocated_rates else rates
+        for system in ("colocated-chunked", "colocated-prefill_first"):
+            systems.setdefault(system, packed_plan([("colocated", devices, 1, 1)], hosts))
+            per_system.setdefault(system, colocated_rates)
     out_dir = os.path.abspath(args.output)
     result = run_bench(cfg, systems, per_system, args.requests, shape.vocab_size, model_spec(cfg, shape),
                        engine_runner(cfg, model_dir, out_dir),

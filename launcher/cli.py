@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("config", help=CONFIG_HELP)
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")
     be.add_argument("--requests", type=int, default=100, help="requests per rate (default 100)")
-    be.add_argument("--compare-colocated", action="store_true", help="also run a colocated placement on the same ranks")
+    be.add_argument("--compare-colocated", action="store_true",
+                    help="also run colocated placements on the same ranks: chunked prefill and prefill-first")
     be.add_argument("--colocated-rates", help="total request rates for the colocated placement (default: --rates)")
     be.add_argument("--bisect", type=int, nargs="?", const=12, default=0, metavar="N",
                     help="narrow each system's goodput with up to N more engine runs each (default N: 12) at "

@@ -70,6 +70,10 @@ class SchedulerConfig:
     def token_budget(self) -> Optional[int]:
         """L_m as configured; None for auto (each instance's from the planner's profile)."""
         return None if self.prefill_token_budget == "auto" else self.prefill_token_budget
+    # colocated instances: chunked (each step: the running decodes + prompt chunks up to
+    # step_token_budget tokens, vLLM/Sarathi-Serve) or prefill_first (whole prefill batches between decode steps)
+    colocated_policy: str = "chunked"
+    step_token_budget: Union[int, str] = "auto"  # chunked: most tokens in one step, decodes included; auto: L_m
     max_decode_batch: int = 32
     batches_in_flight: bool = True  # PP > 1: up to PP steps in flight (stage 0 starts the next while the others finish)
     block_size: int = 16
@@ -77,6 +81,8 @@ class SchedulerConfig:
     decode_kv_blocks: int = 1024  # per decode (or colocated) instance
     watchdog_s: float = 30.0  # a rank silent this long ends the job
     idle_sleep_ms: float = 10.0  # an idle rank's sleep between polls (0.5 ms while work came within 0.2 s)
+
+    choices = {"colocated_policy": ("chunked", "prefill_first")}
 
 
 @dataclass
@@ -161,6 +167,7 @@ POSITIVE_INTS = {
     "placement.prefill.tp", "placement.prefill.pp", "placement.decode.instances",
     "placement.decode.tp", "placement.decode.pp", "placement.colocated.instances",
     "placement.colocated.tp", "placement.colocated.pp", "scheduler.prefill_token_budget",
+    "scheduler.step_token_budget",
     "scheduler.max_decode_batch", "scheduler.block_size", "scheduler.prefill_kv_blocks",
     "scheduler.decode_kv_blocks", "planner.num_requests",
     "planner.max_requests", "serve.port", "serve.max_queue", "serve.max_body_bytes",
@@ -250,6 +257,11 @@ def _check_ranges(cfg: JobConfig) -> None:
         raise UserError("config: 'planner.span_s' must be >= 0 seconds (0 = automatic) and 'planner.precision' > 0")
     if not 0 < cfg.scheduler.idle_sleep_ms <= 1000:
         raise UserError("config: 'scheduler.idle_sleep_ms' must be in (0, 1000] milliseconds")
+    s = cfg.scheduler
+    if s.colocated_policy == "chunked" and s.step_token_budget != "auto" and s.step_token_budget <= s.max_decode_batch:
+        raise UserError(f"config: 'scheduler.step_token_budget' ({s.step_token_budget}) must exceed "
+                        f"'scheduler.max_decode_batch' ({s.max_decode_batch}): decode tokens count against it, "
+                        "and a full batch would leave no room for prompts")
     if cfg.scheduler.watchdog_s <= 0:
         raise UserError("config: 'scheduler.watchdog_s' must be > 0 seconds")
     if cfg.serve.port > 65535 or cfg.serve.drain_s < 0:

@@ -67,12 +67,17 @@ class JobFile:
 def instance_token_budgets(cfg: JobConfig, plan: Plan) -> tuple[int, ...]:
     """Each instance's L_m: `scheduler.prefill_token_budget` when a number; auto: the planner
     profile's for the instance's TP degree (the colocated profile for colocated instances), the
-    same value the simulator uses."""
-    from launcher.planner.planning import latency_models
-
-    configured = cfg.scheduler.token_budget
+    same value the simulator uses. A chunked colocated instance's budget is per step:
+    `scheduler.step_token_budget` when a number, else its L_m."""
+    s = cfg.scheduler
+    configured = s.token_budget
     if configured is not None or not cfg.planner.profile:
-        return tuple(prefill_token_budget(configured, None, inst.tp) for inst in plan.instances)
-    disagg, colo = latency_models(cfg, check_dtype=False)
-    return tuple(prefill_token_budget(None, colo if inst.role == "colocated" else disagg, inst.tp)
+        disagg = colo = None
+    else:
+        from launcher.planner.planning import latency_models
+
+        disagg, colo = latency_models(cfg, check_dtype=False)
+    step = s.step_token_budget if s.colocated_policy == "chunked" and s.step_token_budget != "auto" else None
+    return tuple(step if step is not None and inst.role == "colocated" else
+                 prefill_token_budget(configured, colo if inst.role == "colocated" else disagg, inst.tp)
                  for inst in plan.instances)

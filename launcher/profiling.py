@@ -62,8 +62,8 @@ def profile(args) -> int:
     def profiled(tp: int, count: int) -> dict:
         """Step samples of `count` instances of TP `tp` profiling at once."""
         per_instance = timings(tp, count)
-        samples = {kind: [x for inst in per_instance.values() for x in inst["samples"][kind]]
-                   for kind in ("prefill", "decode")}
+        samples = {kind: [x for inst in per_instance.values() for x in inst["samples"].get(kind, [])]
+                   for kind in ("prefill", "decode", "mixed")}
         for part in ("overhead", "beside_other_phase"):  # the latter from instance 0 of several
             samples[part] = {kind: [x for inst in per_instance.values()
                                     for x in inst["samples"].get(part, {}).get(kind, [])] for kind in ("prefill", "decode")}
@@ -123,7 +123,9 @@ def profile(args) -> int:
                   f"decode ms (batch >= {e['decoding_large_small_bs_threshold']}) = {e['decoding_largebs'][0]:.2f} + "
                   f"{e['decoding_largebs'][1]:.5f}*sum(ctx) + {e['decoding_largebs'][2]:.3f}*batch "
                   f"(max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
-                  f"L_m = {e['token_budget']}" + ("; beside the same phase / idle: prefill {prefill:.2f}x, "
+                  f"L_m = {e['token_budget']}" +
+                  (f"; mixed steps (chunked prefill) max rel. error {e['fit_max_rel_error']['mixed']:.1%}"
+                   if "mixed" in e["fit_max_rel_error"] else "") + ("; beside the same phase / idle: prefill {prefill:.2f}x, "
                                                    "decode {decode:.2f}x".format(**e["shared_slowdown"]) +
                                                    "; beside the other phase / the same: prefill {prefill:.2f}x, "
                                                    "decode {decode_smallbs:.2f}x small batches, {decode_largebs:.2f}x "

@@ -80,6 +80,9 @@ def test_profile_measures_what_pp_adds_and_whether_its_stages_overlap(tmp_path, 
     assert measured["handoff_ms"] >= 0 and 1.0 <= measured["overlap"] <= 2.0
     assert all(1.0 <= o <= 2.0 for o in measured["overlap_by_phase"].values())
     assert entry["pp_stage_ms"] == measured["handoff_ms"]
+    # chunked prefill's mixed steps that fit (one here), priced by the fit of the pure ones
+    assert [(x["batch"], x["lens"], x["starts"]) for x in entry["samples"]["mixed"]] == [(4, [64], [0])]
+    assert entry["fit_max_rel_error"]["mixed"] >= 0
     meta = profile["_meta"]
     assert meta["pipelined_pp_source"] == "measured" and meta["pipelined_pp"] == (measured["overlap"] >= 1.5)
     latency = load_profile(str(out))

@@ -144,3 +144,13 @@ def test_bisection_to_a_share_of_the_rate_states_the_ratio_with_its_range():
     assert goodput_ratio(g, {"bracket": [0.0, 0.1]}) is None
     assert goodput_ratio(g, {"bracket": [0.2, None]})["low"] == 0.0
     assert goodput_ratio({"bracket": [0.4, None]}, other)["high"] is None
+def test_each_colocated_system_runs_its_own_policy():
+    from launcher.bench import system_config
+    from launcher.config import JobConfig
+
+    cfg = JobConfig()
+    assert system_config(cfg, "disaggregated") is cfg and system_config(cfg, "colocated-chunked") is cfg
+    other = system_config(cfg, "colocated-prefill_first")
+    assert other.scheduler.colocated_policy == "prefill_first" and cfg.scheduler.colocated_policy == "chunked"
+    # the bench runs stored before chunked prefill named their prefill-first system "colocated"
+    assert system_config(cfg, "colocated").scheduler.colocated_policy == "prefill_first"

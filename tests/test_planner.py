@@ -180,10 +180,58 @@ def test_colocated_prefill_stalls_decode():
     lat = linear_model(prefill=(30.0, 0.0, 0.0), decode=(5.0, 0.0, 0.0))
     a = SimRequest(0.0, 10, 4)
     b = SimRequest(31.0, 10, 2)
-    Simulation(lat, Policy(token_budget=100), colocated=[InstanceSpec(1, 1, 1000)]).run([a, b])
+    Simulation(lat, Policy(token_budget=100, colocated_policy="prefill_first"),
+               colocated=[InstanceSpec(1, 1, 1000)]).run([a, b])
     # a: prefill 0-30, decode 30-35; b arrives at 31 and is prefilled 35-65 (prefill first), a waits.
     assert a.first_token == 30.0 and b.first_token == 65.0
     assert a.finish == 75.0  # tokens at 35, (65-70), 70-75
+
+
+def test_chunked_colocated_runs_prompt_chunks_beside_the_decodes():
+    """Step budget 4, decodes included: b's 9-token prompt rides along a's decodes in chunks of 3,
+    each mixed step costing the larger fixed cost (2 ms) plus 1 ms per prompt token; under
+    prefill_first b's whole prefill (11 ms) stalls a."""
+    lat = linear_model(prefill=(2.0, 1.0, 0.0), decode=(2.0, 0.0, 0.0))
+    runs = {}
+    for policy in ("chunked", "prefill_first"):
+        a, b = SimRequest(0.0, 3, 4), SimRequest(1.0, 9, 2)
+        Simulation(lat, Policy(token_budget=100, colocated_policy=policy, step_token_budget=4),
+                   colocated=[InstanceSpec(1, 1, 1000)]).run([a, b])
+        runs[policy] = (a.first_token, a.finish, b.first_token, b.finish)
+    # a prefilled 0-5; then a's decode + 3 of b's tokens per step: 5-10, 10-15, 15-20 (b's first
+    # token); a's fourth token at 20 ends it; b's decode 20-22
+    assert runs["chunked"] == (5.0, 20.0, 20.0, 22.0)
+    # a prefilled 0-5, b prefilled 5-16, a decodes 16-18-20-22 (b beside it 16-18)
+    assert runs["prefill_first"] == (5.0, 22.0, 16.0, 18.0)
+
+
+def test_prefill_instance_runs_a_prompt_longer_than_its_budget_in_chunks():
+    """L_m 10: a 25-token prompt takes steps of 10, 10 and 5 tokens, each paying the fixed cost;
+    the 5-token prompt behind it fills the last step."""
+    lat = linear_model(prefill=(5.0, 1.0, 0.0))
+    long, short = SimRequest(0.0, 25, 1), SimRequest(0.0, 5, 1)
+    Simulation(lat, Policy(token_budget=10), [InstanceSpec(1, 1, 10 ** 9)], [BIG]).run([long, short])
+    assert long.first_token == 15 + 15 + 15 and short.first_token == 45.0  # 5 + 5 fit the last step
+
+
+def test_mixed_step_pricing_adds_each_parts_terms_beyond_the_larger_fixed_cost():
+    coef = Coefficients((10.0, 0.5, 0.01), (4.0, 0.002, 0.3), (4.0, 0.002, 0.3), 95, 1.0,
+                        prefill_overhead=(2.0, 0.01), decode_overhead=(3.0, 0.001))
+    lat = LatencyModel("toy", {1: coef})
+    # chunks of one prompt sum to the whole prompt's compute: the quadratic term telescopes
+    whole = lat.prefill_ms([100], 1) - 10 - 2
+    parts = lat.prefill_ms([40], 1, starts=[0]) + lat.prefill_ms([60], 1, starts=[40]) - 2 * (10 + 2)
+    assert parts == pytest.approx(whole)
+    assert lat.prefill_ms([60], 1, starts=[40]) == pytest.approx(10 + 0.5 * 60 + 0.01 * (100 ** 2 - 40 ** 2) + 2 + 0.6)
+    # 60 prompt tokens after 40, beside 8 decodes over 800 context tokens, PP 2
+    mixed = lat.mixed_ms([60], [40], 8, 800, 1, pp=2)
+    expected = max(10, 4) + 0.5 * 60 + 0.01 * (100 ** 2 - 40 ** 2) + 0.002 * 800 + 0.3 * 8 + 1.0 + \
+        max(2, 3) + 0.01 * 60 + 0.001 * 800
+    assert mixed == pytest.approx(expected)
+    assert mixed > max(lat.prefill_ms([60], 1, 2, [40]), lat.decode_trip_ms(8, 800, 1, 2))
+    # an empty part leaves the other phase's own price
+    assert lat.mixed_ms([], [], 8, 800, 1) == lat.decode_trip_ms(8, 800, 1)
+    assert lat.mixed_ms([60], [40], 0, 0, 1) == lat.prefill_ms([60], 1, starts=[40])
 
 
 def test_colocated_pp_overlaps_a_prefill_with_a_decode_group():
@@ -197,7 +245,8 @@ def test_colocated_pp_overlaps_a_prefill_with_a_decode_group():
     runs = {}
     for name, model in (("pipelined", pipelined), ("serial", serial)):
         a, b = SimRequest(0.0, 10, 3), SimRequest(50.0, 10, 2)
-        Simulation(model, Policy(token_budget=100), colocated=[InstanceSpec(1, 2, 1000)]).run([a, b])
+        Simulation(model, Policy(token_budget=100, colocated_policy="prefill_first"),
+                   colocated=[InstanceSpec(1, 2, 1000)]).run([a, b])
         runs[name] = (a.first_token, a.finish, b.first_token, b.finish)
     # pipelined: a prefilled 0-40, a decodes 40-50; b's prefill 50-90 (first stage free at 70);
     # a's decode launched at 70 leaves the last stage one interval (5 ms) after b's prefill: 95
@@ -396,3 +445,30 @@ def test_plan_mode_forces_the_architecture_and_still_reports_both(tmp_path, mode
     assert plan.predicted["mode"] == mode and plan.predicted["reason"].startswith(f"as requested (--mode {mode})")
     assert all(m["per_device_goodput"] > 0 for m in plan.predicted["modes"].values())
     assert plan.predicted["machine"]["status"] in ("same", "unknown", "other")  # never a probe with --no-calibrate
+def test_profile_fit_reports_how_well_it_prices_the_mixed_steps_it_timed():
+    from launcher.planner.profile_fit import fit_entry
+
+    truth = LatencyModel("toy", {1: Coefficients((5.0, 0.1, 1e-4), (3.0, 0.001, 0.2), (3.0, 0.001, 0.2), 10 ** 6)})
+    prefill = [{"lens": [n] * b, "ms": truth.prefill_ms([n] * b, 1)} for n in (16, 64, 256) for b in (1, 2, 4)]
+    decode = [{"batch": b, "context_sum": b * c, "ms": truth.decode_trip_ms(b, b * c, 1)}
+              for b in (1, 2, 4, 8, 16) for c in (32, 256)]
+    shapes = [([64], [0], 4, 516), ([128], [256], 8, 2056), ([256], [128], 16, 2064)]
+    mixed = [{"lens": lens, "starts": starts, "batch": b, "context_sum": ctx,
+              "ms": truth.mixed_ms(lens, starts, b, ctx, 1)} for lens, starts, b, ctx in shapes]
+    entry = fit_entry({"prefill": prefill, "decode": decode, "mixed": mixed})
+    assert entry["fit_max_rel_error"]["mixed"] < 0.01
+    slower = [dict(x, ms=x["ms"] * 1.25) for x in mixed]  # mixed steps a quarter slower than the model says
+    assert fit_entry({"prefill": prefill, "decode": decode, "mixed": slower})["fit_max_rel_error"]["mixed"] == \
+        pytest.approx(0.2, abs=0.01)
+    assert "mixed" not in fit_entry({"prefill": prefill, "decode": decode})["fit_max_rel_error"]
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_chunked_colocated_finishes_every_request_within_its_budget_and_memory(pp):
+    """Random lengths (prompts up to 6x the budget), Poisson arrivals, a small KV, PP with steps in
+    flight: every request finishes, its prefill starting after its arrival, its first token after that."""
+    lat = linear_model(prefill=(3.0, 0.05, 1e-4), decode=(4.0, 0.001, 0.2))
+    reqs = make_requests(400, 20.0, LengthDist("uniform", low=(1, 1), high=(192, 24)), seed=5)
+    Simulation(lat, Policy(token_budget=64, max_decode_batch=16, step_token_budget=32),
+               colocated=[InstanceSpec(1, pp, 2000)]).run(reqs)
+    assert all(not math.isnan(r.finish) and r.arrival <= r.prefill_start <= r.first_token <= r.finish for r in reqs)

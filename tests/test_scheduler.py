@@ -5,8 +5,8 @@ from engine.scheduler import CONTROLLER, InstanceLimits, Scheduler
 from launcher.protocol import FirstToken, KVIncoming, KVPull, Request, SamplingParams, Tag
 
 
-def sched(role, blocks=64, budget=32, max_batch=8, size=1, decode=None):
-    return Scheduler(role, 0, size, InstanceLimits(blocks, 4, budget, max_batch, 128), (2,), decode)
+def sched(role, blocks=64, budget=32, max_batch=8, size=1, decode=None, policy="prefill_first", depth=1):
+    return Scheduler(role, 0, size, InstanceLimits(blocks, 4, budget, max_batch, 128, depth, policy), (2,), decode)
 
 
 def req(i, n, max_tokens=4, decode_instance=-1, **sampling):
@@ -36,11 +36,31 @@ def test_prefill_batches_fcfs_under_token_budget():
     step = s.schedule().step
     assert [c.req_id for c in step.seqs] == [0, 1]           # 25 tokens; +10 would pass 32
     s.on_step([7, 7])
+    step = s.schedule().step                                 # 40 > L_m: it runs in chunks, the first fills the step
+    assert [(c.req_id, c.start_pos, len(c.token_ids)) for c in step.seqs] == [(2, 0, 10), (3, 0, 22)]
+    assert not sent(s.on_step([7, 8]), Tag.PREFILL_DONE, CONTROLLER)[1:]  # only 2's: 3's token is dropped
     step = s.schedule().step
-    assert [c.req_id for c in step.seqs] == [2]              # 10 + 40 > 32: FCFS, no skipping ahead
-    s.on_step([7])
-    step = s.schedule().step
-    assert [c.req_id for c in step.seqs] == [3]              # alone it may exceed the budget
+    assert [(c.req_id, c.start_pos, len(c.token_ids)) for c in step.seqs] == [(3, 22, 18)]
+    assert [d.req_id for d in sent(s.on_step([9]), Tag.PREFILL_DONE, CONTROLLER)] == [3]
+
+
+def test_prefill_instance_chunks_a_prompt_longer_than_its_budget_at_the_budget():
+    s = sched("prefill", budget=16, blocks=64)
+    s.add_request(req(0, 40, decode_instance=5))
+    s.add_request(req(1, 12, decode_instance=5))
+    first = s.schedule()
+    assert [(c.req_id, c.start_pos, len(c.token_ids)) for c in first.step.seqs] == [(0, 0, 16)]
+    assert [m.request.req_id for m in sent(first.messages, Tag.KV_INCOMING, 5)] == [0]  # announced at its first chunk
+    assert not s.on_step([1])                                # no first token yet
+    lens = []
+    for _ in range(3):
+        step = s.schedule().step
+        lens.append([(c.req_id, c.start_pos, len(c.token_ids)) for c in step.seqs])
+        assert sum(len(c.token_ids) for c in step.seqs) <= 16
+        s.on_step([7] * len(step.seqs))
+    # 12 does not fit beside the last 8 tokens of 0: prompts under L_m stay whole
+    assert lens == [[(0, 16, 16)], [(0, 32, 8)], [(1, 0, 12)]]
+    assert set(s.held) == {0, 1} and s.held[0].output == [7]
 
 
 def test_prefill_backpressure_when_hold_area_full():
@@ -156,6 +176,45 @@ def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
     done = finished(s.on_step([9]))                          # third token: max_tokens reached
     assert [(f.req_id, f.finish_reason, f.output) for f in done] == [(0, "length", (9, 9, 9))]
     assert s.allocator.num_free == 64 and not s.busy()
+
+
+def shape(step):
+    return [(c.req_id, c.start_pos, len(c.token_ids)) for c in step.seqs]
+
+
+def test_chunked_colocated_steps_carry_decodes_first_then_prompt_chunks_under_the_budget():
+    s = sched("colocated", budget=16, policy="chunked")
+    s.add_request(req(0, 6, max_tokens=3))
+    s.add_request(req(1, 30, max_tokens=2))
+    s.add_request(req(2, 4, max_tokens=2))
+    assert shape(s.schedule().step) == [(0, 0, 6), (1, 0, 10)]          # FCFS; 1 split at the budget
+    out = s.on_step([7, 8])
+    assert [d.req_id for d in sent(out, Tag.PREFILL_DONE)] == [0]       # 1's chunk token is dropped
+    assert shape(s.schedule().step) == [(0, 6, 1), (1, 10, 15)]         # decode first, it counts against 16
+    s.on_step([7, 8])
+    assert shape(s.schedule().step) == [(0, 7, 1), (1, 25, 5), (2, 0, 4)]
+    out = s.on_step([7, 9, 9])
+    assert [r.req_id for r in finished(out)] == [0] and finished(out)[0].output == (7, 7, 7)
+    assert {d.req_id for d in sent(out, Tag.PREFILL_DONE)} == {1, 2}
+    assert shape(s.schedule().step) == [(1, 30, 1), (2, 4, 1)]
+    assert sorted(r.req_id for r in finished(s.on_step([5, 5]))) == [1, 2]
+    assert not s.busy() and s.allocator.num_used == 0
+
+
+def test_chunked_colocated_admits_by_batch_room_and_pipelines_a_prompts_chunks():
+    s = sched("colocated", budget=8, max_batch=2, policy="chunked", depth=2)
+    for i in range(3):
+        s.add_request(req(i, 12, max_tokens=2))
+    assert shape(s.schedule().step) == [(0, 0, 8)]
+    assert shape(s.schedule().step) == [(0, 8, 4), (1, 0, 4)]          # its next chunk while the first is in flight
+    assert shape(s.schedule().step) == [(1, 4, 8)]                     # 2 waits: 0 and 1 fill the batch
+    assert not s.on_step([5])
+    assert [d.req_id for d in sent(s.on_step([7, 5]), Tag.PREFILL_DONE)] == [0]
+    assert [d.req_id for d in sent(s.on_step([7]), Tag.PREFILL_DONE)] == [1]
+    assert shape(s.schedule().step) == [(0, 12, 1)]                    # decode groups take turns (depth 2)
+    assert shape(s.schedule().step) == [(1, 12, 1)]
+    assert [r.req_id for r in finished(s.on_step([7]))] == [0]
+    assert shape(s.schedule().step) == [(2, 0, 8)]                     # room again; 1 is still in flight
 
 
 def test_micro_batches_split_evenly_and_keep_order():
@@ -360,3 +419,30 @@ def test_each_side_of_a_transfer_gets_the_other_sides_block_table():
     p.add_pull(pull)
     [send] = p.schedule().step.kv_sends
     assert send.peer_blocks == recv.block_table and recv.peer_blocks == send.block_table
+
+
+def test_the_simulator_takes_prompt_chunks_as_the_engines_scheduler_does():
+    """Prefill instance (L_m 24) and chunked colocated (step budget 24, decodes disregarded here):
+    the same prompts give the same (request, start, tokens) steps in engine and simulator."""
+    import random
+
+    from launcher.planner.simulator import _Prompts
+    from launcher.planner.workload import SimRequest
+
+    rng = random.Random(7)
+    lens = [rng.randrange(1, 80) for _ in range(30)]
+    for role, policy in (("prefill", "prefill_first"), ("colocated", "chunked")):
+        s = sched(role, blocks=10 ** 4, budget=24, max_batch=100, policy=policy)
+        prompts, reqs = _Prompts(), [SimRequest(0.0, n, 2) for n in lens]
+        for i, n in enumerate(lens):
+            s.add_request(req(i, n))
+            prompts.queue.append(reqs[i])
+        splits = (lambda n: n > 24) if role == "prefill" else (lambda n: True)
+        index = {id(r): i for i, r in enumerate(reqs)}  # by identity: equal lengths make equal requests
+        engine, simulated = [], []
+        while s.waiting or s.prefilling:
+            step = s.schedule().step
+            engine.append(shape(step))
+            s.in_flight.clear()
+            simulated.append([(index[id(r)], start, n) for r, start, n in prompts.take(24, splits, lambda r, k: True)])
+        assert engine == simulated and not prompts

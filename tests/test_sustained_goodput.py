@@ -91,9 +91,9 @@ def test_a_burst_passes_where_the_same_rate_sustained_fails(tp, pp):
 def test_a_run_given_slos_stops_once_the_target_is_out_of_reach():
     lat = toy(prefill=(50.0, 0.0, 0.0))
     reqs = make_requests(1000, 25.0, LengthDist("fixed", 10, 1), seed=3)  # overloaded: TTFT grows
-    full = Simulation(lat, Policy(token_budget=1), [InstanceSpec(1, 1, 10 ** 9)], [UNLIMITED]).run(
+    full = Simulation(lat, Policy(token_budget=10), [InstanceSpec(1, 1, 10 ** 9)], [UNLIMITED]).run(
         [SimRequest(r.arrival, r.input_len, r.output_len) for r in reqs])
-    cut = Simulation(lat, Policy(token_budget=1), [InstanceSpec(1, 1, 10 ** 9)], [UNLIMITED]).run(reqs, (500.0, None), 0.9)
+    cut = Simulation(lat, Policy(token_budget=10), [InstanceSpec(1, 1, 10 ** 9)], [UNLIMITED]).run(reqs, (500.0, None), 0.9)
     missed = sum(r.ttft > 500 for r in full)
     assert missed > 100 and attainment(full, 500, None) < 0.9
     assert sum(r.ttft > 500 for r in cut if not math.isnan(r.finish)) == 101  # stopped at the 101st miss
@@ -102,7 +102,7 @@ def test_a_run_given_slos_stops_once_the_target_is_out_of_reach():
 
 def test_queues_grow_on_a_falling_behind_system_only():
     lat = toy(prefill=(50.0, 0.0, 0.0))
-    s = Policy(token_budget=1)
+    s = Policy(token_budget=10)
     for rate, grows in ((10.0, False), (25.0, True)):  # one prefill every 50 ms: capacity 20 req/s
         reqs = Simulation(lat, s, [InstanceSpec(1, 1, 10 ** 9)], [UNLIMITED]).run(
             make_requests(2000, rate, LengthDist("fixed", 10, 1), seed=3))

@@ -56,6 +56,16 @@ def test_each_instance_takes_the_profiles_budget_for_its_tp(tmp_path):
     assert [prefill_token_budget(None, latency, tp) for tp in (1, 2, 4)] == [48, 160, DEFAULT_TOKEN_BUDGET]
 
 
+def test_a_chunked_colocated_instance_takes_the_step_budget(tmp_path):
+    profile = write_profile(tmp_path / "profile.json", {1: 48})
+    plan = Plan([InstancePlan(0, "prefill", 1, 1, 1, ["localhost"]), InstancePlan(1, "colocated", 1, 1, 2, ["localhost"])])
+    assert JobFile(load_config(config_with(tmp_path, {}, profile)), plan, "/m").token_budgets == (48, 48)  # auto: L_m
+    chunked = load_config(config_with(tmp_path, {"step_token_budget": 96}, profile))
+    assert JobFile(chunked, plan, "/m").token_budgets == (48, 96)
+    first = load_config(config_with(tmp_path, {"step_token_budget": 96, "colocated_policy": "prefill_first"}, profile))
+    assert JobFile(first, plan, "/m").token_budgets == (48, 48)
+
+
 def test_the_simulator_batches_prefills_under_the_profiles_budget(tmp_path):
     latency = load_profile(write_profile(tmp_path / "profile.json", {1: 100}))
     reqs = [SimRequest(0.0, 40, 2) for _ in range(5)]  # 200 prompt tokens at once

@@ -36,6 +36,8 @@ class Settings:
     intra_node_gbps: float = 300.0
     inter_node_gbps: float = 3.125
     model_transfer: bool = True    # DistServe's search ignores KV transfer; we include it unless told
+    colocated_policy: str = "chunked"  # colocated instances: chunked | prefill_first (scheduler.colocated_policy)
+    step_token_budget: int | None = None  # chunked colocated: tokens per step; None: the instance's L_m
 
 
 @dataclass
@@ -55,10 +57,10 @@ class NoPrefillLatency(LatencyModel):
     def __init__(self, base: LatencyModel):
         super().__init__(base.model, base.by_tp, base.source, base.pipelined_pp, base.meta)
 
-    def prefill_ms(self, lens, tp, pp=1):
+    def prefill_ms(self, lens, tp, pp=1, starts=None):
         return 0.0
 
-    def prefill_interval_ms(self, lens, tp, pp=1):
+    def prefill_interval_ms(self, lens, tp, pp=1, starts=None):
         return 0.0
 
 
@@ -150,13 +152,22 @@ def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: flo
 
 def prefill_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
     """Requests/s a prefill instance can process at best: batches filled to L_m (the a-term and
-    the step's fixed cost shared by L_m / mean prompt requests), each prompt at the mean length
-    (E[len^2] >= mean^2, so this is an upper bound), one batch per stage interval."""
+    the step's fixed cost shared by L_m / mean prompt requests; a prompt longer than L_m runs in
+    chunks, each paying it), each prompt at the mean length (E[len^2] >= mean^2, so this is an
+    upper bound), one batch per stage interval."""
     mean_in = settings.lengths.mean()[0]
-    per_batch = max(1.0, prefill_token_budget(settings.token_budget, latency, inst.tp) / mean_in)
+    per_batch = prefill_token_budget(settings.token_budget, latency, inst.tp) / mean_in
     fixed = latency.prefill_interval_ms([], inst.tp, inst.pp)
     per_request = latency.prefill_interval_ms([mean_in], inst.tp, inst.pp) - fixed
     return 1e3 / (fixed / per_batch + per_request)
+
+
+def chunked_prefill_share_ms(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
+    """What a mean prompt adds to the steps of a chunked colocated instance at best: its chunks
+    ride along decode steps, so it pays its prefill terms beyond the fixed cost, never the fixed
+    cost itself (E[len^2] >= mean^2: a lower bound)."""
+    mean_in = settings.lengths.mean()[0]
+    return latency.prefill_interval_ms([mean_in], inst.tp, inst.pp) - latency.prefill_interval_ms([], inst.tp, inst.pp)
 
 
 def decode_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:

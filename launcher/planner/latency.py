@@ -2,6 +2,9 @@
 
 prefill(lens)            = a + b * sum(len) + c * sum(len^2)
 decode(batch, contexts)  = a + b * sum(context) + c * batch   (small- and large-batch sets)
+a prompt chunk of n tokens after s cached ones costs the prefill terms b * n + c * ((s+n)^2 - s^2)
+(its chunks sum to the whole prompt's); a mixed step (chunked prefill: decodes + prompt chunks)
+pays the larger fixed cost a of the two phases once, plus each part's terms beyond its a.
 plus, per step, the framework's fixed cost on the first stage: o0 + o1 * context tokens (per phase;
 the engine's Python loop, or DistServe's 2 ms + 1e-4 ms per token). PP divides the compute and adds
 a per-stage hand-off; KV transfer = bytes / link bandwidth.
@@ -92,15 +95,19 @@ class LatencyModel:
         o0, o1 = coef.prefill_overhead if phase == "prefill" else coef.decode_overhead
         return o0 + o1 * context_tokens
 
-    def _prefill_compute_ms(self, lens: list[int], coef: Coefficients, pp: int) -> float:
+    def _prefill_compute_ms(self, lens: list[int], coef: Coefficients, pp: int,
+                            starts: list[int] | None = None) -> float:
         a, b, c = coef.prefill
-        return a + b * sum(lens) + c * sum(n * n for n in lens) + coef.pp_stage_ms * (pp - 1)
+        starts = starts or [0] * len(lens)
+        quadratic = sum((s + n) ** 2 - s * s for s, n in zip(starts, lens))
+        return a + b * sum(lens) + c * quadratic + coef.pp_stage_ms * (pp - 1)
 
-    def prefill_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
+    def prefill_ms(self, lens: list[int], tp: int, pp: int = 1, starts: list[int] | None = None) -> float:
         """Latency of one prefill batch through all PP stages: PP does not shorten it, it adds a
-        per-stage hand-off (PP raises throughput; TP lowers latency)."""
+        per-stage hand-off (PP raises throughput; TP lowers latency). `starts`: tokens already
+        cached before each chunk (chunked prefill), 0 by default."""
         coef = self._coef(tp)
-        return self._prefill_compute_ms(lens, coef, pp) + self.step_overhead_ms("prefill", sum(lens), tp)
+        return self._prefill_compute_ms(lens, coef, pp, starts) + self.step_overhead_ms("prefill", sum(lens), tp)
 
     def overlap(self, tp: int, pp: int, phase: str) -> float | None:
         """How many steps of `phase` a TP x PP instance's stages work on at once, on average:
@@ -120,9 +127,46 @@ class LatencyModel:
         overlap = self.overlap(tp, pp, phase) or 1.0
         return compute_ms / overlap + self.step_overhead_ms(phase, context_tokens, tp)
 
-    def prefill_interval_ms(self, lens: list[int], tp: int, pp: int = 1) -> float:
+    def prefill_interval_ms(self, lens: list[int], tp: int, pp: int = 1, starts: list[int] | None = None) -> float:
         """How soon the instance can start its next prefill batch after this one."""
-        return self._interval_ms("prefill", self._prefill_compute_ms(lens, self._coef(tp), pp), sum(lens), tp, pp)
+        return self._interval_ms("prefill", self._prefill_compute_ms(lens, self._coef(tp), pp, starts), sum(lens), tp,
+                                 pp)
+
+    def _mixed(self, lens: list[int], starts: list[int], batch: int, context_sum: float,
+               tp: int, pp: int) -> tuple[float, float]:
+        """(compute, fixed per-step cost) of a step with prompt chunks and `batch` decodes: the
+        larger intercept of the two phases once, each part's terms beyond it."""
+        coef = self._coef(tp)
+        prefill = self._prefill_compute_ms(lens, coef, pp, starts)
+        decode = self._decode_compute_ms(batch, context_sum, coef, pp)
+        a_prefill = coef.prefill[0]
+        a_decode = (coef.decode_small if batch < coef.threshold else coef.decode_large)[0]
+        stages = coef.pp_stage_ms * (pp - 1)
+        compute = max(a_prefill, a_decode) + (prefill - a_prefill - stages) + (decode - a_decode - stages) + stages
+        (p0, p1), (d0, d1) = coef.prefill_overhead, coef.decode_overhead
+        return compute, max(p0, d0) + p1 * sum(lens) + d1 * context_sum
+
+    def mixed_ms(self, lens: list[int], starts: list[int], batch: int, context_sum: float, tp: int,
+                 pp: int = 1) -> float:
+        """Latency of a chunked-prefill step: prompt chunks `lens` (after `starts` cached tokens
+        each) beside `batch` one-token decodes over `context_sum` tokens; a pure prefill or pure
+        decode step where one part is empty."""
+        if not lens:
+            return self.decode_trip_ms(batch, context_sum, tp, pp)
+        if not batch:
+            return self.prefill_ms(lens, tp, pp, starts)
+        compute, fixed = self._mixed(lens, starts, batch, context_sum, tp, pp)
+        return compute + fixed
+
+    def mixed_interval_ms(self, lens: list[int], starts: list[int], batch: int, context_sum: float, tp: int,
+                          pp: int = 1) -> float:
+        """How soon the first stage takes the next step after a chunked-prefill step."""
+        if not lens:
+            return self.decode_interval_ms(batch, context_sum, tp, pp)
+        if not batch:
+            return self.prefill_interval_ms(lens, tp, pp, starts)
+        compute, fixed = self._mixed(lens, starts, batch, context_sum, tp, pp)
+        return compute / (self.overlap(tp, pp, "prefill") or 1.0) + fixed
 
     def decode_trip_ms(self, batch: int, context_sum: int, tp: int, pp: int = 1) -> float:
         """One decode step of `batch` sequences through every stage, nothing else in flight."""

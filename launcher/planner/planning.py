@@ -37,13 +37,15 @@ def settings_from(cfg: JobConfig) -> Settings:
         if not p.trace:
             raise UserError("config: 'planner.lengths: trace' needs 'planner.trace' (a JSONL file)")
         lengths.pairs = trace_lengths(cfg.resolve(p.trace))
+    step_budget = None if cfg.scheduler.step_token_budget == "auto" else cfg.scheduler.step_token_budget
     return Settings(cfg.slo.ttft_ms, cfg.slo.tpot_ms, cfg.slo.attainment, rule=p.rule, num_requests=p.num_requests,
                     lengths=lengths, arrival="gamma" if cfg.workload.arrival == "gamma" else "poisson",
                     cv=cfg.workload.cv, seed=cfg.workload.seed, precision=p.precision, span_s=p.span_s,
                     max_requests=p.max_requests, token_budget=cfg.scheduler.token_budget,
                     max_decode_batch=cfg.scheduler.max_decode_batch, memory_gb=p.memory_gb,
                     intra_node_gbps=cfg.cluster.intra_node_bandwidth_gbps,
-                    inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer)
+                    inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer,
+                    colocated_policy=cfg.scheduler.colocated_policy, step_token_budget=step_budget)
 
 
 def profile_path(cfg: JobConfig, path: str) -> str:
@@ -144,7 +146,7 @@ def run_planner(cfg: JobConfig, hosts: list[Host], shape=None, mode: str | None 
         "layout": result.layout, "per_device_goodput": round(result.per_device_goodput, 4),
         "capacity_per_device": round(result.capacity_per_device, 4),
         "devices": result.devices, "goodput_req_s": round(result.per_device_goodput * result.devices, 4),
-        "colocated": dict(modes["colocated"]) if "error" not in modes["colocated"] else None,
+        "colocated": dict(modes["colocated"], policy=settings.colocated_policy) if "error" not in modes["colocated"] else None,
         "slo": {"ttft_ms": settings.ttft_ms, "tpot_ms": settings.tpot_ms, "attainment": settings.target,
                 "rule": settings.rule},
         "probe_span_s": round(probe_span_s(settings), 1), "tie_rule": TIE_RULE,

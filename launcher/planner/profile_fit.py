@@ -60,6 +60,8 @@ def fit_entry(samples: dict) -> dict:
              "token_budget": token_budget(samples["prefill"]),
              "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
                                    "decode": max(decode_errors)}}
+    if samples.get("mixed"):
+        entry["fit_max_rel_error"]["mixed"] = max(mixed_relative_errors(samples["mixed"], entry))
     if "overhead" in samples:
         entry["step_overhead"] = {phase: fit_overhead(samples["overhead"][phase]) for phase in ("prefill", "decode")}
     return entry
@@ -135,6 +137,19 @@ def predicted_ms(coef: list[float], sample: dict, kind: str) -> float:
 
 def relative_errors(samples: list[dict], coef: list[float], kind: str) -> list[float]:
     return [abs(predicted_ms(coef, s, kind) - s["ms"]) / s["ms"] for s in samples]
+
+
+def mixed_relative_errors(samples: list[dict], entry: dict) -> list[float]:
+    """How far the latency model's price of chunked prefill's mixed steps (prompt chunks beside
+    decodes, LatencyModel.mixed_ms) from the entry's prefill and decode coefficients lies from the
+    mixed steps `pdlaunch profile` timed: the check that the fit covers them."""
+    from launcher.planner.latency import Coefficients, LatencyModel
+
+    coef = Coefficients(tuple(entry["prefill"]), tuple(entry["decoding_smallbs"]), tuple(entry["decoding_largebs"]),
+                        entry["decoding_large_small_bs_threshold"])
+    model = LatencyModel("fit", {1: coef})
+    return [abs(model.mixed_ms(s["lens"], s["starts"], s["batch"], s["context_sum"], 1) - s["ms"]) / s["ms"]
+            for s in samples]
 
 
 def fit_pipeline(samples: list[dict], pp1: dict, pp: int) -> dict:

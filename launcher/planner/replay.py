@@ -114,8 +114,9 @@ def simulate_plan(cfg: JobConfig, plan: Plan, spec: ModelSpec, latency: LatencyM
     def bandwidth(p: InstanceSpec, d: InstanceSpec) -> float:
         return c.intra_node_bandwidth_gbps if p.node == d.node else c.inter_node_bandwidth_gbps
 
-    policy = Policy(cfg.scheduler.token_budget, cfg.scheduler.max_decode_batch,
-                    spec.kv_bytes_per_token() if with_transfer else 0, bandwidth)
+    s = cfg.scheduler
+    policy = Policy(s.token_budget, s.max_decode_batch, spec.kv_bytes_per_token() if with_transfer else 0, bandwidth,
+                    s.colocated_policy, None if s.step_token_budget == "auto" else s.step_token_budget)
     fresh = [SimRequest(r.arrival, r.input_len, r.output_len) for r in reqs]
     instances = placement_instances(cfg, plan, spec)
     if instances["colocated"]:

@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, field
 
 from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens
-from launcher.planner.goodput import (Goodput, NoPrefillLatency, Settings, decode_capacity, goodput,
-                                      prefill_capacity)
+from launcher.planner.goodput import (Goodput, NoPrefillLatency, Settings, chunked_prefill_share_ms, decode_capacity,
+                                      goodput, prefill_capacity)
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
 from launcher.planner.workload import SimRequest
 
@@ -58,7 +58,8 @@ class PlacementResult:
 
 def _policy(settings: Settings, spec: ModelSpec, bandwidth) -> Policy:
     return Policy(settings.token_budget, settings.max_decode_batch,
-                  spec.kv_bytes_per_token() if settings.model_transfer else 0, bandwidth)
+                  spec.kv_bytes_per_token() if settings.model_transfer else 0, bandwidth,
+                  settings.colocated_policy, settings.step_token_budget)
 
 
 def _layouts(latency: LatencyModel, spec: ModelSpec, max_tp: int, max_devices: int) -> list[tuple[int, int]]:
@@ -179,8 +180,11 @@ def simulate_placement(latency: LatencyModel, spec: ModelSpec, settings: Setting
 
 
 def colocated_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
-    """A colocated instance time-shares both phases: per request, its prefill share plus its decode share."""
-    return 1.0 / (1.0 / prefill_capacity(latency, settings, inst) + 1.0 / decode_capacity(latency, settings, inst))
+    """A colocated instance time-shares both phases: per request, its prefill share plus its decode
+    share; chunked, its prompt rides along decode steps and pays no step's fixed cost of its own."""
+    prefill_share = 1e-3 * chunked_prefill_share_ms(latency, settings, inst) if settings.colocated_policy == "chunked" \
+        else 1.0 / prefill_capacity(latency, settings, inst)
+    return 1.0 / (prefill_share + 1.0 / decode_capacity(latency, settings, inst))
 
 
 def colocated_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings, gpus_per_node: int,

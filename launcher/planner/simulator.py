@@ -4,13 +4,18 @@
 Policies mirror engine/scheduler.py and engine/controller.py:
 - controller: requests go to the prefill (or colocated) instance with the fewest outstanding
   requests, and are assigned the decode instance with the fewest;
-- prefill: FCFS batches under the token budget L_m (the first request always fits); its KV stays
-  held until pulled; a full hold area stops new batches (backpressure);
+- prefill: FCFS batches under the token budget L_m of whole prompts; a prompt longer than L_m
+  runs in chunks that fill the budget; its KV stays held until pulled; a full hold area stops new
+  batches (backpressure);
 - decode: named per request at dispatch and told when its prefill starts; at a step boundary (at
   once when idle) it pulls (posts the receives) when it has room for prompt + output tokens and
   batch room; the transfer runs from the later of the first token and the pull; a pulled request
   joins the batch at the first step boundary after its transfer; continuous batching;
-- colocated: prefill-prioritised; a step is a prefill batch whenever one is admissible.
+- colocated, chunked (Policy.colocated_policy, the default): every step carries the next decode
+  group plus prompt chunks (started prompts first, then FCFS) up to the step token budget, decode
+  tokens included; a prompt's first token comes with its last chunk; such a mixed step costs
+  LatencyModel.mixed_ms;
+- colocated, prefill_first: a step is a prefill batch whenever one is admissible.
 Where the profile says instances sharing a node slow each other (CPUs: cores and memory), a step
 that starts while no other instance on its nodes is stepping costs the profile's alone share, and
 one that starts while another runs the other phase costs the profile's beside-the-other-phase share.
@@ -42,6 +47,55 @@ class Policy:
     max_decode_batch: int = 256
     kv_bytes_per_token: int = 0
     bandwidth_gbps: Callable[[InstanceSpec, InstanceSpec], float] = lambda p, d: float("inf")
+    colocated_policy: str = "chunked"  # chunked | prefill_first, as scheduler.colocated_policy
+    step_token_budget: int | None = None  # chunked colocated: tokens per step; None: the instance's L_m
+
+
+class _Prompts:
+    """Prompts waiting for their prefill and those started in chunks, as the engine's
+    Scheduler._prompt_chunks takes them: the started prompts' next chunks first, then waiting
+    prompts FCFS (no skipping ahead), each whole or, where it may split, as much as the budget holds."""
+
+    def __init__(self):
+        self.queue: deque[SimRequest] = deque()
+        self.started: deque[list] = deque()  # [request, prompt tokens given to steps so far]
+
+    def __bool__(self) -> bool:
+        return bool(self.queue or self.started)
+
+    def take(self, budget: int, splits: Callable[[int], bool],
+             admit: Callable[[SimRequest, int], bool]) -> list[tuple[SimRequest, int, int]]:
+        """(request, tokens before the chunk, chunk tokens) of one step; admit(request, chunks so
+        far) takes a waiting request in, or says there is no room for it."""
+        chunks = []
+        while budget > 0 and self:
+            if not self.started:
+                r = self.queue[0]
+                if r.input_len > budget and chunks and not splits(r.input_len):
+                    break  # a whole prompt that does not fit: the next step
+                if not admit(r, len(chunks)):
+                    break
+                self.started.append([self.queue.popleft(), 0])
+            entry = self.started[0]
+            r, done = entry
+            n = min(r.input_len - done, budget) if splits(r.input_len) else r.input_len
+            chunks.append((r, done, n))
+            entry[1] += n
+            budget -= n
+            if entry[1] == r.input_len:
+                self.started.popleft()
+        return chunks
+
+
+def _step_cost(inst, chunks: list[tuple[SimRequest, int, int]], group: "_Running | None") -> tuple[float, float, str]:
+    """(latency, first-stage interval, phase) of a step of prompt chunks beside a decode group."""
+    sim, tp, pp = inst.sim, inst.spec.tp, inst.spec.pp
+    lens, starts = [n for _, _, n in chunks], [s for _, s, _ in chunks]
+    batch, context = (len(group), group.context) if group else (0, 0)
+    phase = "prefill" if chunks else "decode"
+    scale = sim.contention(inst, phase, batch)
+    return (sim.latency.mixed_ms(lens, starts, batch, context, tp, pp) * scale,
+            sim.latency.mixed_interval_ms(lens, starts, batch, context, tp, pp) * scale, phase)
 
 
 class _Loop:
@@ -159,11 +213,8 @@ class _Groups:
 
 def _launch_decode(inst, group: _Running, landed: Callable[[_Running], None]) -> None:
     """Starts `group`'s decode step on `inst`'s pipeline; landed(group) once its tokens are back."""
-    sim, tp, pp = inst.sim, inst.spec.tp, inst.spec.pp
-    scale = sim.contention(inst, "decode", len(group))
-    done = inst.pipe.launch(sim.loop.now, sim.latency.decode_trip_ms(len(group), group.context, tp, pp) * scale,
-                            sim.latency.decode_interval_ms(len(group), group.context, tp, pp) * scale, "decode")
-    sim.loop.at(done, lambda: landed(group))
+    latency, interval, phase = _step_cost(inst, [], group)
+    inst.sim.loop.at(inst.pipe.launch(inst.sim.loop.now, latency, interval, phase), lambda: landed(group))
 
 
 def _wake(inst, at: float, retry: Callable[[], None]) -> None:
@@ -195,7 +246,7 @@ def _depth(sim: "Simulation", spec: InstanceSpec, phase: str) -> int:
 class _Prefill:
     def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
         self.sim, self.spec, self.index = sim, spec, index
-        self.queue: deque[SimRequest] = deque()
+        self.prompts = _Prompts()
         self.held, self.outstanding, self.waking = 0, 0, False
         self.pipe = _Pipeline(_depth(sim, spec, "prefill"))
 
@@ -203,42 +254,39 @@ class _Prefill:
     def busy(self) -> bool:
         return self.pipe.flying > 0
 
+    def _admit(self, r: SimRequest, chunks: int) -> bool:
+        """Room in the hold area (the first prompt always fits an empty one)."""
+        if self.held + r.input_len > self.spec.kv_tokens and (chunks or self.held):
+            return False
+        self.held += r.input_len
+        r.prefill_start, r.prefill_instance = self.sim.loop.now, self.index
+        if r.output_len > 1:
+            self.sim.announce(r, self)
+        return True
+
     def try_start(self) -> None:
         loop, lat = self.sim.loop, self.sim.latency
-        if not self.queue or self.waking or _wake_when_first_stage_frees(self, self.try_start):
+        if not self.prompts or self.waking or _wake_when_first_stage_frees(self, self.try_start):
             return
         if not self.pipe.has_room(loop.now):
             return  # every step slot in flight: the next one to land wakes it
-        batch, tokens = [], 0
-        while self.queue:
-            r = self.queue[0]
-            if batch and tokens + r.input_len > self.sim.token_budget(self.spec):
-                break
-            if self.held + tokens + r.input_len > self.spec.kv_tokens and (batch or self.held):
-                break
-            batch.append(self.queue.popleft())
-            tokens += r.input_len
-        if not batch:
+        budget = self.sim.token_budget(self.spec)
+        chunks = self.prompts.take(budget, lambda n: n > budget, self._admit)
+        if not chunks:
             return  # backpressure: wakes again when a pull frees the hold area
-        lens = [r.input_len for r in batch]
-        for r in batch:
-            r.prefill_start, r.prefill_instance = loop.now, self.index
-            if r.output_len > 1:
-                self.sim.announce(r, self)
-        self.held += tokens
-        scale = self.sim.contention(self, "prefill")
-        done = self.pipe.launch(loop.now, lat.prefill_ms(lens, self.spec.tp, self.spec.pp) * scale,
-                                lat.prefill_interval_ms(lens, self.spec.tp, self.spec.pp) * scale, "prefill")
-        loop.at(done, lambda: self._done(batch))
+        latency, interval, phase = _step_cost(self, chunks, None)
+        done = self.pipe.launch(loop.now, latency, interval, phase)
+        loop.at(done, lambda: self._done([r for r, start, n in chunks if start + n == r.input_len]))
         self.try_start()
 
     def enqueue(self, r: SimRequest) -> None:
         """Batches start after every request of this instant has arrived, as the engine's leader
         drains all its messages before it schedules."""
-        self.queue.append(r)
+        self.prompts.queue.append(r)
         _wake(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
 
     def _done(self, batch: list[SimRequest]) -> None:
+        """A step landed; `batch`: the requests whose last chunk it ran."""
         self.pipe.landed()
         for r in batch:
             r.first_token = self.sim.loop.now
@@ -332,16 +380,19 @@ class _Decode:
 
 
 class _Colocated:
-    """Both phases on one instance, prefill first (vLLM's default): whenever the pipeline has room,
-    a step is a prefill batch if one is admissible, else the next decode group; with PP, a prefill
-    on the first stage overlaps a decode group on a later one, as in the engine."""
+    """Both phases on one instance. Chunked (vLLM >= 0.6, Sarathi-Serve): whenever the pipeline has
+    room, a step carries the next decode group and prompt chunks up to the step token budget.
+    Prefill first (vLLM before 0.6): a step is a prefill batch of whole prompts if one is
+    admissible, else the next decode group; with PP, a prefill on the first stage overlaps a decode
+    group on a later one, as in the engine."""
 
     def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
         self.sim, self.spec, self.index = sim, spec, index
-        self.queue: deque[SimRequest] = deque()
+        self.prompts = _Prompts()
         depth = _depth(sim, spec, "decode")
         self.running, self.pipe = _Groups(depth), _Pipeline(depth)
-        self.used = self.outstanding = 0
+        self.used = self.outstanding = self.starting = 0
+        self.chunked = sim.policy.colocated_policy == "chunked"
         self.waking = False
 
     @property
@@ -350,46 +401,50 @@ class _Colocated:
 
     def enqueue(self, r: SimRequest) -> None:
         """As _Prefill.enqueue: the step starts once this instant's arrivals are all queued."""
-        self.queue.append(r)
+        self.prompts.queue.append(r)
         _wake(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
 
-    def _admit(self) -> list[SimRequest]:
-        """The next prefill batch: FCFS under L_m, batch and KV room."""
-        batch, tokens = [], 0
-        while self.queue and len(self.running) + len(batch) < self.sim.policy.max_decode_batch:
-            r = self.queue[0]
-            need = r.input_len + r.output_len
-            if batch and tokens + r.input_len > self.sim.token_budget(self.spec):
-                break
-            if self.used + need > self.spec.kv_tokens and (batch or self.used):
-                break
-            batch.append(self.queue.popleft())
-            tokens += r.input_len
-            self.used += need
-        return batch
+    def _admit(self, r: SimRequest, chunks: int) -> bool:
+        """Batch room (running + started) and KV room for prompt + output (the first always fits
+        an empty cache)."""
+        need = r.input_len + r.output_len
+        if len(self.running) + self.starting >= self.sim.policy.max_decode_batch:
+            return False
+        if self.used + need > self.spec.kv_tokens and (chunks or self.used):
+            return False
+        self.used += need
+        self.starting += 1
+        r.prefill_start = self.sim.loop.now
+        r.prefill_instance = r.decode_instance = self.index
+        return True
 
     def try_start(self) -> None:
-        lat, loop, tp, pp = self.sim.latency, self.sim.loop, self.spec.tp, self.spec.pp
+        loop = self.sim.loop
         while self.pipe.has_room(loop.now):
-            batch = self._admit()
-            if batch:
-                for r in batch:
-                    r.prefill_start = loop.now
-                    r.prefill_instance = r.decode_instance = self.index
-                lens, scale = [r.input_len for r in batch], self.sim.contention(self, "prefill")
-                done = self.pipe.launch(loop.now, lat.prefill_ms(lens, tp, pp) * scale,
-                                        lat.prefill_interval_ms(lens, tp, pp) * scale, "prefill")
-                loop.at(done, lambda batch=batch: self._prefilled(batch))
-                continue
-            group = self.running.next_group(loop.now)
-            if group is None:
+            if self.chunked:
+                group = self.running.next_group(loop.now)
+                budget = self.sim.step_budget(self.spec) - (len(group) if group else 0)
+                chunks = self.prompts.take(budget, lambda n: True, self._admit)
+            else:
+                chunks = self.prompts.take(self.sim.token_budget(self.spec), lambda n: False, self._admit)
+                group = None if chunks else self.running.next_group(loop.now)
+            if not chunks and group is None:
                 break
-            _launch_decode(self, group, self._decoded)
+            latency, interval, phase = _step_cost(self, chunks, group)
+            done = self.pipe.launch(loop.now, latency, interval, phase)
+            firsts = [r for r, start, n in chunks if start + n == r.input_len]
+            loop.at(done, lambda group=group, firsts=firsts: self._landed(group, firsts))
         _wake_when_first_stage_frees(self, self.try_start)
 
-    def _prefilled(self, batch: list[SimRequest]) -> None:
+    def _landed(self, group: "_Running | None", firsts: list[SimRequest]) -> None:
+        """A step's tokens are back: its decode group's and the first tokens of the prompts whose
+        last chunk it ran."""
         self.pipe.landed()
-        for r in batch:
+        if group is not None:
+            for r in self.running.landed(group):
+                self._finish(r)
+        for r in firsts:
+            self.starting -= 1
             r.first_token = r.joined = self.sim.loop.now
             if r.output_len <= 1:
                 self._finish(r)
@@ -402,12 +457,6 @@ class _Colocated:
         self.sim.judge(r)
         self.used -= r.input_len + r.output_len
         self.outstanding -= 1
-
-    def _decoded(self, group: _Running) -> None:
-        self.pipe.landed()
-        for r in self.running.landed(group):
-            self._finish(r)
-        self.try_start()
 
 
 class Simulation:
@@ -428,6 +477,10 @@ class Simulation:
 
     def token_budget(self, spec: InstanceSpec) -> int:
         return prefill_token_budget(self.policy.token_budget, self.latency, spec.tp)
+
+    def step_budget(self, spec: InstanceSpec) -> int:
+        """A chunked colocated instance's tokens per step, decodes included."""
+        return self.policy.step_token_budget or self.token_budget(spec)
 
     def contention(self, inst, phase: str, batch: int = 0) -> float:
         """The share of its profiled cost a step of `inst` (`batch` sequences) starting now takes.
