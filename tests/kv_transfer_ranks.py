@@ -40,6 +40,18 @@ class Ctx:
         self.rank, self.plan, self.instance = rank, plan, instance
 
 
+def rank_side(rank: int, plan: Plan):
+    """(this rank's instance, its layer range, its KV-head range, a cache for them, its KVTransfer),
+    or None for a rank outside the plan."""
+    mine = plan.instance_of(rank)
+    if mine is None:
+        return None
+    rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
+    (l0, l1), (h0, h1) = rect.layers, rect.heads
+    cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
+    return mine, (l0, l1), (h0, h1), cache, KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
+
+
 def expected(layer: int, kv: int, pos: torch.Tensor, head: int) -> torch.Tensor:
     """The value of (global layer, K|V, token position, global KV head, dim)."""
     return (((layer * 2 + kv) * 1000 + pos[:, None]) * 100 + head * 10 + torch.arange(SHAPE.head_dim)).double()
@@ -51,13 +63,10 @@ def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: lis
     p = InstancePlan(0, "prefill", *LAYOUTS[src], first_rank=0)
     d = InstancePlan(1, "decode", *LAYOUTS[dst], first_rank=p.size)
     plan = Plan([p, d])
-    mine = plan.instance_of(rank)
-    if mine is None:
+    side = rank_side(rank, plan)
+    if side is None:
         return True, False
-    rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
-    (l0, l1), (h0, h1) = rect.layers, rect.heads
-    cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
-    kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
+    mine, (l0, l1), (h0, h1), cache, kv = side
     table = src_table if mine is p else dst_table
     blocks = torch.tensor([b for b in table for _ in range(BLOCK)])  # (block, offset) of each position
     offsets = torch.arange(BLOCK).repeat(len(table))
@@ -99,13 +108,10 @@ def run_many(rank: int, broken: bool) -> bool:
     p = InstancePlan(0, "prefill", 1, 1, first_rank=0)
     d = InstancePlan(1, "decode", 2, 1, first_rank=1)
     plan = Plan([p, d])
-    mine = plan.instance_of(rank)
-    if mine is None:
+    side = rank_side(rank, plan)
+    if side is None:
         return True
-    rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
-    (l0, l1), (h0, h1) = rect.layers, rect.heads
-    cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
-    kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
+    mine, (l0, l1), (h0, h1), cache, kv = side
     tokens = 6  # 2 blocks per request
     src_tables = {r: [2 * r, 2 * r + 1] for r in range(6)}
     dst_tables = {r: [15 - 2 * i, 2 * i] for i, r in enumerate(PULL_ORDER)}
@@ -152,13 +158,10 @@ def run_late_sender(rank: int, world) -> bool:
     p = InstancePlan(0, "prefill", 1, 2, first_rank=0)
     d = InstancePlan(1, "decode", 2, 1, first_rank=2)
     plan = Plan([p, d])
-    mine = plan.instance_of(rank)
-    if mine is None:
+    side = rank_side(rank, plan)
+    if side is None:
         return True
-    rect = owned_rect(mine, rank, SHAPE.num_layers, SHAPE.num_kv_heads)
-    (l0, l1), (h0, h1) = rect.layers, rect.heads
-    cache = KVCache(l1 - l0, NUM_BLOCKS, BLOCK, h1 - h0, SHAPE.head_dim, torch.float64, torch.device("cpu"))
-    kv = KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
+    mine, (l0, l1), (h0, h1), cache, kv = side
     table = SCATTERED
     blocks = torch.tensor([b for b in table for _ in range(BLOCK)])
     offsets = torch.arange(BLOCK).repeat(len(table))

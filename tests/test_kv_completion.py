@@ -5,7 +5,6 @@ completes it, and any wait() fails the test (on NCCL wait() only orders streams)
 with real gloo works: tests/kv_transfer_ranks.py's late-sender case (test_reshard)."""
 from __future__ import annotations
 
-import socket
 from collections import deque
 
 import pytest
@@ -65,13 +64,9 @@ class Ctx:
         self.rank, self.plan, self.instance = rank, plan, instance
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gloo_world():
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+@pytest.fixture(autouse=True)
+def gloo_world(tp_group):
+    """The one-rank gloo world of conftest's tp_group: real gloo works need a process group."""
 
 
 def test_completions_run_callbacks_in_order_once_completed():
