@@ -37,7 +37,6 @@ class RankContext:
     tp_rank: int
     pp_stage: int
     tp_group: Any
-    pp_group: Any
     device: torch.device
     nodes: list                     # node name of every global rank, as the ranks see it
     kv_group: Any = None            # every rank: KV transfers' own communicator (NCCL: no blocking of TP/PP)
@@ -144,20 +143,20 @@ def start(plan: Plan, cluster, dtype: str = "float32") -> RankContext:
         os.environ.setdefault("NCCL_SOCKET_IFNAME", cluster.interface)
     dist.init_process_group(backend, init_method=_rendezvous(world, cluster, plan), rank=rank,
                             world_size=size, timeout=timedelta(seconds=600))
-    tp_group = pp_group = None
+    tp_group = None
     for inst in plan.instances:  # same order on every rank: new_group is collective
         grid = HyperCommGrid([inst.tp, 1, inst.pp, 1], ["tp", "cp", "pp", "dp"],
                              rank_offset=inst.first_rank, backend=backend)
-        tp, pp = grid.create_pg(["tp"]), grid.create_pg(["pp"])
+        tp = grid.create_pg(["tp"])  # PP stages hand activations over point-to-point: no PP group
         if inst is mine:
-            tp_group, pp_group = tp, pp
+            tp_group = tp
     kv_group = dist.new_group(list(range(size)), backend=backend)  # collective: after the instance groups
     instance_comm = world.Split(mine.id if mine else MPI.UNDEFINED, rank)
     tp_rank, pp_stage = mine.coords(rank) if mine else (0, 0)
     # the controller holds no model: it does not vote on bf16
     native_bf16 = rank == 0 or (torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(cpu_flags()))
     return RankContext(rank, size, plan, world, mine, instance_comm if mine else None, tp_rank, pp_stage,
-                       tp_group, pp_group, device, world.allgather(node_name()), kv_group,
+                       tp_group, device, world.allgather(node_name()), kv_group,
                        choose_dtype(dtype, world.allreduce(bool(native_bf16), op=MPI.LAND)))
 
 

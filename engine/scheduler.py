@@ -185,10 +185,6 @@ class Scheduler:
     def rank_arrived(self, req_id: int) -> None:
         self.arrived[req_id] = self.arrived.get(req_id, 0) + 1
 
-    @property
-    def load(self) -> int:
-        return len(self.waiting) + len(self.prefilling) + len(self.running) + len(self.pulling) + len(self.incoming)
-
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running or self.pulling or self.incoming or self.firsts
                     or any(self.pulls.values()) or self.pending_releases or self.in_flight)

@@ -55,8 +55,6 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
 
-    FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
-
 
 def check_sampling(fields: dict) -> dict:
     """Validates sampling fields (any subset of SamplingParams'); returns them normalised (`stop`

@@ -43,11 +43,10 @@ class Settings:
 @dataclass
 class Goodput:
     """A bisection's outcome, per device: the sustained rate, the analytic capacity that bounded
-    the search, and the mean latencies at that rate (0 when no rate passes)."""
+    the search, and the mean TPOT at that rate (0 when no rate passes)."""
 
     rate: float
     capacity: float
-    mean_ttft_ms: float = 0.0
     mean_tpot_ms: float = 0.0
 
 
@@ -147,7 +146,7 @@ def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: flo
         return Goodput(0.0, cap)
     done = [r for r in seen[lo] if not math.isnan(r.finish)]
     decoded = [r.tpot for r in done if r.output_len > 1]
-    return Goodput(lo, cap, sum(r.ttft for r in done) / len(done), sum(decoded) / len(decoded) if decoded else 0.0)
+    return Goodput(lo, cap, sum(decoded) / len(decoded) if decoded else 0.0)
 
 
 def prefill_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSpec) -> float:
