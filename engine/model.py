@@ -26,7 +26,6 @@ from torch import nn
 from engine import attention
 from engine.batch import BatchMeta
 from engine.matmul import linear, nbytes, prepare
-from engine.rope import rope_tables  # noqa: F401  (the stage's position tables; imported from here by callers)
 from launcher.model_support import OPT_POSITION_OFFSET, ModelShape
 
 

@@ -24,7 +24,8 @@ from engine.batch import build_batch
 from engine.comm import RankContext, poll
 from engine.kv_cache import KVCache
 from engine.kv_transfer import KVTransfer
-from engine.model import LlamaStage, rope_tables
+from engine.model import LlamaStage
+from engine.rope import rope_tables
 from engine.reshard import stage_layers
 from engine.sampling import sample
 from engine.weights import load_stage

@@ -16,7 +16,8 @@ from engine import attention
 from model_families import FAMILIES, family_shape
 from engine.batch import build_batch
 from engine.kv_cache import KVCache
-from engine.model import LlamaStage, rope_tables
+from engine.model import LlamaStage
+from engine.rope import rope_tables
 from engine.sampling import choose
 from launcher.protocol import SamplingParams, SeqChunk
 from launcher.model_files import ModelShape

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from dataclasses import replace
 
 import pytest
@@ -256,7 +255,7 @@ def test_colocated_pp_overlaps_a_prefill_with_a_decode_group():
 
 
 @pytest.mark.slow  # a full search on the paper's 4 x 8 A100 setting (~20 s)
-def test_anchor_profile_and_paper_plan_speed(tmp_path):
+def test_anchor_profile_and_paper_plans(tmp_path):
     lat = load_profile("configs/profiles/distserve-profile-a100-80g.json", "facebook/opt-13b")
     assert lat.tp_degrees() == [1, 2, 4]
     # 18.10 + 0.1019 * 100 + 7.12e-6 * 100^2 ms, plus simdistserve's step cost 2 ms + 1e-4 ms * 100
@@ -265,9 +264,7 @@ def test_anchor_profile_and_paper_plan_speed(tmp_path):
     assert KNOWN_MODELS["facebook/opt-66b"].kv_bytes_per_token() == 2 * 64 * 72 * 128 * 2
     for name in ("paper-opt66b-high", "paper-opt66b-low"):
         out = tmp_path / f"{name}.yaml"
-        started = time.time()
-        assert main(["plan", f"configs/{name}.yaml", "-o", str(out), "--quiet"]) == 0
-        assert time.time() - started < 30
+        assert main(["plan", f"configs/{name}.yaml", "-o", str(out), "--quiet"]) == 0  # its speed: benchmarks/planner_speed.py
         plan = read_plan(str(out))
         assert plan.by_role("prefill") and plan.by_role("decode")
         assert sum(i.size for i in plan.instances) <= 32

@@ -265,7 +265,7 @@ class _Prefill:
         return True
 
     def try_start(self) -> None:
-        loop, lat = self.sim.loop, self.sim.latency
+        loop = self.sim.loop
         if not self.prompts or self.waking or _wake_when_first_stage_frees(self, self.try_start):
             return
         if not self.pipe.has_room(loop.now):
