@@ -23,6 +23,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                    help="how to start the ranks (srun: inside a Slurm allocation)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
     p.add_argument("--resume", action="store_true", help="keep the output file and run only the requests it lacks")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run every request again over an output that holds results (kept as OUTPUT.bak)")
     p.add_argument("--dump-logits", metavar="DIR", help="save every generated token's logits (debugging)")
 
 

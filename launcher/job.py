@@ -28,6 +28,7 @@ class JobFile:
     report: str = ""                # report.json: summary, per-instance stats, step timings
     quiet: bool = False
     skip_ids: tuple[str, ...] = ()  # custom_ids whose results --resume keeps
+    model_hash: str = ""            # the model's identity, written with each result (launcher.answer_key)
     pending_requests: int = 0
     dump_logits: Optional[str] = None  # directory for every generated token's logits
     profile_samples: Optional[str] = None  # profile mode: where the controller writes the timings
