@@ -110,6 +110,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"pdlaunch: error: {e}" if not str(e).startswith("pdlaunch") else str(e), file=sys.stderr)
         return e.exit_code
+    finally:
+        from launcher.locks import release_all
+
+        release_all()  # the run directory and output this command owned
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 
-from launcher import commands
+from launcher import commands, locks
 from launcher.answer_key import answer_hash, model_hash
 from launcher.batch_io import INPUT_ENCODING, parse_requests, read_input_text
 from launcher.config import JobConfig, load_config
@@ -86,29 +86,10 @@ def _writable_output(path: str, dry_run: bool) -> None:
         os.remove(path)
 
 
-_HELD_LOCKS = {}  # path -> open file: run directories and outputs this launcher owns, flock'ed until it exits
-
-
-def _hold(path: str, busy: str) -> None:
-    """An exclusive lock on `path` (opened for appending) for this process's lifetime; `busy`: the
-    error when another process holds it. Held once per process (a bench runs several jobs)."""
-    import fcntl
-
-    if path in _HELD_LOCKS:
-        return
-    f = open(path, "a", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(busy) from None
-    _HELD_LOCKS[path] = f
-
-
 def hold_output(output: str) -> None:
     """Takes an exclusive lock on the output file for this launcher's lifetime: a second run with
     the same --output is refused instead of deleting the file under the first one."""
-    _hold(output, f"output: another pdlaunch run is writing '{output}'; wait for it or pass another --output")
+    locks.hold(output, f"output: another pdlaunch run is writing '{output}'; wait for it or pass another --output")
 
 
 def snapshot_input(text: str, run_dir: str) -> str:
@@ -139,7 +120,7 @@ def writable_run_dir(path: str) -> str:
     earlier, killed launcher left running on it are ended first."""
     run_dir = os.path.abspath(path)
     lock = os.path.join(run_dir, "run.lock")
-    if lock in _HELD_LOCKS:
+    if locks.holds(lock):
         return run_dir
     _check_run_dir(run_dir)
     try:
@@ -147,7 +128,7 @@ def writable_run_dir(path: str) -> str:
         tempfile.TemporaryFile(dir=run_dir).close()
     except OSError as e:
         raise UserError(f"run_dir: cannot write in '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
-    _hold(lock, f"run_dir: another pdlaunch run is using '{run_dir}'; wait for it to "
+    locks.hold(lock, f"run_dir: another pdlaunch run is using '{run_dir}'; wait for it to "
                                              "end or pass another --run-dir")
     left = end_ranks(os.path.join(run_dir, "job.json"))
     if left:

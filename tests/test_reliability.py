@@ -140,7 +140,7 @@ def test_a_failed_run_replaces_the_previous_report_and_a_foreign_engine_package_
                         capture_output=True, text=True, timeout=240)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["requests"] == 4
-    failed = start(config, env_extra={"PDLAUNCH_FAULT": "1:1:raise"})
+    failed = start(config, "--overwrite", env_extra={"PDLAUNCH_FAULT": "1:1:raise"})
     rc, err, _ = finish(failed, time.time(), limit=60)
     assert rc == 3
     report = json.loads((tmp_path / "run" / "report.json").read_text())
