@@ -77,6 +77,36 @@ def test_kill_9_ends_job_and_resume_completes(rank, role, tmp_path, tiny_model_d
         assert next(r for r in lines if r["custom_id"] == f"r{i}")["token_ids"] == tokens
 
 
+def launch_process(launcher_pid: int) -> int:
+    """PID of the launch command (mpirun, which becomes prterun) that pdlaunch started."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        return int(f.read().split()[0])
+
+
+def test_kill_9_of_mpirun_waits_for_every_rank_and_resume_is_exact(tmp_path, tiny_model_dir, expected):
+    """SIGKILL of mpirun/prterun: pdlaunch reports only once no rank process is left (none writes
+    after it lets go of the output), names what died, exits 128 + 9 and prints the exact --resume."""
+    config = write_job(tmp_path, tiny_model_dir, LAYOUT, PROMPTS, MAX_TOKENS,
+                       workload={"arrival": "poisson", "rate": 6.0}, scheduler={"watchdog_s": 10})
+    proc = start(config)
+    wait_lines(tmp_path / "out.jsonl", 3)
+    os.kill(launch_process(proc.pid), signal.SIGKILL)
+    rc, err, _ = finish(proc, time.time(), limit=60)
+    assert not job_processes(str(tmp_path / "run")), "a rank outlived the launcher's report"
+    assert rc == 128 + signal.SIGKILL, (rc, err[-2000:])
+    assert "died of SIGKILL" in err and f"pdlaunch generate {config} --quiet --resume" in err, err[-2000:]
+    written = (tmp_path / "out.jsonl").read_bytes()
+    time.sleep(1)
+    assert (tmp_path / "out.jsonl").read_bytes() == written  # nothing wrote after the report
+    resumed = start(config, "--resume")
+    rc, err, _ = finish(resumed, time.time(), limit=120)
+    assert rc == 0, err[-2000:]
+    lines = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert sorted(r["custom_id"] for r in lines) == sorted(f"r{i}" for i in range(len(PROMPTS)))
+    for i, tokens in enumerate(expected):
+        assert next(r for r in lines if r["custom_id"] == f"r{i}")["token_ids"] == tokens
+
+
 @pytest.mark.parametrize("kind,rank", [("raise", 3), ("hang", 3), ("stall", 2)])
 def test_failing_or_stuck_rank_ends_job_with_diagnosis(kind, rank, tmp_path, tiny_model_dir):
     """A rank that raises, one that stops answering (its leader stops heartbeating) and a leader
