@@ -204,3 +204,18 @@ def test_fault_campaign(tmp_path):
     failed = [r for r in summary["rows"] if not r["ok"]]
     assert proc.returncode == 0 and not failed, json.dumps(failed, indent=1)[-3000:]
     assert {r["signal"] for r in summary["rows"]} == {"kill -9", "SIGSTOP"}
+
+
+@pytest.mark.slow
+def test_concurrency_campaign(tmp_path):
+    """benchmarks/concurrency_campaign.py, short: one trial of seven runs started together on one
+    config (shared run directory, shared output, dry runs) and one SIGKILL of pdlaunch followed at
+    once by --resume; every output exact line by line against an undisturbed run."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "concurrency_campaign.py"), "--trials",
+                           "2", "--requests", "8", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1500, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    summary = json.loads((tmp_path / "results.json").read_text())
+    failed = [r for r in summary["rows"] if not r["ok"]]
+    assert proc.returncode == 0 and not failed, json.dumps(failed, indent=1)[-3000:]
+    assert [r["kind"] for r in summary["rows"]] == ["together", "kill"]
+    assert (summary["torn"], summary["duplicated"], summary["lost"], summary["wrong"]) == (0, 0, 0, 0)
