@@ -176,6 +176,17 @@ def reference_tokens(config: str, workdir: str) -> dict:
         return {r["custom_id"]: r["token_ids"] for r in map(json.loads, f)}
 
 
+def write_summary(args, rows: list[dict], began: float) -> dict:
+    os.makedirs(args.out, exist_ok=True)
+    summary = {"date": datetime.date.today().isoformat(), "requests": args.requests, "layout": LAYOUT,
+               "trials": len(rows), "clean": sum(r["ok"] for r in rows), "minutes": round((time.time() - began) / 60, 1),
+               **{key: sum(r.get(key, 0) for r in rows) for key in ("torn", "duplicated", "lost", "wrong")},
+               "rows": rows}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=30)
@@ -202,13 +213,7 @@ def main() -> int:
             rows.append(row)
             print(f"trial {i + 1}/{args.trials}: {row['kind']} {row.get('target', '')} "
                   f"{'ok' if row['ok'] else 'FAILED ' + '; '.join(row['problems'])}", file=sys.stderr, flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    summary = {"date": datetime.date.today().isoformat(), "requests": args.requests, "layout": LAYOUT,
-               "trials": len(rows), "clean": sum(r["ok"] for r in rows), "minutes": round((time.time() - began) / 60, 1),
-               **{key: sum(r.get(key, 0) for r in rows) for key in ("torn", "duplicated", "lost", "wrong")},
-               "rows": rows}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+            summary = write_summary(args, rows, began)  # after every trial: a cut-short campaign still counts
     table = Table(title=f"concurrency campaign: {summary['clean']}/{len(rows)} trials clean; torn "
                         f"{summary['torn']}, duplicated {summary['duplicated']}, lost {summary['lost']}, wrong "
                         f"{summary['wrong']} results ({args.requests} requests per output)")
