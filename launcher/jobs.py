@@ -128,8 +128,8 @@ def writable_run_dir(path: str) -> str:
         tempfile.TemporaryFile(dir=run_dir).close()
     except OSError as e:
         raise UserError(f"run_dir: cannot write in '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
-    locks.hold(lock, f"run_dir: another pdlaunch run is using '{run_dir}'; wait for it to "
-                                             "end or pass another --run-dir")
+    locks.hold(lock, f"run_dir: another pdlaunch run is using '{run_dir}'; wait for it to end or pass another "
+                     "--run-dir")
     left = end_ranks(os.path.join(run_dir, "job.json"))
     if left:
         print(f"pdlaunch: ended {len(left)} process(es) an earlier run in {run_dir} left behind", file=sys.stderr)
