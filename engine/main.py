@@ -33,6 +33,7 @@ def _run_controller(ctx, job: JobFile) -> None:
     from engine.progress import Reporter
     from engine.results import ResultWriter
     from engine.tokenizer import TextCodec
+    from launcher.answer_key import answer_hash
     from launcher.batch_io import read_requests
 
     codec = TextCodec(job.model_dir)
@@ -41,7 +42,9 @@ def _run_controller(ctx, job: JobFile) -> None:
     reporter = Reporter(len(specs), quiet=job.quiet, slo=job.config.slo, interval=job.log_interval)
     name = job.config.serve.model_name or os.path.basename(job.model_dir.rstrip("/"))  # the launcher sets it
     writer = ResultWriter(job.output, codec, name, job.dump_logits,
-                          on_result=reporter.advance)
+                          on_result=reporter.advance,
+                          keys=lambda spec: {"answer_hash": answer_hash(spec, job.config, job.model_hash),
+                                             "model_hash": job.model_hash})
     DOING["what"] = "dispatching requests and collecting results"
     with reporter:
         controller = Controller(ctx, job.config, codec, read_shape(job.model_dir).vocab_size)

@@ -62,8 +62,10 @@ class Sink:
 
 class ResultWriter(Sink):
     def __init__(self, path: str, codec: TextCodec, model_name: str, logits_dir: str | None = None,
-                 on_result=None):
+                 on_result=None, keys=None):
+        """`keys(spec)`: the hashes --resume matches, besides request_hash (launcher.answer_key)."""
         self.codec, self.model_name, self.logits_dir, self.on_result = codec, model_name, logits_dir, on_result
+        self.keys = keys
         self.file = open(path, "a", encoding="utf-8")
         self.records: list[dict] = []
 
@@ -87,6 +89,8 @@ class ResultWriter(Sink):
         if spec.openai:
             record = self._openai(record, spec, body)
         record["request_hash"] = spec.digest
+        if self.keys:
+            record.update(self.keys(spec))
         self.records.append(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,6 +47,22 @@ def request_digest(obj) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) if not isinstance(obj, str) \
         else obj
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+_ID = re.compile(r'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _readable_id(line: str) -> str | None:
+    """The custom_id of a line that is not valid JSON or not UTF-8, when it can still be read: its
+    error record then answers under the id the user will look for."""
+    found = _ID.search(line)
+    if not found:
+        return None
+    try:
+        cid = json.loads(f'"{found.group(1)}"')
+    except json.JSONDecodeError:
+        return None
+    return cid if cid and _bad_utf8_column(cid) is None else None
 
 
 def _bad_utf8_column(line: str) -> int | None:
@@ -147,7 +164,7 @@ def parse_line(index: int, line: str) -> RequestSpec:
     elif obj is not None and not isinstance(obj, dict):
         spec.error = f"line {index + 1} must be a JSON object"
     spec.digest = request_digest(line.strip() if obj is None else obj)
-    spec.custom_id = f"request-{spec.digest[:12]}"
+    spec.custom_id = _readable_id(line) or f"request-{spec.digest[:12]}"
     if spec.error:
         return spec
     try:
@@ -186,15 +203,20 @@ def read_input_text(path: str) -> str:
     if path == "-":
         import sys
 
-        return sys.stdin.buffer.read().decode(**INPUT_ENCODING)
+        return _without_bom(sys.stdin.buffer.read().decode(**INPUT_ENCODING))
     try:
         with open(path, **INPUT_ENCODING) as f:
-            return f.read()
+            return _without_bom(f.read())
     except FileNotFoundError:
         raise UserError(f"input file '{path}' not found; pass a JSONL file of prompts "
                         "(see examples/prompts.jsonl)") from None
     except IsADirectoryError:
         raise UserError(f"input '{path}' is a directory; pass a JSONL file") from None
+
+
+def _without_bom(text: str) -> str:
+    """A UTF-8 byte order mark (Windows editors write one) is not part of the first request."""
+    return text.removeprefix("\ufeff")
 
 
 def read_requests(path: str) -> list[RequestSpec]:
@@ -215,8 +237,12 @@ def parse_requests(text: str, path: str) -> list[RequestSpec]:
             seen[s.custom_id] = seen.get(s.custom_id, 0) + 1
             if seen[s.custom_id] > 1:
                 s.custom_id += f"-{seen[s.custom_id]}"
-    ids = [s.custom_id for s in specs]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"input file '{path}': custom_id '{dup}' appears more than once; ids must be unique")
+    lines_of: dict[str, list[int]] = {}
+    for s in specs:
+        lines_of.setdefault(s.custom_id, []).append(s.index + 1)
+    dup = next((cid for cid, at in lines_of.items() if len(at) > 1), None)
+    if dup is not None:
+        at = lines_of[dup]
+        raise UserError(f"input file '{path}': custom_id '{dup}' appears on lines {', '.join(map(str, at))}; ids must "
+                        "be unique")
     return specs

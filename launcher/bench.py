@@ -352,8 +352,10 @@ def _rates(text: str, option: str) -> list[float]:
         rates = [float(r) for r in text.split(",")]
     except ValueError:
         raise UserError(f"bench: {option} must be numbers separated by commas, got {text!r}") from None
-    if not rates or min(rates) <= 0 or not all(math.isfinite(r) for r in rates):
-        raise UserError(f"bench: {option} must be positive request rates")
+    if not all(math.isfinite(r) for r in rates):
+        raise UserError(f"bench: {option} must be finite request rates, got {text!r}")
+    if min(rates) <= 0:
+        raise UserError(f"bench: {option} must be positive request rates, got {text!r}")
     return rates
 
 

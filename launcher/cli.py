@@ -28,6 +28,8 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-interval", type=float, default=10.0, metavar="SECONDS",
                    help="seconds between progress lines (done/total, errors, tok/s, TTFT/TPOT p50, ETA; default 10)")
     p.add_argument("--resume", action="store_true", help="keep the output file and run only the requests it lacks")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run every request again over an output that holds results (kept as OUTPUT.bak)")
     p.add_argument("--dump-logits", metavar="DIR", help="save every generated token's logits (debugging)")
 
 
@@ -145,6 +147,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"pdlaunch: error: {e}" if not str(e).startswith("pdlaunch") else str(e), file=sys.stderr)
         return e.exit_code
+    finally:
+        from launcher.locks import release_all
+
+        release_all()  # the run directory and output this command owned
 
 
 if __name__ == "__main__":

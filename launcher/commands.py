@@ -21,14 +21,25 @@ def host_counts(rank_hosts: list[str]) -> dict[str, int]:
     return counts
 
 
-def write_rankfile(rank_hosts: list[str], path: str) -> None:
+def rankfile_text(rank_hosts: list[str]) -> str:
     """Open MPI rankfile: global rank i runs on rank_hosts[i]."""
     per_host: dict[str, int] = {}
-    with open(path, "w") as f:
-        for rank, host in enumerate(rank_hosts):
-            slot = per_host.get(host, 0)
-            per_host[host] = slot + 1
-            f.write(f"rank {rank}={host} slot={slot}\n")
+    lines = []
+    for rank, host in enumerate(rank_hosts):
+        slot = per_host.get(host, 0)
+        per_host[host] = slot + 1
+        lines.append(f"rank {rank}={host} slot={slot}\n")
+    return "".join(lines)
+
+
+def _side_file(path: str, text: str, files: dict | None) -> str:
+    """A file the command names: written, or (a dry run, which writes nothing) put in `files`."""
+    if files is None:
+        with open(path, "w") as f:
+            f.write(text)
+    else:
+        files[path] = text
+    return path
 
 
 FORWARDED_PREFIXES = ("NCCL_", "CUDA_")
@@ -56,17 +67,18 @@ def _tcp_interface_args(rank_hosts: list[str], interface: str, name_the_default:
     return ["--mca", "btl_tcp_if_include", NOT_LOOPBACK] if name_the_default else []
 
 
-def _rank_placement(rank_hosts: list[str], run_dir: str) -> list[str]:
+def _rank_placement(rank_hosts: list[str], run_dir: str, files: dict | None) -> list[str]:
     """Each rank on its plan host (a rankfile) across hosts; one host: any slot, oversubscribed."""
     if single_host(rank_hosts):
         return ["--oversubscribe"]
-    rankfile = os.path.join(run_dir, "rankfile")
-    write_rankfile(rank_hosts, rankfile)
+    rankfile = _side_file(os.path.join(run_dir, "rankfile"), rankfile_text(rank_hosts), files)
     return ["--map-by", f"rankfile:file={rankfile}:oversubscribe"]
 
 
-def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "") -> list[str]:
-    """mpirun (pip's Open MPI) with one process per rank, each on the host the plan gives it."""
+def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "",
+                   files: dict | None = None) -> list[str]:
+    """mpirun (pip's Open MPI) with one process per rank, each on the host the plan gives it.
+    The files the command names are written, or with `files` (a dry run) put there instead."""
     cmd = [_mpirun(), "-n", str(len(rank_hosts)), "--bind-to", "none"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
@@ -75,7 +87,7 @@ def mpirun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface
         # --host allocates the hosts outside a resource manager (inside Slurm they must be, and
         # are, in the allocation); the rankfile then pins each rank to its host and slot
         cmd += ["--host", ",".join(f"{h}:{n}" for h, n in host_counts(rank_hosts).items())]
-    cmd += _rank_placement(rank_hosts, run_dir)
+    cmd += _rank_placement(rank_hosts, run_dir, files)
     cmd += ["-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", *forwarded_env_args(),
             sys.executable, "-m", "engine.main", "--job", job_path]
     return cmd
@@ -86,21 +98,20 @@ def _python_module() -> list[str]:
 
 
 def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "",
-                      master_port: int = 29500) -> list[str]:
+                      master_port: int = 29500, files: dict | None = None) -> list[str]:
     """The deepspeed launcher, told to start the ranks through Open MPI (`--launcher openmpi
     --force_multi`), because pdlaunch's control plane is MPI; its MPI discovery is bypassed (the
     engine agrees on the rendezvous over MPI), so it never picks an external interface. Its
     hostfile allocates the hosts; the same rankfile as mpirun's puts each rank on its plan host,
     and NCCL_* / CUDA_* reach remote ranks as with mpirun."""
-    hostfile = os.path.join(run_dir, "ds_hostfile")
-    with open(hostfile, "w") as f:
-        f.writelines(f"{h} slots={n}\n" for h, n in host_counts(rank_hosts).items())
+    hostfile = _side_file(os.path.join(run_dir, "ds_hostfile"),
+                          "".join(f"{h} slots={n}\n" for h, n in host_counts(rank_hosts).items()), files)
     mpi_args = ["--bind-to", "none", "-x", "OMP_NUM_THREADS=1", "-x", "PYTHONPATH", "-x", "PYTHONSAFEPATH=1",
                 *forwarded_env_args()]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         mpi_args.insert(0, "--allow-run-as-root")
     mpi_args += _tcp_interface_args(rank_hosts, interface, name_the_default=True)
-    mpi_args += _rank_placement(rank_hosts, run_dir)
+    mpi_args += _rank_placement(rank_hosts, run_dir, files)
     beside = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     return [beside if os.path.exists(beside) else "deepspeed", "--hostfile", hostfile, "--no_ssh_check",
             "--master_addr", rank_hosts[0] if rank_hosts[0] not in LOCAL_NAMES else "127.0.0.1",
@@ -108,13 +119,12 @@ def deepspeed_command(rank_hosts: list[str], job_path: str, run_dir: str, interf
             "--launcher_args", " ".join(mpi_args), "--module", "engine.main", "--job", job_path]
 
 
-def srun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "") -> tuple[list[str], dict]:
+def srun_command(rank_hosts: list[str], job_path: str, run_dir: str, interface: str = "",
+                 files: dict | None = None) -> tuple[list[str], dict]:
     """srun inside a Slurm allocation, each task on its plan host (SLURM_HOSTFILE + arbitrary
     distribution), MPI wired by PMIx. `--overcommit` lets the controller rank share its node's
     CPUs with that node's instance ranks. Returns the command and the environment it needs."""
-    hostfile = os.path.join(run_dir, "slurm_hostfile")
-    with open(hostfile, "w") as f:
-        f.writelines(h + "\n" for h in rank_hosts)
+    hostfile = _side_file(os.path.join(run_dir, "slurm_hostfile"), "".join(h + "\n" for h in rank_hosts), files)
     env = {"SLURM_HOSTFILE": hostfile, "PMIX_MCA_psec": "native", "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
     if interface:
         env["OMPI_MCA_btl_tcp_if_include"] = interface
@@ -161,3 +171,11 @@ def sbatch_script(config_path: str, plan_path: str, nodes: int, ranks_per_node: 
 
 def render(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
+
+
+def render_dry_run(cmd: list[str], env: dict, files: dict) -> str:
+    """What a dry run prints: the command line, then each file it names (written at launch) as comments."""
+    lines = [" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + render(cmd)]
+    for path, text in files.items():
+        lines += [f"# {path} (written at launch):"] + [f"#   {line}" for line in text.splitlines()]
+    return "\n".join(lines)

@@ -11,8 +11,9 @@ import os
 import sys
 import tempfile
 
-from launcher import commands
-from launcher.batch_io import INPUT_ENCODING, RequestSpec, parse_requests, read_input_text
+from launcher import commands, locks
+from launcher.answer_key import answer_hash, model_hash
+from launcher.batch_io import INPUT_ENCODING, parse_requests, read_input_text
 from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
 from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
@@ -21,7 +22,7 @@ from launcher.model_files import embedded_gguf, read_shape, resolve_model_dir
 from launcher.network import LOCAL_NAMES, check_hosts_resolve, rendezvous_address
 from launcher.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
 from launcher.resume import reconcile
-from launcher.supervise import PACKAGE_ROOT, STOP_SIGNALS, launch
+from launcher.supervise import PACKAGE_ROOT, STOP_SIGNALS, end_ranks, launch
 
 
 def cluster_hosts(cfg: JobConfig) -> list[Host]:
@@ -78,10 +79,16 @@ def build_plan(cfg: JobConfig, hosts: list[Host], model_dir: str) -> Plan:
     return plan
 
 
-def _writable_output(path: str) -> None:
+def _writable_output(path: str, dry_run: bool) -> None:
     """Opens the output for appending (as the controller will) and removes it again if it is new:
-    permission bits alone miss /sys, read-only mounts and root's exemptions."""
+    permission bits alone miss /sys, read-only mounts and root's exemptions. A dry run writes
+    nothing: it checks the permission bits of what exists."""
     folder = os.path.dirname(os.path.abspath(path))
+    if dry_run:
+        existing = path if os.path.exists(path) else folder
+        if os.path.exists(existing) and not os.access(existing, os.W_OK):
+            raise UserError(f"output: cannot write '{path}'; pass a writable --output path")
+        return
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -96,33 +103,19 @@ def _writable_output(path: str) -> None:
         os.remove(path)
 
 
-_HELD_LOCKS = []  # output files this launcher writes; flock'ed until it exits
-
-
 def hold_output(output: str) -> None:
     """Takes an exclusive lock on the output file for this launcher's lifetime: a second run with
     the same --output is refused instead of deleting the file under the first one."""
-    import fcntl
-
-    f = open(output, "a", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(f"output: another pdlaunch run is writing '{output}'; wait for it or pass another --output") from None
-    _HELD_LOCKS.append(f)
+    locks.hold(output, f"output: another pdlaunch run is writing '{output}'; wait for it or pass another --output")
 
 
-def snapshot_input(source: str, run_dir: str) -> tuple[str, list[RequestSpec]]:
-    """Reads the input once (a file, a FIFO, /dev/stdin or '-'), checks it, and keeps the copy the
-    ranks read in the run directory: nothing reads the source again. Returns the copy's path and
-    the requests."""
-    text = read_input_text(source)
-    specs = parse_requests(text, source)  # whole-input problems stop here; bad lines become error records
+def snapshot_input(text: str, run_dir: str) -> str:
+    """Keeps the copy of the input the ranks read in the (owned) run directory: nothing reads the
+    source again. Returns the copy's path."""
     path = os.path.join(run_dir, "input.jsonl")
     with open(path, "w", **INPUT_ENCODING) as f:
         f.write(text)
-    return path, specs
+    return path
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -132,19 +125,69 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _check_run_dir(run_dir: str) -> None:
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"run_dir: '{run_dir}' is a file, not a directory; pass another --run-dir (or move the file)")
+
+
 def writable_run_dir(path: str) -> str:
+    """The run directory, created, checked writable and owned by this launcher for its whole life:
+    its lock (RUN_DIR/run.lock) is taken before anything else is written there, so a second run on
+    the same directory fails at once, before touching any file of the first one. Processes that an
+    earlier, killed launcher left running on it are ended first."""
     run_dir = os.path.abspath(path)
+    lock = os.path.join(run_dir, "run.lock")
+    if locks.holds(lock):
+        return run_dir
+    _check_run_dir(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=run_dir).close()
     except OSError as e:
         raise UserError(f"run_dir: cannot write in '{run_dir}' ({e.strerror}); pass a writable --run-dir") from None
+    locks.hold(lock, f"run_dir: another pdlaunch run is using '{run_dir}'; wait for it to end or pass another "
+                     "--run-dir")
+    left = end_ranks(os.path.join(run_dir, "job.json"))
+    if left:
+        print(f"pdlaunch: ended {len(left)} process(es) an earlier run in {run_dir} left behind", file=sys.stderr)
     return run_dir
 
 
-def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
-    """Validates everything and writes RUN_DIR/job.json; returns (the job, its launch command, the
-    command's environment)."""
+def _holds_results(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return any(line.strip() for line in f)
+    except FileNotFoundError:
+        return False
+
+
+def backup_path(output: str) -> str:
+    return output + ".bak"
+
+
+def _start_over(output: str) -> None:
+    """--overwrite: the output's results are copied to OUTPUT.bak, then the output is emptied in
+    place (the locked file stays the one the ranks append to)."""
+    import shutil
+
+    if _holds_results(output):
+        shutil.copyfile(output, backup_path(output))
+    with open(output, "w", encoding="utf-8"):
+        pass
+
+
+def resume_command() -> str:
+    """This very command line with --resume (and without --overwrite): what runs the rest."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    return "pdlaunch " + shlex.join(args + ([] if "--resume" in args else ["--resume"]))
+
+
+def prepare_generate(args) -> tuple[JobFile, list[str], dict, dict | None]:
+    """Validates everything and, unless a dry run (which writes nothing anywhere), owns the run
+    directory and writes RUN_DIR/job.json; returns (the job, its launch command, the command's
+    environment, and for a dry run the files the command names, unwritten)."""
     if not args.log_interval > 0:
         raise UserError(f"--log-interval must be > 0 seconds, got {args.log_interval:g}")
     cfg = load_config(args.config)
@@ -157,6 +200,8 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
     cfg.serve.model_name = served_model_name(cfg)  # the results name the model as the server would
     if args.dry_run:
         cfg.planner.calibrate = False  # placement: auto on another machine's profile: a dry run starts no probe
+    if args.resume and args.overwrite:
+        raise UserError("pdlaunch: --resume keeps the output's results and --overwrite replaces them; pass one")
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)
@@ -167,46 +212,62 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict]:
                         "the input)")
     if os.path.isdir(output):
         raise UserError(f"output: '{output}' is a directory; pass a file path as --output")
-    _writable_output(output)
-    run_dir = writable_run_dir(args.run_dir or cfg.resolve(cfg.run_dir))
-    input_path, specs = snapshot_input(source, run_dir)
+    run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
+    _check_run_dir(run_dir)
+    if not args.dry_run:
+        writable_run_dir(run_dir)  # owned before anything else is written
+    _writable_output(output, args.dry_run)
+    text = read_input_text(source)
+    specs = parse_requests(text, source)  # whole-input problems stop here; bad lines become error records
     if not args.dry_run:
         check_hosts(cfg, plan)
         hold_output(output)
+    if not args.resume and not args.overwrite and _holds_results(output):
+        raise UserError(f"output: '{output}' already holds results; pass --resume to keep them and run the rest, or "
+                        f"--overwrite to run everything again (the old file is kept as {backup_path(output)})")
+    model = model_hash(cfg, model_dir)
     done = set()
     if args.resume:
-        state = reconcile(output, specs, apply=not args.dry_run)
+        answers = {s.custom_id: answer_hash(s, cfg, model) for s in specs}
+        state = reconcile(output, specs, apply=not args.dry_run, answers=answers, model=model)
         done = state.reused
-        print(state.message(output, sum(s.custom_id not in done for s in specs)), file=sys.stderr)
+        print(state.message(output, sum(s.custom_id not in done for s in specs), args.dry_run), file=sys.stderr)
     elif not args.dry_run:
-        with open(output, "w", encoding="utf-8"):
-            pass  # emptied in place: the locked file stays the one the ranks append to
+        _start_over(output)
+    input_path = os.path.join(run_dir, "input.jsonl") if args.dry_run else snapshot_input(text, run_dir)
     job = JobFile(cfg, plan, model_dir, input=input_path, output=output, quiet=args.quiet,
                   log_interval=args.log_interval,
                   report=os.path.join(run_dir, "report.json"), skip_ids=tuple(sorted(done)),
-                  pending_requests=sum(s.custom_id not in done for s in specs))
+                  pending_requests=sum(s.custom_id not in done for s in specs), model_hash=model)
     if args.dump_logits:
-        os.makedirs(args.dump_logits, exist_ok=True)
+        if not args.dry_run:
+            os.makedirs(args.dump_logits, exist_ok=True)
         job.dump_logits = os.path.abspath(args.dump_logits)
-    return job, *launch_command(job, run_dir, args.launcher)
+    files = {} if args.dry_run else None
+    return job, *launch_command(job, run_dir, args.launcher, files), files
 
 
-def launch_command(job: JobFile, run_dir: str, launcher: str = "mpirun") -> tuple[list[str], dict]:
-    """Writes the job file every rank reads (and the plan beside it, for people); returns the
-    command (and environment) that starts the ranks with the chosen launcher."""
+def launch_command(job: JobFile, run_dir: str, launcher: str = "mpirun",
+                   files: dict | None = None) -> tuple[list[str], dict]:
+    """Writes the job file every rank reads (and the plan beside it, for people) into the run
+    directory this launcher owns; returns the command (and environment) that starts the ranks with
+    the chosen launcher. With `files` (a dry run) nothing is written: the command's own files
+    (rankfile, hostfile) go into `files`."""
     job_path = os.path.join(run_dir, "job.json")
-    job.write(job_path)
-    write_plan(job.plan, os.path.join(run_dir, "plan.yaml"))
+    if files is None:
+        writable_run_dir(run_dir)  # a no-op when already owned
+        job.write(job_path)
+        write_plan(job.plan, os.path.join(run_dir, "plan.yaml"))
     hosts, env = job.plan.rank_hosts(), {}
     interface = job.config.cluster.interface
     if launcher == "deepspeed":
-        cmd = commands.deepspeed_command(hosts, job_path, run_dir, interface)
+        cmd = commands.deepspeed_command(hosts, job_path, run_dir, interface, files=files)
         if job.config.cluster.device == "cpu":  # on GPUs DeepSpeed's own accelerator (CUDA) stays
             env["DS_ACCELERATOR"] = "cpu"
     elif launcher == "srun":
-        cmd, env = commands.srun_command(hosts, job_path, run_dir, interface)
+        cmd, env = commands.srun_command(hosts, job_path, run_dir, interface, files=files)
     else:
-        cmd = commands.mpirun_command(hosts, job_path, run_dir, interface)
+        cmd = commands.mpirun_command(hosts, job_path, run_dir, interface, files=files)
     return cmd, env
 
 
@@ -219,9 +280,9 @@ def run_job(job: JobFile, run_dir: str, what: str) -> None:
 
 
 def generate(args) -> int:
-    job, cmd, env = prepare_generate(args)
+    job, cmd, env, files = prepare_generate(args)
     if args.dry_run:
-        print(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + commands.render(cmd))
+        print(commands.render_dry_run(cmd, env, files))
         return 0
     if job.pending_requests == 0:
         print(f"pdlaunch: nothing to do: every request of the input already has a result in {job.output}",
@@ -239,7 +300,7 @@ def generate(args) -> int:
             json.dump({"status": status, "exit_code": rc, "results_written": written, "output": job.output,
                        "ranks_log": ranks_log}, f, indent=1)
         print(f"pdlaunch: {status} (exit {rc}); {written} finished result(s) are in {job.output}; "
-              f"`--resume` runs the rest (all messages: {ranks_log})", file=sys.stderr)
+              f"`{resume_command()}` runs the rest (all messages: {ranks_log})", file=sys.stderr)
     return rc
 
 
@@ -280,7 +341,9 @@ def sbatch(args) -> int:
     hosts = cluster_hosts(cfg)
     plan = build_plan(cfg, hosts, model_dir)
     nodes = max(args.nodes, len(set(plan.rank_hosts())))
-    run_dir = writable_run_dir(cfg.resolve(cfg.run_dir))  # Slurm writes the job log there: it must exist
+    run_dir = os.path.abspath(cfg.resolve(cfg.run_dir))
+    _check_run_dir(run_dir)
+    os.makedirs(run_dir, exist_ok=True)  # Slurm writes the job log there: it must exist
     plan_path = os.path.abspath(args.output) + ".plan.yaml"
     write_plan(plan, plan_path)
     serve = (args.port or cfg.serve.port, cfg.serve.drain_s, private_key_file(args.output + ".api_key")) \

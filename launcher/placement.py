@@ -13,7 +13,7 @@ from launcher.jobs import cluster_hosts, model_dir_of
 from launcher.model_files import read_shape
 from launcher.plan import check_layouts, plan_from_config, read_plan, write_plan
 from launcher.planner.planning import model_spec, print_report, run_planner
-from launcher.planner.replay import print_replay, replay_report, simulate_plan, trace_requests
+from launcher.planner.replay import check_trace, print_replay, replay_report, simulate_plan, trace_requests
 
 
 def plan(args) -> int:
@@ -61,6 +61,7 @@ def simulate(args) -> int:
         plan = plan_from_config(cfg, hosts)
     if shape is not None:
         check_layouts(plan, shape, hosts, key="plan")
+    check_trace(reqs, cfg, plan, model_spec(cfg, shape))
     latency = colo if plan.by_role("colocated") else disagg
     simulated = simulate_plan(cfg, plan, model_spec(cfg, shape), latency, reqs, cfg.planner.include_transfer)
     report = replay_report(simulated, cfg.slo.ttft_ms, cfg.slo.tpot_ms, scales)

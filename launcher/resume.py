@@ -1,8 +1,10 @@
 """`--resume`: which results of an existing output file still answer the current input.
 
-A result is reused only when its request is unchanged: same custom_id and the same content hash
-(`request_hash`, written with every result). Results whose request changed or left the input
-are moved out of the output into OUTPUT.stale.jsonl (never deleted) and their requests run again;
+A result is reused only when the job would give the same answer now: same custom_id, the same
+request line (`request_hash`) and the same answer hash (`answer_hash`: the request after the
+config's sampling defaults, and the model's identity; launcher.answer_key), all written with every
+result. Results whose request, settings or model changed, or whose request left the input, are
+moved out of the output into OUTPUT.stale.jsonl (never deleted) and their requests run again;
 results of requests that failed on a rank (`engine_error`) are retried. No torch here.
 """
 from __future__ import annotations
@@ -20,27 +22,36 @@ RETRIED_ERRORS = {"engine_error"}  # a failure of the run, not of the request: r
 class ResumeState:
     reused: set[str] = field(default_factory=set)  # custom_ids whose result stays
     changed: int = 0      # result of a request whose content changed since
+    model_changed: int = 0     # result of another model (files, dtype, max_model_len, chat template)
+    settings_changed: int = 0  # result under other config defaults (sampling)
     vanished: int = 0     # result of a request no longer in the input
     retried: int = 0      # engine errors dropped to run again
-    unverified: int = 0   # results without request_hash (older pdlaunch), reused by custom_id
+    unverified: int = 0   # results without the hashes (older pdlaunch), reused by custom_id
     torn: int = 0         # unreadable lines (a crash mid-write)
 
-    def message(self, output: str, pending: int) -> str:
-        parts = [f"reused {len(self.reused)} result(s) in {output}"]
+    def message(self, output: str, pending: int, dry_run: bool = False) -> str:
+        parts = [f"{'would reuse' if dry_run else 'reused'} {len(self.reused)} result(s) in {output}"]
         moved = []
         if self.changed:
             moved.append(f"{self.changed} whose request changed")
+        if self.model_changed:
+            moved.append(f"{self.model_changed} of another model (its files, dtype, max_model_len or chat template)")
+        if self.settings_changed:
+            moved.append(f"{self.settings_changed} made with other sampling defaults")
         if self.vanished:
             moved.append(f"{self.vanished} whose request is no longer in the input")
         if moved:
-            parts.append(" and ".join(moved) + f" moved to {stale_path(output)}")
+            fate = "would be moved to" if dry_run else "moved to"
+            parts.append(f"{', '.join(moved)} {fate} {stale_path(output)}, their requests to run again")
         if self.retried:
             parts.append(f"{self.retried} engine error(s) retried")
         if self.unverified:
-            parts.append(f"{self.unverified} without a request hash (older output) matched by custom_id only")
+            parts.append(f"{self.unverified} without request or answer hashes (an older pdlaunch) matched by custom_id "
+                         "only (--overwrite runs everything again)")
         if self.torn:
             parts.append(f"{self.torn} unreadable line(s) dropped")
-        return "pdlaunch: resume: " + "; ".join(parts) + f"; {pending} request(s) to run"
+        return ("pdlaunch: resume (dry run, nothing changed): " if dry_run else "pdlaunch: resume: ") + \
+            "; ".join(parts) + f"; {pending} request(s) to run"
 
 
 def stale_path(output: str) -> str:
@@ -52,10 +63,12 @@ def _error_code(record: dict) -> str | None:
     return error.get("code") if isinstance(error, dict) else None
 
 
-def reconcile(output: str, specs: list[RequestSpec], apply: bool) -> ResumeState:
-    """Matches the output's results to the input's requests. With `apply`, rewrites the output to
-    the reused results (in place: the caller holds a lock on it) and appends the moved ones to the
-    stale file; without, only counts (for --dry-run)."""
+def reconcile(output: str, specs: list[RequestSpec], apply: bool, answers: dict[str, str] | None = None,
+              model: str = "") -> ResumeState:
+    """Matches the output's results to the input's requests (and, given `answers` = each custom_id's
+    answer hash now and `model` = the model hash now, to the answers the job would give). With
+    `apply`, rewrites the output to the reused results (in place: the caller holds a lock on it)
+    and appends the moved ones to the stale file; without, only counts (for --dry-run)."""
     state = ResumeState()
     if not os.path.exists(output):
         return state
@@ -79,10 +92,16 @@ def reconcile(output: str, specs: list[RequestSpec], apply: bool) -> ResumeState
         elif digest is not None and digest != digests[cid]:
             state.changed += 1
             stale.append(line)
+        elif answers is not None and record.get("model_hash") not in (None, model):
+            state.model_changed += 1
+            stale.append(line)
+        elif answers is not None and record.get("answer_hash") not in (None, answers[cid]):
+            state.settings_changed += 1
+            stale.append(line)
         elif _error_code(record) in RETRIED_ERRORS:
             state.retried += 1
         else:
-            state.unverified += digest is None
+            state.unverified += digest is None or (answers is not None and "answer_hash" not in record)
             state.reused.add(cid)
             kept.append(line)
     if apply and len(kept) != len(lines):

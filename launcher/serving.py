@@ -83,13 +83,16 @@ def serve(args) -> int:
     hosts = cluster_hosts(cfg)
     model_dir = model_dir_of(cfg)
     plan = build_plan(cfg, hosts, model_dir)
-    run_dir = writable_run_dir(args.run_dir or cfg.resolve(cfg.run_dir))
+    run_dir = os.path.abspath(args.run_dir or cfg.resolve(cfg.run_dir))
+    if not args.dry_run:  # a dry run writes nothing
+        writable_run_dir(run_dir)
     drain_file = os.path.join(run_dir, "drain")
     job = JobFile(cfg, plan, model_dir, mode="serve", quiet=True, report=os.path.join(run_dir, "report.json"),
                   output=os.path.join(run_dir, "requests.jsonl"), drain_file=drain_file)
-    cmd, env = launch_command(job, run_dir, args.launcher)
+    files = {} if args.dry_run else None
+    cmd, env = launch_command(job, run_dir, args.launcher, files)
     if args.dry_run:
-        print(" ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "") + commands.render(cmd))
+        print(commands.render_dry_run(cmd, env, files))
         return 0
     check_hosts(cfg, plan)
     if single_host(plan.rank_hosts()[:1]):

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 from launcher.errors import UserError
 from launcher.plan import Plan
@@ -18,6 +19,7 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BANNER = re.compile(r"^-{40,}\s*$")  # Open MPI frames its messages with a line of dashes
 DEATH = re.compile(r"process rank (\d+) with PID (\d+) on\s+node (\S+)")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+RANK_GRACE_S = 5.0  # after the launch command is gone: how long its ranks get to end before SIGKILL
 
 
 def _die_with_parent() -> None:
@@ -126,14 +128,65 @@ def launch(cmd: list[str], plan: Plan, extra_env: dict | None = None, log_path: 
             log.feed(line)
         rc = proc.wait()
         signal.alarm(0)
-        return rc
     except KeyboardInterrupt:
         _end_group(proc)
-        return 128 + (received[-1] if received else signal.SIGINT)
+        rc = 128 + (received[-1] if received else signal.SIGINT)
     finally:
         log.close()
+        ended = end_ranks(job_path_of(cmd))  # still under our signal handlers: nothing cuts this short
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if rc < 0:  # the launch command itself died of a signal (killed, or crashed)
+        name = signal.Signals(-rc).name
+        print(f"pdlaunch: {os.path.basename(cmd[0])} (PID {proc.pid}) died of {name}"
+              + (f"; the {len(ended)} process(es) of the job it left behind are ended" if ended else ""), file=sys.stderr)
+        rc = 128 - rc
+    return rc
+
+
+def job_path_of(cmd: list[str]) -> str:
+    """The job file a launch command's ranks read (every launcher's command names it after --job)."""
+    return cmd[cmd.index("--job") + 1]
+
+
+def rank_pids(job_path: str) -> list[int]:
+    """Live processes on this host that run the job's ranks: each command line that runs engine.main
+    with this job file (the ranks, and a launch command that would start more). Zombies write nothing."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().decode("utf-8", "replace").split("\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != b"Z" and "engine.main" in args and any(a == "--job" and b == job_path for a, b in zip(args, args[1:])):
+            pids.append(int(entry))
+    return pids
+
+
+def end_ranks(job_path: str, grace_s: float = RANK_GRACE_S) -> list[int]:
+    """Returns only once no process of the job is left on this host: those still running get
+    `grace_s` to end on their own, then SIGKILL. So nothing writes results after the launcher has
+    reported and let go of its locks. Returns the PIDs found left. (Ranks on other hosts are ended
+    by their Open MPI daemon, which dies with its connection to mpirun.)"""
+    deadline = time.monotonic() + grace_s
+    found = pids = rank_pids(job_path)
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = rank_pids(job_path)
+    while pids:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+        pids = rank_pids(job_path)
+    return found
 
 
 def _end_group(proc: subprocess.Popen) -> None:

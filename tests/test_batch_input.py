@@ -54,7 +54,7 @@ def test_good_lines():
 FILE_CASES = [
     ("empty file", "\n\n", "has no requests"),
     ("duplicate custom_id", '{"custom_id": "a", "prompt": "x"}\n{"custom_id": "a", "prompt": "y"}\n',
-     "custom_id 'a' appears more than once"),
+     "custom_id 'a' appears on lines 1, 2; ids must be unique"),
 ]
 
 

@@ -48,11 +48,15 @@ def test_output_equal_to_input_is_refused_and_the_input_kept(tmp_path, tiny_mode
     assert (tmp_path / "in.jsonl").read_text() == before
 
 
-def test_dry_run_keeps_an_existing_output(tmp_path, tiny_model_dir, capsys):
+def test_dry_run_keeps_an_existing_output_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
     config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6, 7]])
     (tmp_path / "out.jsonl").write_text('{"custom_id": "old"}\n')
-    assert main(["generate", config, "--dry-run"]) == 0
+    before = sorted(os.listdir(tmp_path))
+    assert main(["generate", config, "--dry-run", "--overwrite"]) == 0
     assert "mpirun" in capsys.readouterr().out
+    assert main(["generate", config, "--dry-run", "--resume"]) == 0
+    assert "dry run, nothing changed" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == before  # no run directory, no backup, no stale file
     assert (tmp_path / "out.jsonl").read_text() == '{"custom_id": "old"}\n'
 
 

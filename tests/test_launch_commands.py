@@ -33,8 +33,23 @@ def setup_job(tmp_path, model_dir, placement: dict) -> str:
 
 
 def dry_run(capsys, config: str, launcher: str) -> str:
+    """The command line a dry run prints; the files it names are printed after it, not written."""
     assert main(["generate", config, "--dry-run", "--launcher", launcher]) == 0
-    return capsys.readouterr().out.strip()
+    return capsys.readouterr().out.strip().splitlines()[0]
+
+
+def dry_run_files(capsys, argv: list[str]) -> dict[str, list[str]]:
+    """The files a dry run's command names, as it prints them (nothing is written)."""
+    assert main(argv) == 0
+    files: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        if line.endswith(" (written at launch):"):
+            path = line[2:].removesuffix(" (written at launch):")
+            files[path] = []
+        else:
+            files[path].append(line.removeprefix("#   "))
+    assert not any(os.path.exists(p) for p in files)
+    return files
 
 
 HIGH = {"mode": "disaggregated", "prefill": {"instances": 2, "tp": 4, "pp": 1},
@@ -49,7 +64,7 @@ def test_mpirun_high_affinity_rankfile(tmp_path, tiny_model_dir, capsys):
                 "--map-by", f"rankfile:file={run}/rankfile:oversubscribe", "-x", "OMP_NUM_THREADS=1", "-x",
                 "PYTHONPATH", "-x", "PYTHONSAFEPATH=1", sys.executable, "-m", "engine.main", "--job", f"{run}/job.json"]
     assert dry_run(capsys, config, "mpirun") == " ".join(expected)
-    ranks = (run / "rankfile").read_text().splitlines()
+    ranks = dry_run_files(capsys, ["generate", config, "--dry-run"])[f"{run}/rankfile"]
     # controller + prefill 0 + prefill 1 fill node-a; the decode instance (8 ranks) is node-b
     assert ranks[0] == "rank 0=node-a slot=0"
     assert ranks[1:9] == [f"rank {r}=node-a slot={r}" for r in range(1, 9)]
@@ -63,8 +78,7 @@ def test_mpirun_low_affinity_stages_share_nodes(tmp_path, tiny_model_dir, capsys
         {"role": "decode", "tp": 2, "pp": 2, "hosts": ["node-a"] * 2 + ["node-b"] * 2}]}
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     config = setup_job(tmp_path, tiny_model_dir, {"plan": "plan.yaml"})
-    dry_run(capsys, config, "mpirun")
-    ranks = (tmp_path / "run" / "rankfile").read_text().splitlines()
+    ranks = dry_run_files(capsys, ["generate", config, "--dry-run"])[f"{tmp_path}/run/rankfile"]
     assert ranks == ["rank 0=node-a slot=0",
                      "rank 1=node-a slot=1", "rank 2=node-a slot=2", "rank 3=node-a slot=3", "rank 4=node-a slot=4",
                      "rank 5=node-b slot=0", "rank 6=node-b slot=1", "rank 7=node-b slot=2", "rank 8=node-b slot=3",
@@ -82,9 +96,10 @@ def test_deepspeed_command(tmp_path, tiny_model_dir, capsys):
                    f"'{root}--bind-to none -x OMP_NUM_THREADS=1 -x PYTHONPATH -x PYTHONSAFEPATH=1 "
                    f"--mca btl_tcp_if_include {NOT_LOOPBACK} --map-by rankfile:file={run}/rankfile:oversubscribe' "
                    f"--module engine.main --job {run}/job.json")
-    assert (run / "ds_hostfile").read_text() == "node-a slots=9\nnode-b slots=8\n"
+    files = dry_run_files(capsys, ["generate", config, "--dry-run", "--launcher", "deepspeed"])
+    assert files[f"{run}/ds_hostfile"] == ["node-a slots=9", "node-b slots=8"]
     # the plan's rank-to-host map, as mpirun gets it: not DeepSpeed's fill-node-a-first order
-    ranks = (run / "rankfile").read_text().splitlines()
+    ranks = files[f"{run}/rankfile"]
     assert ranks[:9] == [f"rank {r}=node-a slot={r}" for r in range(9)]
     assert ranks[9:] == [f"rank {r}=node-b slot={r - 9}" for r in range(9, 17)]
 
@@ -111,7 +126,8 @@ def test_deepspeed_keeps_a_stage_per_node_plan_and_forwards_nccl_and_cuda_settin
     assert "-x CUDA_DEVICE_MAX_CONNECTIONS -x NCCL_IB_HCA" in " ".join(args)
     assert "--mca btl_tcp_if_include lo --mca oob_tcp_if_include lo" in " ".join(args)
     assert f"rankfile:file={tmp_path}/run/rankfile:oversubscribe" in args
-    ranks = (tmp_path / "run" / "rankfile").read_text().splitlines()
+    ranks = dry_run_files(capsys, ["generate", config, "--dry-run", "--launcher", "deepspeed"])[
+        f"{tmp_path}/run/rankfile"]
     assert [r.split("=")[1].split()[0] for r in ranks] == ["node-a"] * 5 + ["node-b"] * 4 + ["node-a"] * 2 + ["node-b"] * 2
     mpirun = dry_run(capsys, config, "mpirun").split()
     assert mpirun[mpirun.index("PYTHONSAFEPATH=1") + 1:][:4] == ["-x", "CUDA_DEVICE_MAX_CONNECTIONS", "-x", "NCCL_IB_HCA"]
@@ -147,7 +163,8 @@ def test_srun_command_and_sbatch_script(tmp_path, tiny_model_dir, capsys):
     assert out == (f"SLURM_HOSTFILE={run}/slurm_hostfile PMIX_MCA_psec=native OMP_NUM_THREADS=1 PYTHONSAFEPATH=1 srun --mpi=pmix "
                    f"-n 17 --distribution=arbitrary --overcommit --cpu-bind=none {sys.executable} -m engine.main "
                    f"--job {run}/job.json")
-    assert (run / "slurm_hostfile").read_text().split() == ["node-a"] * 9 + ["node-b"] * 8
+    files = dry_run_files(capsys, ["generate", config, "--dry-run", "--launcher", "srun"])
+    assert files[f"{run}/slurm_hostfile"] == ["node-a"] * 9 + ["node-b"] * 8
     script = tmp_path / "job.sbatch"
     assert main(["sbatch", config, "-o", str(script), "--partition", "gpu", "--time", "02:00:00", "--quiet"]) == 0
     text = script.read_text()
@@ -169,8 +186,8 @@ def test_plan_maps_onto_slurm_allocation(tmp_path, tiny_model_dir, capsys, monke
     config = setup_job(tmp_path, tiny_model_dir, {"mode": "disaggregated"})
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07,12]")
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", "6(x2)")
-    assert main(["generate", config, "--plan", str(tmp_path / "plan.yaml"), "--dry-run"]) == 0
-    ranks = (tmp_path / "run" / "rankfile").read_text().splitlines()
+    ranks = dry_run_files(capsys, ["generate", config, "--plan", str(tmp_path / "plan.yaml"),
+                                   "--dry-run"])[f"{tmp_path}/run/rankfile"]
     assert [r.split("=")[1].split()[0] for r in ranks] == ["gpu07"] * 5 + ["gpu12"] * 4 + ["gpu07"] * 2 + ["gpu12"] * 2
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu07")
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", "12")

@@ -415,16 +415,16 @@ def test_placement_auto_plans_at_launch_and_says_which_and_why(tmp_path, capsys)
     """The embedded default plans its layout when it starts: one line names the mode, the layout
     and the reason, and the job's plan carries both modes' figures (the controller copies them
     into report.json)."""
-    import json
-
+    from launcher.cli import build_parser
     from launcher.config import load_config
+    from launcher.jobs import prepare_generate
 
     assert load_config("configs/cpu-default.yaml").placement.mode == "auto"
-    assert main(["generate", "configs/cpu-default.yaml", "--dry-run", "--run-dir", str(tmp_path),
-                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    args = build_parser().parse_args(["generate", "configs/cpu-default.yaml", "--dry-run", "--run-dir", str(tmp_path),
+                                      "--output", str(tmp_path / "out.jsonl")])
+    job = prepare_generate(args)[0]  # a dry run: the job every rank would read, nothing written
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("planner: "))
-    with open(tmp_path / "job.json") as f:
-        predicted = json.load(f)["plan"]["predicted"]
+    predicted = job.plan.predicted
     assert predicted["mode"] in line and predicted["layout"] in line and predicted["reason"] in line
     assert predicted["planned_at_launch"] and set(predicted["modes"]) == {"disaggregated", "colocated"}
     assert all(m["per_device_goodput"] > 0 for m in predicted["modes"].values())

@@ -77,6 +77,36 @@ def test_kill_9_ends_job_and_resume_completes(rank, role, tmp_path, tiny_model_d
         assert next(r for r in lines if r["custom_id"] == f"r{i}")["token_ids"] == tokens
 
 
+def launch_process(launcher_pid: int) -> int:
+    """PID of the launch command (mpirun, which becomes prterun) that pdlaunch started."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        return int(f.read().split()[0])
+
+
+def test_kill_9_of_mpirun_waits_for_every_rank_and_resume_is_exact(tmp_path, tiny_model_dir, expected):
+    """SIGKILL of mpirun/prterun: pdlaunch reports only once no rank process is left (none writes
+    after it lets go of the output), names what died, exits 128 + 9 and prints the exact --resume."""
+    config = write_job(tmp_path, tiny_model_dir, LAYOUT, PROMPTS, MAX_TOKENS,
+                       workload={"arrival": "poisson", "rate": 6.0}, scheduler={"watchdog_s": 10})
+    proc = start(config)
+    wait_lines(tmp_path / "out.jsonl", 3)
+    os.kill(launch_process(proc.pid), signal.SIGKILL)
+    rc, err, _ = finish(proc, time.time(), limit=60)
+    assert not job_processes(str(tmp_path / "run")), "a rank outlived the launcher's report"
+    assert rc == 128 + signal.SIGKILL, (rc, err[-2000:])
+    assert "died of SIGKILL" in err and f"pdlaunch generate {config} --quiet --resume" in err, err[-2000:]
+    written = (tmp_path / "out.jsonl").read_bytes()
+    time.sleep(1)
+    assert (tmp_path / "out.jsonl").read_bytes() == written  # nothing wrote after the report
+    resumed = start(config, "--resume")
+    rc, err, _ = finish(resumed, time.time(), limit=120)
+    assert rc == 0, err[-2000:]
+    lines = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert sorted(r["custom_id"] for r in lines) == sorted(f"r{i}" for i in range(len(PROMPTS)))
+    for i, tokens in enumerate(expected):
+        assert next(r for r in lines if r["custom_id"] == f"r{i}")["token_ids"] == tokens
+
+
 @pytest.mark.parametrize("kind,rank", [("raise", 3), ("hang", 3), ("stall", 2)])
 def test_failing_or_stuck_rank_ends_job_with_diagnosis(kind, rank, tmp_path, tiny_model_dir):
     """A rank that raises, one that stops answering (its leader stops heartbeating) and a leader
@@ -140,7 +170,7 @@ def test_a_failed_run_replaces_the_previous_report_and_a_foreign_engine_package_
                         capture_output=True, text=True, timeout=240)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["requests"] == 4
-    failed = start(config, env_extra={"PDLAUNCH_FAULT": "1:1:raise"})
+    failed = start(config, "--overwrite", env_extra={"PDLAUNCH_FAULT": "1:1:raise"})
     rc, err, _ = finish(failed, time.time(), limit=60)
     assert rc == 3
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -174,3 +204,18 @@ def test_fault_campaign(tmp_path):
     failed = [r for r in summary["rows"] if not r["ok"]]
     assert proc.returncode == 0 and not failed, json.dumps(failed, indent=1)[-3000:]
     assert {r["signal"] for r in summary["rows"]} == {"kill -9", "SIGSTOP"}
+
+
+@pytest.mark.slow
+def test_concurrency_campaign(tmp_path):
+    """benchmarks/concurrency_campaign.py, short: one trial of seven runs started together on one
+    config (shared run directory, shared output, dry runs) and one SIGKILL of pdlaunch followed at
+    once by --resume; every output exact line by line against an undisturbed run."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "concurrency_campaign.py"), "--trials",
+                           "2", "--requests", "8", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1500, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    summary = json.loads((tmp_path / "results.json").read_text())
+    failed = [r for r in summary["rows"] if not r["ok"]]
+    assert proc.returncode == 0 and not failed, json.dumps(failed, indent=1)[-3000:]
+    assert [r["kind"] for r in summary["rows"]] == ["together", "kill"]
+    assert (summary["torn"], summary["duplicated"], summary["lost"], summary["wrong"]) == (0, 0, 0, 0)

@@ -264,8 +264,9 @@ def _read(path: str, model: str | None) -> tuple[dict, str]:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"planner: profile '{path}' not found; run `pdlaunch profile CONFIG` or point "
-                        "planner.profile at configs/profiles/distserve-profile-a100-80g.json") from None
+        raise UserError(f"planner: profile '{path}' not found; measure this model on this hardware with "
+                        f"`pdlaunch profile CONFIG -o {path}` (configs/profiles/distserve-profile-a100-80g.json "
+                        "only fits DistServe's OPT models on A100 GPUs)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"planner: profile '{path}' is not valid JSON ({e.msg})") from None
     models = [k for k in data if not k.startswith("_")]

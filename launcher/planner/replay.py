@@ -25,7 +25,17 @@ DEFAULT_SLO_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2)
 
 
 def _trace_record(obj, where: str) -> tuple[float | None, int, int]:
-    """(start time in s or None, prompt tokens, output tokens) of one trace record."""
+    """(start time in s or None, prompt tokens, output tokens) of one trace record; a start time
+    must be a finite number of seconds >= 0."""
+    record = _lengths_and_start(obj, where)
+    start = record[0]
+    if start is not None and (not isinstance(start, (int, float)) or isinstance(start, bool)
+                              or not math.isfinite(start) or start < 0):
+        raise UserError(f"trace: {where} has start_time {start!r}; it must be a finite number of seconds >= 0")
+    return record
+
+
+def _lengths_and_start(obj, where: str) -> tuple[float | None, int, int]:
     if not isinstance(obj, dict):
         raise UserError(f"trace: {where} is not an object")
     try:
@@ -38,7 +48,7 @@ def _trace_record(obj, where: str) -> tuple[float | None, int, int]:
             arrival = (obj.get("metrics") or {}).get("arrival")
             return (None if arrival is None else float(arrival)), int(usage["prompt_tokens"]), \
                 int(usage["completion_tokens"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise UserError(f"trace: {where} has a missing or non-numeric field ({e})") from None
     raise UserError(f"trace: {where} needs start_time, prompt_len and output_len (DistServe's form) or a "
                     "pdlaunch results record with usage")
@@ -83,7 +93,32 @@ def trace_requests(path: str) -> list[SimRequest]:
         raise UserError(f"trace: '{path}' lacks arrival times (start_time, or metrics.arrival in a results "
                         "file); use it for lengths (planner.lengths: trace) instead")
     first = min(start for start, _, _ in records)
-    return [SimRequest((start - first) * 1e3, prompt, output) for start, prompt, output in records]
+    return sorted((SimRequest((start - first) * 1e3, prompt, output) for start, prompt, output in records),
+                  key=lambda r: r.arrival)  # a trace in any order is replayed in arrival order
+
+
+def check_trace(reqs: list[SimRequest], cfg: JobConfig, plan: Plan, spec: ModelSpec) -> None:
+    """Like generate's checks of its input: every request fits model.max_model_len and the KV cache
+    of an instance that would run it (one that fits none could never run: the engine answers it
+    with an error record); this also bounds the simulation's work."""
+    instances = placement_instances(cfg, plan, spec)
+
+    def total(r: SimRequest) -> int:
+        return r.input_len + r.output_len
+
+    limits = [("model.max_model_len", cfg.model.max_model_len, total)]
+    if instances["colocated"]:
+        limits.append(("any colocated instance's KV cache", max(i.kv_tokens for i in instances["colocated"]), total))
+    else:
+        limits += [("any prefill instance's KV cache", max(i.kv_tokens for i in instances["prefill"]),
+                    lambda r: r.input_len),
+                   ("any decode instance's KV cache", max(i.kv_tokens for i in instances["decode"]), total)]
+    for what, capacity, need in limits:
+        over = [r for r in reqs if need(r) > capacity]
+        if over:
+            raise UserError(f"trace: {len(over)} request(s) need more tokens than {what} holds ({capacity}), e.g. "
+                            f"prompt_len {over[0].input_len} + output_len {over[0].output_len}; drop them from the "
+                            "trace or raise that limit")
 
 
 def trace_lengths(path: str) -> list[tuple[int, int]]:
