@@ -128,13 +128,17 @@ def hf_chat_ids(path: str, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-# Every family on the reshard layout (TP-sharded biases and heads, PP, KV moved between layouts);
-# 1P1D, which the in-process stage test already covers per family, for Llama 3 and OPT: few jobs.
-JOBS = [(family, "p-tp2-d-pp2") for family in FAMILIES] + [("llama3", "1p1d"), ("opt", "1p1d")]
+# Every family on the reshard layout (TP-sharded biases and heads, PP, KV moved between layouts) and
+# on 1P1D; `make test` runs 1P1D for Llama 3 and OPT (the in-process stage test covers every family's
+# forward), `make test-slow` the other families' 1P1D jobs.
+QUICK_1P1D = ("llama3", "opt")
+JOBS = [pytest.param(family, "p-tp2-d-pp2", id=f"{family}-p-tp2-d-pp2") for family in FAMILIES] + [
+    pytest.param(family, "1p1d", id=f"{family}-1p1d", marks=() if family in QUICK_1P1D else pytest.mark.slow)
+    for family in FAMILIES]
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("family,layout", JOBS, ids=[f"{f}-{layout}" for f, layout in JOBS])
+@pytest.mark.parametrize("family,layout", JOBS)
 def test_family_greedy_ids_match_transformers(family, layout, tmp_path, family_dirs):
     """Token-id prompts (some past original_max_position_embeddings and the sliding window) and two
     chats, in one job per family and layout."""
