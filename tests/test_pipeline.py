@@ -28,7 +28,8 @@ def run(tmp_path, tiny_model_dir, monkeypatch, in_flight: bool) -> tuple[dict, i
     trace.mkdir()
     monkeypatch.setenv("PDLAUNCH_STEP_TRACE", str(trace))
     config = write_job(tmp_path, tiny_model_dir, {"mode": "colocated", "colocated": {"instances": 1, "tp": 1, "pp": 2}},
-                       ragged_prompts(8, seed=4), 24, scheduler={"batches_in_flight": in_flight})
+                       ragged_prompts(8, seed=4), 24,
+                       scheduler={"batches_in_flight": in_flight, "colocated_policy": "prefill_first"})
     proc = run_pdlaunch("generate", config, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = read_results(tmp_path / "out.jsonl")

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 
 from conftest import ROOT, ServerProcess, rank_pid, rank_processes, ragged_prompts, read_results, run_pdlaunch, write_job
 
@@ -73,8 +74,14 @@ def stream_lines(url: str, body: dict):
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("serve-smol") / "run")
-    server = ServerProcess(EMBEDDED, run_dir)
+    """The embedded model served on 1 prefill + 1 decode instance (a plan file: the embedded config's
+    placement: auto may pick colocated on this machine, and these tests watch both sides)."""
+    base = tmp_path_factory.mktemp("serve-smol")
+    plan = base / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"instances": [{"role": "prefill", "tp": 1, "pp": 1},
+                                                  {"role": "decode", "tp": 1, "pp": 1}]}))
+    run_dir = str(base / "run")
+    server = ServerProcess(EMBEDDED, run_dir, args=("--plan", str(plan)))
     server.model = request(server.url + "/v1/models")[2]["data"][0]["id"]
     yield server
     assert server.stop() == 0, server.stderr[-3000:]
@@ -419,6 +426,11 @@ def test_v1_needs_an_api_key_and_health_and_metrics_stay_open(guarded):
     import openai
     from openai import OpenAI
 
+    job = os.path.join(guarded.run_dir, "job.json")  # rank 0 reads the keys from it: the user's only
+    with open(job) as f:
+        assert json.load(f)["config"]["serve"]["api_key"] == list(KEYS)
+    assert os.stat(job).st_mode & 0o077 == 0
+
     client = OpenAI(base_url=guarded.url + "/v1", api_key="wrong-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as refused:
         client.completions.create(model="tiny", prompt=[5, 6], max_tokens=2)
@@ -535,6 +547,4 @@ def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path, tiny_model_d
     assert run_pdlaunch("serve", config, "--host", "0.0.0.0", "--dry-run", "--insecure-no-auth").returncode == 0
     keyed = run_pdlaunch("serve", config, "--host", "0.0.0.0", "--dry-run", "--api-key", "secret")
     assert keyed.returncode == 0, keyed.stderr
-    job = tmp_path / "run" / "job.json"
-    assert json.loads(job.read_text())["config"]["serve"]["api_key"] == ["secret"]
-    assert job.stat().st_mode & 0o077 == 0  # the key is the user's only
+    assert not (tmp_path / "run" / "job.json").exists()  # a dry run writes nothing
