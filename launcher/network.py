@@ -80,7 +80,8 @@ def _address_of(host: str) -> str:
 def rendezvous_address(master_addr: str, interface: str, hosts: list[str]) -> str:
     """`master_addr: auto` means: the configured interface's address, loopback for a single-host
     job, else the address this host's name resolves to, refused if that is loopback while some
-    host is not (remote ranks would hang; hosts that are all loopback addresses are this machine)."""
+    host resolves to an address elsewhere (remote ranks would hang; hosts that resolve to loopback, or
+    that this machine cannot resolve, as fake Slurm nodes, do not count as remote)."""
     if master_addr != "auto":
         return master_addr
     if interface:
@@ -89,7 +90,7 @@ def rendezvous_address(master_addr: str, interface: str, hosts: list[str]) -> st
         return "127.0.0.1"
     name = socket.gethostname()
     addr = socket.gethostbyname(name)
-    if _loopback(addr) and not all(_loopback(_address_of(h)) for h in set(hosts)):
+    if _loopback(addr) and any(a and not _loopback(a) for a in map(_address_of, set(hosts))):
         raise UserError(f"config: this multi-host job's rendezvous would be {name}'s address, but {name} resolves "
                         f"to {addr} (loopback: Debian/Ubuntu hosts files map the host name to 127.0.1.1), which "
                         "remote ranks cannot reach; set 'cluster.interface' (e.g. ib0 or eth0) or 'cluster.master_addr'")
