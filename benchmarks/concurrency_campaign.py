@@ -19,7 +19,6 @@ trial is clean.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -34,7 +33,8 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fault_campaign import ROOT, build_model, count_lines, processes_of, start, write_config  # noqa: E402
+from fault_campaign import (build_model, campaign_args, count_lines, processes_of, start,  # noqa: E402
+                            write_config)
 
 LAYOUT = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 2, "pp": 1},
           "decode": {"instances": 1, "tp": 1, "pp": 2}}
@@ -188,14 +188,7 @@ def write_summary(args, rows: list[dict], began: float) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--requests", type=int, default=24)
-    parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s")
-    parser.add_argument("--watchdog", type=float, default=10.0, help="scheduler.watchdog_s")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "concurrency-campaign"))
-    args = parser.parse_args()
+    args = campaign_args(__doc__, 30, 24, "concurrency-campaign")
     from rich.console import Console
     from rich.table import Table
 

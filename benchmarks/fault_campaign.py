@@ -162,15 +162,20 @@ def trial(index: int, config: str, workdir: str, requests: int, watchdog_s: floa
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--requests", type=int, default=100)
+def campaign_args(doc: str, trials: int, requests: int, out_name: str) -> argparse.Namespace:
+    """The options both campaigns take (this one and concurrency_campaign.py), with their defaults."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=trials)
+    parser.add_argument("--requests", type=int, default=requests)
     parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate, requests/s")
     parser.add_argument("--watchdog", type=float, default=10.0, help="scheduler.watchdog_s")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "fault-campaign"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", out_name))
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = campaign_args(__doc__, 20, 100, "fault-campaign")
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
