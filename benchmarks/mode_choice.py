@@ -7,9 +7,11 @@ on the embedded SmolLM2 job (configs/cpu-default.yaml) and this machine's hostfi
   and a disaggregated prefill device idles while colocated instances both decode.
 
 For each: the planner's predicted goodput per device for both modes (its own search, as `pdlaunch
-plan` runs it) and its pick; then both modes' placements on the engine (`pdlaunch bench`'s job:
-calibration probe, then each rate), bisected in turns to --bisect-to of their rate within the
-time budget; the measured winner (where the brackets do not overlap) and whether the pick is it.
+plan` runs it: colocated instances chunk prompts under the step budget it found best) and its pick;
+then both modes' placements on the engine (`pdlaunch bench`'s job: calibration probe, then each
+rate), bisected in turns to --bisect-to of their rate within the time budget; the measured winner
+(where the brackets do not overlap) and whether the pick is it. The colocated placement also runs
+with the prefill-first policy, for the record: the weak baseline DistServe compared against.
 
     python benchmarks/mode_choice.py [--requests N] [--bisect N] [--time-budget MIN] [--plan-only] [--out DIR]
 """
@@ -24,7 +26,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launcher.bench import engine_runner, goodput_ratio, run_bench  # noqa: E402
+from launcher.bench import (engine_runner, goodput_ratio, profile_latency, run_bench, simulated_goodput,  # noqa: E402
+                            system_config)
 from launcher.bench_report import print_bench  # noqa: E402
 from launcher.calibrate import planning_models  # noqa: E402
 from launcher.config import load_config  # noqa: E402
@@ -60,6 +63,13 @@ def plan_both(cfg, hosts, shape) -> tuple[dict, dict]:
                 [("colocated", s) for s in result.colocated]
             plans[mode] = to_plan(specs, hosts, gpus)
     return predicted, plans
+
+
+def tpot_p90_at_goodput(result: dict, system: str) -> float | None:
+    """TPOT p90 (ms) the engine measured at the highest rate the system sustained."""
+    passing = [r for r in result["rows"] if r["system"] == system and
+               r["measured"]["attainment"] >= result["slo"]["attainment"]]
+    return max(passing, key=lambda r: r["rate"])["measured"]["tpot_ms_p90"] if passing else None
 
 
 def winner(goodput: dict) -> str:
@@ -101,16 +111,28 @@ def main() -> None:
             system = {"disaggregated": "disaggregated", "colocated": f"colocated-{cfg.scheduler.colocated_policy}"}
             devices = {m: sum(i.size for i in p.instances) for m, p in plans.items()}
             rates = {system[m]: sorted({round(f * entry["predicted"][m] * devices[m], 3) for f in factors}) for m in plans}
+            systems = {system[m]: p for m, p in plans.items()}
+            spec = model_spec(cfg, shape)
+            if system["colocated"] != "colocated-prefill_first":
+                record = "colocated-prefill_first"
+                systems[record] = plans["colocated"]
+                weak = simulated_goodput(system_config(cfg, record), plans["colocated"], spec, args.requests,
+                                         profile_latency(cfg, plans["colocated"]))
+                entry["predicted_prefill_first"] = weak
+                rates[record] = sorted({round(f * max(weak, cfg.planner.precision) * devices["colocated"], 3)
+                                        for f in factors})
             out_dir = os.path.join(os.path.abspath(args.out), name)
-            result = run_bench(cfg, {system[m]: p for m, p in plans.items()}, rates, args.requests, shape.vocab_size,
-                               model_spec(cfg, shape), engine_runner(cfg, model_dir, out_dir), out_dir,
+            result = run_bench(cfg, systems, rates, args.requests, shape.vocab_size, spec,
+                               engine_runner(cfg, model_dir, out_dir), out_dir,
                                probes=args.bisect, budget_s=args.time_budget * 60, relative=args.bisect_to)
             print_bench(result)
             g = {m: result["goodput_per_device"][system[m]] for m in plans}
-            entry["measured"] = {m: {"goodput": g[m]["measured"], "bracket": g[m]["bracket"],
-                                     "engine_runs": g[m]["engine_runs"], "stopped_by_time_budget":
-                                     g[m]["stopped_by_time_budget"], "calibrated_simulation": g[m]["simulated_calibrated"]}
-                                 for m in plans}
+            entry["measured"] = {s: {"goodput": g_s["measured"], "bracket": g_s["bracket"],
+                                     "engine_runs": g_s["engine_runs"], "stopped_by_time_budget":
+                                     g_s["stopped_by_time_budget"], "calibrated_simulation": g_s["simulated_calibrated"],
+                                     "tpot_p90_ms": tpot_p90_at_goodput(result, s)}
+                                 for s, g_s in result["goodput_per_device"].items()}
+            entry["fidelity"] = result["fidelity"]
             entry["ratio_disaggregated_over_colocated"] = goodput_ratio(g["disaggregated"], g["colocated"])
             entry["measured_winner"] = winner(g)
             entry["pick_is_measured_winner"] = entry["measured_winner"] == entry["pick"] if \

@@ -69,7 +69,8 @@ def instance_token_budgets(cfg: JobConfig, plan: Plan) -> tuple[int, ...]:
     """Each instance's L_m: `scheduler.prefill_token_budget` when a number; auto: the planner
     profile's for the instance's TP degree (the colocated profile for colocated instances), the
     same value the simulator uses. A chunked colocated instance's budget is per step:
-    `scheduler.step_token_budget` when a number, else its L_m."""
+    `scheduler.step_token_budget` when a number, else the one its plan gives (the planner's
+    pick), else its L_m."""
     s = cfg.scheduler
     configured = s.token_budget
     if configured is not None or not cfg.planner.profile:
@@ -78,7 +79,12 @@ def instance_token_budgets(cfg: JobConfig, plan: Plan) -> tuple[int, ...]:
         from launcher.planner.planning import latency_models
 
         disagg, colo = latency_models(cfg, check_dtype=False)
-    step = s.step_token_budget if s.colocated_policy == "chunked" and s.step_token_budget != "auto" else None
-    return tuple(step if step is not None and inst.role == "colocated" else
-                 prefill_token_budget(configured, colo if inst.role == "colocated" else disagg, inst.tp)
+    configured_step = s.step_token_budget if s.step_token_budget != "auto" else None
+
+    def step_budget(inst) -> int | None:
+        if inst.role != "colocated" or s.colocated_policy != "chunked":
+            return None
+        return configured_step or inst.step_token_budget
+
+    return tuple(step_budget(inst) or prefill_token_budget(configured, colo if inst.role == "colocated" else disagg, inst.tp)
                  for inst in plan.instances)

@@ -29,6 +29,7 @@ class InstancePlan:
     pp: int
     first_rank: int
     hosts: list[str] = field(default_factory=list)  # host of each local rank, Megatron order
+    step_token_budget: int | None = None  # chunked colocated: tokens per step the planner chose
 
     @property
     def size(self) -> int:
@@ -52,8 +53,10 @@ class InstancePlan:
         return local % self.tp, local // self.tp
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "role": self.role, "tp": self.tp, "pp": self.pp,
-                "ranks": self.ranks, "hosts": self.hosts}
+        out = {"id": self.id, "role": self.role, "tp": self.tp, "pp": self.pp, "ranks": self.ranks, "hosts": self.hosts}
+        if self.step_token_budget:
+            out["step_token_budget"] = self.step_token_budget
+        return out
 
 
 @dataclass
@@ -114,9 +117,10 @@ def plan_from_dict(data: dict, source: str = "plan") -> Plan:
         where = f"{source}: instances[{n}]"
         if not isinstance(item, dict):
             raise UserError(f"{where} must be a mapping with role, tp, pp, ranks")
-        unknown = set(item) - {"id", "role", "tp", "pp", "ranks", "hosts", "predicted"}
+        unknown = set(item) - {"id", "role", "tp", "pp", "ranks", "hosts", "predicted", "step_token_budget"}
         if unknown:
-            raise UserError(f"{where}: unknown key '{sorted(unknown)[0]}'; valid: role, tp, pp, ranks, hosts")
+            raise UserError(f"{where}: unknown key '{sorted(unknown)[0]}'; valid: role, tp, pp, ranks, hosts, "
+                            "step_token_budget")
         role = item.get("role")
         if role not in ROLES:
             raise UserError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -131,7 +135,10 @@ def plan_from_dict(data: dict, source: str = "plan") -> Plan:
         hosts = item.get("hosts", ["localhost"] * (tp * pp))
         if not isinstance(hosts, list) or len(hosts) != tp * pp:
             raise UserError(f"{where}.hosts must list one host per rank ({tp * pp}), got {hosts!r}")
-        instances.append(InstancePlan(n, role, tp, pp, next_rank, [str(h) for h in hosts]))
+        step = item.get("step_token_budget")
+        if step is not None and (role != "colocated" or not isinstance(step, int) or isinstance(step, bool) or step < 1):
+            raise UserError(f"{where}.step_token_budget must be a positive integer on a colocated instance, got {step!r}")
+        instances.append(InstancePlan(n, role, tp, pp, next_rank, [str(h) for h in hosts], step))
         next_rank += tp * pp
     controller = data.get("controller") or {}
     plan = Plan(instances, str(controller.get("host", instances[0].hosts[0])), data.get("predicted") or {})

@@ -360,6 +360,35 @@ def test_the_search_picks_colocated_only_where_its_simulated_goodput_per_device_
     assert (choice.chosen.colocated != []) == (winner == "colocated")
 
 
+def test_chunked_colocated_candidates_carry_the_step_budget_that_sustains_the_most():
+    """Each colocated layout is simulated with every power-of-two step budget above the decode
+    batch up to 2 L_m, and the placement runs the one that sustains the most (ties as rank_key).
+    Under a mean-TPOT SLO a prompt stalls the running decodes by its tokens' cost however it is cut,
+    so small chunks buy little TPOT and pay in TTFT: here the largest budget wins. The pick reaches
+    the plan."""
+    from launcher.hostfile import Host
+    from launcher.planner.goodput import Settings
+    from launcher.planner.latency import ModelSpec
+    from launcher.planner.planning import to_plan
+    from launcher.planner.search import colocated_placement, rank_key, step_budgets
+
+    lat = linear_model(prefill=(20.0, 0.25, 0.0), decode=(8.0, 0.0, 0.1))
+    settings = Settings(ttft_ms=4000, tpot_ms=20, lengths=LengthDist("fixed", 256, 16), span_s=20, num_requests=100,
+                        max_requests=1000, precision=0.25, max_decode_batch=8, memory_gb=1.0, token_budget=128)
+    assert step_budgets(lat, settings, 1) == [16, 32, 64, 128, 256]
+    assert step_budgets(lat, replace(settings, step_token_budget=48), 1) == [48]
+    assert step_budgets(lat, replace(settings, colocated_policy="prefill_first"), 1) == [None]
+    result = colocated_placement(lat, ModelSpec("toy", 2, 64, 2, 32, 1e6, 2), settings, 1, 1)
+    by_budget = {c.step_token_budget: c for c in result.candidates}
+    assert set(by_budget) == {16, 32, 64, 128, 256}
+    assert len({c.per_device for c in by_budget.values()}) > 1, "the budget changes what a layout sustains"
+    chosen = result.colocated[0].step_token_budget
+    assert chosen == max(by_budget, key=lambda b: rank_key(by_budget[b].per_device, 1, by_budget[b].mean_tpot_ms)) == 256
+    assert f"{chosen} tokens per step" in result.layout
+    plan = to_plan([("colocated", s) for s in result.colocated], [Host("localhost", 1)], 1)
+    assert plan.instances[0].step_token_budget == chosen
+
+
 @pytest.fixture
 def profile_of(tmp_path):
     """A config planning on a copy of the shipped fp32 profile with the given fingerprint (None: none)."""

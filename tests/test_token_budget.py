@@ -11,7 +11,7 @@ from conftest import read_results, run_pdlaunch, write_job
 from launcher.config import load_config
 from launcher.errors import UserError
 from launcher.job import JobFile
-from launcher.plan import InstancePlan, Plan
+from launcher.plan import InstancePlan, Plan, plan_from_dict
 from launcher.planner.latency import DEFAULT_TOKEN_BUDGET, load_profile, prefill_token_budget
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
 from launcher.planner.workload import SimRequest
@@ -64,6 +64,24 @@ def test_a_chunked_colocated_instance_takes_the_step_budget(tmp_path):
     assert JobFile(chunked, plan, "/m").token_budgets == (48, 96)
     first = load_config(config_with(tmp_path, {"step_token_budget": 96, "colocated_policy": "prefill_first"}, profile))
     assert JobFile(first, plan, "/m").token_budgets == (48, 48)
+
+
+def test_the_plans_step_budget_runs_unless_the_config_names_one(tmp_path):
+    """The planner writes the step budget it found best into the plan; the engine runs it, a
+    number in the config overrides it, and prefill-first instances ignore it."""
+    profile = write_profile(tmp_path / "profile.json", {1: 48})
+    planned = Plan([InstancePlan(0, "colocated", 1, 1, 1, ["localhost"], step_token_budget=32)])
+    again = plan_from_dict(json.loads(json.dumps(planned.to_dict())))
+    assert again.instances[0].step_token_budget == 32
+    assert JobFile(load_config(config_with(tmp_path, {}, profile)), again, "/m").token_budgets == (32,)
+    named = load_config(config_with(tmp_path, {"step_token_budget": 96}, profile))
+    assert JobFile(named, again, "/m").token_budgets == (96,)
+    first = load_config(config_with(tmp_path, {"colocated_policy": "prefill_first"}, profile))
+    assert JobFile(first, again, "/m").token_budgets == (48,)
+    bad = planned.to_dict()
+    bad["instances"][0]["role"] = "prefill"
+    with pytest.raises(UserError, match="step_token_budget must be a positive integer on a colocated instance"):
+        plan_from_dict(bad)
 
 
 def test_the_simulator_batches_prefills_under_the_profiles_budget(tmp_path):

@@ -85,7 +85,7 @@ def to_plan(specs: list[tuple[str, InstanceSpec]], hosts: list[Host], gpus_per_n
             if node >= len(hosts):
                 raise UserError(f"planner: the placement needs node {node + 1} but the hostfile has {len(hosts)}")
             hostnames.append(hosts[node].name)
-        instances.append(InstancePlan(len(instances), role, s.tp, s.pp, rank, hostnames))
+        instances.append(InstancePlan(len(instances), role, s.tp, s.pp, rank, hostnames, s.step_token_budget))
         rank += s.tp * s.pp
     return Plan(instances, hosts[0].name)
 

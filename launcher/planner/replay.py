@@ -137,7 +137,8 @@ def placement_instances(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str
             kv = kv_capacity_tokens(spec, cfg.planner.memory_gb, inst.tp, inst.pp)
         else:
             kv = (s.prefill_kv_blocks if inst.role == "prefill" else s.decode_kv_blocks) * s.block_size
-        out[inst.role].append(InstanceSpec(inst.tp, inst.pp, kv, nodes.index(inst.hosts[0]), len(set(inst.hosts))))
+        out[inst.role].append(InstanceSpec(inst.tp, inst.pp, kv, nodes.index(inst.hosts[0]), len(set(inst.hosts)),
+                                           inst.step_token_budget))
     return out
 
 

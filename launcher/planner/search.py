@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens
+from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens, prefill_token_budget
 from launcher.planner.goodput import (Goodput, NoPrefillLatency, Settings, chunked_prefill_share_ms, decode_capacity,
                                       goodput, prefill_capacity)
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
@@ -35,6 +35,7 @@ class Candidate:
     label: str = ""
     capacity: float = math.inf     # analytic bound of the unit, req/s
     mean_tpot_ms: float = 0.0      # at its goodput: the second tie-breaker
+    step_token_budget: int | None = None  # chunked colocated: the step budget it was simulated with
 
     @property
     def per_device(self) -> float:
@@ -106,7 +107,9 @@ def phase_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings,
 
 def _candidate(role: str, inst: InstanceSpec, g: Goodput, capacity: float) -> Candidate:
     devices = inst.tp * inst.pp
-    return Candidate(role, inst.tp, inst.pp, g.rate * devices, devices, capacity=capacity, mean_tpot_ms=g.mean_tpot_ms)
+    return Candidate(role, inst.tp, inst.pp, g.rate * devices, devices, capacity=capacity, mean_tpot_ms=g.mean_tpot_ms,
+                     step_token_budget=inst.step_token_budget,
+                     label=f"{role} ({inst.step_token_budget} per step)" if inst.step_token_budget else "")
 
 
 def rank_key(per_device: float, devices: int, mean_tpot_ms: float) -> tuple:
@@ -187,19 +190,34 @@ def colocated_capacity(latency: LatencyModel, settings: Settings, inst: Instance
     return 1.0 / (prefill_share + 1.0 / decode_capacity(latency, settings, inst))
 
 
+def step_budgets(latency: LatencyModel, settings: Settings, tp: int) -> list[int | None]:
+    """The per-step token budgets a chunked colocated instance is tried with: the configured one,
+    else the powers of two above max_decode_batch (a full decode batch must leave room for a chunk)
+    up to twice L_m: small budgets bound the stall a prompt puts on running decodes (TPOT), large
+    ones pay each step's fixed cost over more prompt tokens (TTFT and throughput), as Sarathi-Serve."""
+    if settings.colocated_policy != "chunked" or settings.step_token_budget is not None:
+        return [settings.step_token_budget]
+    top = 2 * prefill_token_budget(settings.token_budget, latency, tp)
+    budgets = [2 ** k for k in range(1, 20) if settings.max_decode_batch < 2 ** k <= top]
+    return budgets or [None]
+
+
 def colocated_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings, gpus_per_node: int,
                          total_gpus: int) -> list[Candidate]:
-    """Every (TP, PP) of a colocated instance, simulated alone against the joint SLO."""
+    """Every (TP, PP) of a colocated instance (chunked: with each of its step budgets), simulated
+    alone against the joint SLO."""
     out = []
     policy = _policy(settings, spec, lambda p, d: float("inf"))
     for tp, pp in _layouts(latency, spec, gpus_per_node, total_gpus):
-        inst = _instance(spec, settings, tp, pp)
-        if inst is None:
+        if _instance(spec, settings, tp, pp) is None:
             continue
-        cap = colocated_capacity(latency, settings, inst)
-        g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=[inst]).run(reqs, *stop), settings, tp * pp,
-                    settings.ttft_ms, settings.tpot_ms, cap)
-        out.append(_candidate("colocated", inst, g, cap))
+        for budget in step_budgets(latency, settings, tp):
+            inst = _instance(spec, settings, tp, pp)
+            inst.step_token_budget = budget
+            cap = colocated_capacity(latency, settings, inst)
+            g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=[inst]).run(reqs, *stop), settings,
+                        tp * pp, settings.ttft_ms, settings.tpot_ms, cap)
+            out.append(_candidate("colocated", inst, g, cap))
     return out
 
 
@@ -211,8 +229,8 @@ def colocated_placement(latency: LatencyModel, spec: ModelSpec, settings: Settin
     cands = colocated_candidates(latency, spec, settings, gpus_per_node, total)
     best = _best(cands, "colocated")
     count = max(1, math.ceil(target_rate / best.goodput)) if target_rate > 0 else max(1, total // best.devices)
-    instances = [InstanceSpec(best.tp, best.pp, kv_capacity_tokens(spec, settings.memory_gb, best.tp, best.pp))
-                 for _ in range(count)]
+    instances = [InstanceSpec(best.tp, best.pp, kv_capacity_tokens(spec, settings.memory_gb, best.tp, best.pp),
+                              step_token_budget=best.step_token_budget) for _ in range(count)]
     _assign_nodes(instances, nodes, gpus_per_node)
     if count == 1:
         g = Goodput(best.per_device, best.capacity / best.devices, mean_tpot_ms=best.mean_tpot_ms)
@@ -222,7 +240,8 @@ def colocated_placement(latency: LatencyModel, spec: ModelSpec, settings: Settin
                     count * best.devices, settings.ttft_ms, settings.tpot_ms,
                     count * colocated_capacity(latency, settings, instances[0]))
     return PlacementResult("colocated", [], [], g.rate, count * best.devices, cands,
-                           layout=f"{count} x C(tp{best.tp},pp{best.pp})", capacity_per_device=g.capacity,
+                           layout=f"{count} x C(tp{best.tp},pp{best.pp})" + (
+                               f", {best.step_token_budget} tokens per step" if best.step_token_budget else ""), capacity_per_device=g.capacity,
                            colocated=instances, mean_tpot_ms=g.mean_tpot_ms)
 
 

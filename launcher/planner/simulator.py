@@ -39,6 +39,7 @@ class InstanceSpec:
     kv_tokens: int          # KV capacity (hold area for prefill)
     node: int = 0           # first node of the instance
     span: int = 1           # nodes its PP stages spread over, in equal runs
+    step_token_budget: int | None = None  # chunked colocated: its tokens per step (the planner's pick)
 
 
 @dataclass
@@ -479,8 +480,9 @@ class Simulation:
         return prefill_token_budget(self.policy.token_budget, self.latency, spec.tp)
 
     def step_budget(self, spec: InstanceSpec) -> int:
-        """A chunked colocated instance's tokens per step, decodes included."""
-        return self.policy.step_token_budget or self.token_budget(spec)
+        """A chunked colocated instance's tokens per step, decodes included: the policy's (the
+        config's number), else the instance's own (the planner's pick), else its L_m."""
+        return self.policy.step_token_budget or spec.step_token_budget or self.token_budget(spec)
 
     def contention(self, inst, phase: str, batch: int = 0) -> float:
         """The share of its profiled cost a step of `inst` (`batch` sequences) starting now takes.
