@@ -33,6 +33,7 @@ from launcher.calibrate import planning_models  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.jobs import cluster_hosts, model_dir_of  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
+from launcher.plan import packed_plan  # noqa: E402
 from launcher.planner.planning import model_spec, run_planner, to_plan  # noqa: E402
 
 REGIMES = {
@@ -41,19 +42,29 @@ REGIMES = {
 }
 
 
-def regime_config(name: str):
-    """The embedded job with the regime's lengths (fixed) and SLOs."""
+def regime_config(name: str, hosts=None):
+    """The embedded job with the regime's lengths (fixed) and SLOs, and the latency models to plan
+    it with. The SLOs are set for the profile's machine; where this one runs the profile's steps
+    at other speeds (the calibration factors), TTFT scales with the prefill factor and TPOT with the
+    decode one, so the regime means the same on any machine (e.g. a prefill beside a decode still
+    breaks the TPOT SLO)."""
     cfg = load_config(os.path.join(ROOT, "configs", "cpu-default.yaml"))
     r = REGIMES[name]
     cfg.planner.lengths, cfg.planner.input_len, cfg.planner.output_len = "fixed", r["input_len"], r["output_len"]
-    cfg.slo.ttft_ms, cfg.slo.tpot_ms = r["ttft_ms"], r["tpot_ms"]
     cfg.model.max_model_len = max(cfg.model.max_model_len, 2 * (r["input_len"] + r["output_len"]))
-    return cfg
+    models = planning_models(cfg, hosts if hosts is not None else cluster_hosts(cfg))
+    factors = models[2].factors or {"prefill": 1.0, "decode": 1.0}
+    cfg.slo.ttft_ms, cfg.slo.tpot_ms = r["ttft_ms"] * factors["prefill"], r["tpot_ms"] * factors["decode"]
+    return cfg, models
 
 
-def plan_both(cfg, hosts, shape) -> tuple[dict, dict]:
-    """The planner's choice and each mode's plan (its best placement of that mode)."""
-    models = planning_models(cfg, hosts)
+FALLBACK_LAYOUTS = {"disaggregated": [("prefill", 1, 1, 1), ("decode", 1, 1, 1)], "colocated": [("colocated", 2, 1, 1)]}
+
+
+def plan_both(cfg, hosts, shape, models) -> tuple[dict, dict]:
+    """The planner's choice and each mode's plan: its best placement of that mode, or, where no
+    layout of a mode meets the SLOs in simulation, its plainest one on the same two devices (so the
+    engine shows whether it really sustains nothing)."""
     _, choice, predicted = run_planner(cfg, hosts, shape, "auto", models)
     gpus = cfg.planner.gpus_per_node or max(h.slots for h in hosts)
     plans = {}
@@ -62,6 +73,8 @@ def plan_both(cfg, hosts, shape) -> tuple[dict, dict]:
             specs = [("prefill", s) for s in result.prefill] + [("decode", s) for s in result.decode] + \
                 [("colocated", s) for s in result.colocated]
             plans[mode] = to_plan(specs, hosts, gpus)
+        else:
+            plans[mode] = packed_plan(FALLBACK_LAYOUTS[mode], hosts)
     return predicted, plans
 
 
@@ -96,21 +109,27 @@ def main() -> None:
     factors = [float(f) for f in args.factors.split(",")]
     summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg(), "regimes": {}}
     for name in args.regimes.split(","):
-        cfg = regime_config(name)
-        hosts = cluster_hosts(cfg)
+        hosts = cluster_hosts(load_config(os.path.join(ROOT, "configs", "cpu-default.yaml")))
+        cfg, models = regime_config(name, hosts)
         model_dir = model_dir_of(cfg)
         shape = read_shape(model_dir)
-        predicted, plans = plan_both(cfg, hosts, shape)
-        entry = {"regime": REGIMES[name], "pick": predicted["mode"], "reason": predicted["reason"],
+        predicted, plans = plan_both(cfg, hosts, shape, models)
+        entry = {"regime": REGIMES[name], "slo_here": {"ttft_ms": round(cfg.slo.ttft_ms), "tpot_ms": round(cfg.slo.tpot_ms)},
+                 "calibration": models[2].to_dict(), "pick": predicted["mode"], "reason": predicted["reason"],
                  "predicted": {m: f.get("per_device_goodput", 0.0) for m, f in predicted["modes"].items()},
                  "layouts": {m: f.get("layout") for m, f in predicted["modes"].items()},
                  "machine": predicted.get("machine", {}).get("status")}
+        print(f"[{name}] {models[2].note}; SLOs here: TTFT {cfg.slo.ttft_ms:.0f} ms, TPOT {cfg.slo.tpot_ms:.0f} ms",
+              flush=True)
         print(f"[{name}] planner picks {predicted['mode']}: {predicted['reason']}", flush=True)
-        if not args.plan_only and len(plans) == 2:
+        if not args.plan_only:
             # bench names a colocated system by its policy (the one the planner priced: the config's)
             system = {"disaggregated": "disaggregated", "colocated": f"colocated-{cfg.scheduler.colocated_policy}"}
             devices = {m: sum(i.size for i in p.instances) for m, p in plans.items()}
-            rates = {system[m]: sorted({round(f * entry["predicted"][m] * devices[m], 3) for f in factors}) for m in plans}
+            # a mode the planner gives no goodput is tried at the other's rates
+            best = max(entry["predicted"].values())
+            rates = {system[m]: sorted({round(f * (entry["predicted"][m] or best) * devices[m], 3) for f in factors})
+                     for m in plans}
             systems = {system[m]: p for m, p in plans.items()}
             spec = model_spec(cfg, shape)
             if system["colocated"] != "colocated-prefill_first":
@@ -119,8 +138,7 @@ def main() -> None:
                 weak = simulated_goodput(system_config(cfg, record), plans["colocated"], spec, args.requests,
                                          profile_latency(cfg, plans["colocated"]))
                 entry["predicted_prefill_first"] = weak
-                rates[record] = sorted({round(f * max(weak, cfg.planner.precision) * devices["colocated"], 3)
-                                        for f in factors})
+                rates[record] = sorted({round(f * (weak or best) * devices["colocated"], 3) for f in factors})
             out_dir = os.path.join(os.path.abspath(args.out), name)
             result = run_bench(cfg, systems, rates, args.requests, shape.vocab_size, spec,
                                engine_runner(cfg, model_dir, out_dir), out_dir,

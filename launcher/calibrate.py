@@ -1,16 +1,20 @@
 """The profile against the machine the planner plans for (`plan`, `simulate`, `placement: auto`).
 
 A profile records the machine it was measured on (launcher/machine.py). Where that is this kind of
-machine, its timings stand. Where it is another, a short probe on this one (the calibration probe
-`pdlaunch bench` runs: single requests of the shapes the profile timed alone, under a minute)
-scales the profile's prefill and decode costs by the ratio measured; with calibration off
-(`--no-calibrate`, planner.calibrate: false) the plan rests on the other machine's timings and says
-so. A profile without a fingerprint (the shipped ones) is an unknown machine: a warning, no probe.
+machine, its timings stand. Where it is another, or the profile does not say (a profile without a
+fingerprint), a short probe on this one (the calibration probe `pdlaunch bench` runs: single
+requests of the shapes the profile timed alone, under a minute) scales the profile's prefill and
+decode costs by the ratio measured. The factors are kept for a day per (profile, machine) in the
+user's cache (PDLAUNCH_CACHE_DIR, else $XDG_CACHE_HOME/pdlaunch), so only the first plan on a new
+kind of machine pays the probe. With calibration off (`--no-calibrate`, planner.calibrate: false,
+and every dry run) the plan rests on the profile's timings as they are and says so.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 from launcher.config import JobConfig
@@ -46,33 +50,76 @@ def check_machine(models: list[LatencyModel], here: dict) -> tuple[str, str]:
     return "same", ""
 
 
+CACHE_MAX_AGE_S = 24 * 3600  # a day: these shared machines drift 10-35 % within the hour, not by 2x
+
+
+def cache_dir() -> str:
+    return os.environ.get("PDLAUNCH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pdlaunch")
+
+
+def factors_cache_path(models: list[LatencyModel], here: dict) -> str:
+    """Where the probe's factors for these profiles on this kind of machine are kept."""
+    digest = hashlib.sha256(json.dumps(here, sort_keys=True).encode())
+    for latency in models:
+        digest.update(latency.model.encode())
+        with open(latency.source, "rb") as f:
+            digest.update(f.read())
+    return os.path.join(cache_dir(), "calibration", f"{digest.hexdigest()[:16]}.json")
+
+
+def cached_factors(path: str) -> dict | None:
+    """Factors a probe measured here within CACHE_MAX_AGE_S, else None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entry = json.load(f)
+        return entry if time.time() - entry["measured_at"] < CACHE_MAX_AGE_S else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def keep_factors(path: str, factors: dict) -> None:
+    """Best effort: a cache that cannot be written costs the next plan a probe, nothing else."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(dict(factors, measured_at=time.time()), f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass
+
+
 def planning_models(cfg: JobConfig, hosts: list[Host], probe=None) -> tuple[LatencyModel, LatencyModel, MachineCheck]:
     """The disaggregated and colocated latency models to plan with on this machine, and how they
     relate to it. probe(cfg, hosts, latency) -> {"prefill": x, "decode": y} measures the drift
-    (default: run_probe, an engine job)."""
+    (default: run_probe, an engine job); its factors are reused for a day from the cache."""
     from launcher.bench_calibration import scaled
 
     disagg, colo = latency_models(cfg)
     models = list({id(disagg): disagg, id(colo): colo}.values())
-    status, what = check_machine(models, fingerprint(cfg.cluster.device, planned_dtype(cfg.model.dtype,
-                                                                                      cfg.cluster.device)))
+    here = fingerprint(cfg.cluster.device, planned_dtype(cfg.model.dtype, cfg.cluster.device))
+    status, what = check_machine(models, here)
     if status == "same":
         return disagg, colo, MachineCheck("same", "the profile was measured on this kind of machine")
-    if status == "unknown":
-        return disagg, colo, MachineCheck("unknown", f"warning: {what}: the plan rests on timings of an unknown machine; "
-                                                     "`pdlaunch profile CONFIG -o FILE` measures this one")
     if not cfg.planner.calibrate:
-        return disagg, colo, MachineCheck("other", f"warning: {what}; the plan rests on that machine's timings "
-                                                   "(calibration is off)")
-    factors = (probe or run_probe)(cfg, hosts, disagg)
+        rests = "an unknown machine's timings" if status == "unknown" else "that machine's timings"
+        return disagg, colo, MachineCheck(status, f"warning: {what}; the plan rests on {rests} (calibration is off; "
+                                                  "`pdlaunch profile CONFIG -o FILE` measures this machine)")
+    path = factors_cache_path(models, here)
+    factors = cached_factors(path)
+    when = "" if factors is None else time.strftime(" at %Y-%m-%d %H:%M", time.localtime(factors["measured_at"]))
+    if factors is None:
+        factors = (probe or run_probe)(cfg, hosts, disagg)
+        keep_factors(path, factors)
     disagg, colo = scaled(disagg, factors["prefill"], factors["decode"]), \
         (scaled(colo, factors["prefill"], factors["decode"]) if colo is not disagg else None)
     unseen = [phase for phase, n in factors.get("steps", {}).items() if n == 0]
     return disagg, colo or disagg, MachineCheck(
-        "calibrated", f"{what}; calibrated by a probe on this machine: prefill at {factors['prefill']:.2f}x and "
+        "calibrated", f"{what}; calibrated by a probe on this machine{when}: prefill at {factors['prefill']:.2f}x and "
                       f"decode at {factors['decode']:.2f}x the profile's timings" +
                       (f" (the probe saw no {' or '.join(unseen)} step of the profiled shapes: left unscaled; "
-                       "the machine may be busy)" if unseen else ""), factors)
+                       "the machine may be busy)" if unseen else "") +
+                      (f"; reused from {path} (delete it to probe again)" if when else ""), factors)
 
 
 def run_probe(cfg: JobConfig, hosts: list[Host], latency: LatencyModel) -> dict:

@@ -436,8 +436,41 @@ def test_a_profile_of_another_machine_is_calibrated_here_or_the_plan_says_so(pro
     _, _, check = planning_models(profile_of(other, calibrate=False), [], probe)
     assert check.status == "other" and len(probes) == 1
     assert "measured on another machine" in check.note and "rests on that machine's timings" in check.note
-    _, _, check = planning_models(profile_of(None), [], probe)
+    _, _, check = planning_models(profile_of(None, calibrate=False), [], probe)
     assert check.status == "unknown" and "no machine fingerprint" in check.note and len(probes) == 1
+    assert "unknown machine's timings" in check.note
+
+
+def test_a_profile_without_fingerprint_is_calibrated_once_a_day_per_machine(profile_of, tmp_path, monkeypatch):
+    """A profile that does not say where it was measured is calibrated like another machine's;
+    the factors are kept in the cache, so the next plan on this machine reuses them, and a
+    changed profile or an entry older than a day probes again."""
+    import json
+
+    from launcher import calibrate
+
+    monkeypatch.setenv("PDLAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    probes = []
+
+    def probe(cfg, hosts, latency):
+        probes.append(latency.source)
+        return {"prefill": 0.8, "decode": 1.25, "steps": {"prefill": 3, "decode": 3}}
+
+    cfg = profile_of(None)
+    _, _, check = calibrate.planning_models(cfg, [], probe)
+    assert check.status == "calibrated" and "no machine fingerprint" in check.note and "0.80x" in check.note
+    _, _, again = calibrate.planning_models(cfg, [], probe)
+    assert len(probes) == 1 and again.factors["decode"] == 1.25 and "reused from" in again.note
+    [entry] = (tmp_path / "cache" / "calibration").iterdir()
+    old = json.loads(entry.read_text())
+    entry.write_text(json.dumps(dict(old, measured_at=old["measured_at"] - calibrate.CACHE_MAX_AGE_S - 1)))
+    calibrate.planning_models(cfg, [], probe)
+    assert len(probes) == 2, "a day-old calibration is measured again"
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    profile["_meta"]["date"] = "another day"
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    calibrate.planning_models(cfg, [], probe)
+    assert len(probes) == 3, "another profile is calibrated for itself"
 
 
 def test_placement_auto_plans_at_launch_and_says_which_and_why(tmp_path, capsys):
