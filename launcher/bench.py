@@ -37,7 +37,7 @@ from launcher.planner.latency import LatencyModel
 from launcher.planner.planning import latency_models, model_spec, settings_from
 from launcher.planner.replay import simulate_plan
 from launcher.stats import percentile
-from launcher.planner.goodput import bisect_rate
+from launcher.planner.goodput import bisect_rate, queues_grow
 from launcher.planner.workload import SimRequest, attainment, make_requests
 
 DRAIN_MARGIN = 1.5      # a segment starts this many predicted drains after the previous one's last arrival
@@ -147,7 +147,7 @@ def summary(reqs: list[SimRequest], cfg: JobConfig) -> dict:
     ttft = [r.ttft for r in done]
     tpot = [r.tpot for r in done if r.output_len > 1]
     span_s = (max(r.finish for r in done) - min(r.arrival for r in reqs)) / 1e3 if done else 0.0
-    return {"attainment": attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms),
+    return {"attainment": attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms), "queues_grow": queues_grow(reqs),
             "ttft_ms_p50": percentile(ttft, 0.5), "ttft_ms_p90": percentile(ttft, 0.9),
             "tpot_ms_p50": percentile(tpot, 0.5), "tpot_ms_p90": percentile(tpot, 0.9),
             "output_tokens_per_s": sum(r.output_len for r in done) / span_s if span_s else 0.0}
@@ -162,10 +162,16 @@ class OutOfTime(Exception):
     """The next engine job would not end within the bench's time budget."""
 
 
+def sustained(measured: dict, target: float) -> bool:
+    """A segment passes as the planner's probes do: the SLOs met for `target` of its requests and
+    its queues not growing (planner/goodput.py; checked from 100 requests on)."""
+    return measured["attainment"] >= target and not measured.get("queues_grow", False)
+
+
 def _bracket(rows: list[dict], system: str, target: float) -> tuple[float, float | None]:
-    """(highest rate that met the target, lowest rate above it that missed it or None), in totals."""
+    """(highest rate that passed, lowest rate above it that did not or None), in totals."""
     mine = [r for r in rows if r["system"] == system]
-    lo = max((r["rate"] for r in mine if r["measured"]["attainment"] >= target), default=0.0)
+    lo = max((r["rate"] for r in mine if sustained(r["measured"], target)), default=0.0)
     return lo, min((r["rate"] for r in mine if r["rate"] > lo), default=None)
 
 
@@ -180,7 +186,7 @@ def measured_goodput(rows: list[dict], system: str, target: float, precision: fl
     out_of_time = False
     if probes:
         try:  # nothing failed yet: the first probe doubles the highest rate
-            bisect_rate(lambda rate: probe(rate)["measured"]["attainment"] >= target, lo,
+            bisect_rate(lambda rate: sustained(probe(rate)["measured"], target), lo,
                         2 * lo if hi is None else hi, precision * devices, hi_fails=hi is not None, max_probes=probes,
                         relative=relative)
         except OutOfTime:

@@ -44,6 +44,32 @@ def test_without_probes_an_unbroken_run_of_passes_has_no_upper_end():
     assert g["bracket"] == [0.3, None] and g["measured"] == 0.3
 
 
+def test_a_segment_whose_queues_grow_fails_whatever_its_attainment():
+    """A burst the KV absorbs can meet loose SLOs at a rate far above what the placement sustains;
+    the bench fails such a segment as the planner's probes do (queues growing: its last arrivals
+    spend 1.5x longer per token than its middle ones)."""
+    from launcher.bench import summary
+    from launcher.config import JobConfig
+    from launcher.planner.workload import SimRequest
+
+    def segment(backlog_growth: float) -> list:
+        reqs = []
+        for i in range(200):
+            r = SimRequest(i * 10.0, 8, 11)
+            r.prefill_start, r.first_token = r.arrival, r.arrival + 50.0
+            r.finish = r.first_token + 10 * 40.0 + backlog_growth * i
+            reqs.append(r)
+        return reqs
+
+    cfg = JobConfig()
+    cfg.slo.ttft_ms, cfg.slo.tpot_ms = 1000.0, 1000.0
+    steady, growing = summary(segment(0.0), cfg), summary(segment(20.0), cfg)
+    assert steady["attainment"] == growing["attainment"] == 1.0
+    assert not steady["queues_grow"] and growing["queues_grow"]
+    rows = [dict(row(1.0, 1.0), measured=steady), dict(row(2.0, 1.0), measured=growing)]
+    assert measured_goodput(rows, "s", 0.9, 0.01, 0, None)["bracket"] == [0.5, 1.0]
+
+
 def paper_setup():
     """A config, its 1 prefill + 1 decode plan and model spec that need no model files (OPT-13B)."""
     from launcher.config import load_config
