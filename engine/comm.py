@@ -114,6 +114,10 @@ def start(plan: Plan, cluster, dtype: str = "float32") -> RankContext:
     """Initialises MPI + torch.distributed and builds this rank's groups; settles the model dtype
     (`dtype` as configured, `auto` resolved with every rank's hardware)."""
     from mpi4py import MPI
+
+    from engine.megatron_import import import_megatron
+
+    import_megatron()
     from megatron.core.hyper_comm_grid import HyperCommGrid
 
     torch.set_num_threads(1)

@@ -26,6 +26,7 @@ from torch import nn
 from engine import attention
 from engine.batch import BatchMeta
 from engine.matmul import linear, nbytes, prepare
+from engine.megatron_import import import_megatron
 from launcher.model_support import OPT_POSITION_OFFSET, ModelShape
 
 
@@ -280,6 +281,7 @@ class LlamaStage(nn.Module):
 
     def __init__(self, shape: ModelShape, first_layer: int, last_layer: int, is_first: bool, is_last: bool,
                  tp: int, tp_group, dtype: torch.dtype):
+        import_megatron()  # before any of megatron: without its TorchDynamo start-up
         from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
         super().__init__()
