@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from launcher.config import JobConfig
 from launcher.dtypes import planned_dtype
 from launcher.hostfile import Host
-from launcher.machine import differences, fingerprint
+from launcher.machine import differences, fingerprint, gpus
+from launcher.network import LOCAL_NAMES
 from launcher.planner.latency import LatencyModel
 from launcher.planner.planning import latency_models
 
@@ -89,6 +90,13 @@ def keep_factors(path: str, factors: dict) -> None:
         pass
 
 
+def measures_the_cluster(cfg: JobConfig, hosts: list[Host]) -> bool:
+    """Whether a probe here measures the machines planned for: this machine is one of the hosts
+    (a plan for another cluster, such as the paper's A100 nodes, cannot be calibrated here) and
+    has the job's kind of device."""
+    return bool({h.name for h in hosts} & LOCAL_NAMES) and (cfg.cluster.device != "cuda" or bool(gpus()))
+
+
 def planning_models(cfg: JobConfig, hosts: list[Host], probe=None) -> tuple[LatencyModel, LatencyModel, MachineCheck]:
     """The disaggregated and colocated latency models to plan with on this machine, and how they
     relate to it. probe(cfg, hosts, latency) -> {"prefill": x, "decode": y} measures the drift
@@ -101,10 +109,14 @@ def planning_models(cfg: JobConfig, hosts: list[Host], probe=None) -> tuple[Late
     status, what = check_machine(models, here)
     if status == "same":
         return disagg, colo, MachineCheck("same", "the profile was measured on this kind of machine")
+    rests = "an unknown machine's timings" if status == "unknown" else "that machine's timings"
     if not cfg.planner.calibrate:
-        rests = "an unknown machine's timings" if status == "unknown" else "that machine's timings"
         return disagg, colo, MachineCheck(status, f"warning: {what}; the plan rests on {rests} (calibration is off; "
                                                   "`pdlaunch profile CONFIG -o FILE` measures this machine)")
+    if not measures_the_cluster(cfg, hosts):
+        return disagg, colo, MachineCheck(status, f"note: {what}; the plan is for hosts this machine is not one of "
+                                                  f"(or lacks their {cfg.cluster.device} devices), so it rests on {rests}; "
+                                                  "plan on one of them to calibrate")
     path = factors_cache_path(models, here)
     factors = cached_factors(path)
     when = "" if factors is None else time.strftime(" at %Y-%m-%d %H:%M", time.localtime(factors["measured_at"]))

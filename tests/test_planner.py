@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from launcher.cli import main
+from launcher.hostfile import Host
 from launcher.plan import read_plan
 from launcher.planner.latency import Coefficients, LatencyModel, load_profile, KNOWN_MODELS
 from launcher.planner.profile_fit import fit_pipeline, other_phase_slowdown, shared_slowdown
@@ -361,8 +362,8 @@ def test_the_search_picks_colocated_only_where_its_simulated_goodput_per_device_
 
 
 def test_chunked_colocated_candidates_carry_the_step_budget_that_sustains_the_most():
-    """Each colocated layout is simulated with every power-of-two step budget above the decode
-    batch up to 2 L_m, and the placement runs the one that sustains the most (ties as rank_key).
+    """The best colocated layout at L_m is simulated again with every power-of-two step budget above
+    the decode batch up to 2 L_m, and the placement runs the one that sustains the most (ties as rank_key).
     Under a mean-TPOT SLO a prompt stalls the running decodes by its tokens' cost however it is cut,
     so small chunks buy little TPOT and pay in TTFT: here the largest budget wins. The pick reaches
     the plan."""
@@ -387,6 +388,9 @@ def test_chunked_colocated_candidates_carry_the_step_budget_that_sustains_the_mo
     assert f"{chosen} tokens per step" in result.layout
     plan = to_plan([("colocated", s) for s in result.colocated], [Host("localhost", 1)], 1)
     assert plan.instances[0].step_token_budget == chosen
+
+
+HERE = [Host("localhost", 2)]  # a cluster this machine is one of: the probe measures it
 
 
 @pytest.fixture
@@ -426,17 +430,17 @@ def test_a_profile_of_another_machine_is_calibrated_here_or_the_plan_says_so(pro
         return {"prefill": 0.5, "decode": 2.0}
 
     cfg = profile_of(here)
-    base, _, check = planning_models(cfg, [], probe)
+    base, _, check = planning_models(cfg, HERE, probe)
     assert check.status == "same" and not probes
     other = dict(here, cpu="Intel Xeon", cpu_flags=["amx_bf16", "avx512_bf16"])
-    disagg, colo, check = planning_models(profile_of(other), [], probe)
+    disagg, colo, check = planning_models(profile_of(other), HERE, probe)
     assert check.status == "calibrated" and len(probes) == 1 and "cpu_flags" in check.note and "0.50x" in check.note
     assert disagg.prefill_ms([100], 1) == pytest.approx(0.5 * base.prefill_ms([100], 1))
     assert colo.decode_ms(4, 400, 1) == pytest.approx(2.0 * base.decode_ms(4, 400, 1))
-    _, _, check = planning_models(profile_of(other, calibrate=False), [], probe)
+    _, _, check = planning_models(profile_of(other, calibrate=False), HERE, probe)
     assert check.status == "other" and len(probes) == 1
     assert "measured on another machine" in check.note and "rests on that machine's timings" in check.note
-    _, _, check = planning_models(profile_of(None, calibrate=False), [], probe)
+    _, _, check = planning_models(profile_of(None, calibrate=False), HERE, probe)
     assert check.status == "unknown" and "no machine fingerprint" in check.note and len(probes) == 1
     assert "unknown machine's timings" in check.note
 
@@ -457,20 +461,23 @@ def test_a_profile_without_fingerprint_is_calibrated_once_a_day_per_machine(prof
         return {"prefill": 0.8, "decode": 1.25, "steps": {"prefill": 3, "decode": 3}}
 
     cfg = profile_of(None)
-    _, _, check = calibrate.planning_models(cfg, [], probe)
+    _, _, check = calibrate.planning_models(cfg, HERE, probe)
     assert check.status == "calibrated" and "no machine fingerprint" in check.note and "0.80x" in check.note
-    _, _, again = calibrate.planning_models(cfg, [], probe)
+    _, _, again = calibrate.planning_models(cfg, HERE, probe)
     assert len(probes) == 1 and again.factors["decode"] == 1.25 and "reused from" in again.note
     [entry] = (tmp_path / "cache" / "calibration").iterdir()
     old = json.loads(entry.read_text())
     entry.write_text(json.dumps(dict(old, measured_at=old["measured_at"] - calibrate.CACHE_MAX_AGE_S - 1)))
-    calibrate.planning_models(cfg, [], probe)
+    calibrate.planning_models(cfg, HERE, probe)
     assert len(probes) == 2, "a day-old calibration is measured again"
     profile = json.loads((tmp_path / "profile.json").read_text())
     profile["_meta"]["date"] = "another day"
     (tmp_path / "profile.json").write_text(json.dumps(profile))
-    calibrate.planning_models(cfg, [], probe)
+    calibrate.planning_models(cfg, HERE, probe)
     assert len(probes) == 3, "another profile is calibrated for itself"
+    _, _, elsewhere = calibrate.planning_models(cfg, [Host("node1", 8), Host("node2", 8)], probe)
+    assert len(probes) == 3 and elsewhere.status == "unknown", "a cluster this machine is not one of is not probed here"
+    assert "not one of" in elsewhere.note
 
 
 def test_placement_auto_plans_at_launch_and_says_which_and_why(tmp_path, capsys):
@@ -504,6 +511,8 @@ def test_plan_mode_forces_the_architecture_and_still_reports_both(tmp_path, mode
     assert plan.predicted["mode"] == mode and plan.predicted["reason"].startswith(f"as requested (--mode {mode})")
     assert all(m["per_device_goodput"] > 0 for m in plan.predicted["modes"].values())
     assert plan.predicted["machine"]["status"] in ("same", "unknown", "other")  # never a probe with --no-calibrate
+    weak = plan.predicted["colocated_prefill_first"]  # for the record: the chosen colocated layout, prefill-first
+    assert weak["layout"] == plan.predicted["modes"]["colocated"]["layout"].split(", ")[0] and weak["per_device_goodput"] >= 0
 def test_profile_fit_reports_how_well_it_prices_the_mixed_steps_it_timed():
     from launcher.planner.profile_fit import fit_entry
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from launcher.config import JobConfig
 from launcher.errors import UserError
@@ -11,7 +12,7 @@ from launcher.plan import InstancePlan, Plan
 from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
 from launcher.planner.goodput import Settings, probe_span_s
 from launcher.planner.search import (MODES, TIE_RULE, ModeChoice, PlacementResult, algorithm1, algorithm2,
-                                     choose_mode, colocated_placement)
+                                     choose_mode, colocated_goodput, colocated_placement)
 from launcher.planner.replay import trace_lengths
 from launcher.planner.simulator import InstanceSpec
 from launcher.planner.workload import LengthDist
@@ -152,10 +153,21 @@ def run_planner(cfg: JobConfig, hosts: list[Host], shape=None, mode: str | None 
         "probe_span_s": round(probe_span_s(settings), 1), "tie_rule": TIE_RULE,
         "planning_s": round(time.time() - started, 2),
     }
+    if settings.colocated_policy == "chunked" and choice.placements["colocated"] is not None:
+        predicted["colocated_prefill_first"] = prefill_first_record(colo, spec, settings, choice.placements["colocated"])
     if machine is not None:
         predicted["machine"] = machine.to_dict()
     plan.predicted = predicted
     return plan, choice, predicted
+
+
+def prefill_first_record(colo: LatencyModel, spec: ModelSpec, settings: Settings, chosen) -> dict:
+    """For the record: the colocated placement's instances under prefill-first (whole prefills
+    between decode steps, vLLM before 0.6), the baseline DistServe compared against; never chosen."""
+    weak = [replace(i, step_token_budget=None) for i in chosen.colocated]
+    g = colocated_goodput(colo, spec, replace(settings, colocated_policy="prefill_first"), weak)
+    return {"layout": f"{len(weak)} x C(tp{weak[0].tp},pp{weak[0].pp})", "per_device_goodput": round(g.rate, 4),
+            "capacity_per_device": round(g.capacity, 4), "mean_tpot_ms": round(g.mean_tpot_ms, 1)}
 
 
 def choice_line(predicted: dict) -> str:
@@ -187,6 +199,11 @@ def print_report(choice: ModeChoice, predicted: dict) -> None:
         console.print(f"{mark} {mode}, " + (fig["error"] if "error" in fig else
                       f"{fig['layout']} on {fig['devices']} devices: {fig['per_device_goodput']:.3f} req/s per device "
                       f"(simulated end to end), mean TPOT {fig['mean_tpot_ms']:.0f} ms"))
+    weak = predicted.get("colocated_prefill_first")
+    if weak:
+        console.print("for the record, colocated with prefill-first (whole prefills between decode steps, DistServe's "
+                      "baseline): " + (weak["error"] if "error" in weak else
+                                       f"{weak['layout']}: {weak['per_device_goodput']:.3f} req/s per device"))
     console.print(f"[bold]why:[/] {predicted['reason']}")
     if "machine" in predicted:
         console.print(f"[bold]machine:[/] {predicted['machine']['note']}")

@@ -193,32 +193,51 @@ def colocated_capacity(latency: LatencyModel, settings: Settings, inst: Instance
 def step_budgets(latency: LatencyModel, settings: Settings, tp: int) -> list[int | None]:
     """The per-step token budgets a chunked colocated instance is tried with: the configured one,
     else the powers of two above max_decode_batch (a full decode batch must leave room for a chunk)
-    up to twice L_m: small budgets bound the stall a prompt puts on running decodes (TPOT), large
-    ones pay each step's fixed cost over more prompt tokens (TTFT and throughput), as Sarathi-Serve."""
+    up to twice L_m, and L_m itself: small budgets bound the stall a prompt puts on running decodes
+    (TPOT), large ones pay each step's fixed cost over more prompt tokens (TTFT and throughput)."""
     if settings.colocated_policy != "chunked" or settings.step_token_budget is not None:
         return [settings.step_token_budget]
-    top = 2 * prefill_token_budget(settings.token_budget, latency, tp)
-    budgets = [2 ** k for k in range(1, 20) if settings.max_decode_batch < 2 ** k <= top]
-    return budgets or [None]
+    lm = prefill_token_budget(settings.token_budget, latency, tp)
+    budgets = {2 ** k for k in range(1, 20) if settings.max_decode_batch < 2 ** k <= 2 * lm} | {lm}
+    return sorted(b for b in budgets if b > settings.max_decode_batch) or [None]
 
 
 def colocated_candidates(latency: LatencyModel, spec: ModelSpec, settings: Settings, gpus_per_node: int,
                          total_gpus: int) -> list[Candidate]:
-    """Every (TP, PP) of a colocated instance (chunked: with each of its step budgets), simulated
-    alone against the joint SLO."""
-    out = []
+    """Every (TP, PP) of a colocated instance, simulated alone against the joint SLO at its L_m
+    (chunked: as its step budget); then the best layout again with each other step budget."""
     policy = _policy(settings, spec, lambda p, d: float("inf"))
-    for tp, pp in _layouts(latency, spec, gpus_per_node, total_gpus):
-        if _instance(spec, settings, tp, pp) is None:
-            continue
-        for budget in step_budgets(latency, settings, tp):
-            inst = _instance(spec, settings, tp, pp)
-            inst.step_token_budget = budget
-            cap = colocated_capacity(latency, settings, inst)
-            g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=[inst]).run(reqs, *stop), settings,
-                        tp * pp, settings.ttft_ms, settings.tpot_ms, cap)
-            out.append(_candidate("colocated", inst, g, cap))
+
+    def simulate(tp: int, pp: int, budget: int | None) -> Candidate:
+        inst = _instance(spec, settings, tp, pp)
+        inst.step_token_budget = budget
+        cap = colocated_capacity(latency, settings, inst)
+        g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=[inst]).run(reqs, *stop), settings,
+                    tp * pp, settings.ttft_ms, settings.tpot_ms, cap)
+        return _candidate("colocated", inst, g, cap)
+
+    def first_budget(tp: int) -> int | None:
+        budgets = step_budgets(latency, settings, tp)
+        lm = prefill_token_budget(settings.token_budget, latency, tp)
+        return lm if lm in budgets else budgets[-1]
+
+    out = [simulate(tp, pp, first_budget(tp)) for tp, pp in _layouts(latency, spec, gpus_per_node, total_gpus)
+           if _instance(spec, settings, tp, pp) is not None]
+    if out:
+        best = max(out, key=lambda c: rank_key(c.per_device, c.devices, c.mean_tpot_ms))
+        out += [simulate(best.tp, best.pp, b) for b in step_budgets(latency, settings, best.tp)
+                if b != best.step_token_budget]
     return out
+
+
+def colocated_goodput(latency: LatencyModel, spec: ModelSpec, settings: Settings,
+                      instances: list[InstanceSpec]) -> Goodput:
+    """Per-device goodput of colocated instances, simulated end to end together."""
+    policy = _policy(settings, spec, lambda p, d: float("inf"))
+    devices = sum(i.tp * i.pp for i in instances)
+    return goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=instances).run(reqs, *stop), settings,
+                   devices, settings.ttft_ms, settings.tpot_ms,
+                   sum(colocated_capacity(latency, settings, i) for i in instances))
 
 
 def colocated_placement(latency: LatencyModel, spec: ModelSpec, settings: Settings, nodes: int, gpus_per_node: int,
@@ -232,13 +251,8 @@ def colocated_placement(latency: LatencyModel, spec: ModelSpec, settings: Settin
     instances = [InstanceSpec(best.tp, best.pp, kv_capacity_tokens(spec, settings.memory_gb, best.tp, best.pp),
                               step_token_budget=best.step_token_budget) for _ in range(count)]
     _assign_nodes(instances, nodes, gpus_per_node)
-    if count == 1:
-        g = Goodput(best.per_device, best.capacity / best.devices, mean_tpot_ms=best.mean_tpot_ms)
-    else:
-        policy = _policy(settings, spec, lambda p, d: float("inf"))
-        g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=instances).run(reqs, *stop), settings,
-                    count * best.devices, settings.ttft_ms, settings.tpot_ms,
-                    count * colocated_capacity(latency, settings, instances[0]))
+    g = Goodput(best.per_device, best.capacity / best.devices, mean_tpot_ms=best.mean_tpot_ms) if count == 1 else \
+        colocated_goodput(latency, spec, settings, instances)
     return PlacementResult("colocated", [], [], g.rate, count * best.devices, cands,
                            layout=f"{count} x C(tp{best.tp},pp{best.pp})" + (
                                f", {best.step_token_budget} tokens per step" if best.step_token_budget else ""), capacity_per_device=g.capacity,
