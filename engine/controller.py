@@ -16,9 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from engine import comm as c
+from engine import control_plane as c
 from engine.blocks import blocks_for
-from engine.comm import RankContext
+from engine.control_plane import RankContext
 from engine.results import Answered, Sink
 from engine.scheduler import reserved_blocks
 from engine.tokenizer import TextCodec

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from engine import comm as c
+from engine import control_plane as c
 from engine.controller import Controller, Pending
 from engine.results import Sink
 from engine.serve_metrics import ServeMetrics

@@ -40,7 +40,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from engine.comm import POLL_S, RankContext
+from engine.control_plane import POLL_S, RankContext
+from engine.data_plane import dist_rank
 from engine.blocks import blocks_for
 from engine.kv_cache import KVCache
 from engine.reshard import Transfer, kv_rank_pairs, owned_rect, transfer_plan
@@ -131,14 +132,17 @@ class KVTransfer:
         token = torch.zeros(1, dtype=self.cache.kv.dtype, device=self.cache.kv.device)
         for low, high in mine:
             if self.ctx.rank == low:
-                work = dist.isend(token, high, group=self.group, tag=KV_TAG)
+                work = dist.isend(token, self._peer(high), group=self.group, tag=KV_TAG)
             else:
-                work = dist.irecv(token, low, group=self.group, tag=KV_TAG)
+                work = dist.irecv(token, self._peer(low), group=self.group, tag=KV_TAG)
             if self.driven:
                 work.wait()  # gloo: completion
             while not work.is_completed():
                 time.sleep(POLL_S)
         return mine
+
+    def _peer(self, rank: int) -> int:
+        return dist_rank(self.ctx.plan, rank)
 
     def _header(self, req_id: int, count: int) -> torch.Tensor:
         return torch.tensor([req_id, count], dtype=torch.int64, device=self.cache.kv.device)
@@ -217,11 +221,11 @@ class KVTransfer:
                 continue
             messages, buf = self._messages(t, ids, peer_ids, self.ctx.instance.id, dst_instance, sending=True)
             header = self._header(req_id, len(messages))  # alive until its send completes (the closure holds it)
-            works.append((dist.isend(header, t.dst_rank, group=self.group, tag=KV_TAG), lambda h=header: None))
+            works.append((dist.isend(header, self._peer(t.dst_rank), group=self.group, tag=KV_TAG), lambda h=header: None))
             for message, staged in messages:
                 if staged is not None:  # gather this chunk while the earlier ones are on the wire
                     self._copy(t, message, index[slice(*staged)], to_cache=False)
-                works.append((dist.isend(message, t.dst_rank, group=self.group, tag=KV_TAG), None))
+                works.append((dist.isend(message, self._peer(t.dst_rank), group=self.group, tag=KV_TAG), None))
             if buf is not None:  # back to the pool once the pair's last send completed
                 works[-1] = (works[-1][0], lambda b=buf: self.pool.give(b))
         self._drive([w for w, _ in works])
@@ -239,11 +243,11 @@ class KVTransfer:
                 continue
             messages, buf = self._messages(t, ids, peer_ids, src_instance, self.ctx.instance.id, sending=False)
             header = torch.zeros(2, dtype=torch.int64, device=self.cache.kv.device)
-            entries.append((dist.irecv(header, t.src_rank, group=self.group, tag=KV_TAG),
+            entries.append((dist.irecv(header, self._peer(t.src_rank), group=self.group, tag=KV_TAG),
                             lambda t=t, h=header, n=len(messages): self._check_header(t, h, (req_id, n))))
             for m, staged in messages:
                 scatter = (lambda t=t, m=m, b=index[slice(*staged)]: self._copy(t, m, b, to_cache=True)) if staged else None
-                entries.append((dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG), scatter))
+                entries.append((dist.irecv(m, self._peer(t.src_rank), group=self.group, tag=KV_TAG), scatter))
             if buf is not None:
                 buffers.append(buf)
         self._drive([w for w, _ in entries])

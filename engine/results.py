@@ -108,10 +108,10 @@ class ResultWriter(Sink):
         record.update(text=text, token_ids=list(result.output), finish_reason=result.finish_reason, usage=usage,
                       metrics=metrics)
         if self.logits_dir and result.logits:
-            import torch
-            from safetensors.torch import save_file
+            import numpy as np
+            from safetensors.numpy import save_file  # rank 0 imports no torch
 
-            save_file({"logits": torch.tensor(result.logits)},
+            save_file({"logits": np.asarray(result.logits, dtype=np.float32)},
                       os.path.join(self.logits_dir, f"{req.spec.index}.safetensors"))
         return text, result.finish_reason, usage
 

@@ -36,12 +36,13 @@ def in_slurm_allocation() -> bool:
 
 def check_hosts(cfg: JobConfig, plan: Plan) -> None:
     """Before a real launch outside Slurm (whose nodes are known to it): every planned host resolves.
-    Where rank 0 runs here, the rendezvous address it will choose is one remote ranks can reach."""
+    Where the first instance rank (the rendezvous' host, engine/control_plane.py) runs here, the
+    address it will choose is one remote ranks can reach."""
     hosts = plan.rank_hosts()
     if not in_slurm_allocation():
         source = f"plan {cfg.placement.plan}" if cfg.placement.plan else f"hostfile {cfg.cluster.hostfile}"
         check_hosts_resolve(hosts, source)
-    if hosts[0] in LOCAL_NAMES and not cfg.cluster.interface:
+    if hosts[plan.instances[0].first_rank] in LOCAL_NAMES and not cfg.cluster.interface:
         rendezvous_address(cfg.cluster.master_addr, cfg.cluster.interface, hosts)
 
 
