@@ -31,9 +31,9 @@ from launcher.bench import (engine_runner, goodput_ratio, profile_latency, run_b
 from launcher.bench_report import print_bench  # noqa: E402
 from launcher.calibrate import planning_models  # noqa: E402
 from launcher.config import load_config  # noqa: E402
-from launcher.jobs import cluster_hosts, model_dir_of  # noqa: E402
+from launcher.job_setup import cluster_hosts, model_dir_of  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
-from launcher.planner.planning import model_spec, run_planner, to_plan  # noqa: E402
+from launcher.planner.config_to_plan import model_spec, run_planner, to_plan  # noqa: E402
 
 REGIMES = {
     "prefill-stalls-decode": {"input_len": 384, "output_len": 32, "ttft_ms": 8000, "tpot_ms": 130},

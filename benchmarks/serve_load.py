@@ -126,7 +126,7 @@ def main() -> None:
     rows = []
     for system, config in system_configs(args.config, work).items():
         cfg = load_config(config)
-        from launcher.jobs import model_dir_of
+        from launcher.job_setup import model_dir_of
         from launcher.model_files import read_shape
 
         vocab = read_shape(model_dir_of(cfg)).vocab_size

@@ -1,6 +1,6 @@
 """Rank entry point: `python -m engine.main --job RUN_DIR/job.json`, one process per rank.
 
-Every rank reads the same job file (launcher/job.py: config + plan + paths), learns its role from its global rank, and
+Every rank reads the same job file (launcher/job_file.py: config + plan + paths), learns its role from its global rank, and
 runs the controller, an instance leader, or an instance follower. Any exception on any rank
 prints a one-line diagnosis naming the rank, host and what it was doing, then aborts the whole
 MPI job so that no rank is left waiting.
@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 for _message in (r".*Transformer Engine", r".*Apex", r".*absl", r".*all_gather_into_tensor.* is deprecated"):
     warnings.filterwarnings("ignore", message=_message)
 
-from launcher.job import JobFile  # noqa: E402
+from launcher.job_file import JobFile  # noqa: E402
 from launcher.protocol import Tag  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
 
@@ -143,7 +143,7 @@ def _run_instance(ctx, job: JobFile) -> None:
         follow(ctx, runner, s.idle_sleep_ms / 1e3)
         return
     if job.mode == "profile":
-        from engine.profiler import pipeline_profile, run_profile
+        from engine.step_timing import pipeline_profile, run_profile
         from launcher.protocol import Heartbeat, ProfileSamples
 
         DOING["what"] = "profiling"

@@ -29,12 +29,11 @@ from launcher.bench_calibration import (PROBE_GAP_S, PROBE_PROMPTS, calibration,
 from launcher.bench_report import SCALES, plot, print_bench
 from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
-from launcher.job import JobFile
-from launcher.jobs import build_plan, check_hosts, cluster_hosts, model_dir_of, run_job
+from launcher.job_setup import build_plan, check_hosts, cluster_hosts, model_dir_of, new_job, run_job
 from launcher.model_files import read_shape
 from launcher.plan import Plan, packed_plan
 from launcher.planner.latency import LatencyModel
-from launcher.planner.planning import latency_models, model_spec, settings_from
+from launcher.planner.config_to_plan import latency_models, model_spec, settings_from
 from launcher.planner.replay import simulate_plan
 from launcher.stats import percentile
 from launcher.planner.goodput import bisect_rate
@@ -340,7 +339,7 @@ def engine_runner(cfg: JobConfig, model_dir: str, out_dir: str):
         run_dir = os.path.join(out_dir, f"run-{system}")
         os.makedirs(run_dir, exist_ok=True)
         report = os.path.join(run_dir, "report.json")
-        run_job(JobFile(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
+        run_job(new_job(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
                 f"bench: the {system} job")
         with open(report) as f:
             return json.load(f)

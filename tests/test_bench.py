@@ -49,7 +49,7 @@ def paper_setup():
     from launcher.config import load_config
     from launcher.hostfile import read_hostfile
     from launcher.plan import plan_from_config
-    from launcher.planner.planning import model_spec
+    from launcher.planner.config_to_plan import model_spec
 
     cfg = load_config("configs/paper-opt13b-high.yaml")
     return cfg, plan_from_config(cfg, read_hostfile(cfg.resolve(cfg.cluster.hostfile))), model_spec(cfg)

@@ -23,7 +23,7 @@ def _imports_no_torch(modules: list[str]) -> None:
 
 def test_the_scheduler_and_the_launcher_import_no_torch():
     _imports_no_torch(["engine.scheduler", "engine.stops", "engine.blocks", "launcher.protocol", "launcher.cli",
-                       "launcher.jobs", "launcher.bench", "launcher.placement", "launcher.profiling"])
+                       "launcher.generate", "launcher.sbatch", "launcher.job_setup", "launcher.bench", "launcher.plan_commands", "launcher.profile_command"])
 
 
 def test_rank_0_imports_no_torch():
