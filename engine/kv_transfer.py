@@ -186,15 +186,11 @@ class KVTransfer:
         """The pair's messages in order, as (tensor, staged block range or None), and the staging
         buffer (None when every message is a piece of this rank's cache). Both sides cut at the
         table breaks of each side that holds just the pair's rectangle (both tables are known:
-        KVPost.peer_blocks; without the peer's, an older caller's, only a rank's own consecutive
-        blocks go unstaged). A staged message's blocks are gathered before it is sent, or
-        scattered once it lands."""
+        KVPost.peer_blocks). A staged message's blocks are gathered before it is sent, or scattered
+        once it lands."""
         src, dst = self._holds_just(t, src_id, t.src_rank), self._holds_just(t, dst_id, t.dst_rank)
         mine, peer = (src, dst) if sending else (dst, src)
         n = len(ids)
-        if not peer_ids:  # no cuts at the peer's breaks; unstaged only if this rank's blocks are consecutive
-            peer = False
-            mine = mine and ids == list(range(ids[0], ids[0] + n))
         ranges = self._ranges(t, n, [table for whole, table in ((mine, ids), (peer, peer_ids)) if whole])
         if mine:
             return [(self.cache.kv[ids[a]:ids[a] + b - a], None) for a, b in ranges], None
@@ -211,9 +207,9 @@ class KVTransfer:
             torch.index_select(view, 0, blocks, out=message)
 
     def post_sends(self, req_id: int, block_table: list[int], num_tokens: int, dst_instance: int,
-                   peer_table: tuple[int, ...] = ()) -> None:
+                   peer_table: tuple[int, ...]) -> None:
         ids = self._block_ids(block_table, num_tokens)
-        peer_ids = self._block_ids(list(peer_table), num_tokens) if peer_table else []
+        peer_ids = self._block_ids(list(peer_table), num_tokens)
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
         works = []
         for t in self._plan(self.ctx.instance.id, dst_instance):
@@ -232,10 +228,10 @@ class KVTransfer:
         self.sending[req_id] = Completions(works)
 
     def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int,
-                   peer_table: tuple[int, ...] = ()) -> None:
+                   peer_table: tuple[int, ...]) -> None:
         """Posts every message's receive; each staged chunk is scattered once it completed."""
         ids = self._block_ids(block_table, num_tokens)
-        peer_ids = self._block_ids(list(peer_table), num_tokens) if peer_table else []
+        peer_ids = self._block_ids(list(peer_table), num_tokens)
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
         entries, buffers = [], []
         for t in self._plan(src_instance, self.ctx.instance.id):
