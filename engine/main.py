@@ -72,7 +72,8 @@ def _run_server(ctx, job: JobFile) -> None:
 
     from engine.controller import Controller
     from engine.frontend import Frontend
-    from engine.http_api import HttpServer, build_app
+    from engine.http_api import build_app
+    from engine.http_server import HttpServer
     from engine.serve_metrics import ServeMetrics
     from engine.tokenizer import TextCodec
 
