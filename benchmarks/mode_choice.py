@@ -26,9 +26,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launcher.bench import (engine_runner, goodput_ratio, profile_latency, run_bench, simulated_goodput,  # noqa: E402
-                            system_config)
+from launcher.bench import engine_runner, run_bench  # noqa: E402
+from launcher.bench_goodput import goodput_ratio, simulated_goodput  # noqa: E402
 from launcher.bench_report import print_bench  # noqa: E402
+from launcher.bench_trace import profile_latency, system_config  # noqa: E402
 from launcher.calibrate import planning_models  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.job_setup import cluster_hosts, model_dir_of  # noqa: E402

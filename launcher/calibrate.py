@@ -79,7 +79,7 @@ def run_probe(cfg: JobConfig, hosts: list[Host], latency: LatencyModel) -> dict:
     """The bench's calibration probe alone, on one TP1 instance: its drift factors."""
     import sys
 
-    from launcher.bench import build_trace, engine_lines
+    from launcher.bench_trace import build_trace, engine_lines
     from launcher.bench_calibration import calibration, probe_window
     from launcher.job_setup import check_hosts, model_dir_of, new_job, run_job
     from launcher.model_files import read_shape
