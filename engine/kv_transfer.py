@@ -45,7 +45,7 @@ from engine.data_plane import dist_rank
 from engine.blocks import blocks_for
 from engine.kv_cache import KVCache
 from engine.reshard import Transfer, kv_rank_pairs, owned_rect, transfer_plan
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 
 CHUNK_BYTES = 8 << 20
 POOL_BYTES = 256 << 20

@@ -30,7 +30,7 @@ from engine.rope import rope_tables
 from engine.reshard import stage_layers
 from engine.sampling import sample
 from engine.weights import load_stage
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 from launcher.protocol import StageTokens, StepPlan, Tag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

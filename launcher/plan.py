@@ -15,7 +15,7 @@ import yaml
 from launcher.config import JobConfig
 from launcher.errors import UserError
 from launcher.hostfile import Host
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 
 INSTANCE_ROLES = ("prefill", "decode", "colocated")
 CONTROLLER_RANK = 0

@@ -23,7 +23,7 @@ from engine.blocks import blocks_for  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
 from engine.kv_transfer import KVTransfer  # noqa: E402
 from engine.reshard import owned_rect  # noqa: E402
-from launcher.model_files import ModelShape  # noqa: E402
+from launcher.model_shape import ModelShape  # noqa: E402
 from launcher.plan import InstancePlan, Plan  # noqa: E402
 
 SHAPE = ModelShape(num_layers=4, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8,

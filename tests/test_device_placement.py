@@ -20,7 +20,7 @@ from engine.model import LlamaStage
 from engine.rope import rope_tables
 from engine.sampling import choose
 from launcher.protocol import SamplingParams, SeqChunk
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 
 SHAPE = ModelShape(num_layers=2, hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],
                    num_heads=TINY["num_attention_heads"], num_kv_heads=TINY["num_key_value_heads"],

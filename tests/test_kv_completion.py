@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from engine.kv_cache import KVCache
 from engine.kv_transfer import Completions, KVTransfer
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 from launcher.plan import InstancePlan, Plan
 
 SHAPE = ModelShape(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8,

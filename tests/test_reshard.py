@@ -7,7 +7,7 @@ import pytest
 
 from engine.reshard import owned_rect, transfer_plan
 from launcher.errors import UserError
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 from launcher.plan import InstancePlan, Plan, check_layouts
 
 LAYERS, KV_HEADS = 12, 12  # divisible by every degree 1..4
