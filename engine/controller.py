@@ -10,13 +10,13 @@ arrives. What comes back to it is ids, tokens and timings: prompts go out once, 
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 from engine import control_plane as c
+from engine.arrivals import Replay, arrival_offsets
 from engine.blocks import blocks_for
 from engine.control_plane import RankContext
 from engine.results import Answered, Sink
@@ -27,7 +27,6 @@ from launcher.batch_io import RequestSpec
 from launcher.config import JobConfig
 from launcher.protocol import (Abort, Heartbeat, InstanceStats, NextArrival, PrefillDone, Request, Result,
                                SamplingParams, Signal, Tag, TokensOut, check_sampling)
-from launcher.stats import arrival_gap
 
 
 @dataclass
@@ -45,42 +44,6 @@ class RequestState(Answered):
     aborted: bool = False
     tokens: dict = field(default_factory=dict)  # streamed tokens by output index, until handed on in order
     handed: int = 0                          # streamed tokens handed to the sink
-
-
-def arrival_offsets(n: int, arrival: str, rate: float, cv: float, seed: int) -> list[float]:
-    """Arrival times (s from start): all at 0, Poisson, or gamma with coefficient of variation cv."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        t += arrival_gap(rng, arrival, rate, cv)
-        out.append(t)
-    return out
-
-
-class Replay:
-    """An input file's requests, released at their arrival offsets (s after the start)."""
-
-    def __init__(self, requests: list[RequestState]):
-        self.queue = sorted(requests, key=lambda p: p.offset_s)
-        self.next_i = 0
-
-    def take(self, elapsed: float) -> list[RequestState]:
-        due = []
-        while self.next_i < len(self.queue) and self.queue[self.next_i].offset_s <= elapsed:
-            due.append(self.queue[self.next_i])
-            self.next_i += 1
-        return due
-
-    def next_offset(self) -> Optional[float]:
-        return self.queue[self.next_i].offset_s if self.next_i < len(self.queue) else None
-
-    def exhausted(self) -> bool:
-        return self.next_i == len(self.queue)
-
-    def aborts(self) -> list[int]:
-        return []
-
-    wake = None  # nothing else adds work: sleep until the next arrival
 
 
 class Controller:
