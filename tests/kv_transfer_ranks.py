@@ -52,6 +52,29 @@ def rank_side(rank: int, plan: Plan):
     return mine, (l0, l1), (h0, h1), cache, KVTransfer(Ctx(rank, plan, mine), cache, SHAPE, l0, h0)
 
 
+def pair_side(rank: int, src_layout: tuple[int, int], dst_layout: tuple[int, int]):
+    """A prefill instance of (tp, pp) src_layout from rank 0, a decode instance of dst_layout after it:
+    (prefill, decode, this rank's rank_side or None)."""
+    p = InstancePlan(0, "prefill", *src_layout, first_rank=0)
+    d = InstancePlan(1, "decode", *dst_layout, first_rank=p.size)
+    return p, d, rank_side(rank, Plan([p, d]))
+
+
+def slots(table: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(block, offset in it, token position) of every token slot of a block table."""
+    blocks = torch.tensor([b for b in table for _ in range(BLOCK)])
+    return blocks, torch.arange(BLOCK).repeat(len(table)), torch.arange(len(blocks))
+
+
+def fill_expected(cache: KVCache, layers: tuple[int, int], heads: tuple[int, int], table: list[int]) -> None:
+    """Writes every value a sender holds of its rectangle into the table's slots."""
+    blocks, offsets, positions = slots(table)
+    for layer in range(*layers):
+        for kv_index, tensor in enumerate((cache.k, cache.v)):
+            for head in range(*heads):
+                tensor[blocks, layer - layers[0], offsets, head - heads[0]] = expected(layer, kv_index, positions, head)
+
+
 def expected(layer: int, kv: int, pos: torch.Tensor, head: int) -> torch.Tensor:
     """The value of (global layer, K|V, token position, global KV head, dim)."""
     return (((layer * 2 + kv) * 1000 + pos[:, None]) * 100 + head * 10 + torch.arange(SHAPE.head_dim)).double()
@@ -60,22 +83,14 @@ def expected(layer: int, kv: int, pos: torch.Tensor, head: int) -> torch.Tensor:
 def run_case(rank: int, src: str, dst: str, src_table: list[int], dst_table: list[int],
              req_id: int) -> tuple[bool, bool]:
     """(every value right, this rank staged a copy)."""
-    p = InstancePlan(0, "prefill", *LAYOUTS[src], first_rank=0)
-    d = InstancePlan(1, "decode", *LAYOUTS[dst], first_rank=p.size)
-    plan = Plan([p, d])
-    side = rank_side(rank, plan)
+    p, d, side = pair_side(rank, LAYOUTS[src], LAYOUTS[dst])
     if side is None:
         return True, False
     mine, (l0, l1), (h0, h1), cache, kv = side
     table = src_table if mine is p else dst_table
-    blocks = torch.tensor([b for b in table for _ in range(BLOCK)])  # (block, offset) of each position
-    offsets = torch.arange(BLOCK).repeat(len(table))
-    positions = torch.arange(len(blocks))
+    blocks, offsets, positions = slots(table)
     if mine is p:
-        for layer in range(l0, l1):
-            for kv_index, tensor in enumerate((cache.k, cache.v)):
-                for head in range(h0, h1):
-                    tensor[blocks, layer - l0, offsets, head - h0] = expected(layer, kv_index, positions, head)
+        fill_expected(cache, (l0, l1), (h0, h1), table)
         kv.post_sends(req_id, table, TOKENS, d.id, tuple(dst_table))
         kv.release(req_id)  # its staging buffer returns to the pool once the sends complete
         return True, bool(kv.pool.free or kv.pool.lent)
@@ -107,10 +122,7 @@ def run_many(rank: int, broken: bool) -> bool:
     the sender posts in prefill order instead, and the receiver must refuse (the header check; every
     request's tables cut its messages alike, so the misorder never pairs messages of unequal size,
     which gloo would abort on)."""
-    p = InstancePlan(0, "prefill", 1, 1, first_rank=0)
-    d = InstancePlan(1, "decode", 2, 1, first_rank=1)
-    plan = Plan([p, d])
-    side = rank_side(rank, plan)
+    p, d, side = pair_side(rank, LAYOUTS["tp1"], LAYOUTS["tp2"])
     if side is None:
         return True
     mine, (l0, l1), (h0, h1), cache, kv = side
@@ -157,23 +169,15 @@ def run_late_sender(rank: int, world) -> bool:
     until the request arrives: every value is in its blocks at that moment, before join; the
     senders' staging buffers go back to their pools only once their sends complete. PP2 -> TP2:
     every rank stages (gathers or scatters)."""
-    p = InstancePlan(0, "prefill", 1, 2, first_rank=0)
-    d = InstancePlan(1, "decode", 2, 1, first_rank=2)
-    plan = Plan([p, d])
-    side = rank_side(rank, plan)
+    p, d, side = pair_side(rank, LAYOUTS["pp2"], LAYOUTS["tp2"])
     if side is None:
         return True
     mine, (l0, l1), (h0, h1), cache, kv = side
     table = SCATTERED
-    blocks = torch.tensor([b for b in table for _ in range(BLOCK)])
-    offsets = torch.arange(BLOCK).repeat(len(table))
+    blocks, offsets, positions = slots(table)
     moved = blocks_for(TOKENS, BLOCK) * BLOCK
-    positions = torch.arange(len(blocks))
     if mine is p:
-        for layer in range(l0, l1):
-            for kv_index, tensor in enumerate((cache.k, cache.v)):
-                for head in range(h0, h1):
-                    tensor[blocks, layer - l0, offsets, head - h0] = expected(layer, kv_index, positions, head)
+        fill_expected(cache, (l0, l1), (h0, h1), table)
         for dst in d.ranks:  # the receivers have polled with nothing sent
             world.recv(source=dst, tag=7)
         kv.post_sends(7, table, TOKENS, d.id, tuple(table))
