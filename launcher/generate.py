@@ -13,9 +13,10 @@ from launcher.batch_io import parse_requests, read_input_text
 from launcher.config import load_config
 from launcher.errors import UserError
 from launcher.job_file import JobFile
-from launcher.job_setup import build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, new_job, served_model_name
+from launcher.job_setup import (build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, new_job,
+                                served_model_name)
 from launcher.resume import reconcile
-from launcher.run_files import (backup_path, check_run_dir, count_lines, holds_results, hold_output, same_file,
+from launcher.run_files import (backup_path, check_run_dir, count_lines, hold_output, holds_results, same_file,
                                 snapshot_input, start_over, writable_output, writable_run_dir)
 from launcher.supervise import STOP_SIGNALS, launch
 
