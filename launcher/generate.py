@@ -3,7 +3,6 @@
 runs the ranks; a failed or interrupted run says how to resume it. No torch."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,6 +17,7 @@ from launcher.job_setup import (build_plan, check_hosts, cluster_hosts, launch_c
 from launcher.resume import reconcile
 from launcher.run_files import (backup_path, check_run_dir, count_lines, hold_output, holds_results, same_file,
                                 snapshot_input, start_over, writable_output, writable_run_dir)
+from launcher.run_report import write_report
 from launcher.supervise import STOP_SIGNALS, launch
 
 
@@ -109,9 +109,8 @@ def generate(args) -> int:
     if rc != 0:
         status = "interrupted" if rc - 128 in STOP_SIGNALS else "failed"
         written = count_lines(job.output)
-        with open(report, "w") as f:
-            json.dump({"status": status, "exit_code": rc, "results_written": written, "output": job.output,
-                       "ranks_log": ranks_log}, f, indent=1)
+        write_report(report, status, {"exit_code": rc, "results_written": written, "output": job.output,
+                                      "ranks_log": ranks_log})
         print(f"pdlaunch: {status} (exit {rc}); {written} finished result(s) are in {job.output}; "
               f"`{resume_command()}` runs the rest (all messages: {ranks_log})", file=sys.stderr)
     return rc
