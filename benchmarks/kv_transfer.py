@@ -28,7 +28,7 @@ from engine.blocks import blocks_for  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
 from engine.kv_transfer import KVTransfer  # noqa: E402
 from engine.reshard import owned_rect, transfer_plan  # noqa: E402
-from launcher.model_files import ModelShape  # noqa: E402
+from launcher.model_shape import ModelShape  # noqa: E402
 from launcher.plan import InstancePlan, Plan  # noqa: E402
 from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 

@@ -27,15 +27,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launcher.bench import (engine_runner, goodput_ratio, profile_latency, run_bench, simulated_goodput,  # noqa: E402
-                            sustained, system_config)
+from launcher.bench import engine_runner, run_bench  # noqa: E402
+from launcher.bench_goodput import goodput_ratio, simulated_goodput, sustained  # noqa: E402
 from launcher.bench_report import print_bench  # noqa: E402
+from launcher.bench_trace import profile_latency, system_config  # noqa: E402
 from launcher.calibrate import planning_models  # noqa: E402
 from launcher.config import load_config  # noqa: E402
-from launcher.jobs import cluster_hosts, model_dir_of  # noqa: E402
+from launcher.job_setup import cluster_hosts, model_dir_of  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
 from launcher.plan import packed_plan  # noqa: E402
-from launcher.planner.planning import model_spec, run_planner, to_plan  # noqa: E402
+from launcher.planner.config_to_plan import model_spec, run_planner, to_plan  # noqa: E402
 
 REGIMES = {
     "prefill-stalls-decode": {"input_len": 384, "output_len": 32, "ttft_ms": 8000, "tpot_ms": 130},

@@ -3,7 +3,7 @@
 For each system (the config's disaggregated placement, and colocated instances on as many ranks),
 `pdlaunch serve` is started and the official openai client (async, streaming) sends Poisson
 arrivals with the planner's length distribution, the very trace `pdlaunch bench` replays at that
-rate (launcher.bench.segment_requests). Per rate: client-side TTFT (to the first text chunk), TPOT
+rate (launcher.bench_trace.segment_requests). Per rate: client-side TTFT (to the first text chunk), TPOT
 and SLO attainment, beside the server's own /metrics over the same requests.
 
     python benchmarks/serve_load.py [--config configs/bench-cpu.yaml] [--rates 0.4,0.8] [--requests 30]
@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from conftest import ServerProcess  # noqa: E402
-from launcher.bench import segment_requests  # noqa: E402
+from launcher.bench_trace import segment_requests  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "results")
@@ -126,7 +126,7 @@ def main() -> None:
     rows = []
     for system, config in system_configs(args.config, work).items():
         cfg = load_config(config)
-        from launcher.jobs import model_dir_of
+        from launcher.job_setup import model_dir_of
         from launcher.model_files import read_shape
 
         vocab = read_shape(model_dir_of(cfg)).vocab_size

@@ -10,15 +10,15 @@ arrives. What comes back to it is ids, tokens and timings: prompts go out once, 
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from engine import comm as c
+from engine import control_plane as c
+from engine.arrivals import Replay, arrival_offsets
 from engine.blocks import blocks_for
-from engine.comm import RankContext
+from engine.control_plane import RankContext
 from engine.results import Answered, Sink
 from engine.scheduler import reserved_blocks
 from engine.tokenizer import TextCodec
@@ -27,11 +27,12 @@ from launcher.batch_io import RequestSpec
 from launcher.config import JobConfig
 from launcher.protocol import (Abort, Heartbeat, InstanceStats, NextArrival, PrefillDone, Request, Result,
                                SamplingParams, Signal, Tag, TokensOut, check_sampling)
-from launcher.stats import arrival_gap
 
 
 @dataclass
-class Pending(Answered):
+class RequestState(Answered):
+    """One request as the controller tracks it, from its arrival (or refusal) to its result."""
+
     offset_s: float = 0.0                    # arrival, s after the start
     prompt_ids: tuple[int, ...] = ()
     params: Optional[SamplingParams] = None  # None: refused (spec.error says why)
@@ -45,42 +46,6 @@ class Pending(Answered):
     handed: int = 0                          # streamed tokens handed to the sink
 
 
-def arrival_offsets(n: int, arrival: str, rate: float, cv: float, seed: int) -> list[float]:
-    """Arrival times (s from start): all at 0, Poisson, or gamma with coefficient of variation cv."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        t += arrival_gap(rng, arrival, rate, cv)
-        out.append(t)
-    return out
-
-
-class Replay:
-    """An input file's requests, released at their arrival offsets (s after the start)."""
-
-    def __init__(self, pending: list[Pending]):
-        self.queue = sorted(pending, key=lambda p: p.offset_s)
-        self.next_i = 0
-
-    def take(self, elapsed: float) -> list[Pending]:
-        due = []
-        while self.next_i < len(self.queue) and self.queue[self.next_i].offset_s <= elapsed:
-            due.append(self.queue[self.next_i])
-            self.next_i += 1
-        return due
-
-    def next_offset(self) -> Optional[float]:
-        return self.queue[self.next_i].offset_s if self.next_i < len(self.queue) else None
-
-    def exhausted(self) -> bool:
-        return self.next_i == len(self.queue)
-
-    def aborts(self) -> list[int]:
-        return []
-
-    wake = None  # nothing else adds work: sleep until the next arrival
-
-
 class Controller:
     def __init__(self, ctx: RankContext, cfg: JobConfig, codec: TextCodec, vocab_size: int):
         self.ctx, self.cfg, self.codec = ctx, cfg, codec
@@ -89,7 +54,7 @@ class Controller:
         self.entry = [i for i in ctx.plan.instances if i.role in ("prefill", "colocated")]
         self.decoders = [i for i in ctx.plan.instances if i.role == "decode"]
         self.load = {i.id: 0 for i in ctx.plan.instances}
-        self.by_id: dict[int, Pending] = {}
+        self.by_id: dict[int, RequestState] = {}
         self.awaiting_first = 0  # dispatched requests without their first token: the queue admission bounds
         self.started = False     # every instance has loaded its model
 
@@ -98,11 +63,11 @@ class Controller:
         the ones that cannot run are answered with their error at once."""
         w = self.cfg.workload
         offsets = arrival_offsets(len(specs), w.arrival, w.rate, w.cv, w.seed)
-        pending = [self.prepare(s, off if s.arrival_s is None else s.arrival_s) for s, off in zip(specs, offsets)]
-        for p in pending:
+        requests = [self.prepare(s, off if s.arrival_s is None else s.arrival_s) for s, off in zip(specs, offsets)]
+        for p in requests:
             if p.params is None:
                 sink.write(p, None)
-        return Replay([p for p in pending if p.params is not None])
+        return Replay([p for p in requests if p.params is not None])
 
     def _prompt_ids(self, spec: RequestSpec) -> list[int]:
         """The request's token ids; raises ValueError with the reason it cannot run."""
@@ -122,10 +87,10 @@ class Controller:
             raise ValueError(f"token id {max(text)} is outside the vocabulary ({self.vocab_size})")
         return list(text)
 
-    def prepare(self, spec: RequestSpec, offset: float = 0.0, where: Optional[str] = None) -> Pending:
+    def prepare(self, spec: RequestSpec, offset: float = 0.0, where: Optional[str] = None) -> RequestState:
         """The request checked and tokenised; spec.error says why it cannot run, after `where` (default:
         its input line). Pure: the server's thread calls it too."""
-        p = Pending(spec, offset_s=offset)
+        p = RequestState(spec, offset_s=offset)
         if spec.error:
             return p
         try:
@@ -163,7 +128,7 @@ class Controller:
     def _least_loaded(self, instances) -> int:
         return min(instances, key=lambda i: (self.load[i.id], i.id)).id
 
-    def _dispatch(self, p: Pending, start: float, outbox: c.Outbox) -> None:
+    def _dispatch(self, p: RequestState, start: float, outbox: c.Outbox) -> None:
         p.arrival = start + p.offset_s
         self.awaiting_first += 1
         target = self._least_loaded(self.entry)
@@ -188,7 +153,7 @@ class Controller:
             p.aborted = True
             outbox.send(Abort(req_id), self._leader(p.at), Tag.ABORT)
 
-    def _first_token(self, p: Pending, at: float, sink: Sink) -> None:
+    def _first_token(self, p: RequestState, at: float, sink: Sink) -> None:
         if p.first_at is None:
             p.first_at = at
             self.awaiting_first -= 1

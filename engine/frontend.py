@@ -29,8 +29,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
-from engine import comm as c
-from engine.controller import Controller, Pending
+from engine import control_plane as c
+from engine.controller import Controller, RequestState
 from engine.results import Sink
 from engine.serve_metrics import ServeMetrics
 from launcher.protocol import Heartbeat, Result
@@ -51,7 +51,7 @@ class Rejected(Exception):
 class Live:
     """An admitted request and where its events go."""
 
-    pending: Pending
+    request: RequestState
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
 
@@ -63,7 +63,7 @@ class Frontend(Sink):
         self.log = open(request_log, "a", encoding="utf-8") if request_log else None
         self.roles = {i.id: i.role for i in controller.ctx.plan.instances}
         self.lock = threading.Lock()
-        self.inbox: deque[Pending] = deque()
+        self.inbox: deque[RequestState] = deque()
         self.live: dict[int, Live] = {}
         self.cancelled: list[int] = []
         self.places = 0                          # requests being read and checked, each holding a place
@@ -102,7 +102,7 @@ class Frontend(Sink):
         with self.lock:
             self.places -= 1
 
-    def submit(self, p: Pending, loop: asyncio.AbstractEventLoop, arrival: float) -> asyncio.Queue:
+    def submit(self, p: RequestState, loop: asyncio.AbstractEventLoop, arrival: float) -> asyncio.Queue:
         """Admits a checked request that holds a place (reserve) and arrived at `arrival` (wall-clock
         s, when its handler began), which then waits with its place; raises Rejected when draining
         began meanwhile (the caller then releases the place)."""
@@ -133,8 +133,8 @@ class Frontend(Sink):
             if live is None:
                 return
             self.waiting.discard(req_id)
-            if live.pending in self.inbox:  # not dispatched yet
-                self.inbox.remove(live.pending)
+            if live.request in self.inbox:  # not dispatched yet
+                self.inbox.remove(live.request)
             else:
                 self.cancelled.append(req_id)
         self.metrics.requests.labels("aborted").inc()
@@ -166,7 +166,7 @@ class Frontend(Sink):
             self.wake.set()
 
     # ---- the controller's source --------------------------------------------------------------
-    def take(self, elapsed: float) -> list[Pending]:
+    def take(self, elapsed: float) -> list[RequestState]:
         self._look_for_drain_file()
         with self.lock:
             due, self.inbox = list(self.inbox), deque()
@@ -207,18 +207,18 @@ class Frontend(Sink):
         except RuntimeError:  # the server's loop is closed: nobody listens any more
             pass
 
-    def tokens(self, req: Pending, new: list[int]) -> None:
+    def tokens(self, req: RequestState, new: list[int]) -> None:
         live = self.live.get(req.spec.index)
         if live is not None:
             self._push(live, ("tokens", new))
 
-    def first_token(self, req: Pending) -> None:
+    def first_token(self, req: RequestState) -> None:
         with self.lock:
             self.waiting.discard(req.spec.index)
         self.firsts.append(time.monotonic())
         self.metrics.waiting_first.set(self.controller.awaiting_first)
 
-    def write(self, req: Pending, result: Optional[Result]) -> None:
+    def write(self, req: RequestState, result: Optional[Result]) -> None:
         with self.lock:
             live = self.live.pop(req.spec.index, None)
             self.waiting.discard(req.spec.index)

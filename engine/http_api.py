@@ -8,50 +8,37 @@ OpenAI's, `[DONE]` last, usage with `stream_options.include_usage`), GET /v1/mod
 engine cannot do gets a 400 with an OpenAI error body, never a silent ignore. A client that goes
 away aborts its request.
 
-Guard (before any route): with API keys, every /v1/* request needs `Authorization: Bearer KEY`
-(401 otherwise; /health and /metrics stay open for probes and scrapers), and a body over
-`serve.max_body_bytes` gets 413 from its Content-Length, or as soon as that many bytes came,
-without reading the rest. Parsing and tokenising run on worker threads (the tokenizer releases
-the GIL), so a large request never stalls the event loop that answers /health and the streams.
+Before any route the guard (engine/http_guard.py) checks API keys and the body limit; the JSON
+comes from engine/openai_shapes.py; uvicorn's thread is engine/http_server.py. Parsing and
+tokenising run on worker threads (the tokenizer releases the GIL), so a large request never stalls
+the event loop that answers /health and the streams.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import secrets
-import threading
 import time
 from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine import openai_shapes as shapes
 from engine.frontend import Frontend, Rejected
-from engine.stops import TextState, advance, safe_length
+from engine.http_guard import Guard
+from engine.stops import StreamedText
 from engine.tokenizer import TextCodec
 from launcher.batch_io import RequestSpec, fill_request
-from launcher.network import listening_socket
 
 DISCONNECT_CHECK_S = 0.5  # how often a waiting handler looks whether its client is still there
-KINDS = {"completion": ("cmpl", "text_completion"), "chat": ("chatcmpl", "chat.completion")}
-
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 503: "service_unavailable"}
-
-
-def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
-    """OpenAI's error object, for a response or a stream's error event."""
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
 
 
 def error(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
           retry_after: Optional[int] = None) -> JSONResponse:
     """An OpenAI-shaped error response."""
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
+    return JSONResponse(shapes.error_body(status, message, param, code), status, headers=headers)
 
 
 class BadRequest(Exception):
@@ -62,93 +49,6 @@ class BadRequest(Exception):
 
 class ClientGone(Exception):
     pass
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class Guard:
-    """ASGI middleware: the API key check on /v1/* and the request body limit (see the module's
-    docstring). Keys are compared in constant time, every key every time."""
-
-    def __init__(self, app, api_keys: tuple[str, ...], max_body_bytes: int):
-        self.app, self.max_body = app, max_body_bytes
-        self.keys = [k.encode() for k in api_keys]
-
-    def authorized(self, header: bytes) -> bool:
-        scheme, _, token = header.strip().partition(b" ")
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(token.strip(), key)
-        return scheme.lower() == b"bearer" and matched
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.keys and scope["path"].startswith("/v1/") and not self.authorized(headers.get(b"authorization", b"")):
-            return await self._refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer KEY' with a "
-                                                 "key the server was started with", "invalid_api_key")
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body:
-            return await self._refuse(send, 413, self._too_large(length.decode(errors="replace") + " bytes"))
-        received, started = 0, False
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise BodyTooLarge
-            return message
-
-        async def watched_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, watched_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(send, 413, self._too_large(f"over {self.max_body} bytes"))
-
-    def _too_large(self, size: str) -> str:
-        return f"the request body is {size}; the limit is serve.max_body_bytes = {self.max_body}"
-
-    @staticmethod
-    async def _refuse(send, status: int, message: str, code: Optional[str] = None) -> None:
-        body = json.dumps(error_body(status, message, code=code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-        if status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-class StreamedText:
-    """A streamed request's text as its tokens come: each piece shown once it can no longer
-    change (incremental detokenisation; a tail a stop string may begin with is held back)."""
-
-    def __init__(self, codec: TextCodec, stops: tuple[str, ...]):
-        self.codec, self.stops = codec, stops
-        self.state, self.output, self.shown = TextState(), [], 0
-
-    def add(self, tokens: list[int]) -> str:
-        self.output += tokens
-        advance(self.state, self.output, self.codec.decode)
-        return self._show(safe_length(self.state.text, self.stops))
-
-    def finish(self, final_text: str) -> str:
-        """The rest of the answer once the engine's result decided it (what was shown is a prefix of it)."""
-        return final_text[self.shown:]
-
-    def _show(self, upto: int) -> str:
-        piece = self.state.text[self.shown:upto] if upto > self.shown else ""
-        self.shown = max(self.shown, upto)
-        return piece
 
 
 def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_len: int,
@@ -196,7 +96,7 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
             raise BadRequest(f"stream_options {sorted(set(options) - {'include_usage'})} are not supported",
                              "stream_options")
         spec = RequestSpec(frontend.new_id(), "", kind=kind)
-        spec.custom_id = f"{KINDS[kind][0]}-{run_tag}{spec.index}"  # unique across restarts, as the log needs
+        spec.custom_id = f"{shapes.KINDS[kind][0]}-{run_tag}{spec.index}"  # unique across restarts, as the log needs
         try:
             fill_request(spec, body)
         except ValueError as e:
@@ -212,14 +112,10 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
                     raise ClientGone from None
 
     def envelope(spec: RequestSpec, created: int, obj: str, choices: list, usage: Optional[dict] = None) -> dict:
-        out = {"id": spec.custom_id, "object": obj, "created": created, "model": model_name, "choices": choices}
-        if usage is not None:
-            out["usage"] = usage
-        return out
+        return shapes.envelope(spec.custom_id, created, obj, model_name, choices, usage)
 
     def usage_of(prompt_tokens: int, result) -> dict:
-        n = len(result.output)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        return shapes.usage(prompt_tokens, len(result.output))
 
     def final_text(result) -> str:
         return result.text if result.text is not None else codec.decode(list(result.output))
@@ -260,30 +156,22 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
         result = event[1]
         if result.finish_reason == "abort":
             return error(503, "the server shut down before the request finished; send it again", retry_after=5)
-        text = final_text(result)
-        choice = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}
-        choice.update({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
-        return JSONResponse(envelope(spec, created, KINDS[kind][1], [choice], usage_of(p.prompt_tokens, result)))
+        choice = shapes.answer_choice(kind, final_text(result), result.finish_reason)
+        return JSONResponse(envelope(spec, created, shapes.KINDS[kind][1], [choice], usage_of(p.prompt_tokens, result)))
 
     async def sse(request: Request, p, events: asyncio.Queue, created: int, include_usage: bool) -> AsyncIterator[str]:
         spec = p.spec
         chat = spec.kind == "chat"
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        text = StreamedText(codec, p.params.stop)
+        obj = shapes.CHUNK_OBJECTS[spec.kind]
+        text = StreamedText(codec.decode, p.params.stop)
         done = False
 
         def chunk(piece: Optional[str], finish: Optional[str] = None) -> str:
-            if chat:
-                delta = {} if piece is None else {"content": piece}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
-            return sse_line(envelope(spec, created, obj, [choice], None))
+            return shapes.sse_line(envelope(spec, created, obj, [shapes.chunk_choice(spec.kind, piece, finish)]))
 
         try:
             if chat:
-                yield sse_line(envelope(spec, created, obj, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                              "logprobs": None, "finish_reason": None}]))
+                yield shapes.sse_line(envelope(spec, created, obj, [shapes.role_choice()]))
             while True:
                 kind, payload = await next_event(events, request)
                 if kind == "tokens":
@@ -293,15 +181,15 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
                     continue
                 done = True
                 if payload.finish_reason == "abort":
-                    yield sse_line(error_body(503, "the server shut down before the request finished"))
+                    yield shapes.sse_line(shapes.error_body(503, "the server shut down before the request finished"))
                 else:
                     rest = text.finish(final_text(payload))
                     if rest:
                         yield chunk(rest)
                     yield chunk(None if chat else "", payload.finish_reason)
                     if include_usage:
-                        yield sse_line(envelope(spec, created, obj, [], usage_of(p.prompt_tokens, payload)))
-                yield "data: [DONE]\n\n"
+                        yield shapes.sse_line(envelope(spec, created, obj, [], usage_of(p.prompt_tokens, payload)))
+                yield shapes.SSE_DONE
                 return
         finally:
             if not done:  # the client went away (or the server is stopping): free the request's KV
@@ -330,32 +218,3 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
         return Response(frontend.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
-
-
-def sse_line(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-class HttpServer:
-    """uvicorn on a socket bound here, in the calling thread (a port in use is a clear error on
-    the rank, not a failure inside the server's thread), served from a thread of its own."""
-
-    def __init__(self, app: FastAPI, host: str, port: int):
-        import uvicorn
-
-        try:
-            self.sock = listening_socket(host, port)
-        except OSError as e:
-            raise RuntimeError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host") from None
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="pdlaunch-http", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()

@@ -13,8 +13,8 @@ import os
 import time
 from collections import deque
 
-from engine import comm as c
-from engine.comm import RankContext
+from engine import control_plane as c
+from engine.control_plane import RankContext
 from engine.runner import ModelRunner
 from engine.scheduler import CONTROLLER, Scheduler
 from engine.watchdog import ControllerWatch

@@ -33,77 +33,21 @@ every later kernel is ordered after the scatter).
 """
 from __future__ import annotations
 
-import math
-import threading
 import time
 
 import torch
 import torch.distributed as dist
 
-from engine.comm import POLL_S, RankContext
+from engine.control_plane import POLL_S, RankContext
+from engine.data_plane import dist_rank
 from engine.blocks import blocks_for
 from engine.kv_cache import KVCache
+from engine.p2p_ops import Completions, StagingPool, drive_to_completion
 from engine.reshard import Transfer, kv_rank_pairs, owned_rect, transfer_plan
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 
 CHUNK_BYTES = 8 << 20
-POOL_BYTES = 256 << 20
 KV_TAG = 0  # order is the contract (NCCL ignores tags); the header checks it
-
-
-class StagingPool:
-    """Reused transfer buffers: on the CPU a fresh 100 MB buffer costs about as much in page faults
-    as the copy into it. Free buffers are kept up to POOL_BYTES (bounded memory)."""
-
-    def __init__(self, limit_bytes: int = POOL_BYTES):
-        self.limit = limit_bytes
-        self.free: list[torch.Tensor] = []
-        self.lent: dict[int, torch.Tensor] = {}  # id(view handed out) -> its flat buffer
-
-    def take(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = math.prod(shape)
-        fits = [i for i, b in enumerate(self.free)
-                if numel <= b.numel() <= 2 * numel and b.dtype == dtype and b.device == device]
-        if fits:
-            flat = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
-        else:
-            flat = torch.empty(1 << max(numel - 1, 1).bit_length(), dtype=dtype, device=device)
-        view = flat[:numel].view(shape)
-        self.lent[id(view)] = flat
-        return view
-
-    def give(self, buf: torch.Tensor) -> None:
-        self.free.append(self.lent.pop(id(buf)))
-        while sum(b.numel() * b.element_size() for b in self.free) > self.limit:
-            self.free.pop(max(range(len(self.free)), key=lambda i: self.free[i].numel()))
-
-
-class Completions:
-    """Posted ops of one request, in posting order, each with what to do once it completes (or
-    None). advance() runs the callbacks of every op completed so far, oldest first, without
-    blocking, and says whether all are done."""
-
-    def __init__(self, entries: list[tuple]):
-        self.entries, self.done = entries, 0
-
-    def advance(self) -> bool:
-        while self.done < len(self.entries) and self.entries[self.done][0].is_completed():
-            on_done = self.entries[self.done][1]
-            if on_done is not None:
-                on_done()
-            self.done += 1
-        return self.done == len(self.entries)
-
-
-def drive_to_completion(works: list) -> None:
-    """gloo only: its works complete inside wait() alone, so a helper thread (which releases the
-    GIL) waits on them in order. A wait that fails (a peer died) leaves the rest incomplete: the
-    request never arrives, and the launcher and the controller's watchdog name the dead rank."""
-    def wait_all():
-        for work in works:
-            work.wait()
-
-    threading.Thread(target=wait_all, daemon=True).start()
 
 
 class KVTransfer:
@@ -131,14 +75,17 @@ class KVTransfer:
         token = torch.zeros(1, dtype=self.cache.kv.dtype, device=self.cache.kv.device)
         for low, high in mine:
             if self.ctx.rank == low:
-                work = dist.isend(token, high, group=self.group, tag=KV_TAG)
+                work = dist.isend(token, self._peer(high), group=self.group, tag=KV_TAG)
             else:
-                work = dist.irecv(token, low, group=self.group, tag=KV_TAG)
+                work = dist.irecv(token, self._peer(low), group=self.group, tag=KV_TAG)
             if self.driven:
                 work.wait()  # gloo: completion
             while not work.is_completed():
                 time.sleep(POLL_S)
         return mine
+
+    def _peer(self, rank: int) -> int:
+        return dist_rank(self.ctx.plan, rank)
 
     def _header(self, req_id: int, count: int) -> torch.Tensor:
         return torch.tensor([req_id, count], dtype=torch.int64, device=self.cache.kv.device)
@@ -182,15 +129,11 @@ class KVTransfer:
         """The pair's messages in order, as (tensor, staged block range or None), and the staging
         buffer (None when every message is a piece of this rank's cache). Both sides cut at the
         table breaks of each side that holds just the pair's rectangle (both tables are known:
-        KVPost.peer_blocks; without the peer's, an older caller's, only a rank's own consecutive
-        blocks go unstaged). A staged message's blocks are gathered before it is sent, or
-        scattered once it lands."""
+        KVPost.peer_blocks). A staged message's blocks are gathered before it is sent, or scattered
+        once it lands."""
         src, dst = self._holds_just(t, src_id, t.src_rank), self._holds_just(t, dst_id, t.dst_rank)
         mine, peer = (src, dst) if sending else (dst, src)
         n = len(ids)
-        if not peer_ids:  # no cuts at the peer's breaks; unstaged only if this rank's blocks are consecutive
-            peer = False
-            mine = mine and ids == list(range(ids[0], ids[0] + n))
         ranges = self._ranges(t, n, [table for whole, table in ((mine, ids), (peer, peer_ids)) if whole])
         if mine:
             return [(self.cache.kv[ids[a]:ids[a] + b - a], None) for a, b in ranges], None
@@ -207,9 +150,9 @@ class KVTransfer:
             torch.index_select(view, 0, blocks, out=message)
 
     def post_sends(self, req_id: int, block_table: list[int], num_tokens: int, dst_instance: int,
-                   peer_table: tuple[int, ...] = ()) -> None:
+                   peer_table: tuple[int, ...]) -> None:
         ids = self._block_ids(block_table, num_tokens)
-        peer_ids = self._block_ids(list(peer_table), num_tokens) if peer_table else []
+        peer_ids = self._block_ids(list(peer_table), num_tokens)
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
         works = []
         for t in self._plan(self.ctx.instance.id, dst_instance):
@@ -217,21 +160,21 @@ class KVTransfer:
                 continue
             messages, buf = self._messages(t, ids, peer_ids, self.ctx.instance.id, dst_instance, sending=True)
             header = self._header(req_id, len(messages))  # alive until its send completes (the closure holds it)
-            works.append((dist.isend(header, t.dst_rank, group=self.group, tag=KV_TAG), lambda h=header: None))
+            works.append((dist.isend(header, self._peer(t.dst_rank), group=self.group, tag=KV_TAG), lambda h=header: None))
             for message, staged in messages:
                 if staged is not None:  # gather this chunk while the earlier ones are on the wire
                     self._copy(t, message, index[slice(*staged)], to_cache=False)
-                works.append((dist.isend(message, t.dst_rank, group=self.group, tag=KV_TAG), None))
+                works.append((dist.isend(message, self._peer(t.dst_rank), group=self.group, tag=KV_TAG), None))
             if buf is not None:  # back to the pool once the pair's last send completed
                 works[-1] = (works[-1][0], lambda b=buf: self.pool.give(b))
         self._drive([w for w, _ in works])
         self.sending[req_id] = Completions(works)
 
     def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int,
-                   peer_table: tuple[int, ...] = ()) -> None:
+                   peer_table: tuple[int, ...]) -> None:
         """Posts every message's receive; each staged chunk is scattered once it completed."""
         ids = self._block_ids(block_table, num_tokens)
-        peer_ids = self._block_ids(list(peer_table), num_tokens) if peer_table else []
+        peer_ids = self._block_ids(list(peer_table), num_tokens)
         index = torch.tensor(ids, dtype=torch.long, device=self.cache.kv.device)
         entries, buffers = [], []
         for t in self._plan(src_instance, self.ctx.instance.id):
@@ -239,11 +182,11 @@ class KVTransfer:
                 continue
             messages, buf = self._messages(t, ids, peer_ids, src_instance, self.ctx.instance.id, sending=False)
             header = torch.zeros(2, dtype=torch.int64, device=self.cache.kv.device)
-            entries.append((dist.irecv(header, t.src_rank, group=self.group, tag=KV_TAG),
+            entries.append((dist.irecv(header, self._peer(t.src_rank), group=self.group, tag=KV_TAG),
                             lambda t=t, h=header, n=len(messages): self._check_header(t, h, (req_id, n))))
             for m, staged in messages:
                 scatter = (lambda t=t, m=m, b=index[slice(*staged)]: self._copy(t, m, b, to_cache=True)) if staged else None
-                entries.append((dist.irecv(m, t.src_rank, group=self.group, tag=KV_TAG), scatter))
+                entries.append((dist.irecv(m, self._peer(t.src_rank), group=self.group, tag=KV_TAG), scatter))
             if buf is not None:
                 buffers.append(buf)
         self._drive([w for w, _ in entries])

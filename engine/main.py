@@ -1,6 +1,6 @@
 """Rank entry point: `python -m engine.main --job RUN_DIR/job.json`, one process per rank.
 
-Every rank reads the same job file (launcher/job.py: config + plan + paths), learns its role from its global rank, and
+Every rank reads the same job file (launcher/job_file.py: config + plan + paths), learns its role from its global rank, and
 runs the controller, an instance leader, or an instance follower. Any exception on any rank
 prints a one-line diagnosis naming the rank, host and what it was doing, then aborts the whole
 MPI job so that no rank is left waiting.
@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 for _message in (r".*Transformer Engine", r".*Apex", r".*absl", r".*all_gather_into_tensor.* is deprecated"):
     warnings.filterwarnings("ignore", message=_message)
 
-from launcher.job import JobFile  # noqa: E402
+from launcher.job_file import JobFile  # noqa: E402
 from launcher.protocol import Tag  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
 
@@ -72,7 +72,8 @@ def _run_server(ctx, job: JobFile) -> None:
 
     from engine.controller import Controller
     from engine.frontend import Frontend
-    from engine.http_api import HttpServer, build_app
+    from engine.http_api import build_app
+    from engine.http_server import HttpServer
     from engine.serve_metrics import ServeMetrics
     from engine.tokenizer import TextCodec
 
@@ -106,31 +107,20 @@ def _run_profile_controller(ctx, job: JobFile) -> None:
     """Profile mode: collect each instance's timings and write them for the launcher to fit."""
     import json
 
+    from engine.control_plane import receive
+
     DOING["what"] = "waiting for profile timings"
     out = {}
     for inst in ctx.plan.instances:
         while True:  # heartbeats mark progress; the timings end the wait
-            tag, msg = _next_of(ctx.world, inst.leader, (Tag.HEARTBEAT, Tag.PROFILE), job)
+            tag, msg = receive(ctx.world, inst.leader, (Tag.HEARTBEAT, Tag.PROFILE), idle_s=0.01,
+                               timeout_s=max(job.config.scheduler.watchdog_s, 600.0),
+                               waiting_for=f"{inst.role} instance {inst.id}'s profile timings")
             if tag == Tag.PROFILE:
                 out[str(inst.id)] = {"tp": inst.tp, "dtype": ctx.dtype, "samples": msg.samples}
                 break
     with open(job.profile_samples, "w") as f:
         json.dump(out, f)
-
-
-def _next_of(comm, source: int, tags: tuple, job: JobFile) -> tuple:
-    import time
-
-    from mpi4py import MPI
-
-    limit = max(job.config.scheduler.watchdog_s, 600.0)
-    deadline, status = time.time() + limit, MPI.Status()
-    while time.time() < deadline:
-        for tag in tags:
-            if comm.Iprobe(source=source, tag=tag, status=status):
-                return tag, comm.recv(source=source, tag=tag)
-        time.sleep(0.01)
-    raise TimeoutError(f"rank {source} sent nothing for {limit:.0f} s")
 
 
 def _run_instance(ctx, job: JobFile) -> None:
@@ -154,7 +144,7 @@ def _run_instance(ctx, job: JobFile) -> None:
         follow(ctx, runner, s.idle_sleep_ms / 1e3)
         return
     if job.mode == "profile":
-        from engine.profiler import pipeline_profile, run_profile
+        from engine.step_timing import pipeline_profile, run_profile
         from launcher.protocol import Heartbeat, ProfileSamples
 
         DOING["what"] = "profiling"
@@ -177,10 +167,17 @@ def main(argv=None) -> int:
     job = JobFile.read(args.job)
     ctx = None
     try:
-        from engine.comm import start
+        from engine.control_plane import join
 
-        DOING["what"] = "initialising MPI and torch.distributed"
-        ctx = start(job.plan, job.config.cluster, job.config.model.dtype)
+        DOING["what"] = "initialising MPI"
+        ctx = join(job.plan, job.config.cluster)
+        if ctx.is_controller:  # no model, no torch: it takes no part in the data plane
+            ctx.agree_dtype(job.config.model.dtype, native_bf16=True)
+        else:
+            from engine.data_plane import start
+
+            DOING["what"] = "initialising torch.distributed"
+            start(ctx, job.config.cluster, job.config.model.dtype)
         if ctx.is_controller and job.mode == "profile":
             _run_profile_controller(ctx, job)
         elif ctx.is_controller and job.mode == "serve":
@@ -188,7 +185,7 @@ def main(argv=None) -> int:
         elif ctx.is_controller:
             _run_controller(ctx, job)
         else:
-            from engine.comm import Beacon
+            from engine.control_plane import Beacon
 
             if job.mode == "serve":  # rank 0 drains on SIGTERM and then ends every rank; a direct one must not cut that short
                 import signal
@@ -198,9 +195,10 @@ def main(argv=None) -> int:
             _run_instance(ctx, job)
             beacon.stop()
         ctx.world.Barrier()
-        import torch.distributed as dist
+        if not ctx.is_controller:
+            import torch.distributed as dist
 
-        dist.destroy_process_group()  # NCCL's communicators end here, not in interpreter teardown (which can hang)
+            dist.destroy_process_group()  # NCCL's communicators end here, not in interpreter teardown (which can hang)
         return 0
     except BaseException as e:  # noqa: BLE001 - any failure must end the whole job
         rank = ctx.rank if ctx else os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("RANK", "?"))

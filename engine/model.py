@@ -1,12 +1,13 @@
 """A decoder stage (Llama, Mistral, Qwen2, Qwen3, OPT) on megatron-core tensor-parallel layers,
 attention over a paged KV cache. What differs between the families is read from `ModelShape`
-(launcher/model_support.py): biases, per-head q/k norms, LayerNorm or RMSNorm, a gated or plain MLP,
+(launcher/model_shape.py): biases, per-head q/k norms, LayerNorm or RMSNorm, a gated or plain MLP,
 RoPE (engine/rope.py) or learned positions, a sliding window.
 
 One `LlamaStage` holds the layers [l0, l1) of a PP stage for one TP rank: the embedding on the
 first stage, the final norm and LM head on the last. Projections are megatron-core's
 `ColumnParallelLinear` / `RowParallelLinear` / `VocabParallelEmbedding` with this instance's TP
-group; norms, RoPE and attention are ours. Fused weights are laid out per TP rank as
+group; norms, RoPE and attention are ours (attention kernels: engine/attention.py on CUDA,
+engine/gathered_attention.py on the CPU). Fused weights are laid out per TP rank as
 [q | k | v] and [gate | up], each part split evenly across TP ranks (partition_dim 0).
 
 The decoder layers run the projections as megatron's forward does in inference (a matmul on this
@@ -23,11 +24,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine import attention
+from engine import attention, gathered_attention as gathered
 from engine.batch import BatchMeta
 from engine.matmul import linear, nbytes, prepare
 from engine.megatron_import import import_megatron
-from launcher.model_support import OPT_POSITION_OFFSET, ModelShape
+from engine.rope import apply_rope
+from launcher.model_shape import OPT_POSITION_OFFSET, ModelShape
 
 
 def parallel_config(tp: int, dtype: torch.dtype):
@@ -68,63 +70,6 @@ def row_parallel(weight: torch.Tensor, x: torch.Tensor, tp_group, bias: torch.Te
     if dist.get_world_size(tp_group) > 1:
         dist.all_reduce(y, group=tp_group)
     return with_bias(y, bias)
-
-
-def hidden_keys(query_positions: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
-    """[queries, num_keys] True where key position k is masked for the query at position q: k > q
-    (causal), or k <= q - window (outside a sliding window, as transformers' sliding_window_overlay)."""
-    keys = torch.arange(num_keys, device=query_positions.device)[None, :]
-    hidden = keys > query_positions[:, None]
-    return hidden if window is None else hidden | (keys <= query_positions[:, None] - window)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]. q and k heads go through together."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-def uses_grouped_attention(q: torch.Tensor) -> bool:
-    """Attention as grouped matmuls (below) rather than torch's SDPA: on a CPU in bf16, where SDPA's
-    one-token path runs 1.5x (batch 1) to 5x (batch 32) slower than two batched matmuls and its
-    causal prompt path (the math fallback) 1.6x slower; in fp32 its flash kernel is the faster."""
-    return q.device.type == "cpu" and q.dtype != torch.float32
-
-
-def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """softmax(q k^T + mask) v for one-token queries q [B, heads, D] over keys/vals [B, L, kv_heads, D]
-    as two batched matmuls, each KV head against its group of query heads, softmax in fp32 (as
-    transformers' eager attention)."""
-    B, H, D = q.shape
-    kv_heads = keys.shape[2]
-    scores = torch.matmul(q.view(B, kv_heads, H // kv_heads, D), keys.permute(0, 2, 3, 1)).float() * scale + mask
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(probs, vals.transpose(1, 2)).reshape(B, H, D)
-
-
-def grouped_causal_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, start: int, scale: float,
-                             rows_per_chunk: int = 256, window: int | None = None) -> torch.Tensor:
-    """Causal attention of one sequence's new tokens q [n, heads, D] (positions start .. start+n-1)
-    over keys/vals [start + n, kv_heads, D], as grouped matmuls with an fp32 softmax; the queries go
-    in chunks so the scores stay within rows_per_chunk x heads x context floats. `window`: a
-    sliding window (Mistral), else None."""
-    n, H, D = q.shape
-    kv_heads = keys.shape[1]
-    group = H // kv_heads
-    keys_t, vals_t = keys.permute(1, 2, 0), vals.transpose(0, 1)  # [kv_heads, D, L], [kv_heads, L, D]
-    out = torch.empty_like(q)
-    for lo in range(0, n, rows_per_chunk):
-        m, seen = min(rows_per_chunk, n - lo), start + min(n, lo + rows_per_chunk)  # keys any row may see
-        qg = q[lo:lo + m].view(m, kv_heads, group, D).permute(1, 2, 0, 3).reshape(kv_heads, group * m, D)
-        scores = torch.matmul(qg, keys_t[..., :seen]).view(kv_heads, group, m, seen).float()
-        ahead = hidden_keys(torch.arange(start + lo, start + lo + m, device=q.device), seen, window)
-        mask = torch.zeros(ahead.shape, device=q.device).masked_fill_(ahead, float("-inf"))
-        probs = torch.softmax(torch.add(mask, scores, alpha=scale), dim=-1).to(q.dtype)  # mask + scale * scores
-        o = torch.matmul(probs.view(kv_heads, group * m, seen), vals_t[:, :seen])
-        out[lo:lo + m] = o.view(kv_heads, group, m, D).permute(2, 0, 1, 3).reshape(m, H, D)
-    return out
 
 
 class Attention(nn.Module):
@@ -193,12 +138,7 @@ class Attention(nn.Module):
         blocks, bs = batch.decode_blocks.view(-1), batch.block_size
         keys, vals = (cache.index_select(0, blocks).view(B, n * bs, self.kv_heads, self.head_dim)
                       for cache in (k_cache, v_cache))
-        if uses_grouped_attention(q):
-            return grouped_decode_attention(q, keys, vals, batch.decode_mask, self.scale)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
-                                           attn_mask=batch.decode_mask, scale=self.scale,
-                                           enable_gqa=self.heads != self.kv_heads)
-        return o.squeeze(2)
+        return gathered.decode_attention(q, keys, vals, batch.decode_mask, self.scale)
 
     def _extend(self, q, k, v, out, rows: slice, start: int, batch, k_cache, v_cache):
         """One sequence with several new tokens: fresh K/V for a whole prompt, else the cache."""
@@ -207,23 +147,8 @@ class Attention(nn.Module):
         else:
             blocks, offsets = batch.extend_context_slots[rows.start]
             keys, vals = k_cache[blocks, offsets], v_cache[blocks, offsets]
-        if attention.on_cuda(q):
-            out[rows] = attention.prompt_attention(q[rows], keys, vals, start, self.scale, self.window)
-            return
-        if uses_grouped_attention(q):
-            out[rows] = grouped_causal_attention(q[rows], keys, vals, start, self.scale, window=self.window)
-            return
-        qs = q[rows].transpose(0, 1)  # [H, n, D]
-        n, ctx = rows.stop - rows.start, keys.shape[0]
-        if start == 0 and (self.window is None or n <= self.window):
-            mask, causal = None, True
-        else:
-            mask = ~hidden_keys(torch.arange(start, start + n, device=q.device), ctx, self.window)
-            causal = False
-        o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), vals.transpose(0, 1), attn_mask=mask,
-                                           is_causal=causal, scale=self.scale,
-                                           enable_gqa=self.heads != self.kv_heads)
-        out[rows] = o.transpose(0, 1)
+        kernels = attention if attention.on_cuda(q) else gathered
+        out[rows] = kernels.prompt_attention(q[rows], keys, vals, start, self.scale, self.window)
 
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu}

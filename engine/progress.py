@@ -2,7 +2,6 @@
 when it ends, on rank 0."""
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import threading
@@ -11,6 +10,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from launcher.run_report import write_report
 from launcher.stats import percentile
 
 
@@ -103,8 +103,7 @@ class Reporter:
         if planned:
             s["placement"] = planned
         if report_path:
-            with open(report_path, "w") as f:
-                json.dump(s, f, indent=2)
+            write_report(report_path, "finished", s)
         if not self.quiet:
             table = Table(title="pdlaunch summary")
             table.add_column("metric")

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+from engine import openai_shapes as shapes
 from engine.tokenizer import TextCodec
 from launcher.batch_io import RequestSpec
 from launcher.protocol import Result
@@ -103,15 +104,14 @@ class ResultWriter(Sink):
         metrics = metrics_of(result, req.arrival)
         metrics["prefill_instance"] = req.prefill_instance if req.prefill_instance is not None else result.instance
         metrics["decode_instance"] = result.instance
-        usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": len(result.output),
-                 "total_tokens": req.prompt_tokens + len(result.output)}
+        usage = shapes.usage(req.prompt_tokens, len(result.output))
         record.update(text=text, token_ids=list(result.output), finish_reason=result.finish_reason, usage=usage,
                       metrics=metrics)
         if self.logits_dir and result.logits:
-            import torch
-            from safetensors.torch import save_file
+            import numpy as np
+            from safetensors.numpy import save_file  # rank 0 imports no torch
 
-            save_file({"logits": torch.tensor(result.logits)},
+            save_file({"logits": np.asarray(result.logits, dtype=np.float32)},
                       os.path.join(self.logits_dir, f"{req.spec.index}.safetensors"))
         return text, result.finish_reason, usage
 
@@ -121,16 +121,11 @@ class ResultWriter(Sink):
                "error": record.get("error")}
         if body is not None:
             text, reason, usage = body
-            choice = {"index": 0, "finish_reason": reason}
-            if spec.kind == "chat":
-                choice["message"] = {"role": "assistant", "content": text}
-                obj, prefix = "chat.completion", "chatcmpl"
-            else:
-                choice["text"] = text
-                obj, prefix = "text_completion", "cmpl"
+            prefix, obj = shapes.KINDS[spec.kind]
             out["response"] = {"status_code": 200, "request_id": f"req_{spec.index}",
-                               "body": {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
-                                        "model": self.model_name, "choices": [choice], "usage": usage}}
+                               "body": shapes.envelope(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), obj,
+                                                       self.model_name, [shapes.answer_choice(spec.kind, text, reason)],
+                                                       usage)}
             out["metrics"] = record["metrics"]
             out["token_ids"] = record["token_ids"]
         return out

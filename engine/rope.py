@@ -1,7 +1,8 @@
-"""RoPE tables: the inverse frequencies of each rope type, computed as transformers'
+"""RoPE: the inverse frequencies of each rope type, computed as transformers'
 `modeling_rope_utils` computes them (default, linear, llama3, yarn), and the cos/sin tables for every
 position, built once per rank (fp32 on the CPU as transformers does, then placed on the rank's device
-in the model's dtype). `dynamic` and `longrope` are refused in launcher/model_support.py.
+in the model's dtype), and their application to the query and key heads (rotate-half). `dynamic`
+and `longrope` are refused in launcher/model_support.py.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 
 import torch
 
-from launcher.model_support import ModelShape
+from launcher.model_shape import ModelShape
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -84,3 +85,10 @@ def rope_tables(shape: ModelShape, max_len: int, device: torch.device | str = "c
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(device=device, dtype=dtype), (emb.sin() * scale).to(device=device, dtype=dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]. q and k heads go through together."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

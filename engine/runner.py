@@ -21,7 +21,8 @@ import os
 from dataclasses import dataclass
 
 from engine.batch import build_batch
-from engine.comm import RankContext, poll
+from engine.control_plane import RankContext, poll
+from engine.data_plane import dist_rank
 from engine.kv_cache import KVCache
 from engine.kv_transfer import KVTransfer
 from engine.model import LlamaStage
@@ -29,7 +30,7 @@ from engine.rope import rope_tables
 from engine.reshard import stage_layers
 from engine.sampling import sample
 from engine.weights import load_stage
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 from launcher.protocol import StageTokens, StepPlan, Tag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,10 +142,10 @@ class ModelRunner:
             x = batch.token_ids
         else:
             x = torch.empty((batch.num_tokens, self.shape.hidden_size), dtype=self.dtype, device=ctx.device)
-            dist.recv(x, ctx.stage_rank(ctx.pp_stage - 1))
+            dist.recv(x, dist_rank(ctx.plan, ctx.stage_rank(ctx.pp_stage - 1)))
         out = self.stage(x, batch, self.cache.k, self.cache.v)
         if not ctx.is_last_stage:
-            dist.send(out.contiguous(), ctx.stage_rank(ctx.pp_stage + 1))
+            dist.send(out.contiguous(), dist_rank(ctx.plan, ctx.stage_rank(ctx.pp_stage + 1)))
             return None
         return out if ctx.tp_rank == 0 else None
 

@@ -5,7 +5,8 @@ prefix/read offsets: the newest tokens are decoded together with a few before th
 that drop a leading space at the start of a decode, or emit half a UTF-8 character per byte
 token, still give the text a full decode would). Only the tail that the new text can complete is
 searched, so a token costs O(new text + longest stop string), not a decode of the whole output.
-No torch: `decode` is the tokenizer's ids -> text.
+The server's streams show text the same way (StreamedText, on rank 0): a piece once it can no
+longer change. No torch: `decode` is the tokenizer's ids -> text.
 """
 from __future__ import annotations
 
@@ -57,3 +58,26 @@ def safe_length(text: str, stops: tuple[str, ...]) -> int:
         return min(hits)
     held = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
     return len(text) - held
+
+
+class StreamedText:
+    """A streamed request's text as its tokens come: each piece shown once it can no longer
+    change (incremental detokenisation; a tail a stop string may begin with is held back)."""
+
+    def __init__(self, decode: Decode, stops: tuple[str, ...]):
+        self.decode, self.stops = decode, stops
+        self.state, self.output, self.shown = TextState(), [], 0
+
+    def add(self, tokens: list[int]) -> str:
+        self.output += tokens
+        advance(self.state, self.output, self.decode)
+        return self._show(safe_length(self.state.text, self.stops))
+
+    def finish(self, final_text: str) -> str:
+        """The rest of the answer once the engine's result decided it (what was shown is a prefix of it)."""
+        return final_text[self.shown:]
+
+    def _show(self, upto: int) -> str:
+        piece = self.state.text[self.shown:upto] if upto > self.shown else ""
+        self.shown = max(self.shown, upto)
+        return piece

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from engine import comm as c
-from engine.comm import RankContext
+from engine import control_plane as c
+from engine.control_plane import RankContext
 from launcher.protocol import Tag
 
 

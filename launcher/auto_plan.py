@@ -12,7 +12,7 @@ from launcher.plan import Plan
 
 def plan_at_launch(cfg: JobConfig, hosts: list[Host], shape) -> Plan:
     from launcher.calibrate import planning_models
-    from launcher.planner.planning import choice_line, run_planner
+    from launcher.planner.config_to_plan import choice_line, run_planner
 
     models = planning_models(cfg, hosts)
     plan, _, predicted = run_planner(cfg, hosts, None if cfg.planner.model else shape, models=models)

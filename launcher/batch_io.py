@@ -20,7 +20,7 @@ SAMPLING_FIELDS = {"max_tokens", "max_completion_tokens", "temperature", "top_p"
 IGNORED_FIELDS = {"model", "stream", "user"}
 UNSUPPORTED_WHEN_SET = {"logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "tools", "tool_choice",
                         "response_format"}  # refused, not silently dropped, unless absent, null, false or 0
-ROLES = {"system", "user", "assistant", "developer", "tool"}
+CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 MAX_ARRIVAL_S = 86400.0  # a replayed arrival more than a day out is a mistake, not a plan
 
@@ -122,8 +122,8 @@ def _messages(msgs) -> list[dict]:
         raise ValueError("'messages' must be a non-empty list of {role, content} objects")
     out = []
     for m in msgs:
-        if m.get("role") not in ROLES:
-            raise ValueError(f"message role {m.get('role')!r} is unknown; use one of {', '.join(sorted(ROLES))}")
+        if m.get("role") not in CHAT_ROLES:
+            raise ValueError(f"message role {m.get('role')!r} is unknown; use one of {', '.join(sorted(CHAT_ROLES))}")
         out.append({"role": m["role"], "content": _content_text(m.get("content"))})
     return out
 

@@ -11,7 +11,8 @@ The simulator then replays the exact same trace (arrival times, lengths) on the 
 once with the profile as it is and once with its costs scaled by the drift, and each segment's SLO
 attainment is compared with the engine's. Goodput per device comes from the segments' bracket
 (highest rate that met the SLOs, lowest above it that did not), optionally narrowed by bisection
-(one more job per probe).
+(one more job per probe). The trace: launcher/bench_trace.py; the probe's factors:
+bench_calibration.py; goodput and fidelity: bench_goodput.py; the table and plot: bench_report.py.
 """
 from __future__ import annotations
 
@@ -19,223 +20,20 @@ import copy
 import json
 import math
 import os
-import random
-import statistics
 import sys
 import time
 
-from launcher.bench_calibration import (PROBE_GAP_S, PROBE_PROMPTS, calibration, calibration_requests, probe_window,
-                                        scaled)
-from launcher.bench_report import SCALES, plot, print_bench
+from launcher.bench_calibration import PROBE_PROMPTS, scaled
+from launcher.bench_goodput import OutOfTime, fidelity, goodput_ratio, measured_goodput, simulated_goodput
+from launcher.bench_report import plot, print_bench
+from launcher.bench_trace import (build_trace, engine_lines, measured_and_simulated, profile_latency, rate_indices,
+                                  slo_scale_curve, summary, system_config)
 from launcher.config import JobConfig, load_config
 from launcher.errors import UserError
-from launcher.job import JobFile
-from launcher.jobs import build_plan, check_hosts, cluster_hosts, model_dir_of, run_job
+from launcher.job_setup import build_plan, check_hosts, cluster_hosts, model_dir_of, new_job, run_job
 from launcher.model_files import read_shape
 from launcher.plan import Plan, packed_plan
-from launcher.planner.latency import LatencyModel
-from launcher.planner.planning import latency_models, model_spec, settings_from
-from launcher.planner.replay import simulate_plan
-from launcher.stats import percentile
-from launcher.planner.goodput import bisect_rate, queues_grow
-from launcher.planner.workload import SimRequest, attainment, make_requests
-
-DRAIN_MARGIN = 1.5      # a segment starts this many predicted drains after the previous one's last arrival
-DRAIN_SLACK_S = 3.0
-MAX_DRAIN_S = 60.0
-
-
-# bench system -> its colocated policy; plain "colocated" names the runs stored before chunked prefill
-COLOCATED_SYSTEMS = {"colocated-chunked": "chunked", "colocated-prefill_first": "prefill_first",
-                     "colocated": "prefill_first"}
-
-
-def system_config(cfg: JobConfig, system: str) -> JobConfig:
-    """The config a bench system runs with: a colocated system's own scheduler.colocated_policy."""
-    policy = COLOCATED_SYSTEMS.get(system)
-    if policy is None or policy == cfg.scheduler.colocated_policy:
-        return cfg
-    out = copy.deepcopy(cfg)
-    out.scheduler.colocated_policy = policy
-    return out
-
-
-def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
-    """n requests at `rate` req/s with the planner's length distribution, seeded by the rate: a
-    rate given twice replays the identical trace, which measures the engine's own run-to-run noise."""
-    settings = settings_from(cfg)
-    return make_requests(n, rate, settings.lengths, settings.arrival, settings.cv,
-                         cfg.workload.seed + round(rate * 1000))
-
-
-def profile_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
-    """The profile's latency model for the plan's kind of instances."""
-    disagg, colo = latency_models(cfg)
-    return colo if plan.by_role("colocated") else disagg
-
-
-def measured_and_simulated(cfg: JobConfig, plan: Plan, spec, trace: list[SimRequest], segment: list[int],
-                           report: dict, results_path: str) -> tuple[dict[str, list[SimRequest]], dict]:
-    """One bench job's requests as the engine served them (its results file) and as the simulator
-    runs the same trace, from the profile as it is and calibrated by the job's probe (report: the
-    job's report.json); with the calibration factors."""
-    profile = profile_latency(cfg, plan)
-    factors = calibration(cfg, plan, report, probe_window(results_path, trace, segment), profile)
-    return {"measured": measured(results_path, trace), "predicted": simulate_plan(cfg, plan, spec, profile, trace),
-            "calibrated": simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]),
-                                        trace)}, factors
-
-
-def rate_indices(segment: list[int], k: int) -> list[int]:
-    """The trace positions of the k-th rate's requests (segment 0 is the calibration probe)."""
-    return [i for i, s in enumerate(segment) if s == k]
-
-
-def build_trace(cfg: JobConfig, plan: Plan, spec, rates: list[float], n: int) -> tuple[list[SimRequest], list[int]]:
-    """The job's whole trace and each request's segment (0 = calibration probe, k = rates[k-1]).
-    Each segment starts when the profile says the previous one has drained (with margin), so
-    segments barely interact, and where they do the simulator, replaying the same trace, sees it too."""
-    latency = profile_latency(cfg, plan)
-    trace, segment, t = [], [], PROBE_GAP_S * 1e3
-    for r in calibration_requests(cfg):  # one at a time: each arrives once the previous should be done
-        trace.append(SimRequest(t, r.input_len, r.output_len))
-        segment.append(0)
-        t += simulate_plan(cfg, plan, spec, latency, [r])[0].finish + PROBE_GAP_S * 1e3
-    for k, rate in enumerate(rates, 1):
-        reqs = segment_requests(cfg, rate, n)
-        alone = simulate_plan(cfg, plan, spec, latency, reqs)
-        last_arrival = max(r.arrival for r in reqs)
-        drain_ms = max((r.finish for r in alone if not math.isnan(r.finish)), default=last_arrival) - last_arrival
-        for r in reqs:
-            trace.append(SimRequest(t + r.arrival, r.input_len, r.output_len))
-            segment.append(k)
-        t += last_arrival + min(MAX_DRAIN_S * 1e3, DRAIN_MARGIN * drain_ms + DRAIN_SLACK_S * 1e3)
-    return trace, segment
-
-
-def engine_lines(trace: list[SimRequest], segment: list[int], vocab: int, seed: int) -> list[dict]:
-    """The trace as engine input: random token prompts, exact output lengths, replayed arrivals."""
-    rng = random.Random(seed + 1)
-    return [{"custom_id": f"s{k}-{i}", "prompt": [rng.randrange(10, vocab) for _ in range(r.input_len)],
-             "max_tokens": r.output_len, "ignore_eos": True, "arrival_s": r.arrival / 1e3}
-            for i, (r, k) in enumerate(zip(trace, segment))]
-
-
-def measured(results_path: str, trace: list[SimRequest]) -> list[SimRequest]:
-    """The engine's timings, in trace order (arrival, first token and last token relative to the
-    request's own arrival; TPOT = (last - first) / (tokens - 1) as everywhere)."""
-    by_index = {}
-    with open(results_path) as f:
-        for line in f:
-            r = json.loads(line)
-            m = r.get("metrics")
-            if not m:
-                continue
-            index = int(r["custom_id"].split("-")[1])
-            src = trace[index]
-            req = SimRequest(src.arrival, r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"])
-            req.first_token = src.arrival + m["ttft_ms"]
-            req.finish = req.first_token + m["tpot_ms"] * (req.output_len - 1)
-            by_index[index] = req
-    if len(by_index) != len(trace):
-        raise UserError(f"bench: the engine finished {len(by_index)} of {len(trace)} requests; see its messages above")
-    return [by_index[i] for i in range(len(trace))]
-
-
-def summary(reqs: list[SimRequest], cfg: JobConfig) -> dict:
-    done = [r for r in reqs if not math.isnan(r.finish)]
-    ttft = [r.ttft for r in done]
-    tpot = [r.tpot for r in done if r.output_len > 1]
-    span_s = (max(r.finish for r in done) - min(r.arrival for r in reqs)) / 1e3 if done else 0.0
-    return {"attainment": attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms), "queues_grow": queues_grow(reqs),
-            "ttft_ms_p50": percentile(ttft, 0.5), "ttft_ms_p90": percentile(ttft, 0.9),
-            "tpot_ms_p50": percentile(tpot, 0.5), "tpot_ms_p90": percentile(tpot, 0.9),
-            "output_tokens_per_s": sum(r.output_len for r in done) / span_s if span_s else 0.0}
-
-
-def slo_scale_curve(reqs: list[SimRequest], cfg: JobConfig) -> dict:
-    """Attainment when both SLOs are multiplied by each scale (the paper's 'SLO scale' axis)."""
-    return {str(k): attainment(reqs, cfg.slo.ttft_ms * k, cfg.slo.tpot_ms * k) for k in SCALES}
-
-
-class OutOfTime(Exception):
-    """The next engine job would not end within the bench's time budget."""
-
-
-def sustained(measured: dict, target: float) -> bool:
-    """A segment passes as the planner's probes do: the SLOs met for `target` of its requests and
-    its queues not growing (planner/goodput.py; checked from 100 requests on)."""
-    return measured["attainment"] >= target and not measured.get("queues_grow", False)
-
-
-def _bracket(rows: list[dict], system: str, target: float) -> tuple[float, float | None]:
-    """(highest rate that passed, lowest rate above it that did not or None), in totals."""
-    mine = [r for r in rows if r["system"] == system]
-    lo = max((r["rate"] for r in mine if sustained(r["measured"], target)), default=0.0)
-    return lo, min((r["rate"] for r in mine if r["rate"] > lo), default=None)
-
-
-def measured_goodput(rows: list[dict], system: str, target: float, precision: float, probes: int, probe,
-                     relative: float = 0.0) -> dict:
-    """Goodput of one system on the engine: bracket from the tested rates (highest passing, lowest
-    failing above it), narrowed by up to `probes` more engine runs at bracket midpoints (probe(rate)
-    runs one and returns its row, or raises OutOfTime) until narrower than `relative` of the rate
-    that passed (else than `precision`). Rates here are totals; precision is per device."""
-    devices = next(r["devices"] for r in rows if r["system"] == system)
-    lo, hi = _bracket(rows, system, target)
-    out_of_time = False
-    if probes:
-        try:  # nothing failed yet: the first probe doubles the highest rate
-            bisect_rate(lambda rate: sustained(probe(rate)["measured"], target), lo,
-                        2 * lo if hi is None else hi, precision * devices, hi_fails=hi is not None, max_probes=probes,
-                        relative=relative)
-        except OutOfTime:
-            out_of_time = True
-        lo, hi = _bracket(rows, system, target)
-    return {"measured": lo / devices, "bracket": [lo / devices, None if hi is None else hi / devices],
-            "engine_runs": sum(r["system"] == system for r in rows), "stopped_by_time_budget": out_of_time}
-
-
-def simulated_goodput(cfg: JobConfig, plan: Plan, spec, n: int, latency: LatencyModel) -> float:
-    """The simulator's goodput per device for segments like the engine's (n requests at a rate,
-    fresh system), by bisection up to the placement's analytic capacity."""
-    from launcher.planner.replay import placement_instances
-    from launcher.planner.search import colocated_capacity, placement_capacity
-
-    settings = settings_from(cfg)
-    devices = sum(i.size for i in plan.instances)
-    inst = placement_instances(cfg, plan, spec)
-    capacity = sum(colocated_capacity(latency, settings, i) for i in inst["colocated"]) if inst["colocated"] else \
-        placement_capacity(latency, settings, inst["prefill"], inst["decode"])
-
-    def ok(rate: float) -> bool:
-        reqs = simulate_plan(cfg, plan, spec, latency, segment_requests(cfg, rate * devices, n))
-        return attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms) >= cfg.slo.attainment
-
-    return bisect_rate(ok, 0.0, capacity / devices, cfg.planner.precision, hi_fails=True)[0]
-
-
-def _fidelity(rows: list[dict]) -> dict:
-    """Mean and worst |simulated - measured| attainment, and where a rate ran twice (the same
-    trace), how far the engine's two runs of it differ: the floor no simulator can beat."""
-    out = {}
-    for key, field in (("calibrated", "error_points"), ("profile", "error_points_profile")):
-        errors = [r[field] for r in rows]
-        out[key] = {"mean_points": statistics.fmean(errors), "worst_points": max(errors), "rows": len(errors)}
-    repeats = {}
-    for r in rows:
-        repeats.setdefault((r["system"], r["rate"]), []).append(r["measured"]["attainment"] * 100)
-    out["engine_repeat_points"] = [max(v) - min(v) for v in repeats.values() if len(v) > 1]
-    return out
-
-
-def goodput_ratio(a: dict, b: dict) -> dict | None:
-    """a's measured goodput over b's, with the range their brackets allow (None where b has none;
-    high None where a's bracket has no upper end)."""
-    (a_lo, a_hi), (b_lo, b_hi) = a["bracket"], b["bracket"]
-    if not b_lo:
-        return None
-    return {"ratio": a_lo / b_lo, "low": a_lo / b_hi if b_hi else 0.0, "high": a_hi / b_lo if a_hi else None}
+from launcher.planner.config_to_plan import model_spec
 
 
 def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[float]], n: int, vocab: int, spec,
@@ -320,8 +118,8 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         goodput[system]["simulated_calibrated"] = simulated_goodput(
             cfg_s, plan, spec, n, scaled(profile, factors["prefill"], factors["decode"]))
     rows.sort(key=lambda r: (r["system"], r["rate"]))
-    fidelity = {system: _fidelity([r for r in rows if r["system"] == system]) for system in systems}
-    fidelity["all"] = _fidelity(rows)
+    fidelity = {system: fidelity([r for r in rows if r["system"] == system]) for system in systems}
+    fidelity["all"] = fidelity(rows)
     result = {"date": time.strftime("%Y-%m-%d"),
               "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms, "attainment": cfg.slo.attainment},
               "requests_per_rate": n, "jobs": jobs, "rows": rows, "fidelity": fidelity,
@@ -346,7 +144,7 @@ def engine_runner(cfg: JobConfig, model_dir: str, out_dir: str):
         run_dir = os.path.join(out_dir, f"run-{system}")
         os.makedirs(run_dir, exist_ok=True)
         report = os.path.join(run_dir, "report.json")
-        run_job(JobFile(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
+        run_job(new_job(run_cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
                 f"bench: the {system} job")
         with open(report) as f:
             return json.load(f)

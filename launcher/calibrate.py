@@ -23,7 +23,7 @@ from launcher.hostfile import Host
 from launcher.machine import differences, fingerprint, gpus
 from launcher.network import LOCAL_NAMES
 from launcher.planner.latency import LatencyModel
-from launcher.planner.planning import latency_models
+from launcher.planner.config_to_plan import latency_models
 
 
 @dataclass
@@ -138,13 +138,13 @@ def run_probe(cfg: JobConfig, hosts: list[Host], latency: LatencyModel) -> dict:
     """The bench's calibration probe alone, on one TP1 instance: its drift factors."""
     import sys
 
-    from launcher.bench import build_trace, engine_lines
+    from launcher.bench_trace import build_trace, engine_lines
     from launcher.bench_calibration import calibration, probe_window
-    from launcher.job import JobFile
-    from launcher.jobs import check_hosts, model_dir_of, run_job, writable_run_dir
+    from launcher.job_setup import check_hosts, model_dir_of, new_job, run_job
     from launcher.model_files import read_shape
     from launcher.plan import packed_plan
-    from launcher.planner.planning import model_spec
+    from launcher.run_files import writable_run_dir
+    from launcher.planner.config_to_plan import model_spec
 
     model_dir = model_dir_of(cfg)
     shape = read_shape(model_dir)
@@ -159,7 +159,7 @@ def run_probe(cfg: JobConfig, hosts: list[Host], latency: LatencyModel) -> dict:
         os.remove(out)
     print(f"pdlaunch: calibrating the profile on this machine ({len(trace)} probe requests, about "
           f"{trace[-1].arrival / 1e3 + 20:.0f} s) ...", file=sys.stderr)
-    run_job(JobFile(cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
+    run_job(new_job(cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
             "the calibration probe")
     with open(report) as f:
         factors = calibration(cfg, plan, json.load(f), probe_window(out, trace, segment), latency)

@@ -1,7 +1,7 @@
 """`pdlaunch`: the command line. Arguments only; each command's work is in its own module
-(launcher.jobs: generate, sbatch; launcher.profiling; launcher.placement: plan, simulate;
-launcher.bench), imported when chosen. Every user mistake ends here as one line on stderr and
-exit code 2, before any rank starts.
+(launcher.generate, launcher.sbatch, launcher.serving, launcher.init, launcher.profile_command,
+launcher.plan_commands: plan and simulate, launcher.bench), imported when chosen. Every user
+mistake ends here as one line on stderr and exit code 2, before any rank starts.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     it.set_defaults(func=("launcher.init", "init"))
     gen = sub.add_parser("generate", help="offline batch generation on the configured placement")
     _add_job_args(gen)
-    gen.set_defaults(func=("launcher.jobs", "generate"))
+    gen.set_defaults(func=("launcher.generate", "generate"))
     sv = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, streaming) from the configured "
                                       "placement until SIGTERM, which drains")
     sv.add_argument("config", help=CONFIG_HELP)
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="when the profile was measured on another kind of machine, plan on its timings as they are "
                          "(with a warning) instead of scaling them by a short probe here (planner.calibrate)")
     pl.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    pl.set_defaults(func=("launcher.placement", "plan"))
+    pl.set_defaults(func=("launcher.plan_commands", "plan"))
     pr = sub.add_parser("profile", help="time the real engine on this hardware and fit the latency model")
     pr.add_argument("config", help=CONFIG_HELP)
     pr.add_argument("-o", "--output", default="profile.json", help="profile file to write (default: profile.json)")
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "assumes scheduler.batches_in_flight)")
     pr.add_argument("--run-dir", help="where the profiling job's files go (default: run_dir)")
     pr.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    pr.set_defaults(func=("launcher.profiling", "profile"))
+    pr.set_defaults(func=("launcher.profile_command", "profile"))
     sb = sub.add_parser("sbatch", help="render an sbatch script that runs the job inside its allocation")
     sb.add_argument("config", help=CONFIG_HELP)
     sb.add_argument("-o", "--output", default="job.sbatch",
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--log-interval", type=float, metavar="SECONDS",
                     help="seconds between the job log's progress lines (default: generate's, 10)")
     sb.add_argument("--quiet", action="store_true", help="do not print what was written")
-    sb.set_defaults(func=("launcher.jobs", "sbatch"))
+    sb.set_defaults(func=("launcher.sbatch", "sbatch"))
     si = sub.add_parser("simulate", help="replay a trace (arrival times and lengths) on a placement with the "
                                           "planner's simulator: per-request timings and SLO attainment")
     si.add_argument("config", help=CONFIG_HELP)
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="when the profile was measured on another kind of machine, simulate on its timings as they are "
                          "(with a warning) instead of scaling them by a short probe here (planner.calibrate)")
     si.add_argument("--quiet", action="store_true", help="no summary table")
-    si.set_defaults(func=("launcher.placement", "simulate"))
+    si.set_defaults(func=("launcher.plan_commands", "simulate"))
     be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
     be.add_argument("config", help=CONFIG_HELP)
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")

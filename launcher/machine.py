@@ -14,7 +14,7 @@ from importlib import metadata
 from launcher.dtypes import cpu_flags
 
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-THREADS_PER_RANK = 1  # every rank runs torch with one thread (engine/comm.py, OMP_NUM_THREADS=1)
+THREADS_PER_RANK = 1  # every rank runs torch with one thread (engine/data_plane.py, OMP_NUM_THREADS=1)
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:

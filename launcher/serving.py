@@ -13,10 +13,10 @@ import sys
 from launcher import commands
 from launcher.config import load_config
 from launcher.errors import UserError
-from launcher.job import JobFile
+from launcher.job_setup import (build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, new_job,
+                                served_model_name)
 from launcher.network import listening_socket, single_host
-from launcher.jobs import (build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, served_model_name,
-                           writable_run_dir)
+from launcher.run_files import writable_run_dir
 from launcher.supervise import STOP_SIGNALS, launch
 
 API_KEY_ENV = "PDLAUNCH_API_KEY"
@@ -87,7 +87,7 @@ def serve(args) -> int:
     if not args.dry_run:  # a dry run writes nothing
         writable_run_dir(run_dir)
     drain_file = os.path.join(run_dir, "drain")
-    job = JobFile(cfg, plan, model_dir, mode="serve", quiet=True, report=os.path.join(run_dir, "report.json"),
+    job = new_job(cfg, plan, model_dir, mode="serve", quiet=True, report=os.path.join(run_dir, "report.json"),
                   output=os.path.join(run_dir, "requests.jsonl"), drain_file=drain_file)
     files = {} if args.dry_run else None
     cmd, env = launch_command(job, run_dir, args.launcher, files)

@@ -1,5 +1,5 @@
 """Run by test_device_binding under a launcher (mpirun, deepspeed's Open MPI runner, srun): every
-rank computes its node-local device index as engine.comm.start does (rank 0, the controller,
+rank computes its node-local device index as engine.control_plane.join does (rank 0, the controller,
 takes no device) and rank 0 prints every rank's (node, index, GPU of 4) as one JSON line."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mpi4py import MPI  # noqa: E402
 
-from engine.comm import cuda_device_index, node_local_index, node_name  # noqa: E402
+from engine.control_plane import node_local_index, node_name  # noqa: E402
+from engine.data_plane import cuda_device_index  # noqa: E402
 
 world = MPI.COMM_WORLD
 rank = world.Get_rank()

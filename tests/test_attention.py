@@ -1,14 +1,14 @@
 """The CUDA prompt attention (engine.attention.prompt_attention: 4-D SDPA, fused-kernel shapes,
 GQA by enable_gqa or expanded KV heads, lower-right causal bias for a continued prompt) computes
 what the CPU path computes; its math runs on the CPU too, so it is checked here against
-engine.model's grouped attention (the token-exact CPU path)."""
+engine.gathered_attention's grouped attention (the token-exact CPU path)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from engine.attention import _expand_kv, paged_decode_attention, prompt_attention
-from engine.model import grouped_causal_attention
+from engine.gathered_attention import grouped_causal_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.bench import OutOfTime, measured_goodput
+from launcher.bench_goodput import OutOfTime, measured_goodput
 
 
 def row(rate: float, attainment: float) -> dict:
@@ -48,7 +48,7 @@ def test_a_segment_whose_queues_grow_fails_whatever_its_attainment():
     """A burst the KV absorbs can meet loose SLOs at a rate far above what the placement sustains;
     the bench fails such a segment as the planner's probes do (queues growing: its last arrivals
     spend 1.5x longer per token than its middle ones)."""
-    from launcher.bench import summary
+    from launcher.bench_trace import summary
     from launcher.config import JobConfig
     from launcher.planner.workload import SimRequest
 
@@ -75,14 +75,14 @@ def paper_setup():
     from launcher.config import load_config
     from launcher.hostfile import read_hostfile
     from launcher.plan import plan_from_config
-    from launcher.planner.planning import model_spec
+    from launcher.planner.config_to_plan import model_spec
 
     cfg = load_config("configs/paper-opt13b-high.yaml")
     return cfg, plan_from_config(cfg, read_hostfile(cfg.resolve(cfg.cluster.hostfile))), model_spec(cfg)
 
 
 def test_one_trace_holds_the_probe_then_each_rate_in_order():
-    from launcher.bench import build_trace, segment_requests
+    from launcher.bench_trace import build_trace, segment_requests
     from launcher.bench_calibration import PROBE_PROMPTS
 
     cfg, plan, spec = paper_setup()
@@ -100,7 +100,7 @@ def test_one_trace_holds_the_probe_then_each_rate_in_order():
         earlier = [r.arrival for r, s in zip(trace, segment) if s == k - 1]
         assert shift > max(earlier) - mine[0].arrival + alone[0].arrival  # starts after the previous one ended arriving
     probe = trace[:len(PROBE_PROMPTS)]  # one at a time: each arrives after the previous has finished
-    from launcher.bench import profile_latency
+    from launcher.bench_trace import profile_latency
     from launcher.planner.replay import simulate_plan
     finished = simulate_plan(cfg, plan, spec, profile_latency(cfg, plan), probe)
     assert all(b.arrival > a.finish for a, b in zip(finished, finished[1:]))
@@ -157,7 +157,7 @@ def test_scaled_multiplies_each_phase_and_its_step_cost():
 def test_bisection_to_a_share_of_the_rate_states_the_ratio_with_its_range():
     """--bisect-to 0.1: each bracket ends narrower than a tenth of the rate that passed, however
     coarse planner.precision is, and the ratio of two systems comes with the range their brackets allow."""
-    from launcher.bench import goodput_ratio
+    from launcher.bench_goodput import goodput_ratio
 
     rows = [row(0.4, 1.0), row(1.2, 0.0)]
     g = measured_goodput(rows, "s", 0.9, 1.0, 20, engine(0.83, rows), relative=0.1)
@@ -171,7 +171,7 @@ def test_bisection_to_a_share_of_the_rate_states_the_ratio_with_its_range():
     assert goodput_ratio(g, {"bracket": [0.2, None]})["low"] == 0.0
     assert goodput_ratio({"bracket": [0.4, None]}, other)["high"] is None
 def test_each_colocated_system_runs_its_own_policy():
-    from launcher.bench import system_config
+    from launcher.bench_trace import system_config
     from launcher.config import JobConfig
 
     cfg = JobConfig()

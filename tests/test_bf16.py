@@ -111,7 +111,7 @@ def test_a_profile_path_names_the_profile_of_the_dtype_the_job_runs_in(tmp_path,
     this machine (one profile predicts one dtype); the embedded default ships both."""
     from launcher import dtypes
     from launcher.config import load_config
-    from launcher.planner.planning import latency_models, profile_path
+    from launcher.planner.config_to_plan import latency_models, profile_path
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "cpu-default.yaml"))
     for native, dtype in ((True, "bfloat16"), (False, "float32")):

@@ -1,4 +1,4 @@
-"""Which GPU each rank takes (engine.comm.node_local_index / cuda_device_index), with real
+"""Which GPU each rank takes (engine.control_plane.node_local_index / engine.data_plane.cuda_device_index), with real
 processes: the instance ranks of a machine number 0, 1, ... whatever launched them, and the
 controller (rank 0) takes none. Launchers' own local ranks count the controller (mpirun,
 srun's SLURM_LOCALID) or are absent (deepspeed through Open MPI), so under each the old
@@ -24,7 +24,7 @@ def bound(stdout: str) -> list[tuple]:
 
 
 def test_cuda_device_index():
-    from engine.comm import cuda_device_index
+    from engine.data_plane import cuda_device_index
 
     assert [cuda_device_index(i, 8, "n1") for i in range(8)] == list(range(8))
     assert cuda_device_index(3, 1, "n1") == 0  # one visible GPU: the rank's own (--gpus-per-task)

@@ -20,7 +20,7 @@ from engine.model import LlamaStage
 from engine.rope import rope_tables
 from engine.sampling import choose
 from launcher.protocol import SamplingParams, SeqChunk
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 
 SHAPE = ModelShape(num_layers=2, hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],
                    num_heads=TINY["num_attention_heads"], num_kv_heads=TINY["num_key_value_heads"],
@@ -61,7 +61,7 @@ def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group, monkeypatch, f
     `cuda` the stage takes the CUDA attention paths (engine.attention: 4-D SDPA for prompts and
     continued prompts; the decode fallback, flash-attn being absent here)."""
     shape = SHAPE if family == "llama" else family_shape(family, num_hidden_layers=2, sliding_window=4)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # megatron allocates on it (as engine.comm)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # megatron allocates on it (as engine.data_plane)
     monkeypatch.setattr(attention, "on_cuda", lambda t: kernels == "cuda")
     stage = LlamaStage(shape, 0, 2, True, True, 1, tp_group, torch.float32).to(META).eval()
     stage.prepare_weights()

@@ -1,5 +1,5 @@
 """The CPU fast paths against the plain torch ops they replace: packed weights (engine/matmul.py)
-and the bf16 attention (engine/model.py grouped_decode_attention, grouped_causal_attention)."""
+and the bf16 attention (engine/gathered_attention.py grouped_decode_attention, grouped_causal_attention)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.matmul import linear, packs, prepare
-from engine.model import grouped_causal_attention, grouped_decode_attention
+from engine.gathered_attention import grouped_causal_attention, grouped_decode_attention
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])

@@ -1,4 +1,4 @@
-"""KV arrival and buffer reuse follow completion (engine.kv_transfer.Completions), checked with
+"""KV arrival and buffer reuse follow completion (engine.p2p_ops.Completions), checked with
 works whose completion comes later than their posting, as NCCL's do: a fake wire between two
 KVTransfer objects in one process delivers a message into the receive buffer only when the test
 completes it, and any wait() fails the test (on NCCL wait() only orders streams). The same logic
@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 
 from engine.kv_cache import KVCache
-from engine.kv_transfer import Completions, KVTransfer
-from launcher.model_files import ModelShape
+from engine.kv_transfer import KVTransfer
+from engine.p2p_ops import Completions
+from launcher.model_shape import ModelShape
 from launcher.plan import InstancePlan, Plan
 
 SHAPE = ModelShape(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8,

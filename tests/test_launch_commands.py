@@ -219,7 +219,7 @@ def test_multi_node_gpu_example_files_agree():
     (the GPU run itself is untested: no GPU here)."""
     from launcher.config import config_from_dict
     from launcher.hostfile import read_hostfile
-    from launcher.model_files import ModelShape
+    from launcher.model_shape import ModelShape
     from launcher.plan import check_layouts, read_plan
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -47,7 +47,7 @@ def one_stage(path: str, tp_group, dtype=torch.float32):
 
     shape = read_shape(path)
     check_weights(path, shape)
-    torch.cuda.current_device = lambda: "cpu"  # megatron allocates on it (engine.comm does the same)
+    torch.cuda.current_device = lambda: "cpu"  # megatron allocates on it (engine.data_plane does the same)
     stage = LlamaStage(shape, 0, shape.num_layers, True, True, 1, tp_group, dtype)
     load_stage(stage, path, shape, 0, 1)
     stage.to(dtype=dtype).eval()

@@ -13,11 +13,25 @@ import pytest
 from conftest import ROOT
 
 
-def test_the_scheduler_and_the_launcher_import_no_torch():
-    code = ("import sys, engine.scheduler, engine.stops, engine.blocks, launcher.protocol, launcher.cli, launcher.jobs, launcher.bench, launcher.placement, launcher.profiling; "
+def _imports_no_torch(modules: list[str]) -> None:
+    """Imports `modules` in a fresh interpreter and checks that torch never came with them."""
+    code = (f"import sys, {', '.join(modules)}; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_scheduler_and_the_launcher_import_no_torch():
+    _imports_no_torch(["engine.scheduler", "engine.stops", "engine.blocks", "launcher.protocol", "launcher.cli",
+                       "launcher.generate", "launcher.sbatch", "launcher.job_setup", "launcher.bench", "launcher.plan_commands", "launcher.profile_command"])
+
+
+def test_rank_0_imports_no_torch():
+    """The controller and the serve path's HTTP thread (rank 0) hold no model: everything engine/main.py
+    runs there, batch and serve, comes without torch (only instance ranks join the data plane)."""
+    _imports_no_torch(["engine.main", "engine.control_plane", "engine.controller", "engine.frontend",
+                       "engine.http_api", "engine.serve_metrics", "engine.progress", "engine.results",
+                       "engine.tokenizer", "engine.watchdog", "launcher.answer_key", "launcher.batch_io"])
 
 
 def test_init_writes_a_starter_kit_whose_config_finds_its_files(tmp_path):

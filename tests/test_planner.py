@@ -345,7 +345,7 @@ def test_the_search_picks_colocated_only_where_its_simulated_goodput_per_device_
     both decode, where the disaggregated pair leaves its prefill device mostly idle."""
     from launcher.planner.goodput import Settings
     from launcher.planner.latency import ModelSpec
-    from launcher.planner.planning import search_modes
+    from launcher.planner.config_to_plan import search_modes
 
     long = regime.startswith("long")
     lat = linear_model(prefill=(200.0 if long else 2.0, 0.0, 0.0), decode=(8.0, 0.0, 0.5))
@@ -370,7 +370,7 @@ def test_chunked_colocated_candidates_carry_the_step_budget_that_sustains_the_mo
     from launcher.hostfile import Host
     from launcher.planner.goodput import Settings
     from launcher.planner.latency import ModelSpec
-    from launcher.planner.planning import to_plan
+    from launcher.planner.config_to_plan import to_plan
     from launcher.planner.search import colocated_placement, rank_key, step_budgets
 
     lat = linear_model(prefill=(20.0, 0.25, 0.0), decode=(8.0, 0.0, 0.1))
@@ -486,7 +486,7 @@ def test_placement_auto_plans_at_launch_and_says_which_and_why(tmp_path, capsys)
     into report.json)."""
     from launcher.cli import build_parser
     from launcher.config import load_config
-    from launcher.jobs import prepare_generate
+    from launcher.generate import prepare_generate
 
     assert load_config("configs/cpu-default.yaml").placement.mode == "auto"
     args = build_parser().parse_args(["generate", "configs/cpu-default.yaml", "--dry-run", "--run-dir", str(tmp_path),

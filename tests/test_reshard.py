@@ -7,7 +7,7 @@ import pytest
 
 from engine.reshard import owned_rect, transfer_plan
 from launcher.errors import UserError
-from launcher.model_files import ModelShape
+from launcher.model_shape import ModelShape
 from launcher.plan import InstancePlan, Plan, check_layouts
 
 LAYERS, KV_HEADS = 12, 12  # divisible by every degree 1..4
@@ -52,7 +52,7 @@ def test_kv_transfer_moves_every_value_between_layouts_with_and_without_copies()
     """Real gloo send/recv under mpirun: block tables consecutive, partly consecutive or scattered
     on either side, for same-layout, TP-split, TP-merge and PP-split pairs. As the engine posts them
     (each side knows the other's table) only a rank that holds more than the pair's rectangle
-    stages a copy, however scattered the blocks; without the peer's table a scattered side stages.
+    stages a copy, however scattered the blocks.
     And arrival is reported only once every receive completed (a sender that posts late).
     Ranks 0-3: up to a TP2 -> PP2 pair."""
     import os
@@ -66,12 +66,12 @@ def test_kv_transfer_moves_every_value_between_layouts_with_and_without_copies()
     proc = subprocess.run([_mpirun(), "-n", "4", "--oversubscribe", "--bind-to", "none", *root, sys.executable, script],
                           capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count(": ok") == 30 and proc.stdout.count(": refused") == 1, proc.stdout
+    assert proc.stdout.count(": ok") == 16 and proc.stdout.count(": refused") == 1, proc.stdout
     staged = dict(line.rsplit(": ok; staged on ranks ", 1) for line in proc.stdout.splitlines() if "staged" in line)
     for pair in ("tp1 scattered -> D tp1 scattered", "tp1 partly consecutive -> D tp1 scattered"):
-        assert staged[f"P {pair}, both tables"] == "[]" and staged[f"P {pair}, own tables"] == "[0, 1]"
+        assert staged[f"P {pair}"] == "[]"
     # a PP split or merge: the side holding every layer stages its share, the stage side never
-    assert staged["P tp1 scattered -> D pp2 partly consecutive, both tables"] == "[0]"
-    assert staged["P pp2 scattered -> D tp1 scattered, both tables"] == "[2]"
+    assert staged["P tp1 scattered -> D pp2 partly consecutive"] == "[0]"
+    assert staged["P pp2 scattered -> D tp1 scattered"] == "[2]"
     # a rank holding more KV heads than the pair moves stages its share
-    assert staged["P tp1 consecutive -> D tp2 scattered, both tables"] == "[0]"
+    assert staged["P tp1 consecutive -> D tp2 scattered"] == "[0]"

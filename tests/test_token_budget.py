@@ -10,7 +10,7 @@ import yaml
 from conftest import read_results, run_pdlaunch, write_job
 from launcher.config import load_config
 from launcher.errors import UserError
-from launcher.job import JobFile
+from launcher.job_setup import new_job
 from launcher.plan import InstancePlan, Plan, plan_from_dict
 from launcher.planner.latency import DEFAULT_TOKEN_BUDGET, load_profile, prefill_token_budget
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
@@ -47,11 +47,11 @@ def test_each_instance_takes_the_profiles_budget_for_its_tp(tmp_path):
                  InstancePlan(1, "prefill", 2, 1, 2, ["localhost"] * 2),
                  InstancePlan(2, "decode", 4, 1, 4, ["localhost"] * 4)])
     auto = load_config(config_with(tmp_path, {}, profile))
-    assert JobFile(auto, plan, "/m").token_budgets == (48, 160, DEFAULT_TOKEN_BUDGET)  # TP4: no L_m profiled
+    assert new_job(auto, plan, "/m").token_budgets == (48, 160, DEFAULT_TOKEN_BUDGET)  # TP4: no L_m profiled
     fixed = load_config(config_with(tmp_path, {"prefill_token_budget": 64}, profile))
-    assert JobFile(fixed, plan, "/m").token_budgets == (64, 64, 64)
+    assert new_job(fixed, plan, "/m").token_budgets == (64, 64, 64)
     no_profile = load_config(config_with(tmp_path, {}))
-    assert JobFile(no_profile, plan, "/m").token_budgets == (DEFAULT_TOKEN_BUDGET,) * 3
+    assert new_job(no_profile, plan, "/m").token_budgets == (DEFAULT_TOKEN_BUDGET,) * 3
     latency = load_profile(profile)
     assert [prefill_token_budget(None, latency, tp) for tp in (1, 2, 4)] == [48, 160, DEFAULT_TOKEN_BUDGET]
 
@@ -59,11 +59,11 @@ def test_each_instance_takes_the_profiles_budget_for_its_tp(tmp_path):
 def test_a_chunked_colocated_instance_takes_the_step_budget(tmp_path):
     profile = write_profile(tmp_path / "profile.json", {1: 48})
     plan = Plan([InstancePlan(0, "prefill", 1, 1, 1, ["localhost"]), InstancePlan(1, "colocated", 1, 1, 2, ["localhost"])])
-    assert JobFile(load_config(config_with(tmp_path, {}, profile)), plan, "/m").token_budgets == (48, 48)  # auto: L_m
+    assert new_job(load_config(config_with(tmp_path, {}, profile)), plan, "/m").token_budgets == (48, 48)  # auto: L_m
     chunked = load_config(config_with(tmp_path, {"step_token_budget": 96}, profile))
-    assert JobFile(chunked, plan, "/m").token_budgets == (48, 96)
+    assert new_job(chunked, plan, "/m").token_budgets == (48, 96)
     first = load_config(config_with(tmp_path, {"step_token_budget": 96, "colocated_policy": "prefill_first"}, profile))
-    assert JobFile(first, plan, "/m").token_budgets == (48, 48)
+    assert new_job(first, plan, "/m").token_budgets == (48, 48)
 
 
 def test_the_plans_step_budget_runs_unless_the_config_names_one(tmp_path):
@@ -73,11 +73,11 @@ def test_the_plans_step_budget_runs_unless_the_config_names_one(tmp_path):
     planned = Plan([InstancePlan(0, "colocated", 1, 1, 1, ["localhost"], step_token_budget=32)])
     again = plan_from_dict(json.loads(json.dumps(planned.to_dict())))
     assert again.instances[0].step_token_budget == 32
-    assert JobFile(load_config(config_with(tmp_path, {}, profile)), again, "/m").token_budgets == (32,)
+    assert new_job(load_config(config_with(tmp_path, {}, profile)), again, "/m").token_budgets == (32,)
     named = load_config(config_with(tmp_path, {"step_token_budget": 96}, profile))
-    assert JobFile(named, again, "/m").token_budgets == (96,)
+    assert new_job(named, again, "/m").token_budgets == (96,)
     first = load_config(config_with(tmp_path, {"colocated_policy": "prefill_first"}, profile))
-    assert JobFile(first, again, "/m").token_budgets == (48,)
+    assert new_job(first, again, "/m").token_budgets == (48,)
     bad = planned.to_dict()
     bad["instances"][0]["role"] = "prefill"
     with pytest.raises(UserError, match="step_token_budget must be a positive integer on a colocated instance"):

@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from engine.blocks import blocks_for
-from engine.comm import StepSender
+from engine.control_plane import StepSender, poll
 from engine.scheduler import InstanceLimits, Scheduler
 from launcher.protocol import Heartbeat, Request, SamplingParams, SeqChunk, StepPlan, Tag
 
@@ -196,17 +196,10 @@ BESIDE_DECODE_CONTEXTS = (32, 256)
 PEER_POLL_S = 0.01
 
 
-def _receive(ctx, source: int):
-    """The next PROFILE_PEER message from `source`, polled (a blocking MPI receive spins a core)."""
-    while not ctx.world.Iprobe(source=source, tag=Tag.PROFILE_PEER):
-        time.sleep(PEER_POLL_S)
-    return ctx.world.recv(source=source, tag=Tag.PROFILE_PEER)
-
-
 def _await(ctx, peers: list[int], word: str) -> None:
     """Waits for `word` from every other leader; any other word means the two sides disagree."""
     for peer in peers:
-        if _receive(ctx, peer) != word:
+        if poll(ctx.world, peer, Tag.PROFILE_PEER, idle_s=PEER_POLL_S) != word:
             raise RuntimeError(f"profile: leader {peer} broke the beside-other-phase hand-shake")
 
 
@@ -259,7 +252,7 @@ def _load_the_node(ctx, steps: StepSender, runner, limits: InstanceLimits, timer
                                                           x[0]["context_sum"]))[1]}
     ctx.world.send("ready", dest=timer, tag=Tag.PROFILE_PEER)
     while True:
-        phase = _receive(ctx, timer)
+        phase = poll(ctx.world, timer, Tag.PROFILE_PEER, idle_s=PEER_POLL_S)
         ctx.world.send(phase, dest=timer, tag=Tag.PROFILE_PEER)
         if phase == "done":
             return

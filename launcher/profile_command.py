@@ -9,9 +9,8 @@ import time
 
 from launcher.config import load_config
 from launcher.errors import UserError
-from launcher.job import JobFile
 from launcher.machine import fingerprint
-from launcher.jobs import check_hosts, cluster_hosts, model_dir_of, run_job
+from launcher.job_setup import check_hosts, cluster_hosts, model_dir_of, new_job, run_job
 from launcher.model_files import read_shape
 from launcher.plan import check_layouts, packed_plan
 from launcher.planner.profile_fit import fit_entry, fit_pipeline, other_phase_slowdown, scaled_to_busy, shared_slowdown
@@ -52,7 +51,7 @@ def profile(args) -> int:
         what = f"TP={tp}" + (f" PP={pp}" if pp > 1 else "")
         if not args.quiet:
             print(f"profiling {what} on {count} concurrent instance(s) ...", file=sys.stderr)
-        run_job(JobFile(cfg, plan, model_dir, mode="profile", profile_samples=samples_path), run_dir,
+        run_job(new_job(cfg, plan, model_dir, mode="profile", profile_samples=samples_path), run_dir,
                 f"profiling {what}")
         with open(samples_path) as f:
             per_instance = json.load(f)

@@ -9,10 +9,10 @@ import sys
 from launcher.calibrate import planning_models
 from launcher.config import load_config
 from launcher.errors import UserError
-from launcher.jobs import cluster_hosts, model_dir_of
+from launcher.job_setup import cluster_hosts, model_dir_of
 from launcher.model_files import read_shape
 from launcher.plan import check_layouts, plan_from_config, read_plan, write_plan
-from launcher.planner.planning import model_spec, print_report, run_planner
+from launcher.planner.config_to_plan import model_spec, print_report, run_planner
 from launcher.planner.replay import check_trace, print_replay, replay_report, simulate_plan, trace_requests
 
 

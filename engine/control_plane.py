@@ -1,8 +1,9 @@
-"""Rank start-up: MPI control plane, torch.distributed data plane, per-instance TP/PP groups.
+"""Every rank's control plane: MPI (mpi4py) start-up, messages, idle waits and the beacon. No torch.
 
-Control messages (launcher/protocol.py's dataclasses, pickled) travel over MPI; tensors over torch.distributed
-(gloo on CPU, NCCL on GPU). Every rank creates every instance's groups in the same order,
-because torch's new_group is collective over the whole world.
+Control messages (launcher/protocol.py's dataclasses, pickled) travel over MPI: between rank 0 and
+the leaders on the world communicator, inside an instance on its own. Rank 0 (the controller and the
+serve path's HTTP thread) holds no model and imports this module, never torch; an instance rank's
+devices and torch.distributed groups come on top of it (engine/data_plane.py).
 """
 from __future__ import annotations
 
@@ -11,19 +12,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-import torch
-import torch.distributed as dist
-
+from launcher.dtypes import choose_dtype
 from launcher.network import free_port, rendezvous_address
 from launcher.plan import InstancePlan, Plan
-from launcher.dtypes import choose_dtype, cpu_flags, cpu_has_native_bf16
 from launcher.protocol import Signal, Tag
 
 STARTUP_S = 600.0    # how long instances may take to load their weights
 HEARTBEAT_S = 1.0    # leaders and the controller tell each other they are alive this often
+POLL_S = 0.0005      # sleep between polls while work came recently
+IDLE_GRACE_S = 0.2   # no work for this long: the rank is idle
 
 
 @dataclass
@@ -36,11 +35,13 @@ class RankContext:
     instance_comm: Any              # MPI sub-communicator of this instance (None on the controller)
     tp_rank: int
     pp_stage: int
-    tp_group: Any
-    device: torch.device
     nodes: list                     # node name of every global rank, as the ranks see it
-    kv_group: Any = None            # every rank: KV transfers' own communicator (NCCL: no blocking of TP/PP)
-    dtype: str = "float32"          # the job's model dtype, agreed by every rank (launcher/dtypes.py)
+    local_index: Optional[int]      # among the instance ranks of this machine (None on the controller)
+    rendezvous: str                 # the data plane's init_method, tcp://address:port
+    dtype: str = "float32"          # the job's model dtype, agreed by every rank (agree_dtype)
+    device: Any = None              # instance ranks (engine/data_plane.py): torch device,
+    tp_group: Any = None            # TP process group,
+    kv_group: Any = None            # and KV transfers' own group (NCCL: no blocking of TP/PP)
 
     @property
     def is_controller(self) -> bool:
@@ -61,6 +62,13 @@ class RankContext:
     def stage_rank(self, pp_stage: int) -> int:
         """Global rank of the same TP rank at another PP stage of this instance."""
         return self.instance.rank_of(self.tp_rank, pp_stage)
+
+    def agree_dtype(self, dtype: str, native_bf16: bool) -> None:
+        """Settles the model dtype (`auto` resolved with every rank's hardware); collective over the
+        world, after join. The controller holds no model: it votes yes."""
+        from mpi4py import MPI
+
+        self.dtype = choose_dtype(dtype, self.world.allreduce(bool(native_bf16), op=MPI.LAND))
 
 
 def node_name() -> str:
@@ -84,43 +92,14 @@ def node_local_index(world, takes_device: bool) -> int | None:
     return index if takes_device else None
 
 
-def cuda_device_index(local_index: int, device_count: int, node: str) -> int:
-    """The GPU of the local_index-th instance rank of a machine. One visible GPU is the rank's own
-    (Slurm's --gpus-per-task or a CUDA_VISIBLE_DEVICES per rank); otherwise each instance rank
-    needs its own (NCCL refuses two ranks of one communicator on a GPU)."""
-    if device_count == 0:
-        raise RuntimeError(f"cluster.device is cuda but {node} has no visible CUDA GPU")
-    if device_count == 1:
-        return 0
-    if local_index >= device_count:
-        raise RuntimeError(f"{node} runs more instance ranks than its {device_count} visible GPUs (rank "
-                           f"{local_index + 1} of the machine has none); give the host fewer slots in the hostfile or plan")
-    return local_index
-
-
-def _rendezvous(world, cluster, plan: Plan) -> str:
-    """Rank 0 chooses address and port; every rank learns them over MPI (never from DeepSpeed's
-    interface discovery, which may pick an external address)."""
-    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT") and world.Get_size() == 1:
-        return f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    endpoint = None
-    if world.Get_rank() == 0:
-        addr = rendezvous_address(cluster.master_addr, cluster.interface, plan.rank_hosts())
-        endpoint = f"tcp://{addr}:{cluster.master_port or free_port(addr)}"
-    return world.bcast(endpoint, root=0)
-
-
-def start(plan: Plan, cluster, dtype: str = "float32") -> RankContext:
-    """Initialises MPI + torch.distributed and builds this rank's groups; settles the model dtype
-    (`dtype` as configured, `auto` resolved with every rank's hardware)."""
+def join(plan: Plan, cluster) -> RankContext:
+    """Every rank's MPI start-up, collective over the world: its place in the plan, its node-local
+    device index, its instance's communicator, every rank's node, and the data plane's rendezvous.
+    The first instance rank chooses the rendezvous (it hosts torch.distributed's store: the
+    controller takes no part in the data plane) and every rank learns it over MPI, never from
+    DeepSpeed's interface discovery, which may pick an external address."""
     from mpi4py import MPI
 
-    from engine.megatron_import import import_megatron
-
-    import_megatron()
-    from megatron.core.hyper_comm_grid import HyperCommGrid
-
-    torch.set_num_threads(1)
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     if size == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -130,38 +109,18 @@ def start(plan: Plan, cluster, dtype: str = "float32") -> RankContext:
     if size != plan.world_size:
         raise RuntimeError(f"the job has {size} ranks but the plan needs {plan.world_size} "
                            f"(1 controller + instance ranks); launch with -n {plan.world_size}")
-    cuda = cluster.device == "cuda"
     mine = plan.instance_of(rank)
-    local = node_local_index(world, takes_device=mine is not None)  # collective: every rank calls it
-    if cuda and mine is not None:
-        torch.cuda.set_device(cuda_device_index(local, torch.cuda.device_count(), node_name()))
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.set_float32_matmul_precision("high")  # fp32 matmuls in TF32 (README: GPU path; NVIDIA_TF32_OVERRIDE=0 undoes it)
-    else:  # the CPU, and the controller of a CUDA job: it holds no model and never opens a CUDA context
-        device = torch.device("cpu")
-        # megatron allocates layer buffers on torch.cuda.current_device(); point it at the CPU.
-        torch.cuda.current_device = lambda: "cpu"
-    backend = "nccl" if cuda else "gloo"
-    if cluster.interface:  # gloo and NCCL bind their data sockets here, not on what the host name resolves to
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", cluster.interface)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", cluster.interface)
-    dist.init_process_group(backend, init_method=_rendezvous(world, cluster, plan), rank=rank,
-                            world_size=size, timeout=timedelta(seconds=600))
-    tp_group = None
-    for inst in plan.instances:  # same order on every rank: new_group is collective
-        grid = HyperCommGrid([inst.tp, 1, inst.pp, 1], ["tp", "cp", "pp", "dp"],
-                             rank_offset=inst.first_rank, backend=backend)
-        tp = grid.create_pg(["tp"])  # PP stages hand activations over point-to-point: no PP group
-        if inst is mine:
-            tp_group = tp
-    kv_group = dist.new_group(list(range(size)), backend=backend)  # collective: after the instance groups
+    local = node_local_index(world, takes_device=mine is not None)
     instance_comm = world.Split(mine.id if mine else MPI.UNDEFINED, rank)
+    host = plan.instances[0].first_rank
+    endpoint = None
+    if rank == host:
+        addr = rendezvous_address(cluster.master_addr, cluster.interface, plan.rank_hosts())
+        endpoint = f"tcp://{addr}:{cluster.master_port or free_port(addr)}"
+    endpoint = world.bcast(endpoint, root=host)
     tp_rank, pp_stage = mine.coords(rank) if mine else (0, 0)
-    # the controller holds no model: it does not vote on bf16
-    native_bf16 = rank == 0 or (torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(cpu_flags()))
     return RankContext(rank, size, plan, world, mine, instance_comm if mine else None, tp_rank, pp_stage,
-                       tp_group, device, world.allgather(node_name()), kv_group,
-                       choose_dtype(dtype, world.allreduce(bool(native_bf16), op=MPI.LAND)))
+                       world.allgather(node_name()), local, endpoint)
 
 
 class Outbox:
@@ -203,10 +162,6 @@ class StepSender:
         self.outbox.flush()
 
 
-POLL_S = 0.0005     # sleep between polls while work came recently
-IDLE_GRACE_S = 0.2  # no work for this long: the rank is idle
-
-
 class IdleWait:
     """Sleeps between polls that found no work: POLL_S while work came within IDLE_GRACE_S (under
     load a loop reacts in well under a millisecond), then `idle_s` (an idle rank wakes ~100 times
@@ -242,31 +197,44 @@ class IdleWait:
             self.worked()
 
 
-def poll(comm, source: int, tag: int, idle_s: float = POLL_S, timeout_s: float | None = None,
-         waiting_for: str = "a message") -> Any:
-    """Blocking receive that sleeps between probes: MPI's own blocking calls spin a core, and
-    here several ranks share two cores. Raises TimeoutError after timeout_s."""
+def _take(comm, source: int, tags: Iterable[int]) -> Optional[tuple[int, int, Any]]:
+    """The first waiting message with one of `tags` from `source`, as (source, tag, message), or None."""
     from mpi4py import MPI
 
     status = MPI.Status()
+    for tag in tags:
+        if comm.Iprobe(source=source, tag=tag, status=status):
+            src = status.Get_source()
+            return src, tag, comm.recv(source=src, tag=tag)
+    return None
+
+
+def receive(comm, source: int, tags: Iterable[int], idle_s: float = POLL_S, timeout_s: float | None = None,
+            waiting_for: str = "a message") -> tuple[int, Any]:
+    """Blocking receive of the next message with one of `tags`, as (tag, message), that sleeps
+    `idle_s` between probes: MPI's own blocking calls spin a core, and here several ranks share two
+    cores. Raises TimeoutError after timeout_s."""
+    tags = tuple(tags)
     deadline = None if timeout_s is None else time.time() + timeout_s
-    while not comm.Iprobe(source=source, tag=tag, status=status):
+    while (got := _take(comm, source, tags)) is None:
         if deadline is not None and time.time() > deadline:
             raise TimeoutError(f"no answer from rank {source} for {timeout_s:.0f} s while waiting for {waiting_for}")
         time.sleep(idle_s)
-    return comm.recv(source=status.Get_source(), tag=status.Get_tag())
+    return got[1], got[2]
+
+
+def poll(comm, source: int, tag: int, **wait) -> Any:
+    """The next message with `tag` from `source` (receive's options)."""
+    return receive(comm, source, (tag,), **wait)[1]
 
 
 def drain(comm, tag: int, source: int | None = None) -> list[tuple[int, Any]]:
-    """Every message already waiting with `tag`, as (source, message) pairs."""
+    """Every message already waiting with `tag`, as (source, message) pairs; never blocks."""
     from mpi4py import MPI
 
     out = []
-    status = MPI.Status()
-    src = MPI.ANY_SOURCE if source is None else source
-    while comm.Iprobe(source=src, tag=tag, status=status):
-        s = status.Get_source()
-        out.append((s, comm.recv(source=s, tag=tag)))
+    while (got := _take(comm, MPI.ANY_SOURCE if source is None else source, (tag,))) is not None:
+        out.append((got[0], got[2]))
     return out
 
 

@@ -1,4 +1,5 @@
-"""`pdlaunch plan`: config -> latency model + workload -> placement search -> plan file with hosts."""
+"""The planner from a job config (`pdlaunch plan`, `placement: auto`): config -> latency model +
+workload -> placement search -> plan with hosts."""
 from __future__ import annotations
 
 import time
