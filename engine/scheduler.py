@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from engine.blocks import BlockAllocator, blocks_for
+from engine.prefix_cache import PrefixCache, block_hashes
 from engine.stops import Decode, TextState, stop_cut
 from launcher.protocol import (FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request, Result,
                                SeqChunk, StepPlan, Tag, TokensOut)
@@ -65,7 +66,9 @@ class Sequence:
     text_state: TextState = field(default_factory=TextState)  # for stop strings
     source_instance: int = -1
     announced: bool = False  # prefill side: its decode instance expects its KV
-    prefilled: int = 0  # prompt tokens given to steps so far (chunked prefill)
+    prefilled: int = 0  # prompt tokens given to steps so far (chunked prefill), or found in the prefix cache
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    block_hashes: list = field(default_factory=list)  # names of its full prompt blocks (prefix caching)
 
     @property
     def req_id(self) -> int:
@@ -92,6 +95,7 @@ class InstanceLimits:
     max_model_len: int
     pipeline_depth: int = 1  # steps in flight at once: PP with batches in flight, else 1
     colocated_policy: str = "prefill_first"  # chunked | prefill_first (colocated instances only)
+    prefix_caching: bool = False  # prefill and colocated instances share the KV of equal prompt prefixes
 
 
 class Scheduler:
@@ -101,7 +105,8 @@ class Scheduler:
         self.role, self.instance_id, self.instance_size = role, instance_id, instance_size
         self.block_size, self.token_budget = limits.block_size, limits.token_budget
         self.max_batch, self.max_model_len = limits.max_batch, limits.max_model_len
-        self.allocator = BlockAllocator(limits.num_blocks)
+        self.prefix_cache = PrefixCache(limits.num_blocks, limits.block_size) if limits.prefix_caching and role != "decode" else None
+        self.allocator = self.prefix_cache or BlockAllocator(limits.num_blocks)
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.chunked = role == "colocated" and limits.colocated_policy == "chunked"
         self.waiting: deque[Sequence] = deque()      # to prefill
@@ -127,7 +132,8 @@ class Scheduler:
 
     # ---- inputs from the control plane -------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        self.waiting.append(Sequence(request))
+        hashes = block_hashes(request.prompt_ids, self.block_size) if self.prefix_cache else []
+        self.waiting.append(Sequence(request, block_hashes=hashes))
 
     def add_incoming(self, incoming: KVIncoming) -> list[tuple[int, Tag, Any]]:
         self.incoming.append(incoming)
@@ -149,6 +155,7 @@ class Scheduler:
     @staticmethod
     def _apply_first(seq: Sequence, first: FirstToken) -> None:
         seq.output = [first.token]
+        seq.cached_tokens = first.cached_tokens
         seq.times = {**first.times, **seq.times}
         seq.token_times = [first.times["first_token"]]
         seq.logits = list(first.logits)
@@ -226,9 +233,8 @@ class Scheduler:
             need = self._reserve(seq)
         else:
             need = blocks_for(n, self.block_size)
-        if not self.allocator.can_allocate(need):
+        if not self._take_blocks(seq, need):
             return False
-        seq.blocks = self.allocator.allocate(need)
         self.starting.add(seq.req_id)
         seq.times["prefill_start"] = time.time()
         if self._decodes_later(seq):
@@ -236,6 +242,28 @@ class Scheduler:
             out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
                                  KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
+
+    def _take_blocks(self, seq: Sequence, need: int) -> bool:
+        """Gives an admitted prompt its blocks; with prefix caching its cached prefix comes shared
+        and counts as prefilled."""
+        if self.prefix_cache is None:
+            if not self.allocator.can_allocate(need):
+                return False
+            seq.blocks = self.allocator.allocate(need)
+            return True
+        taken = self.prefix_cache.admit(seq.block_hashes, len(seq.request.prompt_ids), need)
+        if taken is None:
+            return False
+        seq.blocks, hits = taken
+        seq.cached_tokens = seq.prefilled = hits * self.block_size
+        return True
+
+    def _uncached(self, seq: Sequence) -> int:
+        """Prompt tokens a waiting sequence would still run (its tail past a cached prefix)."""
+        n = len(seq.request.prompt_ids)
+        if self.prefix_cache is None:
+            return n
+        return n - len(self.prefix_cache.cached_prefix(seq.block_hashes, n)) * self.block_size
 
     def _prompt_chunks(self, out: SchedulerOutput, budget: int) -> list[tuple[Sequence, SeqChunk]]:
         """The prompt tokens of a step with `budget` tokens left: the started prompts' next chunks,
@@ -247,17 +275,20 @@ class Scheduler:
             seq = self.prefilling[0] if started else self.waiting[0]
             n = len(seq.request.prompt_ids)
             if not started:
-                if n > budget and chunks and not self._splits(n):
+                tail = self._uncached(seq)
+                if tail > budget and chunks and not self._splits(tail):
                     break  # a whole prompt that does not fit: the next step
                 if not self._admit(seq, out):
                     break
                 self.waiting.popleft()
                 self.prefilling.append(seq)
-            take = min(n - seq.prefilled, budget) if self._splits(n) else n
+            take = min(n - seq.prefilled, budget) if self._splits(n - seq.cached_tokens) else n - seq.prefilled
             chunks.append((seq, SeqChunk(seq.req_id, tuple(seq.request.prompt_ids[seq.prefilled:seq.prefilled + take]),
                                          seq.prefilled, tuple(seq.blocks), seq.request.sampling, 0)))
             seq.prefilled += take
             budget -= take
+            if self.prefix_cache:
+                self.prefix_cache.register(seq.blocks, seq.block_hashes[:seq.prefilled // self.block_size])
             if seq.prefilled == n:
                 self.prefilling.remove(seq)
         return chunks
@@ -353,13 +384,16 @@ class Scheduler:
     def state(self) -> dict:
         """What the heartbeat reports: queue, batch and KV occupancy."""
         return {"waiting": len(self.waiting) + len(self.prefilling) + len(self.incoming), "running": len(self.running),
-                "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks}
+                "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks} | self._prefix_counts()
+
+    def _prefix_counts(self) -> dict:
+        return self.prefix_cache.counts() if self.prefix_cache else {}
 
     def stats(self) -> dict:
         import resource
 
         return {"kv_blocks": self.allocator.num_blocks, "peak_kv_blocks": self.peak_blocks,
-                "peak_batch": self.peak_batch, "forward_steps": self.steps,
+                "peak_batch": self.peak_batch, "forward_steps": self.steps, **self._prefix_counts(),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     # ---- results of a step -------------------------------------------------------------------
@@ -380,7 +414,8 @@ class Scheduler:
     def _result(self, seq: Sequence) -> Result:
         self.aborted.discard(seq.req_id)
         return Result(seq.req_id, self.instance_id, tuple(seq.output), seq.finish_reason, dict(seq.times),
-                      tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else ())
+                      tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else (),
+                      seq.cached_tokens)
 
     def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[tuple[int, Tag, Any]]:
         """Appends the sampled tokens (and, for --dump-logits, their logits as lists) of the oldest
@@ -406,7 +441,8 @@ class Scheduler:
                 self.held[seq.req_id] = seq  # sent once pulled (_post_sends)
                 seq.times["transfer_start"] = now
                 messages.append((seq.request.decode_instance, Tag.FIRST_TOKEN,
-                                 FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits))))
+                                 FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits),
+                                            seq.cached_tokens)))
                 messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):
                 self.allocator.free(seq.blocks)

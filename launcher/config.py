@@ -81,6 +81,7 @@ class SchedulerConfig:
     decode_kv_blocks: int = 1024  # per decode (or colocated) instance
     watchdog_s: float = 30.0  # a rank silent this long ends the job
     idle_sleep_ms: float = 10.0  # an idle rank's sleep between polls (0.5 ms while work came within 0.2 s)
+    prefix_caching: bool = True  # prefill/colocated instances reuse the KV blocks of equal prompt prefixes
 
     choices = {"colocated_policy": ("chunked", "prefill_first")}
 

@@ -1,0 +1,128 @@
+"""Prefix caching without processes: block names, sharing, eviction, and what the scheduler runs."""
+from __future__ import annotations
+
+from engine.prefix_cache import PrefixCache, block_hashes
+from engine.scheduler import CONTROLLER, InstanceLimits, Scheduler
+from launcher.protocol import KVPull, Request, SamplingParams, Tag
+
+BS = 4  # block size
+
+
+def sched(role="prefill", blocks=64, budget=64, caching=True, policy="prefill_first"):
+    return Scheduler(role, 0, 1, InstanceLimits(blocks, BS, budget, 8, 256, 1, policy, caching), (2,))
+
+
+def req(i, prompt, max_tokens=4, decode_instance=5):
+    return Request(i, tuple(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 0.0, decode_instance)
+
+
+def chunks(step):
+    return [(c.req_id, c.start_pos, len(c.token_ids)) for c in step.seqs]
+
+
+SYSTEM = list(range(100, 112))  # three full blocks
+
+
+def test_a_block_is_named_by_its_tokens_and_everything_before_it():
+    a = block_hashes(SYSTEM + [1, 2, 3, 4, 5], BS)
+    b = block_hashes(SYSTEM + [9, 9, 9, 9], BS)
+    c = block_hashes([0] + SYSTEM[1:] + [1, 2, 3, 4], BS)
+    assert len(a) == 4 and len(b) == 4                    # the partial fifth block of a has no name
+    assert a[:3] == b[:3] and a[3] != b[3]
+    assert all(x != y for x, y in zip(a, c))              # one earlier token renames every later block
+
+
+def test_shared_blocks_are_counted_and_unreferenced_ones_stay_cached_until_evicted():
+    cache = PrefixCache(6, BS)
+    names = block_hashes(SYSTEM + [1], BS)
+    first, hits = cache.admit(names, 13, 4)
+    assert hits == 0
+    cache.register(first, names)
+    second, hits = cache.admit(names, 13, 4)
+    assert hits == 3 and second[:3] == first[:3] and second[3] not in first
+    assert cache.num_free == 1 and cache.counts() == {"prefix_query_tokens": 26, "prefix_hit_tokens": 12}
+    cache.free(first)
+    assert cache.num_free == 2                             # its own last block only: the prefix is still read
+    cache.free(second)
+    assert cache.num_free == 6 and cache.cached_prefix(names, 13) == first[:3]  # free room, still cached
+    fresh = cache.allocate(5)                              # needs two cached blocks: the prefix's last ones go first
+    assert cache.cached_prefix(names, 13) == first[:1] and first[0] not in fresh
+
+
+def test_a_hit_that_needs_cached_room_is_refused_whole():
+    cache = PrefixCache(4, BS)
+    names = block_hashes(SYSTEM + [1], BS)
+    blocks, _ = cache.admit(names, 13, 4)
+    cache.register(blocks, names)
+    cache.free(blocks)
+    assert cache.admit(block_hashes(SYSTEM + [1, 2, 3, 4, 5], BS), 17, 5) is None  # 3 shared + 2 fresh > 4
+    assert cache.num_free == 4 and cache.cached_prefix(names, 13) == blocks[:3]     # nothing taken
+
+
+def test_a_prefill_instance_runs_only_the_uncached_tail_and_shares_the_prefix_blocks():
+    s = sched()
+    s.add_request(req(0, SYSTEM + [1, 2, 3]))
+    s.add_request(req(1, SYSTEM + [7, 8]))                 # the same three blocks, another tail
+    s.add_request(req(2, SYSTEM[:6] + [5, 5, 5, 5]))       # shares one block and half of the next
+    s.add_request(req(3, SYSTEM))                          # all of it: its last block still runs
+    s.add_request(req(4, [50, 51, 52, 53, 54]))            # nothing
+    step = s.schedule().step
+    assert chunks(step) == [(0, 0, 15), (1, 12, 2), (2, 4, 6), (3, 8, 4), (4, 0, 5)]
+    tables = {c.req_id: c.block_table for c in step.seqs}
+    assert tables[1][:3] == tables[0][:3] and tables[2][:1] == tables[0][:1] and tables[3][:2] == tables[0][:2]
+    assert tables[3][2] != tables[0][2]                    # the block its last token is written to is its own
+    firsts = [m for _, tag, m in s.on_step([7] * 5) if tag == Tag.FIRST_TOKEN]
+    assert [f.cached_tokens for f in firsts] == [0, 12, 4, 8, 0]
+    assert s.state()["prefix_hit_tokens"] == 24 and s.state()["prefix_query_tokens"] == 15 + 14 + 10 + 12 + 5
+
+
+def test_off_runs_every_prompt_whole_as_before():
+    s = sched(caching=False)
+    s.add_request(req(0, SYSTEM + [1, 2, 3]))
+    s.add_request(req(1, SYSTEM + [7, 8]))
+    assert chunks(s.schedule().step) == [(0, 0, 15), (1, 0, 14)]
+    assert "prefix_hit_tokens" not in s.state()
+
+
+def test_a_full_hold_area_evicts_cached_prefixes_least_recently_used_first():
+    s = sched(blocks=8)
+    prompts = {i: [10 * i + j for j in range(13)] for i in range(4)}  # four prefixes of 3 blocks, 4 blocks each
+    for i in range(2):
+        s.add_request(req(i, prompts[i]))
+    s.schedule()
+    s.on_step([7, 7])
+    for i in range(2):
+        s.add_pull(KVPull(i, 5))
+    s.schedule()
+    for i in range(2):
+        s.pulled(i)
+    assert s.allocator.num_free == 8                       # all cached, all free room
+    s.add_request(req(2, prompts[2]))                      # takes 4: evicts the cached blocks not used longest
+    s.add_request(req(3, prompts[1]))                      # prompt 1 again: still cached
+    step = s.schedule().step
+    assert chunks(step) == [(2, 0, 13), (3, 12, 1)]
+    s.on_step([7, 7])
+    s.add_request(req(4, prompts[0]))                      # prompt 0's blocks were evicted: it runs whole
+    s.add_pull(KVPull(2, 5))
+    s.add_pull(KVPull(3, 5))
+    s.schedule()
+    s.pulled(2)
+    s.pulled(3)
+    assert chunks(s.schedule().step) == [(4, 0, 13)]
+
+
+def test_an_aborted_request_frees_only_its_own_blocks_of_a_shared_prefix():
+    s = sched("colocated", blocks=16, policy="chunked", budget=64)
+    s.add_request(req(0, SYSTEM + [1], max_tokens=8, decode_instance=-1))
+    s.add_request(req(1, SYSTEM + [2], max_tokens=8, decode_instance=-1))
+    step = s.schedule().step
+    assert chunks(step) == [(0, 0, 13), (1, 12, 1)]
+    s.on_step([7, 7])
+    used = s.allocator.num_used                            # 13 + 8 tokens: 3 shared blocks + 3 own each
+    assert used == 3 + 3 + 3
+    assert not s.abort(1)                                  # in the batch: it leaves at its next step
+    out = s.schedule()
+    assert [r.finish_reason for _, tag, r in out.messages if tag == Tag.RESULT] == ["abort"]
+    assert s.allocator.num_used == used - 3                # its own blocks; the prefix stays with request 0
+    assert [c.req_id for c in out.step.seqs] == [0]
+    assert all(dest == CONTROLLER for dest, _, _ in out.messages)
