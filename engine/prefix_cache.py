@@ -132,3 +132,10 @@ class PrefixCache:
     def counts(self) -> dict:
         """Prompt tokens admitted and, of those, served from the cache (a hit rate's two terms)."""
         return {"prefix_query_tokens": self.query_tokens, "prefix_hit_tokens": self.hit_tokens}
+
+
+def hit_rate(counts: dict) -> float:
+    """Share of an instance's admitted prompt tokens its prefix cache served, from counts() as a
+    heartbeat or the final stats carry them."""
+    query = counts.get("prefix_query_tokens", 0)
+    return counts.get("prefix_hit_tokens", 0) / query if query else 0.0

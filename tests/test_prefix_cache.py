@@ -126,3 +126,32 @@ def test_an_aborted_request_frees_only_its_own_blocks_of_a_shared_prefix():
     assert s.allocator.num_used == used - 3                # its own blocks; the prefix stays with request 0
     assert [c.req_id for c in out.step.seqs] == [0]
     assert all(dest == CONTROLLER for dest, _, _ in out.messages)
+
+
+def test_dispatch_weighs_a_cached_prefix_against_the_queue_in_prompt_tokens():
+    from engine.dispatch import CacheAwareDispatch
+
+    d = CacheAwareDispatch({0: 64, 1: 64}, BS)
+    load = {0: 0, 1: 0}
+    shared = SYSTEM * 4                                    # 48 tokens, 12 blocks
+    assert d.pick(shared + [1], load) == (0, 49)           # cold: equal costs, the lower id
+    assert d.pick(shared + [2], load) == (1, 49)           # 49 queued + 1 at instance 0 > 0 + 49 at instance 1
+    d.prefilled(0, 49)
+    d.prefilled(1, 49)
+    assert d.pick([5] * 20, load) == (0, 20)
+    assert d.pick(shared + [3], load) == (1, 1)            # the prefix is at both: the shorter queue
+    assert d.pick(shared + [4], load) == (1, 1)            # 1 + 1 at instance 1 < 20 + 1 at instance 0
+    assert d.pick([6] * 100, load) == (1, 100)
+    assert d.pick(shared + [5], load) == (0, 1)            # 20 + 1 < 102 + 1
+    assert d.queued == {0: 21, 1: 102}
+
+
+def test_dispatch_forgets_the_prefixes_an_instance_cannot_hold():
+    from engine.dispatch import CacheAwareDispatch
+
+    d = CacheAwareDispatch({0: 3, 1: 64}, BS)
+    assert d.pick(SYSTEM + [1], {0: 0, 1: 0}) == (0, 13)
+    d.prefilled(0, 13)
+    assert d.pick([9] * 13, {0: 0, 1: 0}) == (0, 13)       # evicts SYSTEM's blocks from instance 0's record
+    d.prefilled(0, 13)
+    assert d.pick(SYSTEM + [2], {0: 0, 1: 0}) == (0, 13)   # no hit left anywhere
