@@ -1,6 +1,10 @@
 """Prefix caching without processes: block names, sharing, eviction, and what the scheduler runs."""
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from engine.prefix_cache import PrefixCache, block_hashes
 from engine.scheduler import CONTROLLER, InstanceLimits, Scheduler
 from launcher.protocol import KVPull, Request, SamplingParams, Tag
@@ -155,3 +159,61 @@ def test_dispatch_forgets_the_prefixes_an_instance_cannot_hold():
     assert d.pick([9] * 13, {0: 0, 1: 0}) == (0, 13)       # evicts SYSTEM's blocks from instance 0's record
     d.prefilled(0, 13)
     assert d.pick(SYSTEM + [2], {0: 0, 1: 0}) == (0, 13)   # no hit left anywhere
+
+
+# ---- the planner's simulator ---------------------------------------------------------------------
+def _toy_latency():
+    from launcher.planner.latency import Coefficients, LatencyModel
+
+    coef = Coefficients((10.0, 1.0, 0.001), (5.0, 0.0, 1.0), (5.0, 0.0, 1.0), 10 ** 6, 0.0)
+    return LatencyModel("toy", {1: coef})
+
+
+def test_the_simulator_charges_a_prefill_for_its_uncached_tail_only():
+    from launcher.planner.simulator import InstanceSpec, Policy, Simulation
+    from launcher.planner.workload import SimRequest
+
+    lat = _toy_latency()
+    policy = Policy(token_budget=1000)
+
+    def ttft(cached):
+        (r,) = Simulation(lat, policy, [InstanceSpec(1, 1, 10 ** 6)], [InstanceSpec(1, 1, 10 ** 6)]).run(
+            [SimRequest(0.0, 600, 2, cached_len=cached)])
+        return r.ttft
+
+    assert ttft(0) == pytest.approx(lat.prefill_ms([600], 1))
+    assert ttft(512) == pytest.approx(lat.prefill_ms([88], 1, starts=[512]))  # 10 + 88 + 0.001 * (600² - 512²)
+    assert ttft(512) < ttft(0) / 4
+
+
+def test_a_workloads_shared_prefix_reaches_the_probes_and_the_capacity_bound():
+    from launcher.planner.goodput import Settings, prefill_capacity
+    from launcher.planner.simulator import InstanceSpec
+    from launcher.planner.workload import LengthDist, SharedPrefix, make_requests
+
+    lengths = LengthDist("fixed", 600, 8)
+    prefix = SharedPrefix(520, 0.5, 16)
+    reqs = make_requests(400, 1.0, lengths, prefix=prefix)
+    assert {r.cached_len for r in reqs} == {0, 512} and 0.4 < sum(bool(r.cached_len) for r in reqs) / 400 < 0.6
+    assert all(r.cached_len == 0 for r in make_requests(400, 1.0, lengths))
+    lat, inst = _toy_latency(), InstanceSpec(1, 1, 10 ** 6)
+    cached = Settings(1000.0, 100.0, lengths=lengths, token_budget=1000, prefix=prefix)
+    assert cached.mean_prefill_tokens() == 600 - 0.5 * 512
+    assert prefill_capacity(lat, cached, inst) > 1.5 * prefill_capacity(lat, Settings(1000.0, 100.0, lengths=lengths,
+                                                                                        token_budget=1000), inst)
+
+
+def test_simulate_replays_the_measured_hits_of_a_results_file(tmp_path):
+    from launcher.errors import UserError
+    from launcher.planner.replay import trace_requests
+
+    path = tmp_path / "results.jsonl"
+    lines = [{"usage": {"prompt_tokens": 600, "completion_tokens": 3}, "metrics": {"arrival": 5.0, "cached_tokens": 0}},
+             {"usage": {"prompt_tokens": 600, "completion_tokens": 3}, "metrics": {"arrival": 5.1, "cached_tokens": 512}},
+             {"usage": {"prompt_tokens": 20, "completion_tokens": 3}, "metrics": {"arrival": 5.2}}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert [r.cached_len for r in trace_requests(str(path))] == [0, 512, 0]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"start_time": 0, "prompt_len": 16, "output_len": 2, "cached_len": 16}]))
+    with pytest.raises(UserError, match="cached_len 16 of prompt_len 16"):
+        trace_requests(str(bad))

@@ -6,7 +6,8 @@ Policies mirror engine/scheduler.py and engine/controller.py:
   requests, and are assigned the decode instance with the fewest;
 - prefill: FCFS batches under the token budget L_m of whole prompts; a prompt longer than L_m
   runs in chunks that fill the budget; its KV stays held until pulled; a full hold area stops new
-  batches (backpressure);
+  batches (backpressure); a request's cached prefix (SimRequest.cached_len, prefix caching) runs
+  no step and takes no room beside its tail (its blocks are shared), so only the tail is charged;
 - decode: named per request at dispatch and told when its prefill starts; at a step boundary (at
   once when idle) it pulls (posts the receives) when it has room for prompt + output tokens and
   batch room; the transfer runs from the later of the first token and the pull; a pulled request
@@ -72,14 +73,14 @@ class _Prompts:
         while budget > 0 and self:
             if not self.started:
                 r = self.queue[0]
-                if r.input_len > budget and chunks and not splits(r.input_len):
+                if r.uncached_len > budget and chunks and not splits(r.uncached_len):
                     break  # a whole prompt that does not fit: the next step
                 if not admit(r, len(chunks)):
                     break
-                self.started.append([self.queue.popleft(), 0])
+                self.started.append([self.queue.popleft(), r.cached_len])  # a cached prefix runs no step
             entry = self.started[0]
             r, done = entry
-            n = min(r.input_len - done, budget) if splits(r.input_len) else r.input_len
+            n = min(r.input_len - done, budget) if splits(r.uncached_len) else r.input_len - done
             chunks.append((r, done, n))
             entry[1] += n
             budget -= n
@@ -257,9 +258,9 @@ class _Prefill:
 
     def _admit(self, r: SimRequest, chunks: int) -> bool:
         """Room in the hold area (the first prompt always fits an empty one)."""
-        if self.held + r.input_len > self.spec.kv_tokens and (chunks or self.held):
+        if self.held + r.uncached_len > self.spec.kv_tokens and (chunks or self.held):
             return False
-        self.held += r.input_len
+        self.held += r.uncached_len
         r.prefill_start, r.prefill_instance = self.sim.loop.now, self.index
         if r.output_len > 1:
             self.sim.announce(r, self)
@@ -302,7 +303,7 @@ class _Prefill:
         self.try_start()
 
     def release(self, r: SimRequest) -> None:
-        self.held -= r.input_len
+        self.held -= r.uncached_len
         self.try_start()
 
 
@@ -408,7 +409,7 @@ class _Colocated:
     def _admit(self, r: SimRequest, chunks: int) -> bool:
         """Batch room (running + started) and KV room for prompt + output (the first always fits
         an empty cache)."""
-        need = r.input_len + r.output_len
+        need = r.uncached_len + r.output_len
         if len(self.running) + self.starting >= self.sim.policy.max_decode_batch:
             return False
         if self.used + need > self.spec.kv_tokens and (chunks or self.used):
@@ -456,7 +457,7 @@ class _Colocated:
     def _finish(self, r: SimRequest) -> None:
         r.finish = self.sim.loop.now
         self.sim.judge(r)
-        self.used -= r.input_len + r.output_len
+        self.used -= r.uncached_len + r.output_len
         self.outstanding -= 1
 
 
