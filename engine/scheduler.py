@@ -95,7 +95,7 @@ class InstanceLimits:
     max_model_len: int
     pipeline_depth: int = 1  # steps in flight at once: PP with batches in flight, else 1
     colocated_policy: str = "prefill_first"  # chunked | prefill_first (colocated instances only)
-    prefix_caching: bool = False  # prefill and colocated instances share the KV of equal prompt prefixes
+    prefix_caching: bool = False  # share the KV blocks of equal prompt prefixes (decode: reuse those it holds)
 
 
 class Scheduler:
@@ -105,7 +105,7 @@ class Scheduler:
         self.role, self.instance_id, self.instance_size = role, instance_id, instance_size
         self.block_size, self.token_budget = limits.block_size, limits.token_budget
         self.max_batch, self.max_model_len = limits.max_batch, limits.max_model_len
-        self.prefix_cache = PrefixCache(limits.num_blocks, limits.block_size) if limits.prefix_caching and role != "decode" else None
+        self.prefix_cache = PrefixCache(limits.num_blocks, limits.block_size) if limits.prefix_caching else None
         self.allocator = self.prefix_cache or BlockAllocator(limits.num_blocks)
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.chunked = role == "colocated" and limits.colocated_policy == "chunked"
@@ -122,7 +122,7 @@ class Scheduler:
         self.pulling: dict[int, Sequence] = {}       # decode: receives posted
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
         self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
-        self.pull_blocks: dict[int, tuple[int, ...]] = {}  # prefill: req -> the decode side's blocks for it
+        self.pull_of: dict[int, KVPull] = {}     # prefill: req -> its pull (the decode side's blocks for it)
         self.pending_releases: list[int] = []
         self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
         self.dropped: set[int] = set()               # decode: dropped before its pull; its first token is still due
@@ -132,8 +132,11 @@ class Scheduler:
 
     # ---- inputs from the control plane -------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        hashes = block_hashes(request.prompt_ids, self.block_size) if self.prefix_cache else []
-        self.waiting.append(Sequence(request, block_hashes=hashes))
+        self.waiting.append(Sequence(request, block_hashes=self._hashes(request)))
+
+    def _hashes(self, request: Request) -> list[bytes]:
+        """The names of the prompt's full blocks, where this instance caches prefixes."""
+        return block_hashes(request.prompt_ids, self.block_size) if self.prefix_cache else []
 
     def add_incoming(self, incoming: KVIncoming) -> list[tuple[int, Tag, Any]]:
         self.incoming.append(incoming)
@@ -162,7 +165,7 @@ class Scheduler:
 
     def add_pull(self, pull: KVPull) -> None:
         self.pulls.setdefault(pull.decode_instance, deque()).append(pull.req_id)
-        self.pull_blocks[pull.req_id] = pull.blocks
+        self.pull_of[pull.req_id] = pull
 
     def pulled(self, req_id: int) -> None:
         """The decode side has all of the request's KV: free the held blocks."""
@@ -233,8 +236,10 @@ class Scheduler:
             need = self._reserve(seq)
         else:
             need = blocks_for(n, self.block_size)
-        if not self._take_blocks(seq, need):
+        hits = self._take_blocks(seq, need)
+        if hits is None:
             return False
+        seq.cached_tokens = seq.prefilled = hits * self.block_size
         self.starting.add(seq.req_id)
         seq.times["prefill_start"] = time.time()
         if self._decodes_later(seq):
@@ -243,20 +248,19 @@ class Scheduler:
                                  KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
 
-    def _take_blocks(self, seq: Sequence, need: int) -> bool:
-        """Gives an admitted prompt its blocks; with prefix caching its cached prefix comes shared
-        and counts as prefilled."""
+    def _take_blocks(self, seq: Sequence, need: int) -> Optional[int]:
+        """Gives a sequence its `need` blocks, with prefix caching its cached prefix's shared;
+        returns how many leading blocks came from the cache, None when they do not fit."""
         if self.prefix_cache is None:
             if not self.allocator.can_allocate(need):
-                return False
+                return None
             seq.blocks = self.allocator.allocate(need)
-            return True
+            return 0
         taken = self.prefix_cache.admit(seq.block_hashes, len(seq.request.prompt_ids), need)
         if taken is None:
-            return False
+            return None
         seq.blocks, hits = taken
-        seq.cached_tokens = seq.prefilled = hits * self.block_size
-        return True
+        return hits
 
     def _uncached(self, seq: Sequence) -> int:
         """Prompt tokens a waiting sequence would still run (its tail past a cached prefix)."""
@@ -297,21 +301,22 @@ class Scheduler:
         recvs = []
         while self.incoming and len(self.running) + len(self.pulling) < self.max_batch:
             incoming = self.incoming[0]
-            seq = Sequence(incoming.request, source_instance=incoming.prefill_instance)
+            seq = Sequence(incoming.request, source_instance=incoming.prefill_instance,
+                           block_hashes=self._hashes(incoming.request))
             need = self._reserve(seq)
-            if not self.allocator.can_allocate(need):
+            held = self._take_blocks(seq, need)  # with decode_prefix_reuse: the prompt's leading blocks held here
+            if held is None:
                 break
             self.incoming.popleft()
-            seq.blocks = self.allocator.allocate(need)
             seq.times["pull_start"] = time.time()
             self.pulling[seq.req_id] = seq
             if seq.req_id in self.firsts:
                 self._apply_first(seq, self.firsts.pop(seq.req_id))
-            recvs.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), seq.source_instance,
-                                incoming.blocks))
+            recvs.append(KVPost(seq.req_id, tuple(seq.blocks[held:]), len(seq.request.prompt_ids) - held * self.block_size,
+                                seq.source_instance, incoming.blocks[held:]))
             # the prefill side posts its sends in the order these pulls reach it
             out.messages.append((seq.source_instance, Tag.KV_PULL, KVPull(seq.req_id, self.instance_id,
-                                                                          tuple(seq.blocks))))
+                                                                          tuple(seq.blocks), held)))
         return recvs
 
     def _joins(self, out: SchedulerOutput) -> list[int]:
@@ -324,6 +329,8 @@ class Scheduler:
                 continue
             del self.pulling[req_id], self.arrived[req_id]
             seq.times["transfer_end"] = time.time()
+            if self.prefix_cache:  # its prompt's KV is on every rank: later pulls of the same prefix reuse it
+                self.prefix_cache.register(seq.blocks, seq.block_hashes)
             joined.append(req_id)
             out.messages.append((seq.source_instance, Tag.PULLED, Pulled(req_id)))
             if self._finished(seq):
@@ -340,8 +347,11 @@ class Scheduler:
         for decode_instance, queue in self.pulls.items():
             while queue and queue[0] in self.held:
                 seq = self.held[queue.popleft()]
-                sends.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), decode_instance,
-                                    self.pull_blocks.pop(seq.req_id)))
+                pull = self.pull_of.pop(seq.req_id)
+                skip = pull.held_blocks  # the blocks the decode side has already
+                sends.append(KVPost(seq.req_id, tuple(seq.blocks[skip:]),
+                                    len(seq.request.prompt_ids) - skip * self.block_size, decode_instance,
+                                    pull.blocks[skip:]))
         return sends
 
     def _reap_aborted(self, out: SchedulerOutput) -> None:

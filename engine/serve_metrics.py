@@ -49,7 +49,8 @@ class ServeMetrics:
                              labels, registry=r)
         self.kv_total = Gauge("pdlaunch_instance_kv_blocks", "KV blocks of an instance", labels, registry=r)
         self.prefix_hit_rate = Gauge("pdlaunch_instance_prefix_cache_hit_rate", "Share of the prompt tokens an "
-                                     "instance admitted that its prefix cache served", labels, registry=r)
+                                     "instance admitted that its prefix cache served (decode, with "
+                                     "scheduler.decode_prefix_reuse: that it did not pull)", labels, registry=r)
         self.cached_tokens = Counter("pdlaunch_prompt_tokens_cached", "Prompt tokens of finished requests served "
                                      "from a prefix cache", registry=r)
         self.finished_count = self.met_count = 0
@@ -80,8 +81,7 @@ class ServeMetrics:
         self.running.labels(*labels).set(beat.running)
         self.kv_used.labels(*labels).set(beat.kv_used)
         self.kv_total.labels(*labels).set(beat.kv_blocks)
-        if role != "decode":
-            self.prefix_hit_rate.labels(*labels).set(hit_rate(vars(beat)))
+        self.prefix_hit_rate.labels(*labels).set(hit_rate(vars(beat)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -82,6 +82,7 @@ class SchedulerConfig:
     watchdog_s: float = 30.0  # a rank silent this long ends the job
     idle_sleep_ms: float = 10.0  # an idle rank's sleep between polls (0.5 ms while work came within 0.2 s)
     prefix_caching: bool = True  # prefill/colocated instances reuse the KV blocks of equal prompt prefixes
+    decode_prefix_reuse: bool = False  # a decode instance that holds a prompt's leading blocks pulls only the rest
 
     choices = {"colocated_policy": ("chunked", "prefill_first")}
 

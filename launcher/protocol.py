@@ -205,6 +205,7 @@ class KVPull:
     req_id: int
     decode_instance: int
     blocks: tuple[int, ...] = ()  # the blocks the KV lands in there
+    held_blocks: int = 0          # leading blocks it holds already (scheduler.decode_prefix_reuse): not sent
 
 
 @dataclass(frozen=True)

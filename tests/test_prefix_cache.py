@@ -217,3 +217,28 @@ def test_simulate_replays_the_measured_hits_of_a_results_file(tmp_path):
     bad.write_text(json.dumps([{"start_time": 0, "prompt_len": 16, "output_len": 2, "cached_len": 16}]))
     with pytest.raises(UserError, match="cached_len 16 of prompt_len 16"):
         trace_requests(str(bad))
+
+
+def test_a_decode_instance_that_holds_a_prefix_pulls_only_the_rest():
+    from launcher.protocol import FirstToken, KVIncoming
+
+    decode = sched("decode", blocks=32)                   # decode_prefix_reuse: its scheduler caches prefixes
+    prefill = sched("prefill", blocks=32)
+    first, second = req(0, SYSTEM + [1, 2], decode_instance=1), req(1, SYSTEM + [3], decode_instance=1)
+    decode.add_incoming(KVIncoming(first, 0, (0, 1, 2, 3)))
+    decode.add_first_token(FirstToken(0, 0, 7, {"first_token": 0.0}))
+    recv = decode.schedule().step.kv_recvs[0]
+    assert (recv.num_tokens, recv.peer_blocks) == (14, (0, 1, 2, 3))
+    decode.rank_arrived(0)
+    assert decode.schedule().step.kv_joins == (0,)         # its prompt blocks are named once they landed
+    decode.add_incoming(KVIncoming(second, 0, (0, 1, 2, 4)))
+    out = decode.schedule()
+    (recv,) = out.step.kv_recvs
+    (pull,) = [m for _, tag, m in out.messages if tag == Tag.KV_PULL]
+    assert (recv.block_table, recv.num_tokens, recv.peer_blocks) == (pull.blocks[3:], 1, (4,)) and pull.held_blocks == 3
+    prefill.add_request(second)                            # the prefill side sends the blocks past those held
+    prefill.schedule()
+    prefill.on_step([7])
+    prefill.add_pull(pull)
+    (send,) = prefill.schedule().step.kv_sends
+    assert (send.block_table, send.num_tokens, send.peer_blocks) == (tuple(prefill.held[1].blocks[3:]), 1, pull.blocks[3:])

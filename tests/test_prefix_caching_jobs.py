@@ -2,9 +2,10 @@
 part of a block, a prompt that is all prefix, a prompt longer than L_m behind a cached prefix, a
 later turn of a conversation, and prompts that share nothing give the tokens of the same job
 without caching, on 1P1D, a TP2 prefill and a PP2 prefill. The 1P1D job runs with a hold area
-smaller than its prefixes' blocks (so admissions evict cached blocks) and arrivals spread out (so
-later requests hit blocks nobody holds any more); the others take every request at once, where the
-hits per request are known exactly."""
+smaller than its prefixes' blocks (so admissions evict cached blocks), arrivals spread out (so
+later requests hit blocks nobody holds any more) and scheduler.decode_prefix_reuse (its decode
+instance pulls only the blocks past the prefix it holds); the others take every request at once,
+where the hits per request are known exactly."""
 from __future__ import annotations
 
 import json
@@ -34,11 +35,13 @@ def disaggregated(tp: int, pp: int) -> dict:
             "decode": {"instances": 1, "tp": 1, "pp": 1}}
 
 
-def run(tmp_path, model_dir, name: str, placement: dict, scheduler: dict, workload: dict | None = None):
-    """(records by custom_id, report) of one job."""
+def run(tmp_path, model_dir, name: str, placement: dict, scheduler: dict, gap_s: float = 0.0):
+    """(records by custom_id, report) of one job; its requests arrive `gap_s` apart (0: all at once)."""
     path = tmp_path / name
     path.mkdir()
-    config = write_job(path, model_dir, placement, PROMPTS, MAX_TOKENS, scheduler=scheduler, workload=workload)
+    config = write_job(path, model_dir, placement, PROMPTS, MAX_TOKENS, scheduler=scheduler)
+    lines = [json.loads(line) | {"arrival_s": i * gap_s} for i, line in enumerate(open(path / "in.jsonl"))]
+    (path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     proc = run_pdlaunch("generate", config, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read_results(path / "out.jsonl"), json.loads((path / "run" / "report.json").read_text())
@@ -62,13 +65,15 @@ def test_prompts_cover_the_cases():
     assert sum(len(p) // BLOCK for p in [SYSTEM * 3, *OTHERS]) > 2 * HOLD_BLOCKS
 
 
-def test_1p1d_with_evictions_and_spread_arrivals_matches_no_caching(tmp_path, tiny_model_dir, reference):
-    records, report = run(tmp_path, tiny_model_dir, "1p1d", disaggregated(1, 1), {"prefill_kv_blocks": HOLD_BLOCKS},
-                          {"arrival": "poisson", "rate": 40.0})
+def test_1p1d_with_evictions_spread_arrivals_and_partial_pulls_matches_no_caching(tmp_path, tiny_model_dir,
+                                                                                    reference):
+    records, report = run(tmp_path, tiny_model_dir, "1p1d", disaggregated(1, 1),
+                          {"prefill_kv_blocks": HOLD_BLOCKS, "decode_prefix_reuse": True}, gap_s=0.25)
     assert tokens(records) == reference
-    prefill = next(i for i in report["instances"] if i["role"] == "prefill")
+    prefill, decode = (next(i for i in report["instances"] if i["role"] == role) for role in ("prefill", "decode"))
     assert prefill["peak_kv_blocks"] <= HOLD_BLOCKS and prefill["prefix_hit_tokens"] > 0
     assert report["cached_tokens"] == prefill["prefix_hit_tokens"] and 0 < report["prefix_hit_rate"] < 1
+    assert decode["prefix_hit_tokens"] > 0                 # blocks it did not pull
 
 
 @pytest.mark.slow
