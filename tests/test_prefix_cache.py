@@ -242,3 +242,17 @@ def test_a_decode_instance_that_holds_a_prefix_pulls_only_the_rest():
     prefill.add_pull(pull)
     (send,) = prefill.schedule().step.kv_sends
     assert (send.block_table, send.num_tokens, send.peer_blocks) == (tuple(prefill.held[1].blocks[3:]), 1, pull.blocks[3:])
+
+
+def test_the_simulator_dispatches_by_queued_uncached_tokens_as_the_controller_does():
+    from launcher.planner.simulator import InstanceSpec, Policy, Simulation
+    from launcher.planner.workload import SimRequest
+
+    def instances(cache_aware):
+        reqs = [SimRequest(0.0, 1000, 2), SimRequest(0.0, 10, 2), SimRequest(0.0, 600, 2, cached_len=592)]
+        Simulation(_toy_latency(), Policy(token_budget=2000, cache_aware=cache_aware),
+                   [InstanceSpec(1, 1, 10 ** 6)] * 2, [InstanceSpec(1, 1, 10 ** 6)]).run(reqs)
+        return [r.prefill_instance for r in reqs]
+
+    assert instances(False) == [0, 1, 0]                  # fewest outstanding requests, then the lower index
+    assert instances(True) == [0, 1, 1]                   # 10 + 8 queued tokens at instance 1 < 1000 + 8 at 0

@@ -39,6 +39,7 @@ class Settings:
     colocated_policy: str = "chunked"  # colocated instances: chunked | prefill_first (scheduler.colocated_policy)
     step_token_budget: int | None = None  # chunked colocated: tokens per step; None: the instance's L_m
     prefix: SharedPrefix | None = None  # a prefix a share of the requests begin with (prefix caching on)
+    prefix_caching: bool = False   # scheduler.prefix_caching: cache-aware dispatch
 
     def mean_prefill_tokens(self) -> float:
         """The mean prompt tokens a prefill runs: past the shared prefix where one is cached (the

@@ -46,7 +46,7 @@ def settings_from(cfg: JobConfig) -> Settings:
                     intra_node_gbps=cfg.cluster.intra_node_bandwidth_gbps,
                     inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer,
                     colocated_policy=cfg.scheduler.colocated_policy, step_token_budget=step_budget,
-                    prefix=shared_prefix(cfg))
+                    prefix=shared_prefix(cfg), prefix_caching=cfg.scheduler.prefix_caching)
 
 
 def shared_prefix(cfg: JobConfig) -> SharedPrefix | None:

@@ -161,7 +161,7 @@ def simulate_plan(cfg: JobConfig, plan: Plan, spec: ModelSpec, latency: LatencyM
 
     s = cfg.scheduler
     policy = Policy(s.token_budget, s.max_decode_batch, spec.kv_bytes_per_token() if with_transfer else 0, bandwidth,
-                    s.colocated_policy, None if s.step_token_budget == "auto" else s.step_token_budget)
+                    s.colocated_policy, None if s.step_token_budget == "auto" else s.step_token_budget, s.prefix_caching)
     fresh = [SimRequest(r.arrival, r.input_len, r.output_len, cached_len=r.cached_len if s.prefix_caching else 0)
              for r in reqs]
     instances = placement_instances(cfg, plan, spec)

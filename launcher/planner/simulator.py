@@ -3,7 +3,8 @@
 
 Policies mirror engine/scheduler.py and engine/controller.py:
 - controller: requests go to the prefill (or colocated) instance with the fewest outstanding
-  requests, and are assigned the decode instance with the fewest;
+  requests (with prefix caching, Policy.cache_aware: the fewest queued uncached prompt tokens plus
+  the request's own, as engine/dispatch.py), and are assigned the decode instance with the fewest;
 - prefill: FCFS batches under the token budget L_m of whole prompts; a prompt longer than L_m
   runs in chunks that fill the budget; its KV stays held until pulled; a full hold area stops new
   batches (backpressure); a request's cached prefix (SimRequest.cached_len, prefix caching) runs
@@ -51,6 +52,7 @@ class Policy:
     bandwidth_gbps: Callable[[InstanceSpec, InstanceSpec], float] = lambda p, d: float("inf")
     colocated_policy: str = "chunked"  # chunked | prefill_first, as scheduler.colocated_policy
     step_token_budget: int | None = None  # chunked colocated: tokens per step; None: the instance's L_m
+    cache_aware: bool = False  # dispatch by queued uncached prompt tokens (scheduler.prefix_caching)
 
 
 class _Prompts:
@@ -250,6 +252,7 @@ class _Prefill:
         self.sim, self.spec, self.index = sim, spec, index
         self.prompts = _Prompts()
         self.held, self.outstanding, self.waking = 0, 0, False
+        self.queued_tokens = 0  # uncached prompt tokens sent here without their first token yet
         self.pipe = _Pipeline(_depth(sim, spec, "prefill"))
 
     @property
@@ -293,6 +296,7 @@ class _Prefill:
         for r in batch:
             r.first_token = self.sim.loop.now
             self.outstanding -= 1
+            self.queued_tokens -= r.uncached_len
             if r.output_len <= 1:
                 r.finish = r.first_token
                 self.sim.judge(r)
@@ -393,7 +397,7 @@ class _Colocated:
         self.prompts = _Prompts()
         depth = _depth(sim, spec, "decode")
         self.running, self.pipe = _Groups(depth), _Pipeline(depth)
-        self.used = self.outstanding = self.starting = 0
+        self.used = self.outstanding = self.starting = self.queued_tokens = 0
         self.chunked = sim.policy.colocated_policy == "chunked"
         self.waking = False
 
@@ -447,6 +451,7 @@ class _Colocated:
                 self._finish(r)
         for r in firsts:
             self.starting -= 1
+            self.queued_tokens -= r.uncached_len
             r.first_token = r.joined = self.sim.loop.now
             if r.output_len <= 1:
                 self._finish(r)
@@ -506,8 +511,12 @@ class Simulation:
 
     def _arrive(self, r: SimRequest) -> None:
         entry = self.colocated or self.prefills
-        target = min(entry, key=lambda i: i.outstanding)
+        if self.policy.cache_aware:
+            target = min(entry, key=lambda i: (i.queued_tokens + r.uncached_len, i.outstanding))
+        else:
+            target = min(entry, key=lambda i: i.outstanding)
         target.outstanding += 1
+        target.queued_tokens += r.uncached_len
         if self.decodes:
             decode = min(self.decodes, key=lambda d: d.assigned)
             decode.assigned += 1
