@@ -122,7 +122,7 @@ class Scheduler:
         self.pulling: dict[int, Sequence] = {}       # decode: receives posted
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
         self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
-        self.pull_of: dict[int, KVPull] = {}     # prefill: req -> its pull (the decode side's blocks for it)
+        self.pull_of: dict[int, KVPull] = {}         # prefill: req -> its pull (the decode side's blocks for it)
         self.pending_releases: list[int] = []
         self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
         self.dropped: set[int] = set()               # decode: dropped before its pull; its first token is still due

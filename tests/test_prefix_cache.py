@@ -256,3 +256,23 @@ def test_the_simulator_dispatches_by_queued_uncached_tokens_as_the_controller_do
 
     assert instances(False) == [0, 1, 0]                  # fewest outstanding requests, then the lower index
     assert instances(True) == [0, 1, 1]                   # 10 + 8 queued tokens at instance 1 < 1000 + 8 at 0
+
+
+def test_hit_rates_reach_the_report_and_the_metrics():
+    from types import SimpleNamespace
+
+    from engine.progress import summarize
+    from engine.serve_metrics import ServeMetrics
+    from launcher.protocol import Heartbeat
+
+    slo = SimpleNamespace(ttft_ms=1000.0, tpot_ms=100.0, attainment=0.9)
+    records = [{"token_ids": [1, 2], "usage": {"prompt_tokens": n, "completion_tokens": 2},
+                "metrics": {"ttft_ms": 10.0, "tpot_ms": 5.0, "cached_tokens": c}} for n, c in ((100, 0), (100, 96))]
+    instances = [{"instance": 0, "role": "prefill", "prefix_query_tokens": 200, "prefix_hit_tokens": 96},
+                 {"instance": 1, "role": "decode"}]
+    report = summarize(records, 1.0, slo, instances)
+    assert report["cached_tokens"] == 96 and report["prefix_hit_rate"] == 0.48
+    assert [i["prefix_hit_rate"] for i in report["instances"]] == [0.48, 0.0]
+    metrics = ServeMetrics(slo, BS)
+    metrics.instance(Heartbeat(0, 5, prefix_query_tokens=200, prefix_hit_tokens=96), "prefill")
+    assert 'pdlaunch_instance_prefix_cache_hit_rate{instance="0",role="prefill"} 0.48' in metrics.render().decode()
