@@ -243,6 +243,8 @@ class Controller:
         if p.first_at is None:
             self.awaiting_first -= 1
         self._prefilled(p)
+        if self.cache_aware and self.ctx.plan.instances[p.entry].role == "colocated":
+            self.cache_aware.finished(p.entry, [*p.prompt_ids, *result.output[:-1]])
         if p.prefill_instance is None:  # it never left its entry instance (or its notice is still coming)
             self.load[p.entry] -= 1
         if p.decode_instance >= 0:

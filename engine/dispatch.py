@@ -42,14 +42,22 @@ class CacheAwareDispatch:
         names = block_hashes(prompt_ids, self.block_size)
         tails = {i: self._uncached(i, names, len(prompt_ids)) for i in self.sent}
         best = min(self.sent, key=lambda i: (self.queued[i] + tails[i], load[i], i))
-        sent = self.sent[best]
+        self._remember(best, names)
+        self.queued[best] += tails[best]
+        return best, tails[best]
+
+    def finished(self, instance: int, token_ids: Sequence[int]) -> None:
+        """A colocated instance finished a request: the full blocks of its prompt and output (but
+        the last token) stay in its cache, for a later turn that resends them."""
+        self._remember(instance, block_hashes(token_ids, self.block_size))
+
+    def _remember(self, instance: int, names: list[bytes]) -> None:
+        sent = self.sent[instance]
         for name in names:
             sent[name] = None
             sent.move_to_end(name)
-        while len(sent) > self.capacity[best]:
+        while len(sent) > self.capacity[instance]:
             sent.popitem(last=False)
-        self.queued[best] += tails[best]
-        return best, tails[best]
 
     def prefilled(self, instance: int, tokens: int) -> None:
         """A request sent there with `tokens` expected to run has its first token."""

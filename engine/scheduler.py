@@ -354,12 +354,21 @@ class Scheduler:
                                     pull.blocks[skip:]))
         return sends
 
+    def _free(self, seq: Sequence) -> None:
+        """Frees a sequence that ends here; with prefix caching the full blocks of its prompt and
+        output (but its last token, whose KV no step wrote) stay cached, for a later turn of the
+        conversation that resends them."""
+        if self.prefix_cache:
+            self.prefix_cache.register(seq.blocks, block_hashes([*seq.request.prompt_ids, *seq.output[:-1]],
+                                                                self.block_size))
+        self.allocator.free(seq.blocks)
+
     def _reap_aborted(self, out: SchedulerOutput) -> None:
         """Aborted sequences of the batch that no step in flight holds leave before the next step."""
         flying = self._flying()
         for seq in [s for s in self.running if s.req_id in self.aborted and s.req_id not in flying]:
             self.running.remove(seq)
-            self.allocator.free(seq.blocks)
+            self._free(seq)
             seq.finish_reason = "abort"
             out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
 
@@ -455,7 +464,7 @@ class Scheduler:
                                             seq.cached_tokens)))
                 messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):
-                self.allocator.free(seq.blocks)
+                self._free(seq)
                 if seq in self.running:
                     self.running.remove(seq)
                 messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))

@@ -159,6 +159,9 @@ def test_dispatch_forgets_the_prefixes_an_instance_cannot_hold():
     assert d.pick([9] * 13, {0: 0, 1: 0}) == (0, 13)       # evicts SYSTEM's blocks from instance 0's record
     d.prefilled(0, 13)
     assert d.pick(SYSTEM + [2], {0: 0, 1: 0}) == (0, 13)   # no hit left anywhere
+    d.prefilled(0, 13)
+    d.finished(1, SYSTEM + [2, 3, 4, 5])                   # a colocated instance keeps a finished turn's blocks
+    assert d.pick(SYSTEM + [2, 3, 4, 5, 6], {0: 0, 1: 0}) == (1, 1)
 
 
 # ---- the planner's simulator ---------------------------------------------------------------------
@@ -276,3 +279,18 @@ def test_hit_rates_reach_the_report_and_the_metrics():
     metrics = ServeMetrics(slo, BS)
     metrics.instance(Heartbeat(0, 5, prefix_query_tokens=200, prefix_hit_tokens=96), "prefill")
     assert 'pdlaunch_instance_prefix_cache_hit_rate{instance="0",role="prefill"} 0.48' in metrics.render().decode()
+
+
+def test_a_later_turn_finds_the_answer_of_the_earlier_one_cached_on_a_colocated_instance():
+    s = sched("colocated", blocks=32, policy="chunked")
+    s.add_request(req(0, SYSTEM + [1], max_tokens=6, decode_instance=-1))
+    s.schedule()
+    s.on_step([21])
+    for token in (22, 23, 24, 25, 26):                     # the last one ends it (max_tokens): its KV is never written
+        s.schedule()
+        s.on_step([token])
+    assert not s.running and s.allocator.num_used == 0
+    answer = [21, 22, 23, 24, 25, 26]
+    s.add_request(req(1, SYSTEM + [1] + answer + [9, 9], max_tokens=2, decode_instance=-1))
+    (chunk,) = s.schedule().step.seqs
+    assert chunk.start_pos == 16                          # 18 tokens had KV: 4 full blocks
