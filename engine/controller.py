@@ -2,7 +2,8 @@
 
 Requests come from a source (a replayed input file, or the server's frontend), outcomes go to a
 sink (the results file, or the server's streams). It releases requests at their arrival times (all at t=0 for offline jobs), sends each to the
-least-loaded prefill (or colocated) instance and names the least-loaded decode instance for it
+least-loaded prefill (or colocated) instance (with prefix caching: the one where the fewest uncached
+prompt tokens stand before it, engine.dispatch) and names the least-loaded decode instance for it
 (the prefill instance then deals with that decode instance directly), counts "prefill done"
 notices to track each prefill instance's load, and writes each finished request as soon as it
 arrives. What comes back to it is ids, tokens and timings: prompts go out once, tensors never.
@@ -19,6 +20,7 @@ from engine import control_plane as c
 from engine.arrivals import Replay, arrival_offsets
 from engine.blocks import blocks_for
 from engine.control_plane import RankContext
+from engine.dispatch import CacheAwareDispatch
 from engine.results import Answered, Sink
 from engine.scheduler import reserved_blocks
 from engine.tokenizer import TextCodec
@@ -44,6 +46,7 @@ class RequestState(Answered):
     aborted: bool = False
     tokens: dict = field(default_factory=dict)  # streamed tokens by output index, until handed on in order
     handed: int = 0                          # streamed tokens handed to the sink
+    queued_tokens: int = 0                   # prompt tokens its entry instance is expected to run (cache-aware dispatch)
 
 
 class Controller:
@@ -54,6 +57,10 @@ class Controller:
         self.entry = [i for i in ctx.plan.instances if i.role in ("prefill", "colocated")]
         self.decoders = [i for i in ctx.plan.instances if i.role == "decode"]
         self.load = {i.id: 0 for i in ctx.plan.instances}
+        s = cfg.scheduler
+        self.cache_aware = CacheAwareDispatch(
+            {i.id: s.prefill_kv_blocks if i.role == "prefill" else s.decode_kv_blocks for i in self.entry},
+            s.block_size) if s.prefix_caching else None
         self.by_id: dict[int, RequestState] = {}
         self.awaiting_first = 0  # dispatched requests without their first token: the queue admission bounds
         self.started = False     # every instance has loaded its model
@@ -131,7 +138,10 @@ class Controller:
     def _dispatch(self, p: RequestState, start: float, outbox: c.Outbox) -> None:
         p.arrival = start + p.offset_s
         self.awaiting_first += 1
-        target = self._least_loaded(self.entry)
+        if self.cache_aware:
+            target, p.queued_tokens = self.cache_aware.pick(p.prompt_ids, self.load)
+        else:
+            target = self._least_loaded(self.entry)
         self.load[target] += 1
         if self.decoders:  # chosen now, so the prefill side can post its sends right away
             p.decode_instance = self._least_loaded(self.decoders)
@@ -164,12 +174,19 @@ class Controller:
         if p is None:  # its result came first
             return
         self._first_token(p, done.at, sink)
+        self._prefilled(p)
         if self.ctx.plan.instances[done.prefill_instance].role != "prefill":
             return  # colocated: it decodes where it is
         p.prefill_instance, p.at = done.prefill_instance, p.decode_instance
         self.load[done.prefill_instance] -= 1
         if p.aborted:
             outbox.send(Abort(p.spec.index), self._leader(p.decode_instance), Tag.ABORT)
+
+    def _prefilled(self, p: RequestState) -> None:
+        """Its prompt left its entry instance's queue (cache-aware dispatch counts the rest)."""
+        if self.cache_aware and p.queued_tokens:
+            self.cache_aware.prefilled(p.entry, p.queued_tokens)
+            p.queued_tokens = 0
 
     def _streamed(self, out: TokensOut, sink: Sink) -> None:
         """Hands each streamed request's new tokens on in output order (the first token comes from
@@ -190,6 +207,9 @@ class Controller:
         p = self.by_id.pop(result.req_id)
         if p.first_at is None:
             self.awaiting_first -= 1
+        self._prefilled(p)
+        if self.cache_aware and self.ctx.plan.instances[p.entry].role == "colocated":
+            self.cache_aware.finished(p.entry, [*p.prompt_ids, *result.output[:-1]])
         if p.prefill_instance is None:  # it never left its entry instance (or its notice is still coming)
             self.load[p.entry] -= 1
         if p.decode_instance >= 0:

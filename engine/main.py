@@ -134,7 +134,8 @@ def _run_instance(ctx, job: JobFile) -> None:
     s = cfg.scheduler
     limits = InstanceLimits(s.prefill_kv_blocks if ctx.instance.role == "prefill" else s.decode_kv_blocks,
                             s.block_size, job.token_budgets[ctx.instance.id], s.max_decode_batch, cfg.model.max_model_len,
-                            ctx.instance.pp if s.batches_in_flight else 1, s.colocated_policy)
+                            ctx.instance.pp if s.batches_in_flight else 1, s.colocated_policy,
+                            s.decode_prefix_reuse if ctx.instance.role == "decode" else s.prefix_caching)
     DOING["what"] = "loading weights"
     runner = ModelRunner(ctx, shape, job.model_dir, ctx.dtype, limits.num_blocks, s.block_size,
                          cfg.model.max_model_len, limits.pipeline_depth)

@@ -10,6 +10,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from engine.prefix_cache import hit_rate
 from launcher.run_report import write_report
 from launcher.stats import percentile
 
@@ -21,8 +22,10 @@ def summarize(records: list[dict], wall_s: float, slo, instances: list | None = 
     out_tokens = sum(len(r.get("token_ids", [])) for r in ok)
     in_tokens = sum(_usage(r)["prompt_tokens"] for r in ok)
     met = [r for r in ok if r["metrics"]["ttft_ms"] <= slo.ttft_ms and r["metrics"]["tpot_ms"] <= slo.tpot_ms]
+    cached = sum(r["metrics"].get("cached_tokens", 0) for r in ok)
     return {
         "requests": len(records), "errors": len(records) - len(ok), "input_tokens": in_tokens,
+        "cached_tokens": cached, "prefix_hit_rate": cached / in_tokens if in_tokens else 0.0,
         "output_tokens": out_tokens, "wall_s": wall_s,
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else 0.0,
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
@@ -30,7 +33,7 @@ def summarize(records: list[dict], wall_s: float, slo, instances: list | None = 
         "tpot_ms": {f"p{q}": percentile(tpot, q / 100) for q in (50, 90, 99)},
         "ttft_ms_mean": statistics.fmean(ttft) if ttft else 0.0,
         "tpot_ms_mean": statistics.fmean(tpot) if tpot else 0.0,
-        "instances": instances,
+        "instances": [i | {"prefix_hit_rate": hit_rate(i)} for i in instances] if instances else instances,
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms,
                 "attainment": len(met) / len(ok) if ok else 0.0, "target": slo.attainment},
     }
@@ -116,6 +119,11 @@ class Reporter:
                 p = s[name]
                 rows.append((name.replace("_ms", " p50/p90/p99"),
                              f"{p['p50']:.0f} / {p['p90']:.0f} / {p['p99']:.0f} ms"))
+            hit_rates = [f"{i['instance']}: {i['prefix_hit_rate'] * 100:.0f} %" for i in s["instances"] or ()
+                         if i.get("prefix_query_tokens")]
+            if hit_rates:
+                rows.append(("prefix cache hits", f"{s['prefix_hit_rate'] * 100:.1f} % of input tokens "
+                                                  f"(per instance {', '.join(hit_rates)})"))
             slo = s["slo"]
             rows.append(("SLO attainment", f"{slo['attainment'] * 100:.1f} % (TTFT <= {slo['ttft_ms']:.0f} ms, "
                                            f"TPOT <= {slo['tpot_ms']:.0f} ms)"))

@@ -37,6 +37,7 @@ def metrics_of(result: Result, arrival: float) -> dict:
         "e2e_ms": ((token_times[-1] if token_times else first) - arrival) * 1e3,
         "arrival": arrival,
         "token_times": [round((t - arrival) * 1e3, 3) for t in token_times],
+        "cached_tokens": result.cached_tokens,  # prompt tokens its prefill found in the prefix cache
     }
     if "transfer_end" in times:
         out["transfer_ms"] = (times["transfer_end"] - times.get("transfer_start", times["transfer_end"])) * 1e3

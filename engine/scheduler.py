@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from engine.blocks import BlockAllocator, blocks_for
+from engine.prefix_cache import PrefixCache, block_hashes
 from engine.stops import Decode, TextState, stop_cut
 from launcher.protocol import (FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request, Result,
                                SeqChunk, StepPlan, Tag, TokensOut)
@@ -65,7 +66,9 @@ class Sequence:
     text_state: TextState = field(default_factory=TextState)  # for stop strings
     source_instance: int = -1
     announced: bool = False  # prefill side: its decode instance expects its KV
-    prefilled: int = 0  # prompt tokens given to steps so far (chunked prefill)
+    prefilled: int = 0  # prompt tokens given to steps so far (chunked prefill), or found in the prefix cache
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    block_hashes: list = field(default_factory=list)  # names of its full prompt blocks (prefix caching)
 
     @property
     def req_id(self) -> int:
@@ -92,6 +95,7 @@ class InstanceLimits:
     max_model_len: int
     pipeline_depth: int = 1  # steps in flight at once: PP with batches in flight, else 1
     colocated_policy: str = "prefill_first"  # chunked | prefill_first (colocated instances only)
+    prefix_caching: bool = False  # share the KV blocks of equal prompt prefixes (decode: reuse those it holds)
 
 
 class Scheduler:
@@ -101,7 +105,8 @@ class Scheduler:
         self.role, self.instance_id, self.instance_size = role, instance_id, instance_size
         self.block_size, self.token_budget = limits.block_size, limits.token_budget
         self.max_batch, self.max_model_len = limits.max_batch, limits.max_model_len
-        self.allocator = BlockAllocator(limits.num_blocks)
+        self.prefix_cache = PrefixCache(limits.num_blocks, limits.block_size) if limits.prefix_caching else None
+        self.allocator = self.prefix_cache or BlockAllocator(limits.num_blocks)
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.chunked = role == "colocated" and limits.colocated_policy == "chunked"
         self.waiting: deque[Sequence] = deque()      # to prefill
@@ -117,7 +122,7 @@ class Scheduler:
         self.pulling: dict[int, Sequence] = {}       # decode: receives posted
         self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
         self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
-        self.pull_blocks: dict[int, tuple[int, ...]] = {}  # prefill: req -> the decode side's blocks for it
+        self.pull_of: dict[int, KVPull] = {}         # prefill: req -> its pull (the decode side's blocks for it)
         self.pending_releases: list[int] = []
         self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
         self.dropped: set[int] = set()               # decode: dropped before its pull; its first token is still due
@@ -127,7 +132,11 @@ class Scheduler:
 
     # ---- inputs from the control plane -------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        self.waiting.append(Sequence(request))
+        self.waiting.append(Sequence(request, block_hashes=self._hashes(request)))
+
+    def _hashes(self, request: Request) -> list[bytes]:
+        """The names of the prompt's full blocks, where this instance caches prefixes."""
+        return block_hashes(request.prompt_ids, self.block_size) if self.prefix_cache else []
 
     def add_incoming(self, incoming: KVIncoming) -> list[tuple[int, Tag, Any]]:
         self.incoming.append(incoming)
@@ -149,13 +158,14 @@ class Scheduler:
     @staticmethod
     def _apply_first(seq: Sequence, first: FirstToken) -> None:
         seq.output = [first.token]
+        seq.cached_tokens = first.cached_tokens
         seq.times = {**first.times, **seq.times}
         seq.token_times = [first.times["first_token"]]
         seq.logits = list(first.logits)
 
     def add_pull(self, pull: KVPull) -> None:
         self.pulls.setdefault(pull.decode_instance, deque()).append(pull.req_id)
-        self.pull_blocks[pull.req_id] = pull.blocks
+        self.pull_of[pull.req_id] = pull
 
     def pulled(self, req_id: int) -> None:
         """The decode side has all of the request's KV: free the held blocks."""
@@ -226,9 +236,10 @@ class Scheduler:
             need = self._reserve(seq)
         else:
             need = blocks_for(n, self.block_size)
-        if not self.allocator.can_allocate(need):
+        hits = self._take_blocks(seq, need)
+        if hits is None:
             return False
-        seq.blocks = self.allocator.allocate(need)
+        seq.cached_tokens = seq.prefilled = hits * self.block_size
         self.starting.add(seq.req_id)
         seq.times["prefill_start"] = time.time()
         if self._decodes_later(seq):
@@ -236,6 +247,27 @@ class Scheduler:
             out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
                                  KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
+
+    def _take_blocks(self, seq: Sequence, need: int) -> Optional[int]:
+        """Gives a sequence its `need` blocks, with prefix caching its cached prefix's shared;
+        returns how many leading blocks came from the cache, None when they do not fit."""
+        if self.prefix_cache is None:
+            if not self.allocator.can_allocate(need):
+                return None
+            seq.blocks = self.allocator.allocate(need)
+            return 0
+        taken = self.prefix_cache.admit(seq.block_hashes, len(seq.request.prompt_ids), need)
+        if taken is None:
+            return None
+        seq.blocks, hits = taken
+        return hits
+
+    def _uncached(self, seq: Sequence) -> int:
+        """Prompt tokens a waiting sequence would still run (its tail past a cached prefix)."""
+        n = len(seq.request.prompt_ids)
+        if self.prefix_cache is None:
+            return n
+        return n - len(self.prefix_cache.cached_prefix(seq.block_hashes, n)) * self.block_size
 
     def _prompt_chunks(self, out: SchedulerOutput, budget: int) -> list[tuple[Sequence, SeqChunk]]:
         """The prompt tokens of a step with `budget` tokens left: the started prompts' next chunks,
@@ -247,17 +279,20 @@ class Scheduler:
             seq = self.prefilling[0] if started else self.waiting[0]
             n = len(seq.request.prompt_ids)
             if not started:
-                if n > budget and chunks and not self._splits(n):
+                tail = self._uncached(seq)
+                if tail > budget and chunks and not self._splits(tail):
                     break  # a whole prompt that does not fit: the next step
                 if not self._admit(seq, out):
                     break
                 self.waiting.popleft()
                 self.prefilling.append(seq)
-            take = min(n - seq.prefilled, budget) if self._splits(n) else n
+            take = min(n - seq.prefilled, budget) if self._splits(n - seq.cached_tokens) else n - seq.prefilled
             chunks.append((seq, SeqChunk(seq.req_id, tuple(seq.request.prompt_ids[seq.prefilled:seq.prefilled + take]),
                                          seq.prefilled, tuple(seq.blocks), seq.request.sampling, 0)))
             seq.prefilled += take
             budget -= take
+            if self.prefix_cache:
+                self.prefix_cache.register(seq.blocks, seq.block_hashes[:seq.prefilled // self.block_size])
             if seq.prefilled == n:
                 self.prefilling.remove(seq)
         return chunks
@@ -266,21 +301,22 @@ class Scheduler:
         recvs = []
         while self.incoming and len(self.running) + len(self.pulling) < self.max_batch:
             incoming = self.incoming[0]
-            seq = Sequence(incoming.request, source_instance=incoming.prefill_instance)
+            seq = Sequence(incoming.request, source_instance=incoming.prefill_instance,
+                           block_hashes=self._hashes(incoming.request))
             need = self._reserve(seq)
-            if not self.allocator.can_allocate(need):
+            held = self._take_blocks(seq, need)  # with decode_prefix_reuse: the prompt's leading blocks held here
+            if held is None:
                 break
             self.incoming.popleft()
-            seq.blocks = self.allocator.allocate(need)
             seq.times["pull_start"] = time.time()
             self.pulling[seq.req_id] = seq
             if seq.req_id in self.firsts:
                 self._apply_first(seq, self.firsts.pop(seq.req_id))
-            recvs.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), seq.source_instance,
-                                incoming.blocks))
+            recvs.append(KVPost(seq.req_id, tuple(seq.blocks[held:]), len(seq.request.prompt_ids) - held * self.block_size,
+                                seq.source_instance, incoming.blocks[held:]))
             # the prefill side posts its sends in the order these pulls reach it
             out.messages.append((seq.source_instance, Tag.KV_PULL, KVPull(seq.req_id, self.instance_id,
-                                                                          tuple(seq.blocks))))
+                                                                          tuple(seq.blocks), held)))
         return recvs
 
     def _joins(self, out: SchedulerOutput) -> list[int]:
@@ -293,6 +329,8 @@ class Scheduler:
                 continue
             del self.pulling[req_id], self.arrived[req_id]
             seq.times["transfer_end"] = time.time()
+            if self.prefix_cache:  # its prompt's KV is on every rank: later pulls of the same prefix reuse it
+                self.prefix_cache.register(seq.blocks, seq.block_hashes)
             joined.append(req_id)
             out.messages.append((seq.source_instance, Tag.PULLED, Pulled(req_id)))
             if self._finished(seq):
@@ -309,16 +347,28 @@ class Scheduler:
         for decode_instance, queue in self.pulls.items():
             while queue and queue[0] in self.held:
                 seq = self.held[queue.popleft()]
-                sends.append(KVPost(seq.req_id, tuple(seq.blocks), len(seq.request.prompt_ids), decode_instance,
-                                    self.pull_blocks.pop(seq.req_id)))
+                pull = self.pull_of.pop(seq.req_id)
+                skip = pull.held_blocks  # the blocks the decode side has already
+                sends.append(KVPost(seq.req_id, tuple(seq.blocks[skip:]),
+                                    len(seq.request.prompt_ids) - skip * self.block_size, decode_instance,
+                                    pull.blocks[skip:]))
         return sends
+
+    def _free(self, seq: Sequence) -> None:
+        """Frees a sequence that ends here; with prefix caching the full blocks of its prompt and
+        output (but its last token, whose KV no step wrote) stay cached, for a later turn of the
+        conversation that resends them."""
+        if self.prefix_cache:
+            self.prefix_cache.register(seq.blocks, block_hashes([*seq.request.prompt_ids, *seq.output[:-1]],
+                                                                self.block_size))
+        self.allocator.free(seq.blocks)
 
     def _reap_aborted(self, out: SchedulerOutput) -> None:
         """Aborted sequences of the batch that no step in flight holds leave before the next step."""
         flying = self._flying()
         for seq in [s for s in self.running if s.req_id in self.aborted and s.req_id not in flying]:
             self.running.remove(seq)
-            self.allocator.free(seq.blocks)
+            self._free(seq)
             seq.finish_reason = "abort"
             out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
 
@@ -353,13 +403,16 @@ class Scheduler:
     def state(self) -> dict:
         """What the heartbeat reports: queue, batch and KV occupancy."""
         return {"waiting": len(self.waiting) + len(self.prefilling) + len(self.incoming), "running": len(self.running),
-                "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks}
+                "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks} | self._prefix_counts()
+
+    def _prefix_counts(self) -> dict:
+        return self.prefix_cache.counts() if self.prefix_cache else {}
 
     def stats(self) -> dict:
         import resource
 
         return {"kv_blocks": self.allocator.num_blocks, "peak_kv_blocks": self.peak_blocks,
-                "peak_batch": self.peak_batch, "forward_steps": self.steps,
+                "peak_batch": self.peak_batch, "forward_steps": self.steps, **self._prefix_counts(),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
     # ---- results of a step -------------------------------------------------------------------
@@ -380,7 +433,8 @@ class Scheduler:
     def _result(self, seq: Sequence) -> Result:
         self.aborted.discard(seq.req_id)
         return Result(seq.req_id, self.instance_id, tuple(seq.output), seq.finish_reason, dict(seq.times),
-                      tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else ())
+                      tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else (),
+                      seq.cached_tokens)
 
     def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[tuple[int, Tag, Any]]:
         """Appends the sampled tokens (and, for --dump-logits, their logits as lists) of the oldest
@@ -406,10 +460,11 @@ class Scheduler:
                 self.held[seq.req_id] = seq  # sent once pulled (_post_sends)
                 seq.times["transfer_start"] = now
                 messages.append((seq.request.decode_instance, Tag.FIRST_TOKEN,
-                                 FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits))))
+                                 FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits),
+                                            seq.cached_tokens)))
                 messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):
-                self.allocator.free(seq.blocks)
+                self._free(seq)
                 if seq in self.running:
                     self.running.remove(seq)
                 messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))

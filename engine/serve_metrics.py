@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from engine.blocks import blocks_for
+from engine.prefix_cache import hit_rate
 from engine.results import metrics_of
 
 disable_created_metrics()  # no *_created series beside each counter: nothing here restarts within a process
@@ -47,12 +48,18 @@ class ServeMetrics:
         self.kv_used = Gauge("pdlaunch_instance_kv_blocks_used", "KV blocks held (a prefill instance: its hold area)",
                              labels, registry=r)
         self.kv_total = Gauge("pdlaunch_instance_kv_blocks", "KV blocks of an instance", labels, registry=r)
+        self.prefix_hit_rate = Gauge("pdlaunch_instance_prefix_cache_hit_rate", "Share of the prompt tokens an "
+                                     "instance admitted that its prefix cache served (decode, with "
+                                     "scheduler.decode_prefix_reuse: that it did not pull)", labels, registry=r)
+        self.cached_tokens = Counter("pdlaunch_prompt_tokens_cached", "Prompt tokens of finished requests served "
+                                     "from a prefix cache", registry=r)
         self.finished_count = self.met_count = 0
 
     def finished(self, prompt_tokens: int, result, arrival: float) -> dict:
         """Counts a finished request; returns its metrics (with `slo_met`) for the request log."""
         m = metrics_of(result, arrival)
         self.prompt_tokens.inc(prompt_tokens)
+        self.cached_tokens.inc(result.cached_tokens)
         self.ttft.observe(m["ttft_ms"] / 1e3)
         self.e2e.observe(m["e2e_ms"] / 1e3)
         if len(result.output) > 1:
@@ -74,6 +81,7 @@ class ServeMetrics:
         self.running.labels(*labels).set(beat.running)
         self.kv_used.labels(*labels).set(beat.kv_used)
         self.kv_total.labels(*labels).set(beat.kv_blocks)
+        self.prefix_hit_rate.labels(*labels).set(hit_rate(vars(beat)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

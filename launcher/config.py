@@ -81,6 +81,8 @@ class SchedulerConfig:
     decode_kv_blocks: int = 1024  # per decode (or colocated) instance
     watchdog_s: float = 30.0  # a rank silent this long ends the job
     idle_sleep_ms: float = 10.0  # an idle rank's sleep between polls (0.5 ms while work came within 0.2 s)
+    prefix_caching: bool = True  # prefill/colocated instances reuse the KV blocks of equal prompt prefixes
+    decode_prefix_reuse: bool = False  # a decode instance that holds a prompt's leading blocks pulls only the rest
 
     choices = {"colocated_policy": ("chunked", "prefill_first")}
 
@@ -135,6 +137,8 @@ class PlannerConfig:
     output_len: float = 32.0
     length_cv: float = 0.5
     trace: Optional[str] = None     # lengths from a trace: DistServe's {prompt_len, output_len} list or a results file
+    shared_prefix: int = 0          # tokens of a prefix (system prompt) that a share of the prompts begin with
+    shared_prefix_share: float = 1.0  # that share; with scheduler.prefix_caching only the rest of a prompt is prefilled
     include_transfer: bool = True   # DistServe's search ignores KV transfer time; we model it unless told
     calibrate: bool = True          # a profile of another machine: scale it by a short probe here (else warn)
     mode: str = "auto"              # auto: whichever of disaggregated / colocated sustains the SLOs at more req/s per device
@@ -255,6 +259,9 @@ def _check_ranges(cfg: JobConfig) -> None:
         raise UserError("config: 'workload.cv' must be > 0")
     if cfg.planner.span_s < 0 or not cfg.planner.precision > 0:
         raise UserError("config: 'planner.span_s' must be >= 0 seconds (0 = automatic) and 'planner.precision' > 0")
+    if cfg.planner.shared_prefix < 0 or not 0 <= cfg.planner.shared_prefix_share <= 1:
+        raise UserError("config: 'planner.shared_prefix' must be >= 0 tokens and 'planner.shared_prefix_share' in "
+                        "[0, 1]")
     if not 0 < cfg.scheduler.idle_sleep_ms <= 1000:
         raise UserError("config: 'scheduler.idle_sleep_ms' must be in (0, 1000] milliseconds")
     s = cfg.scheduler

@@ -132,6 +132,7 @@ class Result:
     token_times: tuple[float, ...]
     text: Optional[str] = None
     logits: tuple = ()  # debug (--dump-logits): one list of floats per generated token
+    cached_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ class Heartbeat:
     running: int = 0            # sequences decoding
     kv_used: int = 0            # KV blocks taken (a prefill instance: its hold area)
     kv_blocks: int = 0
+    prefix_query_tokens: int = 0  # prompt tokens admitted so far (prefix caching)
+    prefix_hit_tokens: int = 0    # of those, served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,8 @@ class InstanceStats:
     kv_cache_mb: float
     weights_mb: float
     token_budget: int               # L_m this instance batched prefills under
+    prefix_query_tokens: int = 0    # prompt tokens admitted (prefix caching)
+    prefix_hit_tokens: int = 0      # of those, served from the prefix cache
     step_samples: dict = field(default_factory=dict)  # "prefill"/"decode" -> samples (pdlaunch profile's format)
 
 
@@ -200,6 +205,7 @@ class KVPull:
     req_id: int
     decode_instance: int
     blocks: tuple[int, ...] = ()  # the blocks the KV lands in there
+    held_blocks: int = 0          # leading blocks it holds already (scheduler.decode_prefix_reuse): not sent
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,7 @@ class FirstToken:
     token: int
     times: dict
     logits: tuple = ()  # debug: the first token's logits
+    cached_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
 
 
 @dataclass(frozen=True)

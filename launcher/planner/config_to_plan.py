@@ -16,7 +16,7 @@ from launcher.planner.search import (MODES, TIE_RULE, ModeChoice, PlacementResul
                                      choose_mode, colocated_goodput, colocated_placement)
 from launcher.planner.replay import trace_lengths
 from launcher.planner.simulator import InstanceSpec
-from launcher.planner.workload import LengthDist
+from launcher.planner.workload import LengthDist, SharedPrefix
 
 
 def model_spec(cfg: JobConfig, shape=None) -> ModelSpec:
@@ -47,7 +47,16 @@ def settings_from(cfg: JobConfig) -> Settings:
                     max_decode_batch=cfg.scheduler.max_decode_batch, memory_gb=p.memory_gb,
                     intra_node_gbps=cfg.cluster.intra_node_bandwidth_gbps,
                     inter_node_gbps=cfg.cluster.inter_node_bandwidth_gbps, model_transfer=p.include_transfer,
-                    colocated_policy=cfg.scheduler.colocated_policy, step_token_budget=step_budget)
+                    colocated_policy=cfg.scheduler.colocated_policy, step_token_budget=step_budget,
+                    prefix=shared_prefix(cfg), prefix_caching=cfg.scheduler.prefix_caching)
+
+
+def shared_prefix(cfg: JobConfig) -> SharedPrefix | None:
+    """The planner's shared prefix where the engine caches it (prefix caching on), else None."""
+    p, s = cfg.planner, cfg.scheduler
+    if not (s.prefix_caching and p.shared_prefix and p.shared_prefix_share):
+        return None
+    return SharedPrefix(p.shared_prefix, p.shared_prefix_share, s.block_size)
 
 
 def profile_path(cfg: JobConfig, path: str) -> str:

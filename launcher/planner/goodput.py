@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from launcher.planner.latency import LatencyModel, prefill_token_budget
 from launcher.planner.simulator import InstanceSpec
-from launcher.planner.workload import LengthDist, SimRequest, attainment, make_requests
+from launcher.planner.workload import LengthDist, SharedPrefix, SimRequest, attainment, make_requests
 
 
 @dataclass
@@ -38,6 +38,17 @@ class Settings:
     model_transfer: bool = True    # DistServe's search ignores KV transfer; we include it unless told
     colocated_policy: str = "chunked"  # colocated instances: chunked | prefill_first (scheduler.colocated_policy)
     step_token_budget: int | None = None  # chunked colocated: tokens per step; None: the instance's L_m
+    prefix: SharedPrefix | None = None  # a prefix a share of the requests begin with (prefix caching on)
+    prefix_caching: bool = False   # scheduler.prefix_caching: cache-aware dispatch
+
+    def mean_prefill_tokens(self) -> float:
+        """The mean prompt tokens a prefill runs: past the shared prefix where one is cached (the
+        prefix's blocks at the mean prompt length; by concavity no fewer on average than with the
+        lengths drawn, so the capacities below stay upper bounds)."""
+        mean_in = self.lengths.mean()[0]
+        if self.prefix is None:
+            return mean_in
+        return mean_in - self.prefix.share * self.prefix.cached_tokens(mean_in)
 
 
 @dataclass
@@ -135,7 +146,7 @@ def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: flo
             return False
         total = rate * devices
         reqs = make_requests(probe_requests(settings, total), total, settings.lengths, settings.arrival,
-                             settings.cv, settings.seed)
+                             settings.cv, settings.seed, settings.prefix)
         early_stop = (ttft, tpot) if settings.rule == "joint" else None
         seen[rate] = run(reqs, early_stop, settings.target)
         return attainment(seen[rate], ttft, tpot, settings.rule) >= settings.target and not queues_grow(seen[rate])
@@ -153,8 +164,8 @@ def prefill_capacity(latency: LatencyModel, settings: Settings, inst: InstanceSp
     """Requests/s a prefill instance can process at best: batches filled to L_m (the a-term and
     the step's fixed cost shared by L_m / mean prompt requests; a prompt longer than L_m runs in
     chunks, each paying it), each prompt at the mean length (E[len^2] >= mean^2, so this is an
-    upper bound), one batch per stage interval."""
-    mean_in = settings.lengths.mean()[0]
+    upper bound; a cached prefix counts as not run), one batch per stage interval."""
+    mean_in = settings.mean_prefill_tokens()
     per_batch = prefill_token_budget(settings.token_budget, latency, inst.tp) / mean_in
     fixed = latency.prefill_interval_ms([], inst.tp, inst.pp)
     per_request = latency.prefill_interval_ms([mean_in], inst.tp, inst.pp) - fixed
@@ -165,7 +176,7 @@ def chunked_prefill_share_ms(latency: LatencyModel, settings: Settings, inst: In
     """What a mean prompt adds to the steps of a chunked colocated instance at best: its chunks
     ride along decode steps, so it pays its prefill terms beyond the fixed cost, never the fixed
     cost itself (E[len^2] >= mean^2: a lower bound)."""
-    mean_in = settings.lengths.mean()[0]
+    mean_in = settings.mean_prefill_tokens()
     return latency.prefill_interval_ms([mean_in], inst.tp, inst.pp) - latency.prefill_interval_ms([], inst.tp, inst.pp)
 
 

@@ -1,9 +1,11 @@
 """`pdlaunch simulate`: replay an explicit workload on a placement with the planner's simulator.
 
 A trace is either DistServe's workload form, a JSON list (or JSONL) of {"start_time": s,
-"prompt_len", "output_len"}, or a pdlaunch results file (its usage and arrival times), so a run's
-own workload can be asked "would it have met the SLOs on another placement?". Arrival times are
-kept exactly (shifted so the first request arrives at 0). The simulator sees the same policies and
+"prompt_len", "output_len"} (optionally "cached_len": prompt tokens a prefix cache serves), or a
+pdlaunch results file (its usage, arrival times and measured prefix-cache hits), so a run's own
+workload can be asked "would it have met the SLOs on another placement?". Arrival times are
+kept exactly (shifted so the first request arrives at 0); with scheduler.prefix_caching off the
+cached tokens are prefilled like the rest. The simulator sees the same policies and
 KV capacities the engine would run with: the scheduler's blocks, or for a planned model
 (planner.model) the memory left beside its weights.
 """
@@ -24,9 +26,9 @@ from launcher.stats import percentile
 DEFAULT_SLO_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2)
 
 
-def _trace_record(obj, where: str) -> tuple[float | None, int, int]:
-    """(start time in s or None, prompt tokens, output tokens) of one trace record; a start time
-    must be a finite number of seconds >= 0."""
+def _trace_record(obj, where: str) -> tuple[float | None, int, int, int]:
+    """(start time in s or None, prompt tokens, output tokens, cached prompt tokens) of one trace
+    record; a start time must be a finite number of seconds >= 0."""
     record = _lengths_and_start(obj, where)
     start = record[0]
     if start is not None and (not isinstance(start, (int, float)) or isinstance(start, bool)
@@ -35,19 +37,21 @@ def _trace_record(obj, where: str) -> tuple[float | None, int, int]:
     return record
 
 
-def _lengths_and_start(obj, where: str) -> tuple[float | None, int, int]:
+def _lengths_and_start(obj, where: str) -> tuple[float | None, int, int, int]:
     if not isinstance(obj, dict):
         raise UserError(f"trace: {where} is not an object")
     try:
         if "prompt_len" in obj:
-            return float(obj["start_time"]), int(obj["prompt_len"]), int(obj["output_len"])
+            return float(obj["start_time"]), int(obj["prompt_len"]), int(obj["output_len"]), \
+                int(obj.get("cached_len", 0))
         if "input_len" in obj:
-            return obj.get("start_time"), int(obj["input_len"]), int(obj["output_len"])
+            return obj.get("start_time"), int(obj["input_len"]), int(obj["output_len"]), int(obj.get("cached_len", 0))
         usage = obj.get("usage") or ((obj.get("response") or {}).get("body") or {}).get("usage")
         if usage:
-            arrival = (obj.get("metrics") or {}).get("arrival")
+            metrics = obj.get("metrics") or {}
+            arrival = metrics.get("arrival")
             return (None if arrival is None else float(arrival)), int(usage["prompt_tokens"]), \
-                int(usage["completion_tokens"])
+                int(usage["completion_tokens"]), int(metrics.get("cached_tokens", 0))
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise UserError(f"trace: {where} has a missing or non-numeric field ({e})") from None
     raise UserError(f"trace: {where} needs start_time, prompt_len and output_len (DistServe's form) or a "
@@ -83,17 +87,22 @@ def read_trace(path: str) -> list[tuple[float | None, int, int]]:
     if bad:
         raise UserError(f"trace: '{path}' has a request with prompt_len {bad[1]} and output_len {bad[2]}; "
                         "both must be >= 1")
+    bad = next((r for r in records if not 0 <= r[3] < r[1]), None)
+    if bad:
+        raise UserError(f"trace: '{path}' has a request with cached_len {bad[3]} of prompt_len {bad[1]}; it must be "
+                        ">= 0 and below the prompt (its last token always runs)")
     return records
 
 
 def trace_requests(path: str) -> list[SimRequest]:
     """Simulator requests at the trace's arrival times (ms from the first arrival)."""
     records = read_trace(path)
-    if any(start is None for start, _, _ in records):
+    if any(start is None for start, *_ in records):
         raise UserError(f"trace: '{path}' lacks arrival times (start_time, or metrics.arrival in a results "
                         "file); use it for lengths (planner.lengths: trace) instead")
-    first = min(start for start, _, _ in records)
-    return sorted((SimRequest((start - first) * 1e3, prompt, output) for start, prompt, output in records),
+    first = min(start for start, *_ in records)
+    return sorted((SimRequest((start - first) * 1e3, prompt, output, cached_len=cached)
+                   for start, prompt, output, cached in records),
                   key=lambda r: r.arrival)  # a trace in any order is replayed in arrival order
 
 
@@ -123,7 +132,7 @@ def check_trace(reqs: list[SimRequest], cfg: JobConfig, plan: Plan, spec: ModelS
 
 def trace_lengths(path: str) -> list[tuple[int, int]]:
     """(prompt, output) lengths of a trace, for planner.lengths: trace."""
-    return [(prompt, output) for _, prompt, output in read_trace(path)]
+    return [(prompt, output) for _, prompt, output, _ in read_trace(path)]
 
 
 def placement_instances(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str, list[InstanceSpec]]:
@@ -152,8 +161,9 @@ def simulate_plan(cfg: JobConfig, plan: Plan, spec: ModelSpec, latency: LatencyM
 
     s = cfg.scheduler
     policy = Policy(s.token_budget, s.max_decode_batch, spec.kv_bytes_per_token() if with_transfer else 0, bandwidth,
-                    s.colocated_policy, None if s.step_token_budget == "auto" else s.step_token_budget)
-    fresh = [SimRequest(r.arrival, r.input_len, r.output_len) for r in reqs]
+                    s.colocated_policy, None if s.step_token_budget == "auto" else s.step_token_budget, s.prefix_caching)
+    fresh = [SimRequest(r.arrival, r.input_len, r.output_len, cached_len=r.cached_len if s.prefix_caching else 0)
+             for r in reqs]
     instances = placement_instances(cfg, plan, spec)
     if instances["colocated"]:
         sim = Simulation(latency, policy, colocated=instances["colocated"])
@@ -185,6 +195,7 @@ def replay_report(reqs: list[SimRequest], ttft_ms: float, tpot_ms: float, scales
         "tpot_ms": {"mean": statistics.fmean(tpot) if tpot else 0.0, "p90": percentile(tpot, 0.9)},
         "attainment": attainment,
         "requests": [{"arrival_ms": round(r.arrival, 3), "prompt_len": r.input_len, "output_len": r.output_len,
+                      "cached_len": r.cached_len,
                       "ttft_ms": _ms(r.ttft), "tpot_ms": _ms(r.tpot) if r.output_len > 1 else 0.0,
                       "queue_ms": _ms(r.queue_ms), "transfer_ms": _ms(r.transfer_ms),
                       "prefill_instance": r.prefill_instance, "decode_instance": r.decode_instance}

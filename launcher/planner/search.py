@@ -60,7 +60,7 @@ class PlacementResult:
 def _policy(settings: Settings, spec: ModelSpec, bandwidth) -> Policy:
     return Policy(settings.token_budget, settings.max_decode_batch,
                   spec.kv_bytes_per_token() if settings.model_transfer else 0, bandwidth,
-                  settings.colocated_policy, settings.step_token_budget)
+                  settings.colocated_policy, settings.step_token_budget, settings.prefix_caching)
 
 
 def _layouts(latency: LatencyModel, spec: ModelSpec, max_tp: int, max_devices: int) -> list[tuple[int, int]]:

@@ -3,10 +3,12 @@
 
 Policies mirror engine/scheduler.py and engine/controller.py:
 - controller: requests go to the prefill (or colocated) instance with the fewest outstanding
-  requests, and are assigned the decode instance with the fewest;
+  requests (with prefix caching, Policy.cache_aware: the fewest queued uncached prompt tokens plus
+  the request's own, as engine/dispatch.py), and are assigned the decode instance with the fewest;
 - prefill: FCFS batches under the token budget L_m of whole prompts; a prompt longer than L_m
   runs in chunks that fill the budget; its KV stays held until pulled; a full hold area stops new
-  batches (backpressure);
+  batches (backpressure); a request's cached prefix (SimRequest.cached_len, prefix caching) runs
+  no step and takes no room beside its tail (its blocks are shared), so only the tail is charged;
 - decode: named per request at dispatch and told when its prefill starts; at a step boundary (at
   once when idle) it pulls (posts the receives) when it has room for prompt + output tokens and
   batch room; the transfer runs from the later of the first token and the pull; a pulled request
@@ -50,6 +52,7 @@ class Policy:
     bandwidth_gbps: Callable[[InstanceSpec, InstanceSpec], float] = lambda p, d: float("inf")
     colocated_policy: str = "chunked"  # chunked | prefill_first, as scheduler.colocated_policy
     step_token_budget: int | None = None  # chunked colocated: tokens per step; None: the instance's L_m
+    cache_aware: bool = False  # dispatch by queued uncached prompt tokens (scheduler.prefix_caching)
 
 
 class _Prompts:
@@ -72,14 +75,14 @@ class _Prompts:
         while budget > 0 and self:
             if not self.started:
                 r = self.queue[0]
-                if r.input_len > budget and chunks and not splits(r.input_len):
+                if r.uncached_len > budget and chunks and not splits(r.uncached_len):
                     break  # a whole prompt that does not fit: the next step
                 if not admit(r, len(chunks)):
                     break
-                self.started.append([self.queue.popleft(), 0])
+                self.started.append([self.queue.popleft(), r.cached_len])  # a cached prefix runs no step
             entry = self.started[0]
             r, done = entry
-            n = min(r.input_len - done, budget) if splits(r.input_len) else r.input_len
+            n = min(r.input_len - done, budget) if splits(r.uncached_len) else r.input_len - done
             chunks.append((r, done, n))
             entry[1] += n
             budget -= n
@@ -249,6 +252,7 @@ class _Prefill:
         self.sim, self.spec, self.index = sim, spec, index
         self.prompts = _Prompts()
         self.held, self.outstanding, self.waking = 0, 0, False
+        self.queued_tokens = 0  # uncached prompt tokens sent here without their first token yet
         self.pipe = _Pipeline(_depth(sim, spec, "prefill"))
 
     @property
@@ -257,9 +261,9 @@ class _Prefill:
 
     def _admit(self, r: SimRequest, chunks: int) -> bool:
         """Room in the hold area (the first prompt always fits an empty one)."""
-        if self.held + r.input_len > self.spec.kv_tokens and (chunks or self.held):
+        if self.held + r.uncached_len > self.spec.kv_tokens and (chunks or self.held):
             return False
-        self.held += r.input_len
+        self.held += r.uncached_len
         r.prefill_start, r.prefill_instance = self.sim.loop.now, self.index
         if r.output_len > 1:
             self.sim.announce(r, self)
@@ -292,6 +296,7 @@ class _Prefill:
         for r in batch:
             r.first_token = self.sim.loop.now
             self.outstanding -= 1
+            self.queued_tokens -= r.uncached_len
             if r.output_len <= 1:
                 r.finish = r.first_token
                 self.sim.judge(r)
@@ -302,7 +307,7 @@ class _Prefill:
         self.try_start()
 
     def release(self, r: SimRequest) -> None:
-        self.held -= r.input_len
+        self.held -= r.uncached_len
         self.try_start()
 
 
@@ -392,7 +397,7 @@ class _Colocated:
         self.prompts = _Prompts()
         depth = _depth(sim, spec, "decode")
         self.running, self.pipe = _Groups(depth), _Pipeline(depth)
-        self.used = self.outstanding = self.starting = 0
+        self.used = self.outstanding = self.starting = self.queued_tokens = 0
         self.chunked = sim.policy.colocated_policy == "chunked"
         self.waking = False
 
@@ -408,7 +413,7 @@ class _Colocated:
     def _admit(self, r: SimRequest, chunks: int) -> bool:
         """Batch room (running + started) and KV room for prompt + output (the first always fits
         an empty cache)."""
-        need = r.input_len + r.output_len
+        need = r.uncached_len + r.output_len
         if len(self.running) + self.starting >= self.sim.policy.max_decode_batch:
             return False
         if self.used + need > self.spec.kv_tokens and (chunks or self.used):
@@ -446,6 +451,7 @@ class _Colocated:
                 self._finish(r)
         for r in firsts:
             self.starting -= 1
+            self.queued_tokens -= r.uncached_len
             r.first_token = r.joined = self.sim.loop.now
             if r.output_len <= 1:
                 self._finish(r)
@@ -456,7 +462,7 @@ class _Colocated:
     def _finish(self, r: SimRequest) -> None:
         r.finish = self.sim.loop.now
         self.sim.judge(r)
-        self.used -= r.input_len + r.output_len
+        self.used -= r.uncached_len + r.output_len
         self.outstanding -= 1
 
 
@@ -505,8 +511,12 @@ class Simulation:
 
     def _arrive(self, r: SimRequest) -> None:
         entry = self.colocated or self.prefills
-        target = min(entry, key=lambda i: i.outstanding)
+        if self.policy.cache_aware:
+            target = min(entry, key=lambda i: (i.queued_tokens + r.uncached_len, i.outstanding))
+        else:
+            target = min(entry, key=lambda i: i.outstanding)
         target.outstanding += 1
+        target.queued_tokens += r.uncached_len
         if self.decodes:
             decode = min(self.decodes, key=lambda d: d.assigned)
             decode.assigned += 1

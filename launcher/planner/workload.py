@@ -20,6 +20,12 @@ class SimRequest:
     joined: float = math.nan          # entered the decode batch (disaggregated)
     prefill_instance: int = -1
     decode_instance: int = -1
+    cached_len: int = 0               # prompt tokens its prefill finds in a prefix cache
+
+    @property
+    def uncached_len(self) -> int:
+        """The prompt tokens its prefill runs."""
+        return self.input_len - self.cached_len
 
     @property
     def ttft(self) -> float:
@@ -88,15 +94,37 @@ class LengthDist:
         return int(self.input), int(self.output)
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """A prefix (a system prompt, a few-shot block) that a share of the requests begin with; with
+    prefix caching their prefill runs only what follows its full blocks (the first request of an
+    instance, which fills its cache, is not told apart: one in hundreds)."""
+
+    length: int = 0        # tokens, part of the prompt length
+    share: float = 0.0     # of the requests
+    block_size: int = 16
+
+    def cached_tokens(self, input_len: float) -> int:
+        """Prompt tokens a request that begins with the prefix finds cached: the prefix's full
+        blocks before its last token."""
+        return int(min(self.length, input_len - 1)) // self.block_size * self.block_size
+
+    def cached(self, rng: random.Random, input_len: int) -> int:
+        """A drawn request's cached tokens: the prefix's for `share` of them, else none."""
+        return self.cached_tokens(input_len) if rng.random() < self.share else 0
+
+
 def make_requests(n: int, rate: float, lengths: LengthDist, arrival: str = "poisson", cv: float = 1.0,
-                  seed: int = 0) -> list[SimRequest]:
-    """n requests at `rate` req/s (Poisson, gamma with coefficient of variation cv, or all at t=0)."""
+                  seed: int = 0, prefix: SharedPrefix | None = None) -> list[SimRequest]:
+    """n requests at `rate` req/s (Poisson, gamma with coefficient of variation cv, or all at t=0);
+    with a shared prefix, the share of them that begin with it."""
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(n):
         t += arrival_gap(rng, arrival, rate, cv) * 1e3
         i, o = lengths.draw(rng)
-        out.append(SimRequest(t, i, o))
+        cached = prefix.cached(rng, i) if prefix else 0
+        out.append(SimRequest(t, i, o, cached_len=cached))
     return out
 
 
