@@ -313,7 +313,7 @@ def _placement(per_device: float, devices: int = 2, mean_tpot_ms: float = 100.0)
 
 
 def test_choose_mode_picks_the_higher_goodput_per_device_and_says_why():
-    from launcher.planner.search import choose_mode
+    from launcher.planner.modes import choose_mode
 
     choice = choose_mode(_placement(2.0), _placement(3.0))
     assert choice.mode == "colocated" and "higher than disaggregated's 2" in choice.reason and "1.50x" in choice.reason

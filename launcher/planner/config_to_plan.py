@@ -12,8 +12,9 @@ from launcher.dtypes import planned_dtype
 from launcher.plan import InstancePlan, Plan
 from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
 from launcher.planner.goodput import Settings, probe_span_s
-from launcher.planner.search import (MODES, TIE_RULE, ModeChoice, PlacementResult, algorithm1, algorithm2,
-                                     choose_mode, colocated_goodput, colocated_placement)
+from launcher.planner.modes import MODES, ModeChoice, choose_mode
+from launcher.planner.search import (TIE_RULE, PlacementResult, algorithm1, algorithm2, colocated_goodput,
+                                     colocated_placement)
 from launcher.planner.replay import trace_lengths
 from launcher.planner.simulator import InstanceSpec
 from launcher.planner.workload import LengthDist, SharedPrefix

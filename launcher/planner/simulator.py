@@ -24,13 +24,14 @@ one that starts while another runs the other phase costs the profile's beside-th
 """
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 from launcher.planner.latency import LatencyModel, prefill_token_budget, transfer_ms
+from launcher.planner.sim_steps import (DecodeGroups, EventLoop, PromptQueue, RunningBatch, StepPipeline, launch_decode,
+                                        step_cost, wake_at, wake_when_first_stage_frees)
 from launcher.planner.workload import SimRequest
 
 
@@ -55,193 +56,6 @@ class Policy:
     cache_aware: bool = False  # dispatch by queued uncached prompt tokens (scheduler.prefix_caching)
 
 
-class _Prompts:
-    """Prompts waiting for their prefill and those started in chunks, as the engine's
-    Scheduler._prompt_chunks takes them: the started prompts' next chunks first, then waiting
-    prompts FCFS (no skipping ahead), each whole or, where it may split, as much as the budget holds."""
-
-    def __init__(self):
-        self.queue: deque[SimRequest] = deque()
-        self.started: deque[list] = deque()  # [request, prompt tokens given to steps so far]
-
-    def __bool__(self) -> bool:
-        return bool(self.queue or self.started)
-
-    def take(self, budget: int, splits: Callable[[int], bool],
-             admit: Callable[[SimRequest, int], bool]) -> list[tuple[SimRequest, int, int]]:
-        """(request, tokens before the chunk, chunk tokens) of one step; admit(request, chunks so
-        far) takes a waiting request in, or says there is no room for it."""
-        chunks = []
-        while budget > 0 and self:
-            if not self.started:
-                r = self.queue[0]
-                if r.uncached_len > budget and chunks and not splits(r.uncached_len):
-                    break  # a whole prompt that does not fit: the next step
-                if not admit(r, len(chunks)):
-                    break
-                self.started.append([self.queue.popleft(), r.cached_len])  # a cached prefix runs no step
-            entry = self.started[0]
-            r, done = entry
-            n = min(r.input_len - done, budget) if splits(r.uncached_len) else r.input_len - done
-            chunks.append((r, done, n))
-            entry[1] += n
-            budget -= n
-            if entry[1] == r.input_len:
-                self.started.popleft()
-        return chunks
-
-
-def _step_cost(inst, chunks: list[tuple[SimRequest, int, int]], group: "_Running | None") -> tuple[float, float, str]:
-    """(latency, first-stage interval, phase) of a step of prompt chunks beside a decode group."""
-    sim, tp, pp = inst.sim, inst.spec.tp, inst.spec.pp
-    lens, starts = [n for _, _, n in chunks], [s for _, s, _ in chunks]
-    batch, context = (len(group), group.context) if group else (0, 0)
-    phase = "prefill" if chunks else "decode"
-    scale = sim.contention(inst, phase, batch)
-    return (sim.latency.mixed_ms(lens, starts, batch, context, tp, pp) * scale,
-            sim.latency.mixed_interval_ms(lens, starts, batch, context, tp, pp) * scale, phase)
-
-
-class _Loop:
-    def __init__(self):
-        self.heap, self.seq, self.now = [], 0, 0.0
-
-    def at(self, t: float, fn: Callable[[], None]) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, fn))
-
-    def run(self) -> None:
-        while self.heap:
-            self.now, _, fn = heapq.heappop(self.heap)
-            fn()
-
-
-class _Running:
-    """A continuous decode batch: each request leaves after output_len - 1 steps. Steps and context
-    are counted, not walked, so a step costs O(requests finishing) however large the batch."""
-
-    def __init__(self):
-        self.steps = 0
-        self.ends: list[tuple[int, int, SimRequest]] = []  # (step it finishes at, seq, request)
-        self.context = 0    # tokens of every running request: prompt + generated so far
-        self.seq = 0
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def join(self, r: SimRequest) -> None:
-        """r has its first token; it runs from the next step on."""
-        self.seq += 1
-        heapq.heappush(self.ends, (self.steps + r.output_len - 1, self.seq, r))
-        self.context += r.input_len + 1
-
-    def step_done(self) -> list[SimRequest]:
-        """Every request gained a token; returns those that are now complete."""
-        self.steps += 1
-        self.context += len(self.ends)
-        done = []
-        while self.ends and self.ends[0][0] <= self.steps:
-            r = heapq.heappop(self.ends)[2]
-            self.context -= r.input_len + r.output_len
-            done.append(r)
-        return done
-
-
-class _Pipeline:
-    """The steps in flight on one instance, as the engine's leader keeps them: at most `depth`
-    (PP with batches in flight, else 1); a step holds the first stage for its interval and the
-    last stage likewise, so its tokens come back after its latency, and never sooner than one
-    interval after the previous step's. With depth 1 the interval is the latency."""
-
-    def __init__(self, depth: int):
-        self.depth, self.flying = depth, 0
-        self.first_free = self.last_out = 0.0
-        self.phases: deque[str] = deque()  # of the steps in flight, oldest first (they land in order)
-
-    def has_room(self, now: float) -> bool:
-        return self.flying < self.depth and now >= self.first_free
-
-    def waits_for_first_stage(self, now: float) -> bool:
-        return self.flying < self.depth and now < self.first_free
-
-    def launch(self, now: float, latency: float, interval: float, phase: str) -> float:
-        """Starts a step of `phase` now; returns when its tokens are back."""
-        self.flying += 1
-        self.phases.append(phase)
-        self.first_free = now + interval
-        self.last_out = max(now + latency, self.last_out + interval)
-        return self.last_out
-
-    def landed(self) -> None:
-        self.flying -= 1
-        self.phases.popleft()
-
-
-class _Groups:
-    """A decode batch as the engine's scheduler runs it with `depth` steps in flight: up to depth
-    groups of similar size that take turns through the PP stages. A joining request waits for the
-    next launch and goes to the smallest group not in flight."""
-
-    def __init__(self, depth: int):
-        self.groups = [_Running() for _ in range(depth)]
-        self.flying: set[int] = set()   # indices of groups in a step in flight
-        self.joining: list[SimRequest] = []
-        self.turn = 0
-
-    def __len__(self) -> int:
-        return sum(len(g) for g in self.groups) + len(self.joining)
-
-    def next_group(self, now: float) -> _Running | None:
-        """The group to step next (joining requests placed first), round robin; None if every
-        group with requests is in flight."""
-        idle = [i for i in range(len(self.groups)) if i not in self.flying]
-        if not idle:
-            return None
-        for r in self.joining:
-            if math.isnan(r.joined):  # colocated: joined at its first token, no transfer
-                r.joined = now
-            min((self.groups[i] for i in idle), key=len).join(r)
-        self.joining = []
-        for k in range(len(self.groups)):
-            i = (self.turn + k) % len(self.groups)
-            if i in idle and self.groups[i]:
-                self.turn = i + 1
-                self.flying.add(i)
-                return self.groups[i]
-        return None
-
-    def landed(self, group: _Running) -> list[SimRequest]:
-        self.flying.discard(self.groups.index(group))
-        return group.step_done()
-
-
-def _launch_decode(inst, group: _Running, landed: Callable[[_Running], None]) -> None:
-    """Starts `group`'s decode step on `inst`'s pipeline; landed(group) once its tokens are back."""
-    latency, interval, phase = _step_cost(inst, [], group)
-    inst.sim.loop.at(inst.pipe.launch(inst.sim.loop.now, latency, interval, phase), lambda: landed(group))
-
-
-def _wake(inst, at: float, retry: Callable[[], None]) -> None:
-    """`retry` at time `at` unless a wake of `inst` is already due (one at a time)."""
-    if inst.waking:
-        return
-    inst.waking = True
-
-    def wake() -> None:
-        inst.waking = False
-        retry()
-    inst.sim.loop.at(at, wake)
-
-
-def _wake_when_first_stage_frees(inst, retry: Callable[[], None]) -> bool:
-    """With a step slot free but the first stage still busy, `retry` once it frees; says whether
-    that is the case."""
-    waiting = inst.pipe.waits_for_first_stage(inst.sim.loop.now)
-    if waiting:
-        _wake(inst, inst.pipe.first_free, retry)
-    return waiting
-
-
 def _depth(sim: "Simulation", spec: InstanceSpec, phase: str) -> int:
     """Steps an instance keeps in flight: its PP degree where its stages overlap, else 1."""
     return spec.pp if sim.latency.overlap(spec.tp, spec.pp, phase) is not None else 1
@@ -250,10 +64,10 @@ def _depth(sim: "Simulation", spec: InstanceSpec, phase: str) -> int:
 class _Prefill:
     def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
         self.sim, self.spec, self.index = sim, spec, index
-        self.prompts = _Prompts()
+        self.prompts = PromptQueue()
         self.held, self.outstanding, self.waking = 0, 0, False
         self.queued_tokens = 0  # uncached prompt tokens sent here without their first token yet
-        self.pipe = _Pipeline(_depth(sim, spec, "prefill"))
+        self.pipe = StepPipeline(_depth(sim, spec, "prefill"))
 
     @property
     def busy(self) -> bool:
@@ -271,7 +85,7 @@ class _Prefill:
 
     def try_start(self) -> None:
         loop = self.sim.loop
-        if not self.prompts or self.waking or _wake_when_first_stage_frees(self, self.try_start):
+        if not self.prompts or self.waking or wake_when_first_stage_frees(self, self.try_start):
             return
         if not self.pipe.has_room(loop.now):
             return  # every step slot in flight: the next one to land wakes it
@@ -279,7 +93,7 @@ class _Prefill:
         chunks = self.prompts.take(budget, lambda n: n > budget, self._admit)
         if not chunks:
             return  # backpressure: wakes again when a pull frees the hold area
-        latency, interval, phase = _step_cost(self, chunks, None)
+        latency, interval, phase = step_cost(self, chunks, None)
         done = self.pipe.launch(loop.now, latency, interval, phase)
         loop.at(done, lambda: self._done([r for r, start, n in chunks if start + n == r.input_len]))
         self.try_start()
@@ -288,7 +102,7 @@ class _Prefill:
         """Batches start after every request of this instant has arrived, as the engine's leader
         drains all its messages before it schedules."""
         self.prompts.queue.append(r)
-        _wake(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
+        wake_at(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
 
     def _done(self, batch: list[SimRequest]) -> None:
         """A step landed; `batch`: the requests whose last chunk it ran."""
@@ -317,7 +131,7 @@ class _Decode:
         self.ready: deque[tuple[SimRequest, _Prefill]] = deque()  # announced, not pulled
         self.posted: dict[int, _Prefill] = {}  # pulled before their first token: id -> source
         depth = _depth(sim, spec, "decode")
-        self.running, self.pipe = _Groups(depth), _Pipeline(depth)
+        self.running, self.pipe = DecodeGroups(depth), StepPipeline(depth)
         self.pulling = self.used = self.assigned = 0
         self.waking = False
 
@@ -370,10 +184,10 @@ class _Decode:
             group = self.running.next_group(loop.now)
             if group is None:
                 return
-            _launch_decode(self, group, self._step_done)
-        _wake_when_first_stage_frees(self, self.start_step)
+            launch_decode(self, group, self._step_done)
+        wake_when_first_stage_frees(self, self.start_step)
 
-    def _step_done(self, group: _Running) -> None:
+    def _step_done(self, group: RunningBatch) -> None:
         now = self.sim.loop.now
         self.pipe.landed()
         for r in self.running.landed(group):
@@ -394,9 +208,9 @@ class _Colocated:
 
     def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
         self.sim, self.spec, self.index = sim, spec, index
-        self.prompts = _Prompts()
+        self.prompts = PromptQueue()
         depth = _depth(sim, spec, "decode")
-        self.running, self.pipe = _Groups(depth), _Pipeline(depth)
+        self.running, self.pipe = DecodeGroups(depth), StepPipeline(depth)
         self.used = self.outstanding = self.starting = self.queued_tokens = 0
         self.chunked = sim.policy.colocated_policy == "chunked"
         self.waking = False
@@ -408,7 +222,7 @@ class _Colocated:
     def enqueue(self, r: SimRequest) -> None:
         """As _Prefill.enqueue: the step starts once this instant's arrivals are all queued."""
         self.prompts.queue.append(r)
-        _wake(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
+        wake_at(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
 
     def _admit(self, r: SimRequest, chunks: int) -> bool:
         """Batch room (running + started) and KV room for prompt + output (the first always fits
@@ -436,13 +250,13 @@ class _Colocated:
                 group = None if chunks else self.running.next_group(loop.now)
             if not chunks and group is None:
                 break
-            latency, interval, phase = _step_cost(self, chunks, group)
+            latency, interval, phase = step_cost(self, chunks, group)
             done = self.pipe.launch(loop.now, latency, interval, phase)
             firsts = [r for r, start, n in chunks if start + n == r.input_len]
             loop.at(done, lambda group=group, firsts=firsts: self._landed(group, firsts))
-        _wake_when_first_stage_frees(self, self.try_start)
+        wake_when_first_stage_frees(self, self.try_start)
 
-    def _landed(self, group: "_Running | None", firsts: list[SimRequest]) -> None:
+    def _landed(self, group: "RunningBatch | None", firsts: list[SimRequest]) -> None:
         """A step's tokens are back: its decode group's and the first tokens of the prompts whose
         last chunk it ran."""
         self.pipe.landed()
@@ -471,7 +285,7 @@ class Simulation:
 
     def __init__(self, latency: LatencyModel, policy: Policy, prefill: list[InstanceSpec] = (),
                  decode: list[InstanceSpec] = (), colocated: list[InstanceSpec] = ()):
-        self.latency, self.policy, self.loop = latency, policy, _Loop()
+        self.latency, self.policy, self.loop = latency, policy, EventLoop()
         self.prefills = [_Prefill(self, s, i) for i, s in enumerate(prefill)]
         self.decodes = [_Decode(self, s, len(prefill) + i) for i, s in enumerate(decode)]
         self.colocated = [_Colocated(self, s, i) for i, s in enumerate(colocated)]
