@@ -118,11 +118,11 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         goodput[system]["simulated_calibrated"] = simulated_goodput(
             cfg_s, plan, spec, n, scaled(profile, factors["prefill"], factors["decode"]))
     rows.sort(key=lambda r: (r["system"], r["rate"]))
-    fidelity = {system: fidelity([r for r in rows if r["system"] == system]) for system in systems}
-    fidelity["all"] = fidelity(rows)
+    errors = {system: fidelity([r for r in rows if r["system"] == system]) for system in systems}
+    errors["all"] = fidelity(rows)
     result = {"date": time.strftime("%Y-%m-%d"),
               "slo": {"ttft_ms": cfg.slo.ttft_ms, "tpot_ms": cfg.slo.tpot_ms, "attainment": cfg.slo.attainment},
-              "requests_per_rate": n, "jobs": jobs, "rows": rows, "fidelity": fidelity,
+              "requests_per_rate": n, "jobs": jobs, "rows": rows, "fidelity": errors,
               "goodput_per_device": goodput, "duration_s": time.monotonic() - started}
     names = list(systems)
     if len(names) == 2:
