@@ -44,9 +44,9 @@ REGIMES = {
 }
 
 
-def regime_config(name: str, hosts=None):
-    """The embedded job with the regime's lengths (fixed) and SLOs, and the latency models to plan
-    it with. The SLOs are set for the profile's machine; where this one runs the profile's steps
+def regime_config(name: str):
+    """The embedded job with the regime's lengths (fixed) and SLOs, its hosts, and the latency
+    models to plan it with. The SLOs are set for the profile's machine; where this one runs the profile's steps
     at other speeds (the calibration factors), TTFT scales with the prefill factor and TPOT with the
     decode one, so the regime means the same on any machine (e.g. a prefill beside a decode still
     breaks the TPOT SLO)."""
@@ -54,10 +54,11 @@ def regime_config(name: str, hosts=None):
     r = REGIMES[name]
     cfg.planner.lengths, cfg.planner.input_len, cfg.planner.output_len = "fixed", r["input_len"], r["output_len"]
     cfg.model.max_model_len = max(cfg.model.max_model_len, 2 * (r["input_len"] + r["output_len"]))
-    models = planning_models(cfg, hosts if hosts is not None else cluster_hosts(cfg))
+    hosts = cluster_hosts(cfg)
+    models = planning_models(cfg, hosts)
     factors = models[2].factors or {"prefill": 1.0, "decode": 1.0}
     cfg.slo.ttft_ms, cfg.slo.tpot_ms = r["ttft_ms"] * factors["prefill"], r["tpot_ms"] * factors["decode"]
-    return cfg, models
+    return cfg, hosts, models
 
 
 FALLBACK_LAYOUTS = {"disaggregated": [("prefill", 1, 1, 1), ("decode", 1, 1, 1)], "colocated": [("colocated", 2, 1, 1)]}
@@ -115,8 +116,7 @@ def main() -> None:
     factors = [float(f) for f in args.factors.split(",")]
     summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg(), "regimes": {}}
     for name in args.regimes.split(","):
-        hosts = cluster_hosts(load_config(os.path.join(ROOT, "configs", "cpu-default.yaml")))
-        cfg, models = regime_config(name, hosts)
+        cfg, hosts, models = regime_config(name)
         model_dir = model_dir_of(cfg)
         shape = read_shape(model_dir)
         predicted, plans = plan_both(cfg, hosts, shape, models)

@@ -4,9 +4,9 @@ A profile records the machine it was measured on (launcher/machine.py). Where th
 machine, its timings stand. Where it is another, or the profile does not say (a profile without a
 fingerprint), a short probe on this one (the calibration probe `pdlaunch bench` runs: single
 requests of the shapes the profile timed alone, under a minute) scales the profile's prefill and
-decode costs by the ratio measured. The factors are kept for a day per (profile, machine) in the
-user's cache (PDLAUNCH_CACHE_DIR, else $XDG_CACHE_HOME/pdlaunch), so only the first plan on a new
-kind of machine pays the probe. With calibration off (`--no-calibrate`, planner.calibrate: false,
+decode costs by the ratio measured. The factors are kept for a day per (profile, machine) in
+pdlaunch's cache (model_files.cache_dir: $PDLAUNCH_CACHE, else ~/.cache/pdlaunch), so only the
+first plan on a new kind of machine pays the probe. With calibration off (`--no-calibrate`, planner.calibrate: false,
 and every dry run) the plan rests on the profile's timings as they are and says so.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from launcher.config import JobConfig
 from launcher.dtypes import planned_dtype
 from launcher.hostfile import Host
 from launcher.machine import differences, fingerprint, gpus
+from launcher.model_files import cache_dir
 from launcher.network import LOCAL_NAMES
 from launcher.planner.latency import LatencyModel
 from launcher.planner.config_to_plan import latency_models
@@ -52,11 +53,6 @@ def check_machine(models: list[LatencyModel], here: dict) -> tuple[str, str]:
 
 
 CACHE_MAX_AGE_S = 24 * 3600  # a day: these shared machines drift 10-35 % within the hour, not by 2x
-
-
-def cache_dir() -> str:
-    return os.environ.get("PDLAUNCH_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pdlaunch")
 
 
 def factors_cache_path(models: list[LatencyModel], here: dict) -> str:

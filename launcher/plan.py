@@ -106,6 +106,10 @@ class Plan:
                 "predicted": self.predicted}
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def plan_from_dict(data: dict, source: str = "plan") -> Plan:
     """Reads a plan, checking that ranks are contiguous and in Megatron order."""
     if not isinstance(data, dict) or not isinstance(data.get("instances"), list) or not data["instances"]:
@@ -126,7 +130,7 @@ def plan_from_dict(data: dict, source: str = "plan") -> Plan:
             raise UserError(f"{where}.role must be one of {', '.join(INSTANCE_ROLES)}, got {role!r}")
         tp, pp = item.get("tp", 1), item.get("pp", 1)
         for key, value in (("tp", tp), ("pp", pp)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _positive_int(value):
                 raise UserError(f"{where}.{key} must be a positive integer, got {value!r}")
         ranks = item.get("ranks", list(range(next_rank, next_rank + tp * pp)))
         if ranks != list(range(next_rank, next_rank + tp * pp)):
@@ -136,7 +140,7 @@ def plan_from_dict(data: dict, source: str = "plan") -> Plan:
         if not isinstance(hosts, list) or len(hosts) != tp * pp:
             raise UserError(f"{where}.hosts must list one host per rank ({tp * pp}), got {hosts!r}")
         step = item.get("step_token_budget")
-        if step is not None and (role != "colocated" or not isinstance(step, int) or isinstance(step, bool) or step < 1):
+        if step is not None and (role != "colocated" or not _positive_int(step)):
             raise UserError(f"{where}.step_token_budget must be a positive integer on a colocated instance, got {step!r}")
         instances.append(InstancePlan(n, role, tp, pp, next_rank, [str(h) for h in hosts], step))
         next_rank += tp * pp

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the planner's calibration factors (launcher/calibrate.py) go to a cache of this run, never the user's
-os.environ["PDLAUNCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdlaunch-test-cache-")
+# pdlaunch's cache (converted models, the planner's calibration factors) is this run's, never the user's
+os.environ["PDLAUNCH_CACHE"] = tempfile.mkdtemp(prefix="pdlaunch-test-cache-")
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
             initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)

@@ -453,7 +453,7 @@ def test_a_profile_without_fingerprint_is_calibrated_once_a_day_per_machine(prof
 
     from launcher import calibrate
 
-    monkeypatch.setenv("PDLAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PDLAUNCH_CACHE", str(tmp_path / "cache"))
     probes = []
 
     def probe(cfg, hosts, latency):

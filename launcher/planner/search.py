@@ -11,7 +11,7 @@ The choice between the two modes is launcher/planner/modes.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens, prefill_token_budget
 from launcher.planner.goodput import (Goodput, NoPrefillLatency, Settings, chunked_prefill_share_ms, decode_capacity,
@@ -205,12 +205,11 @@ def colocated_candidates(latency: LatencyModel, spec: ModelSpec, settings: Setti
     (chunked: as its step budget); then the best layout again with each other step budget."""
     policy = _policy(settings, spec, lambda p, d: float("inf"))
 
-    def simulate(tp: int, pp: int, budget: int | None) -> Candidate:
-        inst = _instance(spec, settings, tp, pp)
-        inst.step_token_budget = budget
+    def simulate(inst: InstanceSpec, budget: int | None) -> Candidate:
+        inst = replace(inst, step_token_budget=budget)
         cap = colocated_capacity(latency, settings, inst)
         g = goodput(lambda reqs, *stop: Simulation(latency, policy, colocated=[inst]).run(reqs, *stop), settings,
-                    tp * pp, settings.ttft_ms, settings.tpot_ms, cap)
+                    inst.tp * inst.pp, settings.ttft_ms, settings.tpot_ms, cap)
         return _candidate("colocated", inst, g, cap)
 
     def first_budget(tp: int) -> int | None:
@@ -218,12 +217,13 @@ def colocated_candidates(latency: LatencyModel, spec: ModelSpec, settings: Setti
         lm = prefill_token_budget(settings.token_budget, latency, tp)
         return lm if lm in budgets else budgets[-1]
 
-    out = [simulate(tp, pp, first_budget(tp)) for tp, pp in _layouts(latency, spec, gpus_per_node, total_gpus)
-           if _instance(spec, settings, tp, pp) is not None]
+    layouts = [inst for tp, pp in _layouts(latency, spec, gpus_per_node, total_gpus)
+               if (inst := _instance(spec, settings, tp, pp)) is not None]
+    out = [simulate(inst, first_budget(inst.tp)) for inst in layouts]
     if out:
-        best = max(out, key=lambda c: rank_key(c.per_device, c.devices, c.mean_tpot_ms))
-        out += [simulate(best.tp, best.pp, b) for b in step_budgets(latency, settings, best.tp)
-                if b != best.step_token_budget]
+        best = max(range(len(out)), key=lambda i: rank_key(out[i].per_device, out[i].devices, out[i].mean_tpot_ms))
+        out += [simulate(layouts[best], b) for b in step_budgets(latency, settings, layouts[best].tp)
+                if b != out[best].step_token_budget]
     return out
 
 
