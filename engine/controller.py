@@ -22,7 +22,7 @@ from engine.blocks import blocks_for
 from engine.control_plane import RankContext
 from engine.dispatch import CacheAwareDispatch
 from engine.results import Answered, Sink
-from engine.scheduler import reserved_blocks
+from engine.sequence import reserved_blocks
 from engine.tokenizer import TextCodec
 from engine.watchdog import Watchdog
 from launcher.batch_io import RequestSpec

@@ -126,7 +126,8 @@ def _run_profile_controller(ctx, job: JobFile) -> None:
 def _run_instance(ctx, job: JobFile) -> None:
     from engine.instance import Leader, follow
     from engine.runner import ModelRunner
-    from engine.scheduler import InstanceLimits, Scheduler
+    from engine.scheduler import Scheduler
+    from engine.sequence import InstanceLimits
     from engine.watchdog import ControllerWatch
 
     cfg = job.config

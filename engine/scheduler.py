@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from engine.blocks import BlockAllocator, blocks_for
+from engine.kv_handoff import KVReceiver, KVSender
 from engine.prefix_cache import PrefixCache, block_hashes
-from engine.stops import Decode, TextState, stop_cut
+from engine.sequence import InstanceLimits, Sequence, reserved_blocks
+from engine.stops import Decode, stop_cut
 from launcher.protocol import (FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request, Result,
                                SeqChunk, StepPlan, Tag, TokensOut)
 
@@ -51,51 +53,6 @@ CONTROLLER = -1  # the controller's address in SchedulerOutput.messages (others:
 class SchedulerOutput:
     step: StepPlan
     messages: list[tuple[int, Tag, Any]] = field(default_factory=list)  # (instance id or CONTROLLER, tag, message)
-
-
-@dataclass
-class Sequence:
-    request: Request
-    output: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    times: dict = field(default_factory=dict)
-    token_times: list[float] = field(default_factory=list)
-    logits: list = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    stop_text: Optional[str] = None  # the text cut before the stop string that ended it
-    text_state: TextState = field(default_factory=TextState)  # for stop strings
-    source_instance: int = -1
-    announced: bool = False  # prefill side: its decode instance expects its KV
-    prefilled: int = 0  # prompt tokens given to steps so far (chunked prefill), or found in the prefix cache
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    block_hashes: list = field(default_factory=list)  # names of its full prompt blocks (prefix caching)
-
-    @property
-    def req_id(self) -> int:
-        return self.request.req_id
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.request.prompt_ids) + len(self.output)
-
-
-def reserved_blocks(prompt_len: int, max_tokens: int, max_model_len: int, block_size: int) -> int:
-    """Blocks a sequence needs for its whole life on a decoding instance."""
-    return blocks_for(min(prompt_len + max_tokens, max_model_len), block_size)
-
-
-@dataclass(frozen=True)
-class InstanceLimits:
-    """What an instance's scheduler works within."""
-
-    num_blocks: int
-    block_size: int
-    token_budget: int  # L_m: most prompt tokens in one prefill batch; chunked colocated: most tokens in one step
-    max_batch: int
-    max_model_len: int
-    pipeline_depth: int = 1  # steps in flight at once: PP with batches in flight, else 1
-    colocated_policy: str = "prefill_first"  # chunked | prefill_first (colocated instances only)
-    prefix_caching: bool = False  # share the KV blocks of equal prompt prefixes (decode: reuse those it holds)
 
 
 class Scheduler:
@@ -116,16 +73,9 @@ class Scheduler:
         self.depth = limits.pipeline_depth
         # each step not answered yet, oldest first: its sequences, and whether it samples their token
         self.in_flight: deque[list[tuple[Sequence, bool]]] = deque()
-        self.held: dict[int, Sequence] = {}          # prefill: KV kept until pulled
-        self.incoming: deque[KVIncoming] = deque()   # decode: announced, receives not posted yet
-        self.firsts: dict[int, FirstToken] = {}      # decode: first tokens of requests not pulled yet
-        self.pulling: dict[int, Sequence] = {}       # decode: receives posted
-        self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
-        self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
-        self.pull_of: dict[int, KVPull] = {}         # prefill: req -> its pull (the decode side's blocks for it)
-        self.pending_releases: list[int] = []
+        self.sender = KVSender(self.block_size)      # prefill: the KV hand-off's sending side
+        self.receiver = KVReceiver(instance_size, self.block_size)  # decode: its receiving side
         self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
-        self.dropped: set[int] = set()               # decode: dropped before its pull; its first token is still due
         self.peak_blocks = 0
         self.peak_batch = 0
         self.steps = 0
@@ -139,38 +89,21 @@ class Scheduler:
         return block_hashes(request.prompt_ids, self.block_size) if self.prefix_cache else []
 
     def add_incoming(self, incoming: KVIncoming) -> list[tuple[int, Tag, Any]]:
-        self.incoming.append(incoming)
+        self.receiver.announce(incoming)
         if incoming.request.req_id in self.aborted:  # the abort came first
             return self.abort(incoming.request.req_id)
         return []
 
     def add_first_token(self, first: FirstToken) -> None:
         """The first token of an announced request (which may not be pulled yet)."""
-        if first.req_id in self.dropped:
-            self.dropped.discard(first.req_id)
-            return
-        seq = self.pulling.get(first.req_id)
-        if seq is None:
-            self.firsts[first.req_id] = first
-        else:
-            self._apply_first(seq, first)
-
-    @staticmethod
-    def _apply_first(seq: Sequence, first: FirstToken) -> None:
-        seq.output = [first.token]
-        seq.cached_tokens = first.cached_tokens
-        seq.times = {**first.times, **seq.times}
-        seq.token_times = [first.times["first_token"]]
-        seq.logits = list(first.logits)
+        self.receiver.first_token(first)
 
     def add_pull(self, pull: KVPull) -> None:
-        self.pulls.setdefault(pull.decode_instance, deque()).append(pull.req_id)
-        self.pull_of[pull.req_id] = pull
+        self.sender.pull(pull)
 
     def pulled(self, req_id: int) -> None:
-        """The decode side has all of the request's KV: free the held blocks."""
-        self.allocator.free(self.held.pop(req_id).blocks)
-        self.pending_releases.append(req_id)
+        """The decode side has all of the request's KV (or dropped it): free the held blocks."""
+        self.allocator.free(self.sender.pulled(req_id).blocks)
 
     def abort(self, req_id: int) -> list[tuple[int, Tag, Any]]:
         """Ends a request early; returns the messages that causes. A prefill instance ends only
@@ -180,12 +113,9 @@ class Scheduler:
             self.waiting.remove(waiting)
             waiting.finish_reason = "abort"
             return [(CONTROLLER, Tag.RESULT, self._result(waiting))]
-        incoming = next((i for i in self.incoming if i.request.req_id == req_id), None)
-        if incoming is not None:  # announced, not pulled: the prefill side frees its held KV, no transfer
-            self.incoming.remove(incoming)
+        if req_id in self.receiver.waiting:  # announced, not pulled: the prefill side frees its held KV, no transfer
+            incoming = self.receiver.drop(req_id)
             self.aborted.discard(req_id)
-            if self.firsts.pop(req_id, None) is None:
-                self.dropped.add(req_id)
             seq = Sequence(incoming.request, finish_reason="abort")
             return [(incoming.prefill_instance, Tag.PULLED, Pulled(req_id)), (CONTROLLER, Tag.RESULT, self._result(seq))]
         if self.role != "prefill":
@@ -193,11 +123,11 @@ class Scheduler:
         return []
 
     def rank_arrived(self, req_id: int) -> None:
-        self.arrived[req_id] = self.arrived.get(req_id, 0) + 1
+        self.receiver.rank_arrived(req_id)
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self.pulling or self.incoming or self.firsts
-                    or any(self.pulls.values()) or self.pending_releases or self.in_flight)
+        return bool(self.waiting or self.prefilling or self.running or self.in_flight or self.receiver.busy()
+                    or self.sender.busy())
 
     def _decode_group(self) -> list[Sequence]:
         """The running sequences of the next decode step: those not in a step in flight, at most
@@ -243,7 +173,7 @@ class Scheduler:
         self.starting.add(seq.req_id)
         seq.times["prefill_start"] = time.time()
         if self._decodes_later(seq):
-            seq.announced = True
+            self.sender.announce(seq)
             out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
                                  KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
@@ -298,61 +228,36 @@ class Scheduler:
         return chunks
 
     def _start_pulls(self, out: SchedulerOutput) -> list[KVPost]:
+        """Posts the receives of announced requests, oldest first, while blocks and batch room last."""
         recvs = []
-        while self.incoming and len(self.running) + len(self.pulling) < self.max_batch:
-            incoming = self.incoming[0]
+        while (incoming := self.receiver.next_waiting()) and len(self.running) + len(self.receiver.pulling) < self.max_batch:
             seq = Sequence(incoming.request, source_instance=incoming.prefill_instance,
                            block_hashes=self._hashes(incoming.request))
-            need = self._reserve(seq)
-            held = self._take_blocks(seq, need)  # with decode_prefix_reuse: the prompt's leading blocks held here
+            held = self._take_blocks(seq, self._reserve(seq))  # with decode_prefix_reuse: the prompt's leading blocks held here
             if held is None:
                 break
-            self.incoming.popleft()
             seq.times["pull_start"] = time.time()
-            self.pulling[seq.req_id] = seq
-            if seq.req_id in self.firsts:
-                self._apply_first(seq, self.firsts.pop(seq.req_id))
-            recvs.append(KVPost(seq.req_id, tuple(seq.blocks[held:]), len(seq.request.prompt_ids) - held * self.block_size,
-                                seq.source_instance, incoming.blocks[held:]))
-            # the prefill side posts its sends in the order these pulls reach it
-            out.messages.append((seq.source_instance, Tag.KV_PULL, KVPull(seq.req_id, self.instance_id,
-                                                                          tuple(seq.blocks), held)))
+            recv, pull = self.receiver.pull(seq, held, self.instance_id)
+            recvs.append(recv)
+            out.messages.append((seq.source_instance, Tag.KV_PULL, pull))  # the sends follow the pulls' order
         return recvs
 
     def _joins(self, out: SchedulerOutput) -> list[int]:
         """Requests whose KV is on every rank and whose first token is known join the batch; one
         whose first token already ends it (EOS, a stop string) finishes here, without a step."""
         joined = []
-        for req_id, count in list(self.arrived.items()):
-            seq = self.pulling[req_id]
-            if count < self.instance_size or not seq.output:
-                continue
-            del self.pulling[req_id], self.arrived[req_id]
+        for seq in self.receiver.joins():
             seq.times["transfer_end"] = time.time()
             if self.prefix_cache:  # its prompt's KV is on every rank: later pulls of the same prefix reuse it
                 self.prefix_cache.register(seq.blocks, seq.block_hashes)
-            joined.append(req_id)
-            out.messages.append((seq.source_instance, Tag.PULLED, Pulled(req_id)))
+            joined.append(seq.req_id)
+            out.messages.append((seq.source_instance, Tag.PULLED, Pulled(seq.req_id)))
             if self._finished(seq):
                 self.allocator.free(seq.blocks)
                 out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
             else:
                 self.running.append(seq)
         return joined
-
-    def _post_sends(self) -> list[KVPost]:
-        """Sends of pulled requests whose KV is held, strictly in each decode instance's pull order:
-        a pull that comes before its prefill ends holds back the pulls behind it."""
-        sends = []
-        for decode_instance, queue in self.pulls.items():
-            while queue and queue[0] in self.held:
-                seq = self.held[queue.popleft()]
-                pull = self.pull_of.pop(seq.req_id)
-                skip = pull.held_blocks  # the blocks the decode side has already
-                sends.append(KVPost(seq.req_id, tuple(seq.blocks[skip:]),
-                                    len(seq.request.prompt_ids) - skip * self.block_size, decode_instance,
-                                    pull.blocks[skip:]))
-        return sends
 
     def _free(self, seq: Sequence) -> None:
         """Frees a sequence that ends here; with prefix caching the full blocks of its prompt and
@@ -377,8 +282,8 @@ class Scheduler:
         out = SchedulerOutput(StepPlan())
         if self.aborted:
             self._reap_aborted(out)
-        releases, self.pending_releases = tuple(self.pending_releases), []
-        sends = self._post_sends()
+        releases = self.sender.take_releases()
+        sends = self.sender.sends()
         joins, recvs = [], []
         if self.role == "decode":
             joins = self._joins(out)
@@ -402,7 +307,7 @@ class Scheduler:
 
     def state(self) -> dict:
         """What the heartbeat reports: queue, batch and KV occupancy."""
-        return {"waiting": len(self.waiting) + len(self.prefilling) + len(self.incoming), "running": len(self.running),
+        return {"waiting": len(self.waiting) + len(self.prefilling) + len(self.receiver.waiting), "running": len(self.running),
                 "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks} | self._prefix_counts()
 
     def _prefix_counts(self) -> dict:
@@ -456,8 +361,8 @@ class Scheduler:
             if first:
                 self.starting.discard(seq.req_id)
                 seq.times["prefill_end"] = seq.times["first_token"] = now
-            if first and seq.announced:  # its decode instance expects the KV, even if EOS came first
-                self.held[seq.req_id] = seq  # sent once pulled (_post_sends)
+            if first and self.sender.expects(seq.req_id):  # its decode instance expects the KV, even if EOS came first
+                self.sender.hold(seq.req_id)  # sent once pulled
                 seq.times["transfer_start"] = now
                 messages.append((seq.request.decode_instance, Tag.FIRST_TOKEN,
                                  FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits),

@@ -15,7 +15,8 @@ from collections import deque
 
 from engine.blocks import blocks_for
 from engine.control_plane import StepSender, poll
-from engine.scheduler import InstanceLimits, Scheduler
+from engine.scheduler import Scheduler
+from engine.sequence import InstanceLimits
 from launcher.protocol import Heartbeat, Request, SamplingParams, SeqChunk, StepPlan, Tag
 
 PREFILL_LENS = [16, 64, 128, 256, 512]

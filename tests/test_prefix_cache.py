@@ -244,7 +244,7 @@ def test_a_decode_instance_that_holds_a_prefix_pulls_only_the_rest():
     prefill.on_step([7])
     prefill.add_pull(pull)
     (send,) = prefill.schedule().step.kv_sends
-    assert (send.block_table, send.num_tokens, send.peer_blocks) == (tuple(prefill.held[1].blocks[3:]), 1, pull.blocks[3:])
+    assert (send.block_table, send.num_tokens, send.peer_blocks) == (tuple(prefill.sender.seqs[1].blocks[3:]), 1, pull.blocks[3:])
 
 
 def test_the_simulator_dispatches_by_queued_uncached_tokens_as_the_controller_does():

@@ -60,7 +60,7 @@ def test_prefill_instance_chunks_a_prompt_longer_than_its_budget_at_the_budget()
         s.on_step([7] * len(step.seqs))
     # 12 does not fit beside the last 8 tokens of 0: prompts under L_m stay whole
     assert lens == [[(0, 16, 16)], [(0, 32, 8)], [(1, 0, 12)]]
-    assert set(s.held) == {0, 1} and s.held[0].output == [7]
+    assert s.sender.held == {0, 1} and s.sender.seqs[0].output == [7]
 
 
 def test_prefill_backpressure_when_hold_area_full():
@@ -91,7 +91,7 @@ def test_decode_pulls_only_when_it_has_room():
     for _ in range(200):
         step = s.schedule().step
         max_used = max(max_used, s.allocator.num_used)
-        assert len(s.running) + len(s.pulling) <= 2
+        assert len(s.running) + len(s.receiver.pulling) <= 2
         for r in (k.req_id for k in step.kv_recvs):
             s.rank_arrived(r)
             s.rank_arrived(r)                                # both ranks of the instance
@@ -274,19 +274,21 @@ def test_sends_follow_each_decode_instances_pull_order():
     """NCCL pairs sends and receives by order: the prefill side posts a request's sends in the
     order its decode instance pulled (posted receives), never in prefill order, and a pull that
     comes before its prefill ended holds back that instance's later pulls."""
-    s = sched("prefill", budget=100)
+    s = sched("prefill", budget=32)
     for i in range(4):
         s.add_request(req(i, 8, decode_instance=10 + i % 2))
     step = s.schedule().step
     assert [c.req_id for c in step.seqs] == [0, 1, 2, 3]
     s.add_request(req(4, 8, decode_instance=11))
-    s.add_pull(KVPull(3, 11))
-    s.add_pull(KVPull(4, 11))                                # pulled before its prefill even started
+    s.add_pull(KVPull(3, 11))                                # pulled before its prefill ended
+    s.on_step([7, 7, 7, 7])                                  # 0-3 hold their KV
+    step = s.schedule().step                                 # 4 prefills now (and is announced)
+    assert [c.req_id for c in step.seqs] == [4] and [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(3, 11)]
+    s.add_pull(KVPull(4, 11))                                # pulled before its prefill ended
     s.add_pull(KVPull(1, 11))
     s.add_pull(KVPull(2, 10))
-    s.on_step([7, 7, 7, 7])                                  # 0-3 hold their KV
-    step = s.schedule().step                                 # 4 prefills now
-    assert [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(3, 11), (2, 10)]  # 1 waits behind 4
+    step = s.schedule().step
+    assert [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(2, 10)]  # 1 waits behind 4
     s.on_step([7])
     s.add_pull(KVPull(0, 10))
     step = s.schedule().step
@@ -374,12 +376,12 @@ def test_abort_on_the_decode_side_drops_or_finishes_without_a_step():
     messages = s.abort(1)
     assert sent(messages, Tag.PULLED, 0)[0].req_id == 1      # the prefill side frees its copy, no transfer
     assert [(r.req_id, r.finish_reason) for r in finished(messages)] == [(1, "abort")]
-    assert not s.incoming and 1 not in s.firsts
+    assert not s.receiver.waiting and 1 not in s.receiver.firsts
     assert not s.abort(2)                                    # not announced yet: remembered
     messages = s.add_incoming(KVIncoming(r2, 0))
     assert [r.req_id for r in finished(messages)] == [2] and sent(messages, Tag.PULLED, 0)
     s.add_first_token(FirstToken(2, 0, 7, {"first_token": 0.0}))  # its first token still comes: ignored
-    assert not s.firsts and not s.dropped
+    assert not s.receiver.firsts and set(s.receiver.stages) == {0}  # 2 is forgotten
     s.abort(0)                                               # receives posted: the transfer completes, then it ends
     s.rank_arrived(0)
     out = s.schedule()
