@@ -28,7 +28,7 @@ An aborted request (client gone, drain timed out) leaves at once if it waits; on
 already moving or in the batch finishes with reason "abort" at its next join or step, so every
 transfer posted still completes in order and every block is freed by the usual path.
 `schedule()` returns one SchedulerOutput: the step plan for the instance's ranks and the messages
-for peer instances and the controller; `on_step()` returns the messages its tokens cause.
+for peer instances' leaders and the controller; `on_step()` returns the messages its tokens cause.
 Pure Python: no torch, no MPI.
 """
 from __future__ import annotations
@@ -43,23 +43,32 @@ from engine.kv_handoff import KVReceiver, KVSender
 from engine.prefix_cache import PrefixCache, block_hashes
 from engine.sequence import InstanceLimits, Sequence, reserved_blocks
 from engine.stops import Decode, stop_cut
-from launcher.protocol import (FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request, Result,
-                               SeqChunk, StepPlan, Tag, TokensOut)
+from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request,
+                               Result, SchedulerState, SchedulerStats, SeqChunk, StepPlan, TokensOut)
 
-CONTROLLER = -1  # the controller's address in SchedulerOutput.messages (others: instance ids)
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message for another rank: a peer instance's leader, or the CONTROLLER."""
+
+    dest: int  # global rank
+    msg: Any
 
 
 @dataclass
 class SchedulerOutput:
     step: StepPlan
-    messages: list[tuple[int, Tag, Any]] = field(default_factory=list)  # (instance id or CONTROLLER, tag, message)
+    messages: list[Outgoing] = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, role: str, instance_id: int, instance_size: int, limits: InstanceLimits,
-                 eos_ids: tuple[int, ...] = (), decode: Optional[Decode] = None, want_logits: bool = False):
-        """`decode` (token ids -> text) is needed only for requests with stop strings."""
+                 eos_ids: tuple[int, ...] = (), decode: Optional[Decode] = None, want_logits: bool = False,
+                 leaders: tuple[int, ...] = ()):
+        """`decode` (token ids -> text) is needed only for requests with stop strings; `leaders`
+        (every instance's leader's global rank) only by instances that talk to peers."""
         self.role, self.instance_id, self.instance_size = role, instance_id, instance_size
+        self.leaders = leaders
         self.block_size, self.token_budget = limits.block_size, limits.token_budget
         self.max_batch, self.max_model_len = limits.max_batch, limits.max_model_len
         self.prefix_cache = PrefixCache(limits.num_blocks, limits.block_size) if limits.prefix_caching else None
@@ -88,7 +97,7 @@ class Scheduler:
         """The names of the prompt's full blocks, where this instance caches prefixes."""
         return block_hashes(request.prompt_ids, self.block_size) if self.prefix_cache else []
 
-    def add_incoming(self, incoming: KVIncoming) -> list[tuple[int, Tag, Any]]:
+    def add_incoming(self, incoming: KVIncoming) -> list[Outgoing]:
         self.receiver.announce(incoming)
         if incoming.request.req_id in self.aborted:  # the abort came first
             return self.abort(incoming.request.req_id)
@@ -105,19 +114,19 @@ class Scheduler:
         """The decode side has all of the request's KV (or dropped it): free the held blocks."""
         self.allocator.free(self.sender.pulled(req_id).blocks)
 
-    def abort(self, req_id: int) -> list[tuple[int, Tag, Any]]:
+    def abort(self, req_id: int) -> list[Outgoing]:
         """Ends a request early; returns the messages that causes. A prefill instance ends only
         requests it has not started (the controller tells the decode instance about later ones)."""
         waiting = next((seq for seq in self.waiting if seq.req_id == req_id), None)
         if waiting is not None:
             self.waiting.remove(waiting)
             waiting.finish_reason = "abort"
-            return [(CONTROLLER, Tag.RESULT, self._result(waiting))]
+            return [Outgoing(CONTROLLER, self._result(waiting))]
         if req_id in self.receiver.waiting:  # announced, not pulled: the prefill side frees its held KV, no transfer
             incoming = self.receiver.drop(req_id)
             self.aborted.discard(req_id)
             seq = Sequence(incoming.request, finish_reason="abort")
-            return [(incoming.prefill_instance, Tag.PULLED, Pulled(req_id)), (CONTROLLER, Tag.RESULT, self._result(seq))]
+            return [Outgoing(self.leaders[incoming.prefill_instance], Pulled(req_id)), Outgoing(CONTROLLER, self._result(seq))]
         if self.role != "prefill":
             self.aborted.add(req_id)
         return []
@@ -174,8 +183,8 @@ class Scheduler:
         seq.times["prefill_start"] = time.time()
         if self._decodes_later(seq):
             self.sender.announce(seq)
-            out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
-                                 KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
+            out.messages.append(Outgoing(self.leaders[seq.request.decode_instance],
+                                         KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
 
     def _take_blocks(self, seq: Sequence, need: int) -> Optional[int]:
@@ -239,7 +248,7 @@ class Scheduler:
             seq.times["pull_start"] = time.time()
             recv, pull = self.receiver.pull(seq, held, self.instance_id)
             recvs.append(recv)
-            out.messages.append((seq.source_instance, Tag.KV_PULL, pull))  # the sends follow the pulls' order
+            out.messages.append(Outgoing(self.leaders[seq.source_instance], pull))  # the sends follow the pulls' order
         return recvs
 
     def _joins(self, out: SchedulerOutput) -> list[int]:
@@ -251,10 +260,10 @@ class Scheduler:
             if self.prefix_cache:  # its prompt's KV is on every rank: later pulls of the same prefix reuse it
                 self.prefix_cache.register(seq.blocks, seq.block_hashes)
             joined.append(seq.req_id)
-            out.messages.append((seq.source_instance, Tag.PULLED, Pulled(seq.req_id)))
+            out.messages.append(Outgoing(self.leaders[seq.source_instance], Pulled(seq.req_id)))
             if self._finished(seq):
                 self.allocator.free(seq.blocks)
-                out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
+                out.messages.append(Outgoing(CONTROLLER, self._result(seq)))
             else:
                 self.running.append(seq)
         return joined
@@ -275,7 +284,7 @@ class Scheduler:
             self.running.remove(seq)
             self._free(seq)
             seq.finish_reason = "abort"
-            out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
+            out.messages.append(Outgoing(CONTROLLER, self._result(seq)))
 
     def schedule(self) -> SchedulerOutput:
         """The next step for the instance's ranks and the messages it causes."""
@@ -305,20 +314,21 @@ class Scheduler:
         self.steps += bool(chunks)
         return out
 
-    def state(self) -> dict:
+    def state(self) -> SchedulerState:
         """What the heartbeat reports: queue, batch and KV occupancy."""
-        return {"waiting": len(self.waiting) + len(self.prefilling) + len(self.receiver.waiting), "running": len(self.running),
-                "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks} | self._prefix_counts()
+        return SchedulerState(len(self.waiting) + len(self.prefilling) + len(self.receiver.waiting), len(self.running),
+                              self.allocator.num_used, self.allocator.num_blocks, *self._prefix_counts())
 
-    def _prefix_counts(self) -> dict:
-        return self.prefix_cache.counts() if self.prefix_cache else {}
+    def _prefix_counts(self) -> tuple[int, int]:
+        """Prompt tokens admitted, and of those served from the prefix cache."""
+        cache = self.prefix_cache
+        return (cache.query_tokens, cache.hit_tokens) if cache else (0, 0)
 
-    def stats(self) -> dict:
+    def stats(self) -> SchedulerStats:
         import resource
 
-        return {"kv_blocks": self.allocator.num_blocks, "peak_kv_blocks": self.peak_blocks,
-                "peak_batch": self.peak_batch, "forward_steps": self.steps, **self._prefix_counts(),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return SchedulerStats(self.allocator.num_blocks, self.peak_blocks, self.peak_batch, self.steps,
+                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *self._prefix_counts())
 
     # ---- results of a step -------------------------------------------------------------------
     def _finished(self, seq: Sequence) -> bool:
@@ -341,7 +351,7 @@ class Scheduler:
                       tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else (),
                       seq.cached_tokens)
 
-    def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[tuple[int, Tag, Any]]:
+    def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[Outgoing]:
         """Appends the sampled tokens (and, for --dump-logits, their logits as lists) of the oldest
         step in flight; returns the messages they cause: first tokens of held KV, finished requests."""
         now = time.time()
@@ -364,18 +374,18 @@ class Scheduler:
             if first and self.sender.expects(seq.req_id):  # its decode instance expects the KV, even if EOS came first
                 self.sender.hold(seq.req_id)  # sent once pulled
                 seq.times["transfer_start"] = now
-                messages.append((seq.request.decode_instance, Tag.FIRST_TOKEN,
-                                 FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits),
-                                            seq.cached_tokens)))
-                messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
+                messages.append(Outgoing(self.leaders[seq.request.decode_instance],
+                                         FirstToken(seq.req_id, self.instance_id, token, dict(seq.times),
+                                                    tuple(seq.logits), seq.cached_tokens)))
+                messages.append(Outgoing(CONTROLLER, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):
                 self._free(seq)
                 if seq in self.running:
                     self.running.remove(seq)
-                messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
+                messages.append(Outgoing(CONTROLLER, self._result(seq)))
             elif first:
                 self.running.append(seq)
-                messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
+                messages.append(Outgoing(CONTROLLER, PrefillDone(seq.req_id, self.instance_id, now)))
         if streamed:  # before the results: the controller keeps what a result makes redundant out anyway
-            messages.insert(0, (CONTROLLER, Tag.TOKENS_OUT, TokensOut(self.instance_id, tuple(streamed))))
+            messages.insert(0, Outgoing(CONTROLLER, TokensOut(self.instance_id, tuple(streamed))))
         return messages

@@ -15,11 +15,13 @@ PREFILL, DECODE = 0, 1
 
 def pair(decode_ranks: int = 2) -> tuple[Scheduler, Scheduler]:
     limits = InstanceLimits(16, 4, 32, 8, 128)
-    return Scheduler("prefill", PREFILL, 1, limits), Scheduler("decode", DECODE, decode_ranks, limits)
+    leaders = (10, 11)  # the instances' leaders' ranks
+    return (Scheduler("prefill", PREFILL, 1, limits, leaders=leaders),
+            Scheduler("decode", DECODE, decode_ranks, limits, leaders=leaders))
 
 
 def of(messages, kind) -> list:
-    return [m for _, _, m in messages if isinstance(m, kind)]
+    return [o.msg for o in messages if isinstance(o.msg, kind)]
 
 
 def started(p: Scheduler, d: Scheduler) -> FirstToken:
