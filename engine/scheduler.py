@@ -3,16 +3,13 @@
 One class serves the three roles; a role is the set of phases an instance runs:
 - prefill:   FCFS batches under the token budget L_m (whole prompts; a prompt longer than L_m
              runs in chunks that fill the budget, so L_m bounds every step); a request that may
-             decode is announced to its decode instance when its prefill starts; after prefill the
-             KV is *held*; its sends are posted once its decode instance pulled it, in the order
-             that instance's pulls came (per rank pair the sends then follow the receives' order:
-             NCCL matches by order, not tag); no blocks free = no new prefill (backpressure).
-- decode:    pulls an announced request's KV (posts its receives and tells the prefill instance)
-             only when it has blocks (prompt + max_tokens) and batch room for it; a pulled request
-             joins the continuous batch once every rank has its KV and its first token is known.
-             Announcing at prefill start lets the receives be posted while the prefill runs, so the
-             transfer starts at the first token instead of at the decode side's next step boundary
-             after it.
+             decode is announced to its decode instance when its prefill starts, and its KV is
+             held after prefill until that instance pulled it (engine/kv_handoff.py); no blocks
+             free = no new prefill (backpressure).
+- decode:    pulls an announced request's KV only when it has blocks (prompt + max_tokens) and
+             batch room for it; a pulled request joins the continuous batch once every rank has
+             its KV and its first token is known. Announcing at prefill start lets the receives be
+             posted while the prefill runs, so the transfer starts at the first token.
 - colocated: both phases on the same ranks, under one of two policies:
              chunked (vLLM >= 0.6, Sarathi-Serve): every step carries the running decodes (one token
              each, first) plus chunks of the started, then the waiting prompts (FCFS) up to the
@@ -347,9 +344,7 @@ class Scheduler:
 
     def _result(self, seq: Sequence) -> Result:
         self.aborted.discard(seq.req_id)
-        return Result(seq.req_id, self.instance_id, tuple(seq.output), seq.finish_reason, dict(seq.times),
-                      tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else (),
-                      seq.cached_tokens)
+        return seq.result(self.instance_id, self.want_logits)
 
     def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[Outgoing]:
         """Appends the sampled tokens (and, for --dump-logits, their logits as lists) of the oldest

@@ -7,7 +7,7 @@ from typing import Optional
 
 from engine.blocks import blocks_for
 from engine.stops import TextState
-from launcher.protocol import FirstToken, Request
+from launcher.protocol import FirstToken, Request, Result
 
 
 @dataclass
@@ -41,6 +41,12 @@ class Sequence:
         self.times = {**first.times, **self.times}
         self.token_times = [first.times["first_token"]]
         self.logits = list(first.logits)
+
+    def result(self, instance: int, with_logits: bool) -> Result:
+        """The finished sequence as the controller gets it."""
+        return Result(self.req_id, instance, tuple(self.output), self.finish_reason, dict(self.times),
+                      tuple(self.token_times), self.stop_text, tuple(self.logits) if with_logits else (),
+                      self.cached_tokens)
 
 
 def reserved_blocks(prompt_len: int, max_tokens: int, max_model_len: int, block_size: int) -> int:
