@@ -35,9 +35,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.blocks import BlockAllocator, blocks_for
+from engine.blocks import blocks_for
 from engine.kv_handoff import KVReceiver, KVSender
-from engine.prefix_cache import PrefixCache, block_hashes
+from engine.seq_blocks import SequenceBlocks
 from engine.sequence import InstanceLimits, Sequence, reserved_blocks
 from engine.stops import Decode, stop_cut
 from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request,
@@ -68,8 +68,7 @@ class Scheduler:
         self.leaders = leaders
         self.block_size, self.token_budget = limits.block_size, limits.token_budget
         self.max_batch, self.max_model_len = limits.max_batch, limits.max_model_len
-        self.prefix_cache = PrefixCache(limits.num_blocks, limits.block_size) if limits.prefix_caching else None
-        self.allocator = self.prefix_cache or BlockAllocator(limits.num_blocks)
+        self.blocks = SequenceBlocks(limits.num_blocks, limits.block_size, limits.prefix_caching)
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.chunked = role == "colocated" and limits.colocated_policy == "chunked"
         self.waiting: deque[Sequence] = deque()      # to prefill
@@ -88,11 +87,7 @@ class Scheduler:
 
     # ---- inputs from the control plane -------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        self.waiting.append(Sequence(request, block_hashes=self._hashes(request)))
-
-    def _hashes(self, request: Request) -> list[bytes]:
-        """The names of the prompt's full blocks, where this instance caches prefixes."""
-        return block_hashes(request.prompt_ids, self.block_size) if self.prefix_cache else []
+        self.waiting.append(Sequence(request, block_hashes=self.blocks.hashes(request.prompt_ids)))
 
     def add_incoming(self, incoming: KVIncoming) -> list[Outgoing]:
         self.receiver.announce(incoming)
@@ -109,7 +104,7 @@ class Scheduler:
 
     def pulled(self, req_id: int) -> None:
         """The decode side has all of the request's KV (or dropped it): free the held blocks."""
-        self.allocator.free(self.sender.pulled(req_id).blocks)
+        self.blocks.free(self.sender.pulled(req_id))
 
     def abort(self, req_id: int) -> list[Outgoing]:
         """Ends a request early; returns the messages that causes. A prefill instance ends only
@@ -172,7 +167,7 @@ class Scheduler:
             need = self._reserve(seq)
         else:
             need = blocks_for(n, self.block_size)
-        hits = self._take_blocks(seq, need)
+        hits = self.blocks.take(seq, need)
         if hits is None:
             return False
         seq.cached_tokens = seq.prefilled = hits * self.block_size
@@ -184,27 +179,6 @@ class Scheduler:
                                          KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
 
-    def _take_blocks(self, seq: Sequence, need: int) -> Optional[int]:
-        """Gives a sequence its `need` blocks, with prefix caching its cached prefix's shared;
-        returns how many leading blocks came from the cache, None when they do not fit."""
-        if self.prefix_cache is None:
-            if not self.allocator.can_allocate(need):
-                return None
-            seq.blocks = self.allocator.allocate(need)
-            return 0
-        taken = self.prefix_cache.admit(seq.block_hashes, len(seq.request.prompt_ids), need)
-        if taken is None:
-            return None
-        seq.blocks, hits = taken
-        return hits
-
-    def _uncached(self, seq: Sequence) -> int:
-        """Prompt tokens a waiting sequence would still run (its tail past a cached prefix)."""
-        n = len(seq.request.prompt_ids)
-        if self.prefix_cache is None:
-            return n
-        return n - len(self.prefix_cache.cached_prefix(seq.block_hashes, n)) * self.block_size
-
     def _prompt_chunks(self, out: SchedulerOutput, budget: int) -> list[tuple[Sequence, SeqChunk]]:
         """The prompt tokens of a step with `budget` tokens left: the started prompts' next chunks,
         then waiting prompts FCFS (no skipping ahead), each whole or, where it may split, as much
@@ -215,7 +189,7 @@ class Scheduler:
             seq = self.prefilling[0] if started else self.waiting[0]
             n = len(seq.request.prompt_ids)
             if not started:
-                tail = self._uncached(seq)
+                tail = self.blocks.uncached(seq)
                 if tail > budget and chunks and not self._splits(tail):
                     break  # a whole prompt that does not fit: the next step
                 if not self._admit(seq, out):
@@ -227,8 +201,7 @@ class Scheduler:
                                          seq.prefilled, tuple(seq.blocks), seq.request.sampling, 0)))
             seq.prefilled += take
             budget -= take
-            if self.prefix_cache:
-                self.prefix_cache.register(seq.blocks, seq.block_hashes[:seq.prefilled // self.block_size])
+            self.blocks.written(seq, seq.prefilled)
             if seq.prefilled == n:
                 self.prefilling.remove(seq)
         return chunks
@@ -238,8 +211,8 @@ class Scheduler:
         recvs = []
         while (incoming := self.receiver.next_waiting()) and len(self.running) + len(self.receiver.pulling) < self.max_batch:
             seq = Sequence(incoming.request, source_instance=incoming.prefill_instance,
-                           block_hashes=self._hashes(incoming.request))
-            held = self._take_blocks(seq, self._reserve(seq))  # with decode_prefix_reuse: the prompt's leading blocks held here
+                           block_hashes=self.blocks.hashes(incoming.request.prompt_ids))
+            held = self.blocks.take(seq, self._reserve(seq))  # with decode_prefix_reuse: the prompt's leading blocks held here
             if held is None:
                 break
             seq.times["pull_start"] = time.time()
@@ -254,32 +227,22 @@ class Scheduler:
         joined = []
         for seq in self.receiver.joins():
             seq.times["transfer_end"] = time.time()
-            if self.prefix_cache:  # its prompt's KV is on every rank: later pulls of the same prefix reuse it
-                self.prefix_cache.register(seq.blocks, seq.block_hashes)
+            self.blocks.written(seq, len(seq.request.prompt_ids))  # later pulls of the same prefix reuse it
             joined.append(seq.req_id)
             out.messages.append(Outgoing(self.leaders[seq.source_instance], Pulled(seq.req_id)))
             if self._finished(seq):
-                self.allocator.free(seq.blocks)
+                self.blocks.free(seq)
                 out.messages.append(Outgoing(CONTROLLER, self._result(seq)))
             else:
                 self.running.append(seq)
         return joined
-
-    def _free(self, seq: Sequence) -> None:
-        """Frees a sequence that ends here; with prefix caching the full blocks of its prompt and
-        output (but its last token, whose KV no step wrote) stay cached, for a later turn of the
-        conversation that resends them."""
-        if self.prefix_cache:
-            self.prefix_cache.register(seq.blocks, block_hashes([*seq.request.prompt_ids, *seq.output[:-1]],
-                                                                self.block_size))
-        self.allocator.free(seq.blocks)
 
     def _reap_aborted(self, out: SchedulerOutput) -> None:
         """Aborted sequences of the batch that no step in flight holds leave before the next step."""
         flying = self._flying()
         for seq in [s for s in self.running if s.req_id in self.aborted and s.req_id not in flying]:
             self.running.remove(seq)
-            self._free(seq)
+            self.blocks.free(seq, keep_output=True)
             seq.finish_reason = "abort"
             out.messages.append(Outgoing(CONTROLLER, self._result(seq)))
 
@@ -306,7 +269,7 @@ class Scheduler:
             self.in_flight.append(step)
         out.step = StepPlan(tuple(chunks), tuple(sends), tuple(recvs), tuple(joins), releases,
                             want_logits=self.want_logits and bool(chunks))
-        self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
+        self.peak_blocks = max(self.peak_blocks, self.blocks.num_used)
         self.peak_batch = max(self.peak_batch, len(chunks))
         self.steps += bool(chunks)
         return out
@@ -314,18 +277,13 @@ class Scheduler:
     def state(self) -> SchedulerState:
         """What the heartbeat reports: queue, batch and KV occupancy."""
         return SchedulerState(len(self.waiting) + len(self.prefilling) + len(self.receiver.waiting), len(self.running),
-                              self.allocator.num_used, self.allocator.num_blocks, *self._prefix_counts())
-
-    def _prefix_counts(self) -> tuple[int, int]:
-        """Prompt tokens admitted, and of those served from the prefix cache."""
-        cache = self.prefix_cache
-        return (cache.query_tokens, cache.hit_tokens) if cache else (0, 0)
+                              self.blocks.num_used, self.blocks.num_blocks, *self.blocks.prefix_counts())
 
     def stats(self) -> SchedulerStats:
         import resource
 
-        return SchedulerStats(self.allocator.num_blocks, self.peak_blocks, self.peak_batch, self.steps,
-                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *self._prefix_counts())
+        return SchedulerStats(self.blocks.num_blocks, self.peak_blocks, self.peak_batch, self.steps,
+                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *self.blocks.prefix_counts())
 
     # ---- results of a step -------------------------------------------------------------------
     def _finished(self, seq: Sequence) -> bool:
@@ -374,7 +332,7 @@ class Scheduler:
                                                     tuple(seq.logits), seq.cached_tokens)))
                 messages.append(Outgoing(CONTROLLER, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):
-                self._free(seq)
+                self.blocks.free(seq, keep_output=True)
                 if seq in self.running:
                     self.running.remove(seq)
                 messages.append(Outgoing(CONTROLLER, self._result(seq)))

@@ -60,7 +60,7 @@ def test_a_transfer_goes_announced_pulled_sent_joined_on_both_sides():
     assert out.step.kv_joins == (0,) and d.receiver.stage(0) is None and [s.req_id for s in d.running] == [0]
     (pulled,) = of(out.messages, Pulled)
     p.pulled(pulled.req_id)
-    assert p.sender.stage(0) is None and p.allocator.num_used == 0 and p.schedule().step.kv_releases == (0,)
+    assert p.sender.stage(0) is None and p.blocks.num_used == 0 and p.schedule().step.kv_releases == (0,)
     assert not p.busy()
 
 
@@ -70,33 +70,33 @@ def test_an_abort_on_the_decode_side_frees_each_sides_blocks_once(stage):
     ends at its join without a step. Either way both sides end with every block free."""
     p, d = pair()
     first = started(p, d)
-    held = p.allocator.num_used
+    held = p.blocks.num_used
     if stage is not KVStage.ANNOUNCED:
         pull(p, d)
     if stage is KVStage.SENT:
         d.rank_arrived(0)
         d.rank_arrived(0)
     assert d.receiver.stage(0) is stage
-    reserved = d.allocator.num_used
+    reserved = d.blocks.num_used
     messages = d.abort(0)
     if stage is KVStage.ANNOUNCED:
         assert d.receiver.stage(0) is KVStage.DROPPED and reserved == 0
         d.add_first_token(first)                       # still due: swallowed
         assert d.receiver.stage(0) is None and not d.busy()
     else:
-        assert not messages and d.allocator.num_used == reserved > 0  # the posted receives still land here
+        assert not messages and d.blocks.num_used == reserved > 0  # the posted receives still land here
         if stage is KVStage.PULLED:
             d.rank_arrived(0)
             d.rank_arrived(0)
         d.add_first_token(first)
         out = d.schedule()
         messages = out.messages
-        assert out.step.kv_joins == (0,) and not out.step.seqs and d.allocator.num_used == 0
+        assert out.step.kv_joins == (0,) and not out.step.seqs and d.blocks.num_used == 0
     assert [r.finish_reason for r in of(messages, Result)] == ["abort"]
     (pulled,) = of(messages, Pulled)
-    assert p.allocator.num_used == held
+    assert p.blocks.num_used == held
     p.pulled(pulled.req_id)
-    assert p.allocator.num_used == 0 and p.sender.stage(0) is None and not d.busy()
+    assert p.blocks.num_used == 0 and p.sender.stage(0) is None and not d.busy()
 
 
 def test_messages_the_protocol_does_not_allow_are_named():

@@ -102,7 +102,7 @@ def test_a_full_hold_area_evicts_cached_prefixes_least_recently_used_first():
     s.schedule()
     for i in range(2):
         s.pulled(i)
-    assert s.allocator.num_free == 8                       # all cached, all free room
+    assert s.blocks.num_free == 8                       # all cached, all free room
     s.add_request(req(2, prompts[2]))                      # takes 4: evicts the cached blocks not used longest
     s.add_request(req(3, prompts[1]))                      # prompt 1 again: still cached
     step = s.schedule().step
@@ -124,12 +124,12 @@ def test_an_aborted_request_frees_only_its_own_blocks_of_a_shared_prefix():
     step = s.schedule().step
     assert chunks(step) == [(0, 0, 13), (1, 12, 1)]
     s.on_step([7, 7])
-    used = s.allocator.num_used                            # 13 + 8 tokens: 3 shared blocks + 3 own each
+    used = s.blocks.num_used                            # 13 + 8 tokens: 3 shared blocks + 3 own each
     assert used == 3 + 3 + 3
     assert not s.abort(1)                                  # in the batch: it leaves at its next step
     out = s.schedule()
     assert [o.msg.finish_reason for o in out.messages if isinstance(o.msg, Result)] == ["abort"]
-    assert s.allocator.num_used == used - 3                # its own blocks; the prefix stays with request 0
+    assert s.blocks.num_used == used - 3                # its own blocks; the prefix stays with request 0
     assert [c.req_id for c in out.step.seqs] == [0]
     assert all(o.dest == CONTROLLER for o in out.messages)
 
@@ -291,7 +291,7 @@ def test_a_later_turn_finds_the_answer_of_the_earlier_one_cached_on_a_colocated_
     for token in (22, 23, 24, 25, 26):                     # the last one ends it (max_tokens): its KV is never written
         s.schedule()
         s.on_step([token])
-    assert not s.running and s.allocator.num_used == 0
+    assert not s.running and s.blocks.num_used == 0
     answer = [21, 22, 23, 24, 25, 26]
     s.add_request(req(1, SYSTEM + [1] + answer + [9, 9], max_tokens=2, decode_instance=-1))
     (chunk,) = s.schedule().step.seqs

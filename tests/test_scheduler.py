@@ -76,7 +76,7 @@ def test_prefill_backpressure_when_hold_area_full():
     step = s.schedule().step
     assert len(step.seqs) == 3
     ready = sent(s.on_step([7, 7, 7]), FirstToken)
-    assert len(ready) == 3 and s.allocator.num_free == 0
+    assert len(ready) == 3 and s.blocks.num_free == 0
     s.add_request(req(3, 8))
     step = s.schedule().step
     assert not step.seqs and not step.kv_sends               # held KV blocks everything new; nothing pulled yet
@@ -96,7 +96,7 @@ def test_decode_pulls_only_when_it_has_room():
     done, max_used = [], 0
     for _ in range(200):
         step = s.schedule().step
-        max_used = max(max_used, s.allocator.num_used)
+        max_used = max(max_used, s.blocks.num_used)
         assert len(s.running) + len(s.receiver.pulling) <= 2
         for r in (k.req_id for k in step.kv_recvs):
             s.rank_arrived(r)
@@ -181,7 +181,7 @@ def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
     s.schedule()
     done = finished(s.on_step([9]))                          # third token: max_tokens reached
     assert [(f.req_id, f.finish_reason, f.output) for f in done] == [(0, "length", (9, 9, 9))]
-    assert s.allocator.num_free == 64 and not s.busy()
+    assert s.blocks.num_free == 64 and not s.busy()
 
 
 def shape(step):
@@ -204,7 +204,7 @@ def test_chunked_colocated_steps_carry_decodes_first_then_prompt_chunks_under_th
     assert {d.req_id for d in sent(out, PrefillDone)} == {1, 2}
     assert shape(s.schedule().step) == [(1, 30, 1), (2, 4, 1)]
     assert sorted(r.req_id for r in finished(s.on_step([5, 5]))) == [1, 2]
-    assert not s.busy() and s.allocator.num_used == 0
+    assert not s.busy() and s.blocks.num_used == 0
 
 
 def test_chunked_colocated_admits_by_batch_room_and_pipelines_a_prompts_chunks():
@@ -320,7 +320,7 @@ def test_stop_strings_are_decided_on_the_leader_and_cut_the_text_once():
     (result,) = finished(messages)
     assert result.finish_reason == "stop" and result.text == "héllo wör"  # the stop string spans three tokens
     assert bytes(result.output).decode() == "héllo wörld."              # the tokens stay as sampled
-    assert s.allocator.num_free == 64 and not s.busy()
+    assert s.blocks.num_free == 64 and not s.busy()
 
 
 def test_incremental_text_matches_a_full_decode_with_split_characters():
@@ -356,7 +356,7 @@ def test_abort_frees_a_colocated_request_wherever_it_is():
     assert [(r.req_id, r.finish_reason) for r in finished(out.messages)] == [(1, "abort")]
     assert [c.req_id for c in out.step.seqs] == [2]
     s.on_step([7])
-    assert s.allocator.num_used == s._reserve(s.running[0]) and not s.aborted
+    assert s.blocks.num_used == s._reserve(s.running[0]) and not s.aborted
 
 
 def test_abort_on_the_prefill_side_only_ends_requests_not_started():
@@ -370,7 +370,7 @@ def test_abort_on_the_prefill_side_only_ends_requests_not_started():
     messages = s.on_step([7])
     assert sent(messages, FirstToken, LEADERS[1]) and not finished(messages)  # its KV is held for the pull
     s.pulled(0)                                              # the decode side dropped it: the hold area frees
-    assert s.allocator.num_used == 0 and s.schedule().step.kv_releases == (0,)
+    assert s.blocks.num_used == 0 and s.schedule().step.kv_releases == (0,)
 
 
 def test_abort_on_the_decode_side_drops_or_finishes_without_a_step():
@@ -392,7 +392,7 @@ def test_abort_on_the_decode_side_drops_or_finishes_without_a_step():
     s.rank_arrived(0)
     out = s.schedule()
     assert [(r.req_id, r.finish_reason) for r in finished(out.messages)] == [(0, "abort")]
-    assert out.step.kv_joins == (0,) and not out.step.seqs and s.allocator.num_used == 0 and not s.busy()
+    assert out.step.kv_joins == (0,) and not out.step.seqs and s.blocks.num_used == 0 and not s.busy()
 
 
 def test_streamed_requests_report_each_token_with_its_index():
