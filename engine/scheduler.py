@@ -39,7 +39,7 @@ from engine.blocks import blocks_for
 from engine.kv_handoff import KVReceiver, KVSender
 from engine.seq_blocks import SequenceBlocks
 from engine.sequence import InstanceLimits, Sequence, reserved_blocks
-from engine.stops import Decode, stop_cut
+from engine.stops import Decode
 from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request,
                                Result, SchedulerState, SchedulerStats, SeqChunk, StepPlan, TokensOut)
 
@@ -118,7 +118,8 @@ class Scheduler:
             incoming = self.receiver.drop(req_id)
             self.aborted.discard(req_id)
             seq = Sequence(incoming.request, finish_reason="abort")
-            return [Outgoing(self.leaders[incoming.prefill_instance], Pulled(req_id)), Outgoing(CONTROLLER, self._result(seq))]
+            return [Outgoing(self.leaders[incoming.prefill_instance], Pulled(req_id)),
+                    Outgoing(CONTROLLER, self._result(seq))]
         if self.role != "prefill":
             self.aborted.add(req_id)
         return []
@@ -287,18 +288,7 @@ class Scheduler:
 
     # ---- results of a step -------------------------------------------------------------------
     def _finished(self, seq: Sequence) -> bool:
-        """EOS, then stop strings (decided here, once: the text is cut where one begins), then length."""
-        sampling = seq.request.sampling
-        if seq.req_id in self.aborted:
-            seq.finish_reason = "abort"
-        elif seq.output[-1] in self.eos_ids and not sampling.ignore_eos:
-            seq.finish_reason = "stop"
-        elif sampling.stop and self.decode is not None and \
-                (cut := stop_cut(seq.text_state, seq.output, sampling.stop, self.decode)) is not None:
-            seq.finish_reason, seq.stop_text = "stop", cut
-        elif len(seq.output) >= sampling.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-        return seq.finish_reason is not None
+        return seq.ends(self.eos_ids, self.max_model_len, self.decode, aborted=seq.req_id in self.aborted)
 
     def _result(self, seq: Sequence) -> Result:
         self.aborted.discard(seq.req_id)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.blocks import blocks_for
-from engine.stops import TextState
+from engine.stops import Decode, TextState, stop_cut
 from launcher.protocol import FirstToken, Request, Result
 
 
@@ -41,6 +41,21 @@ class Sequence:
         self.times = {**first.times, **self.times}
         self.token_times = [first.times["first_token"]]
         self.logits = list(first.logits)
+
+    def ends(self, eos_ids: set[int], max_model_len: int, decode: Optional[Decode], aborted: bool) -> bool:
+        """Whether its last token ends it, and why (finish_reason): an abort, EOS, then stop strings
+        (decided here, once: the text is cut where one begins), then length."""
+        sampling = self.request.sampling
+        if aborted:
+            self.finish_reason = "abort"
+        elif self.output[-1] in eos_ids and not sampling.ignore_eos:
+            self.finish_reason = "stop"
+        elif sampling.stop and decode is not None and \
+                (cut := stop_cut(self.text_state, self.output, sampling.stop, decode)) is not None:
+            self.finish_reason, self.stop_text = "stop", cut
+        elif len(self.output) >= sampling.max_tokens or self.num_tokens >= max_model_len:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
 
     def result(self, instance: int, with_logits: bool) -> Result:
         """The finished sequence as the controller gets it."""
