@@ -1,7 +1,8 @@
 """Every rank's control plane: MPI (mpi4py) start-up, messages, idle waits and the beacon. No torch.
 
 Control messages (launcher/protocol.py's dataclasses, pickled) travel over MPI: between rank 0 and
-the leaders on the world communicator, inside an instance on its own. Rank 0 (the controller and the
+the leaders on the world communicator, inside an instance on its own. Every send and receive here
+names a message's class, never a tag: the class decides the tag (protocol.TAGS). Rank 0 (the controller and the
 serve path's HTTP thread) holds no model and imports this module, never torch; an instance rank's
 devices and torch.distributed groups come on top of it (engine/data_plane.py).
 """
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Optional
 from launcher.dtypes import choose_dtype
 from launcher.network import free_port, rendezvous_address
 from launcher.plan import InstancePlan, Plan
-from launcher.protocol import Signal, Tag
+from launcher.protocol import CONTROLLER, RankAlive, StepPlan, tag_of
 
 STARTUP_S = 600.0    # how long instances may take to load their weights
 HEARTBEAT_S = 1.0    # leaders and the controller tell each other they are alive this often
@@ -130,8 +131,8 @@ class Outbox:
     def __init__(self, comm):
         self.comm, self.pending = comm, []
 
-    def send(self, obj: Any, dest: int, tag: int) -> None:
-        self.pending.append(self.comm.isend(obj, dest=dest, tag=tag))
+    def send(self, msg: Any, dest: int) -> None:
+        self.pending.append(isend(self.comm, msg, dest))
         self.progress()
 
     def progress(self) -> None:
@@ -151,9 +152,9 @@ class StepSender:
     def __init__(self, ctx: "RankContext"):
         self.outbox, self.size = Outbox(ctx.instance_comm), ctx.instance.size
 
-    def send(self, step) -> None:
+    def send(self, step: StepPlan) -> None:
         for local in range(1, self.size):
-            self.outbox.send(step, local, Tag.STEP)
+            self.outbox.send(step, local)
 
     def progress(self) -> None:
         self.outbox.progress()
@@ -197,45 +198,50 @@ class IdleWait:
             self.worked()
 
 
-def _take(comm, source: int, tags: Iterable[int]) -> Optional[tuple[int, int, Any]]:
-    """The first waiting message with one of `tags` from `source`, as (source, tag, message), or None."""
+def send(comm, msg: Any, dest: int) -> None:
+    """A blocking send of one message (small ones: MPI sends them eagerly)."""
+    comm.send(msg, dest=dest, tag=tag_of(type(msg)))
+
+
+def isend(comm, msg: Any, dest: int):
+    """A non-blocking send of one message: the MPI request to test or wait on."""
+    return comm.isend(msg, dest=dest, tag=tag_of(type(msg)))
+
+
+def take(comm, kinds: Iterable[type], source: Optional[int] = None) -> Optional[tuple[int, Any]]:
+    """The first waiting message of one of these classes (from `source`, default any), as
+    (source, message), or None. Never blocks: the one receiver the waits below are built on."""
     from mpi4py import MPI
 
     status = MPI.Status()
-    for tag in tags:
-        if comm.Iprobe(source=source, tag=tag, status=status):
+    for kind in kinds:
+        tag = tag_of(kind)
+        if comm.Iprobe(source=MPI.ANY_SOURCE if source is None else source, tag=tag, status=status):
             src = status.Get_source()
-            return src, tag, comm.recv(source=src, tag=tag)
+            return src, comm.recv(source=src, tag=tag)
     return None
 
 
-def receive(comm, source: int, tags: Iterable[int], idle_s: float = POLL_S, timeout_s: float | None = None,
-            waiting_for: str = "a message") -> tuple[int, Any]:
-    """Blocking receive of the next message with one of `tags`, as (tag, message), that sleeps
-    `idle_s` between probes: MPI's own blocking calls spin a core, and here several ranks share two
-    cores. Raises TimeoutError after timeout_s."""
-    tags = tuple(tags)
+def drain(comm, kinds: Iterable[type], source: Optional[int] = None) -> list[tuple[int, Any]]:
+    """Every message of these classes already waiting, as (source, message) pairs; never blocks."""
+    kinds, out = tuple(kinds), []
+    while (got := take(comm, kinds, source)) is not None:
+        out.append(got)
+    return out
+
+
+def receive(comm, source: int, kinds: Iterable[type], idle_s: float = POLL_S, timeout_s: float | None = None,
+            waiting_for: str = "a message") -> Any:
+    """The next message of these classes from `source`, waiting for it: sleeps `idle_s` between
+    probes (MPI's own blocking calls spin a core, and here several ranks share two cores).
+    Raises TimeoutError after timeout_s."""
+    kinds = tuple(kinds)
     deadline = None if timeout_s is None else time.time() + timeout_s
-    while (got := _take(comm, source, tags)) is None:
+    while (got := take(comm, kinds, source)) is None:
         if deadline is not None and time.time() > deadline:
             raise TimeoutError(f"no answer from rank {source} for {timeout_s:.0f} s while waiting for {waiting_for}")
         time.sleep(idle_s)
-    return got[1], got[2]
-
-
-def poll(comm, source: int, tag: int, **wait) -> Any:
-    """The next message with `tag` from `source` (receive's options)."""
-    return receive(comm, source, (tag,), **wait)[1]
-
-
-def drain(comm, tag: int, source: int | None = None) -> list[tuple[int, Any]]:
-    """Every message already waiting with `tag`, as (source, message) pairs; never blocks."""
-    from mpi4py import MPI
-
-    out = []
-    while (got := _take(comm, MPI.ANY_SOURCE if source is None else source, (tag,))) is not None:
-        out.append((got[0], got[2]))
-    return out
+    return got[1]
 
 
 class Beacon:
@@ -251,7 +257,7 @@ class Beacon:
 
     def _run(self) -> None:
         while not self.stop_event.wait(HEARTBEAT_S):
-            self.comm.send(Signal(), dest=0, tag=Tag.RANK_ALIVE)
+            send(self.comm, RankAlive(), CONTROLLER)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -22,13 +22,13 @@ from engine.blocks import blocks_for
 from engine.control_plane import RankContext
 from engine.dispatch import CacheAwareDispatch
 from engine.results import Answered, Sink
-from engine.scheduler import reserved_blocks
+from engine.sequence import reserved_blocks
 from engine.tokenizer import TextCodec
 from engine.watchdog import Watchdog
 from launcher.batch_io import RequestSpec
 from launcher.config import JobConfig
-from launcher.protocol import (Abort, Heartbeat, InstanceStats, NextArrival, PrefillDone, Request, Result,
-                               SamplingParams, Signal, Tag, TokensOut, check_sampling)
+from launcher.protocol import (Abort, Alive, Heartbeat, InstanceStats, NextArrival, PrefillDone, RankAlive, Request,
+                               Result, SamplingParams, Shutdown, TokensOut, check_sampling)
 
 
 @dataclass
@@ -150,7 +150,7 @@ class Controller:
         self.by_id[req_id] = p
         p.at = p.entry = target
         outbox.send(Request(req_id, p.prompt_ids, p.params, p.arrival, p.decode_instance, p.stream),
-                    self.ctx.plan.instances[target].leader, Tag.REQUEST)
+                    self._leader(target))
 
     def _leader(self, instance: int) -> int:
         return self.ctx.plan.instances[instance].leader
@@ -161,7 +161,7 @@ class Controller:
         p = self.by_id.get(req_id)
         if p is not None and not p.aborted:
             p.aborted = True
-            outbox.send(Abort(req_id), self._leader(p.at), Tag.ABORT)
+            outbox.send(Abort(req_id), self._leader(p.at))
 
     def _first_token(self, p: RequestState, at: float, sink: Sink) -> None:
         if p.first_at is None:
@@ -180,7 +180,7 @@ class Controller:
         p.prefill_instance, p.at = done.prefill_instance, p.decode_instance
         self.load[done.prefill_instance] -= 1
         if p.aborted:
-            outbox.send(Abort(p.spec.index), self._leader(p.decode_instance), Tag.ABORT)
+            outbox.send(Abort(p.spec.index), self._leader(p.decode_instance))
 
     def _prefilled(self, p: RequestState) -> None:
         """Its prompt left its entry instance's queue (cache-aware dispatch counts the rest)."""
@@ -223,8 +223,8 @@ class Controller:
         outbox = c.Outbox(world)
         limit = self.cfg.scheduler.watchdog_s
         for inst in self.ctx.plan.instances:  # every instance has loaded its weights: start the clock
-            beat = c.poll(world, inst.leader, Tag.HEARTBEAT, timeout_s=max(limit, c.STARTUP_S),
-                          waiting_for=f"{inst.role} instance {inst.id} to load the model")
+            beat = c.receive(world, inst.leader, (Heartbeat,), timeout_s=max(limit, c.STARTUP_S),
+                             waiting_for=f"{inst.role} instance {inst.id} to load the model")
             sink.instance_state(beat)
         self.started = True
         start = time.time()
@@ -238,13 +238,13 @@ class Controller:
             if now - last_alive >= c.HEARTBEAT_S:
                 last_alive = now
                 for inst in self.ctx.plan.instances:
-                    outbox.send(Signal(), inst.leader, Tag.ALIVE)
-            beat: Heartbeat
-            for _, beat in c.drain(world, Tag.HEARTBEAT):
-                watchdog.beat(beat.instance, beat.steps)
-                sink.instance_state(beat)
-            for src, _ in c.drain(world, Tag.RANK_ALIVE):
-                watchdog.rank_seen[src] = now
+                    outbox.send(Alive(), inst.leader)
+            for src, msg in c.drain(world, (Heartbeat, RankAlive)):
+                if isinstance(msg, Heartbeat):
+                    watchdog.beat(msg.instance, msg.steps)
+                    sink.instance_state(msg)
+                else:
+                    watchdog.rank_seen[src] = now
             if now - last_check >= c.HEARTBEAT_S / 4:
                 last_check = now
                 watchdog.check(Counter(p.at for p in self.by_id.values()))
@@ -253,19 +253,21 @@ class Controller:
                 # sleeping leaders wake for the next arrival (decode ones too: its KV follows a prefill later)
                 announced = next_offset
                 for inst in self.ctx.plan.instances:
-                    outbox.send(NextArrival(start + next_offset), inst.leader, Tag.NEXT_ARRIVAL)
+                    outbox.send(NextArrival(start + next_offset), inst.leader)
             due = source.take(time.time() - start)
             for p in due:
                 self._dispatch(p, start, outbox)
             for req_id in source.aborts():
                 self._abort(req_id, outbox)
-            firsts = c.drain(world, Tag.PREFILL_DONE)
-            for _, done in firsts:
-                self._prefill_done(done, sink, outbox)
-            for _, out in c.drain(world, Tag.TOKENS_OUT):
-                self._streamed(out, sink)
-            for _, result in c.drain(world, Tag.RESULT):
-                self._finished(result, sink)
+            firsts = False
+            for _, msg in c.drain(world, (PrefillDone, TokensOut, Result)):
+                if isinstance(msg, PrefillDone):
+                    firsts = True
+                    self._prefill_done(msg, sink, outbox)
+                elif isinstance(msg, TokensOut):
+                    self._streamed(msg, sink)
+                else:
+                    self._finished(msg, sink)
             outbox.progress()
             if due or firsts or len(self.by_id) != before:
                 idle.worked()
@@ -276,8 +278,8 @@ class Controller:
                 idle.sleep(at_most=next_due, wake=source.wake)
         wall = time.time() - start
         for inst in self.ctx.plan.instances:
-            outbox.send(Signal(), inst.leader, Tag.SHUTDOWN)
+            outbox.send(Shutdown(), inst.leader)
         outbox.flush()
-        stats: list[InstanceStats] = [c.poll(world, inst.leader, Tag.STATS, timeout_s=limit,
-                                             waiting_for="its final stats") for inst in self.ctx.plan.instances]
-        return {"wall_s": wall, "instances": [dataclasses.asdict(s) for s in stats]}
+        stats: list[InstanceStats] = [c.receive(world, inst.leader, (InstanceStats,), timeout_s=limit,
+                                                waiting_for="its final stats") for inst in self.ctx.plan.instances]
+        return {"wall_s": wall, "instances": [s.report() for s in stats]}

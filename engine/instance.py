@@ -16,9 +16,10 @@ from collections import deque
 from engine import control_plane as c
 from engine.control_plane import RankContext
 from engine.runner import ModelRunner
-from engine.scheduler import CONTROLLER, Scheduler
+from engine.scheduler import Outgoing, Scheduler
 from engine.watchdog import ControllerWatch
-from launcher.protocol import Heartbeat, InstanceStats, NextArrival, RecvDone, StepPlan, Tag
+from launcher.protocol import (CONTROLLER, Abort, Alive, FirstToken, Heartbeat, InstanceStats, KVIncoming, KVPull,
+                               NextArrival, Pulled, RecvDone, Request, Shutdown, StepPlan)
 
 STEP_SAMPLES = 4000  # most recent step timings of each kind kept for the final stats
 
@@ -37,6 +38,7 @@ class Leader:
         self.last_beat = 0.0
         self.steps = 0
         self.step_samples = {kind: deque(maxlen=STEP_SAMPLES) for kind in ("prefill", "decode", "mixed")}
+        self.handlers = self._handlers()
 
     def _record(self, step: StepPlan, ms: float) -> None:
         """What a prefill, decode or mixed (chunked prefill: prompt chunks beside decodes) step
@@ -60,49 +62,46 @@ class Leader:
         now = time.time()
         if now - self.last_beat >= c.HEARTBEAT_S:
             self.last_beat = now
-            self.outbox.send(Heartbeat(self.inst.id, self.steps, **self.sched.state()), 0, Tag.HEARTBEAT)
+            self.outbox.send(Heartbeat(self.inst.id, self.steps, self.sched.state()), CONTROLLER)
+
+    def _next_arrival(self, nxt: NextArrival) -> None:
+        self.idle.expect(nxt.wall_time)
+        for local in range(1, self.inst.size):  # the followers wake for the step that follows
+            c.send(self.ctx.instance_comm, nxt, local)
+
+    def _handlers(self) -> dict:
+        """What each message from the controller or a peer leader does here (a KVPull comes in
+        its decode leader's order: MPI keeps a sender's order per class)."""
+        sched = self.sched
+        return {Request: sched.add_request, NextArrival: self._next_arrival,
+                KVIncoming: lambda m: self._send_all(sched.add_incoming(m)), FirstToken: sched.add_first_token,
+                KVPull: sched.add_pull, Pulled: lambda m: sched.pulled(m.req_id),
+                Abort: lambda m: self._send_all(sched.abort(m.req_id)), Alive: lambda m: self.watch.alive(),
+                Shutdown: self._stop}
+
+    def _stop(self, _: Shutdown) -> None:
+        self.stopping = True
 
     def _handle_messages(self) -> None:
-        world, sched = self.ctx.world, self.sched
         self._heartbeat()
-        self.watch.check()
         self.outbox.progress()
         self.steps_out.progress()
-        for _, req in c.drain(world, Tag.REQUEST):
-            sched.add_request(req)
-        nxt: NextArrival
-        for _, nxt in c.drain(world, Tag.NEXT_ARRIVAL, source=0):
-            self.idle.expect(nxt.wall_time)
-            for local in range(1, self.inst.size):  # the followers wake for the step that follows
-                self.ctx.instance_comm.send(nxt, dest=local, tag=Tag.NEXT_ARRIVAL)
-        for _, incoming in c.drain(world, Tag.KV_INCOMING):
-            self._send_all(sched.add_incoming(incoming))
-        for _, first in c.drain(world, Tag.FIRST_TOKEN):
-            sched.add_first_token(first)
-        for _, pull in c.drain(world, Tag.KV_PULL):  # in each decode leader's order (MPI keeps it)
-            sched.add_pull(pull)
-        for _, pulled in c.drain(world, Tag.PULLED):
-            sched.pulled(pulled.req_id)
-        for _, abort in c.drain(world, Tag.ABORT, source=0):
-            self._send_all(sched.abort(abort.req_id))
-        done: RecvDone
-        for _, done in c.drain(self.ctx.instance_comm, Tag.RECV_DONE):
+        for _, msg in c.drain(self.ctx.world, self.handlers):
+            self.handlers[type(msg)](msg)
+        self.watch.check()
+        for _, done in c.drain(self.ctx.instance_comm, (RecvDone,)):
             for req_id in done.req_ids:
-                sched.rank_arrived(req_id)
+                self.sched.rank_arrived(req_id)
         for req_id in self.runner.kv.newly_arrived():
-            sched.rank_arrived(req_id)
-        if c.drain(world, Tag.SHUTDOWN, source=0):
-            self.stopping = True
+            self.sched.rank_arrived(req_id)
 
-    def _send_all(self, messages) -> None:
-        for instance, tag, message in messages:
-            dest = 0 if instance == CONTROLLER else self.ctx.plan.instances[instance].leader
-            self.outbox.send(message, dest, tag)
+    def _send_all(self, messages: list[Outgoing]) -> None:
+        for out in messages:
+            self.outbox.send(out.msg, out.dest)
 
     def _stats(self) -> InstanceStats:
-        return InstanceStats(instance=self.inst.id, role=self.inst.role,
-                             nodes=tuple(self.ctx.nodes[r] for r in self.inst.ranks), **self.sched.stats(),
-                             kv_cache_mb=self.runner.cache.bytes() / 2 ** 20,
+        return InstanceStats(self.inst.id, self.inst.role, tuple(self.ctx.nodes[r] for r in self.inst.ranks),
+                             self.sched.stats(), kv_cache_mb=self.runner.cache.bytes() / 2 ** 20,
                              weights_mb=self.runner.stage.weight_bytes() / 2 ** 20, token_budget=self.sched.token_budget,
                              step_samples={k: list(v) for k, v in self.step_samples.items()})
 
@@ -113,7 +112,7 @@ class Leader:
             self._handle_messages()
             if self.stopping and not self.sched.busy():
                 self.steps_out.send(StepPlan(shutdown=True))
-                self.outbox.send(self._stats(), 0, Tag.STATS)
+                self.outbox.send(self._stats(), CONTROLLER)
                 self.outbox.flush()
                 self.steps_out.flush()
                 return
@@ -150,17 +149,16 @@ def follow(ctx: RankContext, runner: ModelRunner, idle_s: float) -> None:
     steps = 0
     idle = c.IdleWait(idle_s)
     while True:
-        while not comm.Iprobe(source=0, tag=Tag.STEP):
-            nxt: NextArrival
-            for _, nxt in c.drain(comm, Tag.NEXT_ARRIVAL, source=0):
+        while (got := c.take(comm, (StepPlan,), source=0)) is None:
+            for _, nxt in c.drain(comm, (NextArrival,), source=0):
                 idle.expect(nxt.wall_time)
             arrived = runner.kv.newly_arrived()
             if arrived:
-                comm.send(RecvDone(tuple(arrived)), dest=0, tag=Tag.RECV_DONE)
+                c.send(comm, RecvDone(tuple(arrived)), 0)
                 idle.worked()
             idle.sleep()
         idle.worked()
-        step = comm.recv(source=0, tag=Tag.STEP)
+        step: StepPlan = got[1]
         if step.shutdown:
             runner.finish()
             return

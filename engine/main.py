@@ -22,7 +22,6 @@ for _message in (r".*Transformer Engine", r".*Apex", r".*absl", r".*all_gather_i
     warnings.filterwarnings("ignore", message=_message)
 
 from launcher.job_file import JobFile  # noqa: E402
-from launcher.protocol import Tag  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
 
 DOING = {"what": "starting up"}
@@ -108,15 +107,16 @@ def _run_profile_controller(ctx, job: JobFile) -> None:
     import json
 
     from engine.control_plane import receive
+    from launcher.protocol import Heartbeat, ProfileSamples
 
     DOING["what"] = "waiting for profile timings"
     out = {}
     for inst in ctx.plan.instances:
         while True:  # heartbeats mark progress; the timings end the wait
-            tag, msg = receive(ctx.world, inst.leader, (Tag.HEARTBEAT, Tag.PROFILE), idle_s=0.01,
-                               timeout_s=max(job.config.scheduler.watchdog_s, 600.0),
-                               waiting_for=f"{inst.role} instance {inst.id}'s profile timings")
-            if tag == Tag.PROFILE:
+            msg = receive(ctx.world, inst.leader, (Heartbeat, ProfileSamples), idle_s=0.01,
+                          timeout_s=max(job.config.scheduler.watchdog_s, 600.0),
+                          waiting_for=f"{inst.role} instance {inst.id}'s profile timings")
+            if isinstance(msg, ProfileSamples):
                 out[str(inst.id)] = {"tp": inst.tp, "dtype": ctx.dtype, "samples": msg.samples}
                 break
     with open(job.profile_samples, "w") as f:
@@ -126,7 +126,8 @@ def _run_profile_controller(ctx, job: JobFile) -> None:
 def _run_instance(ctx, job: JobFile) -> None:
     from engine.instance import Leader, follow
     from engine.runner import ModelRunner
-    from engine.scheduler import InstanceLimits, Scheduler
+    from engine.scheduler import Scheduler
+    from engine.sequence import InstanceLimits
     from engine.watchdog import ControllerWatch
 
     cfg = job.config
@@ -145,19 +146,21 @@ def _run_instance(ctx, job: JobFile) -> None:
         follow(ctx, runner, s.idle_sleep_ms / 1e3)
         return
     if job.mode == "profile":
+        from engine.control_plane import send
         from engine.step_timing import pipeline_profile, run_profile
-        from launcher.protocol import Heartbeat, ProfileSamples
+        from launcher.protocol import CONTROLLER, Heartbeat, ProfileSamples
 
         DOING["what"] = "profiling"
-        ctx.world.send(Heartbeat(ctx.instance.id, 0), dest=0, tag=Tag.HEARTBEAT)
+        send(ctx.world, Heartbeat(ctx.instance.id, 0), CONTROLLER)
         timings = (pipeline_profile if ctx.instance.pp > 1 else run_profile)(ctx, runner, limits)
-        ctx.world.send(ProfileSamples(ctx.instance.id, timings), dest=0, tag=Tag.PROFILE)
+        send(ctx.world, ProfileSamples(ctx.instance.id, timings), CONTROLLER)
         return
     from engine.tokenizer import TextCodec
 
     codec = TextCodec(job.model_dir)
     sched = Scheduler(ctx.instance.role, ctx.instance.id, ctx.instance.size, limits, shape.eos_token_ids,
-                      codec.decode, want_logits=bool(job.dump_logits))
+                      codec.decode, want_logits=bool(job.dump_logits),
+                      leaders=tuple(i.leader for i in ctx.plan.instances))
     Leader(ctx, runner, sched, s.idle_sleep_ms / 1e3, ControllerWatch(ctx, s.watchdog_s)).run()
 
 

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 
 from engine.batch import build_batch
-from engine.control_plane import RankContext, poll
+from engine.control_plane import RankContext, isend, receive
 from engine.data_plane import dist_rank
 from engine.kv_cache import KVCache
 from engine.kv_transfer import KVTransfer
@@ -31,7 +31,7 @@ from engine.reshard import stage_layers
 from engine.sampling import sample
 from engine.weights import load_stage
 from launcher.model_shape import ModelShape
-from launcher.protocol import StageTokens, StepPlan, Tag
+from launcher.protocol import StageTokens, StepPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,7 +115,7 @@ class ModelRunner:
             if ctx.is_leader:
                 results.append(result)
             else:  # non-blocking: this stage must go on receiving the next chunk
-                self.token_sends.append(ctx.instance_comm.isend(result, dest=0, tag=Tag.TOKENS))
+                self.token_sends.append(isend(ctx.instance_comm, result, 0))
         return Launched(step, len(chunks), results)
 
     def finish(self) -> None:
@@ -150,7 +150,7 @@ class ModelRunner:
         return out if ctx.tp_rank == 0 else None
 
     def _tokens_from_last_stage(self):
-        return poll(self.ctx.instance_comm, source=self.ctx.instance.size - self.ctx.instance.tp, tag=Tag.TOKENS)
+        return receive(self.ctx.instance_comm, self.ctx.instance.size - self.ctx.instance.tp, (StageTokens,))
 
 
 def micro_batches(seqs: list, pp: int) -> list[list]:

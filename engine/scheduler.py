@@ -3,16 +3,13 @@
 One class serves the three roles; a role is the set of phases an instance runs:
 - prefill:   FCFS batches under the token budget L_m (whole prompts; a prompt longer than L_m
              runs in chunks that fill the budget, so L_m bounds every step); a request that may
-             decode is announced to its decode instance when its prefill starts; after prefill the
-             KV is *held*; its sends are posted once its decode instance pulled it, in the order
-             that instance's pulls came (per rank pair the sends then follow the receives' order:
-             NCCL matches by order, not tag); no blocks free = no new prefill (backpressure).
-- decode:    pulls an announced request's KV (posts its receives and tells the prefill instance)
-             only when it has blocks (prompt + max_tokens) and batch room for it; a pulled request
-             joins the continuous batch once every rank has its KV and its first token is known.
-             Announcing at prefill start lets the receives be posted while the prefill runs, so the
-             transfer starts at the first token instead of at the decode side's next step boundary
-             after it.
+             decode is announced to its decode instance when its prefill starts, and its KV is
+             held after prefill until that instance pulled it (engine/kv_handoff.py); no blocks
+             free = no new prefill (backpressure).
+- decode:    pulls an announced request's KV only when it has blocks (prompt + max_tokens) and
+             batch room for it; a pulled request joins the continuous batch once every rank has
+             its KV and its first token is known. Announcing at prefill start lets the receives be
+             posted while the prefill runs, so the transfer starts at the first token.
 - colocated: both phases on the same ranks, under one of two policies:
              chunked (vLLM >= 0.6, Sarathi-Serve): every step carries the running decodes (one token
              each, first) plus chunks of the started, then the waiting prompts (FCFS) up to the
@@ -28,7 +25,7 @@ An aborted request (client gone, drain timed out) leaves at once if it waits; on
 already moving or in the batch finishes with reason "abort" at its next join or step, so every
 transfer posted still completes in order and every block is freed by the usual path.
 `schedule()` returns one SchedulerOutput: the step plan for the instance's ranks and the messages
-for peer instances and the controller; `on_step()` returns the messages its tokens cause.
+for peer instances' leaders and the controller; `on_step()` returns the messages its tokens cause.
 Pure Python: no torch, no MPI.
 """
 from __future__ import annotations
@@ -38,75 +35,40 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.blocks import BlockAllocator, blocks_for
-from engine.prefix_cache import PrefixCache, block_hashes
-from engine.stops import Decode, TextState, stop_cut
-from launcher.protocol import (FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request, Result,
-                               SeqChunk, StepPlan, Tag, TokensOut)
+from engine.blocks import blocks_for
+from engine.kv_handoff import KVReceiver, KVSender
+from engine.seq_blocks import SequenceBlocks
+from engine.sequence import InstanceLimits, Sequence, reserved_blocks
+from engine.stops import Decode
+from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request,
+                               Result, SchedulerState, SchedulerStats, SeqChunk, StepPlan, TokensOut)
 
-CONTROLLER = -1  # the controller's address in SchedulerOutput.messages (others: instance ids)
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message for another rank: a peer instance's leader, or the CONTROLLER."""
+
+    dest: int  # global rank
+    msg: Any
 
 
 @dataclass
 class SchedulerOutput:
     step: StepPlan
-    messages: list[tuple[int, Tag, Any]] = field(default_factory=list)  # (instance id or CONTROLLER, tag, message)
-
-
-@dataclass
-class Sequence:
-    request: Request
-    output: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    times: dict = field(default_factory=dict)
-    token_times: list[float] = field(default_factory=list)
-    logits: list = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    stop_text: Optional[str] = None  # the text cut before the stop string that ended it
-    text_state: TextState = field(default_factory=TextState)  # for stop strings
-    source_instance: int = -1
-    announced: bool = False  # prefill side: its decode instance expects its KV
-    prefilled: int = 0  # prompt tokens given to steps so far (chunked prefill), or found in the prefix cache
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    block_hashes: list = field(default_factory=list)  # names of its full prompt blocks (prefix caching)
-
-    @property
-    def req_id(self) -> int:
-        return self.request.req_id
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.request.prompt_ids) + len(self.output)
-
-
-def reserved_blocks(prompt_len: int, max_tokens: int, max_model_len: int, block_size: int) -> int:
-    """Blocks a sequence needs for its whole life on a decoding instance."""
-    return blocks_for(min(prompt_len + max_tokens, max_model_len), block_size)
-
-
-@dataclass(frozen=True)
-class InstanceLimits:
-    """What an instance's scheduler works within."""
-
-    num_blocks: int
-    block_size: int
-    token_budget: int  # L_m: most prompt tokens in one prefill batch; chunked colocated: most tokens in one step
-    max_batch: int
-    max_model_len: int
-    pipeline_depth: int = 1  # steps in flight at once: PP with batches in flight, else 1
-    colocated_policy: str = "prefill_first"  # chunked | prefill_first (colocated instances only)
-    prefix_caching: bool = False  # share the KV blocks of equal prompt prefixes (decode: reuse those it holds)
+    messages: list[Outgoing] = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, role: str, instance_id: int, instance_size: int, limits: InstanceLimits,
-                 eos_ids: tuple[int, ...] = (), decode: Optional[Decode] = None, want_logits: bool = False):
-        """`decode` (token ids -> text) is needed only for requests with stop strings."""
+                 eos_ids: tuple[int, ...] = (), decode: Optional[Decode] = None, want_logits: bool = False,
+                 leaders: tuple[int, ...] = ()):
+        """`decode` (token ids -> text) is needed only for requests with stop strings; `leaders`
+        (every instance's leader's global rank) only by instances that talk to peers."""
         self.role, self.instance_id, self.instance_size = role, instance_id, instance_size
+        self.leaders = leaders
         self.block_size, self.token_budget = limits.block_size, limits.token_budget
         self.max_batch, self.max_model_len = limits.max_batch, limits.max_model_len
-        self.prefix_cache = PrefixCache(limits.num_blocks, limits.block_size) if limits.prefix_caching else None
-        self.allocator = self.prefix_cache or BlockAllocator(limits.num_blocks)
+        self.blocks = SequenceBlocks(limits.num_blocks, limits.block_size, limits.prefix_caching)
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.chunked = role == "colocated" and limits.colocated_policy == "chunked"
         self.waiting: deque[Sequence] = deque()      # to prefill
@@ -116,88 +78,58 @@ class Scheduler:
         self.depth = limits.pipeline_depth
         # each step not answered yet, oldest first: its sequences, and whether it samples their token
         self.in_flight: deque[list[tuple[Sequence, bool]]] = deque()
-        self.held: dict[int, Sequence] = {}          # prefill: KV kept until pulled
-        self.incoming: deque[KVIncoming] = deque()   # decode: announced, receives not posted yet
-        self.firsts: dict[int, FirstToken] = {}      # decode: first tokens of requests not pulled yet
-        self.pulling: dict[int, Sequence] = {}       # decode: receives posted
-        self.arrived: dict[int, int] = {}            # decode: req -> ranks whose receives completed
-        self.pulls: dict[int, deque[int]] = {}       # prefill: decode instance -> pulled req_ids, in order
-        self.pull_of: dict[int, KVPull] = {}         # prefill: req -> its pull (the decode side's blocks for it)
-        self.pending_releases: list[int] = []
+        self.sender = KVSender(self.block_size)      # prefill: the KV hand-off's sending side
+        self.receiver = KVReceiver(instance_size, self.block_size)  # decode: its receiving side
         self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
-        self.dropped: set[int] = set()               # decode: dropped before its pull; its first token is still due
         self.peak_blocks = 0
         self.peak_batch = 0
         self.steps = 0
 
     # ---- inputs from the control plane -------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        self.waiting.append(Sequence(request, block_hashes=self._hashes(request)))
+        self.waiting.append(Sequence(request, block_hashes=self.blocks.hashes(request.prompt_ids)))
 
-    def _hashes(self, request: Request) -> list[bytes]:
-        """The names of the prompt's full blocks, where this instance caches prefixes."""
-        return block_hashes(request.prompt_ids, self.block_size) if self.prefix_cache else []
-
-    def add_incoming(self, incoming: KVIncoming) -> list[tuple[int, Tag, Any]]:
-        self.incoming.append(incoming)
+    def add_incoming(self, incoming: KVIncoming) -> list[Outgoing]:
+        self.receiver.announce(incoming)
         if incoming.request.req_id in self.aborted:  # the abort came first
             return self.abort(incoming.request.req_id)
         return []
 
     def add_first_token(self, first: FirstToken) -> None:
         """The first token of an announced request (which may not be pulled yet)."""
-        if first.req_id in self.dropped:
-            self.dropped.discard(first.req_id)
-            return
-        seq = self.pulling.get(first.req_id)
-        if seq is None:
-            self.firsts[first.req_id] = first
-        else:
-            self._apply_first(seq, first)
-
-    @staticmethod
-    def _apply_first(seq: Sequence, first: FirstToken) -> None:
-        seq.output = [first.token]
-        seq.cached_tokens = first.cached_tokens
-        seq.times = {**first.times, **seq.times}
-        seq.token_times = [first.times["first_token"]]
-        seq.logits = list(first.logits)
+        self.receiver.first_token(first)
 
     def add_pull(self, pull: KVPull) -> None:
-        self.pulls.setdefault(pull.decode_instance, deque()).append(pull.req_id)
-        self.pull_of[pull.req_id] = pull
+        self.sender.pull(pull)
 
     def pulled(self, req_id: int) -> None:
-        """The decode side has all of the request's KV: free the held blocks."""
-        self.allocator.free(self.held.pop(req_id).blocks)
-        self.pending_releases.append(req_id)
+        """The decode side has all of the request's KV (or dropped it): free the held blocks."""
+        self.blocks.free(self.sender.pulled(req_id))
 
-    def abort(self, req_id: int) -> list[tuple[int, Tag, Any]]:
+    def abort(self, req_id: int) -> list[Outgoing]:
         """Ends a request early; returns the messages that causes. A prefill instance ends only
         requests it has not started (the controller tells the decode instance about later ones)."""
         waiting = next((seq for seq in self.waiting if seq.req_id == req_id), None)
         if waiting is not None:
             self.waiting.remove(waiting)
             waiting.finish_reason = "abort"
-            return [(CONTROLLER, Tag.RESULT, self._result(waiting))]
-        incoming = next((i for i in self.incoming if i.request.req_id == req_id), None)
-        if incoming is not None:  # announced, not pulled: the prefill side frees its held KV, no transfer
-            self.incoming.remove(incoming)
+            return [Outgoing(CONTROLLER, self._result(waiting))]
+        if req_id in self.receiver.waiting:  # announced, not pulled: the prefill side frees its held KV, no transfer
+            incoming = self.receiver.drop(req_id)
             self.aborted.discard(req_id)
-            if self.firsts.pop(req_id, None) is None:
-                self.dropped.add(req_id)
             seq = Sequence(incoming.request, finish_reason="abort")
-            return [(incoming.prefill_instance, Tag.PULLED, Pulled(req_id)), (CONTROLLER, Tag.RESULT, self._result(seq))]
+            return [Outgoing(self.leaders[incoming.prefill_instance], Pulled(req_id)),
+                    Outgoing(CONTROLLER, self._result(seq))]
         if self.role != "prefill":
             self.aborted.add(req_id)
         return []
 
     def rank_arrived(self, req_id: int) -> None:
-        self.arrived[req_id] = self.arrived.get(req_id, 0) + 1
+        self.receiver.rank_arrived(req_id)
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self.pulling or self.incoming or self.firsts
-                    or any(self.pulls.values()) or self.pending_releases or self.in_flight)
+        return bool(self.waiting or self.prefilling or self.running or self.in_flight or self.receiver.busy()
+                    or self.sender.busy())
 
     def _decode_group(self) -> list[Sequence]:
         """The running sequences of the next decode step: those not in a step in flight, at most
@@ -236,38 +168,17 @@ class Scheduler:
             need = self._reserve(seq)
         else:
             need = blocks_for(n, self.block_size)
-        hits = self._take_blocks(seq, need)
+        hits = self.blocks.take(seq, need)
         if hits is None:
             return False
         seq.cached_tokens = seq.prefilled = hits * self.block_size
         self.starting.add(seq.req_id)
         seq.times["prefill_start"] = time.time()
         if self._decodes_later(seq):
-            seq.announced = True
-            out.messages.append((seq.request.decode_instance, Tag.KV_INCOMING,
-                                 KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
+            self.sender.announce(seq)
+            out.messages.append(Outgoing(self.leaders[seq.request.decode_instance],
+                                         KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
-
-    def _take_blocks(self, seq: Sequence, need: int) -> Optional[int]:
-        """Gives a sequence its `need` blocks, with prefix caching its cached prefix's shared;
-        returns how many leading blocks came from the cache, None when they do not fit."""
-        if self.prefix_cache is None:
-            if not self.allocator.can_allocate(need):
-                return None
-            seq.blocks = self.allocator.allocate(need)
-            return 0
-        taken = self.prefix_cache.admit(seq.block_hashes, len(seq.request.prompt_ids), need)
-        if taken is None:
-            return None
-        seq.blocks, hits = taken
-        return hits
-
-    def _uncached(self, seq: Sequence) -> int:
-        """Prompt tokens a waiting sequence would still run (its tail past a cached prefix)."""
-        n = len(seq.request.prompt_ids)
-        if self.prefix_cache is None:
-            return n
-        return n - len(self.prefix_cache.cached_prefix(seq.block_hashes, n)) * self.block_size
 
     def _prompt_chunks(self, out: SchedulerOutput, budget: int) -> list[tuple[Sequence, SeqChunk]]:
         """The prompt tokens of a step with `budget` tokens left: the started prompts' next chunks,
@@ -279,7 +190,7 @@ class Scheduler:
             seq = self.prefilling[0] if started else self.waiting[0]
             n = len(seq.request.prompt_ids)
             if not started:
-                tail = self._uncached(seq)
+                tail = self.blocks.uncached(seq)
                 if tail > budget and chunks and not self._splits(tail):
                     break  # a whole prompt that does not fit: the next step
                 if not self._admit(seq, out):
@@ -291,94 +202,58 @@ class Scheduler:
                                          seq.prefilled, tuple(seq.blocks), seq.request.sampling, 0)))
             seq.prefilled += take
             budget -= take
-            if self.prefix_cache:
-                self.prefix_cache.register(seq.blocks, seq.block_hashes[:seq.prefilled // self.block_size])
+            self.blocks.written(seq, seq.prefilled)
             if seq.prefilled == n:
                 self.prefilling.remove(seq)
         return chunks
 
     def _start_pulls(self, out: SchedulerOutput) -> list[KVPost]:
+        """Posts the receives of announced requests, oldest first, while blocks and batch room last."""
         recvs = []
-        while self.incoming and len(self.running) + len(self.pulling) < self.max_batch:
-            incoming = self.incoming[0]
+        while (incoming := self.receiver.next_waiting()) and len(self.running) + len(self.receiver.pulling) < self.max_batch:
             seq = Sequence(incoming.request, source_instance=incoming.prefill_instance,
-                           block_hashes=self._hashes(incoming.request))
-            need = self._reserve(seq)
-            held = self._take_blocks(seq, need)  # with decode_prefix_reuse: the prompt's leading blocks held here
+                           block_hashes=self.blocks.hashes(incoming.request.prompt_ids))
+            held = self.blocks.take(seq, self._reserve(seq))  # with decode_prefix_reuse: the prompt's leading blocks held here
             if held is None:
                 break
-            self.incoming.popleft()
             seq.times["pull_start"] = time.time()
-            self.pulling[seq.req_id] = seq
-            if seq.req_id in self.firsts:
-                self._apply_first(seq, self.firsts.pop(seq.req_id))
-            recvs.append(KVPost(seq.req_id, tuple(seq.blocks[held:]), len(seq.request.prompt_ids) - held * self.block_size,
-                                seq.source_instance, incoming.blocks[held:]))
-            # the prefill side posts its sends in the order these pulls reach it
-            out.messages.append((seq.source_instance, Tag.KV_PULL, KVPull(seq.req_id, self.instance_id,
-                                                                          tuple(seq.blocks), held)))
+            recv, pull = self.receiver.pull(seq, held, self.instance_id)
+            recvs.append(recv)
+            out.messages.append(Outgoing(self.leaders[seq.source_instance], pull))  # the sends follow the pulls' order
         return recvs
 
     def _joins(self, out: SchedulerOutput) -> list[int]:
         """Requests whose KV is on every rank and whose first token is known join the batch; one
         whose first token already ends it (EOS, a stop string) finishes here, without a step."""
         joined = []
-        for req_id, count in list(self.arrived.items()):
-            seq = self.pulling[req_id]
-            if count < self.instance_size or not seq.output:
-                continue
-            del self.pulling[req_id], self.arrived[req_id]
+        for seq in self.receiver.joins():
             seq.times["transfer_end"] = time.time()
-            if self.prefix_cache:  # its prompt's KV is on every rank: later pulls of the same prefix reuse it
-                self.prefix_cache.register(seq.blocks, seq.block_hashes)
-            joined.append(req_id)
-            out.messages.append((seq.source_instance, Tag.PULLED, Pulled(req_id)))
+            self.blocks.written(seq, len(seq.request.prompt_ids))  # later pulls of the same prefix reuse it
+            joined.append(seq.req_id)
+            out.messages.append(Outgoing(self.leaders[seq.source_instance], Pulled(seq.req_id)))
             if self._finished(seq):
-                self.allocator.free(seq.blocks)
-                out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
+                self.blocks.free(seq)
+                out.messages.append(Outgoing(CONTROLLER, self._result(seq)))
             else:
                 self.running.append(seq)
         return joined
-
-    def _post_sends(self) -> list[KVPost]:
-        """Sends of pulled requests whose KV is held, strictly in each decode instance's pull order:
-        a pull that comes before its prefill ends holds back the pulls behind it."""
-        sends = []
-        for decode_instance, queue in self.pulls.items():
-            while queue and queue[0] in self.held:
-                seq = self.held[queue.popleft()]
-                pull = self.pull_of.pop(seq.req_id)
-                skip = pull.held_blocks  # the blocks the decode side has already
-                sends.append(KVPost(seq.req_id, tuple(seq.blocks[skip:]),
-                                    len(seq.request.prompt_ids) - skip * self.block_size, decode_instance,
-                                    pull.blocks[skip:]))
-        return sends
-
-    def _free(self, seq: Sequence) -> None:
-        """Frees a sequence that ends here; with prefix caching the full blocks of its prompt and
-        output (but its last token, whose KV no step wrote) stay cached, for a later turn of the
-        conversation that resends them."""
-        if self.prefix_cache:
-            self.prefix_cache.register(seq.blocks, block_hashes([*seq.request.prompt_ids, *seq.output[:-1]],
-                                                                self.block_size))
-        self.allocator.free(seq.blocks)
 
     def _reap_aborted(self, out: SchedulerOutput) -> None:
         """Aborted sequences of the batch that no step in flight holds leave before the next step."""
         flying = self._flying()
         for seq in [s for s in self.running if s.req_id in self.aborted and s.req_id not in flying]:
             self.running.remove(seq)
-            self._free(seq)
+            self.blocks.free(seq, keep_output=True)
             seq.finish_reason = "abort"
-            out.messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
+            out.messages.append(Outgoing(CONTROLLER, self._result(seq)))
 
     def schedule(self) -> SchedulerOutput:
         """The next step for the instance's ranks and the messages it causes."""
         out = SchedulerOutput(StepPlan())
         if self.aborted:
             self._reap_aborted(out)
-        releases, self.pending_releases = tuple(self.pending_releases), []
-        sends = self._post_sends()
+        releases = self.sender.take_releases()
+        sends = self.sender.sends()
         joins, recvs = [], []
         if self.role == "decode":
             joins = self._joins(out)
@@ -395,48 +270,31 @@ class Scheduler:
             self.in_flight.append(step)
         out.step = StepPlan(tuple(chunks), tuple(sends), tuple(recvs), tuple(joins), releases,
                             want_logits=self.want_logits and bool(chunks))
-        self.peak_blocks = max(self.peak_blocks, self.allocator.num_used)
+        self.peak_blocks = max(self.peak_blocks, self.blocks.num_used)
         self.peak_batch = max(self.peak_batch, len(chunks))
         self.steps += bool(chunks)
         return out
 
-    def state(self) -> dict:
+    def state(self) -> SchedulerState:
         """What the heartbeat reports: queue, batch and KV occupancy."""
-        return {"waiting": len(self.waiting) + len(self.prefilling) + len(self.incoming), "running": len(self.running),
-                "kv_used": self.allocator.num_used, "kv_blocks": self.allocator.num_blocks} | self._prefix_counts()
+        return SchedulerState(len(self.waiting) + len(self.prefilling) + len(self.receiver.waiting), len(self.running),
+                              self.blocks.num_used, self.blocks.num_blocks, *self.blocks.prefix_counts())
 
-    def _prefix_counts(self) -> dict:
-        return self.prefix_cache.counts() if self.prefix_cache else {}
-
-    def stats(self) -> dict:
+    def stats(self) -> SchedulerStats:
         import resource
 
-        return {"kv_blocks": self.allocator.num_blocks, "peak_kv_blocks": self.peak_blocks,
-                "peak_batch": self.peak_batch, "forward_steps": self.steps, **self._prefix_counts(),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return SchedulerStats(self.blocks.num_blocks, self.peak_blocks, self.peak_batch, self.steps,
+                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *self.blocks.prefix_counts())
 
     # ---- results of a step -------------------------------------------------------------------
     def _finished(self, seq: Sequence) -> bool:
-        """EOS, then stop strings (decided here, once: the text is cut where one begins), then length."""
-        sampling = seq.request.sampling
-        if seq.req_id in self.aborted:
-            seq.finish_reason = "abort"
-        elif seq.output[-1] in self.eos_ids and not sampling.ignore_eos:
-            seq.finish_reason = "stop"
-        elif sampling.stop and self.decode is not None and \
-                (cut := stop_cut(seq.text_state, seq.output, sampling.stop, self.decode)) is not None:
-            seq.finish_reason, seq.stop_text = "stop", cut
-        elif len(seq.output) >= sampling.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-        return seq.finish_reason is not None
+        return seq.ends(self.eos_ids, self.max_model_len, self.decode, aborted=seq.req_id in self.aborted)
 
     def _result(self, seq: Sequence) -> Result:
         self.aborted.discard(seq.req_id)
-        return Result(seq.req_id, self.instance_id, tuple(seq.output), seq.finish_reason, dict(seq.times),
-                      tuple(seq.token_times), seq.stop_text, tuple(seq.logits) if self.want_logits else (),
-                      seq.cached_tokens)
+        return seq.result(self.instance_id, self.want_logits)
 
-    def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[tuple[int, Tag, Any]]:
+    def on_step(self, tokens: list[int], logits: Optional[list] = None) -> list[Outgoing]:
         """Appends the sampled tokens (and, for --dump-logits, their logits as lists) of the oldest
         step in flight; returns the messages they cause: first tokens of held KV, finished requests."""
         now = time.time()
@@ -456,21 +314,21 @@ class Scheduler:
             if first:
                 self.starting.discard(seq.req_id)
                 seq.times["prefill_end"] = seq.times["first_token"] = now
-            if first and seq.announced:  # its decode instance expects the KV, even if EOS came first
-                self.held[seq.req_id] = seq  # sent once pulled (_post_sends)
+            if first and self.sender.expects(seq.req_id):  # its decode instance expects the KV, even if EOS came first
+                self.sender.hold(seq.req_id)  # sent once pulled
                 seq.times["transfer_start"] = now
-                messages.append((seq.request.decode_instance, Tag.FIRST_TOKEN,
-                                 FirstToken(seq.req_id, self.instance_id, token, dict(seq.times), tuple(seq.logits),
-                                            seq.cached_tokens)))
-                messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
+                messages.append(Outgoing(self.leaders[seq.request.decode_instance],
+                                         FirstToken(seq.req_id, self.instance_id, token, dict(seq.times),
+                                                    tuple(seq.logits), seq.cached_tokens)))
+                messages.append(Outgoing(CONTROLLER, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):
-                self._free(seq)
+                self.blocks.free(seq, keep_output=True)
                 if seq in self.running:
                     self.running.remove(seq)
-                messages.append((CONTROLLER, Tag.RESULT, self._result(seq)))
+                messages.append(Outgoing(CONTROLLER, self._result(seq)))
             elif first:
                 self.running.append(seq)
-                messages.append((CONTROLLER, Tag.PREFILL_DONE, PrefillDone(seq.req_id, self.instance_id, now)))
+                messages.append(Outgoing(CONTROLLER, PrefillDone(seq.req_id, self.instance_id, now)))
         if streamed:  # before the results: the controller keeps what a result makes redundant out anyway
-            messages.insert(0, (CONTROLLER, Tag.TOKENS_OUT, TokensOut(self.instance_id, tuple(streamed))))
+            messages.insert(0, Outgoing(CONTROLLER, TokensOut(self.instance_id, tuple(streamed))))
         return messages

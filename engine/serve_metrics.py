@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from engine.blocks import blocks_for
 from engine.prefix_cache import hit_rate
 from engine.results import metrics_of
+from launcher.protocol import Heartbeat
 
 disable_created_metrics()  # no *_created series beside each counter: nothing here restarts within a process
 
@@ -75,13 +76,13 @@ class ServeMetrics:
         m["slo_met"] = met
         return m
 
-    def instance(self, beat, role: str) -> None:
-        labels = (str(beat.instance), role)
-        self.waiting.labels(*labels).set(beat.waiting)
-        self.running.labels(*labels).set(beat.running)
-        self.kv_used.labels(*labels).set(beat.kv_used)
-        self.kv_total.labels(*labels).set(beat.kv_blocks)
-        self.prefix_hit_rate.labels(*labels).set(hit_rate(vars(beat)))
+    def instance(self, beat: Heartbeat, role: str) -> None:
+        labels, state = (str(beat.instance), role), beat.state
+        self.waiting.labels(*labels).set(state.waiting)
+        self.running.labels(*labels).set(state.running)
+        self.kv_used.labels(*labels).set(state.kv_used)
+        self.kv_total.labels(*labels).set(state.kv_blocks)
+        self.prefix_hit_rate.labels(*labels).set(hit_rate(vars(state)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,9 +14,11 @@ import time
 from collections import deque
 
 from engine.blocks import blocks_for
-from engine.control_plane import StepSender, poll
-from engine.scheduler import InstanceLimits, Scheduler
-from launcher.protocol import Heartbeat, Request, SamplingParams, SeqChunk, StepPlan, Tag
+from engine.control_plane import StepSender, receive, send, take
+from engine.scheduler import Scheduler
+from engine.sequence import InstanceLimits
+from launcher.protocol import (CONTROLLER, Heartbeat, PeerLoad, ProfilePeer, Request, SamplingParams, SeqChunk,
+                               StepPlan)
 
 PREFILL_LENS = [16, 64, 128, 256, 512]
 PREFILL_BATCHES = [1, 2, 4]
@@ -139,7 +141,7 @@ def pipeline_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3) -> d
         latency = _timed(steps, runner, plan, repeats)
         samples.append({"phase": phase, **shape, "latency_ms": latency,
                         "interval_ms": statistics.median(interval_ms(plan, latency) for _ in range(repeats))})
-        ctx.world.send(Heartbeat(ctx.instance.id, len(samples)), dest=0, tag=Tag.HEARTBEAT)
+        send(ctx.world, Heartbeat(ctx.instance.id, len(samples)), CONTROLLER)
     steps.send(StepPlan(shutdown=True))
     steps.flush()
     return {"pipeline": samples, "depth": depth}
@@ -181,7 +183,7 @@ def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_re
     for phase, count in (("prefill", repeats), ("decode", decode_repeats), ("mixed", repeats)):
         for key, plan in shapes[phase]:
             samples[phase].append(key | {"ms": _timed(steps, runner, plan, count)})
-            ctx.world.send(Heartbeat(ctx.instance.id, len(samples[phase])), dest=0, tag=Tag.HEARTBEAT)
+            send(ctx.world, Heartbeat(ctx.instance.id, len(samples[phase])), CONTROLLER)
     if len(ctx.plan.instances) > 1:
         samples["beside_other_phase"] = beside_other_phase(ctx, steps, runner, limits, shapes, repeats,
                                                            decode_repeats)
@@ -196,18 +198,18 @@ BESIDE_DECODE_CONTEXTS = (32, 256)
 PEER_POLL_S = 0.01
 
 
-def _await(ctx, peers: list[int], word: str) -> None:
-    """Waits for `word` from every other leader; any other word means the two sides disagree."""
+def _await(ctx, peers: list[int], load: PeerLoad) -> None:
+    """Waits for `load` from every other leader; any other means the two sides disagree."""
     for peer in peers:
-        if poll(ctx.world, peer, Tag.PROFILE_PEER, idle_s=PEER_POLL_S) != word:
+        if receive(ctx.world, peer, (ProfilePeer,), idle_s=PEER_POLL_S).load is not load:
             raise RuntimeError(f"profile: leader {peer} broke the beside-other-phase hand-shake")
 
 
-def _tell(ctx, peers: list[int], load: str) -> None:
-    """Every other leader switches to `load` ("idle", "prefill", "decode", "done"); returns once
-    each has finished the step it was in and switched."""
+def _tell(ctx, peers: list[int], load: PeerLoad) -> None:
+    """Every other leader switches to `load`; returns once each has finished the step it was in
+    and switched."""
     for peer in peers:
-        ctx.world.send(load, dest=peer, tag=Tag.PROFILE_PEER)
+        send(ctx.world, ProfilePeer(load), peer)
     _await(ctx, peers, load)
 
 
@@ -226,7 +228,7 @@ def beside_other_phase(ctx, steps: StepSender, runner, limits: InstanceLimits, s
     if ctx.rank != timer:
         _load_the_node(ctx, steps, runner, limits, timer, shapes)
         return {}
-    _await(ctx, peers, "ready")
+    _await(ctx, peers, PeerLoad.READY)
     chosen = {"prefill": [x for x in shapes["prefill"] if x[0]["lens"][0] in BESIDE_PREFILL_LENS],
               "decode": [x for x in shapes["decode"]
                          if x[0]["context_sum"] // x[0]["batch"] - 1 in BESIDE_DECODE_CONTEXTS]}
@@ -234,12 +236,12 @@ def beside_other_phase(ctx, steps: StepSender, runner, limits: InstanceLimits, s
     for phase, other, count in (("decode", "prefill", decode_repeats), ("prefill", "decode", repeats)):
         for key, plan in chosen[phase]:
             ms = {}
-            for load in ("idle", phase, other):
+            for load in (PeerLoad.IDLE, PeerLoad(phase), PeerLoad(other)):
                 _tell(ctx, peers, load)
-                ms[load] = _timed(steps, runner, plan, count)
+                ms[load.value] = _timed(steps, runner, plan, count)
             out[phase].append(key | {"ms": ms[other], "same_ms": ms[phase], "alone_ms": ms["idle"]})
-            ctx.world.send(Heartbeat(ctx.instance.id, len(out[phase])), dest=0, tag=Tag.HEARTBEAT)
-    _tell(ctx, peers, "done")
+            send(ctx.world, Heartbeat(ctx.instance.id, len(out[phase])), CONTROLLER)
+    _tell(ctx, peers, PeerLoad.DONE)
     return out
 
 
@@ -250,15 +252,16 @@ def _load_the_node(ctx, steps: StepSender, runner, limits: InstanceLimits, timer
     load = {"prefill": min(shapes["prefill"], key=lambda x: abs(sum(x[0]["lens"]) - limits.token_budget))[1],
             "decode": min(shapes["decode"], key=lambda x: (abs(x[0]["batch"] - limits.max_batch),
                                                           x[0]["context_sum"]))[1]}
-    ctx.world.send("ready", dest=timer, tag=Tag.PROFILE_PEER)
+    send(ctx.world, ProfilePeer(PeerLoad.READY), timer)
+    told = receive(ctx.world, timer, (ProfilePeer,), idle_s=PEER_POLL_S)
     while True:
-        phase = poll(ctx.world, timer, Tag.PROFILE_PEER, idle_s=PEER_POLL_S)
-        ctx.world.send(phase, dest=timer, tag=Tag.PROFILE_PEER)
-        if phase == "done":
+        send(ctx.world, told, timer)
+        if told.load is PeerLoad.DONE:
             return
-        while not ctx.world.Iprobe(source=timer, tag=Tag.PROFILE_PEER):
-            if phase == "idle":
+        while (got := take(ctx.world, (ProfilePeer,), timer)) is None:
+            if told.load is PeerLoad.IDLE:
                 time.sleep(PEER_POLL_S)
             else:
-                steps.send(load[phase])
-                runner.execute(load[phase])
+                steps.send(load[told.load.value])
+                runner.execute(load[told.load.value])
+        told = got[1]

@@ -16,9 +16,9 @@ from launcher.config import JobConfig
 from launcher.errors import UserError
 from launcher.hostfile import Host
 from launcher.model_shape import ModelShape
+from launcher.protocol import CONTROLLER
 
 INSTANCE_ROLES = ("prefill", "decode", "colocated")
-CONTROLLER_RANK = 0
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Plan:
         return max(self.instance_ranks_by_host().values())
 
     def describe_rank(self, rank: int) -> str:
-        if rank == CONTROLLER_RANK:
+        if rank == CONTROLLER:
             return "the controller"
         inst = self.instance_of(rank)
         if inst is None:
@@ -101,7 +101,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"world_size": self.world_size,
-                "controller": {"rank": CONTROLLER_RANK, "host": self.controller_host},
+                "controller": {"rank": CONTROLLER, "host": self.controller_host},
                 "instances": [i.to_dict() for i in self.instances],
                 "predicted": self.predicted}
 
@@ -116,7 +116,7 @@ def plan_from_dict(data: dict, source: str = "plan") -> Plan:
         raise UserError(f"{source}: expected a mapping with a non-empty 'instances' list "
                         "(write one with `pdlaunch plan CONFIG -o plan.yaml`)")
     instances = []
-    next_rank = CONTROLLER_RANK + 1
+    next_rank = CONTROLLER + 1
     for n, item in enumerate(data["instances"]):
         where = f"{source}: instances[{n}]"
         if not isinstance(item, dict):
@@ -241,7 +241,7 @@ def packed_plan(groups: list[tuple[str, int, int, int]], hosts: list[Host]) -> P
     """Instances of (role, count, tp, pp) groups, ranks in order after the controller, packed onto
     the hosts in order (high node-affinity placement)."""
     instances: list[InstancePlan] = []
-    rank = CONTROLLER_RANK + 1
+    rank = CONTROLLER + 1
     for role, count, tp, pp in groups:
         for _ in range(count):
             instances.append(InstancePlan(len(instances), role, tp, pp, rank))

@@ -1,4 +1,5 @@
-"""The messages between a job's ranks: one tag per kind of message, one frozen dataclass per message.
+"""The messages between a job's ranks: one frozen dataclass per kind of message, whose class names
+its MPI tag (TAGS: a message is sent and received by its class alone, never by a tag beside it).
 
 Control messages are pickled over MPI and hold plain Python values only; tensors never cross MPI
 (they travel over torch.distributed). No torch here: the launcher, the scheduler and the tests
@@ -7,11 +8,13 @@ its one validation serves the config file and the input lines alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Optional
 
+CONTROLLER = 0  # the controller's global rank: where every message for it goes (the instances take the rest)
 MIN_TEMPERATURE = 1e-5  # below it, logits / temperature overflow: use 0 for greedy
 
 
@@ -26,23 +29,33 @@ class Tag(IntEnum):
     STEP = 6           # leader -> its instance's ranks: StepPlan
     TOKENS = 7         # last PP stage -> leader: StageTokens
     RECV_DONE = 8      # decode rank -> its leader: RecvDone
-    SHUTDOWN = 9       # controller -> leaders: no more work: Signal
+    SHUTDOWN = 9       # controller -> leaders: no more work: Shutdown
     KV_PULL = 10       # decode leader -> prefill leader: KVPull (receives posted; sends follow in this order)
     HEARTBEAT = 11     # leader -> controller: Heartbeat
     STATS = 12         # leader -> controller at shutdown: InstanceStats
-    ALIVE = 13         # controller -> leaders: still alive: Signal
-    RANK_ALIVE = 14    # every instance rank's beacon thread -> controller: this process runs: Signal
+    ALIVE = 13         # controller -> leaders: still alive: Alive
+    RANK_ALIVE = 14    # every instance rank's beacon thread -> controller: this process runs: RankAlive
     NEXT_ARRIVAL = 15  # controller -> leaders -> followers: NextArrival
     PREFILL_DONE = 16  # prefill leader -> controller: PrefillDone (the request left the prefill queue)
     PROFILE = 17       # leader -> controller in profile mode: ProfileSamples
     TOKENS_OUT = 18    # leader -> controller: TokensOut (streamed requests' new tokens, one message a step)
     ABORT = 19         # controller -> leader: Abort (the client went away or the drain timed out)
-    PROFILE_PEER = 20  # profile mode, instance 0's leader <-> the others: "ready", the phase to load the node with, "done"
+    PROFILE_PEER = 20  # profile mode, instance 0's leader <-> the others: ProfilePeer
 
 
 @dataclass(frozen=True)
-class Signal:
-    """A message whose tag is all it says (SHUTDOWN, ALIVE, RANK_ALIVE)."""
+class Shutdown:
+    """No more work: finish what is in flight, send the final stats, end."""
+
+
+@dataclass(frozen=True)
+class Alive:
+    """The controller is alive (a leader's ControllerWatch)."""
+
+
+@dataclass(frozen=True)
+class RankAlive:
+    """This instance rank's process runs (its beacon thread; the controller's Watchdog)."""
 
 
 @dataclass(frozen=True)
@@ -145,11 +158,9 @@ class PrefillDone:
 
 
 @dataclass(frozen=True)
-class Heartbeat:
-    """Alive, how far it got, and its scheduler's state (the server's /metrics)."""
+class SchedulerState:
+    """An instance scheduler's queue, batch and KV occupancy now (the server's /metrics)."""
 
-    instance: int
-    steps: int
     waiting: int = 0            # requests queued for prefill (prefill, colocated) or for a pull (decode)
     running: int = 0            # sequences decoding
     kv_used: int = 0            # KV blocks taken (a prefill instance: its hold area)
@@ -159,32 +170,72 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """Alive, how far it got, and its scheduler's state."""
+
+    instance: int
+    steps: int
+    state: SchedulerState = SchedulerState()
+
+
+@dataclass(frozen=True)
 class NextArrival:
     wall_time: float
 
 
 @dataclass(frozen=True)
-class InstanceStats:
-    instance: int
-    role: str
-    nodes: tuple[str, ...]
+class SchedulerStats:
+    """What an instance's scheduler did over the run."""
+
     kv_blocks: int
     peak_kv_blocks: int
     peak_batch: int
     forward_steps: int
     peak_rss_mb: float
+    prefix_query_tokens: int = 0    # prompt tokens admitted (prefix caching)
+    prefix_hit_tokens: int = 0      # of those, served from the prefix cache
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """An instance's final report (at shutdown)."""
+
+    instance: int
+    role: str
+    nodes: tuple[str, ...]
+    scheduler: SchedulerStats
     kv_cache_mb: float
     weights_mb: float
     token_budget: int               # L_m this instance batched prefills under
-    prefix_query_tokens: int = 0    # prompt tokens admitted (prefix caching)
-    prefix_hit_tokens: int = 0      # of those, served from the prefix cache
-    step_samples: dict = field(default_factory=dict)  # "prefill"/"decode" -> samples (pdlaunch profile's format)
+    step_samples: dict = field(default_factory=dict)  # "prefill"/"decode"/"mixed" -> samples (pdlaunch profile's format)
+
+    def report(self) -> dict:
+        """One flat record of report.json's "instances"."""
+        record = dataclasses.asdict(self)
+        return {**record.pop("scheduler"), **record}
 
 
 @dataclass(frozen=True)
 class ProfileSamples:
     instance: int
     samples: dict
+
+
+class PeerLoad(Enum):
+    """Profile mode's hand-shake between instance 0's leader (the timer) and the others."""
+
+    READY = "ready"      # a neighbour is ready to load the node
+    IDLE = "idle"        # run nothing
+    PREFILL = "prefill"  # run prefill steps back to back
+    DECODE = "decode"    # run decode steps back to back
+    DONE = "done"        # the timings are taken: stop
+
+
+@dataclass(frozen=True)
+class ProfilePeer:
+    """A load to switch to (timer -> neighbour), or its acknowledgement (neighbour -> timer)."""
+
+    load: PeerLoad
 
 
 # ---- prefill <-> decode leaders ------------------------------------------------------------------
@@ -284,3 +335,17 @@ class StageTokens:
 @dataclass(frozen=True)
 class RecvDone:
     req_ids: tuple[int, ...]
+
+
+TAGS: dict[type, Tag] = {
+    Request: Tag.REQUEST, FirstToken: Tag.FIRST_TOKEN, KVIncoming: Tag.KV_INCOMING, Pulled: Tag.PULLED,
+    Result: Tag.RESULT, StepPlan: Tag.STEP, StageTokens: Tag.TOKENS, RecvDone: Tag.RECV_DONE, Shutdown: Tag.SHUTDOWN,
+    KVPull: Tag.KV_PULL, Heartbeat: Tag.HEARTBEAT, InstanceStats: Tag.STATS, Alive: Tag.ALIVE,
+    RankAlive: Tag.RANK_ALIVE, NextArrival: Tag.NEXT_ARRIVAL, PrefillDone: Tag.PREFILL_DONE,
+    ProfileSamples: Tag.PROFILE, TokensOut: Tag.TOKENS_OUT, Abort: Tag.ABORT, ProfilePeer: Tag.PROFILE_PEER,
+}  # one class per tag, one tag per class
+
+
+def tag_of(kind: type) -> Tag:
+    """The MPI tag a message of this class travels under."""
+    return TAGS[kind]

@@ -6,14 +6,16 @@ import json
 import pytest
 
 from engine.prefix_cache import PrefixCache, block_hashes
-from engine.scheduler import CONTROLLER, InstanceLimits, Scheduler
-from launcher.protocol import KVPull, Request, SamplingParams, Tag
+from engine.scheduler import Scheduler
+from engine.sequence import InstanceLimits
+from launcher.protocol import CONTROLLER, FirstToken, KVPull, Request, Result, SamplingParams
 
 BS = 4  # block size
 
 
 def sched(role="prefill", blocks=64, budget=64, caching=True, policy="prefill_first"):
-    return Scheduler(role, 0, 1, InstanceLimits(blocks, BS, budget, 8, 256, 1, policy, caching), (2,))
+    return Scheduler(role, 0, 1, InstanceLimits(blocks, BS, budget, 8, 256, 1, policy, caching), (2,),
+                     leaders=tuple(range(1, 9)))
 
 
 def req(i, prompt, max_tokens=4, decode_instance=5):
@@ -75,9 +77,9 @@ def test_a_prefill_instance_runs_only_the_uncached_tail_and_shares_the_prefix_bl
     tables = {c.req_id: c.block_table for c in step.seqs}
     assert tables[1][:3] == tables[0][:3] and tables[2][:1] == tables[0][:1] and tables[3][:2] == tables[0][:2]
     assert tables[3][2] != tables[0][2]                    # the block its last token is written to is its own
-    firsts = [m for _, tag, m in s.on_step([7] * 5) if tag == Tag.FIRST_TOKEN]
+    firsts = [o.msg for o in s.on_step([7] * 5) if isinstance(o.msg, FirstToken)]
     assert [f.cached_tokens for f in firsts] == [0, 12, 4, 8, 0]
-    assert s.state()["prefix_hit_tokens"] == 24 and s.state()["prefix_query_tokens"] == 15 + 14 + 10 + 12 + 5
+    assert s.state().prefix_hit_tokens == 24 and s.state().prefix_query_tokens == 15 + 14 + 10 + 12 + 5
 
 
 def test_off_runs_every_prompt_whole_as_before():
@@ -85,7 +87,7 @@ def test_off_runs_every_prompt_whole_as_before():
     s.add_request(req(0, SYSTEM + [1, 2, 3]))
     s.add_request(req(1, SYSTEM + [7, 8]))
     assert chunks(s.schedule().step) == [(0, 0, 15), (1, 0, 14)]
-    assert "prefix_hit_tokens" not in s.state()
+    assert s.state().prefix_query_tokens == 0
 
 
 def test_a_full_hold_area_evicts_cached_prefixes_least_recently_used_first():
@@ -100,7 +102,7 @@ def test_a_full_hold_area_evicts_cached_prefixes_least_recently_used_first():
     s.schedule()
     for i in range(2):
         s.pulled(i)
-    assert s.allocator.num_free == 8                       # all cached, all free room
+    assert s.blocks.num_free == 8                       # all cached, all free room
     s.add_request(req(2, prompts[2]))                      # takes 4: evicts the cached blocks not used longest
     s.add_request(req(3, prompts[1]))                      # prompt 1 again: still cached
     step = s.schedule().step
@@ -122,14 +124,14 @@ def test_an_aborted_request_frees_only_its_own_blocks_of_a_shared_prefix():
     step = s.schedule().step
     assert chunks(step) == [(0, 0, 13), (1, 12, 1)]
     s.on_step([7, 7])
-    used = s.allocator.num_used                            # 13 + 8 tokens: 3 shared blocks + 3 own each
+    used = s.blocks.num_used                            # 13 + 8 tokens: 3 shared blocks + 3 own each
     assert used == 3 + 3 + 3
     assert not s.abort(1)                                  # in the batch: it leaves at its next step
     out = s.schedule()
-    assert [r.finish_reason for _, tag, r in out.messages if tag == Tag.RESULT] == ["abort"]
-    assert s.allocator.num_used == used - 3                # its own blocks; the prefix stays with request 0
+    assert [o.msg.finish_reason for o in out.messages if isinstance(o.msg, Result)] == ["abort"]
+    assert s.blocks.num_used == used - 3                # its own blocks; the prefix stays with request 0
     assert [c.req_id for c in out.step.seqs] == [0]
-    assert all(dest == CONTROLLER for dest, _, _ in out.messages)
+    assert all(o.dest == CONTROLLER for o in out.messages)
 
 
 def test_dispatch_weighs_a_cached_prefix_against_the_queue_in_prompt_tokens():
@@ -237,14 +239,14 @@ def test_a_decode_instance_that_holds_a_prefix_pulls_only_the_rest():
     decode.add_incoming(KVIncoming(second, 0, (0, 1, 2, 4)))
     out = decode.schedule()
     (recv,) = out.step.kv_recvs
-    (pull,) = [m for _, tag, m in out.messages if tag == Tag.KV_PULL]
+    (pull,) = [o.msg for o in out.messages if isinstance(o.msg, KVPull)]
     assert (recv.block_table, recv.num_tokens, recv.peer_blocks) == (pull.blocks[3:], 1, (4,)) and pull.held_blocks == 3
     prefill.add_request(second)                            # the prefill side sends the blocks past those held
     prefill.schedule()
     prefill.on_step([7])
     prefill.add_pull(pull)
     (send,) = prefill.schedule().step.kv_sends
-    assert (send.block_table, send.num_tokens, send.peer_blocks) == (tuple(prefill.held[1].blocks[3:]), 1, pull.blocks[3:])
+    assert (send.block_table, send.num_tokens, send.peer_blocks) == (tuple(prefill.sender.seqs[1].blocks[3:]), 1, pull.blocks[3:])
 
 
 def test_the_simulator_dispatches_by_queued_uncached_tokens_as_the_controller_does():
@@ -266,7 +268,7 @@ def test_hit_rates_reach_the_report_and_the_metrics():
 
     from engine.progress import summarize
     from engine.serve_metrics import ServeMetrics
-    from launcher.protocol import Heartbeat
+    from launcher.protocol import Heartbeat, SchedulerState
 
     slo = SimpleNamespace(ttft_ms=1000.0, tpot_ms=100.0, attainment=0.9)
     records = [{"token_ids": [1, 2], "usage": {"prompt_tokens": n, "completion_tokens": 2},
@@ -277,7 +279,7 @@ def test_hit_rates_reach_the_report_and_the_metrics():
     assert report["cached_tokens"] == 96 and report["prefix_hit_rate"] == 0.48
     assert [i["prefix_hit_rate"] for i in report["instances"]] == [0.48, 0.0]
     metrics = ServeMetrics(slo, BS)
-    metrics.instance(Heartbeat(0, 5, prefix_query_tokens=200, prefix_hit_tokens=96), "prefill")
+    metrics.instance(Heartbeat(0, 5, SchedulerState(prefix_query_tokens=200, prefix_hit_tokens=96)), "prefill")
     assert 'pdlaunch_instance_prefix_cache_hit_rate{instance="0",role="prefill"} 0.48' in metrics.render().decode()
 
 
@@ -289,7 +291,7 @@ def test_a_later_turn_finds_the_answer_of_the_earlier_one_cached_on_a_colocated_
     for token in (22, 23, 24, 25, 26):                     # the last one ends it (max_tokens): its KV is never written
         s.schedule()
         s.on_step([token])
-    assert not s.running and s.allocator.num_used == 0
+    assert not s.running and s.blocks.num_used == 0
     answer = [21, 22, 23, 24, 25, 26]
     s.add_request(req(1, SYSTEM + [1] + answer + [9, 9], max_tokens=2, decode_instance=-1))
     (chunk,) = s.schedule().step.seqs

@@ -1,12 +1,17 @@
 """The leader's scheduler, without processes: budgets, backpressure, pull-on-room, finishing."""
 from __future__ import annotations
 
-from engine.scheduler import CONTROLLER, InstanceLimits, Scheduler
-from launcher.protocol import FirstToken, KVIncoming, KVPull, Request, SamplingParams, Tag
+from engine.scheduler import Scheduler
+from engine.sequence import InstanceLimits
+from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPull, PrefillDone, Pulled, Request, Result,
+                               SamplingParams, TokensOut)
+
+LEADERS = tuple(100 + i for i in range(16))  # instance i's leader is rank 100 + i
 
 
 def sched(role, blocks=64, budget=32, max_batch=8, size=1, decode=None, policy="prefill_first", depth=1):
-    return Scheduler(role, 0, size, InstanceLimits(blocks, 4, budget, max_batch, 128, depth, policy), (2,), decode)
+    return Scheduler(role, 0, size, InstanceLimits(blocks, 4, budget, max_batch, 128, depth, policy), (2,), decode,
+                     leaders=LEADERS)
 
 
 def req(i, n, max_tokens=4, decode_instance=-1, **sampling):
@@ -20,13 +25,14 @@ def announce(s, r, first_token=7):
     s.add_first_token(FirstToken(r.req_id, 0, first_token, {"first_token": 0.0}))
 
 
-def sent(messages, tag, to=None):
-    """The messages of one kind (to one address) among a scheduler's outgoing messages."""
-    return [m for dest, t, m in messages if t == tag and (to is None or dest == to)]
+def sent(messages, kind, to=None):
+    """The messages of one kind (to one rank: CONTROLLER, or LEADERS[instance]) among a
+    scheduler's outgoing messages."""
+    return [o.msg for o in messages if isinstance(o.msg, kind) and (to is None or o.dest == to)]
 
 
 def finished(messages):
-    return sent(messages, Tag.RESULT, CONTROLLER)
+    return sent(messages, Result, CONTROLLER)
 
 
 def test_prefill_batches_fcfs_under_token_budget():
@@ -38,10 +44,10 @@ def test_prefill_batches_fcfs_under_token_budget():
     s.on_step([7, 7])
     step = s.schedule().step                                 # 40 > L_m: it runs in chunks, the first fills the step
     assert [(c.req_id, c.start_pos, len(c.token_ids)) for c in step.seqs] == [(2, 0, 10), (3, 0, 22)]
-    assert not sent(s.on_step([7, 8]), Tag.PREFILL_DONE, CONTROLLER)[1:]  # only 2's: 3's token is dropped
+    assert not sent(s.on_step([7, 8]), PrefillDone, CONTROLLER)[1:]  # only 2's: 3's token is dropped
     step = s.schedule().step
     assert [(c.req_id, c.start_pos, len(c.token_ids)) for c in step.seqs] == [(3, 22, 18)]
-    assert [d.req_id for d in sent(s.on_step([9]), Tag.PREFILL_DONE, CONTROLLER)] == [3]
+    assert [d.req_id for d in sent(s.on_step([9]), PrefillDone, CONTROLLER)] == [3]
 
 
 def test_prefill_instance_chunks_a_prompt_longer_than_its_budget_at_the_budget():
@@ -50,7 +56,7 @@ def test_prefill_instance_chunks_a_prompt_longer_than_its_budget_at_the_budget()
     s.add_request(req(1, 12, decode_instance=5))
     first = s.schedule()
     assert [(c.req_id, c.start_pos, len(c.token_ids)) for c in first.step.seqs] == [(0, 0, 16)]
-    assert [m.request.req_id for m in sent(first.messages, Tag.KV_INCOMING, 5)] == [0]  # announced at its first chunk
+    assert [m.request.req_id for m in sent(first.messages, KVIncoming, LEADERS[5])] == [0]  # announced at its first chunk
     assert not s.on_step([1])                                # no first token yet
     lens = []
     for _ in range(3):
@@ -60,7 +66,7 @@ def test_prefill_instance_chunks_a_prompt_longer_than_its_budget_at_the_budget()
         s.on_step([7] * len(step.seqs))
     # 12 does not fit beside the last 8 tokens of 0: prompts under L_m stay whole
     assert lens == [[(0, 16, 16)], [(0, 32, 8)], [(1, 0, 12)]]
-    assert set(s.held) == {0, 1} and s.held[0].output == [7]
+    assert s.sender.held == {0, 1} and s.sender.seqs[0].output == [7]
 
 
 def test_prefill_backpressure_when_hold_area_full():
@@ -69,8 +75,8 @@ def test_prefill_backpressure_when_hold_area_full():
         s.add_request(req(i, 8))                             # 2 blocks each
     step = s.schedule().step
     assert len(step.seqs) == 3
-    ready = sent(s.on_step([7, 7, 7]), Tag.FIRST_TOKEN)
-    assert len(ready) == 3 and s.allocator.num_free == 0
+    ready = sent(s.on_step([7, 7, 7]), FirstToken)
+    assert len(ready) == 3 and s.blocks.num_free == 0
     s.add_request(req(3, 8))
     step = s.schedule().step
     assert not step.seqs and not step.kv_sends               # held KV blocks everything new; nothing pulled yet
@@ -90,8 +96,8 @@ def test_decode_pulls_only_when_it_has_room():
     done, max_used = [], 0
     for _ in range(200):
         step = s.schedule().step
-        max_used = max(max_used, s.allocator.num_used)
-        assert len(s.running) + len(s.pulling) <= 2
+        max_used = max(max_used, s.blocks.num_used)
+        assert len(s.running) + len(s.receiver.pulling) <= 2
         for r in (k.req_id for k in step.kv_recvs):
             s.rank_arrived(r)
             s.rank_arrived(r)                                # both ranks of the instance
@@ -113,7 +119,7 @@ def test_join_waits_for_every_rank():
     s.rank_arrived(0)
     out = s.schedule()
     assert out.step.kv_joins == (0,) and out.step.seqs[0].start_pos == 8
-    assert sent(out.messages, Tag.PULLED, 0)[0].req_id == 0  # the prefill instance frees its copy
+    assert sent(out.messages, Pulled, LEADERS[0])[0].req_id == 0  # the prefill instance frees its copy
 
 
 def test_prefill_announces_requests_that_may_decode_and_transfers_them_even_after_eos():
@@ -123,10 +129,10 @@ def test_prefill_announces_requests_that_may_decode_and_transfers_them_even_afte
     s.add_request(Request(2, (5,) * 127, SamplingParams(max_tokens=4), 0.0, 1))  # reaches max_model_len
     s.add_request(Request(3, (5, 6), SamplingParams(max_tokens=4), 0.0, 1))
     out = s.schedule()
-    assert [m.request.req_id for m in sent(out.messages, Tag.KV_INCOMING, 1)] == [0, 3]
+    assert [m.request.req_id for m in sent(out.messages, KVIncoming, LEADERS[1])] == [0, 3]
     messages = s.on_step([9, 9, 9, 2])                                      # request 3 samples EOS
-    assert [m.req_id for m in sent(messages, Tag.FIRST_TOKEN, 1)] == [0, 3]  # its receiver is waiting
-    assert [m.req_id for m in sent(messages, Tag.PREFILL_DONE, CONTROLLER)] == [0, 3]
+    assert [m.req_id for m in sent(messages, FirstToken, LEADERS[1])] == [0, 3]  # its receiver is waiting
+    assert [m.req_id for m in sent(messages, PrefillDone, CONTROLLER)] == [0, 3]
     assert sorted((f.req_id, f.finish_reason) for f in finished(messages)) == [(1, "length"), (2, "length")]
     s.add_pull(KVPull(0, 1))
     s.add_pull(KVPull(3, 1))
@@ -142,7 +148,7 @@ def test_decode_pulls_before_the_first_token_and_joins_after_it():
     s.add_incoming(KVIncoming(r1, 0))
     out = s.schedule()
     assert [k.req_id for k in out.step.kv_recvs] == [0, 1] and not out.step.kv_joins  # posted during prefill
-    assert [m.req_id for m in sent(out.messages, Tag.KV_PULL, 0)] == [0, 1]  # the sends follow this order
+    assert [m.req_id for m in sent(out.messages, KVPull, LEADERS[0])] == [0, 1]  # the sends follow this order
     s.rank_arrived(0)
     s.rank_arrived(1)
     out = s.schedule()
@@ -175,7 +181,7 @@ def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
     s.schedule()
     done = finished(s.on_step([9]))                          # third token: max_tokens reached
     assert [(f.req_id, f.finish_reason, f.output) for f in done] == [(0, "length", (9, 9, 9))]
-    assert s.allocator.num_free == 64 and not s.busy()
+    assert s.blocks.num_free == 64 and not s.busy()
 
 
 def shape(step):
@@ -189,16 +195,16 @@ def test_chunked_colocated_steps_carry_decodes_first_then_prompt_chunks_under_th
     s.add_request(req(2, 4, max_tokens=2))
     assert shape(s.schedule().step) == [(0, 0, 6), (1, 0, 10)]          # FCFS; 1 split at the budget
     out = s.on_step([7, 8])
-    assert [d.req_id for d in sent(out, Tag.PREFILL_DONE)] == [0]       # 1's chunk token is dropped
+    assert [d.req_id for d in sent(out, PrefillDone)] == [0]       # 1's chunk token is dropped
     assert shape(s.schedule().step) == [(0, 6, 1), (1, 10, 15)]         # decode first, it counts against 16
     s.on_step([7, 8])
     assert shape(s.schedule().step) == [(0, 7, 1), (1, 25, 5), (2, 0, 4)]
     out = s.on_step([7, 9, 9])
     assert [r.req_id for r in finished(out)] == [0] and finished(out)[0].output == (7, 7, 7)
-    assert {d.req_id for d in sent(out, Tag.PREFILL_DONE)} == {1, 2}
+    assert {d.req_id for d in sent(out, PrefillDone)} == {1, 2}
     assert shape(s.schedule().step) == [(1, 30, 1), (2, 4, 1)]
     assert sorted(r.req_id for r in finished(s.on_step([5, 5]))) == [1, 2]
-    assert not s.busy() and s.allocator.num_used == 0
+    assert not s.busy() and s.blocks.num_used == 0
 
 
 def test_chunked_colocated_admits_by_batch_room_and_pipelines_a_prompts_chunks():
@@ -209,8 +215,8 @@ def test_chunked_colocated_admits_by_batch_room_and_pipelines_a_prompts_chunks()
     assert shape(s.schedule().step) == [(0, 8, 4), (1, 0, 4)]          # its next chunk while the first is in flight
     assert shape(s.schedule().step) == [(1, 4, 8)]                     # 2 waits: 0 and 1 fill the batch
     assert not s.on_step([5])
-    assert [d.req_id for d in sent(s.on_step([7, 5]), Tag.PREFILL_DONE)] == [0]
-    assert [d.req_id for d in sent(s.on_step([7]), Tag.PREFILL_DONE)] == [1]
+    assert [d.req_id for d in sent(s.on_step([7, 5]), PrefillDone)] == [0]
+    assert [d.req_id for d in sent(s.on_step([7]), PrefillDone)] == [1]
     assert shape(s.schedule().step) == [(0, 12, 1)]                    # decode groups take turns (depth 2)
     assert shape(s.schedule().step) == [(1, 12, 1)]
     assert [r.req_id for r in finished(s.on_step([7]))] == [0]
@@ -274,19 +280,21 @@ def test_sends_follow_each_decode_instances_pull_order():
     """NCCL pairs sends and receives by order: the prefill side posts a request's sends in the
     order its decode instance pulled (posted receives), never in prefill order, and a pull that
     comes before its prefill ended holds back that instance's later pulls."""
-    s = sched("prefill", budget=100)
+    s = sched("prefill", budget=32)
     for i in range(4):
         s.add_request(req(i, 8, decode_instance=10 + i % 2))
     step = s.schedule().step
     assert [c.req_id for c in step.seqs] == [0, 1, 2, 3]
     s.add_request(req(4, 8, decode_instance=11))
-    s.add_pull(KVPull(3, 11))
-    s.add_pull(KVPull(4, 11))                                # pulled before its prefill even started
+    s.add_pull(KVPull(3, 11))                                # pulled before its prefill ended
+    s.on_step([7, 7, 7, 7])                                  # 0-3 hold their KV
+    step = s.schedule().step                                 # 4 prefills now (and is announced)
+    assert [c.req_id for c in step.seqs] == [4] and [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(3, 11)]
+    s.add_pull(KVPull(4, 11))                                # pulled before its prefill ended
     s.add_pull(KVPull(1, 11))
     s.add_pull(KVPull(2, 10))
-    s.on_step([7, 7, 7, 7])                                  # 0-3 hold their KV
-    step = s.schedule().step                                 # 4 prefills now
-    assert [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(3, 11), (2, 10)]  # 1 waits behind 4
+    step = s.schedule().step
+    assert [(k.req_id, k.peer_instance) for k in step.kv_sends] == [(2, 10)]  # 1 waits behind 4
     s.on_step([7])
     s.add_pull(KVPull(0, 10))
     step = s.schedule().step
@@ -312,7 +320,7 @@ def test_stop_strings_are_decided_on_the_leader_and_cut_the_text_once():
     (result,) = finished(messages)
     assert result.finish_reason == "stop" and result.text == "héllo wör"  # the stop string spans three tokens
     assert bytes(result.output).decode() == "héllo wörld."              # the tokens stay as sampled
-    assert s.allocator.num_free == 64 and not s.busy()
+    assert s.blocks.num_free == 64 and not s.busy()
 
 
 def test_incremental_text_matches_a_full_decode_with_split_characters():
@@ -348,7 +356,7 @@ def test_abort_frees_a_colocated_request_wherever_it_is():
     assert [(r.req_id, r.finish_reason) for r in finished(out.messages)] == [(1, "abort")]
     assert [c.req_id for c in out.step.seqs] == [2]
     s.on_step([7])
-    assert s.allocator.num_used == s._reserve(s.running[0]) and not s.aborted
+    assert s.blocks.num_used == s._reserve(s.running[0]) and not s.aborted
 
 
 def test_abort_on_the_prefill_side_only_ends_requests_not_started():
@@ -360,9 +368,9 @@ def test_abort_on_the_prefill_side_only_ends_requests_not_started():
     (result,) = finished(s.abort(1))
     assert result.req_id == 1 and result.finish_reason == "abort"
     messages = s.on_step([7])
-    assert sent(messages, Tag.FIRST_TOKEN, 1) and not finished(messages)  # its KV is held for the pull
+    assert sent(messages, FirstToken, LEADERS[1]) and not finished(messages)  # its KV is held for the pull
     s.pulled(0)                                              # the decode side dropped it: the hold area frees
-    assert s.allocator.num_used == 0 and s.schedule().step.kv_releases == (0,)
+    assert s.blocks.num_used == 0 and s.schedule().step.kv_releases == (0,)
 
 
 def test_abort_on_the_decode_side_drops_or_finishes_without_a_step():
@@ -372,19 +380,19 @@ def test_abort_on_the_decode_side_drops_or_finishes_without_a_step():
     s.schedule()                                             # 0 pulls (3 of 4 blocks)
     announce(s, r1)                                          # waits for room
     messages = s.abort(1)
-    assert sent(messages, Tag.PULLED, 0)[0].req_id == 1      # the prefill side frees its copy, no transfer
+    assert sent(messages, Pulled, LEADERS[0])[0].req_id == 1      # the prefill side frees its copy, no transfer
     assert [(r.req_id, r.finish_reason) for r in finished(messages)] == [(1, "abort")]
-    assert not s.incoming and 1 not in s.firsts
+    assert not s.receiver.waiting and 1 not in s.receiver.firsts
     assert not s.abort(2)                                    # not announced yet: remembered
     messages = s.add_incoming(KVIncoming(r2, 0))
-    assert [r.req_id for r in finished(messages)] == [2] and sent(messages, Tag.PULLED, 0)
+    assert [r.req_id for r in finished(messages)] == [2] and sent(messages, Pulled, LEADERS[0])
     s.add_first_token(FirstToken(2, 0, 7, {"first_token": 0.0}))  # its first token still comes: ignored
-    assert not s.firsts and not s.dropped
+    assert not s.receiver.firsts and set(s.receiver.stages) == {0}  # 2 is forgotten
     s.abort(0)                                               # receives posted: the transfer completes, then it ends
     s.rank_arrived(0)
     out = s.schedule()
     assert [(r.req_id, r.finish_reason) for r in finished(out.messages)] == [(0, "abort")]
-    assert out.step.kv_joins == (0,) and not out.step.seqs and s.allocator.num_used == 0 and not s.busy()
+    assert out.step.kv_joins == (0,) and not out.step.seqs and s.blocks.num_used == 0 and not s.busy()
 
 
 def test_streamed_requests_report_each_token_with_its_index():
@@ -393,28 +401,29 @@ def test_streamed_requests_report_each_token_with_its_index():
     s.add_request(req(1, 2, max_tokens=3))
     s.schedule()
     messages = s.on_step([7, 8])
-    (out,) = sent(messages, Tag.TOKENS_OUT, CONTROLLER)
+    (out,) = sent(messages, TokensOut, CONTROLLER)
     assert out.tokens == ((0, 0, 7),)                        # only the streamed request
-    assert [m.req_id for m in sent(messages, Tag.PREFILL_DONE, CONTROLLER)] == [0, 1]
+    assert [m.req_id for m in sent(messages, PrefillDone, CONTROLLER)] == [0, 1]
     s.schedule()
-    (out,) = sent(s.on_step([9, 9]), Tag.TOKENS_OUT)
+    (out,) = sent(s.on_step([9, 9]), TokensOut)
     assert out.tokens == ((0, 1, 9),)
 
 
 def test_each_side_of_a_transfer_gets_the_other_sides_block_table():
     """The prefill side's blocks ride on the announcement, the decode side's on the pull, so both
     sides' KV posts carry the peer's table (engine.kv_transfer cuts its messages at either's breaks)."""
-    p, d = sched("prefill", blocks=16), Scheduler("decode", 5, 1, InstanceLimits(16, 4, 32, 8, 128), (2,))
+    p, d = sched("prefill", blocks=16), Scheduler("decode", 5, 1, InstanceLimits(16, 4, 32, 8, 128), (2,),
+                                                 leaders=LEADERS)
     p.add_request(req(0, 8, decode_instance=5))
     out = p.schedule()
-    incoming = sent(out.messages, Tag.KV_INCOMING, 5)[0]
+    incoming = sent(out.messages, KVIncoming, LEADERS[5])[0]
     assert incoming.blocks == out.step.seqs[0].block_table
-    [first] = sent(p.on_step([7]), Tag.FIRST_TOKEN, 5)
+    [first] = sent(p.on_step([7]), FirstToken, LEADERS[5])
     d.add_incoming(incoming)
     d.add_first_token(first)
     out = d.schedule()
     [recv] = out.step.kv_recvs
-    [pull] = sent(out.messages, Tag.KV_PULL, 0)
+    [pull] = sent(out.messages, KVPull, LEADERS[0])
     assert recv.peer_blocks == incoming.blocks and pull.blocks == recv.block_table
     p.add_pull(pull)
     [send] = p.schedule().step.kv_sends
