@@ -156,6 +156,7 @@ class Heartbeat:
     kv_blocks: int = 0
     prefix_query_tokens: int = 0  # prompt tokens admitted so far (prefix caching)
     prefix_hit_tokens: int = 0    # of those, served from the prefix cache
+    kv_cached: int = 0            # blocks cached that no request holds (free room, counted apart from kv_used)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class InstanceStats:
     token_budget: int               # L_m this instance batched prefills under
     prefix_query_tokens: int = 0    # prompt tokens admitted (prefix caching)
     prefix_hit_tokens: int = 0      # of those, served from the prefix cache
+    kv_cached: int = 0              # at the end: blocks cached that no request holds
     step_samples: dict = field(default_factory=dict)  # "prefill"/"decode" -> samples (pdlaunch profile's format)
 
 
