@@ -126,16 +126,25 @@ def main() -> None:
     parser.add_argument("--rates", default="0.5,1,1.5", help="req/s of the fidelity bench")
     parser.add_argument("--slo-scale", type=float, default=1.0,
                         help="the fidelity bench's SLOs: the config's times this (a loaded machine: > 1)")
+    parser.add_argument("--parts", default="fidelity,distinct,shared",
+                        help="which parts to run; the others' figures already in results.json are kept")
     args = parser.parse_args()
     os.makedirs(OUT_DIR, exist_ok=True)
-    out = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores", "model": "SmolLM2-135M fp32, 1P1D (TP1 each)"}
+    path = os.path.join(OUT_DIR, "results.json")
+    out = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            out = json.load(f)
+    out.update(machine=f"{os.uname().machine}, {os.cpu_count()} cores", model="SmolLM2-135M fp32, 1P1D (TP1 each)")
     parts = (("fidelity", lambda: fidelity(args.fidelity_requests, args.rates, args.slo_scale)),
              ("distinct", lambda: side_by_side("distinct", distinct_prompts(args.distinct, seed=3))),
              ("shared", lambda: side_by_side("shared", shared_prompts(args.requests, seed=1))))
     for name, run in parts:  # written after each part: a run cut short keeps what it measured
+        if name not in args.parts.split(","):
+            continue
         load = os.getloadavg()
         out[name] = run() | {"load_average": {"before": load, "after": os.getloadavg()}}
-        with open(os.path.join(OUT_DIR, "results.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump(out, f, indent=1)
         report(name, out[name])
 
