@@ -4,13 +4,16 @@ each workload run both ways back to side by side:
   unique tail (8-24 tokens), 16 output tokens: prefill-bound without caching;
 - distinct: a batch of requests with nothing shared (128-token random prompts, 16 output tokens):
   what caching costs where it cannot help (hashing, bookkeeping);
-- fidelity: the shared workload at Poisson arrivals, caching on, then `pdlaunch simulate` on its
-  results file (the measured hits per request) against the measured SLO attainment at five scales
-  of the SLOs, the bench's fidelity measure (attainment points).
+- fidelity: `pdlaunch bench` on the shared workload (planner.shared_prefix 512, every prompt 512 +
+  16 tokens, 16 out, caching on) at Poisson rates: the engine's SLO attainment per rate against the
+  simulator replaying the same trace, calibrated by the bench's probe (the bench's fidelity measure,
+  attainment points), under SLOs loosened by --slo-scale for a machine slower than its profile.
 Throughput and TTFT p50/p90 per run, the on/off ratios, and the fidelity rows go to
 benchmarks/results/prefix-caching/results.json.
 
-    python benchmarks/prefix_caching.py [--requests 200] [--distinct 60] [--fidelity-requests 80] [--rate 3]
+    python benchmarks/prefix_caching.py [--requests 200] [--distinct 60] [--fidelity-requests 40]
+        [--rates 0.5,1,1.5] [--slo-scale 1]
+The parts run in that order (fidelity, distinct, shared), results.json written after each.
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ OUT_DIR = os.path.join(ROOT, "benchmarks", "results", "prefix-caching")
 WORK = os.path.join(ROOT, "runs", "prefix-caching")
 VOCAB = 49152
 SYSTEM_LEN, OUTPUT = 512, 16
-SCALES = (0.4, 0.6, 0.8, 1.0, 1.2)
 
 
 def config(name: str, caching: bool, workload: dict) -> str:
@@ -93,60 +95,73 @@ def side_by_side(name: str, prompts: list[list[int]]) -> dict:
             "ttft_p90_off_over_on": off["ttft_p90_ms"] / on["ttft_p90_ms"]}
 
 
-def measured_attainment(results: str, slo: dict) -> dict:
-    rows = [json.loads(line) for line in open(results)]
-    ok = [r["metrics"] for r in rows if r.get("metrics")]
-    return {f"{k:g}": sum(m["ttft_ms"] <= slo["ttft_ms"] * k and m["tpot_ms"] <= slo["tpot_ms"] * k for m in ok)
-            / len(rows) for k in SCALES}
-
-
-def fidelity(n: int, rate: float) -> dict:
-    """The shared workload at `rate` req/s, caching on, measured and replayed by `pdlaunch simulate`."""
-    report = run_job("fidelity", True, shared_prompts(n, seed=2), {"arrival": "poisson", "rate": rate, "seed": 2})
-    run = os.path.join(WORK, "fidelity")
-    sim_out = os.path.join(run, "simulated.json")
-    subprocess.run([sys.executable, "-m", "launcher.cli", "simulate", os.path.join(run, "job.yaml"), "--trace",
-                    os.path.join(run, "results.jsonl"), "--slo-scales", ",".join(map(str, SCALES)), "-o", sim_out,
-                    "--quiet"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
-    simulated = json.load(open(sim_out))
-    measured = measured_attainment(os.path.join(run, "results.jsonl"), simulated["slo"])
-    points = {k: abs(measured[k] - simulated["attainment"][k]["both"]) * 100 for k in measured}
-    sim_ttft = sorted(r["ttft_ms"] for r in simulated["requests"] if r["ttft_ms"] is not None)
-    return {"rate": rate, "requests": n, "prefix_hit_rate": report["prefix_hit_rate"],
-            "measured_attainment": measured,
-            "simulated_attainment": {k: simulated["attainment"][k]["both"] for k in measured},
-            "error_points": points, "mean_points": sum(points.values()) / len(points),
-            "worst_points": max(points.values()),
-            "ttft_p50_ms": {"measured": report["ttft_ms"]["p50"], "simulated": sim_ttft[len(sim_ttft) // 2]},
-            "ttft_mean_ms": {"measured": report["ttft_ms_mean"], "simulated": simulated["ttft_ms"]["mean"]},
-            "tpot_mean_ms": {"measured": report["tpot_ms_mean"], "simulated": simulated["tpot_ms"]["mean"]}}
+def fidelity(n: int, rates: str, slo_scale: float) -> dict:
+    """The shared workload through `pdlaunch bench` at `rates`, n requests each, caching on."""
+    path = config("fidelity", True, {"arrival": "poisson", "seed": 2})
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["planner"].update(lengths="fixed", input_len=SYSTEM_LEN + 16, output_len=OUTPUT, shared_prefix=SYSTEM_LEN,
+                          shared_prefix_share=1.0)
+    cfg["slo"] = {k: v * slo_scale if k.endswith("_ms") else v for k, v in cfg["slo"].items()}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    out = os.path.join(WORK, "fidelity", "bench")
+    subprocess.run([sys.executable, "-m", "launcher.cli", "bench", path, "--rates", rates, "--requests", str(n),
+                    "-o", out, "--quiet"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+    with open(os.path.join(out, "bench.json")) as f:
+        bench = json.load(f)
+    rows = [{"rate": r["rate"], "measured": r["measured"]["attainment"], "calibrated": r["calibrated"]["attainment"],
+             "profile": r["predicted"]["attainment"], "error_points": r["error_points"],
+             "ttft_p50_ms": {k: r[k]["ttft_ms_p50"] for k in ("measured", "calibrated")},
+             "tpot_p50_ms": {k: r[k]["tpot_ms_p50"] for k in ("measured", "calibrated")}} for r in bench["rows"]]
+    return {"slo": bench["slo"], "requests_per_rate": n, "calibration": bench["jobs"][0]["calibration"],
+            "rows": rows, "fidelity": bench["fidelity"]["all"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="shared-prefix batch size")
     parser.add_argument("--distinct", type=int, default=60, help="requests of the workload without shared prefixes")
-    parser.add_argument("--fidelity-requests", type=int, default=80)
-    parser.add_argument("--rate", type=float, default=3.0, help="req/s of the fidelity run")
+    parser.add_argument("--fidelity-requests", type=int, default=40, help="requests per rate of the fidelity bench")
+    parser.add_argument("--rates", default="0.5,1,1.5", help="req/s of the fidelity bench")
+    parser.add_argument("--slo-scale", type=float, default=1.0,
+                        help="the fidelity bench's SLOs: the config's times this (a loaded machine: > 1)")
+    parser.add_argument("--parts", default="fidelity,distinct,shared",
+                        help="which parts to run; the others' figures already in results.json are kept")
     args = parser.parse_args()
     os.makedirs(OUT_DIR, exist_ok=True)
-    out = {"machine": f"{os.uname().machine}, {os.cpu_count()} cores", "model": "SmolLM2-135M fp32, 1P1D (TP1 each)",
-           "shared": side_by_side("shared", shared_prompts(args.requests, seed=1)),
-           "distinct": side_by_side("distinct", distinct_prompts(args.distinct, seed=3)),
-           "fidelity": fidelity(args.fidelity_requests, args.rate)}
-    with open(os.path.join(OUT_DIR, "results.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    for name in ("shared", "distinct"):
-        r = out[name]
-        print(f"{name}: on {r['on']['output_tokens_per_s']:.1f} tok/s, TTFT p50/p90 {r['on']['ttft_p50_ms']:.0f}/"
-              f"{r['on']['ttft_p90_ms']:.0f} ms (hits {r['on']['prefix_hit_rate']:.0%}); off "
-              f"{r['off']['output_tokens_per_s']:.1f} tok/s, {r['off']['ttft_p50_ms']:.0f}/{r['off']['ttft_p90_ms']:.0f} ms"
-              f"; throughput {r['throughput_on_over_off']:.2f}x, TTFT p50 {r['ttft_p50_off_over_on']:.2f}x lower")
-    fid = out["fidelity"]
-    print(f"fidelity at {fid['rate']:g} req/s: attainment error mean {fid['mean_points']:.1f} / worst "
-          f"{fid['worst_points']:.1f} points (measured {fid['measured_attainment']}, simulated "
-          f"{fid['simulated_attainment']})")
+    path = os.path.join(OUT_DIR, "results.json")
+    out = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            out = json.load(f)
+    out.update(machine=f"{os.uname().machine}, {os.cpu_count()} cores", model="SmolLM2-135M fp32, 1P1D (TP1 each)")
+    parts = (("fidelity", lambda: fidelity(args.fidelity_requests, args.rates, args.slo_scale)),
+             ("distinct", lambda: side_by_side("distinct", distinct_prompts(args.distinct, seed=3))),
+             ("shared", lambda: side_by_side("shared", shared_prompts(args.requests, seed=1))))
+    for name, run in parts:  # written after each part: a run cut short keeps what it measured
+        if name not in args.parts.split(","):
+            continue
+        load = os.getloadavg()
+        out[name] = run() | {"load_average": {"before": load, "after": os.getloadavg()}}
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+        report(name, out[name])
 
+
+def report(name: str, r: dict) -> None:
+    load = f"load average {r['load_average']['before'][0]:.1f} before, {r['load_average']['after'][0]:.1f} after"
+    if name == "fidelity":
+        for row in r["rows"]:
+            print(f"fidelity at {row['rate']:g} req/s: attainment measured {row['measured']:.0%}, simulated "
+                  f"{row['calibrated']:.0%} calibrated ({row['profile']:.0%} from the profile as it is)")
+        print(f"fidelity (calibrated): mean {r['fidelity']['calibrated']['mean_points']:.1f} / worst "
+              f"{r['fidelity']['calibrated']['worst_points']:.1f} points; {load}")
+        return
+    print(f"{name}: on {r['on']['output_tokens_per_s']:.1f} tok/s, TTFT p50/p90 {r['on']['ttft_p50_ms']:.0f}/"
+          f"{r['on']['ttft_p90_ms']:.0f} ms (hits {r['on']['prefix_hit_rate']:.0%}); off "
+          f"{r['off']['output_tokens_per_s']:.1f} tok/s, {r['off']['ttft_p50_ms']:.0f}/{r['off']['ttft_p90_ms']:.0f} ms"
+          f"; throughput {r['throughput_on_over_off']:.2f}x, TTFT p50 {r['ttft_p50_off_over_on']:.2f}x lower; {load}")
 
 if __name__ == "__main__":
     main()

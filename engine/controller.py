@@ -62,7 +62,6 @@ class Controller:
             {i.id: s.prefill_kv_blocks if i.role == "prefill" else s.decode_kv_blocks for i in self.entry},
             s.block_size) if s.prefix_caching else None
         self.by_id: dict[int, RequestState] = {}
-        self.awaiting_first = 0  # dispatched requests without their first token: the queue admission bounds
         self.started = False     # every instance has loaded its model
 
     def replay(self, specs: list[RequestSpec], sink: Sink) -> Replay:
@@ -137,7 +136,6 @@ class Controller:
 
     def _dispatch(self, p: RequestState, start: float, outbox: c.Outbox) -> None:
         p.arrival = start + p.offset_s
-        self.awaiting_first += 1
         if self.cache_aware:
             target, p.queued_tokens = self.cache_aware.pick(p.prompt_ids, self.load)
         else:
@@ -166,7 +164,6 @@ class Controller:
     def _first_token(self, p: RequestState, at: float, sink: Sink) -> None:
         if p.first_at is None:
             p.first_at = at
-            self.awaiting_first -= 1
             sink.first_token(p)
 
     def _prefill_done(self, done: PrefillDone, sink: Sink, outbox: c.Outbox) -> None:
@@ -205,8 +202,6 @@ class Controller:
 
     def _finished(self, result: Result, sink: Sink) -> None:
         p = self.by_id.pop(result.req_id)
-        if p.first_at is None:
-            self.awaiting_first -= 1
         self._prefilled(p)
         if self.cache_aware and self.ctx.plan.instances[p.entry].role == "colocated":
             self.cache_aware.finished(p.entry, [*p.prompt_ids, *result.output[:-1]])

@@ -115,9 +115,15 @@ class Frontend(Sink):
             self.live[p.spec.index] = live
             self.waiting.add(p.spec.index)
             self.inbox.append(p)
+            self._waiting_changed()
         self.metrics.in_flight.inc()
         self.wake.set()
         return live.events
+
+    def _waiting_changed(self) -> None:
+        """The gauge of requests waiting for their first token follows the set max_queue counts, from
+        the moment one is admitted (the controller's own count starts at its dispatch). Under the lock."""
+        self.metrics.waiting_first.set(len(self.waiting))
 
     def _retry_after(self, queued: int) -> int:
         """Seconds until the queue has room at the recent rate of first tokens (at least 1)."""
@@ -133,6 +139,7 @@ class Frontend(Sink):
             if live is None:
                 return
             self.waiting.discard(req_id)
+            self._waiting_changed()
             if live.request in self.inbox:  # not dispatched yet
                 self.inbox.remove(live.request)
             else:
@@ -215,13 +222,14 @@ class Frontend(Sink):
     def first_token(self, req: RequestState) -> None:
         with self.lock:
             self.waiting.discard(req.spec.index)
+            self._waiting_changed()
         self.firsts.append(time.monotonic())
-        self.metrics.waiting_first.set(self.controller.awaiting_first)
 
     def write(self, req: RequestState, result: Optional[Result]) -> None:
         with self.lock:
             live = self.live.pop(req.spec.index, None)
             self.waiting.discard(req.spec.index)
+            self._waiting_changed()
         record = {"id": req.spec.custom_id, "arrival": round(req.arrival, 6), "prompt_tokens": req.prompt_tokens,
                   "completion_tokens": len(result.output) if result is not None else 0}
         if result is not None and result.finish_reason != "abort":
@@ -242,7 +250,6 @@ class Frontend(Sink):
         if live is not None:
             self.metrics.in_flight.dec()
             self._push(live, ("result", result))
-        self.metrics.waiting_first.set(self.controller.awaiting_first)
 
     def instance_state(self, beat: Heartbeat) -> None:
         self.beats[beat.instance] = time.monotonic()

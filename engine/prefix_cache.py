@@ -130,8 +130,11 @@ class PrefixCache:
                 self.hash_of[block] = name
 
     def counts(self) -> dict:
-        """Prompt tokens admitted and, of those, served from the cache (a hit rate's two terms)."""
-        return {"prefix_query_tokens": self.query_tokens, "prefix_hit_tokens": self.hit_tokens}
+        """Prompt tokens admitted and, of those, served from the cache (a hit rate's two terms), and
+        the blocks cached that no request holds (kept as free room: with the blocks in use and the
+        allocator's free ones they account for every block)."""
+        return {"prefix_query_tokens": self.query_tokens, "prefix_hit_tokens": self.hit_tokens,
+                "kv_cached": len(self.evictable)}
 
 
 def hit_rate(counts: dict) -> float:

@@ -68,6 +68,10 @@ class SequenceBlocks:
             self.cache.register(seq.blocks, block_hashes([*seq.request.prompt_ids, *seq.output[:-1]], self.block_size))
         self.allocator.free(seq.blocks)
 
-    def prefix_counts(self) -> tuple[int, int]:
-        """Prompt tokens admitted, and of those served from the prefix cache."""
-        return (self.cache.query_tokens, self.cache.hit_tokens) if self.cache else (0, 0)
+    def prefix_counts(self) -> tuple[int, int, int]:
+        """Prompt tokens admitted, of those served from the prefix cache, and the blocks cached that
+        no request holds (free room, counted apart from the blocks in use)."""
+        if not self.cache:
+            return 0, 0, 0
+        counts = self.cache.counts()
+        return counts["prefix_query_tokens"], counts["prefix_hit_tokens"], counts["kv_cached"]

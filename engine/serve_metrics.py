@@ -48,6 +48,8 @@ class ServeMetrics:
         self.running = Gauge("pdlaunch_instance_running", "Sequences in an instance's decode batch", labels, registry=r)
         self.kv_used = Gauge("pdlaunch_instance_kv_blocks_used", "KV blocks held (a prefill instance: its hold area)",
                              labels, registry=r)
+        self.kv_cached = Gauge("pdlaunch_instance_kv_blocks_cached", "KV blocks of cached prefixes that no request "
+                               "holds (kept until their room is needed; not in kv_blocks_used)", labels, registry=r)
         self.kv_total = Gauge("pdlaunch_instance_kv_blocks", "KV blocks of an instance", labels, registry=r)
         self.prefix_hit_rate = Gauge("pdlaunch_instance_prefix_cache_hit_rate", "Share of the prompt tokens an "
                                      "instance admitted that its prefix cache served (decode, with "
@@ -81,6 +83,7 @@ class ServeMetrics:
         self.waiting.labels(*labels).set(state.waiting)
         self.running.labels(*labels).set(state.running)
         self.kv_used.labels(*labels).set(state.kv_used)
+        self.kv_cached.labels(*labels).set(state.kv_cached)
         self.kv_total.labels(*labels).set(state.kv_blocks)
         self.prefix_hit_rate.labels(*labels).set(hit_rate(vars(state)))
 

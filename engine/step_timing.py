@@ -27,6 +27,10 @@ DECODE_CONTEXTS = [32, 128, 256, 768]
 MAX_PREFILL_TOKENS = 2048
 # chunked prefill's mixed steps: (decodes, their context, prompt chunk, tokens cached before it)
 MIXED_SHAPES = [(4, 128, 64, 0), (8, 128, 128, 0), (8, 256, 128, 256), (16, 128, 256, 128), (16, 256, 64, 448)]
+# extend steps: (prompts, tail tokens each, tokens cached before each: one shared prefix's blocks), as
+# prefix caching runs tails behind a system prompt (and chunked prefill a long prompt's later chunks)
+EXTEND_SHAPES = [(1, 16, 512), (4, 16, 512), (16, 16, 512), (8, 16, 256), (8, 32, 128), (4, 64, 256), (1, 128, 384),
+                 (2, 256, 256)]
 LOOP_PROMPTS = [16, 48, 96, 160, 256] * 3  # the loop-overhead phase's requests, max_tokens LOOP_TOKENS each
 LOOP_TOKENS = 12
 
@@ -52,6 +56,17 @@ def _mixed_plan(batch: int, context: int, chunk: int, start: int, block_size: in
     table = tuple(range(first, first + blocks_for(start + chunk, block_size)))
     tokens = tuple(3 + (j * 7) % (vocab - 3) for j in range(chunk))
     return StepPlan(seqs=decodes + (SeqChunk(batch, tokens, start, table, SamplingParams(), 0),))
+
+
+def _extend_plan(batch: int, tail: int, cached: int, block_size: int, vocab: int) -> StepPlan:
+    """`batch` prompt chunks of `tail` tokens, each after the same `cached` tokens (the prefix's
+    blocks shared by every block table, as the prefix cache shares them), their own blocks after."""
+    prefix = blocks_for(cached, block_size)
+    own = blocks_for(cached + tail, block_size) - prefix
+    return StepPlan(seqs=tuple(
+        SeqChunk(i, tuple(3 + (i * 7 + j) % (vocab - 3) for j in range(tail)), cached,
+                 tuple(range(prefix)) + tuple(range(prefix + i * own, prefix + (i + 1) * own)), SamplingParams(), 0)
+        for i in range(batch)))
 
 
 def loop_overhead(ctx, steps: StepSender, runner, limits: InstanceLimits) -> dict:
@@ -151,7 +166,7 @@ def _shapes(limits: InstanceLimits, vocab: int) -> dict[str, list[tuple[dict, St
     """Every prefill and decode shape the profile times that fits this instance's cache and
     context: (the sample's key fields, the step plan) per phase."""
     num_blocks, block_size, max_len = limits.num_blocks, limits.block_size, limits.max_model_len
-    shapes = {"prefill": [], "decode": [], "mixed": []}
+    shapes = {"prefill": [], "decode": [], "mixed": [], "extend": []}
     for length in PREFILL_LENS:
         for batch in PREFILL_BATCHES:
             if (batch * length <= MAX_PREFILL_TOKENS and length < max_len
@@ -168,6 +183,12 @@ def _shapes(limits: InstanceLimits, vocab: int) -> dict[str, list[tuple[dict, St
             shapes["mixed"].append(({"lens": [chunk], "starts": [start], "batch": batch,
                                      "context_sum": batch * (context + 1)},
                                     _mixed_plan(batch, context, chunk, start, block_size, vocab)))
+    for batch, tail, cached in EXTEND_SHAPES:
+        blocks = blocks_for(cached, block_size) + batch * (blocks_for(cached + tail, block_size)
+                                                           - blocks_for(cached, block_size))
+        if cached + tail < max_len and blocks <= num_blocks:
+            shapes["extend"].append(({"lens": [tail] * batch, "starts": [cached] * batch},
+                                     _extend_plan(batch, tail, cached, block_size, vocab)))
     return shapes
 
 
@@ -179,8 +200,8 @@ def run_profile(ctx, runner, limits: InstanceLimits, repeats: int = 3, decode_re
     steps = StepSender(ctx)
     shapes = _shapes(limits, runner.shape.vocab_size)
     _timed(steps, runner, _prefill_plan(1, 16, limits.block_size, runner.shape.vocab_size), repeats)  # warm-up
-    samples = {"prefill": [], "decode": [], "mixed": []}
-    for phase, count in (("prefill", repeats), ("decode", decode_repeats), ("mixed", repeats)):
+    samples = {"prefill": [], "decode": [], "mixed": [], "extend": []}
+    for phase, count in (("prefill", repeats), ("decode", decode_repeats), ("mixed", repeats), ("extend", repeats)):
         for key, plan in shapes[phase]:
             samples[phase].append(key | {"ms": _timed(steps, runner, plan, count)})
             send(ctx.world, Heartbeat(ctx.instance.id, len(samples[phase])), CONTROLLER)

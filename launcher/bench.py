@@ -58,8 +58,9 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         trace, segment = build_trace(cfg_s, plan, spec, job_rates, n)
         name = f"{system}-{len(jobs)}"
         inp, out = os.path.join(out_dir, f"workload-{name}.jsonl"), os.path.join(out_dir, f"results-{name}.jsonl")
+        lines = engine_lines(trace, segment, vocab, cfg.workload.seed, cfg.planner.shared_prefix)
         with open(inp, "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in engine_lines(trace, segment, vocab, cfg.workload.seed))
+            f.writelines(json.dumps(line) + "\n" for line in lines)
         span_s = trace[-1].arrival / 1e3
         say(f"{system}: rates {', '.join(f'{r:g}' for r in job_rates)} req/s, {n} requests each, in one job "
             f"({span_s:.0f} s of arrivals after a {len(PROBE_PROMPTS)}-request calibration probe) ...")

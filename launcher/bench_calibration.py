@@ -30,12 +30,13 @@ def calibration_requests(cfg: JobConfig) -> list[SimRequest]:
 
 
 def scaled(latency: LatencyModel, prefill: float, decode: float) -> LatencyModel:
-    """`latency` with every prefill cost (compute and per-step) times `prefill`, every decode cost
+    """`latency` with every prefill cost (compute, extend and per-step) times `prefill`, every decode cost
     times `decode`: the machine running uniformly faster or slower than when it was profiled."""
     def times(values, k):
         return tuple(v * k for v in values)
 
-    by_tp = {tp: replace(c, prefill=times(c.prefill, prefill), prefill_overhead=times(c.prefill_overhead, prefill),
+    by_tp = {tp: replace(c, prefill=times(c.prefill, prefill), extend=times(c.extend, prefill),
+                         prefill_overhead=times(c.prefill_overhead, prefill),
                          decode_small=times(c.decode_small, decode), decode_large=times(c.decode_large, decode),
                          decode_overhead=times(c.decode_overhead, decode))
              for tp, c in latency.by_tp.items()}

@@ -14,7 +14,7 @@ from launcher.bench_report import SCALES
 from launcher.config import JobConfig
 from launcher.errors import UserError
 from launcher.plan import Plan
-from launcher.planner.config_to_plan import latency_models, settings_from
+from launcher.planner.config_to_plan import latency_models, settings_from, workload_prefix
 from launcher.planner.goodput import queues_grow
 from launcher.planner.latency import LatencyModel
 from launcher.planner.replay import simulate_plan
@@ -42,11 +42,13 @@ def system_config(cfg: JobConfig, system: str) -> JobConfig:
 
 
 def segment_requests(cfg: JobConfig, rate: float, n: int) -> list[SimRequest]:
-    """n requests at `rate` req/s with the planner's length distribution, seeded by the rate: a
-    rate given twice replays the identical trace, which measures the engine's own run-to-run noise."""
+    """n requests at `rate` req/s with the planner's length distribution and shared prefix (a
+    request that begins with it has the prefix's full blocks as its cached_len, which the
+    simulator charges only with prefix caching on), seeded by the rate: a rate given twice replays
+    the identical trace, which measures the engine's own run-to-run noise."""
     settings = settings_from(cfg)
     return make_requests(n, rate, settings.lengths, settings.arrival, settings.cv,
-                         cfg.workload.seed + round(rate * 1000))
+                         cfg.workload.seed + round(rate * 1000), workload_prefix(cfg))
 
 
 def profile_latency(cfg: JobConfig, plan: Plan) -> LatencyModel:
@@ -71,17 +73,27 @@ def build_trace(cfg: JobConfig, plan: Plan, spec, rates: list[float], n: int) ->
         last_arrival = max(r.arrival for r in reqs)
         drain_ms = max((r.finish for r in alone if not math.isnan(r.finish)), default=last_arrival) - last_arrival
         for r in reqs:
-            trace.append(SimRequest(t + r.arrival, r.input_len, r.output_len))
+            trace.append(SimRequest(t + r.arrival, r.input_len, r.output_len, cached_len=r.cached_len))
             segment.append(k)
         t += last_arrival + min(MAX_DRAIN_S * 1e3, DRAIN_MARGIN * drain_ms + DRAIN_SLACK_S * 1e3)
     return trace, segment
 
 
-def engine_lines(trace: list[SimRequest], segment: list[int], vocab: int, seed: int) -> list[dict]:
-    """The trace as engine input: random token prompts, exact output lengths, replayed arrivals."""
+def engine_lines(trace: list[SimRequest], segment: list[int], vocab: int, seed: int,
+                 prefix_len: int = 0) -> list[dict]:
+    """The trace as engine input: random token prompts, exact output lengths, replayed arrivals. A
+    request with cached tokens begins with the workload's shared prefix (one random prefix of
+    `prefix_len` tokens for the whole trace; all prefix where the prompt is no longer), so the
+    engine's cache finds the full blocks the simulator counts as cached."""
     rng = random.Random(seed + 1)
-    return [{"custom_id": f"s{k}-{i}", "prompt": [rng.randrange(10, vocab) for _ in range(r.input_len)],
-             "max_tokens": r.output_len, "ignore_eos": True, "arrival_s": r.arrival / 1e3}
+    prefix = [rng.randrange(10, vocab) for _ in range(prefix_len)]
+
+    def prompt(r: SimRequest) -> list[int]:
+        head = prefix[:r.input_len] if r.cached_len else []
+        return head + [rng.randrange(10, vocab) for _ in range(r.input_len - len(head))]
+
+    return [{"custom_id": f"s{k}-{i}", "prompt": prompt(r), "max_tokens": r.output_len, "ignore_eos": True,
+             "arrival_s": r.arrival / 1e3}
             for i, (r, k) in enumerate(zip(trace, segment))]
 
 

@@ -62,7 +62,7 @@ def profile(args) -> int:
         """Step samples of `count` instances of TP `tp` profiling at once."""
         per_instance = timings(tp, count)
         samples = {kind: [x for inst in per_instance.values() for x in inst["samples"].get(kind, [])]
-                   for kind in ("prefill", "decode", "mixed")}
+                   for kind in ("prefill", "decode", "mixed", "extend")}
         for part in ("overhead", "beside_other_phase"):  # the latter from instance 0 of several
             samples[part] = {kind: [x for inst in per_instance.values()
                                     for x in inst["samples"].get(part, {}).get(kind, [])] for kind in ("prefill", "decode")}
@@ -124,7 +124,9 @@ def profile(args) -> int:
                   f"(max rel. error {e['fit_max_rel_error']['decode']:.1%}); "
                   f"L_m = {e['token_budget']}" +
                   (f"; mixed steps (chunked prefill) max rel. error {e['fit_max_rel_error']['mixed']:.1%}"
-                   if "mixed" in e["fit_max_rel_error"] else "") + ("; beside the same phase / idle: prefill {prefill:.2f}x, "
+                   if "mixed" in e["fit_max_rel_error"] else "") +
+                  (f"; extend chunks (after s cached tokens) + {e['extend'][0]:.2f} + {e['extend'][1]:.2e}*s ms "
+                   f"(max rel. error {e['fit_max_rel_error']['extend']:.1%})" if "extend" in e else "") + ("; beside the same phase / idle: prefill {prefill:.2f}x, "
                                                    "decode {decode:.2f}x".format(**e["shared_slowdown"]) +
                                                    "; beside the other phase / the same: prefill {prefill:.2f}x, "
                                                    "decode {decode_smallbs:.2f}x small batches, {decode_largebs:.2f}x "

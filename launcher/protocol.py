@@ -167,6 +167,7 @@ class SchedulerState:
     kv_blocks: int = 0
     prefix_query_tokens: int = 0  # prompt tokens admitted so far (prefix caching)
     prefix_hit_tokens: int = 0    # of those, served from the prefix cache
+    kv_cached: int = 0            # blocks cached that no request holds (free room, counted apart from kv_used)
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class SchedulerStats:
     peak_rss_mb: float
     prefix_query_tokens: int = 0    # prompt tokens admitted (prefix caching)
     prefix_hit_tokens: int = 0      # of those, served from the prefix cache
+    kv_cached: int = 0              # at the end: blocks cached that no request holds
 
 
 @dataclass(frozen=True)

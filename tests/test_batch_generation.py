@@ -83,6 +83,10 @@ def test_profile_measures_what_pp_adds_and_whether_its_stages_overlap(tmp_path, 
     # chunked prefill's mixed steps that fit (one here), priced by the fit of the pure ones
     assert [(x["batch"], x["lens"], x["starts"]) for x in entry["samples"]["mixed"]] == [(4, [64], [0])]
     assert entry["fit_max_rel_error"]["mixed"] >= 0
+    # extend steps (tails behind one cached prefix) that fit: their terms beyond the prefill fit
+    assert [(x["lens"], x["starts"]) for x in entry["samples"]["extend"]] == [([32] * 8, [128] * 8)]
+    assert len(entry["extend"]) == 2 and min(entry["extend"]) >= 0
+    assert load_profile(str(out)).by_tp[1].extend == tuple(entry["extend"])
     meta = profile["_meta"]
     assert meta["pipelined_pp_source"] == "measured" and meta["pipelined_pp"] == (measured["overlap"] >= 1.5)
     latency = load_profile(str(out))

@@ -106,6 +106,39 @@ def test_one_trace_holds_the_probe_then_each_rate_in_order():
     assert all(b.arrival > a.finish for a, b in zip(finished, finished[1:]))
 
 
+def test_a_shared_prefix_workload_sends_the_prompts_the_simulator_counts_as_cached():
+    """planner.shared_prefix / shared_prefix_share reach the bench's trace and its engine input: the
+    requests with cached tokens begin with one prefix (all prefix when shorter), the others share
+    no block with it, and the engine's own prefix cache finds exactly each one's cached_len."""
+    from engine.prefix_cache import PrefixCache, block_hashes
+    from launcher.bench_trace import build_trace, engine_lines, profile_latency
+    from launcher.planner.replay import simulate_plan
+
+    cfg, plan, spec = paper_setup()
+    cfg.planner.shared_prefix, cfg.planner.shared_prefix_share = 600, 0.5
+    trace, segment = build_trace(cfg, plan, spec, [2.0, 4.0], 100)
+    bs = cfg.scheduler.block_size
+    sharers = [r for r, k in zip(trace, segment) if r.cached_len]
+    assert all(r.cached_len == 0 for r, k in zip(trace, segment) if k == 0)  # the probe: plain prompts
+    assert 70 < len(sharers) < 130 and any(r.input_len <= 600 for r in sharers)
+    assert all(r.cached_len == min(600, r.input_len - 1) // bs * bs for r in sharers)
+    lines = engine_lines(trace, segment, 50000, cfg.workload.seed, cfg.planner.shared_prefix)
+    assert [len(line["prompt"]) for line in lines] == [r.input_len for r in trace]
+    prefix = next(line["prompt"] for line, r in zip(lines, trace) if r.cached_len and r.input_len > 600)[:600]
+    cache = PrefixCache(10000, bs)  # as an instance's cache is once one sharer has run: the prefix's blocks named
+    names = block_hashes(prefix, bs)
+    cache.register(cache.allocate(len(names)), names)
+    for line, r in zip(lines, trace):
+        prompt = line["prompt"]
+        assert (prompt[:min(600, r.input_len)] == prefix[:r.input_len]) == bool(r.cached_len)
+        assert len(cache.cached_prefix(block_hashes(prompt, bs), len(prompt))) * bs == r.cached_len
+    # the simulator charges the sharers' tails only where the engine caches
+    on = simulate_plan(cfg, plan, spec, profile_latency(cfg, plan), trace)
+    cfg.scheduler.prefix_caching = False
+    off = simulate_plan(cfg, plan, spec, profile_latency(cfg, plan), trace)
+    assert sum(r.ttft for r in on) < sum(r.ttft for r in off)
+
+
 def test_calibration_is_the_drift_against_the_profiles_own_samples(tmp_path):
     """Probe steps 1.2x slower (prefill) and 0.9x (decode) than the profile's alone timings of the
     same shapes give those factors; steps outside the probe window and other shapes do not count.

@@ -531,6 +531,44 @@ def test_profile_fit_reports_how_well_it_prices_the_mixed_steps_it_timed():
     assert "mixed" not in fit_entry({"prefill": prefill, "decode": decode})["fit_max_rel_error"]
 
 
+def test_an_extend_chunk_pays_for_its_tail_and_for_attending_over_its_cached_context(tmp_path):
+    """A chunk of n tokens after s cached ones: the prefill terms b*n + c*((s+n)^2 - s^2) and the
+    extend terms e0 + e1*s; a fresh prompt pays no extend terms; a profile without them prices as before."""
+    a, b, c, e0, e1 = 5.0, 0.1, 1e-4, 2.0, 0.03
+    lat = LatencyModel("toy", {1: Coefficients((a, b, c), (3.0, 0.0, 0.0), (3.0, 0.0, 0.0), extend=(e0, e1))})
+    tails = lat.prefill_ms([16] * 15, 1, starts=[512] * 15)
+    assert tails == pytest.approx(a + b * 240 + c * 15 * (528 ** 2 - 512 ** 2) + 15 * (e0 + e1 * 512))
+    assert lat.prefill_ms([256], 1) == pytest.approx(a + b * 256 + c * 256 ** 2)
+    assert lat.mixed_ms([16], [512], 4, 400, 1) - lat.mixed_ms([16], [0], 4, 400, 1) == \
+        pytest.approx(c * (528 ** 2 - 512 ** 2 - 16 ** 2) + e0 + e1 * 512)
+    profile = tmp_path / "p.json"
+    profile.write_text('{"toy": {"1": {"prefill": [5, 0.1, 1e-4], "decoding_smallbs": [3, 0, 0], '
+                       '"decoding_largebs": [3, 0, 0]}}}')
+    plain = load_profile(str(profile))
+    assert plain.prefill_ms([16] * 15, 1, starts=[512] * 15) == pytest.approx(a + b * 240 + c * 15 * (528 ** 2 - 512 ** 2))
+    profile.write_text(profile.read_text().replace('"decoding_largebs"', '"extend": [2.0, 0.03], "decoding_largebs"'))
+    assert load_profile(str(profile)).prefill_ms([16] * 15, 1, starts=[512] * 15) == pytest.approx(tails)
+    from launcher.bench_calibration import scaled
+    assert scaled(lat, 2.0, 1.0).prefill_ms([16] * 15, 1, starts=[512] * 15) == pytest.approx(2 * tails)
+
+
+def test_profile_fit_recovers_the_extend_terms_from_the_extend_steps_it_timed():
+    from launcher.planner.profile_fit import fit_entry
+    from engine.step_timing import EXTEND_SHAPES
+
+    truth = LatencyModel("toy", {1: Coefficients((5.0, 0.1, 1e-4), (3.0, 0.001, 0.2), (3.0, 0.001, 0.2), 10 ** 6,
+                                                 extend=(2.0, 0.03))})
+    prefill = [{"lens": [n] * b, "ms": truth.prefill_ms([n] * b, 1)} for n in (16, 64, 256, 512) for b in (1, 2, 4)]
+    decode = [{"batch": b, "context_sum": b * c, "ms": truth.decode_trip_ms(b, b * c, 1)}
+              for b in (1, 2, 4, 8, 16) for c in (32, 256)]
+    extend = [{"lens": [n] * b, "starts": [s] * b, "ms": truth.prefill_ms([n] * b, 1, starts=[s] * b)}
+              for b, n, s in EXTEND_SHAPES]
+    entry = fit_entry({"prefill": prefill, "decode": decode, "extend": extend})
+    assert entry["extend"] == pytest.approx([2.0, 0.03], rel=1e-3) and entry["fit_max_rel_error"]["extend"] < 1e-3
+    # without extend timings the profile has no extend terms, and its extend steps come out cheaper
+    assert "extend" not in fit_entry({"prefill": prefill, "decode": decode})
+
+
 @pytest.mark.parametrize("pp", [1, 2])
 def test_chunked_colocated_finishes_every_request_within_its_budget_and_memory(pp):
     """Random lengths (prompts up to 6x the budget), Poisson arrivals, a small KV, PP with steps in

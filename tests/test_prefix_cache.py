@@ -46,11 +46,13 @@ def test_shared_blocks_are_counted_and_unreferenced_ones_stay_cached_until_evict
     cache.register(first, names)
     second, hits = cache.admit(names, 13, 4)
     assert hits == 3 and second[:3] == first[:3] and second[3] not in first
-    assert cache.num_free == 1 and cache.counts() == {"prefix_query_tokens": 26, "prefix_hit_tokens": 12}
+    assert cache.num_free == 1 and cache.counts() == {"prefix_query_tokens": 26, "prefix_hit_tokens": 12,
+                                                    "kv_cached": 0}
     cache.free(first)
     assert cache.num_free == 2                             # its own last block only: the prefix is still read
     cache.free(second)
     assert cache.num_free == 6 and cache.cached_prefix(names, 13) == first[:3]  # free room, still cached
+    assert cache.counts()["kv_cached"] == 3 and cache.num_used == 0
     fresh = cache.allocate(5)                              # needs two cached blocks: the prefix's last ones go first
     assert cache.cached_prefix(names, 13) == first[:1] and first[0] not in fresh
 
@@ -279,8 +281,10 @@ def test_hit_rates_reach_the_report_and_the_metrics():
     assert report["cached_tokens"] == 96 and report["prefix_hit_rate"] == 0.48
     assert [i["prefix_hit_rate"] for i in report["instances"]] == [0.48, 0.0]
     metrics = ServeMetrics(slo, BS)
-    metrics.instance(Heartbeat(0, 5, SchedulerState(prefix_query_tokens=200, prefix_hit_tokens=96)), "prefill")
-    assert 'pdlaunch_instance_prefix_cache_hit_rate{instance="0",role="prefill"} 0.48' in metrics.render().decode()
+    metrics.instance(Heartbeat(0, 5, SchedulerState(prefix_query_tokens=200, prefix_hit_tokens=96, kv_cached=7)), "prefill")
+    text = metrics.render().decode()
+    assert 'pdlaunch_instance_prefix_cache_hit_rate{instance="0",role="prefill"} 0.48' in text
+    assert 'pdlaunch_instance_kv_blocks_cached{instance="0",role="prefill"} 7.0' in text
 
 
 def test_a_later_turn_finds_the_answer_of_the_earlier_one_cached_on_a_colocated_instance():

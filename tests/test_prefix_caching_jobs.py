@@ -9,6 +9,7 @@ where the hits per request are known exactly."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -85,3 +86,81 @@ def test_a_tp_or_pp_prefill_instance_matches_no_caching(tmp_path, tiny_model_dir
     prefill = next(i for i in report["instances"] if i["role"] == "prefill")
     assert prefill["prefix_hit_tokens"] == sum(EXPECTED_CACHED)
     assert prefill["prefix_hit_rate"] == pytest.approx(sum(EXPECTED_CACHED) / sum(map(len, PROMPTS)))
+
+
+
+
+def test_a_request_aborted_while_it_shares_prefix_blocks_frees_only_its_own(tmp_path, tiny_model_dir, reference):
+    """Serve mode, one prefill instance and two decode instances, both stopped (SIGSTOP) so every
+    request's KV stays held on the prefill side. A's client goes away once the controller has A's
+    first token (so it sends A's abort to A's decode instance); B, sent after that abort, shares
+    A's prefix blocks. Decode 1 (A's) resumes and ends A without a pull: the prefill instance must
+    then hold exactly B's blocks, A's own cached or free. Decode 2 resumes: B's tokens are those of
+    no caching, and D, sent last, finds the prefix cached and gets the tokens of no caching too.
+    Every wait is for a state the job reaches whatever the machine's speed."""
+    import signal
+    import threading
+    import time
+
+    from conftest import ServerProcess, rank_pid
+    from engine.blocks import blocks_for
+    from engine.prefix_cache import block_hashes
+    from engine.tokenizer import TextCodec
+    from test_serve import metric, request, stream_lines
+
+    placement = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
+                 "decode": {"instances": 2, "tp": 1, "pp": 1}}
+    config = write_job(tmp_path, tiny_model_dir, placement, [[5, 6]], scheduler={"watchdog_s": 300})
+    server = ServerProcess(config, str(tmp_path / "run"))
+    a, b, d = PROMPTS[:3]
+    names_a, names_b = set(block_hashes(a, BLOCK)), set(block_hashes(b, BLOCK))
+    shared = len(names_a & names_b)
+    assert shared == 7
+    codec = TextCodec(tiny_model_dir)
+    model = request(server.url + "/v1/models")[2]["data"][0]["id"]
+
+    def body(prompt):
+        return {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True}
+
+    def until(condition, what: str) -> None:
+        deadline = time.time() + 120
+        while not condition():
+            assert time.time() < deadline, f"waited 120 s for {what}:\n{server.stderr[-3000:]}"
+            time.sleep(0.1)
+
+    def prefill_kv(kind: str = "used") -> float:
+        return metric(server.url, f"pdlaunch_instance_kv_blocks_{kind}", instance="0", role="prefill")
+
+    decodes = [rank_pid(server.run_dir, rank) for rank in (2, 3)]  # controller 0, prefill 1, decodes 2 and 3
+    for pid in decodes:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        stream_a = stream_lines(server.url, body(a))
+        next(stream_a)
+        until(lambda: metric(server.url, "pdlaunch_requests_waiting_first_token") == 0,
+              "the controller to take A's first token")
+        stream_a.close()  # A's client goes away
+        until(lambda: metric(server.url, "pdlaunch_requests_total", outcome="aborted") == 1, "A's abort")
+        stream_b = stream_lines(server.url, body(b))  # dispatched with or after A's abort
+        pieces_b = [json.loads(next(stream_b))["choices"][0]["text"]]
+        both = blocks_for(len(a), BLOCK) + blocks_for(len(b), BLOCK) - shared
+        until(lambda: prefill_kv() == both, f"the prefill instance to hold A's and B's {both} blocks")
+        assert prefill_kv("cached") == 0
+        os.kill(decodes[0], signal.SIGCONT)
+        until(lambda: prefill_kv() == blocks_for(len(b), BLOCK), "A's own blocks to be released")
+        assert prefill_kv("cached") == len(names_a - names_b)  # A's own full blocks, kept; the shared ones B holds
+        reader = threading.Thread(target=lambda: pieces_b.extend(
+            json.loads(line)["choices"][0]["text"] for line in stream_b if line != "[DONE]"))
+        reader.start()
+    finally:
+        for pid in decodes:
+            os.kill(pid, signal.SIGCONT)
+    reader.join(timeout=120)
+    assert "".join(pieces_b) == codec.decode(reference["r1"])
+    status, _, answer = request(server.url + "/v1/completions", body(d))
+    assert status == 200 and answer["choices"][0]["text"] == codec.decode(reference["r2"])
+    until(lambda: prefill_kv() == 0, "every block the prefill instance held to be released")
+    assert server.stop() == 0, server.stderr[-3000:]
+    with open(os.path.join(server.run_dir, "requests.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [r["outcome"] for r in logged] == ["aborted", "finished", "finished"]  # A, B, D

@@ -52,12 +52,18 @@ def settings_from(cfg: JobConfig) -> Settings:
                     prefix=shared_prefix(cfg), prefix_caching=cfg.scheduler.prefix_caching)
 
 
+def workload_prefix(cfg: JobConfig) -> SharedPrefix | None:
+    """The workload's shared prefix (planner.shared_prefix), cached or not: the prompts a bench
+    sends begin with it either way."""
+    p = cfg.planner
+    if not (p.shared_prefix and p.shared_prefix_share):
+        return None
+    return SharedPrefix(p.shared_prefix, p.shared_prefix_share, cfg.scheduler.block_size)
+
+
 def shared_prefix(cfg: JobConfig) -> SharedPrefix | None:
     """The planner's shared prefix where the engine caches it (prefix caching on), else None."""
-    p, s = cfg.planner, cfg.scheduler
-    if not (s.prefix_caching and p.shared_prefix and p.shared_prefix_share):
-        return None
-    return SharedPrefix(p.shared_prefix, p.shared_prefix_share, s.block_size)
+    return workload_prefix(cfg) if cfg.scheduler.prefix_caching else None
 
 
 def profile_path(cfg: JobConfig, path: str) -> str:

@@ -2,8 +2,12 @@
 
 prefill(lens)            = a + b * sum(len) + c * sum(len^2)
 decode(batch, contexts)  = a + b * sum(context) + c * batch   (small- and large-batch sets)
-a prompt chunk of n tokens after s cached ones costs the prefill terms b * n + c * ((s+n)^2 - s^2)
-(its chunks sum to the whole prompt's); a mixed step (chunked prefill: decodes + prompt chunks)
+a prompt chunk of n tokens after s cached ones (a later chunk of a long prompt, or the tail behind a
+cached prefix) costs the prefill terms b * n + c * ((s+n)^2 - s^2) (its chunks sum to the whole
+prompt's) plus the extend terms e0 + e1 * s: reading its cached context back out of the paged cache
+and attending over it through a mask, work a fresh prompt's causal attention never does and whose
+cost the quadratic term, fitted to fresh prompts, leaves out (a profile without extend timings: 0);
+a mixed step (chunked prefill: decodes + prompt chunks)
 pays the larger fixed cost a of the two phases once, plus each part's terms beyond its a.
 plus, per step, the framework's fixed cost on the first stage: o0 + o1 * context tokens (per phase;
 the engine's Python loop, or DistServe's 2 ms + 1e-4 ms per token). PP divides the compute and adds
@@ -69,6 +73,8 @@ class Coefficients:
     # (prefill, decode below the threshold, decode from it): a step's time beside another instance
     # running the other phase / beside one running the same; None where the profile did not measure it
     other_phase_slowdown: tuple[float, float, float] | None = None
+    # a chunk after s cached tokens: ms per such chunk + ms per cached token (pdlaunch profile's extend timings)
+    extend: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -100,7 +106,9 @@ class LatencyModel:
         a, b, c = coef.prefill
         starts = starts or [0] * len(lens)
         quadratic = sum((s + n) ** 2 - s * s for s, n in zip(starts, lens))
-        return a + b * sum(lens) + c * quadratic + coef.pp_stage_ms * (pp - 1)
+        e0, e1 = coef.extend
+        extend = sum(e0 + e1 * s for s in starts if s > 0)
+        return a + b * sum(lens) + c * quadratic + extend + coef.pp_stage_ms * (pp - 1)
 
     def prefill_ms(self, lens: list[int], tp: int, pp: int = 1, starts: list[int] | None = None) -> float:
         """Latency of one prefill batch through all PP stages: PP does not shorten it, it adds a
@@ -239,7 +247,8 @@ def _coefficients(raw: dict, meta: dict, where: str) -> Coefficients:
                             _pair(overhead.get("prefill", (0.0, 0.0))), _pair(overhead.get("decode", (0.0, 0.0))),
                             tuple(sorted(_overlaps(int(pp), m) for pp, m in raw.get("pipeline", {}).items())),
                             None if other is None else (float(other["prefill"]), float(other["decode_smallbs"]),
-                                                        float(other["decode_largebs"])))
+                                                        float(other["decode_largebs"])),
+                            _pair(raw.get("extend", (0.0, 0.0))))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"planner: profile {where} lacks or mangles {e}; expected prefill, decoding_smallbs, "
                         "decoding_largebs as [a, b, c]") from None

@@ -4,21 +4,39 @@ from __future__ import annotations
 import numpy as np
 
 
-def _fit(rows: list[list[float]], ys: list[float]) -> list[float]:
-    """Least squares on relative error: each row weighted by 1/y; coefficients kept >= 0."""
-    a = np.array(rows, dtype=float) / np.array(ys, dtype=float)[:, None]
-    coef, *_ = np.linalg.lstsq(a, np.ones(len(ys)), rcond=None)
+def _fit(rows: list[list[float]], ys: list[float], known: list[float] | None = None) -> list[float]:
+    """Least squares on relative error: each row weighted by 1/y; coefficients kept >= 0.
+    `known`: each sample's time from terms already fitted, which the rows' terms add to."""
+    y = np.array(ys, dtype=float)
+    a = np.array(rows, dtype=float) / y[:, None]
+    target = 1.0 - (np.array(known, dtype=float) / y if known is not None else np.zeros(len(y)))
+    coef, *_ = np.linalg.lstsq(a, target, rcond=None)
     if (coef < 0).any():  # refit without the negative terms (they are noise at this scale)
         keep = coef >= 0
-        sub, *_ = np.linalg.lstsq(a[:, keep], np.ones(len(ys)), rcond=None)
         coef = np.zeros_like(coef)
-        coef[keep] = sub
+        if keep.any():
+            coef[keep], *_ = np.linalg.lstsq(a[:, keep], target, rcond=None)
+        coef = np.maximum(coef, 0.0)
     return [float(x) for x in coef]
 
 
 def fit_prefill(samples: list[dict]) -> list[float]:
     rows = [[1.0, sum(s["lens"]), sum(n * n for n in s["lens"])] for s in samples]
     return _fit(rows, [s["ms"] for s in samples])
+
+
+def _starts(sample: dict) -> list[int]:
+    return sample.get("starts") or [0] * len(sample["lens"])
+
+
+def fit_extend(samples: list[dict], prefill: list[float]) -> list[float]:
+    """[ms per prompt chunk after cached tokens, ms per cached token it attends over]: what extend
+    steps (tails behind a cached prefix, later chunks of a long prompt) cost beyond the fitted
+    prefill terms, which fresh prompts alone determine; [0, 0] without samples."""
+    if not samples:
+        return [0.0, 0.0]
+    rows = [[sum(1 for x in _starts(s) if x > 0), sum(_starts(s))] for s in samples]
+    return _fit(rows, [s["ms"] for s in samples], [predicted_ms(prefill, s, "prefill") for s in samples])
 
 
 def fit_decode(samples: list[dict]) -> list[float]:
@@ -60,6 +78,10 @@ def fit_entry(samples: dict) -> dict:
              "token_budget": token_budget(samples["prefill"]),
              "fit_max_rel_error": {"prefill": max(relative_errors(samples["prefill"], prefill, "prefill")),
                                    "decode": max(decode_errors)}}
+    if samples.get("extend"):
+        entry["extend"] = fit_extend(samples["extend"], prefill)
+        entry["fit_max_rel_error"]["extend"] = max(relative_errors(samples["extend"], prefill, "prefill",
+                                                                   entry["extend"]))
     if samples.get("mixed"):
         entry["fit_max_rel_error"]["mixed"] = max(mixed_relative_errors(samples["mixed"], entry))
     if "overhead" in samples:
@@ -77,7 +99,8 @@ def scaled_to_busy(alone: dict, slowdown: dict) -> dict:
 
     return alone | {"prefill": times(alone["prefill"], slowdown["prefill"]),
                     "decoding_smallbs": times(alone["decoding_smallbs"], slowdown["decode"]),
-                    "decoding_largebs": times(alone["decoding_largebs"], slowdown["decode"])}
+                    "decoding_largebs": times(alone["decoding_largebs"], slowdown["decode"])} | \
+        ({"extend": times(alone["extend"], slowdown["prefill"])} if "extend" in alone else {})
 
 
 def fit_overhead(samples: list[dict]) -> list[float]:
@@ -128,15 +151,20 @@ def token_budget(samples: list[dict], share: float = 0.9) -> int:
     return next(n for n, t in points if t >= share * best)
 
 
-def predicted_ms(coef: list[float], sample: dict, kind: str) -> float:
-    """A fitted coefficient set's time for a prefill (`lens`) or decode (`batch`, `context_sum`) sample."""
+def predicted_ms(coef: list[float], sample: dict, kind: str, extend: list[float] | None = None) -> float:
+    """A fitted coefficient set's time for a prefill (`lens`, maybe `starts`: tokens cached before
+    each chunk, with `extend` the extend terms) or decode (`batch`, `context_sum`) sample."""
     if kind == "prefill":
-        return coef[0] + coef[1] * sum(sample["lens"]) + coef[2] * sum(n * n for n in sample["lens"])
+        starts = _starts(sample)
+        e0, e1 = extend or (0.0, 0.0)
+        return coef[0] + coef[1] * sum(sample["lens"]) + \
+            coef[2] * sum((s + n) ** 2 - s * s for s, n in zip(starts, sample["lens"])) + \
+            sum(e0 + e1 * s for s in starts if s > 0)
     return coef[0] + coef[1] * sample["context_sum"] + coef[2] * sample["batch"]
 
 
-def relative_errors(samples: list[dict], coef: list[float], kind: str) -> list[float]:
-    return [abs(predicted_ms(coef, s, kind) - s["ms"]) / s["ms"] for s in samples]
+def relative_errors(samples: list[dict], coef: list[float], kind: str, extend: list[float] | None = None) -> list[float]:
+    return [abs(predicted_ms(coef, s, kind, extend) - s["ms"]) / s["ms"] for s in samples]
 
 
 def mixed_relative_errors(samples: list[dict], entry: dict) -> list[float]:
@@ -146,7 +174,7 @@ def mixed_relative_errors(samples: list[dict], entry: dict) -> list[float]:
     from launcher.planner.latency import Coefficients, LatencyModel
 
     coef = Coefficients(tuple(entry["prefill"]), tuple(entry["decoding_smallbs"]), tuple(entry["decoding_largebs"]),
-                        entry["decoding_large_small_bs_threshold"])
+                        entry["decoding_large_small_bs_threshold"], extend=tuple(entry.get("extend", (0.0, 0.0))))
     model = LatencyModel("fit", {1: coef})
     return [abs(model.mixed_ms(s["lens"], s["starts"], s["batch"], s["context_sum"], 1) - s["ms"]) / s["ms"]
             for s in samples]
