@@ -1,8 +1,8 @@
 """The leader's scheduler: which sequences run this step, and where their KV blocks live.
 
 One class serves the three roles; a role is the set of phases an instance runs:
-- prefill:   FCFS batches under the token budget L_m (whole prompts; a prompt longer than L_m
-             runs in chunks that fill the budget, so L_m bounds every step); a request that may
+- prefill:   FCFS batches under the token budget L_m (engine/prompt_queue.py: whole prompts, one
+             longer than L_m in chunks that fill the budget); a request that may
              decode is announced to its decode instance when its prefill starts, and its KV is
              held after prefill until that instance pulled it (engine/kv_handoff.py); no blocks
              free = no new prefill (backpressure).
@@ -12,9 +12,8 @@ One class serves the three roles; a role is the set of phases an instance runs:
              posted while the prefill runs, so the transfer starts at the first token.
 - colocated: both phases on the same ranks, under one of two policies:
              chunked (vLLM >= 0.6, Sarathi-Serve): every step carries the running decodes (one token
-             each, first) plus chunks of the started, then the waiting prompts (FCFS) up to the
-             step token budget, decode tokens included; a prompt's KV grows chunk by chunk in its
-             blocks and its first token is sampled with its last chunk;
+             each, first) plus prompt chunks up to the step token budget, decode tokens included;
+             a prompt's first token is sampled with its last chunk;
              prefill_first (vLLM before 0.6): a step is a prefill batch of whole prompts whenever
              one is admissible, else a decode step.
 A chunk that does not end its prompt is run for its KV alone: the token the ranks sample for it
@@ -37,6 +36,7 @@ from typing import Any, Optional
 
 from engine.blocks import blocks_for
 from engine.kv_handoff import KVReceiver, KVSender
+from engine.prompt_queue import PromptQueue
 from engine.seq_blocks import SequenceBlocks
 from engine.sequence import InstanceLimits, Sequence, reserved_blocks
 from engine.stops import Decode
@@ -71,8 +71,8 @@ class Scheduler:
         self.blocks = SequenceBlocks(limits.num_blocks, limits.block_size, limits.prefix_caching)
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.chunked = role == "colocated" and limits.colocated_policy == "chunked"
-        self.waiting: deque[Sequence] = deque()      # to prefill
-        self.prefilling: deque[Sequence] = deque()   # started, prompt not all given to steps yet (chunked)
+        # to prefill: prompts of a chunked colocated instance split anywhere, a prefill instance's past L_m
+        self.prompts = PromptQueue(self.blocks, 0 if self.chunked else self.token_budget if role == "prefill" else None)
         self.starting: set[int] = set()              # admitted, first token not back yet
         self.running: list[Sequence] = []            # decoding
         self.depth = limits.pipeline_depth
@@ -87,7 +87,7 @@ class Scheduler:
 
     # ---- inputs from the control plane -------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        self.waiting.append(Sequence(request, block_hashes=self.blocks.hashes(request.prompt_ids)))
+        self.prompts.add(Sequence(request, block_hashes=self.blocks.hashes(request.prompt_ids)))
 
     def add_incoming(self, incoming: KVIncoming) -> list[Outgoing]:
         self.receiver.announce(incoming)
@@ -109,9 +109,8 @@ class Scheduler:
     def abort(self, req_id: int) -> list[Outgoing]:
         """Ends a request early; returns the messages that causes. A prefill instance ends only
         requests it has not started (the controller tells the decode instance about later ones)."""
-        waiting = next((seq for seq in self.waiting if seq.req_id == req_id), None)
+        waiting = self.prompts.drop_waiting(req_id)
         if waiting is not None:
-            self.waiting.remove(waiting)
             waiting.finish_reason = "abort"
             return [Outgoing(CONTROLLER, self._result(waiting))]
         if req_id in self.receiver.waiting:  # announced, not pulled: the prefill side frees its held KV, no transfer
@@ -128,7 +127,7 @@ class Scheduler:
         self.receiver.rank_arrived(req_id)
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self.in_flight or self.receiver.busy()
+        return bool(self.prompts or self.running or self.in_flight or self.receiver.busy()
                     or self.sender.busy())
 
     def _decode_group(self) -> list[Sequence]:
@@ -152,12 +151,6 @@ class Scheduler:
         n = len(seq.request.prompt_ids)
         return self.role == "prefill" and seq.request.sampling.max_tokens > 1 and n + 1 < self.max_model_len
 
-    def _splits(self, prompt_len: int) -> bool:
-        """Whether a prompt may run in chunks: any prompt of a chunked colocated instance, one
-        longer than L_m on a prefill instance; never under prefill_first (whole prompts, one
-        longer than the budget alone in its step)."""
-        return self.chunked or (self.role == "prefill" and prompt_len > self.token_budget)
-
     def _admit(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Takes the blocks a waiting prompt needs (colocated: for its whole life, and batch room);
         False when they are not there (backpressure). Announces one that will decode elsewhere."""
@@ -179,33 +172,6 @@ class Scheduler:
             out.messages.append(Outgoing(self.leaders[seq.request.decode_instance],
                                          KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
-
-    def _prompt_chunks(self, out: SchedulerOutput, budget: int) -> list[tuple[Sequence, SeqChunk]]:
-        """The prompt tokens of a step with `budget` tokens left: the started prompts' next chunks,
-        then waiting prompts FCFS (no skipping ahead), each whole or, where it may split, as much
-        of it as the budget holds."""
-        chunks = []
-        while budget > 0 and (self.prefilling or self.waiting):
-            started = bool(self.prefilling)
-            seq = self.prefilling[0] if started else self.waiting[0]
-            n = len(seq.request.prompt_ids)
-            if not started:
-                tail = self.blocks.uncached(seq)
-                if tail > budget and chunks and not self._splits(tail):
-                    break  # a whole prompt that does not fit: the next step
-                if not self._admit(seq, out):
-                    break
-                self.waiting.popleft()
-                self.prefilling.append(seq)
-            take = min(n - seq.prefilled, budget) if self._splits(n - seq.cached_tokens) else n - seq.prefilled
-            chunks.append((seq, SeqChunk(seq.req_id, tuple(seq.request.prompt_ids[seq.prefilled:seq.prefilled + take]),
-                                         seq.prefilled, tuple(seq.blocks), seq.request.sampling, 0)))
-            seq.prefilled += take
-            budget -= take
-            self.blocks.written(seq, seq.prefilled)
-            if seq.prefilled == n:
-                self.prefilling.remove(seq)
-        return chunks
 
     def _start_pulls(self, out: SchedulerOutput) -> list[KVPost]:
         """Posts the receives of announced requests, oldest first, while blocks and batch room last."""
@@ -259,7 +225,8 @@ class Scheduler:
             joins = self._joins(out)
             recvs = self._start_pulls(out)
         decodes = self._decode_group() if self.role == "decode" or self.chunked else []
-        prompts = self._prompt_chunks(out, self.token_budget - len(decodes)) if self.role != "decode" else []
+        budget = self.token_budget - len(decodes)
+        prompts = self.prompts.take(budget, lambda seq: self._admit(seq, out)) if self.role != "decode" else []
         if self.role == "colocated" and not self.chunked and not prompts:  # prefill_first: decode when no prefill
             decodes = self._decode_group()
         ends_prompt = [chunk.start_pos + len(chunk.token_ids) == len(seq.request.prompt_ids) for seq, chunk in prompts]
@@ -277,7 +244,7 @@ class Scheduler:
 
     def state(self) -> SchedulerState:
         """What the heartbeat reports: queue, batch and KV occupancy."""
-        return SchedulerState(len(self.waiting) + len(self.prefilling) + len(self.receiver.waiting), len(self.running),
+        return SchedulerState(len(self.prompts) + len(self.receiver.waiting), len(self.running),
                               self.blocks.num_used, self.blocks.num_blocks, *self.blocks.prefix_counts())
 
     def stats(self) -> SchedulerStats:

@@ -449,7 +449,7 @@ def test_the_simulator_takes_prompt_chunks_as_the_engines_scheduler_does():
         splits = (lambda n: n > 24) if role == "prefill" else (lambda n: True)
         index = {id(r): i for i, r in enumerate(reqs)}  # by identity: equal lengths make equal requests
         engine, simulated = [], []
-        while s.waiting or s.prefilling:
+        while s.prompts:
             step = s.schedule().step
             engine.append(shape(step))
             s.in_flight.clear()
