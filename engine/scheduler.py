@@ -166,7 +166,7 @@ class Scheduler:
             return False
         seq.cached_tokens = seq.prefilled = hits * self.block_size
         self.starting.add(seq.req_id)
-        seq.times["prefill_start"] = time.time()
+        seq.passed(prefill_start=time.time())
         if self._decodes_later(seq):
             self.sender.announce(seq)
             out.messages.append(Outgoing(self.leaders[seq.request.decode_instance],
@@ -182,7 +182,7 @@ class Scheduler:
             held = self.blocks.take(seq, self._reserve(seq))  # with decode_prefix_reuse: the prompt's leading blocks held here
             if held is None:
                 break
-            seq.times["pull_start"] = time.time()
+            seq.passed(pull_start=time.time())
             recv, pull = self.receiver.pull(seq, held, self.instance_id)
             recvs.append(recv)
             out.messages.append(Outgoing(self.leaders[seq.source_instance], pull))  # the sends follow the pulls' order
@@ -193,7 +193,7 @@ class Scheduler:
         whose first token already ends it (EOS, a stop string) finishes here, without a step."""
         joined = []
         for seq in self.receiver.joins():
-            seq.times["transfer_end"] = time.time()
+            seq.passed(transfer_end=time.time())
             self.blocks.written(seq, len(seq.request.prompt_ids))  # later pulls of the same prefix reuse it
             joined.append(seq.req_id)
             out.messages.append(Outgoing(self.leaders[seq.source_instance], Pulled(seq.req_id)))
@@ -280,12 +280,12 @@ class Scheduler:
             first = len(seq.output) == 1
             if first:
                 self.starting.discard(seq.req_id)
-                seq.times["prefill_end"] = seq.times["first_token"] = now
+                seq.passed(first_token=now)
             if first and self.sender.expects(seq.req_id):  # its decode instance expects the KV, even if EOS came first
                 self.sender.hold(seq.req_id)  # sent once pulled
-                seq.times["transfer_start"] = now
+                seq.passed(transfer_start=now)
                 messages.append(Outgoing(self.leaders[seq.request.decode_instance],
-                                         FirstToken(seq.req_id, self.instance_id, token, dict(seq.times),
+                                         FirstToken(seq.req_id, self.instance_id, token, seq.times,
                                                     tuple(seq.logits), seq.cached_tokens)))
                 messages.append(Outgoing(CONTROLLER, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):

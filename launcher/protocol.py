@@ -133,6 +133,23 @@ class TokensOut:
 
 
 @dataclass(frozen=True)
+class Timings:
+    """When (wall-clock s) a request passed each point of its path that a scheduler sees; None
+    where it did not pass it there. Its first token also ends its prefill."""
+
+    prefill_start: Optional[float] = None
+    first_token: Optional[float] = None
+    transfer_start: Optional[float] = None    # prefill side: its KV held for the decode instance
+    pull_start: Optional[float] = None        # decode side: its receives posted
+    transfer_end: Optional[float] = None      # decode side: every rank has its KV
+
+    def filled_from(self, earlier: Timings) -> Timings:
+        """These timings, the points not passed here taken from `earlier` (the prefill instance's)."""
+        return Timings(*(getattr(self, f.name) if getattr(self, f.name) is not None else getattr(earlier, f.name)
+                         for f in dataclasses.fields(self)))
+
+
+@dataclass(frozen=True)
 class Result:
     """A finished request: its tokens and timings. `text` is set when a stop string ended it: the
     leader decided it and cut the text there (the writer decodes the tokens otherwise)."""
@@ -141,7 +158,7 @@ class Result:
     instance: int
     output: tuple[int, ...]
     finish_reason: str
-    times: dict
+    times: Timings
     token_times: tuple[float, ...]
     text: Optional[str] = None
     logits: tuple = ()  # debug (--dump-logits): one list of floats per generated token
@@ -266,7 +283,7 @@ class FirstToken:
     req_id: int
     prefill_instance: int
     token: int
-    times: dict
+    times: Timings
     logits: tuple = ()  # debug: the first token's logits
     cached_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
 
