@@ -16,10 +16,7 @@ One class serves the three roles; a role is the set of phases an instance runs:
              a prompt's first token is sampled with its last chunk;
              prefill_first (vLLM before 0.6): a step is a prefill batch of whole prompts whenever
              one is admissible, else a decode step.
-A chunk that does not end its prompt is run for its KV alone: the token the ranks sample for it
-is dropped. With PP and batches in flight a prompt's next chunk may start before its previous one
-has left the last stage: every stage runs the steps in order, so the KV it attends to is there.
-Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
+With PP, up to `depth` steps are in flight (engine/steps_in_flight.py). Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
 An aborted request (client gone, drain timed out) leaves at once if it waits; one whose KV is
 already moving or in the batch finishes with reason "abort" at its next join or step, so every
 transfer posted still completes in order and every block is freed by the usual path.
@@ -29,8 +26,8 @@ Pure Python: no torch, no MPI.
 """
 from __future__ import annotations
 
+import resource
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -38,10 +35,11 @@ from engine.blocks import blocks_for
 from engine.kv_handoff import KVReceiver, KVSender
 from engine.prompt_queue import PromptQueue
 from engine.seq_blocks import SequenceBlocks
-from engine.sequence import InstanceLimits, Sequence, reserved_blocks
+from engine.sequence import InstanceLimits, Sequence
+from engine.steps_in_flight import StepsInFlight
 from engine.stops import Decode
 from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request,
-                               Result, SchedulerState, SchedulerStats, SeqChunk, StepPlan, TokensOut)
+                               Result, SchedulerState, SchedulerStats, StepPlan, TokensOut)
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,7 @@ class Scheduler:
         self.starting: set[int] = set()              # admitted, first token not back yet
         self.running: list[Sequence] = []            # decoding
         self.depth = limits.pipeline_depth
-        # each step not answered yet, oldest first: its sequences, and whether it samples their token
-        self.in_flight: deque[list[tuple[Sequence, bool]]] = deque()
+        self.in_flight = StepsInFlight(self.depth)
         self.sender = KVSender(self.block_size)      # prefill: the KV hand-off's sending side
         self.receiver = KVReceiver(instance_size, self.block_size)  # decode: its receiving side
         self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
@@ -130,22 +127,7 @@ class Scheduler:
         return bool(self.prompts or self.running or self.in_flight or self.receiver.busy()
                     or self.sender.busy())
 
-    def _decode_group(self) -> list[Sequence]:
-        """The running sequences of the next decode step: those not in a step in flight, at most
-        1/depth of the batch, so that `depth` groups take turns through the PP stages."""
-        size = -(-len(self.running) // self.depth)
-        flying = self._flying()
-        return [seq for seq in self.running if seq.req_id not in flying][:size]
-
-    def _flying(self) -> set[int]:
-        """Ids of the sequences in steps in flight."""
-        return {seq.req_id for step in self.in_flight for seq, _ in step}
-
     # ---- scheduling ------------------------------------------------------------------------
-    def _reserve(self, seq: Sequence) -> int:
-        return reserved_blocks(len(seq.request.prompt_ids), seq.request.sampling.max_tokens, self.max_model_len,
-                               self.block_size)
-
     def _decodes_later(self, seq: Sequence) -> bool:
         """A prefill-role request that may need a decode step (known before its first token)."""
         n = len(seq.request.prompt_ids)
@@ -158,7 +140,7 @@ class Scheduler:
         if self.role == "colocated":
             if len(self.running) + len(self.starting) >= self.max_batch:
                 return False
-            need = self._reserve(seq)
+            need = seq.reserved_blocks(self.max_model_len, self.block_size)
         else:
             need = blocks_for(n, self.block_size)
         hits = self.blocks.take(seq, need)
@@ -179,7 +161,7 @@ class Scheduler:
         while (incoming := self.receiver.next_waiting()) and len(self.running) + len(self.receiver.pulling) < self.max_batch:
             seq = Sequence(incoming.request, source_instance=incoming.prefill_instance,
                            block_hashes=self.blocks.hashes(incoming.request.prompt_ids))
-            held = self.blocks.take(seq, self._reserve(seq))  # with decode_prefix_reuse: the prompt's leading blocks held here
+            held = self.blocks.take(seq, seq.reserved_blocks(self.max_model_len, self.block_size))  # with decode_prefix_reuse: the prompt's leading blocks held here
             if held is None:
                 break
             seq.passed(pull_start=time.time())
@@ -206,7 +188,7 @@ class Scheduler:
 
     def _reap_aborted(self, out: SchedulerOutput) -> None:
         """Aborted sequences of the batch that no step in flight holds leave before the next step."""
-        flying = self._flying()
+        flying = self.in_flight.flying()
         for seq in [s for s in self.running if s.req_id in self.aborted and s.req_id not in flying]:
             self.running.remove(seq)
             self.blocks.free(seq, keep_output=True)
@@ -224,17 +206,13 @@ class Scheduler:
         if self.role == "decode":
             joins = self._joins(out)
             recvs = self._start_pulls(out)
-        decodes = self._decode_group() if self.role == "decode" or self.chunked else []
+        decodes = self.in_flight.decode_group(self.running) if self.role == "decode" or self.chunked else []
         budget = self.token_budget - len(decodes)
         prompts = self.prompts.take(budget, lambda seq: self._admit(seq, out)) if self.role != "decode" else []
         if self.role == "colocated" and not self.chunked and not prompts:  # prefill_first: decode when no prefill
-            decodes = self._decode_group()
-        ends_prompt = [chunk.start_pos + len(chunk.token_ids) == len(seq.request.prompt_ids) for seq, chunk in prompts]
-        step = [(seq, True) for seq in decodes] + [(seq, ends) for (seq, _), ends in zip(prompts, ends_prompt)]
-        chunks = [SeqChunk(seq.req_id, (seq.output[-1],), seq.num_tokens - 1, tuple(seq.blocks), seq.request.sampling,
-                           len(seq.output)) for seq in decodes] + [chunk for _, chunk in prompts]
-        if step:
-            self.in_flight.append(step)
+            decodes = self.in_flight.decode_group(self.running)
+        self.in_flight.add(decodes, prompts)
+        chunks = [seq.decode_chunk() for seq in decodes] + [chunk for _, chunk in prompts]
         out.step = StepPlan(tuple(chunks), tuple(sends), tuple(recvs), tuple(joins), releases,
                             want_logits=self.want_logits and bool(chunks))
         self.peak_blocks = max(self.peak_blocks, self.blocks.num_used)
@@ -248,8 +226,6 @@ class Scheduler:
                               self.blocks.num_used, self.blocks.num_blocks, *self.blocks.prefix_counts())
 
     def stats(self) -> SchedulerStats:
-        import resource
-
         return SchedulerStats(self.blocks.num_blocks, self.peak_blocks, self.peak_batch, self.steps,
                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *self.blocks.prefix_counts())
 
@@ -267,16 +243,13 @@ class Scheduler:
         now = time.time()
         messages = []
         streamed = []
-        step = self.in_flight.popleft()
+        step = self.in_flight.oldest()
         for i, ((seq, sampled), token) in enumerate(zip(step, tokens)):
             if not sampled:  # a chunk short of its prompt's end: only its KV counts
                 continue
             if seq.request.stream:
                 streamed.append((seq.req_id, len(seq.output), token))
-            seq.output.append(token)
-            seq.token_times.append(now)
-            if logits is not None:
-                seq.logits.append(logits[i])
+            seq.append_token(token, now, None if logits is None else logits[i])
             first = len(seq.output) == 1
             if first:
                 self.starting.discard(seq.req_id)

@@ -7,7 +7,7 @@ from typing import Optional
 
 from engine.blocks import blocks_for
 from engine.stops import Decode, TextState, stop_cut
-from launcher.protocol import FirstToken, Request, Result, Timings
+from launcher.protocol import FirstToken, Request, Result, SeqChunk, Timings
 
 
 @dataclass
@@ -41,6 +41,21 @@ class Sequence:
         self.times = self.times.filled_from(first.times)
         self.token_times = [first.times.first_token]
         self.logits = list(first.logits)
+
+    def reserved_blocks(self, max_model_len: int, block_size: int) -> int:
+        """Blocks it needs for its whole life on a decoding instance."""
+        return reserved_blocks(len(self.request.prompt_ids), self.request.sampling.max_tokens, max_model_len, block_size)
+
+    def decode_chunk(self) -> SeqChunk:
+        """Its next decode step: its last token, at its position."""
+        return SeqChunk(self.req_id, (self.output[-1],), self.num_tokens - 1, tuple(self.blocks), self.request.sampling,
+                        len(self.output))
+
+    def append_token(self, token: int, at: float, logits: Optional[list]) -> None:
+        self.output.append(token)
+        self.token_times.append(at)
+        if logits is not None:
+            self.logits.append(logits)
 
     def passed(self, **points: float) -> None:
         """Notes when it passed these points of its path (Timings' fields)."""

@@ -356,7 +356,7 @@ def test_abort_frees_a_colocated_request_wherever_it_is():
     assert [(r.req_id, r.finish_reason) for r in finished(out.messages)] == [(1, "abort")]
     assert [c.req_id for c in out.step.seqs] == [2]
     s.on_step([7])
-    assert s.blocks.num_used == s._reserve(s.running[0]) and not s.aborted
+    assert s.blocks.num_used == s.running[0].reserved_blocks(s.max_model_len, s.block_size) and not s.aborted
 
 
 def test_abort_on_the_prefill_side_only_ends_requests_not_started():
