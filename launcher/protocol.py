@@ -214,6 +214,43 @@ class SchedulerStats:
 
 
 @dataclass(frozen=True)
+class PrefillSample:
+    """What a prefill step (whole prompts from position 0) cost under the run's own load, in
+    `pdlaunch profile`'s sample format, for `pdlaunch bench` to fit a latency model to."""
+
+    lens: tuple[int, ...]       # its prompts' tokens
+    ms: float
+    t: float                    # wall-clock s when it ended: lets a bench pick a window's steps
+
+
+@dataclass(frozen=True)
+class DecodeSample:
+    batch: int                  # sequences, one token each
+    context_sum: int            # their context tokens, the new ones included
+    ms: float
+    t: float
+
+
+@dataclass(frozen=True)
+class MixedSample:
+    """Chunked prefill: prompt chunks (from `starts`) beside a decode batch."""
+
+    lens: tuple[int, ...]
+    starts: tuple[int, ...]
+    batch: int
+    context_sum: int
+    ms: float
+    t: float
+
+
+@dataclass(frozen=True)
+class StepSamples:
+    prefill: tuple[PrefillSample, ...] = ()
+    decode: tuple[DecodeSample, ...] = ()
+    mixed: tuple[MixedSample, ...] = ()
+
+
+@dataclass(frozen=True)
 class InstanceStats:
     """An instance's final report (at shutdown)."""
 
@@ -224,7 +261,7 @@ class InstanceStats:
     kv_cache_mb: float
     weights_mb: float
     token_budget: int               # L_m this instance batched prefills under
-    step_samples: dict = field(default_factory=dict)  # "prefill"/"decode"/"mixed" -> samples (pdlaunch profile's format)
+    step_samples: StepSamples = StepSamples()  # its most recent steps' costs
 
     def report(self) -> dict:
         """One flat record of report.json's "instances"."""
