@@ -47,9 +47,23 @@ class Rejected(Exception):
         self.status, self.retry_after = status, retry_after
 
 
+@dataclass(frozen=True)
+class StreamedTokens:
+    """A request's event: tokens that came since its last one (in output order)."""
+
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A request's last event: its result (reason "abort" when it did not finish)."""
+
+    result: Optional[Result]
+
+
 @dataclass
 class Live:
-    """An admitted request and where its events go."""
+    """An admitted request and where its events (StreamedTokens, then one Finished) go."""
 
     request: RequestState
     loop: asyncio.AbstractEventLoop
@@ -208,7 +222,7 @@ class Frontend(Sink):
 
     # ---- the controller's sink ----------------------------------------------------------------
     @staticmethod
-    def _push(live: Live, event: tuple) -> None:
+    def _push(live: Live, event: StreamedTokens | Finished) -> None:
         try:
             live.loop.call_soon_threadsafe(live.events.put_nowait, event)
         except RuntimeError:  # the server's loop is closed: nobody listens any more
@@ -217,7 +231,7 @@ class Frontend(Sink):
     def tokens(self, req: RequestState, new: list[int]) -> None:
         live = self.live.get(req.spec.index)
         if live is not None:
-            self._push(live, ("tokens", new))
+            self._push(live, StreamedTokens(tuple(new)))
 
     def first_token(self, req: RequestState) -> None:
         with self.lock:
@@ -249,7 +263,7 @@ class Frontend(Sink):
             self.log.flush()
         if live is not None:
             self.metrics.in_flight.dec()
-            self._push(live, ("result", result))
+            self._push(live, Finished(result))
 
     def instance_state(self, beat: Heartbeat) -> None:
         self.beats[beat.instance] = time.monotonic()

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import openai_shapes as shapes
-from engine.frontend import Frontend, Rejected
+from engine.frontend import Finished, Frontend, Rejected, StreamedTokens
 from engine.http_guard import Guard
 from engine.stops import StreamedText
 from engine.tokenizer import TextCodec
@@ -103,7 +103,7 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
             raise BadRequest(str(e)) from None
         return spec, stream, bool(options.get("include_usage"))
 
-    async def next_event(events: asyncio.Queue, request: Request) -> tuple:
+    async def next_event(events: asyncio.Queue, request: Request) -> StreamedTokens | Finished:
         while True:
             try:
                 return await asyncio.wait_for(events.get(), DISCONNECT_CHECK_S)
@@ -145,7 +145,7 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             event = await next_event(events, request)
-            while event[0] == "tokens":
+            while isinstance(event, StreamedTokens):
                 event = await next_event(events, request)
         except ClientGone:
             frontend.cancel(spec.index)
@@ -153,7 +153,7 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
         except asyncio.CancelledError:
             frontend.cancel(spec.index)
             raise
-        result = event[1]
+        result = event.result
         if result.finish_reason == "abort":
             return error(503, "the server shut down before the request finished; send it again", retry_after=5)
         choice = shapes.answer_choice(kind, final_text(result), result.finish_reason)
@@ -173,22 +173,22 @@ def build_app(frontend: Frontend, codec: TextCodec, model_name: str, max_model_l
             if chat:
                 yield shapes.sse_line(envelope(spec, created, obj, [shapes.role_choice()]))
             while True:
-                kind, payload = await next_event(events, request)
-                if kind == "tokens":
-                    piece = text.add(payload)
+                event = await next_event(events, request)
+                if isinstance(event, StreamedTokens):
+                    piece = text.add(list(event.tokens))
                     if piece:
                         yield chunk(piece)
                     continue
-                done = True
-                if payload.finish_reason == "abort":
+                done, result = True, event.result
+                if result.finish_reason == "abort":
                     yield shapes.sse_line(shapes.error_body(503, "the server shut down before the request finished"))
                 else:
-                    rest = text.finish(final_text(payload))
+                    rest = text.finish(final_text(result))
                     if rest:
                         yield chunk(rest)
-                    yield chunk(None if chat else "", payload.finish_reason)
+                    yield chunk(None if chat else "", result.finish_reason)
                     if include_usage:
-                        yield shapes.sse_line(envelope(spec, created, obj, [], usage_of(p.prompt_tokens, payload)))
+                        yield shapes.sse_line(envelope(spec, created, obj, [], usage_of(p.prompt_tokens, result)))
                 yield shapes.SSE_DONE
                 return
         finally:

@@ -18,8 +18,9 @@ from engine.control_plane import RankContext
 from engine.runner import ModelRunner
 from engine.scheduler import Outgoing, Scheduler
 from engine.watchdog import ControllerWatch
-from launcher.protocol import (CONTROLLER, Abort, Alive, FirstToken, Heartbeat, InstanceStats, KVIncoming, KVPull,
-                               NextArrival, Pulled, RecvDone, Request, Shutdown, StepPlan)
+from launcher.protocol import (CONTROLLER, Abort, Alive, DecodeSample, FirstToken, Heartbeat, InstanceStats, KVIncoming,
+                               KVPull, MixedSample, NextArrival, PrefillSample, Pulled, RecvDone, Request, Shutdown,
+                               StepPlan, StepSamples)
 
 STEP_SAMPLES = 4000  # most recent step timings of each kind kept for the final stats
 
@@ -37,25 +38,25 @@ class Leader:
         self.steps_out = c.StepSender(ctx)
         self.last_beat = 0.0
         self.steps = 0
-        self.step_samples = {kind: deque(maxlen=STEP_SAMPLES) for kind in ("prefill", "decode", "mixed")}
+        self.samples = {kind: deque(maxlen=STEP_SAMPLES) for kind in (PrefillSample, DecodeSample, MixedSample)}
         self.handlers = self._handlers()
 
     def _record(self, step: StepPlan, ms: float) -> None:
         """What a prefill, decode or mixed (chunked prefill: prompt chunks beside decodes) step
         cost this instance under the run's own load (its loop iteration: messages, scheduling, the
-        step, posting results), in `pdlaunch profile`'s sample format, for `pdlaunch bench` to fit a
-        latency model to."""
-        now = round(time.time(), 3)  # when the step ended: lets a bench pick a window's steps
+        step, posting results)."""
+        now = round(time.time(), 3)
         decodes = [c for c in step.seqs if len(c.token_ids) == 1 and c.start_pos > 0]
         chunks = [c for c in step.seqs if not (len(c.token_ids) == 1 and c.start_pos > 0)]
-        decode = {"batch": len(decodes), "context_sum": sum(c.start_pos + 1 for c in decodes)}
+        batch, context = len(decodes), sum(c.start_pos + 1 for c in decodes)
+        lens = tuple(len(c.token_ids) for c in chunks)
         if not chunks:
-            self.step_samples["decode"].append(decode | {"ms": ms, "t": now})
+            sample = DecodeSample(batch, context, ms, now)
         elif not decodes and all(c.start_pos == 0 for c in chunks):
-            self.step_samples["prefill"].append({"lens": [len(c.token_ids) for c in chunks], "ms": ms, "t": now})
+            sample = PrefillSample(lens, ms, now)
         else:
-            self.step_samples["mixed"].append({"lens": [len(c.token_ids) for c in chunks],
-                                               "starts": [c.start_pos for c in chunks]} | decode | {"ms": ms, "t": now})
+            sample = MixedSample(lens, tuple(c.start_pos for c in chunks), batch, context, ms, now)
+        self.samples[type(sample)].append(sample)
 
     def _heartbeat(self) -> None:
         """Tells the controller's watchdog this instance is alive and how far it got."""
@@ -103,7 +104,8 @@ class Leader:
         return InstanceStats(self.inst.id, self.inst.role, tuple(self.ctx.nodes[r] for r in self.inst.ranks),
                              self.sched.stats(), kv_cache_mb=self.runner.cache.bytes() / 2 ** 20,
                              weights_mb=self.runner.stage.weight_bytes() / 2 ** 20, token_budget=self.sched.token_budget,
-                             step_samples={k: list(v) for k, v in self.step_samples.items()})
+                             step_samples=StepSamples(*(tuple(self.samples[kind]) for kind in
+                                                        (PrefillSample, DecodeSample, MixedSample))))
 
     def run(self) -> None:
         in_flight: deque[tuple] = deque()  # (Launched, when its loop iteration started), oldest first

@@ -34,6 +34,8 @@ every later kernel is ordered after the scatter).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -42,12 +44,21 @@ from engine.control_plane import POLL_S, RankContext
 from engine.data_plane import dist_rank
 from engine.blocks import blocks_for
 from engine.kv_cache import KVCache
-from engine.p2p_ops import Completions, StagingPool, drive_to_completion
+from engine.p2p_ops import Completions, PostedOp, StagingPool, drive_to_completion
 from engine.reshard import Transfer, kv_rank_pairs, owned_rect, transfer_plan
 from launcher.model_shape import ModelShape
 
 CHUNK_BYTES = 8 << 20
 KV_TAG = 0  # order is the contract (NCCL ignores tags); the header checks it
+
+
+@dataclass(frozen=True)
+class KVMessage:
+    """One message of a rank pair's share of a request: a piece of the cache itself, or of a
+    staging buffer holding the blocks [start, end) of the request's table (`staged`)."""
+
+    tensor: torch.Tensor
+    staged: Optional[tuple[int, int]] = None
 
 
 class KVTransfer:
@@ -125,8 +136,8 @@ class KVTransfer:
         return [(a, min(a + step, end)) for start, end in zip(edges, edges[1:]) for a in range(start, end, step)]
 
     def _messages(self, t: Transfer, ids: list[int], peer_ids: list[int], src_id: int, dst_id: int,
-                  sending: bool) -> tuple[list[tuple], torch.Tensor | None]:
-        """The pair's messages in order, as (tensor, staged block range or None), and the staging
+                  sending: bool) -> tuple[list[KVMessage], torch.Tensor | None]:
+        """The pair's messages in order, and the staging
         buffer (None when every message is a piece of this rank's cache). Both sides cut at the
         table breaks of each side that holds just the pair's rectangle (both tables are known:
         KVPost.peer_blocks). A staged message's blocks are gathered before it is sent, or scattered
@@ -136,9 +147,9 @@ class KVTransfer:
         n = len(ids)
         ranges = self._ranges(t, n, [table for whole, table in ((mine, ids), (peer, peer_ids)) if whole])
         if mine:
-            return [(self.cache.kv[ids[a]:ids[a] + b - a], None) for a, b in ranges], None
+            return [KVMessage(self.cache.kv[ids[a]:ids[a] + b - a]) for a, b in ranges], None
         buf = self._buffer(t, n)
-        return [(buf[a:b], (a, b)) for a, b in ranges], buf
+        return [KVMessage(buf[a:b], (a, b)) for a, b in ranges], buf
 
     def _copy(self, t: Transfer, message: torch.Tensor, blocks: torch.Tensor, to_cache: bool) -> None:
         """Copies a staged message from (sender) or into (receiver) this rank's `blocks`."""
@@ -160,14 +171,15 @@ class KVTransfer:
                 continue
             messages, buf = self._messages(t, ids, peer_ids, self.ctx.instance.id, dst_instance, sending=True)
             header = self._header(req_id, len(messages))  # alive until its send completes (the closure holds it)
-            works.append((dist.isend(header, self._peer(t.dst_rank), group=self.group, tag=KV_TAG), lambda h=header: None))
-            for message, staged in messages:
-                if staged is not None:  # gather this chunk while the earlier ones are on the wire
-                    self._copy(t, message, index[slice(*staged)], to_cache=False)
-                works.append((dist.isend(message, self._peer(t.dst_rank), group=self.group, tag=KV_TAG), None))
+            works.append(PostedOp(dist.isend(header, self._peer(t.dst_rank), group=self.group, tag=KV_TAG),
+                                  lambda h=header: None))
+            for m in messages:
+                if m.staged is not None:  # gather this chunk while the earlier ones are on the wire
+                    self._copy(t, m.tensor, index[slice(*m.staged)], to_cache=False)
+                works.append(PostedOp(dist.isend(m.tensor, self._peer(t.dst_rank), group=self.group, tag=KV_TAG)))
             if buf is not None:  # back to the pool once the pair's last send completed
-                works[-1] = (works[-1][0], lambda b=buf: self.pool.give(b))
-        self._drive([w for w, _ in works])
+                works[-1] = PostedOp(works[-1].work, lambda b=buf: self.pool.give(b))
+        self._drive([op.work for op in works])
         self.sending[req_id] = Completions(works)
 
     def post_recvs(self, req_id: int, block_table: list[int], num_tokens: int, src_instance: int,
@@ -182,14 +194,15 @@ class KVTransfer:
                 continue
             messages, buf = self._messages(t, ids, peer_ids, src_instance, self.ctx.instance.id, sending=False)
             header = torch.zeros(2, dtype=torch.int64, device=self.cache.kv.device)
-            entries.append((dist.irecv(header, self._peer(t.src_rank), group=self.group, tag=KV_TAG),
-                            lambda t=t, h=header, n=len(messages): self._check_header(t, h, (req_id, n))))
-            for m, staged in messages:
-                scatter = (lambda t=t, m=m, b=index[slice(*staged)]: self._copy(t, m, b, to_cache=True)) if staged else None
-                entries.append((dist.irecv(m, self._peer(t.src_rank), group=self.group, tag=KV_TAG), scatter))
+            entries.append(PostedOp(dist.irecv(header, self._peer(t.src_rank), group=self.group, tag=KV_TAG),
+                                    lambda t=t, h=header, n=len(messages): self._check_header(t, h, (req_id, n))))
+            for m in messages:
+                scatter = (lambda t=t, m=m.tensor, b=index[slice(*m.staged)]: self._copy(t, m, b, to_cache=True)) \
+                    if m.staged else None
+                entries.append(PostedOp(dist.irecv(m.tensor, self._peer(t.src_rank), group=self.group, tag=KV_TAG), scatter))
             if buf is not None:
                 buffers.append(buf)
-        self._drive([w for w, _ in entries])
+        self._drive([op.work for op in entries])
         self.receiving[req_id] = buffers
         self.landing[req_id] = Completions(entries)
 

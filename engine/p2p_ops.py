@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -39,21 +41,28 @@ class StagingPool:
             self.free.pop(max(range(len(self.free)), key=lambda i: self.free[i].numel()))
 
 
-class Completions:
-    """Posted ops of one request, in posting order, each with what to do once it completes (or
-    None). advance() runs the callbacks of every op completed so far, oldest first, without
-    blocking, and says whether all are done."""
+@dataclass(frozen=True)
+class PostedOp:
+    """A posted send or receive (a torch.distributed work) and what to do once it completes."""
 
-    def __init__(self, entries: list[tuple]):
-        self.entries, self.done = entries, 0
+    work: Any
+    on_done: Optional[Callable[[], None]] = None
+
+
+class Completions:
+    """Posted ops of one request, in posting order. advance() runs the callbacks of every op
+    completed so far, oldest first, without blocking, and says whether all are done."""
+
+    def __init__(self, ops: list[PostedOp]):
+        self.ops, self.done = ops, 0
 
     def advance(self) -> bool:
-        while self.done < len(self.entries) and self.entries[self.done][0].is_completed():
-            on_done = self.entries[self.done][1]
+        while self.done < len(self.ops) and self.ops[self.done].work.is_completed():
+            on_done = self.ops[self.done].on_done
             if on_done is not None:
                 on_done()
             self.done += 1
-        return self.done == len(self.entries)
+        return self.done == len(self.ops)
 
 
 def drive_to_completion(works: list) -> None:

@@ -27,21 +27,26 @@ class Answered:
 
 def metrics_of(result: Result, arrival: float) -> dict:
     times, token_times = result.times, result.token_times
-    first = times.get("first_token", token_times[0] if token_times else arrival)
+    first = _or(times.first_token, token_times[0] if token_times else arrival)
+    start = _or(times.prefill_start, arrival)
     n = len(token_times)
     out = {
         "ttft_ms": (first - arrival) * 1e3,
         "tpot_ms": ((token_times[-1] - token_times[0]) / (n - 1) * 1e3) if n > 1 else 0.0,
-        "queue_ms": (times.get("prefill_start", arrival) - arrival) * 1e3,
-        "prefill_ms": (times.get("prefill_end", first) - times.get("prefill_start", first)) * 1e3,
+        "queue_ms": (start - arrival) * 1e3,
+        "prefill_ms": (first - _or(times.prefill_start, first)) * 1e3,
         "e2e_ms": ((token_times[-1] if token_times else first) - arrival) * 1e3,
         "arrival": arrival,
         "token_times": [round((t - arrival) * 1e3, 3) for t in token_times],
         "cached_tokens": result.cached_tokens,  # prompt tokens its prefill found in the prefix cache
     }
-    if "transfer_end" in times:
-        out["transfer_ms"] = (times["transfer_end"] - times.get("transfer_start", times["transfer_end"])) * 1e3
+    if times.transfer_end is not None:
+        out["transfer_ms"] = (times.transfer_end - _or(times.transfer_start, times.transfer_end)) * 1e3
     return out
+
+
+def _or(value: Optional[float], default: float) -> float:
+    return default if value is None else value
 
 
 class Sink:

@@ -6,8 +6,9 @@ a step's sequences run as up to PP micro-batches, so the stages work at the same
 step; and the leader (stage 0) may `launch` the next step before it `collect`s the tokens of the
 previous one (batches in flight), so stage 0 works on one step while later stages finish another.
 Every rank executes the steps in the same order, and the tokens come back in that order.
-PDLAUNCH_STEP_TRACE=DIR makes every rank append each forward's (step, stage, start, end) to
-DIR/rank<R>.jsonl, to see the stages overlap.
+PDLAUNCH_STEP_TRACE=DIR makes every rank append each forward's (step, stage, start, end, in_flight:
+the earlier steps whose tokens this rank had not taken when it launched this one; only the leader
+takes tokens) to DIR/rank<R>.jsonl, to see the stages overlap.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class ModelRunner:
         self.kv = KVTransfer(ctx, self.cache, shape, l0, ctx.tp_rank * kv_heads, ctx.kv_group)
         self.cos, self.sin = rope_tables(shape, max_model_len, ctx.device, self.dtype)
         self.launched = 0
+        self.uncollected = 0   # the leader: steps launched with a forward whose tokens it has not taken
         self.token_sends = []  # the last stage's TOKENS isends not known to be complete
         trace_dir = os.environ.get("PDLAUNCH_STEP_TRACE")
         self.trace = open(os.path.join(trace_dir, f"rank{ctx.rank}.jsonl"), "a", buffering=1) if trace_dir else None
@@ -96,6 +98,8 @@ class ModelRunner:
         if not step.has_forward:
             return Launched(step, 0, [])
         ctx = self.ctx
+        in_flight = self.uncollected
+        self.uncollected += ctx.is_leader
         chunks = micro_batches(step.seqs, self.split)
         # Never wait for them here: a large one (--dump-logits) completes only once the leader
         # receives it, and the leader may first be sending this rank the next step's activations.
@@ -106,7 +110,7 @@ class ModelRunner:
             out = self._forward(chunk)
             if self.trace:
                 self.trace.write(json.dumps({"step": self.launched, "stage": ctx.pp_stage, "start": started,
-                                             "end": time.time()}) + "\n")
+                                             "end": time.time(), "in_flight": in_flight}) + "\n")
             if out is None:
                 continue
             logits = out.float()
@@ -129,6 +133,7 @@ class ModelRunner:
         last stage if needed. Other ranks: None."""
         if not self.ctx.is_leader:
             return None
+        self.uncollected -= launched.chunks > 0
         results = launched.results or [self._tokens_from_last_stage() for _ in range(launched.chunks)]
         tokens = [t for r in results for t in r.tokens]
         logits = [row for r in results for row in r.logits] if launched.step.want_logits else None

@@ -1,8 +1,8 @@
 """The leader's scheduler: which sequences run this step, and where their KV blocks live.
 
 One class serves the three roles; a role is the set of phases an instance runs:
-- prefill:   FCFS batches under the token budget L_m (whole prompts; a prompt longer than L_m
-             runs in chunks that fill the budget, so L_m bounds every step); a request that may
+- prefill:   FCFS batches under the token budget L_m (engine/prompt_queue.py: whole prompts, one
+             longer than L_m in chunks that fill the budget); a request that may
              decode is announced to its decode instance when its prefill starts, and its KV is
              held after prefill until that instance pulled it (engine/kv_handoff.py); no blocks
              free = no new prefill (backpressure).
@@ -12,15 +12,11 @@ One class serves the three roles; a role is the set of phases an instance runs:
              posted while the prefill runs, so the transfer starts at the first token.
 - colocated: both phases on the same ranks, under one of two policies:
              chunked (vLLM >= 0.6, Sarathi-Serve): every step carries the running decodes (one token
-             each, first) plus chunks of the started, then the waiting prompts (FCFS) up to the
-             step token budget, decode tokens included; a prompt's KV grows chunk by chunk in its
-             blocks and its first token is sampled with its last chunk;
+             each, first) plus prompt chunks up to the step token budget, decode tokens included;
+             a prompt's first token is sampled with its last chunk;
              prefill_first (vLLM before 0.6): a step is a prefill batch of whole prompts whenever
              one is admissible, else a decode step.
-A chunk that does not end its prompt is run for its KV alone: the token the ranks sample for it
-is dropped. With PP and batches in flight a prompt's next chunk may start before its previous one
-has left the last stage: every stage runs the steps in order, so the KV it attends to is there.
-Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
+With PP, up to `depth` steps are in flight (engine/steps_in_flight.py). Reserving prompt + max_tokens blocks on admission means a decode step never runs out of blocks.
 An aborted request (client gone, drain timed out) leaves at once if it waits; one whose KV is
 already moving or in the batch finishes with reason "abort" at its next join or step, so every
 transfer posted still completes in order and every block is freed by the usual path.
@@ -30,18 +26,20 @@ Pure Python: no torch, no MPI.
 """
 from __future__ import annotations
 
+import resource
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from engine.blocks import blocks_for
 from engine.kv_handoff import KVReceiver, KVSender
+from engine.prompt_queue import PromptQueue
 from engine.seq_blocks import SequenceBlocks
-from engine.sequence import InstanceLimits, Sequence, reserved_blocks
+from engine.sequence import InstanceLimits, Sequence
+from engine.steps_in_flight import StepsInFlight
 from engine.stops import Decode
 from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request,
-                               Result, SchedulerState, SchedulerStats, SeqChunk, StepPlan, TokensOut)
+                               Result, SchedulerState, SchedulerStats, StepPlan, TokensOut)
 
 
 @dataclass(frozen=True)
@@ -71,13 +69,12 @@ class Scheduler:
         self.blocks = SequenceBlocks(limits.num_blocks, limits.block_size, limits.prefix_caching)
         self.eos_ids, self.decode, self.want_logits = set(eos_ids), decode, want_logits
         self.chunked = role == "colocated" and limits.colocated_policy == "chunked"
-        self.waiting: deque[Sequence] = deque()      # to prefill
-        self.prefilling: deque[Sequence] = deque()   # started, prompt not all given to steps yet (chunked)
+        # to prefill: prompts of a chunked colocated instance split anywhere, a prefill instance's past L_m
+        self.prompts = PromptQueue(self.blocks, 0 if self.chunked else self.token_budget if role == "prefill" else None)
         self.starting: set[int] = set()              # admitted, first token not back yet
         self.running: list[Sequence] = []            # decoding
         self.depth = limits.pipeline_depth
-        # each step not answered yet, oldest first: its sequences, and whether it samples their token
-        self.in_flight: deque[list[tuple[Sequence, bool]]] = deque()
+        self.in_flight = StepsInFlight(self.depth)
         self.sender = KVSender(self.block_size)      # prefill: the KV hand-off's sending side
         self.receiver = KVReceiver(instance_size, self.block_size)  # decode: its receiving side
         self.aborted: set[int] = set()               # to finish with reason "abort" (decode: maybe not here yet)
@@ -87,7 +84,7 @@ class Scheduler:
 
     # ---- inputs from the control plane -------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        self.waiting.append(Sequence(request, block_hashes=self.blocks.hashes(request.prompt_ids)))
+        self.prompts.add(Sequence(request, block_hashes=self.blocks.hashes(request.prompt_ids)))
 
     def add_incoming(self, incoming: KVIncoming) -> list[Outgoing]:
         self.receiver.announce(incoming)
@@ -109,9 +106,8 @@ class Scheduler:
     def abort(self, req_id: int) -> list[Outgoing]:
         """Ends a request early; returns the messages that causes. A prefill instance ends only
         requests it has not started (the controller tells the decode instance about later ones)."""
-        waiting = next((seq for seq in self.waiting if seq.req_id == req_id), None)
+        waiting = self.prompts.drop_waiting(req_id)
         if waiting is not None:
-            self.waiting.remove(waiting)
             waiting.finish_reason = "abort"
             return [Outgoing(CONTROLLER, self._result(waiting))]
         if req_id in self.receiver.waiting:  # announced, not pulled: the prefill side frees its held KV, no transfer
@@ -128,35 +124,14 @@ class Scheduler:
         self.receiver.rank_arrived(req_id)
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self.in_flight or self.receiver.busy()
+        return bool(self.prompts or self.running or self.in_flight or self.receiver.busy()
                     or self.sender.busy())
 
-    def _decode_group(self) -> list[Sequence]:
-        """The running sequences of the next decode step: those not in a step in flight, at most
-        1/depth of the batch, so that `depth` groups take turns through the PP stages."""
-        size = -(-len(self.running) // self.depth)
-        flying = self._flying()
-        return [seq for seq in self.running if seq.req_id not in flying][:size]
-
-    def _flying(self) -> set[int]:
-        """Ids of the sequences in steps in flight."""
-        return {seq.req_id for step in self.in_flight for seq, _ in step}
-
     # ---- scheduling ------------------------------------------------------------------------
-    def _reserve(self, seq: Sequence) -> int:
-        return reserved_blocks(len(seq.request.prompt_ids), seq.request.sampling.max_tokens, self.max_model_len,
-                               self.block_size)
-
     def _decodes_later(self, seq: Sequence) -> bool:
         """A prefill-role request that may need a decode step (known before its first token)."""
         n = len(seq.request.prompt_ids)
         return self.role == "prefill" and seq.request.sampling.max_tokens > 1 and n + 1 < self.max_model_len
-
-    def _splits(self, prompt_len: int) -> bool:
-        """Whether a prompt may run in chunks: any prompt of a chunked colocated instance, one
-        longer than L_m on a prefill instance; never under prefill_first (whole prompts, one
-        longer than the budget alone in its step)."""
-        return self.chunked or (self.role == "prefill" and prompt_len > self.token_budget)
 
     def _admit(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Takes the blocks a waiting prompt needs (colocated: for its whole life, and batch room);
@@ -165,7 +140,7 @@ class Scheduler:
         if self.role == "colocated":
             if len(self.running) + len(self.starting) >= self.max_batch:
                 return False
-            need = self._reserve(seq)
+            need = seq.reserved_blocks(self.max_model_len, self.block_size)
         else:
             need = blocks_for(n, self.block_size)
         hits = self.blocks.take(seq, need)
@@ -173,39 +148,12 @@ class Scheduler:
             return False
         seq.cached_tokens = seq.prefilled = hits * self.block_size
         self.starting.add(seq.req_id)
-        seq.times["prefill_start"] = time.time()
+        seq.passed(prefill_start=time.time())
         if self._decodes_later(seq):
             self.sender.announce(seq)
             out.messages.append(Outgoing(self.leaders[seq.request.decode_instance],
                                          KVIncoming(seq.request, self.instance_id, tuple(seq.blocks))))
         return True
-
-    def _prompt_chunks(self, out: SchedulerOutput, budget: int) -> list[tuple[Sequence, SeqChunk]]:
-        """The prompt tokens of a step with `budget` tokens left: the started prompts' next chunks,
-        then waiting prompts FCFS (no skipping ahead), each whole or, where it may split, as much
-        of it as the budget holds."""
-        chunks = []
-        while budget > 0 and (self.prefilling or self.waiting):
-            started = bool(self.prefilling)
-            seq = self.prefilling[0] if started else self.waiting[0]
-            n = len(seq.request.prompt_ids)
-            if not started:
-                tail = self.blocks.uncached(seq)
-                if tail > budget and chunks and not self._splits(tail):
-                    break  # a whole prompt that does not fit: the next step
-                if not self._admit(seq, out):
-                    break
-                self.waiting.popleft()
-                self.prefilling.append(seq)
-            take = min(n - seq.prefilled, budget) if self._splits(n - seq.cached_tokens) else n - seq.prefilled
-            chunks.append((seq, SeqChunk(seq.req_id, tuple(seq.request.prompt_ids[seq.prefilled:seq.prefilled + take]),
-                                         seq.prefilled, tuple(seq.blocks), seq.request.sampling, 0)))
-            seq.prefilled += take
-            budget -= take
-            self.blocks.written(seq, seq.prefilled)
-            if seq.prefilled == n:
-                self.prefilling.remove(seq)
-        return chunks
 
     def _start_pulls(self, out: SchedulerOutput) -> list[KVPost]:
         """Posts the receives of announced requests, oldest first, while blocks and batch room last."""
@@ -213,10 +161,10 @@ class Scheduler:
         while (incoming := self.receiver.next_waiting()) and len(self.running) + len(self.receiver.pulling) < self.max_batch:
             seq = Sequence(incoming.request, source_instance=incoming.prefill_instance,
                            block_hashes=self.blocks.hashes(incoming.request.prompt_ids))
-            held = self.blocks.take(seq, self._reserve(seq))  # with decode_prefix_reuse: the prompt's leading blocks held here
+            held = self.blocks.take(seq, seq.reserved_blocks(self.max_model_len, self.block_size))  # with decode_prefix_reuse: the prompt's leading blocks held here
             if held is None:
                 break
-            seq.times["pull_start"] = time.time()
+            seq.passed(pull_start=time.time())
             recv, pull = self.receiver.pull(seq, held, self.instance_id)
             recvs.append(recv)
             out.messages.append(Outgoing(self.leaders[seq.source_instance], pull))  # the sends follow the pulls' order
@@ -227,7 +175,7 @@ class Scheduler:
         whose first token already ends it (EOS, a stop string) finishes here, without a step."""
         joined = []
         for seq in self.receiver.joins():
-            seq.times["transfer_end"] = time.time()
+            seq.passed(transfer_end=time.time())
             self.blocks.written(seq, len(seq.request.prompt_ids))  # later pulls of the same prefix reuse it
             joined.append(seq.req_id)
             out.messages.append(Outgoing(self.leaders[seq.source_instance], Pulled(seq.req_id)))
@@ -240,7 +188,7 @@ class Scheduler:
 
     def _reap_aborted(self, out: SchedulerOutput) -> None:
         """Aborted sequences of the batch that no step in flight holds leave before the next step."""
-        flying = self._flying()
+        flying = self.in_flight.flying()
         for seq in [s for s in self.running if s.req_id in self.aborted and s.req_id not in flying]:
             self.running.remove(seq)
             self.blocks.free(seq, keep_output=True)
@@ -258,16 +206,13 @@ class Scheduler:
         if self.role == "decode":
             joins = self._joins(out)
             recvs = self._start_pulls(out)
-        decodes = self._decode_group() if self.role == "decode" or self.chunked else []
-        prompts = self._prompt_chunks(out, self.token_budget - len(decodes)) if self.role != "decode" else []
+        decodes = self.in_flight.decode_group(self.running) if self.role == "decode" or self.chunked else []
+        budget = self.token_budget - len(decodes)
+        prompts = self.prompts.take(budget, lambda seq: self._admit(seq, out)) if self.role != "decode" else []
         if self.role == "colocated" and not self.chunked and not prompts:  # prefill_first: decode when no prefill
-            decodes = self._decode_group()
-        ends_prompt = [chunk.start_pos + len(chunk.token_ids) == len(seq.request.prompt_ids) for seq, chunk in prompts]
-        step = [(seq, True) for seq in decodes] + [(seq, ends) for (seq, _), ends in zip(prompts, ends_prompt)]
-        chunks = [SeqChunk(seq.req_id, (seq.output[-1],), seq.num_tokens - 1, tuple(seq.blocks), seq.request.sampling,
-                           len(seq.output)) for seq in decodes] + [chunk for _, chunk in prompts]
-        if step:
-            self.in_flight.append(step)
+            decodes = self.in_flight.decode_group(self.running)
+        self.in_flight.add(decodes, prompts)
+        chunks = [seq.decode_chunk() for seq in decodes] + [chunk for _, chunk in prompts]
         out.step = StepPlan(tuple(chunks), tuple(sends), tuple(recvs), tuple(joins), releases,
                             want_logits=self.want_logits and bool(chunks))
         self.peak_blocks = max(self.peak_blocks, self.blocks.num_used)
@@ -277,12 +222,10 @@ class Scheduler:
 
     def state(self) -> SchedulerState:
         """What the heartbeat reports: queue, batch and KV occupancy."""
-        return SchedulerState(len(self.waiting) + len(self.prefilling) + len(self.receiver.waiting), len(self.running),
+        return SchedulerState(len(self.prompts) + len(self.receiver.waiting), len(self.running),
                               self.blocks.num_used, self.blocks.num_blocks, *self.blocks.prefix_counts())
 
     def stats(self) -> SchedulerStats:
-        import resource
-
         return SchedulerStats(self.blocks.num_blocks, self.peak_blocks, self.peak_batch, self.steps,
                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, *self.blocks.prefix_counts())
 
@@ -300,25 +243,22 @@ class Scheduler:
         now = time.time()
         messages = []
         streamed = []
-        step = self.in_flight.popleft()
+        step = self.in_flight.oldest()
         for i, ((seq, sampled), token) in enumerate(zip(step, tokens)):
             if not sampled:  # a chunk short of its prompt's end: only its KV counts
                 continue
             if seq.request.stream:
                 streamed.append((seq.req_id, len(seq.output), token))
-            seq.output.append(token)
-            seq.token_times.append(now)
-            if logits is not None:
-                seq.logits.append(logits[i])
+            seq.append_token(token, now, None if logits is None else logits[i])
             first = len(seq.output) == 1
             if first:
                 self.starting.discard(seq.req_id)
-                seq.times["prefill_end"] = seq.times["first_token"] = now
+                seq.passed(first_token=now)
             if first and self.sender.expects(seq.req_id):  # its decode instance expects the KV, even if EOS came first
                 self.sender.hold(seq.req_id)  # sent once pulled
-                seq.times["transfer_start"] = now
+                seq.passed(transfer_start=now)
                 messages.append(Outgoing(self.leaders[seq.request.decode_instance],
-                                         FirstToken(seq.req_id, self.instance_id, token, dict(seq.times),
+                                         FirstToken(seq.req_id, self.instance_id, token, seq.times,
                                                     tuple(seq.logits), seq.cached_tokens)))
                 messages.append(Outgoing(CONTROLLER, PrefillDone(seq.req_id, self.instance_id, now)))
             elif self._finished(seq):

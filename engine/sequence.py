@@ -2,12 +2,12 @@
 Pure Python: no torch, no MPI."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from engine.blocks import blocks_for
 from engine.stops import Decode, TextState, stop_cut
-from launcher.protocol import FirstToken, Request, Result
+from launcher.protocol import FirstToken, Request, Result, SeqChunk, Timings
 
 
 @dataclass
@@ -15,7 +15,7 @@ class Sequence:
     request: Request
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
-    times: dict = field(default_factory=dict)
+    times: Timings = Timings()
     token_times: list[float] = field(default_factory=list)
     logits: list = field(default_factory=list)
     finish_reason: Optional[str] = None
@@ -38,9 +38,28 @@ class Sequence:
         """Decode side: the first token (and its timings) that the prefill instance sampled."""
         self.output = [first.token]
         self.cached_tokens = first.cached_tokens
-        self.times = {**first.times, **self.times}
-        self.token_times = [first.times["first_token"]]
+        self.times = self.times.filled_from(first.times)
+        self.token_times = [first.times.first_token]
         self.logits = list(first.logits)
+
+    def reserved_blocks(self, max_model_len: int, block_size: int) -> int:
+        """Blocks it needs for its whole life on a decoding instance."""
+        return reserved_blocks(len(self.request.prompt_ids), self.request.sampling.max_tokens, max_model_len, block_size)
+
+    def decode_chunk(self) -> SeqChunk:
+        """Its next decode step: its last token, at its position."""
+        return SeqChunk(self.req_id, (self.output[-1],), self.num_tokens - 1, tuple(self.blocks), self.request.sampling,
+                        len(self.output))
+
+    def append_token(self, token: int, at: float, logits: Optional[list]) -> None:
+        self.output.append(token)
+        self.token_times.append(at)
+        if logits is not None:
+            self.logits.append(logits)
+
+    def passed(self, **points: float) -> None:
+        """Notes when it passed these points of its path (Timings' fields)."""
+        self.times = replace(self.times, **points)
 
     def ends(self, eos_ids: set[int], max_model_len: int, decode: Optional[Decode], aborted: bool) -> bool:
         """Whether its last token ends it, and why (finish_reason): an abort, EOS, then stop strings
@@ -59,7 +78,7 @@ class Sequence:
 
     def result(self, instance: int, with_logits: bool) -> Result:
         """The finished sequence as the controller gets it."""
-        return Result(self.req_id, instance, tuple(self.output), self.finish_reason, dict(self.times),
+        return Result(self.req_id, instance, tuple(self.output), self.finish_reason, self.times,
                       tuple(self.token_times), self.stop_text, tuple(self.logits) if with_logits else (),
                       self.cached_tokens)
 

@@ -133,6 +133,23 @@ class TokensOut:
 
 
 @dataclass(frozen=True)
+class Timings:
+    """When (wall-clock s) a request passed each point of its path that a scheduler sees; None
+    where it did not pass it there. Its first token also ends its prefill."""
+
+    prefill_start: Optional[float] = None
+    first_token: Optional[float] = None
+    transfer_start: Optional[float] = None    # prefill side: its KV held for the decode instance
+    pull_start: Optional[float] = None        # decode side: its receives posted
+    transfer_end: Optional[float] = None      # decode side: every rank has its KV
+
+    def filled_from(self, earlier: Timings) -> Timings:
+        """These timings, the points not passed here taken from `earlier` (the prefill instance's)."""
+        return Timings(*(getattr(self, f.name) if getattr(self, f.name) is not None else getattr(earlier, f.name)
+                         for f in dataclasses.fields(self)))
+
+
+@dataclass(frozen=True)
 class Result:
     """A finished request: its tokens and timings. `text` is set when a stop string ended it: the
     leader decided it and cut the text there (the writer decodes the tokens otherwise)."""
@@ -141,7 +158,7 @@ class Result:
     instance: int
     output: tuple[int, ...]
     finish_reason: str
-    times: dict
+    times: Timings
     token_times: tuple[float, ...]
     text: Optional[str] = None
     logits: tuple = ()  # debug (--dump-logits): one list of floats per generated token
@@ -199,6 +216,43 @@ class SchedulerStats:
 
 
 @dataclass(frozen=True)
+class PrefillSample:
+    """What a prefill step (whole prompts from position 0) cost under the run's own load, in
+    `pdlaunch profile`'s sample format, for `pdlaunch bench` to fit a latency model to."""
+
+    lens: tuple[int, ...]       # its prompts' tokens
+    ms: float
+    t: float                    # wall-clock s when it ended: lets a bench pick a window's steps
+
+
+@dataclass(frozen=True)
+class DecodeSample:
+    batch: int                  # sequences, one token each
+    context_sum: int            # their context tokens, the new ones included
+    ms: float
+    t: float
+
+
+@dataclass(frozen=True)
+class MixedSample:
+    """Chunked prefill: prompt chunks (from `starts`) beside a decode batch."""
+
+    lens: tuple[int, ...]
+    starts: tuple[int, ...]
+    batch: int
+    context_sum: int
+    ms: float
+    t: float
+
+
+@dataclass(frozen=True)
+class StepSamples:
+    prefill: tuple[PrefillSample, ...] = ()
+    decode: tuple[DecodeSample, ...] = ()
+    mixed: tuple[MixedSample, ...] = ()
+
+
+@dataclass(frozen=True)
 class InstanceStats:
     """An instance's final report (at shutdown)."""
 
@@ -209,7 +263,7 @@ class InstanceStats:
     kv_cache_mb: float
     weights_mb: float
     token_budget: int               # L_m this instance batched prefills under
-    step_samples: dict = field(default_factory=dict)  # "prefill"/"decode"/"mixed" -> samples (pdlaunch profile's format)
+    step_samples: StepSamples = StepSamples()  # its most recent steps' costs
 
     def report(self) -> dict:
         """One flat record of report.json's "instances"."""
@@ -268,7 +322,7 @@ class FirstToken:
     req_id: int
     prefill_instance: int
     token: int
-    times: dict
+    times: Timings
     logits: tuple = ()  # debug: the first token's logits
     cached_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
 

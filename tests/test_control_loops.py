@@ -23,7 +23,7 @@ from launcher.config import JobConfig
 from launcher.plan import InstancePlan, Plan
 from launcher.protocol import (CONTROLLER, Abort, Alive, FirstToken, Heartbeat, InstanceStats, KVIncoming,
                                PrefillDone, Pulled, RankAlive, Request, Result, SamplingParams, SchedulerStats,
-                               Shutdown, TokensOut, tag_of)
+                               Shutdown, Timings, TokensOut, tag_of)
 
 PREFILL_LEADER, DECODE_LEADER = 1, 2
 PLAN = Plan([InstancePlan(0, "prefill", 1, 1, PREFILL_LEADER, ["localhost"]),
@@ -133,7 +133,7 @@ def test_the_controller_dispatches_follows_and_ends_a_disaggregated_request():
     decode.send(TokensOut(1, ((request.req_id, 1, 9), (request.req_id, 2, 10))), CONTROLLER, tag_of(TokensOut))
     prefill.send(TokensOut(0, ((request.req_id, 0, 8),)), CONTROLLER, tag_of(TokensOut))
     prefill.send(PrefillDone(request.req_id, 0, now), CONTROLLER, tag_of(PrefillDone))
-    decode.send(Result(request.req_id, 1, (8, 9, 10), "length", {"first_token": now}, (now, now, now)),
+    decode.send(Result(request.req_id, 1, (8, 9, 10), "length", Timings(first_token=now), (now, now, now)),
                 CONTROLLER, tag_of(Result))
     for comm, inst, role in ((prefill, 0, "prefill"), (decode, 1, "decode")):
         expect(comm, Shutdown)
@@ -164,7 +164,7 @@ def test_a_leader_routes_each_message_by_its_class_and_answers_the_right_ranks()
     leader = decode_leader(wire)
     request = Request(4, (5, 6, 7), SamplingParams(max_tokens=4), 0.0, decode_instance=1)
     prefill.send(KVIncoming(request, 0, (0,)), DECODE_LEADER, tag_of(KVIncoming))
-    prefill.send(FirstToken(4, 0, 8, {"first_token": 0.0}), DECODE_LEADER, tag_of(FirstToken))
+    prefill.send(FirstToken(4, 0, 8, Timings(first_token=0.0)), DECODE_LEADER, tag_of(FirstToken))
     controller.send(Alive(), DECODE_LEADER, tag_of(Alive))
     controller.send(Abort(4), DECODE_LEADER, tag_of(Abort))  # announced, not pulled: dropped at once
     leader.watch.deadline = 0.0                                # only the Alive keeps the watch quiet

@@ -20,7 +20,7 @@ from engine.serve_metrics import ServeMetrics
 from launcher.config import JobConfig
 from launcher.network import free_port
 from launcher.plan import InstancePlan, Plan
-from launcher.protocol import Result
+from launcher.protocol import Result, Timings
 
 KEY = "test-key"
 ANSWER = (5, 6, 7)  # every request's output tokens
@@ -49,7 +49,7 @@ def answer_everything(frontend: Frontend, stop: threading.Event) -> None:
             if p.stream:
                 for token in ANSWER:
                     frontend.tokens(p, [token])
-            frontend.write(p, Result(p.spec.index, 0, ANSWER, "length", {"first_token": now},
+            frontend.write(p, Result(p.spec.index, 0, ANSWER, "length", Timings(first_token=now),
                                      (now, now + 0.01, now + 0.02)))
         time.sleep(0.002)
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from engine.kv_cache import KVCache
 from engine.kv_transfer import KVTransfer
-from engine.p2p_ops import Completions
+from engine.p2p_ops import Completions, PostedOp
 from launcher.model_shape import ModelShape
 from launcher.plan import InstancePlan, Plan
 
@@ -72,7 +72,7 @@ def gloo_world(tp_group):
 
 def test_completions_run_callbacks_in_order_once_completed():
     works, seen = [LateWork() for _ in range(3)], []
-    pending = Completions([(w, lambda i=i: seen.append(i)) for i, w in enumerate(works)])
+    pending = Completions([PostedOp(w, lambda i=i: seen.append(i)) for i, w in enumerate(works)])
     assert not pending.advance() and seen == []
     works[1].completed = True  # out of order: nothing runs until the first completes
     assert not pending.advance() and seen == []

@@ -8,7 +8,7 @@ import pytest
 from engine.prefix_cache import PrefixCache, block_hashes
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
-from launcher.protocol import CONTROLLER, FirstToken, KVPull, Request, Result, SamplingParams
+from launcher.protocol import CONTROLLER, FirstToken, KVPull, Request, Result, SamplingParams, Timings
 
 BS = 4  # block size
 
@@ -233,7 +233,7 @@ def test_a_decode_instance_that_holds_a_prefix_pulls_only_the_rest():
     prefill = sched("prefill", blocks=32)
     first, second = req(0, SYSTEM + [1, 2], decode_instance=1), req(1, SYSTEM + [3], decode_instance=1)
     decode.add_incoming(KVIncoming(first, 0, (0, 1, 2, 3)))
-    decode.add_first_token(FirstToken(0, 0, 7, {"first_token": 0.0}))
+    decode.add_first_token(FirstToken(0, 0, 7, Timings(first_token=0.0)))
     recv = decode.schedule().step.kv_recvs[0]
     assert (recv.num_tokens, recv.peer_blocks) == (14, (0, 1, 2, 3))
     decode.rank_arrived(0)

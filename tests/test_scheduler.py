@@ -4,7 +4,7 @@ from __future__ import annotations
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
 from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPull, PrefillDone, Pulled, Request, Result,
-                               SamplingParams, TokensOut)
+                               SamplingParams, Timings, TokensOut)
 
 LEADERS = tuple(100 + i for i in range(16))  # instance i's leader is rank 100 + i
 
@@ -22,7 +22,7 @@ def req(i, n, max_tokens=4, decode_instance=-1, **sampling):
 def announce(s, r, first_token=7):
     """What a prefill instance (id 0) tells a decode instance: its prefill started, then its first token."""
     s.add_incoming(KVIncoming(r, 0))
-    s.add_first_token(FirstToken(r.req_id, 0, first_token, {"first_token": 0.0}))
+    s.add_first_token(FirstToken(r.req_id, 0, first_token, Timings(first_token=0.0)))
 
 
 def sent(messages, kind, to=None):
@@ -143,7 +143,7 @@ def test_prefill_announces_requests_that_may_decode_and_transfers_them_even_afte
 def test_decode_pulls_before_the_first_token_and_joins_after_it():
     s = sched("decode", budget=64)
     r0, r1 = (Request(i, (5, 6, 7), SamplingParams(max_tokens=4), 0.0, 0) for i in range(2))
-    s.add_first_token(FirstToken(1, 0, 2, {"first_token": 1.0}))           # overtook its announcement
+    s.add_first_token(FirstToken(1, 0, 2, Timings(first_token=1.0)))           # overtook its announcement
     s.add_incoming(KVIncoming(r0, 0))
     s.add_incoming(KVIncoming(r1, 0))
     out = s.schedule()
@@ -154,14 +154,14 @@ def test_decode_pulls_before_the_first_token_and_joins_after_it():
     out = s.schedule()
     assert [(f.req_id, f.finish_reason) for f in finished(out.messages)] == [(1, "stop")]  # EOS first: no step
     assert out.step.kv_joins == (1,) and not out.step.seqs                  # request 0: no first token yet
-    s.add_first_token(FirstToken(0, 0, 9, {"first_token": 1.0}))
+    s.add_first_token(FirstToken(0, 0, 9, Timings(first_token=1.0)))
     out = s.schedule()
     assert out.step.kv_joins == (0,) and [(c.req_id, c.token_ids, c.start_pos) for c in out.step.seqs] == [(0, (9,), 3)]
     for _ in range(2):                                                      # second and third token
         s.on_step([9])
         s.schedule()
     result = finished(s.on_step([9]))[0]                                    # fourth token: max_tokens
-    assert result.token_times[0] == 1.0 and "pull_start" in result.times and result.output == (9, 9, 9, 9)
+    assert result.token_times[0] == 1.0 and result.times.pull_start is not None and result.output == (9, 9, 9, 9)
 
 
 def test_colocated_prefers_prefill_and_finishes_on_length_and_eos():
@@ -356,7 +356,7 @@ def test_abort_frees_a_colocated_request_wherever_it_is():
     assert [(r.req_id, r.finish_reason) for r in finished(out.messages)] == [(1, "abort")]
     assert [c.req_id for c in out.step.seqs] == [2]
     s.on_step([7])
-    assert s.blocks.num_used == s._reserve(s.running[0]) and not s.aborted
+    assert s.blocks.num_used == s.running[0].reserved_blocks(s.max_model_len, s.block_size) and not s.aborted
 
 
 def test_abort_on_the_prefill_side_only_ends_requests_not_started():
@@ -386,7 +386,7 @@ def test_abort_on_the_decode_side_drops_or_finishes_without_a_step():
     assert not s.abort(2)                                    # not announced yet: remembered
     messages = s.add_incoming(KVIncoming(r2, 0))
     assert [r.req_id for r in finished(messages)] == [2] and sent(messages, Pulled, LEADERS[0])
-    s.add_first_token(FirstToken(2, 0, 7, {"first_token": 0.0}))  # its first token still comes: ignored
+    s.add_first_token(FirstToken(2, 0, 7, Timings(first_token=0.0)))  # its first token still comes: ignored
     assert not s.receiver.firsts and set(s.receiver.stages) == {0}  # 2 is forgotten
     s.abort(0)                                               # receives posted: the transfer completes, then it ends
     s.rank_arrived(0)
@@ -449,7 +449,7 @@ def test_the_simulator_takes_prompt_chunks_as_the_engines_scheduler_does():
         splits = (lambda n: n > 24) if role == "prefill" else (lambda n: True)
         index = {id(r): i for i, r in enumerate(reqs)}  # by identity: equal lengths make equal requests
         engine, simulated = [], []
-        while s.waiting or s.prefilling:
+        while s.prompts:
             step = s.schedule().step
             engine.append(shape(step))
             s.in_flight.clear()

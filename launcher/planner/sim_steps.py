@@ -14,8 +14,8 @@ from launcher.planner.workload import SimRequest
 
 
 class PromptQueue:
-    """Prompts waiting for their prefill and those started in chunks, as the engine's
-    Scheduler._prompt_chunks takes them: the started prompts' next chunks first, then waiting
+    """Prompts waiting for their prefill and those started in chunks, as the engine's PromptQueue
+    (engine/prompt_queue.py) takes them: the started prompts' next chunks first, then waiting
     prompts FCFS (no skipping ahead), each whole or, where it may split, as much as the budget holds."""
 
     def __init__(self):
