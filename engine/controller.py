@@ -28,7 +28,8 @@ from engine.watchdog import Watchdog
 from launcher.batch_io import RequestSpec
 from launcher.config import JobConfig
 from launcher.protocol import (Abort, Alive, Heartbeat, InstanceStats, NextArrival, PrefillDone, RankAlive, Request,
-                               Result, SamplingParams, Shutdown, TokensOut, check_sampling)
+                               Result, Shutdown, TokensOut)
+from launcher.sampling_params import SamplingParams, check_sampling
 
 
 @dataclass

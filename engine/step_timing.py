@@ -17,8 +17,8 @@ from engine.blocks import blocks_for
 from engine.control_plane import StepSender, receive, send, take
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
-from launcher.protocol import (CONTROLLER, Heartbeat, PeerLoad, ProfilePeer, Request, SamplingParams, SeqChunk,
-                               StepPlan)
+from launcher.protocol import CONTROLLER, Heartbeat, PeerLoad, ProfilePeer, Request, SeqChunk, StepPlan
+from launcher.sampling_params import SamplingParams
 
 PREFILL_LENS = [16, 64, 128, 256, 512]
 PREFILL_BATCHES = [1, 2, 4]

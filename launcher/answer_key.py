@@ -17,7 +17,7 @@ import os
 
 from launcher.batch_io import RequestSpec
 from launcher.config import JobConfig
-from launcher.protocol import check_sampling
+from launcher.sampling_params import check_sampling
 
 
 def _digest(obj) -> str:

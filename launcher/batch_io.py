@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from launcher.errors import UserError
-from launcher.protocol import check_sampling
+from launcher.sampling_params import check_sampling
 
 SAMPLING_FIELDS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
                    "ignore_eos"}

@@ -16,7 +16,7 @@ import yaml
 
 from launcher.errors import UserError
 from launcher.network import check_interface
-from launcher.protocol import SamplingParams, check_sampling
+from launcher.sampling_params import SamplingParams, check_sampling
 
 EMBEDDED_MODEL = "embedded"
 

@@ -22,8 +22,9 @@ from launcher.batch_io import RequestSpec
 from launcher.config import JobConfig
 from launcher.plan import InstancePlan, Plan
 from launcher.protocol import (CONTROLLER, Abort, Alive, FirstToken, Heartbeat, InstanceStats, KVIncoming,
-                               PrefillDone, Pulled, RankAlive, Request, Result, SamplingParams, SchedulerStats,
-                               Shutdown, Timings, TokensOut, tag_of)
+                               PrefillDone, Pulled, RankAlive, Request, Result, SchedulerStats, Shutdown, Timings,
+                               TokensOut, tag_of)
+from launcher.sampling_params import SamplingParams
 
 PREFILL_LEADER, DECODE_LEADER = 1, 2
 PLAN = Plan([InstancePlan(0, "prefill", 1, 1, PREFILL_LEADER, ["localhost"]),

@@ -19,7 +19,8 @@ from engine.kv_cache import KVCache
 from engine.model import LlamaStage
 from engine.rope import rope_tables
 from engine.sampling import choose
-from launcher.protocol import SamplingParams, SeqChunk
+from launcher.protocol import SeqChunk
+from launcher.sampling_params import SamplingParams
 from launcher.model_shape import ModelShape
 
 SHAPE = ModelShape(num_layers=2, hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],

@@ -8,7 +8,8 @@ import pytest
 from engine.kv_handoff import HandoffError, KVReceiver, KVSender, KVStage
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits, Sequence
-from launcher.protocol import FirstToken, KVIncoming, KVPull, Pulled, Request, Result, SamplingParams
+from launcher.protocol import FirstToken, KVIncoming, KVPull, Pulled, Request, Result
+from launcher.sampling_params import SamplingParams
 
 PREFILL, DECODE = 0, 1
 

@@ -59,7 +59,8 @@ def one_stage(path: str, tp_group, dtype=torch.float32):
 def run_chunks(stage, cache, tables, shape, seq: list[int], chunks: list[tuple[int, int]]) -> list[torch.Tensor]:
     """Runs seq[lo:hi] for each (lo, hi) in order as one sequence; the logits of each chunk's last token."""
     from engine.batch import build_batch
-    from launcher.protocol import SamplingParams, SeqChunk
+    from launcher.protocol import SeqChunk
+    from launcher.sampling_params import SamplingParams
 
     table = tuple(range(len(seq) // BLOCK + 1))
     out = []

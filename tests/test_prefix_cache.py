@@ -8,7 +8,8 @@ import pytest
 from engine.prefix_cache import PrefixCache, block_hashes
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
-from launcher.protocol import CONTROLLER, FirstToken, KVPull, Request, Result, SamplingParams, Timings
+from launcher.protocol import CONTROLLER, FirstToken, KVPull, Request, Result, Timings
+from launcher.sampling_params import SamplingParams
 
 BS = 4  # block size
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from engine.sampling import sample
-from launcher.protocol import SamplingParams
+from launcher.sampling_params import SamplingParams
 
 
 def test_greedy_and_degenerate_limits_pick_the_argmax():

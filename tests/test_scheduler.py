@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
-from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPull, PrefillDone, Pulled, Request, Result,
-                               SamplingParams, Timings, TokensOut)
+from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPull, PrefillDone, Pulled, Request, Result, Timings, TokensOut)
+from launcher.sampling_params import SamplingParams
 
 LEADERS = tuple(100 + i for i in range(16))  # instance i's leader is rank 100 + i
 
