@@ -11,15 +11,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 
 from launcher.errors import UserError
 from launcher.plan import Plan
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BANNER = re.compile(r"^-{40,}\s*$")  # Open MPI frames its messages with a line of dashes
-DEATH = re.compile(r"process rank (\d+) with PID (\d+) on\s+node (\S+)")
+GLUED_BANNER = re.compile(r"-{40,}\s*$")  # the same line, written after a rank's unfinished line
+DEATH = re.compile(r"process rank (\d+) with PID (\d+) on\s+node (\S+)(?!\S)(?!\s+calling)")
+SIGNAL = re.compile(r"\s*exited on\s+signal (\d+)")
+TAIL_LINES = 400  # the last lines kept to find a death in whatever order the streams came
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 RANK_GRACE_S = 5.0  # after the launch command is gone: how long its ranks get to end before SIGKILL
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _die_with_parent() -> None:
@@ -35,8 +46,10 @@ class RankLog:
     """Relays the ranks' stderr to ours and keeps a full copy in the run directory. Open MPI's
     banner after a rank's deliberate abort is dropped when that rank printed its own diagnosis
     (the copy keeps it); since prterun's banner and the rank's own stderr reach us by different
-    paths, a banner that comes first waits for the diagnosis until the stream ends. A rank that
-    died gets a line naming what it was."""
+    paths, a banner that comes first waits for the diagnosis until the stream ends, and a banner
+    line glued to a rank's unfinished line is split off it. A rank that died gets a line naming what
+    it was, once, found in its banner or, if the streams interleaved past recognition, in the last
+    lines when the stream ends: the other ranks' errors (a peer's connection reset) follow from it."""
 
     def __init__(self, plan: Plan, copy_path: str | None):
         self.plan = plan
@@ -44,9 +57,16 @@ class RankLog:
         self.block: list[str] | None = None
         self.diagnosed = False  # a rank printed "pdlaunch: rank N ... failed while ..."
         self.held: list[str] = []  # abort banners that came before any diagnosis
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.dead: set[int] = set()  # ranks whose death was said
 
     def feed(self, line: str) -> None:
         line = line.replace("\0", "")  # prterun ends its last banner with a NUL
+        glued = GLUED_BANNER.search(line)
+        if glued and glued.start() > 0 and line[:glued.start()].strip():
+            self.feed(line[:glued.start()] + "\n")
+            line = line[glued.start():]
+        self.tail.append(line)
         if self.copy:
             self.copy.write(line)
             self.copy.flush()
@@ -71,16 +91,25 @@ class RankLog:
                 self.held.append(text)
             return
         sys.stderr.write(text)
-        dead = DEATH.search(flat)
-        if dead and 'calling "abort"' not in flat:
+        self._say_deaths(flat)
+
+    def _say_deaths(self, flat: str) -> None:
+        """One line per rank that died (not one that called abort: its own diagnosis says why)."""
+        for dead in DEATH.finditer(flat):
             rank = int(dead.group(1))
-            print(f"pdlaunch: rank {rank} on {dead.group(3)} died: it was {self.plan.describe_rank(rank)}",
+            if rank in self.dead:
+                continue
+            self.dead.add(rank)
+            how = SIGNAL.match(flat, dead.end())
+            how = f" of {signal_name(int(how.group(1)))}" if how else ""
+            print(f"pdlaunch: rank {rank} on {dead.group(3)} died{how}: it was {self.plan.describe_rank(rank)}",
                   file=sys.stderr)
 
     def close(self) -> None:
         if self.block:
             self._end_block()
         sys.stderr.write("".join(self.held))  # no rank said why it aborted: Open MPI's word is all there is
+        self._say_deaths(" ".join("".join(self.tail).split()))
         self.held = []
         if self.copy:
             self.copy.close()
@@ -137,8 +166,7 @@ def launch(cmd: list[str], plan: Plan, extra_env: dict | None = None, log_path: 
         for s, handler in previous.items():
             signal.signal(s, handler)
     if rc < 0:  # the launch command itself died of a signal (killed, or crashed)
-        name = signal.Signals(-rc).name
-        print(f"pdlaunch: {os.path.basename(cmd[0])} (PID {proc.pid}) died of {name}"
+        print(f"pdlaunch: {os.path.basename(cmd[0])} (PID {proc.pid}) died of {signal_name(-rc)}"
               + (f"; the {len(ended)} process(es) of the job it left behind are ended" if ended else ""), file=sys.stderr)
         rc = 128 - rc
     return rc
