@@ -54,7 +54,13 @@ def reference(tiny_model_dir):
     return prompts, out
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# `make test-slow` runs these two, each one of the longest jobs of `make test` (5 ranks): TP2 x PP2
+# colocated combines what colocated-tp2pp1 and -tp1pp2 check apart, and a PP2 prefill -> TP2 decode
+# job is p-tp2pp1-d-tp1pp2 the other way round (test_reshard moves KV PP2 -> TP2 value by value).
+SLOW_LAYOUTS = ("colocated-tp2pp2", "p-tp1pp2-d-tp2pp1")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYOUTS else n for n in LAYOUTS])
 def test_layout_matches_transformers(name, tmp_path, tiny_model_dir, reference):
     prompts, expected = reference
     config = write_job(tmp_path, tiny_model_dir, LAYOUTS[name], prompts, MAX_TOKENS,
