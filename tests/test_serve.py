@@ -111,8 +111,8 @@ def test_openai_client_gets_what_pdlaunch_generate_writes(smol, tmp_path):
     done = run_pdlaunch("generate", EMBEDDED, "--input", str(tmp_path / "in.jsonl"), "--output",
                         str(tmp_path / "out.jsonl"), "--run-dir", str(tmp_path / "gen"), "--plan", smol.plan, "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
-    with open(tmp_path / "gen" / "report.json") as f:
-        assert json.load(f)["placement"]["mode"] == "disaggregated"
+    with open(tmp_path / "gen" / "report.json") as f:  # the server's layout: 1 prefill + 1 decode instance
+        assert [i["role"] for i in json.load(f)["instances"]] == ["prefill", "decode"]
     expected = read_results(tmp_path / "out.jsonl")
     batch_body = expected["b0"]["response"]["body"]  # named as the server names the model; a chat id
     assert batch_body["model"] == smol.model and batch_body["id"].startswith("chatcmpl-")
