@@ -129,13 +129,11 @@ def hf_chat_ids(path: str, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-# Every family on the reshard layout (TP-sharded biases and heads, PP, KV moved between layouts) and
-# on 1P1D; `make test` runs 1P1D for Llama 3 and OPT (the in-process stage test covers every family's
-# forward), `make test-slow` the other families' 1P1D jobs.
-QUICK_1P1D = ("llama3", "opt")
+# Every family on the reshard layout (TP-sharded biases and heads, PP, KV moved between layouts) in
+# `make test`, and on 1P1D in `make test-slow`: a 1P1D job runs nothing the same family's reshard job
+# does not (the same requests, unsharded), and the in-process stage test covers every family's forward.
 JOBS = [pytest.param(family, "p-tp2-d-pp2", id=f"{family}-p-tp2-d-pp2") for family in FAMILIES] + [
-    pytest.param(family, "1p1d", id=f"{family}-1p1d", marks=() if family in QUICK_1P1D else pytest.mark.slow)
-    for family in FAMILIES]
+    pytest.param(family, "1p1d", id=f"{family}-1p1d", marks=pytest.mark.slow) for family in FAMILIES]
 
 
 @pytest.mark.mpi
