@@ -22,7 +22,7 @@ from launcher.protocol import Heartbeat, Result
 
 
 class Clock:
-    """time.monotonic for the frontend: moves only when the test says so."""
+    """The frontend's time.monotonic: moves only when the test says so (time.time stays real)."""
 
     def __init__(self):
         self.now = 1000.0
@@ -34,7 +34,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr("engine.frontend.time.monotonic", clock)
+    monkeypatch.setattr("engine.frontend.time", SimpleNamespace(monotonic=clock, time=time.time))
     return clock
 
 
