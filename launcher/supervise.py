@@ -17,6 +17,7 @@ from launcher.plan import Plan
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BANNER = re.compile(r"^-{40,}\s*$")  # Open MPI frames its messages with a line of dashes
+GLUED_BANNER = re.compile(r"^(.*[^-\s])(-{40,}\s*)$")  # a rank's last words without their newline, then a banner
 DEATH = re.compile(r"process rank (\d+) with PID (\d+) on\s+node (\S+)")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 RANK_GRACE_S = 5.0  # after the launch command is gone: how long its ranks get to end before SIGKILL
@@ -47,6 +48,10 @@ class RankLog:
 
     def feed(self, line: str) -> None:
         line = line.replace("\0", "")  # prterun ends its last banner with a NUL
+        glued = GLUED_BANNER.match(line)
+        if glued:  # the rank's stderr and prterun's banner share one pipe
+            self.feed(glued.group(1) + "\n")
+            line = glued.group(2)
         if self.copy:
             self.copy.write(line)
             self.copy.flush()

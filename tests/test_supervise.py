@@ -57,6 +57,23 @@ def test_stderr_is_relayed_and_kept_and_a_dead_ranks_banner_gets_its_role(tmp_pa
     assert "rank 1 says hello" in (tmp_path / "ranks.log").read_text()
 
 
+def test_a_banner_glued_to_a_ranks_last_line_is_still_read_as_one(tmp_path, capsys):
+    """A rank's diagnosis without its newline and prterun's MPI_ABORT banner arrive as one line (they
+    share the pipe); the banner of another rank's death after it must still get its role line."""
+    source = ("import sys; w = sys.stderr.write\n"
+              "w('pdlaunch: rank 2 on vm (decode instance 1) failed: RuntimeError: reset' + '-' * 60 + '\\n')\n"
+              "w('MPI_ABORT was invoked on rank 2 in communicator MPI_COMM_WORLD\\n'); w('-' * 60 + '\\n')\n"
+              "w('\\n'); w('-' * 60 + '\\n')\n"
+              "w('prterun noticed that process rank 1 with PID 4242 on node vm exited on\\n')\n"
+              "w('signal 9 (Killed).\\n'); w('-' * 60 + '\\n')\n"
+              "sys.exit(137)\n")
+    assert launch(program(source, str(tmp_path / "job.json")), PLAN) == 137
+    err = capsys.readouterr().err
+    assert "pdlaunch: rank 2 on vm (decode instance 1) failed: RuntimeError: reset\n" in err
+    assert "MPI_ABORT" not in err  # the aborting rank said why: its banner is dropped
+    assert "pdlaunch: rank 1 on vm died: it was prefill instance 0 (TP rank 0, PP stage 0)" in err
+
+
 def test_a_launch_command_killed_by_a_signal_exits_128_plus_it_and_says_so(tmp_path, capsys):
     rc = launch(program("import os; os.kill(os.getpid(), 9)", str(tmp_path / "job.json")), PLAN)
     assert rc == 128 + signal.SIGKILL
