@@ -18,7 +18,7 @@ from launcher.plan import Plan
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BANNER = re.compile(r"^-{40,}\s*$")  # Open MPI frames its messages with a line of dashes
-GLUED_BANNER = re.compile(r"-{40,}\s*$")  # the same line, written after a rank's unfinished line
+GLUED_BANNER = re.compile(r"^(.*[^-\s])(-{40,}\s*)$")  # a rank's last words without their newline, then a banner
 DEATH = re.compile(r"process rank (\d+) with PID (\d+) on\s+node (\S+)(?!\S)(?!\s+calling)")
 SIGNAL = re.compile(r"\s*exited on\s+signal (\d+)")
 TAIL_LINES = 400  # the last lines kept to find a death in whatever order the streams came
@@ -62,10 +62,10 @@ class RankLog:
 
     def feed(self, line: str) -> None:
         line = line.replace("\0", "")  # prterun ends its last banner with a NUL
-        glued = GLUED_BANNER.search(line)
-        if glued and glued.start() > 0 and line[:glued.start()].strip():
-            self.feed(line[:glued.start()] + "\n")
-            line = line[glued.start():]
+        glued = GLUED_BANNER.match(line)
+        if glued:  # the rank's stderr and prterun's banner share one pipe
+            self.feed(glued.group(1) + "\n")
+            line = glued.group(2)
         self.tail.append(line)
         if self.copy:
             self.copy.write(line)

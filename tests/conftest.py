@@ -63,6 +63,15 @@ def tp_group():
     return dist.new_group([0])
 
 
+@pytest.fixture
+def megatron_on_cpu(monkeypatch):
+    """megatron allocates its buffers on torch.cuda.current_device(): in a process without CUDA that
+    must name the CPU (engine.data_plane does the same in a rank). Restored after the test."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+
+
 def ragged_prompts(n: int, seed: int = 0, low: int = 3, high: int = 40) -> list[list[int]]:
     import random
 

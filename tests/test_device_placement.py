@@ -57,12 +57,11 @@ class OneDevice(TorchDispatchMode):
 
 @pytest.mark.parametrize("kernels", ["cpu", "cuda"])
 @pytest.mark.parametrize("family", ["llama", *FAMILIES])
-def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group, monkeypatch, family, kernels):
+def test_a_stage_on_the_meta_device_never_mixes_devices(tp_group, megatron_on_cpu, monkeypatch, family, kernels):
     """Every family's forward (biases, q/k norms, learned positions, a sliding window of 4 here). With
     `cuda` the stage takes the CUDA attention paths (engine.attention: 4-D SDPA for prompts and
     continued prompts; the decode fallback, flash-attn being absent here)."""
     shape = SHAPE if family == "llama" else family_shape(family, num_hidden_layers=2, sliding_window=4)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # megatron allocates on it (as engine.data_plane)
     monkeypatch.setattr(attention, "on_cuda", lambda t: kernels == "cuda")
     stage = LlamaStage(shape, 0, 2, True, True, 1, tp_group, torch.float32).to(META).eval()
     stage.prepare_weights()

@@ -54,7 +54,14 @@ def reference(tiny_model_dir):
     return prompts, out
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+# `make test-slow` runs these three, among the longest jobs of `make test`: TP2 x PP2 colocated
+# combines what colocated-tp2pp1 and -tp1pp2 check apart; a PP2 prefill -> TP2 decode job is
+# p-tp2pp1-d-tp1pp2 the other way round (test_reshard moves KV PP2 -> TP2 value by value); two
+# prefill instances give transformers' tokens in test_kv_warm_up's 2P2D job.
+SLOW_LAYOUTS = ("colocated-tp2pp2", "p-tp1pp2-d-tp2pp1", "2p-tp1-d-tp1")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LAYOUTS else n for n in LAYOUTS])
 def test_layout_matches_transformers(name, tmp_path, tiny_model_dir, reference):
     prompts, expected = reference
     config = write_job(tmp_path, tiny_model_dir, LAYOUTS[name], prompts, MAX_TOKENS,

@@ -89,12 +89,15 @@ def test_resume_with_nothing_left_exits_at_once(tmp_path, tiny_model_dir, capsys
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("via", ["-", "/dev/stdin", "fifo", "process substitution"])
+@pytest.mark.parametrize("via", ["-", pytest.param("/dev/stdin", marks=pytest.mark.slow), "fifo",
+                                 pytest.param("process substitution", marks=pytest.mark.slow)])
 def test_input_from_a_stream_is_read_once_and_bad_requests_do_not_hang(tmp_path, tiny_model_dir, via):
     """Standard input, /dev/stdin and a FIFO: the launcher reads the stream once into the run
     directory. Requests that could never run (a prompt larger than the prefill hold area, an
     answer larger than the decode cache), a far-future arrival and an unusable temperature are
-    error records; the rest of the batch completes."""
+    error records; the rest of the batch completes. `make test-slow` runs /dev/stdin (standard
+    input by another name, as `-` here) and process substitution (a pipe behind a path, as the FIFO):
+    each is one more whole job."""
     config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5]],
                        scheduler={"prefill_kv_blocks": 8, "decode_kv_blocks": 16})  # 32 and 64 tokens
     lines = [{"custom_id": "ok", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True},

@@ -2,7 +2,9 @@
 (engine.kv_transfer.KVTransfer.warm_up): NCCL creates a pair's communicator at its first send or
 receive and blocks until the peer's first call, so first contacts in pull order could wait in a
 cycle across 2 prefill and 2 decode instances. The order is checked on the shipped 2 x 8 GPU plan,
-and a 2P2D job on gloo traces that every rank met its pairs in that order before its first step."""
+and a 2P2D job on gloo traces that every rank met its pairs in that order before its first step; its
+answers are transformers' greedy tokens (the requests start together, so both prefill and both
+decode instances take some)."""
 from __future__ import annotations
 
 import json
@@ -41,6 +43,16 @@ def test_colocated_instances_have_no_kv_pairs():
     assert kv_rank_pairs(plan.instances, 4, 4) == []
 
 
+def greedy(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuations in fp32."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return [model.generate(torch.tensor([p]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                           pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+
+
 @pytest.mark.mpi
 def test_two_prefill_two_decode_job_warms_every_pair_in_order_before_its_first_step(tmp_path, tiny_model_dir,
                                                                                       monkeypatch):
@@ -49,10 +61,14 @@ def test_two_prefill_two_decode_job_warms_every_pair_in_order_before_its_first_s
     monkeypatch.setenv("PDLAUNCH_STEP_TRACE", str(trace))
     layout = {"mode": "disaggregated", "prefill": {"instances": 2, "tp": 1, "pp": 1},
               "decode": {"instances": 2, "tp": 1, "pp": 1}}
-    config = write_job(tmp_path, tiny_model_dir, layout, ragged_prompts(4, seed=3), 4)
+    prompts = ragged_prompts(4, seed=3)
+    config = write_job(tmp_path, tiny_model_dir, layout, prompts, 4)
     proc = run_pdlaunch("generate", config, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(read_results(tmp_path / "out.jsonl")) == 4
+    results = read_results(tmp_path / "out.jsonl")
+    assert [results[f"r{i}"]["token_ids"] for i in range(4)] == greedy(tiny_model_dir, prompts, 4)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert all(i["peak_batch"] >= 1 for i in report["instances"]), report["instances"]  # every instance took some
     plan = yaml.safe_load(open(tmp_path / "run" / "plan.yaml"))
     assert [i["role"] for i in plan["instances"]] == ["prefill", "prefill", "decode", "decode"]
     expected = [[1, 3], [1, 4], [2, 3], [2, 4]]  # ranks 1, 2 prefill; 3, 4 decode; sorted pairs

@@ -303,29 +303,6 @@ def test_a_deliberate_abort_is_said_once_whichever_line_comes_first(tmp_path, ca
     assert "MPI_ABORT was invoked" in capsys.readouterr().err
 
 
-def test_a_killed_rank_is_named_even_when_a_peers_error_and_the_banners_interleave(tmp_path, capsys):
-    """Seen on a loaded machine: rank 3 is killed, rank 2's gloo error (connection reset) comes
-    first, without its newline, and prterun's abort banner is glued to it. The killed rank is still
-    named once, with its signal and role; the deliberate abort's banner is dropped."""
-    from launcher.plan import InstancePlan, Plan
-    from launcher.supervise import RankLog
-
-    dashes = "-" * 74
-    stream = [f"pdlaunch: rank 2 on vm (decode instance 1 (tp 0, pp 0)) failed while serving: RuntimeError: "
-              f"Connection reset by peer. GLHF!{dashes}\n",
-              "MPI_ABORT was invoked on rank 2 in communicator MPI_COMM_WORLD\n", "  Errorcode: 3\n", dashes + "\n",
-              "\n", dashes + "\n", "prterun noticed that process rank 3 with PID 3374 on node vm exited on\n",
-              "signal 9 (Killed).\n", dashes + "\n"]
-    plan = Plan([InstancePlan(0, "prefill", 1, 1, 1, ["vm"]), InstancePlan(1, "decode", 1, 2, 2, ["vm", "vm"])])
-    log = RankLog(plan, None)
-    for line in stream:
-        log.feed(line)
-    log.close()
-    err = capsys.readouterr().err
-    assert err.count("pdlaunch: rank 3 on vm died of SIGKILL: it was decode instance 1 (TP rank 0, PP stage 1)") == 1
-    assert "MPI_ABORT" not in err and "rank 2 on vm died" not in err
-
-
 def test_every_flag_of_every_command_has_help_text():
     import argparse
 

@@ -38,7 +38,8 @@ def family_dirs(tmp_path_factory):
 
 
 def one_stage(path: str, tp_group, dtype=torch.float32):
-    """The whole model as one TP-1 stage in this process, its KV cache and rope tables."""
+    """The whole model as one TP-1 stage in this process, its KV cache and rope tables (the calling
+    test takes the megatron_on_cpu fixture)."""
     from engine.kv_cache import KVCache
     from engine.model import LlamaStage
     from engine.rope import rope_tables
@@ -47,7 +48,6 @@ def one_stage(path: str, tp_group, dtype=torch.float32):
 
     shape = read_shape(path)
     check_weights(path, shape)
-    torch.cuda.current_device = lambda: "cpu"  # megatron allocates on it (engine.data_plane does the same)
     stage = LlamaStage(shape, 0, shape.num_layers, True, True, 1, tp_group, dtype)
     load_stage(stage, path, shape, 0, 1)
     stage.to(dtype=dtype).eval()
@@ -76,7 +76,7 @@ BLOCK = 4
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_stage_of_each_family_gives_transformers_logits(family, family_dirs, tp_group):
+def test_a_stage_of_each_family_gives_transformers_logits(family, family_dirs, tp_group, megatron_on_cpu):
     path = family_dirs(family)
     length, split = 2 * ORIGINAL_MAX + 6, ORIGINAL_MAX - 7
     seq = ragged_prompts(1, seed=7, low=length, high=length + 1)[0]
@@ -89,7 +89,8 @@ def test_a_stage_of_each_family_gives_transformers_logits(family, family_dirs, t
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_stage_of_each_family_in_bf16_agrees_with_transformers_in_bf16(family, family_dirs, tp_group):
+def test_a_stage_of_each_family_in_bf16_agrees_with_transformers_in_bf16(family, family_dirs, tp_group,
+                                                                       megatron_on_cpu):
     """bf16 by tests/test_bf16.py's criterion: teacher-forced top-1 agreement (transformers' fp32 token
     counting where its bf16 one differs: tiny random checkpoints have near-ties) and greedy prefixes."""
     from test_bf16 import PREFIX_SHARE, TOP1_MIN, agreement
@@ -129,13 +130,11 @@ def hf_chat_ids(path: str, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-# Every family on the reshard layout (TP-sharded biases and heads, PP, KV moved between layouts) and
-# on 1P1D; `make test` runs 1P1D for Llama 3 and OPT (the in-process stage test covers every family's
-# forward), `make test-slow` the other families' 1P1D jobs.
-QUICK_1P1D = ("llama3", "opt")
+# Every family on the reshard layout (TP-sharded biases and heads, PP, KV moved between layouts) in
+# `make test`, and on 1P1D in `make test-slow`: a 1P1D job runs nothing the same family's reshard job
+# does not (the same requests, unsharded), and the in-process stage test covers every family's forward.
 JOBS = [pytest.param(family, "p-tp2-d-pp2", id=f"{family}-p-tp2-d-pp2") for family in FAMILIES] + [
-    pytest.param(family, "1p1d", id=f"{family}-1p1d", marks=() if family in QUICK_1P1D else pytest.mark.slow)
-    for family in FAMILIES]
+    pytest.param(family, "1p1d", id=f"{family}-1p1d", marks=pytest.mark.slow) for family in FAMILIES]
 
 
 @pytest.mark.mpi

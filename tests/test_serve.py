@@ -56,11 +56,12 @@ def metric(url: str, name: str, **labels) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def stream_lines(url: str, body: dict):
+def stream_lines(url: str, body: dict, key: str | None = None):
     """An SSE request over one connection: yields each `data:` payload as it arrives."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), headers)
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()
     try:
@@ -82,6 +83,7 @@ def smol(tmp_path_factory):
                                                   {"role": "decode", "tp": 1, "pp": 1}]}))
     run_dir = str(base / "run")
     server = ServerProcess(EMBEDDED, run_dir, args=("--plan", str(plan)))
+    server.plan = str(plan)
     server.model = request(server.url + "/v1/models")[2]["data"][0]["id"]
     yield server
     assert server.stop() == 0, server.stderr[-3000:]
@@ -98,16 +100,19 @@ GREEDY = [
 
 
 def test_openai_client_gets_what_pdlaunch_generate_writes(smol, tmp_path):
+    """`pdlaunch generate` runs the server's plan: placement: auto would plan at launch from a probe of
+    this machine's current speed, which on a busy machine can find no layout that meets the SLOs
+    (test_planner's dry run covers planning at launch)."""
     from openai import OpenAI
 
     batch_chat = {"custom_id": "b0", "method": "POST", "url": "/v1/chat/completions",  # the OpenAI Batch form
                   "body": {"messages": GREEDY[2]["messages"], "max_completion_tokens": 5, "ignore_eos": True}}
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in GREEDY + [batch_chat]))
     done = run_pdlaunch("generate", EMBEDDED, "--input", str(tmp_path / "in.jsonl"), "--output",
-                        str(tmp_path / "out.jsonl"), "--run-dir", str(tmp_path / "gen"), "--quiet")
+                        str(tmp_path / "out.jsonl"), "--run-dir", str(tmp_path / "gen"), "--plan", smol.plan, "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
-    with open(tmp_path / "gen" / "report.json") as f:  # placement: auto: planned at launch, the choice recorded
-        assert json.load(f)["placement"]["mode"] in done.stderr
+    with open(tmp_path / "gen" / "report.json") as f:  # the server's layout: 1 prefill + 1 decode instance
+        assert [i["role"] for i in json.load(f)["instances"]] == ["prefill", "decode"]
     expected = read_results(tmp_path / "out.jsonl")
     batch_body = expected["b0"]["response"]["body"]  # named as the server names the model; a chat id
     assert batch_body["model"] == smol.model and batch_body["id"].startswith("chatcmpl-")
@@ -130,21 +135,6 @@ def test_openai_client_gets_what_pdlaunch_generate_writes(smol, tmp_path):
         assert "".join(pieces) == want["text"], line["custom_id"]
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want["finish_reason"]
         assert chunks[-1].usage.completion_tokens == len(want["token_ids"]) and not chunks[-1].choices
-
-
-def test_curl_sees_chunks_before_the_request_finishes(smol):
-    body = json.dumps({"model": smol.model, "prompt": "Tell me a long story about a lighthouse.", "max_tokens": 64,
-                       "ignore_eos": True, "stream": True})
-    start = time.time()
-    curl = subprocess.Popen(["curl", "-sN", smol.url + "/v1/completions", "-H", "Content-Type: application/json",
-                             "-d", body], stdout=subprocess.PIPE, text=True)
-    arrivals = [(time.time() - start, line.strip()) for line in curl.stdout if line.startswith("data: ")]
-    assert curl.wait() == 0
-    total = arrivals[-1][0]
-    assert arrivals[-1][1] == "data: [DONE]" and len(arrivals) >= 30   # a chunk per token or so
-    assert arrivals[0][0] < 0.5 * total, arrivals[:3]                     # the first came long before the end
-    final = json.loads(arrivals[-2][1][6:])
-    assert final["choices"][0]["finish_reason"] == "length" and final["object"] == "text_completion"
 
 
 def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(smol):
@@ -191,7 +181,7 @@ def test_a_client_that_goes_away_frees_its_kv_on_both_sides(smol):
             break
     lines.close()  # the client goes away mid-stream
     assert held
-    deadline = time.time() + 15
+    deadline = time.time() + 120  # an event to wait for, not a speed to assert: the heartbeats say it
     while time.time() < deadline:
         used = [metric(smol.url, "pdlaunch_instance_kv_blocks_used", instance=str(i), role=role)
                 for i, role in ((0, "prefill"), (1, "decode"))]
@@ -202,68 +192,54 @@ def test_a_client_that_goes_away_frees_its_kv_on_both_sides(smol):
     assert metric(smol.url, "pdlaunch_requests_total", outcome="aborted") == aborted + 1
 
 
-def test_sigterm_drains_running_streams_refuses_new_ones_and_ends_every_rank(smol):
-    """Runs last on this server: it ends it."""
-    outcomes: dict[int, list] = {}
-    started = threading.Barrier(4)
-
-    def client(i: int) -> None:
-        chunks = []
-        lines = stream_lines(smol.url, {"model": smol.model, "prompt": f"Story number {i}:", "max_tokens": 100,
-                                        "ignore_eos": True})
-        chunks.append(next(lines))
-        started.wait()
-        chunks += list(lines)
-        outcomes[i] = chunks
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    started.wait(timeout=120)
-    smol.proc.send_signal(signal.SIGTERM)
-    refused = None
-    deadline = time.time() + 10
-    while time.time() < deadline and refused is None:
-        status, headers, answer = request(smol.url + "/v1/completions",
-                                          {"model": smol.model, "prompt": "Hi", "max_tokens": 1})
-        if status == 503:
-            refused = (headers, answer)
-        time.sleep(0.1)
-    assert refused and refused[1]["error"]["type"] == "service_unavailable" and "retry-after" in refused[0]
-    assert request(smol.url + "/health")[0] == 503
-    assert any(t.is_alive() for t in threads)  # the refusal came while requests still ran
-    for t in threads:
-        t.join(timeout=60)
-    assert smol.proc.wait(timeout=60) == 0, smol.stderr[-3000:]
-    for i in range(3):
-        assert outcomes[i][-1] == "[DONE]"
-        final = json.loads(outcomes[i][-2])
-        assert final["choices"][0]["finish_reason"] == "length", i
-    assert not rank_processes(smol.run_dir)
-    assert "draining" in smol.stderr and re.search(r"drained in \d+\.\d s, after serving for", smol.stderr)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_model_dir):
+    """One tiny-model server with the default queue and a 0.2 s drain, shared by the fifty streams and
+    the drain test, which ends it (so it runs last on this server)."""
+    tmp = tmp_path_factory.mktemp("serve-tiny")
+    config = write_job(tmp, tiny_model_dir, DISAGG, [[5, 6]], scheduler={"watchdog_s": 300},
+                       extra={"serve": {"drain_s": 0.2}})
+    server = ServerProcess(config, str(tmp / "run"))
+    yield server
+    assert server.stop() == 0, server.stderr[-3000:]
+    assert not rank_processes(server.run_dir)
 
 
-@pytest.fixture
-def tiny_server(tmp_path, tiny_model_dir):
-    servers = []
-
-    def start(scheduler: dict | None = None, serve: dict | None = None) -> ServerProcess:
-        config = write_job(tmp_path, tiny_model_dir, DISAGG, [[5, 6]], scheduler=scheduler,
-                           extra={"serve": serve or {}})
-        servers.append(ServerProcess(config, str(tmp_path / "run")))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        assert server.stop() == 0, server.stderr[-3000:]
-        assert not rank_processes(server.run_dir)
+def logged_requests(server: ServerProcess) -> list[dict]:
+    """The server's request log (RUN_DIR/requests.jsonl), oldest first."""
+    with open(os.path.join(server.run_dir, "requests.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
-def test_fifty_concurrent_streams_complete_and_the_server_measures_the_clients_ttft(tiny_server):
+def test_curl_sees_chunks_before_the_request_finishes(tiny):
+    """The decode rank is stopped before the request arrives, so the request cannot finish however
+    fast the machine: the first chunk (the prefill side's first token) must reach curl meanwhile."""
+    model = request(tiny.url + "/v1/models")[2]["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": list(range(10, 30)), "max_tokens": 64, "ignore_eos": True,
+                       "stream": True})
+    decode_rank = rank_pid(tiny.run_dir, 2)  # 1P1D: controller 0, prefill 1, decode 2
+    os.kill(decode_rank, signal.SIGSTOP)
+    try:
+        curl = subprocess.Popen(["curl", "-sN", "--max-time", "600", tiny.url + "/v1/completions", "-H",
+                                 "Content-Type: application/json", "-d", body], stdout=subprocess.PIPE, text=True)
+        first = next(line.strip() for line in curl.stdout if line.startswith("data: "))
+        assert metric(tiny.url, "pdlaunch_requests_in_flight") == 1  # the chunk came before the end
+    finally:
+        os.kill(decode_rank, signal.SIGCONT)
+    chunks = [first] + [line.strip() for line in curl.stdout if line.startswith("data: ")]
+    assert curl.wait() == 0
+    assert json.loads(first[6:])["choices"][0]["text"]
+    assert chunks[-1] == "data: [DONE]" and len(chunks) >= 30   # a chunk per token or so
+    final = json.loads(chunks[-2][6:])
+    assert final["choices"][0]["finish_reason"] == "length" and final["object"] == "text_completion"
+
+
+def test_fifty_concurrent_streams_complete_and_the_server_measures_the_clients_ttft(tiny):
     import httpx2
     from openai import AsyncOpenAI
 
-    server = tiny_server()
+    server = tiny
+    finished_before = metric(server.url, "pdlaunch_requests_total", outcome="finished")
     model = request(server.url + "/v1/models")[2]["data"][0]["id"]
     prompts = ragged_prompts(50, seed=5, low=4, high=60)
     sent: dict[str, float] = {}  # request number -> when its bytes left the client
@@ -292,10 +268,9 @@ def test_fifty_concurrent_streams_complete_and_the_server_measures_the_clients_t
 
     results = asyncio.run(bursts())
     assert [tokens for _, _, tokens in results] == [16] * 50
-    assert metric(server.url, "pdlaunch_requests_total", outcome="finished") == 50
-    with open(os.path.join(server.run_dir, "requests.jsonl")) as f:
-        logged = {r["id"]: r for r in map(json.loads, f)}
-    assert len(logged) == 50 and {r["outcome"] for r in logged.values()} == {"finished"}
+    assert metric(server.url, "pdlaunch_requests_total", outcome="finished") == finished_before + 50
+    logged = {r["id"]: r for r in logged_requests(server)}
+    assert {logged[rid]["outcome"] for rid, _, _ in results} == {"finished"} and len({r for r, _, _ in results}) == 50
     # per request, the client's TTFT (from its bytes leaving) = the server's + what the server cannot
     # see: the connection's queue, HTTP parsing before its handler starts the clock, the way back, and
     # the client's own event loop parsing 49 other streams, all on the 2 cores the 3 ranks use too
@@ -306,11 +281,13 @@ def test_fifty_concurrent_streams_complete_and_the_server_measures_the_clients_t
     # how large the gaps are depends on the machine's speed and load: benchmarks/serve_load.py measures it
 
 
-def test_requests_still_running_when_drain_s_passes_are_aborted_and_the_job_ends(tiny_server):
-    """The decode rank is stopped (SIGSTOP) before the requests arrive, so their first tokens come from
-    the prefill side and none can finish however fast the machine: the drain must abort all four. It
-    resumes once the drain has said so, and the job must then end cleanly."""
-    server = tiny_server(serve={"drain_s": 0.2}, scheduler={"watchdog_s": 300})
+def test_requests_still_running_when_drain_s_passes_are_aborted_and_the_job_ends(tiny):
+    """Runs last on this server: it ends it. The decode rank is stopped (SIGSTOP) before the requests
+    arrive, so their first tokens come from the prefill side and none can finish however fast the
+    machine: the drain must abort all four. It resumes once the drain has said so, and the job must
+    then end cleanly."""
+    server = tiny
+    earlier = len(logged_requests(server))
     model = request(server.url + "/v1/models")[2]["data"][0]["id"]
     body = {"model": model, "prompt": list(range(10, 40)), "max_tokens": 220, "ignore_eos": True}
     streams: dict[int, list] = {}
@@ -352,56 +329,8 @@ def test_requests_still_running_when_drain_s_passes_are_aborted_and_the_job_ends
     status, headers, answer = answers[0]
     assert status == 503 and "retry-after" in headers and answer["error"]["type"] == "service_unavailable"
     assert "serve.drain_s = 0.2 s passed; aborting 4 request(s)" in server.stderr
-    with open(os.path.join(server.run_dir, "requests.jsonl")) as f:
-        logged = [json.loads(line) for line in f]
-    assert [r["outcome"] for r in logged] == ["aborted by the drain"] * 4
+    assert [r["outcome"] for r in logged_requests(server)[earlier:]] == ["aborted by the drain"] * 4
     assert not rank_processes(server.run_dir)
-
-
-def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/status") as f:
-            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-    return total / 1024
-
-
-def test_a_burst_beyond_the_queue_gets_429_at_once_and_the_admitted_complete(tiny_server):
-    server = tiny_server(scheduler={"prefill_kv_blocks": 12, "decode_kv_blocks": 24, "max_decode_batch": 4},
-                         serve={"max_queue": 4})
-    model = request(server.url + "/v1/models")[2]["data"][0]["id"]
-    prompt = list(range(10, 30))  # 20 tokens: 5 blocks, so the hold area takes two at a time
-
-    def burst(n: int) -> list[tuple]:
-        out = [None] * n
-
-        def one(i):
-            start = time.perf_counter()
-            status, headers, answer = request(server.url + "/v1/completions",
-                                              {"model": model, "prompt": prompt, "max_tokens": 24, "ignore_eos": True})
-            out[i] = (status, headers, answer, time.perf_counter() - start)
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out
-
-    rss = []
-    rejected = 0
-    for _ in range(3):
-        answers = burst(40)
-        ok = [a for a in answers if a[0] == 200]
-        refused = [a for a in answers if a[0] == 429]
-        assert len(ok) + len(refused) == 40 and len(ok) >= 4 and refused
-        assert all(a[2]["usage"]["completion_tokens"] == 24 for a in ok)
-        assert all(a[2]["error"]["type"] == "rate_limit_error" and int(a[1]["retry-after"]) >= 1 for a in refused)
-        assert sorted(a[3] for a in refused)[len(refused) // 2] < min(a[3] for a in ok)  # refused at once, not after waiting
-        rejected += len(refused)
-        rss.append(_rss_mb(rank_processes(server.run_dir)))
-    assert metric(server.url, "pdlaunch_requests_total", outcome="rejected") == rejected
-    assert rss[2] < rss[0] * 1.1 + 20, rss  # a refused request leaves nothing behind
 
 
 # ---- a guarded server: API keys, body limit, context limit, exact admission ---------------------
@@ -411,10 +340,13 @@ GUARDED_QUEUE = 4
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, tiny_model_dir):
-    """One tiny-model server with two API keys (from PDLAUNCH_API_KEY), a 256 KiB body limit and a
-    queue of 4, shared by the tests that follow."""
+    """One tiny-model server with two API keys (from PDLAUNCH_API_KEY), a 256 KiB body limit, a
+    queue of 4 and little KV (the prefill hold area takes two 20-token prompts at a time, the decode
+    cache two requests), shared by the tests that follow."""
     tmp = tmp_path_factory.mktemp("serve-guarded")
-    config = write_job(tmp, tiny_model_dir, DISAGG, [[5, 6]], scheduler={"watchdog_s": 300},
+    config = write_job(tmp, tiny_model_dir, DISAGG, [[5, 6]],
+                       scheduler={"watchdog_s": 300, "prefill_kv_blocks": 12, "decode_kv_blocks": 24,
+                                  "max_decode_batch": 4},
                        extra={"serve": {"max_body_bytes": 256 * 1024, "max_queue": GUARDED_QUEUE}})
     server = ServerProcess(config, str(tmp / "run"), env={"PDLAUNCH_API_KEY": ",".join(KEYS)})
     yield server
@@ -510,33 +442,104 @@ def test_an_oversized_body_gets_413_unread_and_health_answers_meanwhile(guarded)
     assert result["answer"][0] == 400 and max(waits) < 5, (result["answer"], waits)
 
 
-def test_a_burst_of_twice_the_queue_admits_exactly_the_queue(guarded):
-    """The prefill rank is stopped, so no admitted request gets its first token during the burst:
-    exactly max_queue are admitted (and finish once it resumes), the rest get 429 at once."""
+def _rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    return total / 1024
+
+
+def test_bursts_admit_exactly_the_queue_refuse_the_rest_at_once_and_leave_nothing_behind(guarded):
+    """Three bursts of ten times the queue. The prefill rank is stopped during each, so no admitted
+    request can get its first token (or finish) meanwhile: exactly max_queue are admitted, and every
+    other one gets its 429 while they wait (refused at once, not after waiting, however fast the
+    machine). Once it resumes the admitted complete through the small hold area and decode cache;
+    the ranks' memory stays flat over the bursts."""
     model = request(guarded.url + "/v1/models", key=KEYS[0])[2]["data"][0]["id"]
     prefill_rank = rank_pid(guarded.run_dir, 1)
-    answers = [None] * (2 * GUARDED_QUEUE)
+    prompt = list(range(10, 30))  # 20 tokens: 5 blocks, so the hold area takes two at a time
+    rejected_before = metric(guarded.url, "pdlaunch_requests_total", outcome="rejected")
+    n, rss = 10 * GUARDED_QUEUE, []
+    for _ in range(3):
+        answers = [None] * n
 
-    def one(i: int) -> None:
-        answers[i] = request(guarded.url + "/v1/completions", {"model": model, "prompt": [5, 6, 7], "max_tokens": 2,
-                                                                "ignore_eos": True}, key=KEYS[0])
+        def one(i: int) -> None:
+            answers[i] = request(guarded.url + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 24,
+                                                                    "ignore_eos": True}, key=KEYS[0])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(answers))]
-    os.kill(prefill_rank, signal.SIGSTOP)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        os.kill(prefill_rank, signal.SIGSTOP)
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.time() + 120
+            while sum(a is not None for a in answers) < n - GUARDED_QUEUE and time.time() < deadline:
+                time.sleep(0.05)
+            refused = [a for a in answers if a is not None]
+            assert len(refused) == n - GUARDED_QUEUE, len(refused)
+            assert all(a[0] == 429 and a[2]["error"]["type"] == "rate_limit_error" and int(a[1]["retry-after"]) >= 1
+                       for a in refused), refused
+            assert metric(guarded.url, "pdlaunch_requests_in_flight") == GUARDED_QUEUE
+        finally:
+            os.kill(prefill_rank, signal.SIGCONT)
+        for t in threads:
+            t.join(timeout=120)
+        admitted = [a for a in answers if a[0] == 200]
+        assert len(admitted) == GUARDED_QUEUE and all(a[2]["usage"]["completion_tokens"] == 24 for a in admitted)
+        rss.append(_rss_mb(rank_processes(guarded.run_dir)))
+    rejected = metric(guarded.url, "pdlaunch_requests_total", outcome="rejected")
+    assert rejected == rejected_before + 3 * (n - GUARDED_QUEUE)
+    assert rss[2] < rss[0] * 1.1 + 20, rss  # a refused request leaves nothing behind
+
+
+def test_sigterm_drains_running_streams_refuses_new_ones_and_ends_every_rank(guarded):
+    """Runs last on this server: it ends it. The decode rank is stopped before the streams start, so
+    they are still running when the refusal comes however fast the machine; it resumes after that,
+    and the drain lets the streams finish."""
+    model = request(guarded.url + "/v1/models", key=KEYS[0])[2]["data"][0]["id"]
+    outcomes: dict[int, list] = {}
+    started = threading.Barrier(4)
+
+    def client(i: int) -> None:
+        chunks = []
+        lines = stream_lines(guarded.url, {"model": model, "prompt": [5, 6, i + 7], "max_tokens": 24,
+                                           "ignore_eos": True}, KEYS[0])
+        chunks.append(next(lines))
+        started.wait()
+        chunks += list(lines)
+        outcomes[i] = chunks
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    decode_rank = rank_pid(guarded.run_dir, 2)  # 1P1D: controller 0, prefill 1, decode 2
+    os.kill(decode_rank, signal.SIGSTOP)
     try:
         for t in threads:
             t.start()
+        started.wait(timeout=120)  # each stream has its first token, from the prefill side
+        guarded.proc.send_signal(signal.SIGTERM)
+        refused = None
         deadline = time.time() + 60
-        while sum(a is not None for a in answers) < GUARDED_QUEUE and time.time() < deadline:
-            time.sleep(0.05)
-        refused = [a for a in answers if a is not None]
-        assert len(refused) == GUARDED_QUEUE and all(a[0] == 429 for a in refused), refused
-        assert metric(guarded.url, "pdlaunch_requests_in_flight") == GUARDED_QUEUE
+        while time.time() < deadline and refused is None:
+            status, headers, answer = request(guarded.url + "/v1/completions",
+                                              {"model": model, "prompt": [5], "max_tokens": 1}, key=KEYS[0])
+            if status == 503:
+                refused = (headers, answer)
+            time.sleep(0.1)
+        assert refused and refused[1]["error"]["type"] == "service_unavailable" and "retry-after" in refused[0]
+        assert request(guarded.url + "/health")[0] == 503
+        assert all(t.is_alive() for t in threads)  # the refusal came while the requests still ran
     finally:
-        os.kill(prefill_rank, signal.SIGCONT)
+        os.kill(decode_rank, signal.SIGCONT)
     for t in threads:
         t.join(timeout=120)
-    assert sorted(a[0] for a in answers) == [200] * GUARDED_QUEUE + [429] * GUARDED_QUEUE
+    assert guarded.proc.wait(timeout=120) == 0, guarded.stderr[-3000:]
+    for i in range(3):
+        assert outcomes[i][-1] == "[DONE]"
+        final = json.loads(outcomes[i][-2])
+        assert final["choices"][0]["finish_reason"] == "length", i
+    assert not rank_processes(guarded.run_dir)
+    assert "draining" in guarded.stderr and re.search(r"drained in \d+\.\d s, after serving for", guarded.stderr)
 
 
 def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path, tiny_model_dir, monkeypatch):
