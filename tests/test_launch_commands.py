@@ -196,8 +196,11 @@ def test_plan_maps_onto_slurm_allocation(tmp_path, tiny_model_dir, capsys, monke
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 def test_mpirun_and_deepspeed_launchers_give_identical_outputs(tmp_path, tiny_model_dir):
-    """The same tiny disaggregated job through `mpirun` and through the real `deepspeed` command."""
+    """The same tiny disaggregated job through `mpirun` and through the real `deepspeed` command.
+    In make test-slow: two whole jobs (~35 s idle); make test keeps the real deepspeed command in
+    test_device_binding (its ranks bind and number as under mpirun)."""
     import json
 
     from conftest import ragged_prompts, run_pdlaunch, write_job
