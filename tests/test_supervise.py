@@ -57,21 +57,30 @@ def test_stderr_is_relayed_and_kept_and_a_dead_ranks_banner_gets_its_role(tmp_pa
     assert "rank 1 says hello" in (tmp_path / "ranks.log").read_text()
 
 
+RANK_1_KILLED = ("w('-' * 60 + '\\n'); w('prterun noticed that process rank 1 with PID 4242 on node vm exited on\\n')\n"
+                 "w('signal 9 (Killed).\\n'); w('-' * 60 + '\\n')\n"
+                 "sys.exit(137)\n")  # prterun's banner for a killed rank 1, then its exit code
+RANK_1_DIED = "pdlaunch: rank 1 on vm died of SIGKILL: it was prefill instance 0 (TP rank 0, PP stage 0)"
+
+
+def run_to_its_end(source: str, tmp_path, capsys) -> str:
+    """Runs a stand-in for mpirun that ends with RANK_1_KILLED under launch(); its relayed stderr."""
+    assert launch(program(source, str(tmp_path / "job.json")), PLAN) == 137
+    return capsys.readouterr().err
+
+
 def test_a_banner_glued_to_a_ranks_last_line_is_still_read_as_one(tmp_path, capsys):
     """A rank's diagnosis without its newline and prterun's MPI_ABORT banner arrive as one line (they
     share the pipe); the banner of another rank's death after it must still get its role line."""
     source = ("import sys; w = sys.stderr.write\n"
               "w('pdlaunch: rank 2 on vm (decode instance 1) failed: RuntimeError: reset' + '-' * 60 + '\\n')\n"
               "w('MPI_ABORT was invoked on rank 2 in communicator MPI_COMM_WORLD\\n'); w('-' * 60 + '\\n')\n"
-              "w('\\n'); w('-' * 60 + '\\n')\n"
-              "w('prterun noticed that process rank 1 with PID 4242 on node vm exited on\\n')\n"
-              "w('signal 9 (Killed).\\n'); w('-' * 60 + '\\n')\n"
-              "sys.exit(137)\n")
-    assert launch(program(source, str(tmp_path / "job.json")), PLAN) == 137
-    err = capsys.readouterr().err
+              "w('\\n')\n"
+              + RANK_1_KILLED)
+    err = run_to_its_end(source, tmp_path, capsys)
     assert "pdlaunch: rank 2 on vm (decode instance 1) failed: RuntimeError: reset\n" in err
     assert "MPI_ABORT" not in err  # the aborting rank said why: its banner is dropped
-    assert err.count("pdlaunch: rank 1 on vm died of SIGKILL: it was prefill instance 0 (TP rank 0, PP stage 0)") == 1
+    assert err.count(RANK_1_DIED) == 1
 
 
 def test_a_death_is_named_even_when_a_ranks_own_dashes_put_the_banners_out_of_step(tmp_path, capsys):
@@ -79,13 +88,9 @@ def test_a_death_is_named_even_when_a_ranks_own_dashes_put_the_banners_out_of_st
     death is found in the last lines when the stream ends."""
     source = ("import sys; w = sys.stderr.write\n"
               "w('-' * 60 + '\\n'); w('a table a rank printed\\n')\n"
-              "w('-' * 60 + '\\n')\n"
-              "w('prterun noticed that process rank 1 with PID 4242 on node vm exited on\\n')\n"
-              "w('signal 9 (Killed).\\n'); w('-' * 60 + '\\n')\n"
-              "sys.exit(137)\n")
-    assert launch(program(source, str(tmp_path / "job.json")), PLAN) == 137
-    err = capsys.readouterr().err
-    assert err.count("pdlaunch: rank 1 on vm died of SIGKILL: it was prefill instance 0 (TP rank 0, PP stage 0)") == 1
+              + RANK_1_KILLED)
+    err = run_to_its_end(source, tmp_path, capsys)
+    assert err.count(RANK_1_DIED) == 1
 
 
 def test_a_launch_command_killed_by_a_signal_exits_128_plus_it_and_says_so(tmp_path, capsys):
