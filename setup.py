@@ -16,8 +16,8 @@ setup(
     name="pdlaunch",
     version=VERSION,
     description="DistServe-style disaggregated prefill/decode LLM inference, launched with MPI, DeepSpeed or Slurm",
-    # `pdlaunch init`'s starter kit (launcher/init.py): the checkout's files, installed under launcher/starter/
-    packages=find_packages(include=["launcher", "launcher.*", "engine", "engine.*"]) + list(STARTER),
+    # `pdlaunch init`'s starter kit (launcher/commands/init.py): the checkout's files, under launcher/starter/
+    packages=find_packages(include=["contracts", "launcher", "launcher.*", "engine", "engine.*"]) + list(STARTER),
     package_dir={name: folder for name, (folder, _) in STARTER.items()},
     package_data={name: files for name, (_, files) in STARTER.items()},
     python_requires=">=3.10",

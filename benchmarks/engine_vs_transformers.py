@@ -23,16 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+from contracts.protocol import SeqChunk  # noqa: E402
+from contracts.sampling_params import SamplingParams  # noqa: E402
 from engine.batch import build_batch  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
 from engine.model import LlamaStage  # noqa: E402
 from engine.rope import rope_tables  # noqa: E402
-from launcher.protocol import SeqChunk  # noqa: E402
-from launcher.sampling_params import SamplingParams  # noqa: E402
 from engine.weights import load_stage  # noqa: E402
 from launcher.model_files import read_shape, resolve_model_dir  # noqa: E402
-from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 BLOCK = 16
 

@@ -16,11 +16,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from contracts.config import load_config  # noqa: E402
+from contracts.plan import read_plan  # noqa: E402
 from launcher.bench_trace import build_trace, measured_and_simulated, rate_indices, summary, system_config  # noqa: E402
-from launcher.config import load_config  # noqa: E402
 from launcher.job_setup import model_dir_of  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
-from launcher.plan import read_plan  # noqa: E402
 from launcher.planner.config_to_plan import model_spec  # noqa: E402
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import os
+import random
 import statistics
 import sys
 import time
@@ -23,14 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
+from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+from contracts.model_shape import ModelShape  # noqa: E402
+from contracts.plan import InstancePlan, Plan  # noqa: E402
 from engine.blocks import blocks_for  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
 from engine.kv_transfer import KVTransfer  # noqa: E402
 from engine.reshard import owned_rect, transfer_plan  # noqa: E402
-from launcher.model_shape import ModelShape  # noqa: E402
-from launcher.plan import InstancePlan, Plan  # noqa: E402
-from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SHAPE = ModelShape(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
                    vocab_size=49152, rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True,

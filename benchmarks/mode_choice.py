@@ -27,15 +27,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from contracts.config import load_config  # noqa: E402
+from contracts.plan import packed_plan  # noqa: E402
 from launcher.bench import engine_runner, run_bench  # noqa: E402
 from launcher.bench_goodput import goodput_ratio, simulated_goodput, sustained  # noqa: E402
 from launcher.bench_report import print_bench  # noqa: E402
 from launcher.bench_trace import profile_latency, system_config  # noqa: E402
 from launcher.calibrate import planning_models  # noqa: E402
-from launcher.config import load_config  # noqa: E402
 from launcher.job_setup import cluster_hosts, model_dir_of  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
-from launcher.plan import packed_plan  # noqa: E402
 from launcher.planner.config_to_plan import model_spec, run_planner, to_plan  # noqa: E402
 
 REGIMES = {

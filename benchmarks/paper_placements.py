@@ -23,12 +23,12 @@ from collections import Counter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from contracts.config import load_config  # noqa: E402
+from contracts.plan import Plan, packed_plan, read_plan, write_plan  # noqa: E402
 from launcher.cli import main as pdlaunch  # noqa: E402
 from launcher.job_setup import cluster_hosts  # noqa: E402
-from launcher.config import load_config  # noqa: E402
-from launcher.plan import Plan, packed_plan, read_plan, write_plan  # noqa: E402
-from launcher.planner.goodput import probe_span_s  # noqa: E402
 from launcher.planner.config_to_plan import settings_from  # noqa: E402
+from launcher.planner.goodput import probe_span_s  # noqa: E402
 from launcher.planner.workload import make_requests  # noqa: E402
 
 CONFIGS = ["paper-opt13b-high", "paper-opt13b-low", "paper-opt66b-high", "paper-opt66b-low"]

@@ -17,10 +17,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from launcher.job_setup import cluster_hosts  # noqa: E402
-from launcher.config import load_config  # noqa: E402
-from launcher.planner.config_to_plan import run_planner  # noqa: E402
 from plots import grouped_bars  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+from contracts.config import load_config  # noqa: E402
+from launcher.job_setup import cluster_hosts  # noqa: E402
+from launcher.planner.config_to_plan import run_planner  # noqa: E402
 
 CONFIGS = ["paper-opt13b-high", "paper-opt66b-high", "paper-opt13b-low", "paper-opt66b-low"]
 TARGET_S = 10.0

@@ -30,8 +30,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from conftest import ServerProcess  # noqa: E402
+
+from contracts.config import load_config  # noqa: E402
 from launcher.bench_trace import segment_requests  # noqa: E402
-from launcher.config import load_config  # noqa: E402
 
 OUT = os.path.join(ROOT, "benchmarks", "results")
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from contracts.protocol import SeqChunk
 from engine.blocks import blocks_for
-from launcher.protocol import SeqChunk
 
 
 @dataclass

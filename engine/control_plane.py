@@ -1,6 +1,6 @@
 """Every rank's control plane: MPI (mpi4py) start-up, messages, idle waits and the beacon. No torch.
 
-Control messages (launcher/protocol.py's dataclasses, pickled) travel over MPI: between rank 0 and
+Control messages (contracts/protocol.py's dataclasses, pickled) travel over MPI: between rank 0 and
 the leaders on the world communicator, inside an instance on its own. Every send and receive here
 names a message's class, never a tag: the class decides the tag (protocol.TAGS). Rank 0 (the controller and the
 serve path's HTTP thread) holds no model and imports this module, never torch; an instance rank's
@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from contracts.plan import InstancePlan, Plan
+from contracts.protocol import CONTROLLER, RankAlive, StepPlan, tag_of
 from launcher.dtypes import choose_dtype
 from launcher.network import free_port, rendezvous_address
-from launcher.plan import InstancePlan, Plan
-from launcher.protocol import CONTROLLER, RankAlive, StepPlan, tag_of
 
 STARTUP_S = 600.0    # how long instances may take to load their weights
 HEARTBEAT_S = 1.0    # leaders and the controller tell each other they are alive this often

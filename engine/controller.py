@@ -16,6 +16,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from contracts.batch_io import RequestSpec
+from contracts.config import JobConfig
+from contracts.protocol import (Abort, Alive, Heartbeat, InstanceStats, NextArrival, PrefillDone, RankAlive, Request,
+                                Result, Shutdown, TokensOut)
+from contracts.sampling_params import SamplingParams, check_sampling
 from engine import control_plane as c
 from engine.arrivals import Replay, arrival_offsets
 from engine.blocks import blocks_for
@@ -25,11 +30,6 @@ from engine.results import Answered, Sink
 from engine.sequence import reserved_blocks
 from engine.tokenizer import TextCodec
 from engine.watchdog import Watchdog
-from launcher.batch_io import RequestSpec
-from launcher.config import JobConfig
-from launcher.protocol import (Abort, Alive, Heartbeat, InstanceStats, NextArrival, PrefillDone, RankAlive, Request,
-                               Result, Shutdown, TokensOut)
-from launcher.sampling_params import SamplingParams, check_sampling
 
 
 @dataclass

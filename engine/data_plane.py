@@ -13,9 +13,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from contracts.plan import Plan
 from engine.control_plane import RankContext, node_name
 from launcher.dtypes import cpu_flags, cpu_has_native_bf16
-from launcher.plan import Plan
 
 
 def dist_rank(plan: Plan, rank: int) -> int:

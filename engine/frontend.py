@@ -29,11 +29,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
+from contracts.protocol import Heartbeat, Result
 from engine import control_plane as c
 from engine.controller import Controller, RequestState
 from engine.results import Sink
 from engine.serve_metrics import ServeMetrics
-from launcher.protocol import Heartbeat, Result
 
 DRAIN_POLL_S = 0.25  # how often the drain file is looked for
 STALE_BEATS = 3      # /health fails when an instance's heartbeat is this many periods old

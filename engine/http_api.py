@@ -24,12 +24,12 @@ from typing import AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from contracts.batch_io import RequestSpec, fill_request
 from engine import openai_shapes as shapes
 from engine.frontend import Finished, Frontend, Rejected, StreamedTokens
 from engine.http_guard import Guard
 from engine.stops import StreamedText
 from engine.tokenizer import TextCodec
-from launcher.batch_io import RequestSpec, fill_request
 
 DISCONNECT_CHECK_S = 0.5  # how often a waiting handler looks whether its client is still there
 

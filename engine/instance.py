@@ -13,14 +13,14 @@ import os
 import time
 from collections import deque
 
+from contracts.protocol import (CONTROLLER, Abort, Alive, DecodeSample, FirstToken, Heartbeat, InstanceStats,
+                                KVIncoming, KVPull, MixedSample, NextArrival, PrefillSample, Pulled, RecvDone, Request,
+                                Shutdown, StepPlan, StepSamples)
 from engine import control_plane as c
 from engine.control_plane import RankContext
 from engine.runner import ModelRunner
 from engine.scheduler import Outgoing, Scheduler
 from engine.watchdog import ControllerWatch
-from launcher.protocol import (CONTROLLER, Abort, Alive, DecodeSample, FirstToken, Heartbeat, InstanceStats, KVIncoming,
-                               KVPull, MixedSample, NextArrival, PrefillSample, Pulled, RecvDone, Request, Shutdown,
-                               StepPlan, StepSamples)
 
 STEP_SAMPLES = 4000  # most recent step timings of each kind kept for the final stats
 

@@ -25,8 +25,8 @@ from collections import deque
 from enum import Enum
 from typing import Optional
 
+from contracts.protocol import FirstToken, KVIncoming, KVPost, KVPull
 from engine.sequence import Sequence
-from launcher.protocol import FirstToken, KVIncoming, KVPost, KVPull
 
 
 class KVStage(Enum):

@@ -40,13 +40,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from contracts.model_shape import ModelShape
+from engine.blocks import blocks_for
 from engine.control_plane import POLL_S, RankContext
 from engine.data_plane import dist_rank
-from engine.blocks import blocks_for
 from engine.kv_cache import KVCache
 from engine.p2p_ops import Completions, PostedOp, StagingPool, drive_to_completion
 from engine.reshard import Transfer, kv_rank_pairs, owned_rect, transfer_plan
-from launcher.model_shape import ModelShape
 
 CHUNK_BYTES = 8 << 20
 KV_TAG = 0  # order is the contract (NCCL ignores tags); the header checks it

@@ -1,6 +1,6 @@
 """Rank entry point: `python -m engine.main --job RUN_DIR/job.json`, one process per rank.
 
-Every rank reads the same job file (launcher/job_file.py: config + plan + paths), learns its role from its global rank, and
+Every rank reads the same job file (contracts/job_file.py: config + plan + paths), learns its role from its global rank, and
 runs the controller, an instance leader, or an instance follower. Any exception on any rank
 prints a one-line diagnosis naming the rank, host and what it was doing, then aborts the whole
 MPI job so that no rank is left waiting.
@@ -21,23 +21,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 for _message in (r".*Transformer Engine", r".*Apex", r".*absl", r".*all_gather_into_tensor.* is deprecated"):
     warnings.filterwarnings("ignore", message=_message)
 
-from launcher.job_file import JobFile  # noqa: E402
+from contracts.job_file import JobFile  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
 
 DOING = {"what": "starting up"}
 
 
 def _run_controller(ctx, job: JobFile) -> None:
+    from contracts.batch_io import read_checked
     from engine.controller import Controller
     from engine.progress import Reporter
     from engine.results import ResultWriter
     from engine.tokenizer import TextCodec
     from launcher.answer_key import answer_hash
-    from launcher.batch_io import read_requests
 
     codec = TextCodec(job.model_dir)
-    skip = set(job.skip_ids)
-    specs = [s for s in read_requests(job.input) if s.custom_id not in skip]
+    specs = read_checked(job.requests)
     reporter = Reporter(len(specs), quiet=job.quiet, slo=job.config.slo, interval=job.log_interval)
     name = job.config.serve.model_name or os.path.basename(job.model_dir.rstrip("/"))  # the launcher sets it
     writer = ResultWriter(job.output, codec, name, job.dump_logits,
@@ -106,8 +105,8 @@ def _run_profile_controller(ctx, job: JobFile) -> None:
     """Profile mode: collect each instance's timings and write them for the launcher to fit."""
     import json
 
+    from contracts.protocol import Heartbeat, ProfileSamples
     from engine.control_plane import receive
-    from launcher.protocol import Heartbeat, ProfileSamples
 
     DOING["what"] = "waiting for profile timings"
     out = {}
@@ -146,9 +145,9 @@ def _run_instance(ctx, job: JobFile) -> None:
         follow(ctx, runner, s.idle_sleep_ms / 1e3)
         return
     if job.mode == "profile":
+        from contracts.protocol import CONTROLLER, Heartbeat, ProfileSamples
         from engine.control_plane import send
         from engine.step_timing import pipeline_profile, run_profile
-        from launcher.protocol import CONTROLLER, Heartbeat, ProfileSamples
 
         DOING["what"] = "profiling"
         send(ctx.world, Heartbeat(ctx.instance.id, 0), CONTROLLER)

@@ -1,6 +1,6 @@
 """A decoder stage (Llama, Mistral, Qwen2, Qwen3, OPT) on megatron-core tensor-parallel layers,
 attention over a paged KV cache. What differs between the families is read from `ModelShape`
-(launcher/model_shape.py): biases, per-head q/k norms, LayerNorm or RMSNorm, a gated or plain MLP,
+(contracts/model_shape.py): biases, per-head q/k norms, LayerNorm or RMSNorm, a gated or plain MLP,
 RoPE (engine/rope.py) or learned positions, a sliding window.
 
 One `LlamaStage` holds the layers [l0, l1) of a PP stage for one TP rank: the embedding on the
@@ -24,12 +24,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine import attention, gathered_attention as gathered
+from contracts.model_shape import OPT_POSITION_OFFSET, ModelShape
+from engine import attention
+from engine import gathered_attention as gathered
 from engine.batch import BatchMeta
 from engine.matmul import linear, nbytes, prepare
 from engine.megatron_import import import_megatron
 from engine.rope import apply_rope
-from launcher.model_shape import OPT_POSITION_OFFSET, ModelShape
 
 
 def parallel_config(tp: int, dtype: torch.dtype):

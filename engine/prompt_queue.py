@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Optional
 
+from contracts.protocol import SeqChunk
 from engine.seq_blocks import SequenceBlocks
 from engine.sequence import Sequence
-from launcher.protocol import SeqChunk
 
 
 class PromptQueue:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.plan import InstancePlan
+from contracts.plan import InstancePlan
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
+from contracts.batch_io import RequestSpec
+from contracts.protocol import Result
 from engine import openai_shapes as shapes
 from engine.tokenizer import TextCodec
-from launcher.batch_io import RequestSpec
-from launcher.protocol import Result
 
 
 @dataclass

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from launcher.model_shape import ModelShape
+from contracts.model_shape import ModelShape
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:

@@ -12,27 +12,26 @@ takes tokens) to DIR/rank<R>.jsonl, to see the stages overlap.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-import json
-import os
-from dataclasses import dataclass
-
+from contracts.model_shape import ModelShape
+from contracts.protocol import StageTokens, StepPlan
 from engine.batch import build_batch
 from engine.control_plane import RankContext, isend, receive
 from engine.data_plane import dist_rank
 from engine.kv_cache import KVCache
 from engine.kv_transfer import KVTransfer
 from engine.model import LlamaStage
-from engine.rope import rope_tables
 from engine.reshard import stage_layers
+from engine.rope import rope_tables
 from engine.sampling import sample
 from engine.weights import load_stage
-from launcher.model_shape import ModelShape
-from launcher.protocol import StageTokens, StepPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

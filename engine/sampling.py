@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from launcher.sampling_params import SamplingParams
+from contracts.sampling_params import SamplingParams
 
 
 def _uniform(params: SamplingParams, index: int) -> float:

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from contracts.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request,
+                                Result, SchedulerState, SchedulerStats, StepPlan, TokensOut)
 from engine.blocks import blocks_for
 from engine.kv_handoff import KVReceiver, KVSender
 from engine.prompt_queue import PromptQueue
@@ -38,8 +40,6 @@ from engine.seq_blocks import SequenceBlocks
 from engine.sequence import InstanceLimits, Sequence
 from engine.steps_in_flight import StepsInFlight
 from engine.stops import Decode
-from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPost, KVPull, PrefillDone, Pulled, Request,
-                               Result, SchedulerState, SchedulerStats, StepPlan, TokensOut)
 
 
 @dataclass(frozen=True)

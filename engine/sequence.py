@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from contracts.protocol import FirstToken, Request, Result, SeqChunk, Timings
 from engine.blocks import blocks_for
 from engine.stops import Decode, TextState, stop_cut
-from launcher.protocol import FirstToken, Request, Result, SeqChunk, Timings
 
 
 @dataclass

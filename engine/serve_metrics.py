@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from contracts.protocol import Heartbeat
 from engine.blocks import blocks_for
 from engine.prefix_cache import hit_rate
 from engine.results import metrics_of
-from launcher.protocol import Heartbeat
 
 disable_created_metrics()  # no *_created series beside each counter: nothing here restarts within a process
 

@@ -13,12 +13,12 @@ import statistics
 import time
 from collections import deque
 
+from contracts.protocol import CONTROLLER, Heartbeat, PeerLoad, ProfilePeer, Request, SeqChunk, StepPlan
+from contracts.sampling_params import SamplingParams
 from engine.blocks import blocks_for
 from engine.control_plane import StepSender, receive, send, take
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
-from launcher.protocol import CONTROLLER, Heartbeat, PeerLoad, ProfilePeer, Request, SeqChunk, StepPlan
-from launcher.sampling_params import SamplingParams
 
 PREFILL_LENS = [16, 64, 128, 256, 512]
 PREFILL_BATCHES = [1, 2, 4]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from contracts.protocol import SeqChunk
 from engine.sequence import Sequence
-from launcher.protocol import SeqChunk
 
 
 class StepsInFlight:

@@ -1,6 +1,6 @@
 """Loads a rank's shard of a Hugging Face safetensors checkpoint into a LlamaStage.
 
-Which checkpoint tensors make which stage parameter is launcher/model_tensors.py's table (the same
+Which checkpoint tensors make which stage parameter is contracts/model_tensors.py's table (the same
 one the launcher checks the checkpoint against before launch).
 
 Only the rows/columns this TP rank owns are read from disk (safetensors slices), one tensor
@@ -16,9 +16,9 @@ import os
 import torch
 from safetensors import safe_open
 
+from contracts.model_shape import ModelShape
+from contracts.model_tensors import TensorSource, canonical_name, global_sources, layer_prefix, layer_sources
 from engine.model import LlamaStage
-from launcher.model_shape import ModelShape
-from launcher.model_tensors import TensorSource, canonical_name, global_sources, layer_prefix, layer_sources
 
 
 class Checkpoint:

@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 
-from launcher.batch_io import RequestSpec
-from launcher.config import JobConfig
-from launcher.sampling_params import check_sampling
+from contracts.batch_io import RequestSpec
+from contracts.config import JobConfig
+from contracts.sampling_params import check_sampling
 
 
 def _digest(obj) -> str:

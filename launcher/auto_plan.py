@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from launcher.config import JobConfig
-from launcher.hostfile import Host
-from launcher.plan import Plan
+from contracts.config import JobConfig
+from contracts.hostfile import Host
+from contracts.plan import Plan
 
 
 def plan_at_launch(cfg: JobConfig, hosts: list[Host], shape) -> Plan:

@@ -11,10 +11,10 @@ import json
 import statistics
 from dataclasses import replace
 
-from launcher.config import JobConfig
-from launcher.plan import Plan
-from launcher.planner.latency import LatencyModel, read_profile_entry
+from contracts.config import JobConfig
+from contracts.plan import Plan
 from launcher.planner.config_to_plan import profile_path
+from launcher.planner.latency import LatencyModel, read_profile_entry
 from launcher.planner.workload import SimRequest
 
 PROBE_PROMPTS = (64, 128, 256) * 2  # prompt lengths `pdlaunch profile` times (PREFILL_LENS), each alone

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import statistics
 
+from contracts.config import JobConfig
+from contracts.plan import Plan
 from launcher.bench_trace import segment_requests
-from launcher.config import JobConfig
-from launcher.plan import Plan
 from launcher.planner.config_to_plan import settings_from
 from launcher.planner.goodput import bisect_rate
 from launcher.planner.latency import LatencyModel

@@ -9,11 +9,11 @@ import json
 import math
 import random
 
+from contracts.config import JobConfig
+from contracts.errors import UserError
+from contracts.plan import Plan
 from launcher.bench_calibration import PROBE_GAP_S, calibration, calibration_requests, probe_window, scaled
 from launcher.bench_report import SCALES
-from launcher.config import JobConfig
-from launcher.errors import UserError
-from launcher.plan import Plan
 from launcher.planner.config_to_plan import latency_models, settings_from, workload_prefix
 from launcher.planner.goodput import queues_grow
 from launcher.planner.latency import LatencyModel

@@ -17,14 +17,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from launcher.config import JobConfig
+from contracts.config import JobConfig
+from contracts.hostfile import Host
 from launcher.dtypes import planned_dtype
-from launcher.hostfile import Host
 from launcher.machine import differences, fingerprint, gpus
 from launcher.model_files import cache_dir
 from launcher.network import LOCAL_NAMES
-from launcher.planner.latency import LatencyModel
 from launcher.planner.config_to_plan import latency_models
+from launcher.planner.latency import LatencyModel
 
 
 @dataclass
@@ -134,13 +134,13 @@ def run_probe(cfg: JobConfig, hosts: list[Host], latency: LatencyModel) -> dict:
     """The bench's calibration probe alone, on one TP1 instance: its drift factors."""
     import sys
 
-    from launcher.bench_trace import build_trace, engine_lines
+    from contracts.plan import packed_plan
     from launcher.bench_calibration import calibration, probe_window
-    from launcher.job_setup import check_hosts, model_dir_of, new_job, run_job
+    from launcher.bench_trace import build_trace, engine_lines
+    from launcher.job_setup import check_hosts, checked_requests, model_dir_of, new_job, run_job
     from launcher.model_files import read_shape
-    from launcher.plan import packed_plan
-    from launcher.run_files import writable_run_dir
     from launcher.planner.config_to_plan import model_spec
+    from launcher.run_files import writable_run_dir
 
     model_dir = model_dir_of(cfg)
     shape = read_shape(model_dir)
@@ -155,8 +155,8 @@ def run_probe(cfg: JobConfig, hosts: list[Host], latency: LatencyModel) -> dict:
         os.remove(out)
     print(f"pdlaunch: calibrating the profile on this machine ({len(trace)} probe requests, about "
           f"{trace[-1].arrival / 1e3 + 20:.0f} s) ...", file=sys.stderr)
-    run_job(new_job(cfg, plan, model_dir, input=inp, output=out, quiet=True, report=report), run_dir,
-            "the calibration probe")
+    run_job(new_job(cfg, plan, model_dir, requests=checked_requests(inp, run_dir), output=out, quiet=True,
+                    report=report), run_dir, "the calibration probe")
     with open(report) as f:
         factors = calibration(cfg, plan, json.load(f), probe_window(out, trace, segment), latency)
     return {"prefill": round(factors["prefill"], 3), "decode": round(factors["decode"], 3), "steps": factors["steps"]}

@@ -1,6 +1,6 @@
 """`pdlaunch`: the command line. Arguments only; each command's work is in its own module
-(launcher.generate, launcher.sbatch, launcher.serving, launcher.init, launcher.profile_command,
-launcher.plan_commands: plan and simulate, launcher.bench), imported when chosen. Every user
+(launcher.commands.generate, launcher.commands.sbatch, launcher.commands.serve, launcher.commands.init, launcher.commands.profile,
+launcher.commands.plan: plan and simulate, launcher.commands.bench), imported when chosen. Every user
 mistake ends here as one line on stderr and exit code 2, before any rank starts.
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ import argparse
 import importlib
 import sys
 
+from contracts.errors import UserError
 from launcher import __version__
-from launcher.errors import UserError
 
 CONFIG_HELP = "job config YAML (see configs/, or write a starter with `pdlaunch init`)"
 
@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     it = sub.add_parser("init", help="write a starter config, hostfile, example input and planner profiles to copy")
     it.add_argument("dir", nargs="?", default=".", help="where to write them (default: the current directory)")
-    it.set_defaults(func=("launcher.init", "init"))
+    it.set_defaults(func=("launcher.commands.init", "init"))
     gen = sub.add_parser("generate", help="offline batch generation on the configured placement")
     _add_job_args(gen)
-    gen.set_defaults(func=("launcher.generate", "generate"))
+    gen.set_defaults(func=("launcher.commands.generate", "generate"))
     sv = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, streaming) from the configured "
                                       "placement until SIGTERM, which drains")
     sv.add_argument("config", help=CONFIG_HELP)
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--insecure-no-auth", action="store_true",
                     help="allow listening on a non-loopback address without an API key (anyone who reaches "
                          "the port can use the server)")
-    sv.set_defaults(func=("launcher.serving", "serve"))
+    sv.set_defaults(func=("launcher.commands.serve", "serve"))
     pl = sub.add_parser("plan", help="search the placement (DistServe Algorithm 1/2) and write a plan file")
     pl.add_argument("config", help=CONFIG_HELP)
     pl.add_argument("-o", "--output", default="plan.yaml", help="plan file to write (default: plan.yaml)")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="when the profile was measured on another kind of machine, plan on its timings as they are "
                          "(with a warning) instead of scaling them by a short probe here (planner.calibrate)")
     pl.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    pl.set_defaults(func=("launcher.plan_commands", "plan"))
+    pl.set_defaults(func=("launcher.commands.plan", "plan"))
     pr = sub.add_parser("profile", help="time the real engine on this hardware and fit the latency model")
     pr.add_argument("config", help=CONFIG_HELP)
     pr.add_argument("-o", "--output", default="profile.json", help="profile file to write (default: profile.json)")
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "assumes scheduler.batches_in_flight)")
     pr.add_argument("--run-dir", help="where the profiling job's files go (default: run_dir)")
     pr.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    pr.set_defaults(func=("launcher.profile_command", "profile"))
+    pr.set_defaults(func=("launcher.commands.profile", "profile"))
     sb = sub.add_parser("sbatch", help="render an sbatch script that runs the job inside its allocation")
     sb.add_argument("config", help=CONFIG_HELP)
     sb.add_argument("-o", "--output", default="job.sbatch",
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--log-interval", type=float, metavar="SECONDS",
                     help="seconds between the job log's progress lines (default: generate's, 10)")
     sb.add_argument("--quiet", action="store_true", help="do not print what was written")
-    sb.set_defaults(func=("launcher.sbatch", "sbatch"))
+    sb.set_defaults(func=("launcher.commands.sbatch", "sbatch"))
     si = sub.add_parser("simulate", help="replay a trace (arrival times and lengths) on a placement with the "
                                           "planner's simulator: per-request timings and SLO attainment")
     si.add_argument("config", help=CONFIG_HELP)
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="when the profile was measured on another kind of machine, simulate on its timings as they are "
                          "(with a warning) instead of scaling them by a short probe here (planner.calibrate)")
     si.add_argument("--quiet", action="store_true", help="no summary table")
-    si.set_defaults(func=("launcher.plan_commands", "simulate"))
+    si.set_defaults(func=("launcher.commands.plan", "simulate"))
     be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
     be.add_argument("config", help=CONFIG_HELP)
     be.add_argument("--rates", required=True, help="total request rates, e.g. 0.5,1,2")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "bench's start (the tested rates always run)")
     be.add_argument("-o", "--output", default="runs/bench", help="directory for JSON, PNG and results")
     be.add_argument("--quiet", action="store_true", help="no progress or summary output")
-    be.set_defaults(func=("launcher.bench", "bench"))
+    be.set_defaults(func=("launcher.commands.bench", "bench"))
     return parser
 
 

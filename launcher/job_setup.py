@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 
-from launcher import commands
-from launcher.config import JobConfig
-from launcher.errors import UserError
-from launcher.hostfile import Host, hosts_from_slurm, read_hostfile
-from launcher.job_file import JobFile
+from contracts.batch_io import read_requests, write_checked
+from contracts.config import JobConfig
+from contracts.errors import UserError
+from contracts.hostfile import Host, hosts_from_slurm, read_hostfile
+from contracts.job_file import JobFile
+from contracts.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
+from launcher import rank_launch
 from launcher.model_files import embedded_gguf, read_shape, resolve_model_dir
 from launcher.network import LOCAL_NAMES, check_hosts_resolve, rendezvous_address
-from launcher.plan import Plan, check_layouts, map_onto_allocation, plan_from_config, read_plan, write_plan
 from launcher.planner.latency import prefill_token_budget
 from launcher.run_files import writable_run_dir
 from launcher.supervise import launch
@@ -101,6 +102,12 @@ def instance_token_budgets(cfg: JobConfig, plan: Plan) -> tuple[int, ...]:
                  for inst in plan.instances)
 
 
+def checked_requests(input_path: str, run_dir: str) -> str:
+    """An input the launcher made itself (a bench trace, the calibration probe) checked as a user's
+    is, into RUN_DIR/requests.jsonl: the file rank 0 runs."""
+    return write_checked(read_requests(input_path), os.path.join(run_dir, "requests.jsonl"))
+
+
 def new_job(cfg: JobConfig, plan: Plan, model_dir: str, **fields) -> JobFile:
     """The job file of a plan, with each instance's token budgets worked out here (the ranks read them)."""
     return JobFile(cfg, plan, model_dir, token_budgets=instance_token_budgets(cfg, plan), **fields)
@@ -120,13 +127,13 @@ def launch_command(job: JobFile, run_dir: str, launcher: str = "mpirun",
     hosts, env = job.plan.rank_hosts(), {}
     interface = job.config.cluster.interface
     if launcher == "deepspeed":
-        cmd = commands.deepspeed_command(hosts, job_path, run_dir, interface, files=files)
+        cmd = rank_launch.deepspeed_command(hosts, job_path, run_dir, interface, files=files)
         if job.config.cluster.device == "cpu":  # on GPUs DeepSpeed's own accelerator (CUDA) stays
             env["DS_ACCELERATOR"] = "cpu"
     elif launcher == "srun":
-        cmd, env = commands.srun_command(hosts, job_path, run_dir, interface, files=files)
+        cmd, env = rank_launch.srun_command(hosts, job_path, run_dir, interface, files=files)
     else:
-        cmd = commands.mpirun_command(hosts, job_path, run_dir, interface, files=files)
+        cmd = rank_launch.mpirun_command(hosts, job_path, run_dir, interface, files=files)
     return cmd, env
 
 

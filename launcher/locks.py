@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fcntl
 
-from launcher.errors import UserError
+from contracts.errors import UserError
 
 _HELD = {}  # path -> open file
 

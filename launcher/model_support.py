@@ -2,16 +2,16 @@
 implemented or refused before launch, never ignored.
 
 One reader per family (`FAMILIES`) says which config fields it reads (and which values of them the
-engine implements) and turns them into a `ModelShape` (launcher/model_shape.py); `NO_MATH_FIELDS`
+engine implements) and turns them into a `ModelShape` (contracts/model_shape.py); `NO_MATH_FIELDS`
 lists the fields that do not change a forward pass (dtypes, ids, dropout, bookkeeping). Any other
 field is refused with a one-line error naming field and value: a checkpoint whose math pdlaunch
 does not know must not run silently wrong. The tensors a checkpoint must hold:
-launcher/model_tensors.py. No torch here: this runs in the launcher.
+contracts/model_tensors.py. No torch here: this runs in the launcher.
 """
 from __future__ import annotations
 
-from launcher.errors import UserError
-from launcher.model_shape import ModelShape
+from contracts.errors import UserError
+from contracts.model_shape import ModelShape
 
 # Fields that do not change the math of a forward pass: identity and bookkeeping, token ids,
 # dropout (inactive at inference), and transformers' generation defaults (pdlaunch takes sampling

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from launcher.batch_io import RequestSpec
+from contracts.batch_io import RequestSpec
 
 RETRIED_ERRORS = {"engine_error"}  # a failure of the run, not of the request: run it again
 

@@ -1,14 +1,13 @@
 """The launcher's files on disk: the output (checked writable, locked, emptied or backed up) and the
-run directory (created, owned by a lock, the input's copy the ranks read). No torch."""
+run directory (created, owned by a lock). No torch."""
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
 
+from contracts.errors import UserError
 from launcher import locks
-from launcher.batch_io import INPUT_ENCODING
-from launcher.errors import UserError
 from launcher.supervise import end_ranks
 
 
@@ -76,14 +75,6 @@ def same_file(a: str, b: str) -> bool:
     except OSError:
         return os.path.realpath(a) == os.path.realpath(b)
 
-
-def snapshot_input(text: str, run_dir: str) -> str:
-    """Keeps the copy of the input the ranks read in the (owned) run directory: nothing reads the
-    source again. Returns the copy's path."""
-    path = os.path.join(run_dir, "input.jsonl")
-    with open(path, "w", **INPUT_ENCODING) as f:
-        f.write(text)
-    return path
 
 
 def check_run_dir(run_dir: str) -> None:

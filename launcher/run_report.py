@@ -1,5 +1,5 @@
 """RUN_DIR/report.json, one writer for both ends of a run: rank 0 writes a finished run's summary
-(engine/progress.py), the launcher a failed or interrupted run's state (launcher/generate.py), so a
+(engine/progress.py), the launcher a failed or interrupted run's state (launcher/commands/generate.py), so a
 report always says its `status` first and never shows an earlier run's figures. No torch."""
 from __future__ import annotations
 

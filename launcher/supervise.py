@@ -13,8 +13,8 @@ import sys
 import time
 from collections import deque
 
-from launcher.errors import UserError
-from launcher.plan import Plan
+from contracts.errors import UserError
+from contracts.plan import Plan
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BANNER = re.compile(r"^-{40,}\s*$")  # Open MPI frames its messages with a line of dashes

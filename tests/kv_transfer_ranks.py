@@ -19,12 +19,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
+from contracts.model_shape import ModelShape  # noqa: E402
+from contracts.plan import InstancePlan, Plan  # noqa: E402
 from engine.blocks import blocks_for  # noqa: E402
 from engine.kv_cache import KVCache  # noqa: E402
 from engine.kv_transfer import KVTransfer  # noqa: E402
 from engine.reshard import owned_rect  # noqa: E402
-from launcher.model_shape import ModelShape  # noqa: E402
-from launcher.plan import InstancePlan, Plan  # noqa: E402
 
 SHAPE = ModelShape(num_layers=4, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8,
                    vocab_size=64, rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False,

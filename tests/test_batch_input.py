@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.batch_io import parse_line, read_requests
-from launcher.errors import UserError
+from contracts.batch_io import parse_line, parse_requests, read_checked, read_requests, write_checked
+from contracts.errors import UserError
 
 OK_CHAT = '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}}'
 
@@ -73,3 +73,13 @@ def test_unreadable_input_files(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserError, match="is not UTF-8"):
         read_requests(str(binary))
+
+
+def test_rank_0_reads_the_requests_exactly_as_the_launcher_checked_them(tmp_path):
+    """The launcher parses the input once and writes the specs; rank 0 reads them back unchanged
+    (errors, token-id prompts, chats, sampling, a non-UTF-8 byte kept escaped) and parses nothing."""
+    text = "\n".join([OK_CHAT, '{"prompt": [5, 6, 7], "max_tokens": 3, "arrival_s": 0.5}', '{"prompt": "x", "top_p": 7}',
+                      '{"custom_id": "bytes", "prompt": "caf\udce9"}', '{"prompt": "plain", "temperature": 0.5, "seed": 3}'])
+    specs = parse_requests(text, "in.jsonl")
+    assert read_checked(write_checked(specs, str(tmp_path / "requests.jsonl"))) == specs
+    assert [s.error is not None for s in specs] == [False, False, True, True, False]

@@ -48,8 +48,8 @@ def test_a_segment_whose_queues_grow_fails_whatever_its_attainment():
     """A burst the KV absorbs can meet loose SLOs at a rate far above what the placement sustains;
     the bench fails such a segment as the planner's probes do (queues growing: its last arrivals
     spend 1.5x longer per token than its middle ones)."""
+    from contracts.config import JobConfig
     from launcher.bench_trace import summary
-    from launcher.config import JobConfig
     from launcher.planner.workload import SimRequest
 
     def segment(backlog_growth: float) -> list:
@@ -72,9 +72,9 @@ def test_a_segment_whose_queues_grow_fails_whatever_its_attainment():
 
 def paper_setup():
     """A config, its 1 prefill + 1 decode plan and model spec that need no model files (OPT-13B)."""
-    from launcher.config import load_config
-    from launcher.hostfile import read_hostfile
-    from launcher.plan import plan_from_config
+    from contracts.config import load_config
+    from contracts.hostfile import read_hostfile
+    from contracts.plan import plan_from_config
     from launcher.planner.config_to_plan import model_spec
 
     cfg = load_config("configs/paper-opt13b-high.yaml")
@@ -82,8 +82,8 @@ def paper_setup():
 
 
 def test_one_trace_holds_the_probe_then_each_rate_in_order():
-    from launcher.bench_trace import build_trace, segment_requests
     from launcher.bench_calibration import PROBE_PROMPTS
+    from launcher.bench_trace import build_trace, segment_requests
 
     cfg, plan, spec = paper_setup()
     rates, n = [2.0, 4.0, 8.0], 50
@@ -146,9 +146,9 @@ def test_calibration_is_the_drift_against_the_profiles_own_samples(tmp_path):
     profile's hand-offs (pp_stage_ms per boundary), so the hand-off is not counted as drift."""
     import json
 
+    from contracts.config import load_config
+    from contracts.plan import InstancePlan, Plan
     from launcher.bench_calibration import calibration
-    from launcher.config import load_config
-    from launcher.plan import InstancePlan, Plan
     from launcher.planner.latency import load_profile
 
     alone = {"prefill": [{"lens": [64], "ms": 200.0}, {"lens": [128], "ms": 400.0}],
@@ -204,8 +204,8 @@ def test_bisection_to_a_share_of_the_rate_states_the_ratio_with_its_range():
     assert goodput_ratio(g, {"bracket": [0.2, None]})["low"] == 0.0
     assert goodput_ratio({"bracket": [0.4, None]}, other)["high"] is None
 def test_each_colocated_system_runs_its_own_policy():
+    from contracts.config import JobConfig
     from launcher.bench_trace import system_config
-    from launcher.config import JobConfig
 
     cfg = JobConfig()
     assert system_config(cfg, "disaggregated") is cfg and system_config(cfg, "colocated-chunked") is cfg

@@ -16,7 +16,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import ragged_prompts, read_results, run_pdlaunch, write_job
 
 TOP1_MIN = 0.95       # teacher-forced top-1 agreement over every generated position (measured 0.986-1.0)
@@ -109,8 +108,8 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tmp_path):
 def test_a_profile_path_names_the_profile_of_the_dtype_the_job_runs_in(tmp_path, monkeypatch):
     """`planner.profile` with `{dtype}` picks the profile measured in the dtype `auto` chooses on
     this machine (one profile predicts one dtype); the embedded default ships both."""
+    from contracts.config import load_config
     from launcher import dtypes
-    from launcher.config import load_config
     from launcher.planner.config_to_plan import latency_models, profile_path
 
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "cpu-default.yaml"))

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
+from contracts.errors import UserError
+from contracts.hostfile import expand_nodelist, hosts_from_slurm, parse_hostfile
 from launcher.cli import main
-from launcher.hostfile import expand_nodelist, hosts_from_slurm, parse_hostfile
-from launcher.errors import UserError
 
 
 def base_config(tmp_path, model_dir) -> dict:

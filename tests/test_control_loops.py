@@ -11,6 +11,13 @@ from types import SimpleNamespace
 
 from mpi4py import MPI
 
+from contracts.batch_io import RequestSpec
+from contracts.config import JobConfig
+from contracts.plan import InstancePlan, Plan
+from contracts.protocol import (CONTROLLER, Abort, Alive, FirstToken, Heartbeat, InstanceStats, KVIncoming, PrefillDone,
+                                Pulled, RankAlive, Request, Result, SchedulerStats, Shutdown, Timings, TokensOut,
+                                tag_of)
+from contracts.sampling_params import SamplingParams
 from engine.arrivals import Replay
 from engine.controller import Controller
 from engine.instance import Leader
@@ -18,13 +25,6 @@ from engine.results import Sink
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
 from engine.watchdog import ControllerWatch
-from launcher.batch_io import RequestSpec
-from launcher.config import JobConfig
-from launcher.plan import InstancePlan, Plan
-from launcher.protocol import (CONTROLLER, Abort, Alive, FirstToken, Heartbeat, InstanceStats, KVIncoming,
-                               PrefillDone, Pulled, RankAlive, Request, Result, SchedulerStats, Shutdown, Timings,
-                               TokensOut, tag_of)
-from launcher.sampling_params import SamplingParams
 
 PREFILL_LEADER, DECODE_LEADER = 1, 2
 PLAN = Plan([InstancePlan(0, "prefill", 1, 1, PREFILL_LEADER, ["localhost"]),

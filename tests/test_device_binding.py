@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "tests", "local_rank_ranks.py")
@@ -36,7 +35,7 @@ def test_cuda_device_index():
 
 
 def _mpirun_args() -> list[str]:
-    from launcher.commands import _mpirun
+    from launcher.rank_launch import _mpirun
 
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     return [_mpirun(), "-n", "5", "--oversubscribe", "--bind-to", "none", "--mca", "btl_tcp_if_include", "lo", *root]

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY
+from model_families import FAMILIES, family_shape
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import TINY
+from contracts.model_shape import ModelShape
+from contracts.protocol import SeqChunk
+from contracts.sampling_params import SamplingParams
 from engine import attention
-from model_families import FAMILIES, family_shape
 from engine.batch import build_batch
 from engine.kv_cache import KVCache
 from engine.model import LlamaStage
 from engine.rope import rope_tables
 from engine.sampling import choose
-from launcher.protocol import SeqChunk
-from launcher.sampling_params import SamplingParams
-from launcher.model_shape import ModelShape
 
 SHAPE = ModelShape(num_layers=2, hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],
                    num_heads=TINY["num_attention_heads"], num_kv_heads=TINY["num_key_value_heads"],

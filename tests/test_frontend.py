@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from contracts.batch_io import RequestSpec
+from contracts.config import JobConfig
+from contracts.plan import InstancePlan, Plan
+from contracts.protocol import Heartbeat, Result, SchedulerState, Timings
 from engine import control_plane
 from engine.controller import Controller
 from engine.frontend import STALE_BEATS, Frontend, Rejected
 from engine.serve_metrics import ServeMetrics
-from launcher.batch_io import RequestSpec
-from launcher.config import JobConfig
-from launcher.plan import InstancePlan, Plan
-from launcher.protocol import Heartbeat, Result, SchedulerState, Timings
 
 
 class Clock:

@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, ragged_prompts, read_results, run_pdlaunch, write_job
 
 pytestmark = pytest.mark.gpu
@@ -132,7 +131,7 @@ def test_srun_launch_inside_a_gpu_allocation(tmp_path, tiny_model_dir):
 
 @needs_gpus(3)
 def test_kv_transfer_benchmark_on_nccl(tmp_path):
-    from launcher.commands import _mpirun
+    from launcher.rank_launch import _mpirun
 
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     out = tmp_path / "kv.json"

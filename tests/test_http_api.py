@@ -12,15 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from contracts.config import JobConfig
+from contracts.plan import InstancePlan, Plan
+from contracts.protocol import Result, Timings
 from engine.controller import Controller
 from engine.frontend import Frontend
 from engine.http_api import build_app
 from engine.http_server import HttpServer
 from engine.serve_metrics import ServeMetrics
-from launcher.config import JobConfig
 from launcher.network import free_port
-from launcher.plan import InstancePlan, Plan
-from launcher.protocol import Result, Timings
 
 KEY = "test-key"
 ANSWER = (5, 6, 7)  # every request's output tokens

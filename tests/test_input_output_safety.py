@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, read_results, write_job
-from launcher.batch_io import parse_line
+
+from contracts.batch_io import parse_line, read_checked
 from launcher.cli import main
 
 DISAGG = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
@@ -132,7 +132,8 @@ def test_input_from_a_stream_is_read_once_and_bad_requests_do_not_hang(tmp_path,
     assert set(errors) == {"long-prompt", "long-answer", "far", "cold"}
     assert "scheduler.prefill_kv_blocks is 8" in errors["long-prompt"]
     assert "scheduler.decode_kv_blocks is 16" in errors["long-answer"]
-    assert (tmp_path / "run" / "input.jsonl").read_text() == text
+    checked = read_checked(str(tmp_path / "run" / "requests.jsonl"))  # what rank 0 ran: the launcher's parse
+    assert [s.custom_id for s in checked] == [x["custom_id"] for x in lines]
 
 
 @pytest.mark.parametrize("body,message", [

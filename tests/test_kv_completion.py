@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from contracts.model_shape import ModelShape
+from contracts.plan import InstancePlan, Plan
 from engine.kv_cache import KVCache
 from engine.kv_transfer import KVTransfer
 from engine.p2p_ops import Completions, PostedOp
-from launcher.model_shape import ModelShape
-from launcher.plan import InstancePlan, Plan
 
 SHAPE = ModelShape(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8,
                    vocab_size=64, rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from contracts.protocol import FirstToken, KVIncoming, KVPull, Pulled, Request, Result
+from contracts.sampling_params import SamplingParams
 from engine.kv_handoff import HandoffError, KVReceiver, KVSender, KVStage
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits, Sequence
-from launcher.protocol import FirstToken, KVIncoming, KVPull, Pulled, Request, Result
-from launcher.sampling_params import SamplingParams
 
 PREFILL, DECODE = 0, 1
 

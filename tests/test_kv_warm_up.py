@@ -12,10 +12,10 @@ import os
 
 import pytest
 import yaml
-
 from conftest import ROOT, ragged_prompts, read_results, run_pdlaunch, write_job
+
+from contracts.plan import InstancePlan, Plan, read_plan
 from engine.reshard import kv_rank_pairs
-from launcher.plan import InstancePlan, Plan, read_plan
 
 
 def test_pairs_of_the_shipped_two_node_plan_in_one_order_without_a_cycle():

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from launcher.commands import NOT_LOOPBACK
+from launcher.rank_launch import NOT_LOOPBACK
 
 BIN = os.path.dirname(sys.executable)
 HOSTS = "node-a slots=8\nnode-b slots=8\n"
@@ -138,7 +138,7 @@ def test_multi_host_rendezvous_on_loopback_is_refused(tmp_path, tiny_model_dir, 
     configured: remote ranks could not reach rank 0's rendezvous, so the launch is refused."""
     import socket
 
-    from launcher.errors import UserError
+    from contracts.errors import UserError
     from launcher.network import rendezvous_address
 
     here = socket.gethostname()
@@ -220,10 +220,10 @@ def test_mpirun_and_deepspeed_launchers_give_identical_outputs(tmp_path, tiny_mo
 def test_multi_node_gpu_example_files_agree():
     """slurm/gpu-2x8.sbatch, its plan, hostfile and config fit together and fit Llama-3.1-8B
     (the GPU run itself is untested: no GPU here)."""
-    from launcher.config import config_from_dict
-    from launcher.hostfile import read_hostfile
-    from launcher.model_shape import ModelShape
-    from launcher.plan import check_layouts, read_plan
+    from contracts.config import config_from_dict
+    from contracts.hostfile import read_hostfile
+    from contracts.model_shape import ModelShape
+    from contracts.plan import check_layouts, read_plan
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     data = yaml.safe_load(open(os.path.join(root, "configs", "gpu-2x8-llama8b.yaml")))
@@ -286,7 +286,7 @@ def test_a_deliberate_abort_is_said_once_whichever_line_comes_first(tmp_path, ca
     """prterun's MPI_ABORT banner and the aborting rank's own diagnosis reach the launcher by
     different paths, in either order: the banner is dropped either way (the run's rank log keeps
     it); a banner no rank explained is relayed when the stream ends."""
-    from launcher.plan import InstancePlan, Plan
+    from contracts.plan import InstancePlan, Plan
     from launcher.supervise import RankLog
 
     banner = ["-" * 74 + "\n", "MPI_ABORT was invoked on rank 3 in communicator MPI_COMM_WORLD\n",

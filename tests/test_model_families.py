@@ -17,7 +17,6 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import ragged_prompts, read_results, run_pdlaunch, write_job
 from model_families import CHAT_TEMPLATE, FAMILIES, ORIGINAL_MAX, build_family, family_shape, hf_model
 
@@ -58,9 +57,9 @@ def one_stage(path: str, tp_group, dtype=torch.float32):
 
 def run_chunks(stage, cache, tables, shape, seq: list[int], chunks: list[tuple[int, int]]) -> list[torch.Tensor]:
     """Runs seq[lo:hi] for each (lo, hi) in order as one sequence; the logits of each chunk's last token."""
+    from contracts.protocol import SeqChunk
+    from contracts.sampling_params import SamplingParams
     from engine.batch import build_batch
-    from launcher.protocol import SeqChunk
-    from launcher.sampling_params import SamplingParams
 
     table = tuple(range(len(seq) // BLOCK + 1))
     out = []
@@ -166,7 +165,7 @@ def test_family_greedy_ids_match_transformers(family, layout, tmp_path, family_d
 # --- refusals: every field and tensor either implemented or refused, one line each -----------------
 
 def _shape_error(cfg: dict) -> str:
-    from launcher.errors import UserError
+    from contracts.errors import UserError
     from launcher.model_support import shape_from_config
 
     with pytest.raises(UserError) as e:
@@ -217,7 +216,7 @@ def test_a_tensor_the_config_does_not_imply_is_refused(tmp_path, tiny_model_dir)
     """An extra q_proj.bias on a Llama without attention_bias would be silently dropped: refused."""
     from safetensors.torch import save_file
 
-    from launcher.errors import UserError
+    from contracts.errors import UserError
     from launcher.model_files import check_weights, read_shape
 
     model = tmp_path / "model"
@@ -307,9 +306,9 @@ MESSAGES = [{"role": "system", "content": "Be brief. "}, {"role": "user", "conte
 @pytest.mark.parametrize("where", ["tokenizer_config", "named", "jinja_file"])
 @pytest.mark.parametrize("template", [CHATML, LLAMA3, CHAT_TEMPLATE], ids=["chatml", "llama3", "words"])
 def test_chat_templates_render_as_transformers_renders_them(template, where, tmp_path):
+    from conftest import write_word_tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import write_word_tokenizer
     from engine.tokenizer import TextCodec
 
     write_word_tokenizer(str(tmp_path), 64)
@@ -329,6 +328,7 @@ def test_chat_templates_render_as_transformers_renders_them(template, where, tmp
 
 def test_a_model_without_chat_template_refuses_chat_requests_clearly(tmp_path):
     from conftest import write_word_tokenizer
+
     from engine.tokenizer import TextCodec
 
     write_word_tokenizer(str(tmp_path), 64)
@@ -348,7 +348,7 @@ def test_gguf_files_other_than_a_plain_llama_are_refused(arch, keys, tensors, me
     import gguf
     import numpy as np
 
-    from launcher.errors import UserError
+    from contracts.errors import UserError
     from launcher.model_files import check_gguf
 
     path = str(tmp_path / "m.gguf")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -22,8 +21,8 @@ def _imports_no_torch(modules: list[str]) -> None:
 
 
 def test_the_scheduler_and_the_launcher_import_no_torch():
-    _imports_no_torch(["engine.scheduler", "engine.stops", "engine.blocks", "launcher.protocol", "launcher.cli",
-                       "launcher.generate", "launcher.sbatch", "launcher.job_setup", "launcher.bench", "launcher.plan_commands", "launcher.profile_command"])
+    _imports_no_torch(["engine.scheduler", "engine.stops", "engine.blocks", "contracts.protocol", "launcher.cli",
+                       "launcher.commands.generate", "launcher.commands.sbatch", "launcher.job_setup", "launcher.commands.bench", "launcher.commands.plan", "launcher.commands.profile"])
 
 
 def test_rank_0_imports_no_torch():
@@ -31,12 +30,27 @@ def test_rank_0_imports_no_torch():
     runs there, batch and serve, comes without torch (only instance ranks join the data plane)."""
     _imports_no_torch(["engine.main", "engine.control_plane", "engine.controller", "engine.frontend",
                        "engine.http_api", "engine.serve_metrics", "engine.progress", "engine.results",
-                       "engine.tokenizer", "engine.watchdog", "launcher.answer_key", "launcher.batch_io"])
+                       "engine.tokenizer", "engine.watchdog", "launcher.answer_key", "contracts.batch_io"])
+
+
+def test_the_contracts_import_neither_side():
+    """contracts/ is what the launcher and the ranks agree on: it imports no torch and nothing from
+    launcher/ or engine/, so neither side's internals leak into the other through it."""
+    import pkgutil
+
+    import contracts
+
+    modules = [f"contracts.{m.name}" for m in pkgutil.iter_modules(contracts.__path__)]
+    code = (f"import sys, {', '.join(modules)}; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'launcher', 'engine')); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert len(modules) >= 10 and proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_init_writes_a_starter_kit_whose_config_finds_its_files(tmp_path):
+    from contracts.config import load_config
     from launcher.cli import main
-    from launcher.config import load_config
 
     assert main(["init", str(tmp_path / "kit")]) == 0
     cfg = load_config(str(tmp_path / "kit" / "pdlaunch.yaml"))
@@ -75,9 +89,11 @@ def test_a_non_editable_install_runs_from_another_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     deps_bin = os.path.dirname(sys.executable)  # mpirun: a borrowed dependency, as a user's PATH would have it
     env.update(OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{deps_bin}:{env['PATH']}")
-    where = subprocess.run([str(python), "-c", "import engine, launcher; print(engine.__file__, launcher.__file__)"],
+    packages = ("engine", "launcher", "contracts")
+    show = f"import {', '.join(packages)}; print({', '.join(p + '.__file__' for p in packages)})"
+    where = subprocess.run([str(python), "-c", show],
                            cwd=work, env=env, capture_output=True, text=True, timeout=60)
-    assert where.stdout.split() == [os.path.join(site, "engine", "__init__.py"), os.path.join(site, "launcher", "__init__.py")]
+    assert where.stdout.split() == [os.path.join(site, p, "__init__.py") for p in packages]
     pdlaunch = str(venv / "bin" / "pdlaunch")
     init = subprocess.run([pdlaunch, "init"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert init.returncode == 0, init.stderr[-3000:]

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
+from contracts.hostfile import Host
+from contracts.plan import read_plan
 from launcher.cli import main
-from launcher.hostfile import Host
-from launcher.plan import read_plan
-from launcher.planner.latency import Coefficients, LatencyModel, load_profile, KNOWN_MODELS
+from launcher.planner.latency import KNOWN_MODELS, Coefficients, LatencyModel, load_profile
 from launcher.planner.profile_fit import fit_pipeline, other_phase_slowdown, shared_slowdown
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
 from launcher.planner.workload import LengthDist, SimRequest, attainment, make_requests
@@ -343,9 +343,9 @@ def test_the_search_picks_colocated_only_where_its_simulated_goodput_per_device_
     only serve the rare request that never meets another's prefill, while a prefill and a decode
     instance keep them apart. With 2 ms prefills and a loose TPOT, the two colocated instances
     both decode, where the disaggregated pair leaves its prefill device mostly idle."""
+    from launcher.planner.config_to_plan import search_modes
     from launcher.planner.goodput import Settings
     from launcher.planner.latency import ModelSpec
-    from launcher.planner.config_to_plan import search_modes
 
     long = regime.startswith("long")
     lat = linear_model(prefill=(200.0 if long else 2.0, 0.0, 0.0), decode=(8.0, 0.0, 0.5))
@@ -367,10 +367,10 @@ def test_chunked_colocated_candidates_carry_the_step_budget_that_sustains_the_mo
     Under a mean-TPOT SLO a prompt stalls the running decodes by its tokens' cost however it is cut,
     so small chunks buy little TPOT and pay in TTFT: here the largest budget wins. The pick reaches
     the plan."""
-    from launcher.hostfile import Host
+    from contracts.hostfile import Host
+    from launcher.planner.config_to_plan import to_plan
     from launcher.planner.goodput import Settings
     from launcher.planner.latency import ModelSpec
-    from launcher.planner.config_to_plan import to_plan
     from launcher.planner.search import colocated_placement, rank_key, step_budgets
 
     lat = linear_model(prefill=(20.0, 0.25, 0.0), decode=(8.0, 0.0, 0.1))
@@ -400,7 +400,7 @@ def profile_of(tmp_path):
 
     import yaml
 
-    from launcher.config import load_config
+    from contracts.config import load_config
 
     def make(fingerprint, calibrate=True):
         with open("configs/profiles/cpu-smollm2-float32.json") as f:
@@ -484,9 +484,9 @@ def test_placement_auto_plans_at_launch_and_says_which_and_why(tmp_path, capsys)
     """The embedded default plans its layout when it starts: one line names the mode, the layout
     and the reason, and the job's plan carries both modes' figures (the controller copies them
     into report.json)."""
+    from contracts.config import load_config
     from launcher.cli import build_parser
-    from launcher.config import load_config
-    from launcher.generate import prepare_generate
+    from launcher.commands.generate import prepare_generate
 
     assert load_config("configs/cpu-default.yaml").placement.mode == "auto"
     args = build_parser().parse_args(["generate", "configs/cpu-default.yaml", "--dry-run", "--run-dir", str(tmp_path),
@@ -553,8 +553,8 @@ def test_an_extend_chunk_pays_for_its_tail_and_for_attending_over_its_cached_con
 
 
 def test_profile_fit_recovers_the_extend_terms_from_the_extend_steps_it_timed():
-    from launcher.planner.profile_fit import fit_entry
     from engine.step_timing import EXTEND_SHAPES
+    from launcher.planner.profile_fit import fit_entry
 
     truth = LatencyModel("toy", {1: Coefficients((5.0, 0.1, 1e-4), (3.0, 0.001, 0.2), (3.0, 0.001, 0.2), 10 ** 6,
                                                  extend=(2.0, 0.03))})

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import yaml
-
 from conftest import write_job
-from launcher.batch_io import parse_line, parse_requests, read_requests
+
+from contracts.batch_io import parse_line, parse_requests, read_requests
 from launcher.cli import main
 
 DISAGG = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
@@ -30,7 +30,7 @@ def test_a_bad_line_keeps_its_custom_id(line):
 
 
 def test_a_duplicate_custom_id_names_its_lines(tmp_path):
-    from launcher.errors import UserError
+    from contracts.errors import UserError
 
     text = "\n".join(json.dumps({"custom_id": cid, "prompt": "x"}) for cid in ("a", "b", "a", "c", "a"))
     with pytest.raises(UserError, match="custom_id 'a' appears on lines 1, 3, 5"):

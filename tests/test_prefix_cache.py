@@ -5,11 +5,11 @@ import json
 
 import pytest
 
+from contracts.protocol import CONTROLLER, FirstToken, KVPull, Request, Result, Timings
+from contracts.sampling_params import SamplingParams
 from engine.prefix_cache import PrefixCache, block_hashes
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
-from launcher.protocol import CONTROLLER, FirstToken, KVPull, Request, Result, Timings
-from launcher.sampling_params import SamplingParams
 
 BS = 4  # block size
 
@@ -212,7 +212,7 @@ def test_a_workloads_shared_prefix_reaches_the_probes_and_the_capacity_bound():
 
 
 def test_simulate_replays_the_measured_hits_of_a_results_file(tmp_path):
-    from launcher.errors import UserError
+    from contracts.errors import UserError
     from launcher.planner.replay import trace_requests
 
     path = tmp_path / "results.jsonl"
@@ -228,7 +228,7 @@ def test_simulate_replays_the_measured_hits_of_a_results_file(tmp_path):
 
 
 def test_a_decode_instance_that_holds_a_prefix_pulls_only_the_rest():
-    from launcher.protocol import FirstToken, KVIncoming
+    from contracts.protocol import FirstToken, KVIncoming
 
     decode = sched("decode", blocks=32)                   # decode_prefix_reuse: its scheduler caches prefixes
     prefill = sched("prefill", blocks=32)
@@ -269,9 +269,9 @@ def test_the_simulator_dispatches_by_queued_uncached_tokens_as_the_controller_do
 def test_hit_rates_reach_the_report_and_the_metrics():
     from types import SimpleNamespace
 
+    from contracts.protocol import Heartbeat, SchedulerState
     from engine.progress import summarize
     from engine.serve_metrics import ServeMetrics
-    from launcher.protocol import Heartbeat, SchedulerState
 
     slo = SimpleNamespace(ttft_ms=1000.0, tpot_ms=100.0, attainment=0.9)
     records = [{"token_ids": [1, 2], "usage": {"prompt_tokens": n, "completion_tokens": 2},

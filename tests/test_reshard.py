@@ -5,10 +5,10 @@ import itertools
 
 import pytest
 
+from contracts.errors import UserError
+from contracts.model_shape import ModelShape
+from contracts.plan import InstancePlan, Plan, check_layouts
 from engine.reshard import owned_rect, transfer_plan
-from launcher.errors import UserError
-from launcher.model_shape import ModelShape
-from launcher.plan import InstancePlan, Plan, check_layouts
 
 LAYERS, KV_HEADS = 12, 12  # divisible by every degree 1..4
 DEGREES = [1, 2, 3, 4]
@@ -59,7 +59,7 @@ def test_kv_transfer_moves_every_value_between_layouts_with_and_without_copies()
     import subprocess
     import sys
 
-    from launcher.commands import _mpirun
+    from launcher.rank_launch import _mpirun
 
     script = os.path.join(os.path.dirname(__file__), "kv_transfer_ranks.py")
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []

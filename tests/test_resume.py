@@ -2,12 +2,12 @@
 another prompt's answer, and nothing the output held is deleted."""
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
 from conftest import read_results, run_pdlaunch, write_job
-from launcher.batch_io import parse_line, parse_requests
+
+from contracts.batch_io import parse_line, parse_requests
 from launcher.resume import reconcile, stale_path
 
 DISAGG = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
@@ -31,7 +31,7 @@ def test_ids_of_lines_without_custom_id_follow_content_not_position():
 
 
 def test_invalid_utf8_fails_its_line_only(tmp_path):
-    from launcher.batch_io import read_requests
+    from contracts.batch_io import read_requests
 
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n{"prompt": "fine"}\n')

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import yaml
-
 from conftest import ROOT, read_results, write_job
+
+from contracts.batch_io import parse_line
+from contracts.config import config_from_dict
 from launcher.answer_key import answer_hash, model_hash
-from launcher.batch_io import parse_line
 from launcher.cli import main
-from launcher.config import config_from_dict
 from launcher.resume import reconcile
 
 DISAGG = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},

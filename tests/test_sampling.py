@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from contracts.sampling_params import SamplingParams
 from engine.sampling import sample
-from launcher.sampling_params import SamplingParams
 
 
 def test_greedy_and_degenerate_limits_pick_the_argmax():

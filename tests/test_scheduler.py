@@ -1,10 +1,11 @@
 """The leader's scheduler, without processes: budgets, backpressure, pull-on-room, finishing."""
 from __future__ import annotations
 
+from contracts.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPull, PrefillDone, Pulled, Request, Result,
+                                Timings, TokensOut)
+from contracts.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import InstanceLimits
-from launcher.protocol import (CONTROLLER, FirstToken, KVIncoming, KVPull, PrefillDone, Pulled, Request, Result, Timings, TokensOut)
-from launcher.sampling_params import SamplingParams
 
 LEADERS = tuple(100 + i for i in range(16))  # instance i's leader is rank 100 + i
 
@@ -224,8 +225,8 @@ def test_chunked_colocated_admits_by_batch_room_and_pipelines_a_prompts_chunks()
 
 
 def test_micro_batches_split_evenly_and_keep_order():
+    from contracts.protocol import SeqChunk
     from engine.runner import micro_batches
-    from launcher.protocol import SeqChunk
 
     seqs = [SeqChunk(i, (1,) * n, 0, (), SamplingParams(), 0) for i, n in enumerate([10, 10, 10, 10, 1, 1])]
     chunks = micro_batches(seqs, 2)

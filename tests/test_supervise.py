@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from launcher.errors import UserError
-from launcher.plan import InstancePlan, Plan
+from contracts.errors import UserError
+from contracts.plan import InstancePlan, Plan
 from launcher.supervise import end_ranks, launch, rank_pids
 
 PLAN = Plan([InstancePlan(0, "prefill", 1, 1, 1, ["vm"]), InstancePlan(1, "decode", 1, 2, 2, ["vm"])])

@@ -8,10 +8,10 @@ import math
 import pytest
 
 from launcher.cli import main
-from launcher.planner.latency import KNOWN_MODELS, Coefficients, LatencyModel, load_profile
-from launcher.planner.replay import trace_requests
 from launcher.planner.goodput import (NoPrefillLatency, Settings, decode_capacity, goodput, prefill_capacity,
                                       probe_requests, queues_grow)
+from launcher.planner.latency import KNOWN_MODELS, Coefficients, LatencyModel, load_profile
+from launcher.planner.replay import trace_requests
 from launcher.planner.search import Candidate, _best
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
 from launcher.planner.workload import LengthDist, SimRequest, attainment, make_requests
@@ -194,7 +194,7 @@ def test_bad_traces_get_one_line_errors(tmp_path, capsys, content, message):
 @pytest.mark.slow  # full searches on the paper's 4 x 8 A100 settings (~55 s together)
 @pytest.mark.parametrize("name", ["paper-opt13b-high", "paper-opt13b-low", "paper-opt66b-high", "paper-opt66b-low"])
 def test_paper_plans_have_no_goodput_at_a_search_ceiling(tmp_path, name):
-    from launcher.plan import read_plan
+    from contracts.plan import read_plan
 
     out = tmp_path / "plan.yaml"
     assert main(["plan", f"configs/{name}.yaml", "-o", str(out), "--quiet"]) == 0

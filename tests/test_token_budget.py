@@ -6,12 +6,12 @@ import json
 
 import pytest
 import yaml
-
 from conftest import read_results, run_pdlaunch, write_job
-from launcher.config import load_config
-from launcher.errors import UserError
+
+from contracts.config import load_config
+from contracts.errors import UserError
+from contracts.plan import InstancePlan, Plan, plan_from_dict
 from launcher.job_setup import new_job
-from launcher.plan import InstancePlan, Plan, plan_from_dict
 from launcher.planner.latency import DEFAULT_TOKEN_BUDGET, load_profile, prefill_token_budget
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
 from launcher.planner.workload import SimRequest

@@ -5,17 +5,17 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from launcher.config import JobConfig
-from launcher.errors import UserError
-from launcher.hostfile import Host
+from contracts.config import JobConfig
+from contracts.errors import UserError
+from contracts.hostfile import Host
+from contracts.plan import InstancePlan, Plan
 from launcher.dtypes import planned_dtype
-from launcher.plan import InstancePlan, Plan
-from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
 from launcher.planner.goodput import Settings, probe_span_s
+from launcher.planner.latency import KNOWN_MODELS, LatencyModel, ModelSpec, load_profile
 from launcher.planner.modes import MODES, ModeChoice, choose_mode
+from launcher.planner.replay import trace_lengths
 from launcher.planner.search import (TIE_RULE, PlacementResult, algorithm1, algorithm2, colocated_goodput,
                                      colocated_placement)
-from launcher.planner.replay import trace_lengths
 from launcher.planner.simulator import InstanceSpec
 from launcher.planner.workload import LengthDist, SharedPrefix
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from launcher.errors import UserError
+from contracts.errors import UserError
 
 
 @dataclass(frozen=True)

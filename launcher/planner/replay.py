@@ -15,9 +15,9 @@ import json
 import math
 import statistics
 
-from launcher.config import JobConfig
-from launcher.errors import UserError, read_text
-from launcher.plan import Plan
+from contracts.config import JobConfig
+from contracts.errors import UserError, read_text
+from contracts.plan import Plan
 from launcher.planner.latency import LatencyModel, ModelSpec, kv_capacity_tokens
 from launcher.planner.simulator import InstanceSpec, Policy, Simulation
 from launcher.planner.workload import SimRequest

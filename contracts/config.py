@@ -8,15 +8,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import socket
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import yaml
 
-from launcher.errors import UserError
-from launcher.network import check_interface
-from launcher.sampling_params import SamplingParams, check_sampling
+from contracts.errors import UserError
+from contracts.sampling_params import SamplingParams, check_sampling
 
 EMBEDDED_MODEL = "embedded"
 
@@ -281,6 +281,14 @@ def _check_ranges(cfg: JobConfig) -> None:
                         "'placement.decode.instances' >= 1 (or set placement.mode: colocated)")
     if cfg.cluster.interface:
         check_interface(cfg.cluster.interface)
+
+
+def check_interface(name: str) -> None:
+    """The job's sockets can only bind an interface this machine has."""
+    have = [n for _, n in socket.if_nameindex()]
+    if name not in have:
+        raise UserError(f"config: 'cluster.interface' = {name!r} is not a network interface of this machine "
+                        f"(it has: {', '.join(have)}); pick one of those or leave it empty")
 
 
 def load_config(path: str) -> JobConfig:

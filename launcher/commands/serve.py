@@ -10,9 +10,9 @@ import os
 import socket
 import sys
 
-from launcher import commands
-from launcher.config import load_config
-from launcher.errors import UserError
+from contracts.config import load_config
+from contracts.errors import UserError
+from launcher import rank_launch
 from launcher.job_setup import (build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, new_job,
                                 served_model_name)
 from launcher.network import listening_socket, single_host
@@ -92,7 +92,7 @@ def serve(args) -> int:
     files = {} if args.dry_run else None
     cmd, env = launch_command(job, run_dir, args.launcher, files)
     if args.dry_run:
-        print(commands.render_dry_run(cmd, env, files))
+        print(rank_launch.render_dry_run(cmd, env, files))
         return 0
     check_hosts(cfg, plan)
     if single_host(plan.rank_hosts()[:1]):

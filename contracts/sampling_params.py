@@ -1,6 +1,6 @@
 """A request's sampling parameters and their one validation, shared by the config file's
 `sampling` section, the input lines and the HTTP requests (each caller places the error it raises:
-a config key or a line). Pure Python: part of the request message (launcher/protocol.py)."""
+a config key or a line). Pure Python: part of the request message (contracts/protocol.py)."""
 from __future__ import annotations
 
 import math

@@ -9,9 +9,9 @@ import os
 import re
 import shutil
 
-from launcher.errors import UserError
+from contracts.errors import UserError
 
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # launcher/
 CONFIG = "pdlaunch.yaml"
 # what the copied config points at, relative to the kit: (key, its new value, the shipped file)
 FILES = (("hostfile", "hostfile", "hostfiles/localhost"),

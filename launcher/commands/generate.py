@@ -6,17 +6,17 @@ from __future__ import annotations
 import os
 import sys
 
-from launcher import commands
+from contracts.batch_io import parse_requests, read_input_text, write_checked
+from contracts.config import load_config
+from contracts.errors import UserError
+from contracts.job_file import JobFile
+from launcher import rank_launch
 from launcher.answer_key import answer_hash, model_hash
-from launcher.batch_io import parse_requests, read_input_text
-from launcher.config import load_config
-from launcher.errors import UserError
-from launcher.job_file import JobFile
 from launcher.job_setup import (build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, new_job,
                                 served_model_name)
 from launcher.resume import reconcile
 from launcher.run_files import (backup_path, check_run_dir, count_lines, hold_output, holds_results, same_file,
-                                snapshot_input, start_over, writable_output, writable_run_dir)
+                                start_over, writable_output, writable_run_dir)
 from launcher.run_report import write_report
 from launcher.supervise import STOP_SIGNALS, launch
 
@@ -79,11 +79,13 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict, dict | None]:
         print(state.message(output, sum(s.custom_id not in done for s in specs), args.dry_run), file=sys.stderr)
     elif not args.dry_run:
         start_over(output)
-    input_path = os.path.join(run_dir, "input.jsonl") if args.dry_run else snapshot_input(text, run_dir)
-    job = new_job(cfg, plan, model_dir, input=input_path, output=output, quiet=args.quiet,
-                  log_interval=args.log_interval,
-                  report=os.path.join(run_dir, "report.json"), skip_ids=tuple(sorted(done)),
-                  pending_requests=sum(s.custom_id not in done for s in specs), model_hash=model)
+    pending = [s for s in specs if s.custom_id not in done]
+    requests = os.path.join(run_dir, "requests.jsonl")
+    if not args.dry_run:
+        write_checked(pending, requests)  # rank 0 runs these as checked here: nothing parses the input again
+    job = new_job(cfg, plan, model_dir, requests=requests, output=output, quiet=args.quiet,
+                  log_interval=args.log_interval, report=os.path.join(run_dir, "report.json"),
+                  pending_requests=len(pending), model_hash=model)
     if args.dump_logits:
         if not args.dry_run:
             os.makedirs(args.dump_logits, exist_ok=True)
@@ -95,7 +97,7 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict, dict | None]:
 def generate(args) -> int:
     job, cmd, env, files = prepare_generate(args)
     if args.dry_run:
-        print(commands.render_dry_run(cmd, env, files))
+        print(rank_launch.render_dry_run(cmd, env, files))
         return 0
     if job.pending_requests == 0:
         print(f"pdlaunch: nothing to do: every request of the input already has a result in {job.output}",

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from launcher.config import JobConfig, config_from_dict
-from launcher.plan import Plan, plan_from_dict
+from contracts.config import JobConfig, config_from_dict
+from contracts.plan import Plan, plan_from_dict
 
 MODES = ("generate", "profile", "serve")
 
@@ -24,12 +24,11 @@ class JobFile:
     model_dir: str                  # the HF directory the ranks load
     token_budgets: tuple[int, ...]  # L_m of each instance, in plan order (worked out in launcher/job_setup.py)
     mode: str = "generate"          # generate: the input file; serve: the HTTP API; profile: time steps of fixed shapes
-    input: str = ""                 # the run directory's copy of the requests
+    requests: str = ""              # the launcher's checked requests still to run (contracts/batch_io.write_checked)
     output: str = ""                # results JSONL (serve: the request log), appended to
     report: str = ""                # report.json: summary, per-instance stats, step timings
     quiet: bool = False
     log_interval: float = 10.0      # seconds between progress lines (unless quiet)
-    skip_ids: tuple[str, ...] = ()  # custom_ids whose results --resume keeps
     model_hash: str = ""            # the model's identity, written with each result (launcher.answer_key)
     pending_requests: int = 0
     dump_logits: Optional[str] = None  # directory for every generated token's logits
@@ -57,6 +56,5 @@ class JobFile:
             data = json.load(f)
         data["config"] = config_from_dict(data["config"])
         data["plan"] = plan_from_dict(data["plan"])
-        data["skip_ids"] = tuple(data.get("skip_ids") or ())
         data["token_budgets"] = tuple(data.get("token_budgets") or ())
         return cls(**data)

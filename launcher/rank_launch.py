@@ -136,7 +136,7 @@ def sbatch_script(config_path: str, plan_path: str, nodes: int, ranks_per_node: 
                   partition: str | None, run_dir: str, workdir: str, launcher: str,
                   serve: tuple[int, float, str] | None = None, log_interval: float | None = None) -> str:
     """An sbatch script that runs `pdlaunch generate` on a fixed plan inside its allocation: the
-    plan's hosts become the allocation's nodes there (launcher.plan.map_onto_allocation), so ranks
+    plan's hosts become the allocation's nodes there (contracts.plan.map_onto_allocation), so ranks
     share nodes exactly as planned. One task per device; the controller rank rides along.
     With `serve` = (port, drain_s, key_file) it runs `pdlaunch serve` on every interface of the first
     node instead, clients needing the key in key_file (the job log names the URL and the file); pdlaunch

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.model_shape import OPT_POSITION_OFFSET, ModelShape
+from contracts.model_shape import OPT_POSITION_OFFSET, ModelShape
 
 
 @dataclass(frozen=True)

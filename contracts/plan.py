@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from launcher.config import JobConfig
-from launcher.errors import UserError
-from launcher.hostfile import Host
-from launcher.model_shape import ModelShape
-from launcher.protocol import CONTROLLER
+from contracts.config import JobConfig
+from contracts.errors import UserError
+from contracts.hostfile import Host
+from contracts.model_shape import ModelShape
+from contracts.protocol import CONTROLLER
 
 INSTANCE_ROLES = ("prefill", "decode", "colocated")
 

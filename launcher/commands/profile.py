@@ -7,12 +7,12 @@ import platform
 import sys
 import time
 
-from launcher.config import load_config
-from launcher.errors import UserError
-from launcher.machine import fingerprint
+from contracts.config import load_config
+from contracts.errors import UserError
+from contracts.plan import check_layouts, packed_plan
 from launcher.job_setup import check_hosts, cluster_hosts, model_dir_of, new_job, run_job
+from launcher.machine import fingerprint
 from launcher.model_files import read_shape
-from launcher.plan import check_layouts, packed_plan
 from launcher.planner.profile_fit import fit_entry, fit_pipeline, other_phase_slowdown, scaled_to_busy, shared_slowdown
 
 

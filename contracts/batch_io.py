@@ -6,14 +6,15 @@ Accepted lines: the OpenAI Batch API form ({"custom_id", "method": "POST", "url"
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from launcher.errors import UserError
-from launcher.sampling_params import check_sampling
+from contracts.errors import UserError
+from contracts.sampling_params import check_sampling
 
 SAMPLING_FIELDS = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
                    "ignore_eos"}
@@ -246,3 +247,17 @@ def parse_requests(text: str, path: str) -> list[RequestSpec]:
         raise UserError(f"input file '{path}': custom_id '{dup}' appears on lines {', '.join(map(str, at))}; ids must "
                         "be unique")
     return specs
+
+
+def write_checked(specs: list[RequestSpec], path: str) -> str:
+    """The requests as the launcher checked them (bad lines already error records), for rank 0 to
+    read without parsing the input again; a lone surrogate (a non-UTF-8 byte) stays escaped."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dataclasses.asdict(s)) + "\n" for s in specs)
+    return path
+
+
+def read_checked(path: str) -> list[RequestSpec]:
+    """write_checked's requests back, as they were written: no check runs twice."""
+    with open(path, encoding="utf-8") as f:
+        return [RequestSpec(**json.loads(line)) for line in f]

@@ -6,12 +6,12 @@ import json
 import os
 import sys
 
+from contracts.config import load_config
+from contracts.errors import UserError
+from contracts.plan import check_layouts, plan_from_config, read_plan, write_plan
 from launcher.calibrate import planning_models
-from launcher.config import load_config
-from launcher.errors import UserError
 from launcher.job_setup import cluster_hosts, model_dir_of
 from launcher.model_files import read_shape
-from launcher.plan import check_layouts, plan_from_config, read_plan, write_plan
 from launcher.planner.config_to_plan import model_spec, print_report, run_planner
 from launcher.planner.replay import check_trace, print_replay, replay_report, simulate_plan, trace_requests
 

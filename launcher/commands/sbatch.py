@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from launcher import commands
-from launcher.config import load_config
-from launcher.errors import UserError
+from contracts.config import load_config
+from contracts.errors import UserError
+from contracts.plan import write_plan
+from launcher import rank_launch
 from launcher.job_setup import build_plan, cluster_hosts, model_dir_of
-from launcher.plan import write_plan
 from launcher.run_files import check_run_dir
 from launcher.supervise import PACKAGE_ROOT
 
@@ -52,7 +52,7 @@ def sbatch(args) -> int:
     write_plan(plan, plan_path)
     serve = (args.port or cfg.serve.port, cfg.serve.drain_s, private_key_file(args.output + ".api_key")) \
         if args.serve else None
-    script = commands.sbatch_script(os.path.abspath(args.config), plan_path, nodes, plan.ranks_per_host(),
+    script = rank_launch.sbatch_script(os.path.abspath(args.config), plan_path, nodes, plan.ranks_per_host(),
                                     cfg.cluster.device == "cuda", args.time, args.partition, run_dir, PACKAGE_ROOT,
                                     args.launcher, serve, args.log_interval)
     with open(args.output, "w") as f:

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from launcher.errors import UserError, read_text
+from contracts.errors import UserError, read_text
 
 _LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.\-\[\]:]+)\s+slots\s*=\s*(?P<slots>\S+)$")
 

@@ -3,7 +3,7 @@ its MPI tag (TAGS: a message is sent and received by its class alone, never by a
 
 Control messages are pickled over MPI and hold plain Python values only; tensors never cross MPI
 (they travel over torch.distributed). No torch here: the launcher, the scheduler and the tests
-import this without it. A request's sampling parameters are in launcher/sampling_params.py (the
+import this without it. A request's sampling parameters are in contracts/sampling_params.py (the
 config file and the input lines are checked by the same function there).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Optional
 
-from launcher.sampling_params import SamplingParams
+from contracts.sampling_params import SamplingParams
 
 CONTROLLER = 0  # the controller's global rank: where every message for it goes (the instances take the rest)
 

@@ -1,0 +1,1 @@
+"""One module per `pdlaunch` command; launcher/cli.py parses the arguments and imports the chosen one."""
