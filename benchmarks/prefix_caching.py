@@ -11,7 +11,7 @@ each workload run both ways back to side by side:
 Throughput and TTFT p50/p90 per run, the on/off ratios, and the fidelity rows go to
 benchmarks/results/prefix-caching/results.json.
 
-    python benchmarks/prefix_caching.py [--requests 200] [--distinct 60] [--fidelity-requests 40]
+    python benchmarks/prefix_caching.py [--requests 200] [--distinct 60] [--pairs 3] [--fidelity-requests 40]
         [--rates 0.5,1,1.5] [--slo-scale 1]
 The parts run in that order (fidelity, distinct, shared), results.json written after each.
 """
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 
@@ -87,12 +88,21 @@ def figures(report: dict) -> dict:
             "requests": report["requests"], "errors": report["errors"]}
 
 
-def side_by_side(name: str, prompts: list[list[int]]) -> dict:
-    on = figures(run_job(f"{name}-on", True, prompts, {"arrival": "all"}))
-    off = figures(run_job(f"{name}-off", False, prompts, {"arrival": "all"}))
-    return {"on": on, "off": off, "throughput_on_over_off": on["output_tokens_per_s"] / off["output_tokens_per_s"],
-            "ttft_p50_off_over_on": off["ttft_p50_ms"] / on["ttft_p50_ms"],
-            "ttft_p90_off_over_on": off["ttft_p90_ms"] / on["ttft_p90_ms"]}
+def side_by_side(name: str, prompts: list[list[int]], pairs: int = 1) -> dict:
+    """`pairs` on/off pairs in alternating order (on off, off on, ...), so neither setting always
+    runs first on a machine whose speed drifts; each figure and ratio is the median over the pairs."""
+    runs = {"on": [], "off": []}
+    for i in range(pairs):
+        for caching in ((True, False) if i % 2 == 0 else (False, True)):
+            key = "on" if caching else "off"
+            runs[key].append(figures(run_job(f"{name}-{key}", caching, prompts, {"arrival": "all"})))
+    on, off = ({k: statistics.median(r[k] for r in runs[key]) for k in runs[key][0]} for key in ("on", "off"))
+    pair_ratios = {"throughput_on_over_off": [a["output_tokens_per_s"] / b["output_tokens_per_s"]
+                                              for a, b in zip(runs["on"], runs["off"])],
+                   "ttft_p50_off_over_on": [b["ttft_p50_ms"] / a["ttft_p50_ms"] for a, b in zip(runs["on"], runs["off"])],
+                   "ttft_p90_off_over_on": [b["ttft_p90_ms"] / a["ttft_p90_ms"] for a, b in zip(runs["on"], runs["off"])]}
+    return {"on": on, "off": off, "pairs": pairs, "per_pair": pair_ratios,
+            **{k: statistics.median(v) for k, v in pair_ratios.items()}}
 
 
 def fidelity(n: int, rates: str, slo_scale: float) -> dict:
@@ -126,6 +136,8 @@ def main() -> None:
     parser.add_argument("--rates", default="0.5,1,1.5", help="req/s of the fidelity bench")
     parser.add_argument("--slo-scale", type=float, default=1.0,
                         help="the fidelity bench's SLOs: the config's times this (a loaded machine: > 1)")
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="on/off pairs of the workload without shared prefixes, in alternating order (medians)")
     parser.add_argument("--parts", default="fidelity,distinct,shared",
                         help="which parts to run; the others' figures already in results.json are kept")
     args = parser.parse_args()
@@ -137,7 +149,7 @@ def main() -> None:
             out = json.load(f)
     out.update(machine=f"{os.uname().machine}, {os.cpu_count()} cores", model="SmolLM2-135M fp32, 1P1D (TP1 each)")
     parts = (("fidelity", lambda: fidelity(args.fidelity_requests, args.rates, args.slo_scale)),
-             ("distinct", lambda: side_by_side("distinct", distinct_prompts(args.distinct, seed=3))),
+             ("distinct", lambda: side_by_side("distinct", distinct_prompts(args.distinct, seed=3), args.pairs)),
              ("shared", lambda: side_by_side("shared", shared_prompts(args.requests, seed=1))))
     for name, run in parts:  # written after each part: a run cut short keeps what it measured
         if name not in args.parts.split(","):
@@ -158,10 +170,13 @@ def report(name: str, r: dict) -> None:
         print(f"fidelity (calibrated): mean {r['fidelity']['calibrated']['mean_points']:.1f} / worst "
               f"{r['fidelity']['calibrated']['worst_points']:.1f} points; {load}")
         return
+    medians = f" (medians of {r['pairs']} pairs)" if r.get("pairs", 1) > 1 else ""
     print(f"{name}: on {r['on']['output_tokens_per_s']:.1f} tok/s, TTFT p50/p90 {r['on']['ttft_p50_ms']:.0f}/"
           f"{r['on']['ttft_p90_ms']:.0f} ms (hits {r['on']['prefix_hit_rate']:.0%}); off "
           f"{r['off']['output_tokens_per_s']:.1f} tok/s, {r['off']['ttft_p50_ms']:.0f}/{r['off']['ttft_p90_ms']:.0f} ms"
-          f"; throughput {r['throughput_on_over_off']:.2f}x, TTFT p50 {r['ttft_p50_off_over_on']:.2f}x lower; {load}")
+          f"; throughput {r['throughput_on_over_off']:.2f}x, TTFT p50 {r['ttft_p50_off_over_on']:.2f}x lower{medians}"
+          f"; {load}")
+
 
 if __name__ == "__main__":
     main()

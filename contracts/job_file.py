@@ -29,7 +29,7 @@ class JobFile:
     report: str = ""                # report.json: summary, per-instance stats, step timings
     quiet: bool = False
     log_interval: float = 10.0      # seconds between progress lines (unless quiet)
-    model_hash: str = ""            # the model's identity, written with each result (launcher.answer_key)
+    model_hash: str = ""            # the model's identity, written with each result (contracts.answer_key)
     pending_requests: int = 0
     dump_logits: Optional[str] = None  # directory for every generated token's logits
     profile_samples: Optional[str] = None  # profile mode: where the controller writes the timings

@@ -28,12 +28,12 @@ DOING = {"what": "starting up"}
 
 
 def _run_controller(ctx, job: JobFile) -> None:
+    from contracts.answer_key import answer_hash
     from contracts.batch_io import read_checked
     from engine.controller import Controller
     from engine.progress import Reporter
     from engine.results import ResultWriter
     from engine.tokenizer import TextCodec
-    from launcher.answer_key import answer_hash
 
     codec = TextCodec(job.model_dir)
     specs = read_checked(job.requests)

@@ -10,8 +10,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from contracts.run_report import write_report
 from engine.prefix_cache import hit_rate
-from launcher.run_report import write_report
 from launcher.stats import percentile
 
 

@@ -70,7 +70,7 @@ class Sink:
 class ResultWriter(Sink):
     def __init__(self, path: str, codec: TextCodec, model_name: str, logits_dir: str | None = None,
                  on_result=None, keys=None):
-        """`keys(spec)`: the hashes --resume matches, besides request_hash (launcher.answer_key)."""
+        """`keys(spec)`: the hashes --resume matches, besides request_hash (contracts.answer_key)."""
         self.codec, self.model_name, self.logits_dir, self.on_result = codec, model_name, logits_dir, on_result
         self.keys = keys
         self.file = open(path, "a", encoding="utf-8")

@@ -2,7 +2,7 @@
 
 A result is reused only when the job would give the same answer now: same custom_id, the same
 request line (`request_hash`) and the same answer hash (`answer_hash`: the request after the
-config's sampling defaults, and the model's identity; launcher.answer_key), all written with every
+config's sampling defaults, and the model's identity; contracts.answer_key), all written with every
 result. Results whose request, settings or model changed, or whose request left the input, are
 moved out of the output into OUTPUT.stale.jsonl (never deleted) and their requests run again;
 results of requests that failed on a rank (`engine_error`) are retried. No torch here.

@@ -30,7 +30,7 @@ def test_rank_0_imports_no_torch():
     runs there, batch and serve, comes without torch (only instance ranks join the data plane)."""
     _imports_no_torch(["engine.main", "engine.control_plane", "engine.controller", "engine.frontend",
                        "engine.http_api", "engine.serve_metrics", "engine.progress", "engine.results",
-                       "engine.tokenizer", "engine.watchdog", "launcher.answer_key", "contracts.batch_io"])
+                       "engine.tokenizer", "engine.watchdog", "contracts.answer_key", "contracts.batch_io"])
 
 
 def test_the_contracts_import_neither_side():

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from conftest import ROOT, read_results, write_job
 
+from contracts.answer_key import answer_hash, model_hash
 from contracts.batch_io import parse_line
 from contracts.config import config_from_dict
-from launcher.answer_key import answer_hash, model_hash
 from launcher.cli import main
 from launcher.resume import reconcile
 

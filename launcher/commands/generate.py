@@ -6,18 +6,18 @@ from __future__ import annotations
 import os
 import sys
 
+from contracts.answer_key import answer_hash, model_hash
 from contracts.batch_io import parse_requests, read_input_text, write_checked
 from contracts.config import load_config
 from contracts.errors import UserError
 from contracts.job_file import JobFile
+from contracts.run_report import write_report
 from launcher import rank_launch
-from launcher.answer_key import answer_hash, model_hash
 from launcher.job_setup import (build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, new_job,
                                 served_model_name)
 from launcher.resume import reconcile
 from launcher.run_files import (backup_path, check_run_dir, count_lines, hold_output, holds_results, same_file,
                                 start_over, writable_output, writable_run_dir)
-from launcher.run_report import write_report
 from launcher.supervise import STOP_SIGNALS, launch
 
 
