@@ -13,7 +13,8 @@ rate), bisected in turns to --bisect-to of their rate within the time budget; th
 (where the brackets do not overlap) and whether the pick is it. The colocated placement also runs
 with the prefill-first policy, for the record: the weak baseline DistServe compared against.
 
-    python benchmarks/mode_choice.py [--requests N] [--bisect N] [--time-budget MIN] [--plan-only] [--out DIR]
+    python benchmarks/mode_choice.py [--requests N] [--lifetimes L] [--bisect N] [--time-budget MIN]
+        [--prefill-first-in REGIMES] [--plan-only] [--out DIR]
 """
 from __future__ import annotations
 
@@ -110,6 +111,9 @@ def main() -> None:
     parser.add_argument("--bisect", type=int, default=8, help="engine runs per mode to narrow its bracket (default 8)")
     parser.add_argument("--bisect-to", type=float, default=0.1)
     parser.add_argument("--time-budget", type=float, default=60, help="minutes per regime (default 60)")
+    parser.add_argument("--prefill-first-in", default=",".join(REGIMES),
+                        help="regimes where the colocated placement also runs prefill-first, for the record "
+                             "(default: all; a time budget spent on it is not spent narrowing the two modes)")
     parser.add_argument("--plan-only", action="store_true", help="the planner's figures and pick only, no engine runs")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "mode-choice"))
     args = parser.parse_args()
@@ -138,7 +142,7 @@ def main() -> None:
                      for m in plans}
             systems = {system[m]: p for m, p in plans.items()}
             spec = model_spec(cfg, shape)
-            if system["colocated"] != "colocated-prefill_first":
+            if system["colocated"] != "colocated-prefill_first" and name in args.prefill_first_in.split(","):
                 record = "colocated-prefill_first"
                 systems[record] = plans["colocated"]
                 weak = simulated_goodput(system_config(cfg, record), plans["colocated"], spec, args.requests,
