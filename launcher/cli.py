@@ -1,7 +1,6 @@
-"""`pdlaunch`: the command line. Arguments only; each command's work is in its own module
-(launcher.commands.generate, launcher.commands.sbatch, launcher.commands.serve, launcher.commands.init, launcher.commands.profile,
-launcher.commands.plan: plan and simulate, launcher.commands.bench), imported when chosen. Every user
-mistake ends here as one line on stderr and exit code 2, before any rank starts.
+"""`pdlaunch`: the command line. Arguments only; each command's work is in its own module of
+launcher/commands/ (generate, serve, bench, plan: plan and simulate, profile, sbatch, init), imported
+when chosen. Every user mistake ends here as one line on stderr and exit code 2, before any rank starts.
 """
 from __future__ import annotations
 
