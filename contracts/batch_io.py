@@ -258,6 +258,13 @@ def write_checked(specs: list[RequestSpec], path: str) -> str:
 
 
 def read_checked(path: str) -> list[RequestSpec]:
-    """write_checked's requests back, as they were written: no check runs twice."""
+    """write_checked's requests back, as they were written: no check runs twice (JSON keeps no
+    tuple: `stop` comes back as the tuple check_sampling made it)."""
+    specs = []
     with open(path, encoding="utf-8") as f:
-        return [RequestSpec(**json.loads(line)) for line in f]
+        for line in f:
+            spec = RequestSpec(**json.loads(line))
+            if "stop" in spec.sampling:
+                spec.sampling["stop"] = tuple(spec.sampling["stop"])
+            specs.append(spec)
+    return specs

@@ -1,7 +1,8 @@
-"""The job file: the only contract between the launcher and the ranks.
+"""The job file: what every rank of a job is told.
 
 The launcher writes RUN_DIR/job.json once; every rank reads it back into the same typed JobFile
-(the validated JobConfig, the Plan, the paths), so the engine never reads untyped keys.
+(the validated JobConfig, the Plan, the paths: the checked requests among them), so the engine never
+reads untyped keys.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class JobFile:
     plan: Plan
     model_dir: str                  # the HF directory the ranks load
     token_budgets: tuple[int, ...]  # L_m of each instance, in plan order (worked out in launcher/job_setup.py)
-    mode: str = "generate"          # generate: the input file; serve: the HTTP API; profile: time steps of fixed shapes
+    mode: str = "generate"          # generate: the checked requests; serve: the HTTP API; profile: time steps of fixed shapes
     requests: str = ""              # the launcher's checked requests still to run (contracts/batch_io.write_checked)
     output: str = ""                # results JSONL (serve: the request log), appended to
     report: str = ""                # report.json: summary, per-instance stats, step timings

@@ -102,10 +102,13 @@ def instance_token_budgets(cfg: JobConfig, plan: Plan) -> tuple[int, ...]:
                  for inst in plan.instances)
 
 
+CHECKED_REQUESTS = "checked_requests.jsonl"  # in the run directory: what rank 0 runs (generate, bench)
+
+
 def checked_requests(input_path: str, run_dir: str) -> str:
     """An input the launcher made itself (a bench trace, the calibration probe) checked as a user's
-    is, into RUN_DIR/requests.jsonl: the file rank 0 runs."""
-    return write_checked(read_requests(input_path), os.path.join(run_dir, "requests.jsonl"))
+    is, into RUN_DIR/checked_requests.jsonl: the file rank 0 runs. The run directory is owned first."""
+    return write_checked(read_requests(input_path), os.path.join(writable_run_dir(run_dir), CHECKED_REQUESTS))
 
 
 def new_job(cfg: JobConfig, plan: Plan, model_dir: str, **fields) -> JobFile:

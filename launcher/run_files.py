@@ -76,7 +76,6 @@ def same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-
 def check_run_dir(run_dir: str) -> None:
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"run_dir: '{run_dir}' is a file, not a directory; pass another --run-dir (or move the file)")

@@ -79,7 +79,9 @@ def test_rank_0_reads_the_requests_exactly_as_the_launcher_checked_them(tmp_path
     """The launcher parses the input once and writes the specs; rank 0 reads them back unchanged
     (errors, token-id prompts, chats, sampling, a non-UTF-8 byte kept escaped) and parses nothing."""
     text = "\n".join([OK_CHAT, '{"prompt": [5, 6, 7], "max_tokens": 3, "arrival_s": 0.5}', '{"prompt": "x", "top_p": 7}',
-                      '{"custom_id": "bytes", "prompt": "caf\udce9"}', '{"prompt": "plain", "temperature": 0.5, "seed": 3}'])
+                      '{"custom_id": "bytes", "prompt": "caf\udce9"}', '{"prompt": "plain", "temperature": 0.5, "seed": 3}',
+                      '{"prompt": "s", "stop": ["a", "bc"]}'])
     specs = parse_requests(text, "in.jsonl")
     assert read_checked(write_checked(specs, str(tmp_path / "requests.jsonl"))) == specs
-    assert [s.error is not None for s in specs] == [False, False, True, True, False]
+    assert [s.error is not None for s in specs] == [False, False, True, True, False, False]
+    assert specs[-1].sampling["stop"] == ("a", "bc")

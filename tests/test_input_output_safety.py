@@ -132,7 +132,7 @@ def test_input_from_a_stream_is_read_once_and_bad_requests_do_not_hang(tmp_path,
     assert set(errors) == {"long-prompt", "long-answer", "far", "cold"}
     assert "scheduler.prefill_kv_blocks is 8" in errors["long-prompt"]
     assert "scheduler.decode_kv_blocks is 16" in errors["long-answer"]
-    checked = read_checked(str(tmp_path / "run" / "requests.jsonl"))  # what rank 0 ran: the launcher's parse
+    checked = read_checked(str(tmp_path / "run" / "checked_requests.jsonl"))  # what rank 0 ran: the launcher's parse
     assert [s.custom_id for s in checked] == [x["custom_id"] for x in lines]
 
 

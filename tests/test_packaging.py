@@ -21,8 +21,9 @@ def _imports_no_torch(modules: list[str]) -> None:
 
 
 def test_the_scheduler_and_the_launcher_import_no_torch():
+    commands = [f"launcher.commands.{c}" for c in ("generate", "serve", "bench", "plan", "profile", "sbatch", "init")]
     _imports_no_torch(["engine.scheduler", "engine.stops", "engine.blocks", "contracts.protocol", "launcher.cli",
-                       "launcher.commands.generate", "launcher.commands.sbatch", "launcher.job_setup", "launcher.commands.bench", "launcher.commands.plan", "launcher.commands.profile"])
+                       "launcher.job_setup", "launcher.rank_launch", *commands])
 
 
 def test_rank_0_imports_no_torch():

@@ -13,7 +13,7 @@ from contracts.errors import UserError
 from contracts.job_file import JobFile
 from contracts.run_report import write_report
 from launcher import rank_launch
-from launcher.job_setup import (build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, new_job,
+from launcher.job_setup import (CHECKED_REQUESTS, build_plan, check_hosts, cluster_hosts, launch_command, model_dir_of, new_job,
                                 served_model_name)
 from launcher.resume import reconcile
 from launcher.run_files import (backup_path, check_run_dir, count_lines, hold_output, holds_results, same_file,
@@ -80,7 +80,7 @@ def prepare_generate(args) -> tuple[JobFile, list[str], dict, dict | None]:
     elif not args.dry_run:
         start_over(output)
     pending = [s for s in specs if s.custom_id not in done]
-    requests = os.path.join(run_dir, "requests.jsonl")
+    requests = os.path.join(run_dir, CHECKED_REQUESTS)
     if not args.dry_run:
         write_checked(pending, requests)  # rank 0 runs these as checked here: nothing parses the input again
     job = new_job(cfg, plan, model_dir, requests=requests, output=output, quiet=args.quiet,

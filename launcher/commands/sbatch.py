@@ -53,8 +53,8 @@ def sbatch(args) -> int:
     serve = (args.port or cfg.serve.port, cfg.serve.drain_s, private_key_file(args.output + ".api_key")) \
         if args.serve else None
     script = rank_launch.sbatch_script(os.path.abspath(args.config), plan_path, nodes, plan.ranks_per_host(),
-                                    cfg.cluster.device == "cuda", args.time, args.partition, run_dir, PACKAGE_ROOT,
-                                    args.launcher, serve, args.log_interval)
+                                       cfg.cluster.device == "cuda", args.time, args.partition, run_dir, PACKAGE_ROOT,
+                                       args.launcher, serve, args.log_interval)
     with open(args.output, "w") as f:
         f.write(script)
     if not args.quiet:
