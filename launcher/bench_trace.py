@@ -127,12 +127,14 @@ def measured_and_simulated(cfg: JobConfig, plan: Plan, spec, trace: list[SimRequ
                            report: dict, results_path: str) -> tuple[dict[str, list[SimRequest]], dict]:
     """One bench job's requests as the engine served them (its results file) and as the simulator
     runs the same trace, from the profile as it is and calibrated by the job's probe (report: the
-    job's report.json); with the calibration factors."""
+    job's report.json); with the calibration factors. The job starts with empty prefix caches, and
+    so does its simulation (the first sharer of the prefix on an instance computes it)."""
     profile = profile_latency(cfg, plan)
     factors = calibration(cfg, plan, report, probe_window(results_path, trace, segment), profile)
-    return {"measured": measured(results_path, trace), "predicted": simulate_plan(cfg, plan, spec, profile, trace),
-            "calibrated": simulate_plan(cfg, plan, spec, scaled(profile, factors["prefill"], factors["decode"]),
-                                        trace)}, factors
+    calibrated = scaled(profile, factors["prefill"], factors["decode"])
+    return {"measured": measured(results_path, trace),
+            "predicted": simulate_plan(cfg, plan, spec, profile, trace, cold_cache=True),
+            "calibrated": simulate_plan(cfg, plan, spec, calibrated, trace, cold_cache=True)}, factors
 
 
 def summary(reqs: list[SimRequest], cfg: JobConfig) -> dict:

@@ -194,6 +194,29 @@ def test_the_simulator_charges_a_prefill_for_its_uncached_tail_only():
     assert ttft(512) < ttft(0) / 4
 
 
+def test_a_cold_cache_makes_the_first_sharer_on_each_instance_compute_the_prefix():
+    """A job starts with empty caches: in a bench's replay (cold_cache) the first request of the
+    prefix on an instance prefills all of it, later ones only their tails; cache-aware dispatch
+    counts a cold instance's cost as the whole prompt, so sharers go where the prefix is."""
+    from launcher.planner.simulator import InstanceSpec, Policy, Simulation
+    from launcher.planner.workload import SimRequest
+
+    lat = _toy_latency()
+
+    def run(prefills: int, cold: bool, cache_aware: bool = True, apart_ms: float = 1e4) -> list[SimRequest]:
+        sim = Simulation(lat, Policy(token_budget=1000, cache_aware=cache_aware),
+                         [InstanceSpec(1, 1, 10 ** 6)] * prefills, [InstanceSpec(1, 1, 10 ** 6)], cold_cache=cold)
+        return sim.run([SimRequest(t * apart_ms, 600, 2, cached_len=512) for t in range(4)])
+
+    cold = run(1, True)
+    assert [r.cached_len for r in cold] == [0, 512, 512, 512]
+    assert cold[0].ttft == pytest.approx(lat.prefill_ms([600], 1)) and cold[1].ttft < cold[0].ttft / 4
+    assert [r.cached_len for r in run(1, False)] == [512] * 4  # a measured trace holds its own misses
+    assert {r.prefill_instance for r in run(2, True)} == {0}  # the warm instance wins while queues are equal
+    spread = run(2, True, cache_aware=False, apart_ms=0.0)  # least outstanding: each instance misses once
+    assert [(r.prefill_instance, r.cached_len) for r in spread] == [(0, 0), (1, 0), (0, 512), (1, 512)]
+
+
 def test_a_workloads_shared_prefix_reaches_the_probes_and_the_capacity_bound():
     from launcher.planner.goodput import Settings, prefill_capacity
     from launcher.planner.simulator import InstanceSpec

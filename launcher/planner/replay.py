@@ -152,8 +152,9 @@ def placement_instances(cfg: JobConfig, plan: Plan, spec: ModelSpec) -> dict[str
 
 
 def simulate_plan(cfg: JobConfig, plan: Plan, spec: ModelSpec, latency: LatencyModel, reqs: list[SimRequest],
-                  with_transfer: bool = True) -> list[SimRequest]:
-    """Fresh copies of `reqs` through the plan's instances with the engine's policies."""
+                  with_transfer: bool = True, cold_cache: bool = False) -> list[SimRequest]:
+    """Fresh copies of `reqs` through the plan's instances with the engine's policies (cold_cache:
+    see Simulation: a drawn trace replayed as a whole job)."""
     c = cfg.cluster
 
     def bandwidth(p: InstanceSpec, d: InstanceSpec) -> float:
@@ -166,9 +167,9 @@ def simulate_plan(cfg: JobConfig, plan: Plan, spec: ModelSpec, latency: LatencyM
              for r in reqs]
     instances = placement_instances(cfg, plan, spec)
     if instances["colocated"]:
-        sim = Simulation(latency, policy, colocated=instances["colocated"])
+        sim = Simulation(latency, policy, colocated=instances["colocated"], cold_cache=cold_cache)
     else:
-        sim = Simulation(latency, policy, instances["prefill"], instances["decode"])
+        sim = Simulation(latency, policy, instances["prefill"], instances["decode"], cold_cache=cold_cache)
     return sim.run(fresh)
 
 

@@ -284,8 +284,12 @@ class Simulation:
     """One run of a placement over a request list; returns the requests with their timings."""
 
     def __init__(self, latency: LatencyModel, policy: Policy, prefill: list[InstanceSpec] = (),
-                 decode: list[InstanceSpec] = (), colocated: list[InstanceSpec] = ()):
+                 decode: list[InstanceSpec] = (), colocated: list[InstanceSpec] = (), cold_cache: bool = False):
+        """cold_cache: the entry instances start with empty prefix caches, as a job does: the
+        first request that shares the workload's prefix on an instance computes it (a drawn
+        workload marks every sharer cached; a measured one already holds its misses)."""
         self.latency, self.policy, self.loop = latency, policy, EventLoop()
+        self.cold_cache, self.holds_prefix = cold_cache, set()
         self.prefills = [_Prefill(self, s, i) for i, s in enumerate(prefill)]
         self.decodes = [_Decode(self, s, len(prefill) + i) for i, s in enumerate(decode)]
         self.colocated = [_Colocated(self, s, i) for i, s in enumerate(colocated)]
@@ -326,9 +330,13 @@ class Simulation:
     def _arrive(self, r: SimRequest) -> None:
         entry = self.colocated or self.prefills
         if self.policy.cache_aware:
-            target = min(entry, key=lambda i: (i.queued_tokens + r.uncached_len, i.outstanding))
+            target = min(entry, key=lambda i: (i.queued_tokens + self._uncached_on(i, r), i.outstanding))
         else:
             target = min(entry, key=lambda i: i.outstanding)
+        if self.cold_cache and r.cached_len:
+            if id(target) not in self.holds_prefix:
+                r.cached_len = 0  # it computes the prefix; the sharers after it find it cached
+            self.holds_prefix.add(id(target))
         target.outstanding += 1
         target.queued_tokens += r.uncached_len
         if self.decodes:
@@ -336,6 +344,12 @@ class Simulation:
             decode.assigned += 1
             self.decode_of[id(r)] = decode
         target.enqueue(r)
+
+    def _uncached_on(self, inst, r: SimRequest) -> int:
+        """The prompt tokens r would prefill on `inst`: all of them on a cold instance."""
+        if self.cold_cache and r.cached_len and id(inst) not in self.holds_prefix:
+            return r.input_len
+        return r.uncached_len
 
     def judge(self, r: SimRequest) -> None:
         """Counts a finished request against the SLOs given to run(); once more have missed them
