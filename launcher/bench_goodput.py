@@ -9,7 +9,7 @@ from contracts.config import JobConfig
 from contracts.plan import Plan
 from launcher.bench_trace import segment_requests
 from launcher.planner.config_to_plan import settings_from
-from launcher.planner.goodput import bisect_rate
+from launcher.planner.goodput import bisect_rate, highest_passing_rate
 from launcher.planner.latency import LatencyModel
 from launcher.planner.replay import simulate_plan
 from launcher.planner.workload import attainment
@@ -69,7 +69,7 @@ def simulated_goodput(cfg: JobConfig, plan: Plan, spec, n: int, latency: Latency
         reqs = simulate_plan(cfg, plan, spec, latency, segment_requests(cfg, rate * devices, n))
         return attainment(reqs, cfg.slo.ttft_ms, cfg.slo.tpot_ms) >= cfg.slo.attainment
 
-    return bisect_rate(ok, 0.0, capacity / devices, cfg.planner.precision, hi_fails=True)[0]
+    return highest_passing_rate(ok, capacity / devices, cfg.planner.precision)
 
 
 def fidelity(rows: list[dict]) -> dict:

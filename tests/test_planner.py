@@ -306,6 +306,22 @@ def test_bisect_rate_stops_at_its_probe_budget_and_ceiling():
     assert lo == 64.0 and hi == math.inf  # 128 would exceed the ceiling: not probed
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.004, 0.013, 0.049, 0.12])
+def test_highest_passing_rate_looks_below_a_failing_grid(threshold):
+    """On the grid (precision 0.05) the answer is a grid rate; where the grid's first step fails,
+    a rate that still passes below it is found to within a tenth of itself, not priced at 0;
+    where nothing passes down to a sixteenth of that step, the answer is 0."""
+    from launcher.planner.goodput import highest_passing_rate
+
+    rate = highest_passing_rate(lambda r: r <= threshold, 0.8, 0.05)
+    if threshold >= 0.05:
+        assert threshold - 0.05 < rate <= threshold
+    elif threshold >= 0.05 / 16:
+        assert 0.9 * threshold <= rate <= threshold
+    else:
+        assert rate == 0.0
+
+
 def _placement(per_device: float, devices: int = 2, mean_tpot_ms: float = 100.0):
     from launcher.planner.search import PlacementResult
 

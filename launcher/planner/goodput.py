@@ -97,6 +97,21 @@ MIN_SPAN_S = 30.0
 GROWTH_FACTOR = 1.5   # the last arrivals' time in system over the middle ones': queues are growing
 
 
+SUB_GRID_STEPS = 4      # below a grid whose first step fails, look this many halvings further down
+SUB_GRID_RELATIVE = 0.1  # ... and narrow a rate found there to this share of itself
+
+
+def highest_passing_rate(ok, top: float, precision: float) -> float:
+    """The highest rate on the grid of `precision` up to `top` where ok(rate) holds (0 if none).
+    Where even the grid's first step fails, the search goes on below it, to a tenth of the rate
+    it finds, so a placement that sustains a little is not priced at nothing (a colocated
+    instance under a TPOT SLO its prefills break may still hold it at a trickle of arrivals)."""
+    lo, hi = bisect_rate(ok, 0.0, top, precision, hi_fails=True)
+    if lo > 0:
+        return lo
+    return bisect_rate(ok, 0.0, hi, hi / 2 ** SUB_GRID_STEPS, hi_fails=True, relative=SUB_GRID_RELATIVE)[0]
+
+
 def probe_span_s(settings: Settings) -> float:
     """How long a probe's arrivals last: long against the time a request may spend in the system
     (its TTFT SLO plus its mean output at the TPOT SLO), so the drain after the last arrival is a
@@ -132,9 +147,9 @@ def queues_grow(reqs: list[SimRequest]) -> bool:
 def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: float | None,
             capacity: float) -> Goodput:
     """Per-device goodput of `run(requests, slo, target) -> requests` (which may stop once the
-    verdict is known) by bisection on the per-device rate over a
-    grid of settings.precision: the grid's top is the first power-of-two multiple of the precision
-    at or above `capacity` (req/s for the whole unit, analytic), and any rate at or above the
+    verdict is known) by bisection on the per-device rate over a grid of settings.precision (and
+    below its first step where that fails: highest_passing_rate): the grid's top is the first
+    power-of-two multiple of the precision at or above `capacity` (req/s for the whole unit, analytic), and any rate at or above the
     capacity fails unsimulated. Same grid for every candidate, so equal goodputs tie exactly."""
     cap = capacity / devices
     if not cap > 0:
@@ -152,7 +167,7 @@ def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: flo
         return attainment(seen[rate], ttft, tpot, settings.rule) >= settings.target and not queues_grow(seen[rate])
 
     top = settings.precision * 2 ** max(0, math.ceil(math.log2(cap / settings.precision)))
-    lo = bisect_rate(ok, 0.0, top, settings.precision, hi_fails=True)[0]
+    lo = highest_passing_rate(ok, top, settings.precision)
     if lo <= 0:
         return Goodput(0.0, cap)
     done = [r for r in seen[lo] if not math.isnan(r.finish)]
