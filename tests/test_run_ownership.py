@@ -41,6 +41,17 @@ def _files(folder) -> dict[str, bytes]:
             if os.path.isfile(os.path.join(folder, name))}
 
 
+def _assert_untouched_by_others(run, owned: dict[str, bytes], others: list[bytes]) -> None:
+    """The first run goes on writing its run directory (its plan, its logs) while the others are
+    refused, so its files may only have grown since `owned` was read: each file read then is still
+    there and begins as it did, and no file names the others' input, output or requests."""
+    now = _files(run)
+    for name, content in owned.items():
+        assert now.get(name, b"").startswith(content), f"{name} was changed"
+    for name, content in now.items():
+        assert not any(marker in content for marker in others), f"{name} holds another run's data"
+
+
 def _pdlaunch(*args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env,
@@ -70,7 +81,8 @@ def test_runs_on_one_run_dir_never_touch_each_other_and_resume_reruns_answers_of
     # a dry run meanwhile prints and writes nothing
     assert main(["generate", config, "--input", str(tmp_path / "other.jsonl"), "--dry-run", "--overwrite"]) == 0
     capsys.readouterr()
-    assert _files(run) == owned and not (tmp_path / "b.jsonl").exists()
+    _assert_untouched_by_others(run, owned, [b"other.jsonl", b"b.jsonl", b'"b0"'])
+    assert not (tmp_path / "b.jsonl").exists()
     _, err = first.communicate(timeout=240)
     assert first.returncode == 0, err[-2000:]
     assert sorted(read_results(tmp_path / "out.jsonl")) == a_ids  # its own requests, each once
