@@ -172,12 +172,16 @@ def main() -> None:
                   + {True: "right", False: "wrong", None: "undecided (brackets overlap)"}[entry["pick_is_measured_winner"]],
                   flush=True)
         summary["regimes"][name] = entry
-    summary["load_average_at_end"] = os.getloadavg()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "mode_choice.json")
+        summary["load_average_at_end"] = os.getloadavg()
+        write_summary(summary, args.out)  # after each regime: a run cut short keeps what it measured
+
+
+def write_summary(summary: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "mode_choice.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
