@@ -109,7 +109,7 @@ class WorkloadConfig:
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"  # where `pdlaunch serve` listens (0.0.0.0: every interface of rank 0's node)
-    port: int = 8000
+    port: int = 8000         # 0: any free port, named in the "serving" line
     model_name: str = ""     # the `model` clients send; empty: the model directory's name
     max_queue: int = 64      # most admitted requests waiting for their first token; more get 429 at once
     drain_s: float = 30.0    # on SIGTERM: how long running requests may take to finish
@@ -176,7 +176,7 @@ POSITIVE_INTS = {
     "scheduler.decode_kv_blocks", "planner.num_requests",
     "planner.max_requests", "serve.port", "serve.max_queue", "serve.max_body_bytes",
 }
-ZERO_ALLOWED = {"cluster.master_port", "placement.prefill.instances", "placement.decode.instances"}
+ZERO_ALLOWED = {"cluster.master_port", "serve.port", "placement.prefill.instances", "placement.decode.instances"}
 
 
 def _type_name(tp: Any) -> str:
@@ -272,7 +272,8 @@ def _check_ranges(cfg: JobConfig) -> None:
     if cfg.scheduler.watchdog_s <= 0:
         raise UserError("config: 'scheduler.watchdog_s' must be > 0 seconds")
     if cfg.serve.port > 65535 or cfg.serve.drain_s < 0:
-        raise UserError("config: 'serve.port' must be in [1, 65535] and 'serve.drain_s' >= 0 seconds")
+        raise UserError("config: 'serve.port' must be in [0, 65535] (0: any free port) and 'serve.drain_s' >= 0 "
+                        "seconds")
     if not all(key.strip() for key in cfg.serve.api_key):
         raise UserError("config: 'serve.api_key' has an empty key; remove it or give it a value")
     p = cfg.placement

@@ -23,6 +23,11 @@ class HttpServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="pdlaunch-http", daemon=True)
 
+    @property
+    def port(self) -> int:
+        """The port listened on: the one asked for, or the one the system chose for port 0."""
+        return self.sock.getsockname()[1]
+
     def start(self) -> None:
         self.thread.start()
 

@@ -86,7 +86,7 @@ def _run_server(ctx, job: JobFile) -> None:
     server = HttpServer(app, cfg.serve.host, cfg.serve.port)
     host = socket.gethostname() if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     auth = f"{len(cfg.serve.api_key)} API key(s) required on /v1" if cfg.serve.api_key else "no API key"
-    frontend.announce = (f"pdlaunch: serving '{name}' at http://{host}:{cfg.serve.port}/v1 (OpenAI completions and "
+    frontend.announce = (f"pdlaunch: serving '{name}' at http://{host}:{server.port}/v1 (OpenAI completions and "
                          f"chat, {auth}; /health, /metrics open); SIGTERM drains")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, frontend.drain)

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "placement until SIGTERM, which drains")
     sv.add_argument("config", help=CONFIG_HELP)
     sv.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
-    sv.add_argument("--port", type=int, help="port to listen on (default: serve.port, 8000)")
+    sv.add_argument("--port", type=int, help="port to listen on (default: serve.port, 8000; 0: any free port, named in the "
+                                             "'serving' line)")
     sv.add_argument("--launcher", choices=("mpirun", "deepspeed", "srun"), default="mpirun",
                     help="how to start the ranks (srun: inside a Slurm allocation)")
     sv.add_argument("--plan", help="plan file to run (from `pdlaunch plan`), instead of placement.plan")

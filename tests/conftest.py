@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -122,19 +123,18 @@ def read_results(path) -> dict[str, dict]:
 
 
 class ServerProcess:
-    """`pdlaunch serve CONFIG` in the background: started, waited for until it prints its URL,
-    and stopped with SIGTERM (a drain); `stop()` returns the exit code and keeps stderr."""
+    """`pdlaunch serve CONFIG --port 0` in the background: started, waited for until it prints its
+    URL (the port the server bound: a port picked here and passed on could be taken meanwhile, e.g.
+    by the job's own rendezvous), and stopped with SIGTERM (a drain); `stop()` returns the exit code
+    and keeps stderr."""
 
     def __init__(self, config: str, run_dir: str, startup_s: float = 240, args: tuple = (), env: dict | None = None):
         import threading
         import time
 
-        from launcher.network import free_port
-
-        self.port, self.run_dir = free_port(), run_dir
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.run_dir, self.url = run_dir, ""
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", config, "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "serve", config, "--port", "0",
                                       "--run-dir", run_dir, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -149,7 +149,9 @@ class ServerProcess:
     def _read(self) -> None:
         for line in self.proc.stderr:
             self.lines.append(line)
-            if "pdlaunch: serving" in line:
+            serving = re.search(r"pdlaunch: serving '[^']+' at (http://\S+)/v1", line)
+            if serving:
+                self.url = serving.group(1)
                 self.ready.set()
 
     @property

@@ -66,6 +66,8 @@ CONFIG_CASES = [
     ("empty api key", "serve.api_key", ["key", " "], "'serve.api_key' has an empty key"),
     ("api key not a string", "serve.api_key", [123], "'serve.api_key' must be a list of strings"),
     ("zero body limit", "serve.max_body_bytes", 0, "'serve.max_body_bytes' must be >= 1"),
+    ("negative port", "serve.port", -1, "'serve.port' must be >= 0"),
+    ("port over 65535", "serve.port", 70000, "'serve.port' must be in [0, 65535] (0: any free port)"),
     ("prefix caching not a bool", "scheduler.prefix_caching", "yes", "'scheduler.prefix_caching' must be true or false"),
     ("shared prefix share over 1", "planner.shared_prefix_share", 1.5, "'planner.shared_prefix_share' in [0, 1]"),
 ]

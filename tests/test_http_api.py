@@ -20,7 +20,6 @@ from engine.frontend import Frontend
 from engine.http_api import build_app
 from engine.http_server import HttpServer
 from engine.serve_metrics import ServeMetrics
-from launcher.network import free_port
 
 KEY = "test-key"
 ANSWER = (5, 6, 7)  # every request's output tokens
@@ -62,14 +61,13 @@ def server(tmp_path_factory):
     controller = Controller(ctx, cfg, WordCodec(), vocab_size=100)
     log = tmp_path_factory.mktemp("serve") / "requests.jsonl"
     frontend = Frontend(controller, cfg.serve, ServeMetrics(cfg.slo, cfg.scheduler.block_size), None, str(log))
-    port = free_port()
     http = HttpServer(build_app(frontend, WordCodec(), "tiny", cfg.model.max_model_len, (KEY,), 2000),
-                      "127.0.0.1", port)
+                      "127.0.0.1", 0)
     stop = threading.Event()
     loop = threading.Thread(target=answer_everything, args=(frontend, stop), daemon=True)
     http.start()
     loop.start()
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", controller=controller, log=log)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{http.port}", controller=controller, log=log)
     stop.set()
     http.stop()
     frontend.close()

@@ -62,6 +62,24 @@ def run_both_ways(tmp_path, config: str, slurm_conf: str, direct_config: str | N
     return via_slurm, {k: r["token_ids"] for k, r in read_results(tmp_path / "direct.jsonl").items()}
 
 
+def port_outside_ephemeral_range() -> int:
+    """A free port the system never hands out for port 0 (below ip_local_port_range), so the job's
+    own rendezvous cannot take it between here and the server's bind."""
+    import random
+
+    from launcher.network import listening_socket
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        first_ephemeral = int(f.read().split()[0])
+    for port in random.sample(range(10000, first_ephemeral), 200):
+        try:
+            listening_socket("127.0.0.1", port).close()
+            return port
+        except OSError:
+            continue
+    raise AssertionError(f"no free port below {first_ephemeral}")
+
+
 @pytest.mark.slow
 def test_sbatch_runs_the_job(slurm_conf, tmp_path, tiny_model_dir):
     layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
@@ -141,12 +159,11 @@ def test_sbatch_serve_prints_its_url_serves_and_drains_on_scancel(slurm_conf, tm
     import urllib.request
 
     from conftest import rank_processes
-    from launcher.network import free_port
 
     layout = {"mode": "disaggregated", "prefill": {"instances": 1, "tp": 1, "pp": 1},
               "decode": {"instances": 1, "tp": 1, "pp": 1}}
     config = write_job(tmp_path, tiny_model_dir, layout, [[5, 6]], 6)
-    port = free_port()
+    port = port_outside_ephemeral_range()
     script = tmp_path / "serve.sbatch"
     proc = run_pdlaunch("sbatch", config, "-o", str(script), "--serve", "--port", str(port), "--quiet")
     assert proc.returncode == 0, proc.stderr

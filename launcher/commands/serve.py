@@ -70,8 +70,8 @@ def serve(args) -> int:
     if args.host:
         cfg.serve.host = args.host
     if args.port is not None:
-        if not 0 < args.port <= 65535:
-            raise UserError(f"serve: --port must be in [1, 65535], got {args.port}")
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"serve: --port must be in [0, 65535] (0: any free port), got {args.port}")
         cfg.serve.port = args.port
     if args.plan:
         cfg.placement.plan = os.path.abspath(args.plan)
