@@ -37,6 +37,12 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"pdlaunch: {message}; see `pdlaunch --help`")
 
 
+def _add_no_calibrate(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--no-calibrate", action="store_true",
+                   help=f"when the profile was measured on another kind of machine, {verb} on its timings as they "
+                        "are (with a warning) instead of scaling them by a short probe here (planner.calibrate)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pdlaunch", description="Disaggregated prefill/decode LLM inference launcher")
     parser.add_argument("--version", action="version", version=f"pdlaunch {__version__}")
@@ -71,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--mode", choices=("auto", "disaggregated", "colocated"),
                     help="architecture: auto (default: planner.mode, itself auto) writes whichever sustains the SLOs "
                          "at the higher rate per device; the other two force it, and both are still reported")
-    pl.add_argument("--no-calibrate", action="store_true",
-                    help="when the profile was measured on another kind of machine, plan on its timings as they are "
-                         "(with a warning) instead of scaling them by a short probe here (planner.calibrate)")
+    _add_no_calibrate(pl, "plan")
     pl.add_argument("--quiet", action="store_true", help="print nothing but errors")
     pl.set_defaults(func=("launcher.commands.plan", "plan"))
     pr = sub.add_parser("profile", help="time the real engine on this hardware and fit the latency model")
@@ -111,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--plan", help="plan file to simulate (default: the config's placement)")
     si.add_argument("--slo-scales", default="0.4,0.6,0.8,1.0,1.2", help="multiples of both SLOs to report")
     si.add_argument("-o", "--output", help="JSON report: per-request timings, attainment per SLO scale")
-    si.add_argument("--no-calibrate", action="store_true",
-                    help="when the profile was measured on another kind of machine, simulate on its timings as they are "
-                         "(with a warning) instead of scaling them by a short probe here (planner.calibrate)")
+    _add_no_calibrate(si, "simulate")
     si.add_argument("--quiet", action="store_true", help="no summary table")
     si.set_defaults(func=("launcher.commands.plan", "simulate"))
     be = sub.add_parser("bench", help="replay a workload at several rates; measured vs simulated attainment")
