@@ -436,17 +436,17 @@ def test_the_simulator_takes_prompt_chunks_as_the_engines_scheduler_does():
     the same prompts give the same (request, start, tokens) steps in engine and simulator."""
     import random
 
-    from launcher.planner.sim_steps import PromptQueue
+    from launcher.planner.sim_steps import prompt_queue
     from launcher.planner.workload import SimRequest
 
     rng = random.Random(7)
     lens = [rng.randrange(1, 80) for _ in range(30)]
     for role, policy in (("prefill", "prefill_first"), ("colocated", "chunked")):
         s = sched(role, blocks=10 ** 4, budget=24, max_batch=100, policy=policy)
-        prompts, reqs = PromptQueue(), [SimRequest(0.0, n, 2) for n in lens]
+        prompts, reqs = prompt_queue(), [SimRequest(0.0, n, 2) for n in lens]
         for i, n in enumerate(lens):
             s.add_request(req(i, n))
-            prompts.queue.append(reqs[i])
+            prompts.add(reqs[i])
         splits = (lambda n: n > 24) if role == "prefill" else (lambda n: True)
         index = {id(r): i for i, r in enumerate(reqs)}  # by identity: equal lengths make equal requests
         engine, simulated = [], []

@@ -1,7 +1,7 @@
 """The simulator's step machinery (launcher/planner/simulator.py runs the instances on it): the
 event loop, a decode batch counted rather than walked, the steps in flight on a PP instance, the
-decode groups that take turns through its stages, the prompt queue chunked prefill takes from, and
-the price of one step. Times in ms.
+decode groups that take turns through its stages, the prompt queue steps take chunks from (the
+engine's rule: contracts.prompt_chunks), and the price of one step. Times in ms.
 """
 from __future__ import annotations
 
@@ -10,43 +10,14 @@ import math
 from collections import deque
 from typing import Callable
 
+from contracts.prompt_chunks import PromptChunks
 from launcher.planner.workload import SimRequest
 
 
-class PromptQueue:
-    """Prompts waiting for their prefill and those started in chunks, as the engine's PromptQueue
-    (engine/prompt_queue.py) takes them: the started prompts' next chunks first, then waiting
-    prompts FCFS (no skipping ahead), each whole or, where it may split, as much as the budget holds."""
+def prompt_queue() -> PromptChunks[SimRequest]:
+    """An instance's prompts waiting for, or part-way through, their prefill."""
+    return PromptChunks(lambda r: r.input_len, lambda r: r.uncached_len, lambda r: r.cached_len)
 
-    def __init__(self):
-        self.queue: deque[SimRequest] = deque()
-        self.started: deque[list] = deque()  # [request, prompt tokens given to steps so far]
-
-    def __bool__(self) -> bool:
-        return bool(self.queue or self.started)
-
-    def take(self, budget: int, splits: Callable[[int], bool],
-             admit: Callable[[SimRequest, int], bool]) -> list[tuple[SimRequest, int, int]]:
-        """(request, tokens before the chunk, chunk tokens) of one step; admit(request, chunks so
-        far) takes a waiting request in, or says there is no room for it."""
-        chunks = []
-        while budget > 0 and self:
-            if not self.started:
-                r = self.queue[0]
-                if r.uncached_len > budget and chunks and not splits(r.uncached_len):
-                    break  # a whole prompt that does not fit: the next step
-                if not admit(r, len(chunks)):
-                    break
-                self.started.append([self.queue.popleft(), r.cached_len])  # a cached prefix runs no step
-            entry = self.started[0]
-            r, done = entry
-            n = min(r.input_len - done, budget) if splits(r.uncached_len) else r.input_len - done
-            chunks.append((r, done, n))
-            entry[1] += n
-            budget -= n
-            if entry[1] == r.input_len:
-                self.started.popleft()
-        return chunks
 
 
 def step_cost(inst, chunks: list[tuple[SimRequest, int, int]], group: "RunningBatch | None") -> tuple[float, float, str]:

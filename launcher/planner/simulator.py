@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from launcher.planner.latency import LatencyModel, prefill_token_budget, transfer_ms
-from launcher.planner.sim_steps import (DecodeGroups, EventLoop, PromptQueue, RunningBatch, StepPipeline, launch_decode,
-                                        step_cost, wake_at, wake_when_first_stage_frees)
+from launcher.planner.sim_steps import (DecodeGroups, EventLoop, RunningBatch, StepPipeline, launch_decode,
+                                        prompt_queue, step_cost, wake_at, wake_when_first_stage_frees)
 from launcher.planner.workload import SimRequest
 
 
@@ -64,7 +64,7 @@ def _depth(sim: "Simulation", spec: InstanceSpec, phase: str) -> int:
 class _Prefill:
     def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
         self.sim, self.spec, self.index = sim, spec, index
-        self.prompts = PromptQueue()
+        self.prompts = prompt_queue()
         self.held, self.outstanding, self.waking = 0, 0, False
         self.queued_tokens = 0  # uncached prompt tokens sent here without their first token yet
         self.pipe = StepPipeline(_depth(sim, spec, "prefill"))
@@ -101,7 +101,7 @@ class _Prefill:
     def enqueue(self, r: SimRequest) -> None:
         """Batches start after every request of this instant has arrived, as the engine's leader
         drains all its messages before it schedules."""
-        self.prompts.queue.append(r)
+        self.prompts.add(r)
         wake_at(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
 
     def _done(self, batch: list[SimRequest]) -> None:
@@ -208,7 +208,7 @@ class _Colocated:
 
     def __init__(self, sim: "Simulation", spec: InstanceSpec, index: int):
         self.sim, self.spec, self.index = sim, spec, index
-        self.prompts = PromptQueue()
+        self.prompts = prompt_queue()
         depth = _depth(sim, spec, "decode")
         self.running, self.pipe = DecodeGroups(depth), StepPipeline(depth)
         self.used = self.outstanding = self.starting = self.queued_tokens = 0
@@ -221,7 +221,7 @@ class _Colocated:
 
     def enqueue(self, r: SimRequest) -> None:
         """As _Prefill.enqueue: the step starts once this instant's arrivals are all queued."""
-        self.prompts.queue.append(r)
+        self.prompts.add(r)
         wake_at(self, max(self.sim.loop.now, self.pipe.first_free), self.try_start)
 
     def _admit(self, r: SimRequest, chunks: int) -> bool:
