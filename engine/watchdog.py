@@ -11,6 +11,8 @@ import time
 from engine import control_plane as c
 from engine.control_plane import RankContext
 
+BEACON_SILENT_S = 3 * c.HEARTBEAT_S  # a beacon this late has stopped (it speaks every HEARTBEAT_S)
+
 
 class Watchdog:
     """Ends the job, naming the culprit, when
@@ -46,14 +48,22 @@ class Watchdog:
         return (f"{inst.role} instance {inst.id} (ranks {inst.ranks[0]}-{inst.ranks[-1]} on "
                 f"{', '.join(sorted({self.nodes[r] for r in inst.ranks}))})")
 
+    def _stopped(self, rank: int, now: float) -> TimeoutError:
+        return TimeoutError(f"{self._rank(rank)} sent nothing for {now - self.rank_seen[rank]:.0f} s: its process is "
+                            "stopped or dead (SIGSTOP, a hung node, or swapped out)")
+
     def check(self, in_flight: dict[int, int]) -> None:
         now = time.time()
         for rank, when in self.rank_seen.items():
             if now - when > self.limit_s:
-                raise TimeoutError(f"{self._rank(rank)} sent nothing for {now - when:.0f} s: its process is stopped "
-                                   "or dead (SIGSTOP, a hung node, or swapped out)")
+                raise self._stopped(rank, now)
         for inst_id, (when, steps) in self.seen.items():
             if now - when > self.limit_s:
+                # a stopped leader's last heartbeat may predate its beacon's last word by up to a step:
+                # a rank of the instance whose beacon is silent too is the culprit, named as such
+                quietest = min(self.plan.instances[inst_id].ranks, key=self.rank_seen.get)
+                if now - self.rank_seen[quietest] > BEACON_SILENT_S:
+                    raise self._stopped(quietest, now)
                 raise TimeoutError(f"{self._instance(self.plan.instances[inst_id])} sent no heartbeat for "
                                    f"{now - when:.0f} s after step {steps}: a rank of it is stuck (every process "
                                    "of it runs)")
