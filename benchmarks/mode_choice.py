@@ -47,9 +47,9 @@ REGIMES = {
 
 def regime_config(name: str, dtype: str):
     """The embedded job in `dtype` with the regime's lengths (fixed) and SLOs, its hosts, and the
-    latency models to plan it with. The SLOs are set for the fp32 profile's machine; where this one runs the profile's steps
-    at other speeds (the calibration factors), TTFT scales with the prefill factor and TPOT with the
-    decode one, so the regime means the same on any machine (e.g. a prefill beside a decode still
+    latency models to plan it with. The SLOs are set for the fp32 profile's machine; where this one
+    runs the profile's steps at other speeds (the calibration factors), TTFT scales with the prefill
+    factor and TPOT with the decode one, so the regime means the same on any machine (e.g. a prefill beside a decode still
     breaks the TPOT SLO)."""
     cfg = load_config(os.path.join(ROOT, "configs", "cpu-default.yaml"))
     cfg.model.dtype = dtype

@@ -32,7 +32,7 @@ class PromptChunks(Generic[P]):
         self.waiting.append(prompt)
 
     def drop_waiting(self, match: Callable[[P], bool]) -> Optional[P]:
-        """Takes out the first waiting prompt that matches (an abort); None if none has not started."""
+        """Takes out the first waiting prompt that matches (an abort); None if no waiting one does."""
         found = next((p for p in self.waiting if match(p)), None)
         if found is not None:
             self.waiting.remove(found)

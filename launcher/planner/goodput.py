@@ -150,7 +150,8 @@ def goodput(run, settings: Settings, devices: int, ttft: float | None, tpot: flo
     verdict is known) by bisection on the per-device rate over a grid of settings.precision (and
     below its first step where that fails: highest_passing_rate): the grid's top is the first
     power-of-two multiple of the precision at or above `capacity` (req/s for the whole unit,
-    analytic), and any rate at or above the capacity fails unsimulated. Same grid for every candidate, so equal goodputs tie exactly."""
+    analytic), and any rate at or above the capacity fails unsimulated. Same grid for every
+    candidate, so equal goodputs tie exactly."""
     cap = capacity / devices
     if not cap > 0:
         return Goodput(0.0, 0.0)

@@ -19,7 +19,6 @@ def prompt_queue() -> PromptChunks[SimRequest]:
     return PromptChunks(lambda r: r.input_len, lambda r: r.uncached_len, lambda r: r.cached_len)
 
 
-
 def step_cost(inst, chunks: list[tuple[SimRequest, int, int]], group: "RunningBatch | None") -> tuple[float, float, str]:
     """(latency, first-stage interval, phase) of a step of prompt chunks beside a decode group."""
     sim, tp, pp = inst.sim, inst.spec.tp, inst.spec.pp
