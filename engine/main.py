@@ -25,6 +25,18 @@ from contracts.job_file import JobFile  # noqa: E402
 from launcher.model_files import read_shape  # noqa: E402
 
 DOING = {"what": "starting up"}
+# What a rank's error says when the rank at the other end of a connection went away (gloo, NCCL, sockets).
+PEER_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe", "remote process exited",
+             "socket closed", "connection refused")
+PEER_LOST_GRACE_S = 5.0  # how long such a rank waits for the launcher to report the rank that died first
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """A rank that failed only because a peer died must not speak first: Open MPI reports just the
+    first rank that aborts, so an instant abort here would hide the dead rank's name (measured: a
+    SIGKILLed PP stage blamed on its neighbour's 'Connection reset by peer')."""
+    text = str(error).lower()
+    return any(words in text for words in PEER_LOST)
 
 
 def _run_controller(ctx, job: JobFile) -> None:
@@ -208,6 +220,11 @@ def main(argv=None) -> int:
         role = "controller" if ctx and ctx.is_controller else \
             (f"{ctx.instance.role} instance {ctx.instance.id} (tp {ctx.tp_rank}, pp {ctx.pp_stage})" if ctx else "?")
         detail = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
+        if _lost_a_peer(e):  # mpirun ends this rank during the wait if the peer died; else its word is all there is
+            import time
+
+            time.sleep(PEER_LOST_GRACE_S)
+            detail += " (its peer went away; no rank was reported dead)"
         print(f"pdlaunch: rank {rank} on {socket.gethostname()} ({role}) failed while {DOING['what']}: "
               f"{detail}", file=sys.stderr, flush=True)
         if os.environ.get("PDLAUNCH_TRACEBACK"):
