@@ -31,6 +31,7 @@ from launcher.bench_report import plot
 from launcher.bench_trace import (build_trace, engine_lines, measured_and_simulated, profile_latency, rate_indices,
                                   slo_scale_curve, summary, system_config)
 from launcher.job_setup import checked_requests, new_job, run_job
+from launcher.step_pricing import pricing_line, step_pricing
 
 
 def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[float]], n: int, vocab: int, spec,
@@ -65,11 +66,14 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         report = run_one(system, plan, inp, out)
         overheads_s.append(time.monotonic() - job_started - span_s)
         runs, factors = measured_and_simulated(cfg_s, plan, spec, trace, segment, report, out)
+        pricing = step_pricing(report, plan, scaled(profile_latency(cfg_s, plan), factors["prefill"], factors["decode"]))
         jobs.append({"system": system, "rates": job_rates, "calibration": factors, "wall_s": report.get("wall_s"),
-                     "span_s": span_s})
+                     "span_s": span_s, "step_pricing": pricing})
         say(f"  calibration: prefill steps run at {factors['prefill']:.2f}x and batch-1 decode steps at "
             f"{factors['decode']:.2f}x the profile's alone timings of the same shapes "
             f"({factors['steps']['prefill']} and {factors['steps']['decode']} probe steps)")
+        say(f"  the job's steps against the calibrated model's price (median by kind and tokens per step; steps): "
+            f"{pricing_line(pricing)}")
         new = []
         for k, rate in enumerate(job_rates, 1):
             pick = rate_indices(segment, k)

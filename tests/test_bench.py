@@ -213,3 +213,31 @@ def test_each_colocated_system_runs_its_own_policy():
     assert other.scheduler.colocated_policy == "prefill_first" and cfg.scheduler.colocated_policy == "chunked"
     # the bench runs stored before chunked prefill named their prefill-first system "colocated"
     assert system_config(cfg, "colocated").scheduler.colocated_policy == "prefill_first"
+
+
+def test_step_pricing_names_the_step_classes_the_model_misprices():
+    """Engine steps at 1.3x the model's price for batch-16 decodes and at its price elsewhere: the
+    table shows 1.3 for that class alone, each class with its count, and a PP instance's steps are
+    priced through its stages."""
+    from contracts.plan import InstancePlan, Plan
+    from launcher.planner.latency import load_profile
+    from launcher.step_pricing import pricing_line, size_class, step_price, step_pricing
+
+    latency = load_profile("configs/profiles/distserve-profile-a100-80g.json", "facebook/opt-13b")
+    plan = Plan([InstancePlan(0, "colocated", 1, 1, 1, ["h"]), InstancePlan(1, "colocated", 1, 2, 2, ["h", "h"])])
+    shapes = {"prefill": [{"lens": [300, 200]}, {"lens": [16]}],
+              "decode": [{"batch": 16, "context_sum": 4000}, {"batch": 1, "context_sum": 300}],
+              "mixed": [{"lens": [100], "starts": [256], "batch": 8, "context_sum": 900}]}
+    report = {"instances": []}
+    for index, inst in enumerate(plan.instances):
+        samples = {kind: [dict(s, ms=step_price(latency, s, inst.tp, inst.pp) * (1.3 if s.get("batch") == 16 else 1.0))
+                          for s in steps] for kind, steps in shapes.items()}
+        report["instances"].append({"instance": index, "step_samples": samples})
+    rows = step_pricing(report, plan, latency)
+    assert [(r["kind"], r["tokens"], r["steps"], r["ratio"]) for r in rows] == [
+        ("decode", "1", 2, 1.0), ("decode", "16-31", 2, 1.3), ("mixed", "64-127", 2, 1.0),
+        ("prefill", "16-31", 2, 1.0), ("prefill", "256-511", 2, 1.0)]
+    assert pricing_line(rows).startswith("decode 1: 1.00x (2), decode 16-31: 1.30x (2)")
+    assert [size_class(n) for n in (0, 1, 2, 3, 7, 8, 511, 512, 4000)] == \
+        ["1", "1", "2-3", "2-3", "4-7", "8-15", "256-511", "512+", "512+"]
+    assert step_price(latency, shapes["decode"][0], 1, 2) > step_price(latency, shapes["decode"][0], 1, 1)

@@ -1,0 +1,56 @@
+"""How the latency model prices the steps a bench job's engine really ran, by kind and size.
+
+The bench's fidelity rows compare attainment, where a price a few percent off moves a request
+across an SLO near the knee; this says which steps were mispriced: per step kind (prefill, decode,
+mixed) and tokens per step, the median ratio of the engine's step time to the model's price of the
+same shape. Ratios include whatever contention the step met (the model's price is the profile's,
+every slot busy), so a whole table near 1.0 means the machine ran as profiled and calibrated, and
+one class far from the rest means the model's shape is wrong there. Pure Python.
+"""
+from __future__ import annotations
+
+import statistics
+
+from contracts.plan import Plan
+from launcher.planner.latency import LatencyModel
+
+SIZE_EDGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # tokens per step: a class is [edge, next edge)
+
+
+def size_class(tokens: int) -> str:
+    """The tokens-per-step class a step falls in, as '4-7' (or '512+')."""
+    lower = max(e for e in SIZE_EDGES if e <= max(tokens, 1))
+    upper = next((e for e in SIZE_EDGES if e > lower), None)
+    if upper is None:
+        return f"{lower}+"
+    return str(lower) if upper == lower + 1 else f"{lower}-{upper - 1}"
+
+
+def step_price(latency: LatencyModel, step: dict, tp: int, pp: int) -> float:
+    """The model's price (ms) of one engine step sample (report.json's step_samples: a prefill has
+    lens, a decode batch and context_sum, a mixed step all three)."""
+    lens = step.get("lens", [])
+    return latency.mixed_ms(lens, step.get("starts") or [0] * len(lens), step.get("batch", 0),
+                            step.get("context_sum", 0), tp, pp)
+
+
+def step_pricing(report: dict, plan: Plan, latency: LatencyModel) -> list[dict]:
+    """[{kind, tokens, steps, ratio}]: per step kind and tokens-per-step class, how many steps the
+    job's instances ran and the median of engine time / model price, sorted by kind and size."""
+    ratios: dict[tuple[str, int, str], list[float]] = {}
+    for stats in report.get("instances", []):
+        inst = plan.instances[stats["instance"]]
+        for kind, samples in stats.get("step_samples", {}).items():
+            for step in samples:
+                tokens = sum(step.get("lens", [])) + step.get("batch", 0)
+                price = step_price(latency, step, inst.tp, inst.pp)
+                if price > 0:
+                    key = (kind, max(e for e in SIZE_EDGES if e <= max(tokens, 1)), size_class(tokens))
+                    ratios.setdefault(key, []).append(step["ms"] / price)
+    return [{"kind": kind, "tokens": label, "steps": len(r), "ratio": round(statistics.median(r), 3)}
+            for (kind, _, label), r in sorted(ratios.items())]
+
+
+def pricing_line(rows: list[dict]) -> str:
+    """One line: 'decode 1: 0.95x (742), decode 2-3: 1.14x (751), ...'."""
+    return ", ".join(f"{r['kind']} {r['tokens']}: {r['ratio']:.2f}x ({r['steps']})" for r in rows)
