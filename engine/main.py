@@ -27,7 +27,7 @@ from launcher.model_files import read_shape  # noqa: E402
 DOING = {"what": "starting up"}
 # What a rank's error says when the rank at the other end of a connection went away (gloo, NCCL, sockets).
 PEER_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe", "remote process exited",
-             "socket closed", "connection refused")
+             "socket closed")
 PEER_LOST_GRACE_S = 5.0  # how long such a rank waits for the launcher to report the rank that died first
 
 
