@@ -27,7 +27,7 @@ from contracts.config import JobConfig
 from contracts.plan import Plan
 from launcher.bench_calibration import PROBE_PROMPTS, scaled
 from launcher.bench_goodput import OutOfTime, fidelity, goodput_ratio, measured_goodput, simulated_goodput
-from launcher.bench_report import plot
+from launcher.bench_report import FIDELITY_FIELDS, plot
 from launcher.bench_trace import (build_trace, engine_lines, measured_and_simulated, profile_latency, rate_indices,
                                   slo_scale_curve, summary, system_config)
 from launcher.job_setup import checked_requests, new_job, run_job
@@ -64,6 +64,8 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
             f"({span_s:.0f} s of arrivals after a {len(PROBE_PROMPTS)}-request calibration probe) ...")
         job_started = time.monotonic()
         report = run_one(system, plan, inp, out)
+        with open(os.path.join(out_dir, f"report-{name}.json"), "w") as f:  # its step samples, for later replays
+            json.dump(report, f)
         overheads_s.append(time.monotonic() - job_started - span_s)
         runs, factors = measured_and_simulated(cfg_s, plan, spec, trace, segment, report, out)
         pricing = step_pricing(report, plan, scaled(profile_latency(cfg_s, plan), factors["prefill"], factors["decode"]))
@@ -72,19 +74,24 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         say(f"  calibration: prefill steps run at {factors['prefill']:.2f}x and batch-1 decode steps at "
             f"{factors['decode']:.2f}x the profile's alone timings of the same shapes "
             f"({factors['steps']['prefill']} and {factors['steps']['decode']} probe steps)")
+        run = factors["run"]
+        say(f"  the job's own steps ran at {run['prefill']:.2f}x (prefill and mixed) and {run['decode']:.2f}x (decode) "
+            "the profile's prices")
         say(f"  the job's steps against the calibrated model's price (median by kind and tokens per step; steps): "
             f"{pricing_line(pricing)}")
         new = []
         for k, rate in enumerate(job_rates, 1):
             pick = rate_indices(segment, k)
-            m, p, c = ([runs[name][i] for i in pick] for name in ("measured", "predicted", "calibrated"))
+            m, p, c, r = ([runs[name][i] for i in pick] for name in ("measured", "predicted", "calibrated", "replayed"))
             row = {"system": system, "rate": rate, "devices": sum(i.size for i in plan.instances),
                    "requests": len(pick), "measured": summary(m, cfg_s), "predicted": summary(p, cfg_s),
-                   "calibrated": summary(c, cfg_s), "slo_scale": slo_scale_curve(m, cfg_s), "calibration": factors}
-            row["error_points"] = abs(row["measured"]["attainment"] - row["calibrated"]["attainment"]) * 100
-            row["error_points_profile"] = abs(row["measured"]["attainment"] - row["predicted"]["attainment"]) * 100
+                   "calibrated": summary(c, cfg_s), "replayed": summary(r, cfg_s),
+                   "slo_scale": slo_scale_curve(m, cfg_s), "calibration": factors}
+            for field, name, *_ in FIDELITY_FIELDS:
+                row[field] = abs(row["measured"]["attainment"] - row[name]["attainment"]) * 100
             say(f"  {rate:g} req/s: attainment measured {row['measured']['attainment']:.1%}, simulated "
-                f"{row['calibrated']['attainment']:.1%} (calibrated), {row['predicted']['attainment']:.1%} (profile)")
+                f"{row['calibrated']['attainment']:.1%} (calibrated), {row['predicted']['attainment']:.1%} (profile), "
+                f"{row['replayed']['attainment']:.1%} (at the job's own step speed)")
             new.append(row)
         rows.extend(new)
         return new

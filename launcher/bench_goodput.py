@@ -7,6 +7,7 @@ import statistics
 
 from contracts.config import JobConfig
 from contracts.plan import Plan
+from launcher.bench_report import FIDELITY_FIELDS
 from launcher.bench_trace import segment_requests
 from launcher.planner.config_to_plan import settings_from
 from launcher.planner.goodput import bisect_rate, highest_passing_rate
@@ -76,8 +77,10 @@ def fidelity(rows: list[dict]) -> dict:
     """Mean and worst |simulated - measured| attainment, and where a rate ran twice (the same
     trace), how far the engine's two runs of it differ: the floor no simulator can beat."""
     out = {}
-    for key, field in (("calibrated", "error_points"), ("profile", "error_points_profile")):
-        errors = [r[field] for r in rows]
+    for field, _, key, _ in FIDELITY_FIELDS:
+        errors = [r[field] for r in rows if field in r]
+        if not errors:
+            continue
         out[key] = {"mean_points": statistics.fmean(errors), "worst_points": max(errors), "rows": len(errors)}
     repeats = {}
     for r in rows:

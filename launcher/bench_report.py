@@ -5,28 +5,35 @@ from rich.console import Console
 from rich.table import Table
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)  # SLO multiples of the attainment curve
+# (a bench row's error field, the simulation it compares, its key in the fidelity summary, its
+# label): the error is |simulated - measured| attainment in points
+FIDELITY_FIELDS = (("error_points", "calibrated", "calibrated", "calibrated"),
+                   ("error_points_profile", "predicted", "profile", "profile"),
+                   ("error_points_replayed", "replayed", "replayed", "run speed"))
 
 
 def print_bench(result: dict) -> None:
     console = Console()
     table = Table(title=f"pdlaunch bench: SLO attainment, engine vs simulator ({result['requests_per_rate']} "
-                        "requests per rate, one job per system)")
-    for col in ("system", "rate", "measured", "simulated (calibrated)", "error (pts)", "simulated (profile)",
-                "error (pts)", "TTFT p90", "TPOT p90", "tok/s"):
+                        "requests per rate, one job per system): simulated calibrated by the probe, from the profile "
+                        "as it is, and at the speed the run's steps had (run speed); err: points off the measured")
+    for col in ("system", "rate", "measured", *(h for *_, label in FIDELITY_FIELDS for h in (label, "err")),
+                "TTFT p90", "TPOT p90", "tok/s"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
-        m, p, cal = r["measured"], r["predicted"], r["calibrated"]
-        table.add_row(r["system"], f"{r['rate']:g}", f"{m['attainment']:.1%}", f"{cal['attainment']:.1%}",
-                      f"{r['error_points']:.1f}", f"{p['attainment']:.1%}", f"{r['error_points_profile']:.1f}",
+        m = r["measured"]
+        simulated = [cell for field, name, *_ in FIDELITY_FIELDS for cell in
+                     ((f"{r[name]['attainment']:.1%}", f"{r[field]:.1f}") if field in r else ("-", "-"))]
+        table.add_row(r["system"], f"{r['rate']:g}", f"{m['attainment']:.1%}", *simulated,
                       f"{m['ttft_ms_p90']:.0f} ms", f"{m['tpot_ms_p90']:.0f} ms", f"{m['output_tokens_per_s']:.1f}")
     console.print(table)
     for system, f in result["fidelity"].items():
-        cal, prof = f["calibrated"], f["profile"]
         repeat = f["engine_repeat_points"]
-        console.print(f"{system}: error over {cal['rows']} rates: calibrated mean {cal['mean_points']:.1f} / worst "
-                      f"{cal['worst_points']:.1f} points; profile mean {prof['mean_points']:.1f} / worst "
-                      f"{prof['worst_points']:.1f}" + (f"; the engine's repeat of a rate differed by "
-                                                       f"{', '.join(f'{x:.0f}' for x in repeat)} points" if repeat else ""))
+        errors = "; ".join(f"{label} mean {f[key]['mean_points']:.1f} / worst {f[key]['worst_points']:.1f}"
+                           for _, _, key, label in FIDELITY_FIELDS if key in f)
+        console.print(f"{system}: error over {f['calibrated']['rows']} rates, points: {errors}" +
+                      (f"; the engine's repeat of a rate differed by {', '.join(f'{x:.0f}' for x in repeat)} points"
+                       if repeat else ""))
     for system, g in result["goodput_per_device"].items():
         lo, hi = g["bracket"]
         upper = "no rate failed" if hi is None else f"{hi:.3f} failed"

@@ -51,6 +51,24 @@ def step_pricing(report: dict, plan: Plan, latency: LatencyModel) -> list[dict]:
             for (kind, _, label), r in sorted(ratios.items())]
 
 
+def run_factors(report: dict, plan: Plan, latency: LatencyModel) -> dict:
+    """{"prefill": x, "decode": y, "steps": {...}}: the median of engine time / `latency`'s price
+    over the job's steps with prompt tokens (prefill and mixed) and over its decode steps, the
+    factors that make the model's prices the job's own on the whole. Scaled by them, the simulator
+    replays the job with the machine's speed as it ran (not as a probe foresaw it), so what error is
+    left is the simulator's scheduling and the shape of its prices, not the machine's drift."""
+    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for stats in report.get("instances", []):
+        inst = plan.instances[stats["instance"]]
+        for kind, samples in stats.get("step_samples", {}).items():
+            for step in samples:
+                price = step_price(latency, step, inst.tp, inst.pp)
+                if price > 0:
+                    ratios["decode" if kind == "decode" else "prefill"].append(step["ms"] / price)
+    return {phase: statistics.median(r) if r else 1.0 for phase, r in ratios.items()} | \
+        {"steps": {phase: len(r) for phase, r in ratios.items()}}
+
+
 def pricing_line(rows: list[dict]) -> str:
     """One line: 'decode 1: 0.95x (742), decode 2-3: 1.14x (751), ...'."""
     return ", ".join(f"{r['kind']} {r['tokens']}: {r['ratio']:.2f}x ({r['steps']})" for r in rows)

@@ -241,3 +241,35 @@ def test_step_pricing_names_the_step_classes_the_model_misprices():
     assert [size_class(n) for n in (0, 1, 2, 3, 7, 8, 511, 512, 4000)] == \
         ["1", "1", "2-3", "2-3", "4-7", "8-15", "256-511", "512+", "512+"]
     assert step_price(latency, shapes["decode"][0], 1, 2) > step_price(latency, shapes["decode"][0], 1, 1)
+
+
+def test_run_factors_are_the_jobs_own_speed_against_the_profile_per_phase():
+    """Prompt-carrying steps (prefill, mixed) at 1.5x the profile's price and decodes at 0.8x give
+    those factors, whatever the shapes; a job without steps leaves the profile as it is."""
+    from contracts.plan import InstancePlan, Plan
+    from launcher.planner.latency import load_profile
+    from launcher.step_pricing import run_factors, step_price
+
+    latency = load_profile("configs/profiles/distserve-profile-a100-80g.json", "facebook/opt-13b")
+    plan = Plan([InstancePlan(0, "colocated", 1, 1, 1, ["h"])])
+    steps = {"prefill": [{"lens": [n]} for n in (40, 300, 900)],
+             "mixed": [{"lens": [64], "starts": [128], "batch": 5, "context_sum": 700}],
+             "decode": [{"batch": b, "context_sum": 100 * b} for b in (1, 7, 30)]}
+    samples = {kind: [dict(s, ms=step_price(latency, s, 1, 1) * (0.8 if kind == "decode" else 1.5)) for s in shapes]
+               for kind, shapes in steps.items()}
+    factors = run_factors({"instances": [{"instance": 0, "step_samples": samples}]}, plan, latency)
+    assert factors["prefill"] == pytest.approx(1.5) and factors["decode"] == pytest.approx(0.8)
+    assert factors["steps"] == {"prefill": 4, "decode": 3}
+    assert run_factors({"instances": []}, plan, latency) == {"prefill": 1.0, "decode": 1.0,
+                                                             "steps": {"prefill": 0, "decode": 0}}
+
+
+def test_fidelity_summarises_each_simulation_a_row_has():
+    from launcher.bench_goodput import fidelity
+
+    rows = [{"system": "s", "rate": r, "measured": {"attainment": 0.9}, "error_points": e, "error_points_profile": 2 * e,
+             "error_points_replayed": e / 2} for r, e in ((1.0, 4.0), (2.0, 8.0))]
+    out = fidelity(rows)
+    assert out["calibrated"] == {"mean_points": 6.0, "worst_points": 8.0, "rows": 2}
+    assert out["profile"]["worst_points"] == 16.0 and out["replayed"]["mean_points"] == 3.0
+    assert "replayed" not in fidelity([{k: v for k, v in r.items() if k != "error_points_replayed"} for r in rows])
