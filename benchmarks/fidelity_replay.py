@@ -1,8 +1,10 @@
 """The simulator's error on one `pdlaunch bench` run's measured attainment, re-simulated with other
 profiles: the same trace and the same engine results for each, so profiles (or simulator versions)
 are compared without the engine's run-to-run noise (tens of points at the knee on this machine).
-Takes each system's first job (its rates after the calibration probe); the bench directory needs
-its results-*.jsonl, which `pdlaunch bench -o DIR` writes and git does not keep.
+Takes every job whose report the bench kept (report-SYSTEM-N.json; before 2026-12-04 only each
+system's last job, in run-SYSTEM/report.json); the bench directory needs its results-*.jsonl,
+which `pdlaunch bench -o DIR` writes and git does not keep. Besides the profile as it is and the
+job's probe, each job is replayed at the speed its own steps ran (launcher/step_pricing.py).
 
     python benchmarks/fidelity_replay.py CONFIG BENCH_DIR PROFILE [PROFILE ...] [--out FILE]
 """
@@ -32,16 +34,19 @@ def replay(config: str, bench_dir: str, profile: str) -> list[dict]:
     spec = model_spec(cfg, read_shape(model_dir_of(cfg)))
     with open(os.path.join(bench_dir, "bench.json")) as f:
         bench = json.load(f)
-    rows, seen = [], set()
+    rows = []
+    last = {job["system"]: index for index, job in enumerate(bench["jobs"])}
     for index, job in enumerate(bench["jobs"]):
         system = job["system"]
-        if system in seen:
-            continue  # a bisection job: run-<system>/report.json holds only the last job's
-        seen.add(system)
+        report_path = os.path.join(bench_dir, f"report-{system}-{index}.json")  # kept per job since 2026-12-04
+        if not os.path.exists(report_path):
+            if index != last[system]:
+                continue  # an older bench: run-<system>/report.json holds only the system's last job
+            report_path = os.path.join(bench_dir, f"run-{system}", "report.json")
         cfg_s = system_config(cfg, system)  # its colocated policy
         plan = read_plan(os.path.join(bench_dir, f"run-{system}", "plan.yaml"))
         trace, segment = build_trace(cfg_s, plan, spec, job["rates"], bench["requests_per_rate"])
-        with open(os.path.join(bench_dir, f"run-{system}", "report.json")) as f:
+        with open(report_path) as f:
             report = json.load(f)
         runs, _ = measured_and_simulated(cfg_s, plan, spec, trace, segment, report,
                                          os.path.join(bench_dir, f"results-{system}-{index}.jsonl"))
@@ -67,14 +72,17 @@ def main() -> None:
     out = {}
     for profile in args.profiles:
         rows = replay(args.config, args.bench_dir, profile)
-        out[profile] = {"rows": rows, "profile": errors(rows, "predicted"), "calibrated": errors(rows, "calibrated")}
+        out[profile] = {"rows": rows, "profile": errors(rows, "predicted"), "calibrated": errors(rows, "calibrated"),
+                        "replayed": errors(rows, "replayed")}
         print(f"{profile}:")
         for r in rows:
             print(f"  {r['system']:>13} {r['rate']:>5g} req/s: measured {r['measured']:.0%}, "
-                  f"simulated {r['calibrated']:.0%} calibrated, {r['predicted']:.0%} from the profile")
+                  f"simulated {r['calibrated']:.0%} calibrated, {r['predicted']:.0%} from the profile, "
+                  f"{r['replayed']:.0%} at the run's step speed")
         print("  error: calibrated mean {mean_points:.1f} / worst {worst_points:.1f} points; ".format(
-            **out[profile]["calibrated"]) + "profile mean {mean_points:.1f} / worst {worst_points:.1f}".format(
-            **out[profile]["profile"]))
+            **out[profile]["calibrated"]) + "profile mean {mean_points:.1f} / worst {worst_points:.1f}; ".format(
+            **out[profile]["profile"]) + "at the run's step speed mean {mean_points:.1f} / worst {worst_points:.1f}".format(
+            **out[profile]["replayed"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"bench_dir": args.bench_dir, "by_profile": out}, f, indent=1)
