@@ -10,6 +10,7 @@ one class far from the rest means the model's shape is wrong there. Pure Python.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
 
 from contracts.plan import Plan
 from launcher.planner.latency import LatencyModel
@@ -34,19 +35,25 @@ def step_price(latency: LatencyModel, step: dict, tp: int, pp: int) -> float:
                             step.get("context_sum", 0), tp, pp)
 
 
-def step_pricing(report: dict, plan: Plan, latency: LatencyModel) -> list[dict]:
-    """[{kind, tokens, steps, ratio}]: per step kind and tokens-per-step class, how many steps the
-    job's instances ran and the median of engine time / model price, sorted by kind and size."""
-    ratios: dict[tuple[str, int, str], list[float]] = {}
+def priced_steps(report: dict, plan: Plan, latency: LatencyModel) -> Iterator[tuple[str, dict, float]]:
+    """(kind, step sample, engine time / model price) for every step the job's instances ran."""
     for stats in report.get("instances", []):
         inst = plan.instances[stats["instance"]]
         for kind, samples in stats.get("step_samples", {}).items():
             for step in samples:
-                tokens = sum(step.get("lens", [])) + step.get("batch", 0)
                 price = step_price(latency, step, inst.tp, inst.pp)
                 if price > 0:
-                    key = (kind, max(e for e in SIZE_EDGES if e <= max(tokens, 1)), size_class(tokens))
-                    ratios.setdefault(key, []).append(step["ms"] / price)
+                    yield kind, step, step["ms"] / price
+
+
+def step_pricing(report: dict, plan: Plan, latency: LatencyModel) -> list[dict]:
+    """[{kind, tokens, steps, ratio}]: per step kind and tokens-per-step class, how many steps the
+    job's instances ran and the median of engine time / model price, sorted by kind and size."""
+    ratios: dict[tuple[str, int, str], list[float]] = {}
+    for kind, step, ratio in priced_steps(report, plan, latency):
+        tokens = sum(step.get("lens", [])) + step.get("batch", 0)
+        key = (kind, max(e for e in SIZE_EDGES if e <= max(tokens, 1)), size_class(tokens))
+        ratios.setdefault(key, []).append(ratio)
     return [{"kind": kind, "tokens": label, "steps": len(r), "ratio": round(statistics.median(r), 3)}
             for (kind, _, label), r in sorted(ratios.items())]
 
@@ -58,13 +65,8 @@ def run_factors(report: dict, plan: Plan, latency: LatencyModel) -> dict:
     replays the job with the machine's speed as it ran (not as a probe foresaw it), so what error is
     left is the simulator's scheduling and the shape of its prices, not the machine's drift."""
     ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
-    for stats in report.get("instances", []):
-        inst = plan.instances[stats["instance"]]
-        for kind, samples in stats.get("step_samples", {}).items():
-            for step in samples:
-                price = step_price(latency, step, inst.tp, inst.pp)
-                if price > 0:
-                    ratios["decode" if kind == "decode" else "prefill"].append(step["ms"] / price)
+    for kind, _, ratio in priced_steps(report, plan, latency):
+        ratios["decode" if kind == "decode" else "prefill"].append(ratio)
     return {phase: statistics.median(r) if r else 1.0 for phase, r in ratios.items()} | \
         {"steps": {phase: len(r) for phase, r in ratios.items()}}
 
