@@ -48,7 +48,7 @@ def replay(config: str, bench_dir: str, profile: str) -> list[dict]:
         trace, segment = build_trace(cfg_s, plan, spec, job["rates"], bench["requests_per_rate"])
         with open(report_path) as f:
             report = json.load(f)
-        runs, _ = measured_and_simulated(cfg_s, plan, spec, trace, segment, report,
+        runs, *_ = measured_and_simulated(cfg_s, plan, spec, trace, segment, report,
                                          os.path.join(bench_dir, f"results-{system}-{index}.jsonl"))
         for k, rate in enumerate(job["rates"], 1):
             pick = rate_indices(segment, k)

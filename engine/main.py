@@ -11,6 +11,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 import traceback
 import warnings
 
@@ -221,8 +222,6 @@ def main(argv=None) -> int:
             (f"{ctx.instance.role} instance {ctx.instance.id} (tp {ctx.tp_rank}, pp {ctx.pp_stage})" if ctx else "?")
         detail = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()[-1]
         if _lost_a_peer(e):  # mpirun ends this rank during the wait if the peer died; else its word is all there is
-            import time
-
             time.sleep(PEER_LOST_GRACE_S)
             detail += " (its peer went away; no rank was reported dead)"
         print(f"pdlaunch: rank {rank} on {socket.gethostname()} ({role}) failed while {DOING['what']}: "

@@ -31,7 +31,7 @@ from launcher.bench_report import FIDELITY_FIELDS, plot
 from launcher.bench_trace import (build_trace, engine_lines, measured_and_simulated, profile_latency, rate_indices,
                                   slo_scale_curve, summary, system_config)
 from launcher.job_setup import checked_requests, new_job, run_job
-from launcher.step_pricing import pricing_line, step_pricing
+from launcher.step_pricing import pricing_line
 
 
 def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[float]], n: int, vocab: int, spec,
@@ -67,8 +67,7 @@ def run_bench(cfg: JobConfig, systems: dict[str, Plan], rates: dict[str, list[fl
         with open(os.path.join(out_dir, f"report-{name}.json"), "w") as f:  # its step samples, for later replays
             json.dump(report, f)
         overheads_s.append(time.monotonic() - job_started - span_s)
-        runs, factors = measured_and_simulated(cfg_s, plan, spec, trace, segment, report, out)
-        pricing = step_pricing(report, plan, scaled(profile_latency(cfg_s, plan), factors["prefill"], factors["decode"]))
+        runs, factors, pricing = measured_and_simulated(cfg_s, plan, spec, trace, segment, report, out)
         jobs.append({"system": system, "rates": job_rates, "calibration": factors, "wall_s": report.get("wall_s"),
                      "span_s": span_s, "step_pricing": pricing})
         say(f"  calibration: prefill steps run at {factors['prefill']:.2f}x and batch-1 decode steps at "

@@ -19,7 +19,7 @@ from launcher.planner.goodput import queues_grow
 from launcher.planner.latency import LatencyModel
 from launcher.planner.replay import simulate_plan
 from launcher.planner.workload import SimRequest, attainment, make_requests
-from launcher.step_pricing import run_factors
+from launcher.step_pricing import run_factors, step_pricing
 from launcher.stats import percentile
 
 DRAIN_MARGIN = 1.5      # a segment starts this many predicted drains after the previous one's last arrival
@@ -125,21 +125,24 @@ def measured(results_path: str, trace: list[SimRequest]) -> list[SimRequest]:
 
 
 def measured_and_simulated(cfg: JobConfig, plan: Plan, spec, trace: list[SimRequest], segment: list[int],
-                           report: dict, results_path: str) -> tuple[dict[str, list[SimRequest]], dict]:
+                           report: dict, results_path: str) -> tuple[dict[str, list[SimRequest]], dict, list[dict]]:
     """One bench job's requests as the engine served them (its results file) and as the simulator
     runs the same trace: from the profile as it is, calibrated by the job's probe (report: the
     job's report.json), and replayed at the speed the job's steps ran (step_pricing.run_factors,
-    factors["run"]); with the calibration factors. The job starts with empty prefix caches, and
+    factors["run"]); with the calibration factors and the job's step pricing against the calibrated
+    model (step_pricing.step_pricing). The job starts with empty prefix caches, and
     so does its simulation (the first sharer of the prefix on an instance computes it)."""
     profile = profile_latency(cfg, plan)
     factors = calibration(cfg, plan, report, probe_window(results_path, trace, segment), profile)
     factors["run"] = run_factors(report, plan, profile)
+    calibrated = scaled(profile, factors["prefill"], factors["decode"])
 
-    def simulated(prefill: float, decode: float) -> list[SimRequest]:
-        return simulate_plan(cfg, plan, spec, scaled(profile, prefill, decode), trace, cold_cache=True)
-    return {"measured": measured(results_path, trace), "predicted": simulated(1.0, 1.0),
-            "calibrated": simulated(factors["prefill"], factors["decode"]),
-            "replayed": simulated(factors["run"]["prefill"], factors["run"]["decode"])}, factors
+    def simulated(latency: LatencyModel) -> list[SimRequest]:
+        return simulate_plan(cfg, plan, spec, latency, trace, cold_cache=True)
+    return {"measured": measured(results_path, trace), "predicted": simulated(profile),
+            "calibrated": simulated(calibrated),
+            "replayed": simulated(scaled(profile, factors["run"]["prefill"], factors["run"]["decode"]))}, factors, \
+        step_pricing(report, plan, calibrated)
 
 
 def summary(reqs: list[SimRequest], cfg: JobConfig) -> dict:

@@ -18,9 +18,14 @@ from launcher.planner.latency import LatencyModel
 SIZE_EDGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # tokens per step: a class is [edge, next edge)
 
 
+def _class_edge(tokens: int) -> int:
+    """The lower edge of the tokens-per-step class a step falls in."""
+    return max(e for e in SIZE_EDGES if e <= max(tokens, 1))
+
+
 def size_class(tokens: int) -> str:
     """The tokens-per-step class a step falls in, as '4-7' (or '512+')."""
-    lower = max(e for e in SIZE_EDGES if e <= max(tokens, 1))
+    lower = _class_edge(tokens)
     upper = next((e for e in SIZE_EDGES if e > lower), None)
     if upper is None:
         return f"{lower}+"
@@ -52,7 +57,7 @@ def step_pricing(report: dict, plan: Plan, latency: LatencyModel) -> list[dict]:
     ratios: dict[tuple[str, int, str], list[float]] = {}
     for kind, step, ratio in priced_steps(report, plan, latency):
         tokens = sum(step.get("lens", [])) + step.get("batch", 0)
-        key = (kind, max(e for e in SIZE_EDGES if e <= max(tokens, 1)), size_class(tokens))
+        key = (kind, _class_edge(tokens), size_class(tokens))
         ratios.setdefault(key, []).append(ratio)
     return [{"kind": kind, "tokens": label, "steps": len(r), "ratio": round(statistics.median(r), 3)}
             for (kind, _, label), r in sorted(ratios.items())]
